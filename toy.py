@@ -1,0 +1,337 @@
+"""toy.py: the embedded default task and base model for every mrt stage.
+
+The task: multi-step arithmetic in the paper's solution format. A problem is a start value
+and 3-5 operations; the solution computes one operation per step and boxes the result:
+
+    Problem: Start with 17. Add 25. Multiply by 3. Subtract 48. What is the result?
+    Solution:
+    Step 1: 17 + 25 = 42
+    Step 2: 42 * 3 = 126
+    Step 3: 126 - 48 = 78
+    The answer is \\boxed{78}
+
+The base model is a tiny Llama (head_dim 64, so vLLM's CPU attention accepts it) with a
+byte-level BPE tokenizer trained here, pretrained here on CPU. It must be imperfect in the
+way MRT needs: a wrong step is a real, random mistake that a second attempt, or a restart
+from the step before it, can fix. To get that on purpose rather than by luck, the
+pretraining solutions carry slips: each step's result is wrong with probability
+`--slip`, and the chain goes on from the wrong value, as a careless human solution would.
+The model therefore learns a per-step error rate; pass@1 falls with the number of steps
+and pass@k rises with k.
+
+A second kind of pretraining example teaches the meta-prover (mu) used by infogain.py:
+a solution prefix cut after any step, then `utils.MU_SUFFIX` ("Time is up. The answer is
+\\boxed{"), then the true answer. Only the answer tokens carry loss, so the model never
+learns to emit the suffix on its own, but can answer from a partial solution when forced.
+The backtrack marker (`utils.BACKTRACK_MARKER`) is never in the pretraining data: the base
+model has not seen it, as in the paper.
+
+Run:
+    python toy.py                       # builds runs/toy (data, tokenizer, base model), prints accuracy
+    python toy.py --preset tiny --out runs/toy-tiny   # ~1 minute model for tests
+    python toy.py --preset bench --out runs/toy-bench # ~25M parameters, for bench/
+
+Outputs under --out: data/{train,test}.jsonl (fields problem, answer), base/ (a Hugging Face
+checkpoint with its tokenizer), base/build.json (preset, seed, accuracy), train_log.jsonl.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+
+import utils
+
+DEFAULT_DIR = "runs/toy"
+
+# --------------------------------------------------------------------------------------
+# The task
+# --------------------------------------------------------------------------------------
+
+OP_WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
+
+
+def make_problem(rng: random.Random) -> dict:
+    """One problem: a start value and 3-5 operations, every intermediate value in [0, 99]."""
+    n_ops = rng.randint(3, 5)
+    value = rng.randint(2, 60)
+    start, ops = value, []
+    for _ in range(n_ops):
+        choices = [op for op, ok in (("+", value < 99), ("-", value > 0), ("*", 1 <= value <= 49)) if ok]
+        op = rng.choice(choices)
+        if op == "*":
+            arg = rng.randint(2, min(5, 99 // value))
+        elif op == "+":
+            arg = rng.randint(1, min(19, 99 - value))
+        else:
+            arg = rng.randint(1, min(19, value))
+        value = apply_op(value, op, arg)
+        ops.append((op, arg))
+    text = f"Start with {start}. " + " ".join(f"{OP_WORDS[o]} {a}." for o, a in ops)
+    text += " What is the result?"
+    return {"problem": text, "answer": str(value), "start": start, "ops": ops}
+
+
+def apply_op(value: int, op: str, arg: int) -> int:
+    return value + arg if op == "+" else value - arg if op == "-" else value * arg
+
+
+def solution_steps(start: int, ops: list, rng: random.Random | None = None, slip: float = 0.0):
+    """Step lines and final value. With rng and slip > 0, each result is wrong with
+    probability slip (off by a small amount or by ten), and later steps use the wrong value."""
+    value, lines = start, []
+    for i, (op, arg) in enumerate(ops, 1):
+        result = apply_op(value, op, arg)
+        if rng is not None and slip > 0 and rng.random() < slip:
+            wrong = result + rng.choice([-10, -2, -1, 1, 2, 10])
+            result = wrong if wrong >= 0 else result + 1
+        lines.append(f"Step {i}: {value} {op} {arg} = {result}")
+        value = result
+    return lines, value
+
+
+def render_solution(lines: list[str], final) -> str:
+    return "\n".join(lines) + f"\nThe answer is \\boxed{{{final}}}"
+
+
+def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+    """Disjoint train/test problem lists (by problem text), deterministic for a seed."""
+    rng = random.Random(seed)
+    seen, problems = set(), []
+    while len(problems) < n_train + n_test:
+        p = make_problem(rng)
+        if p["problem"] not in seen:
+            seen.add(p["problem"])
+            problems.append(p)
+    return problems[n_test:], problems[:n_test]
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer and model
+# --------------------------------------------------------------------------------------
+
+PRESETS = {
+    # name: model sizes and pretraining budget
+    "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
+    "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=1000, batch=32, lr=2e-3),
+    "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
+}
+
+
+def train_tokenizer(texts: list[str], vocab_size: int = 512):
+    """Byte-level BPE (any text encodes), digits split one per token, <s> prepended."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False),
+        pre_tokenizers.Split(Regex(r"Ġ?\d"), behavior="isolated"),  # " 58" -> " 5", "8"
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+
+
+def make_model(tokenizer, preset: dict, max_positions: int = 2048):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    head_dim = preset["hidden"] // preset["heads"]
+    assert head_dim >= 32, "vLLM's CPU attention needs head_dim >= 32"
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=preset["hidden"],
+        intermediate_size=preset["inter"],
+        num_hidden_layers=preset["layers"],
+        num_attention_heads=preset["heads"],
+        num_key_value_heads=preset["heads"],
+        head_dim=head_dim,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config)
+
+
+# --------------------------------------------------------------------------------------
+# Pretraining examples: (prompt, completion) with loss on the completion only
+# --------------------------------------------------------------------------------------
+
+
+def pretraining_example(p: dict, rng: random.Random, slip: float, mu_frac: float):
+    """Either a (possibly slipped) full solution, or a meta-prover example: a clean prefix
+    cut after k steps, the forced suffix, and the true answer (loss on the answer only)."""
+    if rng.random() < mu_frac:
+        lines, final = solution_steps(p["start"], p["ops"])
+        k = rng.randint(0, len(lines) + 1)
+        context = "\n".join(lines[:k]) if k <= len(lines) else render_solution(lines, final)
+        return context + utils.MU_SUFFIX, f"{p['answer']}}}"
+    lines, final = solution_steps(p["start"], p["ops"], rng, slip)
+    return "", render_solution(lines, final)
+
+
+def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: float):
+    import torch
+
+    seqs, masks = [], []
+    for p in problems:
+        head, completion = pretraining_example(p, rng, slip, mu_frac)
+        prompt_ids = tokenizer(utils.build_prompt(tokenizer, p["problem"]) + head)["input_ids"]
+        comp_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        seqs.append(prompt_ids + comp_ids)
+        masks.append([0] * len(prompt_ids) + [1] * len(comp_ids))
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), T), dtype=torch.float)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
+        attn[i, : len(s)] = 1
+    return ids, attn, loss_mask
+
+
+@dataclass
+class Args:
+    out: str = DEFAULT_DIR
+    """output folder: data/, base/ and the training log go here"""
+    preset: str = "default"
+    """model size and budget: tiny (tests), default, bench (~25M parameters)"""
+    seed: int = 0
+    """seeds the problems, the tokenizer corpus, the initialisation and the data order"""
+    n_train: int = 20000
+    """training problems (used by pretraining and by every later stage)"""
+    n_test: int = 256
+    """held-out test problems"""
+    slip: float = 0.15
+    """per-step probability that a pretraining solution's result is wrong"""
+    mu_frac: float = 0.15
+    """fraction of pretraining examples that teach the forced-answer meta-prover"""
+    steps: int = 0
+    """optimizer steps (0: the preset's)"""
+    eval_samples: int = 8
+    """samples per test problem for the pass@1 / pass@k report (0 skips it)"""
+    threads: int = 0
+    """torch CPU threads (0: all cores)"""
+
+
+def build(args: Args) -> dict:
+    """Build data, tokenizer and base model under args.out; return the build report."""
+    import torch
+    from tqdm import tqdm
+
+    preset = dict(PRESETS[args.preset])
+    steps = args.steps or preset["steps"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    utils.seed_everything(args.seed)
+    t0 = time.time()
+
+    train, test = make_splits(args.seed, args.n_train, args.n_test)
+    data_dir, model_dir = os.path.join(args.out, "data"), os.path.join(args.out, "base")
+    fields = ("problem", "answer")
+    utils.write_jsonl(os.path.join(data_dir, "train.jsonl"), [{k: p[k] for k in fields} for p in train])
+    utils.write_jsonl(os.path.join(data_dir, "test.jsonl"), [{k: p[k] for k in fields} for p in test])
+
+    rng = random.Random(args.seed + 1)
+    corpus = []
+    for p in train[:3000]:
+        lines, final = solution_steps(p["start"], p["ops"])
+        corpus.append(utils.build_prompt(None, p["problem"]) + render_solution(lines, final))
+    corpus += [utils.MU_SUFFIX, utils.BACKTRACK_MARKER] * 50
+    tokenizer = train_tokenizer(corpus)
+    model = make_model(tokenizer, preset)
+    n_params = sum(p.numel() for p in model.parameters())
+    utils.print0(f"toy: {args.preset} model, {n_params / 1e6:.2f}M parameters, {steps} steps")
+
+    opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    warmup = max(1, steps // 20)
+
+    def lr_at(step):  # linear warmup, cosine to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    log_path = os.path.join(args.out, "train_log.jsonl")
+    os.makedirs(args.out, exist_ok=True)
+    model.train()
+    with open(log_path, "w") as log:
+        for step in tqdm(range(steps), desc="toy pretrain", disable=not utils.is_main()):
+            batch = [train[rng.randrange(len(train))] for _ in range(preset["batch"])]
+            ids, attn, loss_mask = encode_batch(tokenizer, batch, rng, args.slip, args.mu_frac)
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
+            ).view_as(loss_mask[:, 1:])  # (B, T-1)
+            loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            if step % 25 == 0 or step == steps - 1:
+                log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
+                log.flush()
+
+    model.eval()
+    with utils.atomic_dir(model_dir) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    report = {"preset": args.preset, "seed": args.seed, "params": n_params, "steps": steps,
+              "slip": args.slip, "build_seconds": round(time.time() - t0, 1)}
+    if args.eval_samples:
+        report.update(evaluate_base(model_dir, os.path.join(data_dir, "test.jsonl"), args.eval_samples, args.seed))
+    utils.write_json(os.path.join(model_dir, "build.json"), report)
+    return report
+
+
+def evaluate_base(model_dir: str, test_path: str, n: int, seed: int) -> dict:
+    """pass@1 and pass@n of the base model at temperature 1.0 on the test split."""
+    import numpy as np
+
+    records = utils.read_records(test_path, ["problem", "answer"])
+    sampler = utils.Sampler(model_dir, seed=seed)
+    prompts = [utils.build_prompt(sampler.tokenizer, r["problem"]) for r in records]
+    outs = sampler.generate(prompts, n=n, temperature=1.0, max_tokens=160, seed=seed)
+    correct = np.array([[utils.grade(s.text, r["answer"]) for s in group] for group, r in zip(outs, records)])
+    c = correct.sum(1)
+    pass1 = float(correct.mean())
+    passn = float((c > 0).mean())
+    return {"pass@1": round(pass1, 4), f"pass@{n}": round(passn, 4),
+            "mean_tokens": round(float(np.mean([s.num_tokens for g in outs for s in g])), 1)}
+
+
+def paths(root: str = DEFAULT_DIR) -> dict:
+    return {"base": os.path.join(root, "base"), "train": os.path.join(root, "data", "train.jsonl"),
+            "test": os.path.join(root, "data", "test.jsonl")}
+
+
+def ensure_built(root: str = DEFAULT_DIR, preset: str = "default") -> dict:
+    """Build the toy task and base model under root if it is not there yet; return paths."""
+    p = paths(root)
+    if not all(os.path.exists(v) for v in p.values()):
+        build(Args(out=root, preset=preset))
+    return p
+
+
+if __name__ == "__main__":
+    args = utils.parse_args(Args)
+    report = utils.run_main(build, args)
+    utils.print0(json.dumps(report, indent=2))
