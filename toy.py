@@ -294,7 +294,7 @@ def build(args: Args) -> dict:
     with utils.atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    report = {"preset": args.preset, "seed": args.seed, "params": n_params, "steps": steps,
+    report = {"fingerprint": fingerprint(args), "preset": args.preset, "seed": args.seed, "params": n_params, "steps": steps,
               "slip": args.slip, "build_seconds": round(time.time() - t0, 1)}
     if args.eval_samples:
         report.update(evaluate_base(model_dir, os.path.join(data_dir, "test.jsonl"), args.eval_samples, args.seed))
@@ -323,11 +323,25 @@ def paths(root: str = DEFAULT_DIR) -> dict:
             "test": os.path.join(root, "data", "test.jsonl")}
 
 
+def fingerprint(args: Args) -> str:
+    """Hash of this file's source and the build arguments: a built folder whose
+    build.json carries another fingerprint is stale and gets rebuilt by ensure_built."""
+    import hashlib
+
+    src = open(__file__, "rb").read()
+    fields = {k: v for k, v in dataclasses.asdict(args).items() if k not in ("out", "threads", "eval_samples")}
+    return hashlib.sha1(src + json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def ensure_built(root: str = DEFAULT_DIR, preset: str = "default") -> dict:
-    """Build the toy task and base model under root if it is not there yet; return paths."""
+    """Build the toy task and base model under root unless an up-to-date build is there
+    (same toy.py source and arguments); return the paths."""
+    args = Args(out=root, preset=preset)
     p = paths(root)
-    if not all(os.path.exists(v) for v in p.values()):
-        build(Args(out=root, preset=preset))
+    report = os.path.join(p["base"], "build.json")
+    current = os.path.exists(report) and json.load(open(report)).get("fingerprint") == fingerprint(args)
+    if not (current and all(os.path.exists(v) for v in p.values())):
+        build(args)
     return p
 
 
