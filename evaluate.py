@@ -1,0 +1,672 @@
+"""evaluate.py: parallel and linearized evaluation of MRT models, pass@k / maj@k against tokens.
+
+Paper Sec. 7 (evaluation protocol), Fig. 7 and 9, Def. 3.1. For every model (several in one
+call, one sampling engine at a time) and every problem:
+
+- parallel mode: N independent traces in the model's own format (`<model>/mrt.json`
+  "format": a "backtrack" model writes z0, the marker, the restart and z2 in one generation;
+  a "direct" model writes one attempt). For k = 1..N: pass@k (unbiased estimator) and maj@k
+  (exact expectation over k-subsets) against k x the mean generated tokens of one trace.
+- linearized mode: N rounds of sequential improvement. Round 1 samples from the prompt; round
+  r+1 sees the prompt, the latest W tokens of the transcript so far (the sampled token ids,
+  never re-tokenized text) and the continuation cue "\\n" + BACKTRACK_MARKER + "\\nStep" (the
+  authors' RL context). pass@k / maj@k over the first k rounds' answers against the
+  cumulative generated tokens of rounds 1..k.
+
+The graded answer of any generation is the last \\boxed{} of its LAST episode: the text after
+the last backtrack marker (z2 for a backtrack trace; z0's box is never credited).
+
+Run (CPU, embedded default: toy test split, every toy checkpoint that exists):
+    python evaluate.py
+    python evaluate.py --models base=runs/toy/base mrt=runs/grpo/mrt/model --n 8 --window 128
+Real models (one GPU; AIME-style JSONL or Parquet, chat template applied automatically):
+    python evaluate.py --models base=meta-llama/Llama-3.1-8B-Instruct mrt=runs/grpo/mrt/model \\
+        --data aime.jsonl --problem-field problem --answer-field answer --n 32 \\
+        --temperature 0.7 --max-tokens 8192 --window 2048 --out runs/eval/aime
+Outputs under --out: curves.json (every curve, token efficiency, AUC), table.md (accuracy at
+matched token budgets), accuracy_tokens.png (Fig. 7 style), samples/<run>.<mode>.jsonl
+(per-sample outputs) with a .meta.json each (a rerun with the same settings reuses them, so a
+killed multi-model call resumes), metrics.jsonl.
+
+Decisions and departures from the paper (which does not publish its evaluation code):
+- Token accounting. The x-axis charges GENERATED tokens only, in both modes (the paper plots
+  "total tokens spent"; the prompt is not charged in parallel mode either). Linearized mode
+  re-reads up to W tokens of its own transcript each round; those context tokens are recorded
+  per sample (`context_tokens`) and as a second curve (`context_tokens` in curves.json), but
+  not charged on the x-axis.
+- The linearized transcript is round 1's ids, then cue + round 2's ids, then cue + round 3's,
+  ... (trailing EOS dropped); the window is its last W tokens, capped so that prompt + window
+  + cue + max_tokens fits the model's context (a warning says when the cap bites).
+- A direct model gets the same cue in linearized mode: it is asked to revise although it was
+  never trained to; that is the paper's comparison of how each model uses sequential compute.
+- maj@k is the exact expected accuracy of a majority vote over a uniformly random k-subset of
+  the N answers (not one random subset), so the curves carry no subsampling noise.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+import toy
+import utils
+
+MODES = ("parallel", "linearized")
+CONTINUE_CUE = "\n" + utils.BACKTRACK_MARKER + "\nStep"
+"""Appended after the window in linearized mode (as the authors' RL continuation context)."""
+
+
+@dataclass
+class Args:
+    models: list[str] = field(default_factory=list)
+    """runs as name=path (or a bare path); empty: runs/toy/base and every toy checkpoint that
+    exists under runs/warmstart/model, runs/star/*/model, runs/grpo/*/model"""
+    data: str = ""
+    """JSONL or Parquet of problems (empty: the toy test split under --toy-dir)"""
+    problem_field: str = "problem"
+    """name of the problem field in --data"""
+    answer_field: str = "answer"
+    """name of the gold answer field in --data"""
+    limit: int = 0
+    """evaluate only the first LIMIT problems (0: all)"""
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    """evaluation modes: parallel and/or linearized"""
+    n: int = 8
+    """N: traces per problem (parallel) and rounds per problem (linearized)"""
+    temperature: float = 1.0
+    """sampling temperature"""
+    top_p: float = 1.0
+    """nucleus sampling threshold"""
+    max_tokens: int = 512
+    """generated tokens per trace (parallel) and per round (linearized)"""
+    window: int = 2048
+    """W: linearized rounds see the latest W tokens of the transcript (paper: 2048; the toy
+    needs far less, e.g. 128, to exercise the truncation)"""
+    max_model_len: int = 0
+    """engine context length (0: the model config's max_position_embeddings)"""
+    instruction: str = utils.DEFAULT_INSTRUCTION
+    """instruction added to the user turn when the model has a chat template"""
+    seed: int = 0
+    """sampling seed"""
+    out: str = "runs/eval"
+    """output folder"""
+    toy_dir: str = toy.DEFAULT_DIR
+    """toy build used when --data or --models is left empty"""
+    reuse: bool = True
+    """reuse per-sample files whose recorded settings match this call (resume)"""
+    dtype: str = "auto"
+    """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
+
+
+# --------------------------------------------------------------------------------------
+# Pure metrics: pass@k, maj@k, token efficiency, AUC, cumulative regret
+# --------------------------------------------------------------------------------------
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from n samples with c correct: 1 - C(n-c, k) / C(n, k), computed as
+    1 - prod_{i=n-c+1}^{n} (1 - k/i), which never forms a binomial (stable for any n)."""
+    if not (0 <= c <= n) or k < 1:
+        raise ValueError(f"pass_at_k needs 0 <= c <= n and k >= 1, got n={n}, c={c}, k={k}")
+    if k > n:
+        raise ValueError(f"pass_at_k: k={k} > n={n} samples")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _equal(pred: str, gold: str) -> bool:
+    """utils.grade of the answer `pred` against `gold` (cached: clustering asks many pairs)."""
+    return utils.grade("\\boxed{" + pred + "}", gold) == 1.0
+
+
+def cluster_answers(answers, gold) -> tuple[list[int], list[bool], int]:
+    """Group answers that the grader calls equal. Returns (cluster sizes, cluster correct
+    flags, number of unparsable answers).
+
+    `answers` are extracted answers (the content of the last box, as `utils.extract_boxed`
+    gives it); None or "" is an unparsable answer. Every answer that `utils.grade` accepts
+    against gold forms the one correct cluster (so maj@1 equals pass@1 exactly). Wrong answers
+    are grouped greedily: distinct strings in order of (count descending, string), each joins
+    the first cluster whose representative it equals under `utils.grade` in either direction
+    ("\\frac{1}{2}" and "0.5" are one answer), else it starts a cluster. The order depends only
+    on the multiset of answers, so the result never depends on sample order."""
+    n_none = sum(1 for a in answers if a is None or not str(a).strip())
+    counts = Counter(str(a).strip() for a in answers if a is not None and str(a).strip())
+    order = sorted(counts, key=lambda a: (-counts[a], a))
+    gold = str(gold).strip()
+    n_correct = sum(counts[a] for a in order if _equal(a, gold))
+    reps, sizes = [], []
+    for a in order:
+        if _equal(a, gold):
+            continue
+        for i, r in enumerate(reps):
+            if _equal(a, r) or _equal(r, a):
+                sizes[i] += counts[a]
+                break
+        else:
+            reps.append(a)
+            sizes.append(counts[a])
+    sizes = ([n_correct] if n_correct else []) + sizes
+    correct = ([True] if n_correct else []) + [False] * (len(sizes) - bool(n_correct))
+    return sizes, correct, n_none
+
+
+def _log_factorials(n: int) -> np.ndarray:
+    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
+
+
+def majority_curve(counts, correct, n_none: int = 0) -> np.ndarray:
+    """Exact expected accuracy of a majority vote over k answers drawn without replacement,
+    for every k = 1..n (n = sum(counts) + n_none). Clusters are the grader-equal answer groups
+    (sizes `counts`, flags `correct`); the n_none unparsable answers are drawn but never vote.
+    The cluster(s) with most votes win; a tie splits the credit evenly among the tied
+    clusters; a draw of only unparsable answers earns 0.
+
+    For each correct cluster g and each vote count v it gets (hypergeometric probability),
+    a DP over the other clusters gives the probability that the other k - v drawn answers put
+    no cluster above v and exactly t clusters at v (credit 1 / (1 + t)). The DP runs on
+    conditional probabilities of s-subsets (each factor a hypergeometric term <= 1), so it is
+    stable for any n, and it serves every k at once: O(N^2 (N + clusters)) vector operations."""
+    counts = [int(c) for c in counts]
+    n = sum(counts) + int(n_none)
+    lf = _log_factorials(n)
+
+    def logC(a, b):  # log C(a, b) for arrays with 0 <= b <= a
+        return lf[a] - lf[b] - lf[a - b]
+
+    acc = np.zeros(n + 1)  # acc[k], k = 0..n
+    for g, (cg, ok) in enumerate(zip(counts, correct)):
+        if not ok or cg == 0:
+            continue
+        others = [(c, True) for j, c in enumerate(counts) if j != g and c > 0] + ([(n_none, False)] if n_none else [])
+        S = n - cg
+        for v in range(1, cg + 1):
+            T = S // v  # most other clusters that can tie at v
+            P = np.zeros((1, T + 1))  # P[s, t]: pool so far, s drawn from it
+            P[0, 0] = 1.0
+            M = 0
+            for c, votes in others:
+                new = np.zeros((M + c + 1, T + 1))
+                sv = np.arange(M + 1)  # s - x
+                for x in range(min(c, v) + 1 if votes else c + 1):
+                    w = np.exp(logC(c, x) + logC(M, sv) - logC(M + c, sv + x))[:, None]  # (M+1, 1)
+                    if votes and x == v:
+                        new[x:x + M + 1, 1:] += w * P[:, :-1]
+                    else:
+                        new[x:x + M + 1] += w * P
+                P, M = new, M + c
+            share = P @ (1.0 / (1.0 + np.arange(T + 1)))  # (S+1,) expected credit given s
+            k = np.arange(v, min(n, v + S) + 1)
+            acc[k] += np.exp(logC(cg, v) + logC(S, k - v) - logC(n, k)) * share[k - v]
+    return acc[1:]
+
+
+def maj_at_k(answers, gold, k: int) -> float:
+    """Expected accuracy of a majority vote over k answers drawn without replacement from
+    `answers` (extracted answers; None = unparsable, never wins), grader-equal answers counted
+    as one (see cluster_answers), ties splitting the credit evenly. Independent of order."""
+    n = len(answers)
+    if not 1 <= k <= n:
+        raise ValueError(f"maj_at_k: need 1 <= k <= n, got k={k}, n={n}")
+    counts, correct, n_none = cluster_answers(answers, gold)
+    if k == n:  # the vote of all answers: deterministic
+        if not counts:
+            return 0.0
+        top = max(counts)
+        tied = [ok for c, ok in zip(counts, correct) if c == top]
+        return sum(tied) / len(tied)
+    return float(majority_curve(counts, correct, n_none)[k - 1])
+
+
+def _check_curve(tokens, acc):
+    x, y = np.asarray(tokens, dtype=float), np.asarray(acc, dtype=float)
+    if x.ndim != 1 or x.shape != y.shape or len(x) == 0:
+        raise ValueError("a curve needs equal-length, non-empty tokens and accuracy sequences")
+    if np.any(np.diff(x) < 0):
+        raise ValueError("curve tokens must be non-decreasing")
+    return x, y
+
+
+def interp_curve(tokens, acc, budget: float) -> float | None:
+    """Accuracy of the piecewise-linear curve at a token budget; None outside its range."""
+    x, y = _check_curve(tokens, acc)
+    if budget < x[0] - 1e-9 or budget > x[-1] + 1e-9:
+        return None
+    return float(np.interp(budget, x, y))
+
+
+def token_efficiency(curve_a, curve_b) -> dict:
+    """Tokens method A needs to reach method B's peak accuracy. Curves are (tokens, accuracy)
+    pairs with tokens increasing (e.g. maj@k against tokens for k = 1..N).
+
+    target = max accuracy of B; tokens_b = tokens of B's first point at that peak; tokens_a =
+    the first token count where A's piecewise-linear curve reaches target (A's first point if
+    it already does there; None if A never does). ratio = tokens_b / tokens_a (1.5 = "1.5x
+    token efficiency"); saving = 1 - tokens_a / tokens_b (0.30 = "30% better token
+    efficiency": A matches B's best with 30% fewer tokens; negative when A needs more)."""
+    xa, ya = _check_curve(*curve_a)
+    xb, yb = _check_curve(*curve_b)
+    target = float(yb.max())
+    tokens_b = float(xb[int(np.argmax(yb))])
+    tokens_a = None
+    if ya[0] >= target:
+        tokens_a = float(xa[0])
+    else:
+        for i in range(1, len(xa)):
+            if ya[i] >= target:  # first crossing between points i-1 and i
+                f = (target - ya[i - 1]) / (ya[i] - ya[i - 1])
+                tokens_a = float(xa[i - 1] + f * (xa[i] - xa[i - 1]))
+                break
+    ok = tokens_a is not None and tokens_a > 0 and tokens_b > 0
+    return {"target": target, "tokens_b": tokens_b, "tokens_a": tokens_a,
+            "ratio": tokens_b / tokens_a if ok else None, "saving": 1 - tokens_a / tokens_b if ok else None}
+
+
+def curve_auc(tokens, acc, lo: float | None = None, hi: float | None = None) -> float:
+    """Area under the piecewise-linear accuracy-tokens curve over [lo, hi] (default: the
+    curve's own range), in accuracy x tokens. To compare runs, pass a shared range, e.g.
+    lo = the largest first token count and hi = the smallest last token count among them;
+    auc / (hi - lo) is then the mean accuracy over that range. A range outside the curve
+    raises ValueError (the curve is not extrapolated)."""
+    x, y = _check_curve(tokens, acc)
+    lo = x[0] if lo is None else float(lo)
+    hi = x[-1] if hi is None else float(hi)
+    if lo < x[0] - 1e-9 or hi > x[-1] + 1e-9 or hi < lo:
+        raise ValueError(f"curve_auc: range [{lo}, {hi}] is not inside the curve's [{x[0]}, {x[-1]}]")
+    inner = (x > lo) & (x < hi)
+    xs = np.concatenate([[lo], x[inner], [hi]])
+    ys = np.interp(xs, x, y)
+    return float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
+
+
+def cumulative_regret(j_values, j_star: float | None = None, running: bool = False):
+    """Cumulative regret over episodes (Def. 3.1): sum_j (J* - J_j), where J_j is the success
+    rate of the meta-prover after episode j (J(mu | z_{0:j})) and J* the comparator's success
+    rate: given, or by default the best J_j observed (the best the model itself reached, so the
+    regret is >= 0). Returns the total, or with running=True the list of partial sums after
+    each episode."""
+    j = np.asarray(j_values, dtype=float)
+    if j.ndim != 1 or len(j) == 0:
+        raise ValueError("cumulative_regret needs a non-empty 1-D sequence of J values")
+    star = float(j.max()) if j_star is None else float(j_star)
+    partial = np.cumsum(star - j)
+    return [float(v) for v in partial] if running else float(partial[-1])
+
+
+# --------------------------------------------------------------------------------------
+# Traces: the graded answer, prompts
+# --------------------------------------------------------------------------------------
+
+
+def last_episode(text: str) -> str:
+    """The last episode of a generation: the text after the last backtrack marker (the
+    restart line and z2 of a backtrack trace), or all of it when there is no marker. Its last
+    box is the graded answer, so z0's box is never credited."""
+    cut = text.rfind(utils.BACKTRACK_MARKER)
+    return text if cut < 0 else text[cut + len(utils.BACKTRACK_MARKER):]
+
+
+def final_answer(text: str) -> str | None:
+    """Extracted answer of a generation (last box of its last episode); None if unparsable."""
+    return utils.extract_boxed(last_episode(text)) or None
+
+
+def encode_prompt(tokenizer, text: str) -> list[int]:
+    """Prompt ids as the engine would see them, without a second BOS when the chat template
+    already starts with one."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
+def model_format(path: str) -> str:
+    """"backtrack" or "direct" from <model>/mrt.json; a model without one is direct."""
+    card = os.path.join(path, "mrt.json")
+    if not os.path.isfile(card):
+        return "direct"
+    try:
+        fmt = json.load(open(card)).get("format", "direct")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise utils.UserError(f"{card}: malformed model card ({e})") from None
+    if fmt not in ("backtrack", "direct"):
+        raise utils.UserError(f"{card}: format must be 'backtrack' or 'direct', got {fmt!r}")
+    return fmt
+
+
+def context_limit(path: str, args: Args) -> int:
+    if args.max_model_len:
+        return args.max_model_len
+    from transformers import AutoConfig
+
+    return int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 0) or 1 << 30)
+
+
+# --------------------------------------------------------------------------------------
+# Sampling: parallel and linearized
+# --------------------------------------------------------------------------------------
+
+
+def run_parallel(sampler, prompt_ids, records, args: Args) -> list[dict]:
+    """N independent traces per problem; one record per trace."""
+    outs = sampler.generate(prompt_ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=args.seed, use_tqdm=utils.is_main())
+    rows = []
+    for i, (group, rec) in enumerate(zip(outs, records)):
+        for j, s in enumerate(group):
+            ans = final_answer(s.text)
+            rows.append({"problem": i, "sample": j, "gold": rec["answer"], "answer": ans,
+                         "correct": utils.grade(last_episode(s.text), rec["answer"]),
+                         "gen_tokens": s.num_tokens, "context_tokens": s.prompt_tokens,
+                         "finish_reason": s.finish_reason, "text": s.text})
+    return rows
+
+
+def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int) -> list[dict]:
+    """N sequential rounds per problem, round r+1 conditioned on the prompt, the latest W
+    transcript tokens and the continuation cue; one record per round."""
+    from tqdm import tqdm
+
+    tok = sampler.tokenizer
+    eos = tok.eos_token_id
+    cue = tok(CONTINUE_CUE, add_special_tokens=False)["input_ids"]
+    windows = [min(args.window, max_len - len(p) - len(cue) - args.max_tokens) for p in prompt_ids]
+    if min(windows) < 1:
+        i = int(np.argmin(windows))
+        raise utils.UserError(f"problem {i}: prompt ({len(prompt_ids[i])} tokens) + max_tokens "
+                              f"({args.max_tokens}) leave no room for a window in {max_len} tokens of context")
+    if min(windows) < args.window:
+        utils.print0(f"warning: window capped at {min(windows)} tokens by the {max_len}-token context")
+    transcripts = [[] for _ in prompt_ids]  # (P, growing) sampled ids: r1, cue, r2, cue, ...
+    rows = []
+    for r in tqdm(range(args.n), desc="linearized rounds", disable=not utils.is_main()):
+        contexts = [p if r == 0 else p + t[-w:] + cue for p, t, w in zip(prompt_ids, transcripts, windows)]
+        outs = sampler.generate(contexts, n=1, temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_tokens, seed=args.seed * 10_007 + r)
+        for i, (group, rec, ctx) in enumerate(zip(outs, records, contexts)):
+            s = group[0]
+            ids = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
+            transcripts[i] += (cue if r else []) + list(ids)
+            rows.append({"problem": i, "round": r + 1, "gold": rec["answer"], "answer": final_answer(s.text),
+                         "correct": utils.grade(last_episode(s.text), rec["answer"]),
+                         "gen_tokens": s.num_tokens, "context_tokens": len(ctx),
+                         "window_tokens": len(ctx) - len(prompt_ids[i]) - (len(cue) if r else 0),
+                         "finish_reason": s.finish_reason, "text": s.text})
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Curves: per-problem metrics averaged over problems, against tokens
+# --------------------------------------------------------------------------------------
+
+
+def curves(rows: list[dict], mode: str, n: int) -> dict:
+    """pass@k and maj@k for k = 1..n (mean and standard error over problems) against tokens.
+    parallel: tokens(k) = k x mean generated tokens per trace; linearized: mean cumulative
+    generated tokens of rounds 1..k. context_tokens is the same for the tokens read."""
+    by_problem: dict[int, list[dict]] = {}
+    for r in rows:
+        by_problem.setdefault(r["problem"], []).append(r)
+    ks = np.arange(1, n + 1)
+    pass_k, maj_k, gen, ctx = [], [], [], []
+    for group in by_problem.values():
+        group.sort(key=lambda r: r.get("round", r.get("sample")))
+        answers, gold = [r["answer"] for r in group], group[0]["gold"]
+        correct = np.array([r["correct"] for r in group])
+        if mode == "parallel":
+            pass_k.append([pass_at_k(n, int(correct.sum()), k) for k in ks])
+            maj_k.append(majority_curve(*cluster_answers(answers, gold)))
+        else:
+            pass_k.append([float(correct[:k].max()) for k in ks])
+            maj_k.append([maj_at_k(answers[:k], gold, k) for k in ks])
+        gen.append([r["gen_tokens"] for r in group])
+        ctx.append([r["context_tokens"] for r in group])
+    pass_k, maj_k = np.array(pass_k), np.array(maj_k)  # (P, n)
+    gen, ctx = np.array(gen, dtype=float), np.array(ctx, dtype=float)  # (P, n)
+    if mode == "parallel":
+        tokens, context = ks * gen.mean(), ks * ctx.mean()
+    else:
+        tokens, context = np.cumsum(gen, 1).mean(0), np.cumsum(ctx, 1).mean(0)
+    se = lambda a: a.std(0, ddof=1) / np.sqrt(len(a)) if len(a) > 1 else np.zeros(a.shape[1])  # noqa: E731
+    return {"k": ks.tolist(), "tokens": tokens.tolist(), "context_tokens": context.tolist(),
+            "pass": pass_k.mean(0).tolist(), "maj": maj_k.mean(0).tolist(),
+            "pass_se": se(pass_k).tolist(), "maj_se": se(maj_k).tolist(), "problems": len(pass_k)}
+
+
+def compare(runs: dict) -> dict:
+    """Per mode and metric: token efficiency of every run against every other run, and each
+    run's mean accuracy (AUC / width) over the token range all runs share."""
+    out = {}
+    for mode in MODES:
+        have = {name: r["modes"][mode] for name, r in runs.items() if mode in r["modes"]}
+        if not have:
+            continue
+        lo = max(c["tokens"][0] for c in have.values())
+        hi = min(c["tokens"][-1] for c in have.values())
+        out[mode] = {"shared_range": [lo, hi] if hi > lo else None}
+        for metric in ("pass", "maj"):
+            eff = {a: {b: token_efficiency((ca["tokens"], ca[metric]), (cb["tokens"], cb[metric]))
+                       for b, cb in have.items() if b != a} for a, ca in have.items()}
+            mean_acc = {a: curve_auc(c["tokens"], c[metric], lo, hi) / (hi - lo) if hi > lo else None
+                        for a, c in have.items()}
+            out[mode][metric] = {"efficiency": eff, "mean_acc_shared_range": mean_acc}
+    return out
+
+
+def budgets_for(curve: dict) -> list[float]:
+    """Matched token budgets: the reference run's tokens at k = 1, 2, 4, ..., N."""
+    n = len(curve["k"])
+    ks = sorted({1 << i for i in range(n.bit_length()) if 1 << i <= n} | {n})
+    return [curve["tokens"][k - 1] for k in ks]
+
+
+def markdown_table(runs: dict, comparison: dict) -> str:
+    """Accuracy (pass@k / maj@k, interpolated) at budgets matched to the first run's tokens,
+    token efficiency of each run against the first run, mean accuracy over the shared range."""
+    ref = next(iter(runs))
+    lines = [f"# Evaluation: accuracy against generated tokens", "",
+             f"Budgets are the reference run `{ref}`'s mean generated tokens at k = 1, 2, 4, ... N; "
+             "each cell is pass@k / maj@k (in %) linearly interpolated on that run's curve at that "
+             "budget (- where the run's curve does not reach it). Token saving: 1 - tokens the run "
+             f"needs to reach `{ref}`'s peak maj@k / tokens `{ref}` needs (positive = fewer tokens). "
+             "Mean acc: area under the maj@k curve over the token range every run covers, divided "
+             "by its width.", ""]
+    for mode in MODES:
+        have = {name: r["modes"][mode] for name, r in runs.items() if mode in r["modes"]}
+        if ref not in have:
+            have_ref = next(iter(have), None)
+            if have_ref is None:
+                continue
+        ref_mode = ref if ref in have else next(iter(have))
+        budgets = budgets_for(have[ref_mode])
+        lines += [f"## {mode}", "",
+                  "| run | format | " + " | ".join(f"{b:.0f} tok" for b in budgets) + " | token saving vs "
+                  + ref_mode + " (maj) | mean acc (maj) |",
+                  "|---" * (len(budgets) + 4) + "|"]
+        for name, c in have.items():
+            cells = []
+            for b in budgets:
+                p, m = interp_curve(c["tokens"], c["pass"], b), interp_curve(c["tokens"], c["maj"], b)
+                cells.append("-" if p is None else f"{100 * p:.1f} / {100 * m:.1f}")
+            eff = comparison[mode]["maj"]["efficiency"].get(name, {}).get(ref_mode)
+            saving = "-" if not eff or eff["saving"] is None else f"{100 * eff['saving']:+.0f}%"
+            if name == ref_mode:
+                saving = "(reference)"
+            mean_acc = comparison[mode]["maj"]["mean_acc_shared_range"][name]
+            lines.append(f"| {name} | {runs[name]['format']} | " + " | ".join(cells) + f" | {saving} | "
+                         + ("-" if mean_acc is None else f"{100 * mean_acc:.1f}") + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(runs: dict, path: str, title: str) -> None:
+    """One panel per mode, shared axes: solid pass@k, dashed maj@k, one colour per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in MODES if any(m in r["modes"] for r in runs.values())]
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), sharex=True, sharey=True, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, mode in zip(axes[0], modes):
+        for i, (name, r) in enumerate(runs.items()):
+            if mode not in r["modes"]:
+                continue
+            c, col = r["modes"][mode], colors[i % len(colors)]
+            ax.plot(c["tokens"], c["pass"], "-o", color=col, ms=3, label=f"{name} pass@k")
+            ax.plot(c["tokens"], c["maj"], "--s", color=col, ms=3, label=f"{name} maj@k")
+        ax.set_title(f"{mode} ({'k traces' if mode == 'parallel' else 'k rounds'})")
+        ax.set_xlabel("generated tokens per problem")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.suptitle(title)
+    fig.tight_layout()
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# Inputs and main
+# --------------------------------------------------------------------------------------
+
+
+def resolve_runs(args: Args) -> dict[str, str]:
+    """{run name: model path} from --models, or the default toy run folders that exist."""
+    if not args.models:
+        runs = {"base": toy.paths(args.toy_dir)["base"]}
+        for name, pattern in (("warmstart", "runs/warmstart/model"), ("star-*", "runs/star/*/model"),
+                              ("grpo-*", "runs/grpo/*/model")):
+            for path in sorted(glob.glob(pattern)):
+                if os.path.isfile(os.path.join(path, "config.json")):
+                    runs[name.replace("*", os.path.basename(os.path.dirname(path)))] = path
+        return runs
+    runs = {}
+    for spec in args.models:
+        name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+        if not name or not path:
+            raise utils.UserError(f"--models: expected name=path, got {spec!r}")
+        if name in runs:
+            raise utils.UserError(f"--models: run name {name!r} given twice")
+        if not os.path.isdir(path) and not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path):
+            raise utils.UserError(f"--models {name}: model path does not exist: {path}")
+        runs[name] = path
+    return runs
+
+
+def load_problems(args: Args) -> tuple[str, list[dict]]:
+    path = args.data or toy.paths(args.toy_dir)["test"]
+    rename = {args.problem_field: "problem", args.answer_field: "answer"}
+    records = utils.read_records(path, ["problem", "answer"], rename)
+    if args.limit:
+        records = records[: args.limit]
+    if not records:
+        raise utils.UserError(f"{path}: no problems")
+    for i, r in enumerate(records):
+        r["answer"] = str(r["answer"]).strip()
+        if not r["answer"] or utils.extract_boxed("\\boxed{" + r["answer"] + "}") != r["answer"]:
+            raise utils.UserError(f"{path}: record {i + 1}: unparsable answer {r['answer']!r}")
+    return path, records
+
+
+def fingerprint(path: str) -> str:
+    """Names, sizes and modification times of a model folder's files (a retrained model at
+    the same path gets a new fingerprint, so its old samples are not reused)."""
+    h = hashlib.sha1()
+    for f in sorted(glob.glob(os.path.join(path, "*"))):
+        st = os.stat(f)
+        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def rss_gib() -> float | None:
+    """Resident memory of this process (Linux), to check that engines are freed."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return None
+
+
+def main(args: Args, samplers: dict | None = None) -> dict:
+    """Evaluate every run; `samplers` may map a model path to a ready Sampler (tests)."""
+    bad = [m for m in args.modes if m not in MODES]
+    if bad or not args.modes:
+        raise utils.UserError(f"--modes: expected some of {', '.join(MODES)}, got {args.modes}")
+    if args.n < 1 or args.window < 1 or args.max_tokens < 1 or args.limit < 0:
+        raise utils.UserError("--n, --window and --max-tokens must be >= 1 and --limit >= 0")
+    if not args.data or not args.models:
+        toy.ensure_built(args.toy_dir)
+    runs = resolve_runs(args)
+    data_path, records = load_problems(args)
+    formats = {name: model_format(path) for name, path in runs.items()}
+    data_hash = hashlib.sha1(json.dumps([[r["problem"], r["answer"]] for r in records]).encode()).hexdigest()[:16]
+    utils.print0(f"evaluate: {len(runs)} runs x {len(records)} problems x N={args.n} ({', '.join(args.modes)})")
+    logger = utils.JsonlLogger(os.path.join(args.out, "metrics.jsonl"))
+
+    results = {}
+    for name, path in runs.items():
+        results[name] = {"path": path, "format": formats[name], "modes": {}}
+        sampler = None
+        for mode in args.modes:
+            stem = os.path.join(args.out, "samples", re.sub(r"[^\w.-]", "_", name) + "." + mode)
+            meta = {"model": path, "model_fingerprint": fingerprint(path), "mode": mode, "data": data_hash,
+                    "format": formats[name], **{k: v for k, v in asdict(args).items()
+                                                if k in ("n", "temperature", "top_p", "max_tokens", "seed",
+                                                         "instruction", "max_model_len")}}
+            if mode == "linearized":
+                meta["window"] = args.window
+            if args.reuse and os.path.isfile(stem + ".meta.json") and json.load(open(stem + ".meta.json")) == meta:
+                rows = utils.read_records(stem + ".jsonl")
+                utils.print0(f"{name} {mode}: reusing {stem}.jsonl")
+            else:
+                if sampler is None:
+                    sampler = (samplers or {}).get(path) or utils.Sampler(
+                        path, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len or None)
+                    prompt_ids = [encode_prompt(sampler.tokenizer, utils.build_prompt(sampler.tokenizer, r["problem"], args.instruction))
+                                  for r in records]
+                utils.print0(f"{name} {mode}: sampling")
+                if mode == "parallel":
+                    rows = run_parallel(sampler, prompt_ids, records, args)
+                else:
+                    rows = run_linearized(sampler, prompt_ids, records, args, context_limit(path, args))
+                utils.write_jsonl(stem + ".jsonl", [{"run": name, "mode": mode, **r} for r in rows])
+                utils.write_json(stem + ".meta.json", meta)
+            c = curves(rows, mode, args.n)
+            results[name]["modes"][mode] = c
+            logger.log({"run": name, "mode": mode, "pass@1": c["pass"][0], f"pass@{args.n}": c["pass"][-1],
+                        f"maj@{args.n}": c["maj"][-1], "tokens@1": c["tokens"][0], "rss_gib": rss_gib()})
+            utils.print0(f"{name} {mode}: pass@1 {c['pass'][0]:.3f}  pass@{args.n} {c['pass'][-1]:.3f}  "
+                         f"maj@{args.n} {c['maj'][-1]:.3f}  tokens/trace {c['tokens'][0]:.0f}")
+        if sampler is not None and sampler is not (samplers or {}).get(path):
+            del sampler  # one engine at a time: free it before the next model's
+        sampler = None
+        gc.collect()
+
+    comparison = compare(results)
+    settings = {**asdict(args), "data": data_path, "problems": len(records)}
+    report = {"settings": settings, "runs": results, "comparison": comparison}
+    utils.write_json(os.path.join(args.out, "curves.json"), report)
+    with utils.atomic_path(os.path.join(args.out, "table.md")) as tmp, open(tmp, "w") as f:
+        f.write(markdown_table(results, comparison) + "\n")
+    plot(results, os.path.join(args.out, "accuracy_tokens.png"),
+         f"{os.path.basename(data_path)}: {len(records)} problems, N={args.n}, T={args.temperature}")
+    utils.print0(f"wrote {args.out}/curves.json, table.md, accuracy_tokens.png, samples/")
+    return report
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_args(Args))
