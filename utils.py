@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import contextlib
 import dataclasses
 import inspect
@@ -21,6 +22,7 @@ import re
 import shutil
 import sys
 import tempfile
+import textwrap
 import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
@@ -70,8 +72,8 @@ class UserError(Exception):
 def _field_docs(cls) -> dict[str, str]:
     """Attribute docstrings of a dataclass (the string literal under each field)."""
     docs = {}
-    with contextlib.suppress(OSError, TypeError):
-        body = ast.parse(inspect.getsource(cls)).body[0].body
+    with contextlib.suppress(OSError, TypeError, SyntaxError):
+        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
                 docs[node.target.id] = str(nxt.value.value)
@@ -171,6 +173,7 @@ def atomic_path(path: str):
     os.close(fd)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; give it the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -185,6 +188,7 @@ def atomic_dir(path: str):
     tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(path))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         old = None
         if os.path.exists(path):
             old = tempfile.mkdtemp(dir=parent, prefix=".old-")
@@ -195,6 +199,12 @@ def atomic_dir(path: str):
     finally:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_jsonl(path: str, records: Iterable[dict]) -> None:
@@ -220,7 +230,7 @@ class JsonlLogger:
             if resume_step is None or not os.path.exists(self.path):
                 open(self.path, "w").close()
             else:
-                keep = [l for l in open(self.path) if l.strip() and json.loads(l).get("step", 0) <= resume_step]
+                keep = [l for l in open(self.path) if _step_of(l) is not None and _step_of(l) <= resume_step]
                 with atomic_path(self.path) as tmp, open(tmp, "w") as f:
                     f.writelines(keep)
 
@@ -228,6 +238,14 @@ class JsonlLogger:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+def _step_of(line: str) -> int | None:
+    """The "step" of a metrics line (0 if it has none); None for a blank or cut line."""
+    try:
+        return json.loads(line).get("step", 0) if line.endswith("\n") else None
+    except json.JSONDecodeError:
+        return None
 
 
 # --------------------------------------------------------------------------------------
@@ -294,7 +312,9 @@ def _math_equal_worker(pred, gold):  # runs in the grading subprocess (its main 
 
 def _math_equal_with_timeout(pred: str, gold: str, timeout: float) -> bool | None:
     """math-verify's own timeout uses SIGALRM, which works only on a main thread. Off the
-    main thread, the comparison runs in a spawned subprocess that is killed on timeout."""
+    main thread, the comparison runs in a spawned subprocess that is killed on timeout.
+    Calls are serialised (one worker) and the worker is warmed up before the clock starts,
+    so neither its start-up nor another thread's slow comparison eats this one's timeout."""
     global _GRADE_POOL
     if threading.current_thread() is threading.main_thread():
         return _math_equal(pred, gold, timeout=max(1, int(math.ceil(timeout))))
@@ -304,16 +324,16 @@ def _math_equal_with_timeout(pred: str, gold: str, timeout: float) -> bool | Non
     with _GRADE_POOL_LOCK:
         if _GRADE_POOL is None:
             _GRADE_POOL = cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn"))
-        pool = _GRADE_POOL
-    try:
-        return pool.submit(_math_equal_worker, pred, gold).result(timeout=timeout)
-    except cf.TimeoutError:
-        with _GRADE_POOL_LOCK:
-            for p in list(getattr(pool, "_processes", {}).values()):
+            atexit.register(_GRADE_POOL.shutdown)
+            _GRADE_POOL.submit(_math_equal_worker, "1", "1").result()  # imports math-verify there
+        try:
+            return _GRADE_POOL.submit(_math_equal_worker, pred, gold).result(timeout=timeout)
+        except cf.TimeoutError:
+            for p in list(getattr(_GRADE_POOL, "_processes", {}).values()):
                 p.kill()
-            pool.shutdown(wait=False, cancel_futures=True)
+            _GRADE_POOL.shutdown(wait=True, cancel_futures=True)  # quick: its worker is dead
             _GRADE_POOL = None
-        return False
+            return False
 
 
 def grade(text: str | None, gold: str, timeout: float = 5.0) -> float:
@@ -329,16 +349,23 @@ def grade(text: str | None, gold: str, timeout: float = 5.0) -> float:
         return 0.0
     gold = "" if gold is None else str(gold).strip()
     if not gold or not _balanced(gold):
-        if gold not in _GOLD_WARNED:
-            _GOLD_WARNED.add(gold)
-            print(f"warning: gold answer {gold!r} does not parse; never rewarded", file=sys.stderr)
+        _warn_gold(gold)
         return 0.0
     if _normalize(pred) == _normalize(gold):
         return 1.0
     try:
-        return 1.0 if _math_equal_with_timeout(pred, gold, timeout) else 0.0
+        same = _math_equal_with_timeout(pred, gold, timeout)
     except Exception:  # math-verify on garbage: any failure is a wrong answer, not a crash
         return 0.0
+    if same is None:
+        _warn_gold(gold)
+    return 1.0 if same else 0.0
+
+
+def _warn_gold(gold: str) -> None:
+    if gold not in _GOLD_WARNED:
+        _GOLD_WARNED.add(gold)
+        print(f"warning: gold answer {gold!r} does not parse; never rewarded", file=sys.stderr)
 
 
 # --------------------------------------------------------------------------------------
@@ -347,12 +374,24 @@ def grade(text: str | None, gold: str, timeout: float = 5.0) -> float:
 
 
 def _check_model_path(path: str) -> None:
-    """A local folder must exist; a bare hub name ("org/name") is left to the hub."""
+    """A local folder must exist; a bare hub name ("org/name") is left to the hub. A name
+    whose first part is a local folder (e.g. "runs/base") is a local path, not a hub name."""
     if os.path.isdir(os.path.expanduser(path)):
+        if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+            raise UserError(f"{path}: not a model folder (no config.json)")
         return
-    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path):
+    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) and not os.path.isdir(path.split("/")[0]):
         return
     raise UserError(f"model path does not exist: {path}")
+
+
+@contextlib.contextmanager
+def _loading(path: str):
+    """A model folder or hub name that transformers cannot load becomes a one-line error."""
+    try:
+        yield
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load model {path}: {str(e).strip().splitlines()[0]}") from e
 
 
 def load_tokenizer(path: str):
@@ -360,7 +399,8 @@ def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     _check_model_path(path)
-    tok = AutoTokenizer.from_pretrained(path)
+    with _loading(path):
+        tok = AutoTokenizer.from_pretrained(path)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -383,7 +423,8 @@ def load_model(path: str, dtype: str = "auto", device: str | None = None):
 
     _check_model_path(path)
     device = device or default_device()
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device))
+    with _loading(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device))
     return model.to(device)
 
 
@@ -412,7 +453,9 @@ class Sampler:
     that share a long context pay its prefill once.
 
     Under torchrun each rank builds its own engine on its own prompts (vLLM's
-    "external_launcher" backend: the engine lives in this process and uses its device)."""
+    "external_launcher" backend: the engine lives in this process and uses its device).
+    Engines of different ranks get different seeds (seed + rank), so unseeded requests do
+    not repeat each other's samples; a `generate(..., seed=s)` call is reproducible as is."""
 
     def __init__(self, model: str, *, backend: str = "auto", dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
@@ -431,7 +474,8 @@ class Sampler:
         if backend == "vllm":
             from vllm import LLM
 
-            kwargs = dict(seed=seed, dtype=dtype if dtype != "auto" else ("bfloat16" if _has_cuda() else "float32"),
+            engine_seed = seed + rank() // engine_kwargs.get("tensor_parallel_size", 1)  # TP ranks share one
+            kwargs = dict(seed=engine_seed, dtype=dtype if dtype != "auto" else ("bfloat16" if _has_cuda() else "float32"),
                           enable_prefix_caching=enable_prefix_caching, logprobs_mode="processed_logprobs",
                           gpu_memory_utilization=gpu_memory_utilization)
             if max_model_len:
@@ -503,20 +547,23 @@ class Sampler:
             with torch.no_grad():
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0,
                                      temperature=temperature if temperature > 0 else None,
-                                     top_p=top_p, top_k=0, max_new_tokens=max_tokens, num_return_sequences=n,
+                                     top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+                                     max_new_tokens=max_tokens, num_return_sequences=n,
                                      stop_strings=stop, tokenizer=tok, pad_token_id=tok.pad_token_id,
                                      output_scores=logprobs, return_dict_in_generate=True)
             seqs = gen.sequences[:, ids.shape[1]:]  # (n, T)
             group = []
             for j in range(n):
                 toks = seqs[j].tolist()
-                end = toks.index(eos) + 1 if eos in toks else len(toks)
-                toks = toks[:end]
+                if eos in toks:
+                    toks = toks[: toks.index(eos) + 1]
+                elif tok.pad_token_id != eos:  # a sequence stopped by a stop string is padded
+                    while toks and toks[-1] == tok.pad_token_id:
+                        toks.pop()
                 text = tok.decode(toks, skip_special_tokens=True)
-                finish = "stop" if (eos in toks or len(toks) < max_tokens) else "length"
-                if stop:
-                    cut = [text.index(s) for s in stop if s in text]
-                    text = text[: min(cut)] if cut else text
+                cut = [text.index(s) for s in stop or () if s in text]
+                text = text[: min(cut)] if cut else text
+                finish = "stop" if (eos in toks or cut or len(toks) < max_tokens) else "length"
                 lps = None
                 if logprobs:
                     lps = [torch.log_softmax(gen.scores[t][j].float(), -1)[toks[t]].item() for t in range(len(toks))]
@@ -533,9 +580,10 @@ class Sampler:
         every rank must call this (shards are gathered parameter by parameter)."""
         if self.backend == "vllm":
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter_full_params(model)})
-            self.llm.reset_prefix_cache()
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
         else:
-            self.model.load_state_dict(dict(iter_full_params(model)), strict=False)
+            self.model.load_state_dict(dict(iter_full_params(model)))
 
 
 def sync_weights(sampler: Sampler, model) -> None:

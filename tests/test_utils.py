@@ -1,0 +1,481 @@
+"""Unit tests of utils.py that need no sampler: answer extraction and grading (timeouts on
+and off the main thread), validated reading and atomic writing, the metrics logger, the
+command line, bad-input handling, padding, log-probabilities and prompts."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import stat
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PATHOLOGICAL = "\\boxed{9^{9^{9^{9}}}}"  # math-verify/sympy work on this for minutes without a timeout
+
+
+# --------------------------------------------------------------------------------------
+# extract_boxed
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, want", [
+    ("The answer is \\boxed{42}", "42"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),                      # nested braces
+    ("\\boxed{\\frac{\\sqrt{3}}{2}} done", "\\frac{\\sqrt{3}}{2}"),  # two levels
+    ("first \\boxed{1} then \\boxed{2}", "2"),                      # several: the last
+    ("\\fbox{7}", "7"),
+    ("\\boxed {x}", "x"),                                           # space before the brace
+    ("\\boxed{ 5 }", "5"),
+    ("\\boxed{}", ""),
+    ("\\boxed{1} and then \\boxed{2", None),     # unterminated last box: not the earlier one
+    ("\\boxed{\\frac{1}{2}", None),             # unbalanced
+    ("no box at all", None),
+    ("", None),
+    (None, None),
+    ("\\boxed{a}}", "a"),                        # extra closing brace after a complete box
+])
+def test_extract_boxed(text, want):
+    assert utils.extract_boxed(text) == want
+
+
+# --------------------------------------------------------------------------------------
+# grade
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text, gold, want", [
+    ("so \\boxed{42}", "42", 1.0),
+    ("\\boxed{43}", "42", 0.0),
+    ("\\boxed{\\frac{1}{2}}", "0.5", 1.0),
+    ("\\boxed{0.5}", "\\frac{1}{2}", 1.0),
+    ("\\boxed{\\frac34}", "\\dfrac{3}{4}", 1.0),
+    ("\\boxed{2+2\\sqrt3}", "2\\sqrt{3}+2", 1.0),
+    ("\\boxed{2+3\\sqrt3}", "2\\sqrt{3}+2", 0.0),
+    ("\\boxed{3}", "x=3", 1.0),
+    ("\\boxed{10}", "10\\%", 1.0),
+    ("\\boxed{\\frac{1}{3}}", "0.33", 0.0),
+    ("\\boxed{Paris}", "Paris", 1.0),          # non-math: exact match
+    ("\\boxed{\\text{Paris}}", "Paris", 1.0),
+    ("\\boxed{London}", "Paris", 0.0),
+    ("The answer is 42.", "42", 0.0),          # no box: no credit
+    ("\\boxed{1} wait \\boxed{42", "42", 0.0),  # unterminated last box: no credit from the first
+    ("\\boxed{}}{{\\frac{", "42", 0.0),         # garbage
+    ("\\boxed{\\sqrt{}^^_}", "42", 0.0),
+    (None, "42", 0.0),
+])
+def test_grade(text, gold, want):
+    assert utils.grade(text, gold) == want
+
+
+def test_grade_toy_answers():
+    """The toy task's own format goes through the same grader."""
+    assert utils.grade("Step 1: 17 + 25 = 42\nThe answer is \\boxed{42}", 42) == 1.0
+    assert utils.grade("Step 1: 17 + 25 = 41\nThe answer is \\boxed{41}", "42") == 0.0
+
+
+@pytest.mark.parametrize("gold", ["", "   ", None, "\\frac{1}{", "{42", "\\"])
+def test_grade_bad_gold_is_reported_never_rewarded(gold, capsys):
+    utils._GOLD_WARNED.discard("" if gold is None else gold.strip())
+    assert utils.grade("\\boxed{42}", gold) == 0.0
+    assert utils.grade("\\boxed{\\frac{1}{}", gold) == 0.0
+    err = capsys.readouterr().err
+    assert "warning: gold answer" in err and "does not parse" in err
+
+
+def _in_thread(fn, *args, limit=60.0):
+    """Run fn(*args) on a daemon thread and return (result, seconds); fail (rather than
+    hang) if it has not finished after `limit` seconds."""
+    out = {}
+
+    def target():
+        t0 = time.time()
+        out["result"] = fn(*args)
+        out["seconds"] = time.time() - t0
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    th.join(limit)
+    assert not th.is_alive(), f"{fn.__name__}{args} still running after {limit} s"
+    return out["result"], out["seconds"]
+
+
+@pytest.fixture
+def fresh_grading_pool():
+    """Shut down the off-main-thread grading worker, so the next call starts a new one."""
+    with utils._GRADE_POOL_LOCK:
+        if utils._GRADE_POOL is not None:
+            utils._GRADE_POOL.shutdown()
+            utils._GRADE_POOL = None
+
+
+def test_grade_off_main_thread(fresh_grading_pool):
+    # The worker's start-up (a spawned process importing math-verify: seconds) must not count
+    # against the timeout: a true answer graded with a short timeout is still right.
+    assert _in_thread(utils.grade, "\\boxed{\\frac{1}{2}}", "0.5", 0.5)[0] == 1.0
+    assert _in_thread(utils.grade, "\\boxed{0.4}", "0.5")[0] == 0.0
+    assert _in_thread(utils.grade, "\\boxed{2+2\\sqrt3}", "2\\sqrt{3}+2")[0] == 1.0
+
+
+def test_grade_timeout_off_main_thread():
+    # Without a working timeout this comparison runs for minutes and the thread is still
+    # alive when _in_thread gives up: the test fails instead of passing slowly.
+    result, seconds = _in_thread(utils.grade, PATHOLOGICAL, "1", 1.0)
+    assert result == 0.0 and seconds < 30
+    # the killed worker is replaced: grading goes on
+    assert _in_thread(utils.grade, "\\boxed{\\frac{1}{2}}", "0.5")[0] == 1.0
+
+
+def test_grade_timeout_does_not_cost_other_threads():
+    """A thread's slow comparison must not make a concurrent thread's right answer wrong."""
+    results = {}
+
+    def slow():
+        results["slow"] = utils.grade(PATHOLOGICAL, "1", timeout=1.0)
+
+    def fast():
+        results["fast"] = utils.grade("\\boxed{\\frac{1}{2}}", "0.5", timeout=1.0)
+
+    threads = [threading.Thread(target=slow, daemon=True), threading.Thread(target=fast, daemon=True)]
+    threads[0].start()
+    time.sleep(0.3)
+    threads[1].start()
+    for th in threads:
+        th.join(60)
+    assert results == {"slow": 0.0, "fast": 1.0}
+
+
+def _grade_in_worker(args):
+    text, gold, timeout = args
+    t0 = time.time()
+    return utils.grade(text, gold, timeout=timeout), time.time() - t0
+
+
+def test_grade_timeout_in_worker_process():
+    """In a worker process (its main thread) math-verify's own SIGALRM timeout applies."""
+    with mp.get_context("spawn").Pool(1) as pool:
+        res = pool.map_async(_grade_in_worker, [(PATHOLOGICAL, "1", 1.0), ("\\boxed{0.5}", "\\frac12", 5.0)])
+        (slow, slow_s), (ok, _) = res.get(timeout=90)
+    assert slow == 0.0 and slow_s < 30
+    assert ok == 1.0
+
+
+# --------------------------------------------------------------------------------------
+# read_records
+# --------------------------------------------------------------------------------------
+
+
+def _write(path, text):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return str(path)
+
+
+def test_read_records_ok(tmp_path):
+    p = _write(tmp_path / "d.jsonl", '{"problem": "p1", "answer": "1"}\n\n  \n{"problem": "p2", "answer": 2, "x": 0}\n')
+    assert utils.read_records(p, ["problem", "answer"]) == [
+        {"problem": "p1", "answer": "1"}, {"problem": "p2", "answer": 2, "x": 0}]
+
+
+def test_read_records_rename(tmp_path):
+    p = _write(tmp_path / "d.jsonl", '{"question": "q", "solution": "s"}\n')
+    rows = utils.read_records(p, ["problem", "solution"], rename={"question": "problem"})
+    assert rows == [{"problem": "q", "solution": "s"}]
+
+
+@pytest.mark.parametrize("content, where, what", [
+    ('{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": \n', 2, "malformed JSON"),
+    ('{"problem": "a", "answer": "1"}\n\n{"problem": "b"}\n', 3, "missing field 'answer'"),
+    ('{"problem": "a", "answer": null}\n', 1, "missing field 'answer'"),
+    ('["problem", "answer"]\n', 1, "expected a JSON object"),
+    ('{"problem": "a", "answer": "1"}\n"just a string"\n', 2, "expected a JSON object"),
+])
+def test_read_records_errors_name_file_and_line(tmp_path, content, where, what):
+    p = _write(tmp_path / "bad.jsonl", content)
+    with pytest.raises(utils.UserError) as e:
+        utils.read_records(p, ["problem", "answer"])
+    msg = str(e.value)
+    assert msg.startswith(f"{p}:{where}: ") and what in msg and "\n" not in msg
+
+
+def test_read_records_missing_field_message(tmp_path):
+    p = _write(tmp_path / "d.jsonl", '{"problem": "a"}\n')
+    with pytest.raises(utils.UserError, match=r"d\.jsonl:1: missing field 'x'$"):
+        utils.read_records(p, ["problem", "x"])
+
+
+def test_read_records_missing_file(tmp_path):
+    with pytest.raises(utils.UserError, match="no such file"):
+        utils.read_records(str(tmp_path / "nope.jsonl"))
+
+
+# --------------------------------------------------------------------------------------
+# Atomic writes and the metrics logger
+# --------------------------------------------------------------------------------------
+
+
+def _rows_then_fail():
+    yield {"a": 1}
+    yield {"a": 2}
+    raise RuntimeError("killed halfway")
+
+
+def test_write_jsonl_and_json(tmp_path):
+    p = str(tmp_path / "sub" / "out.jsonl")
+    utils.write_jsonl(p, [{"a": 1}, {"b": "é"}])
+    assert [json.loads(l) for l in open(p, encoding="utf-8")] == [{"a": 1}, {"b": "é"}]
+    umask = utils._umask()
+    assert stat.S_IMODE(os.stat(p).st_mode) == 0o666 & ~umask  # not mkstemp's private 0600
+    q = str(tmp_path / "o.json")
+    utils.write_json(q, {"x": [1, 2]})
+    assert json.load(open(q)) == {"x": [1, 2]}
+
+
+def test_write_jsonl_leaves_nothing_when_it_fails(tmp_path):
+    p = str(tmp_path / "out.jsonl")
+    with pytest.raises(RuntimeError):
+        utils.write_jsonl(p, _rows_then_fail())
+    assert os.listdir(tmp_path) == []
+    utils.write_jsonl(p, [{"old": True}])
+    with pytest.raises(RuntimeError):
+        utils.write_jsonl(p, _rows_then_fail())
+    assert open(p).read() == '{"old": true}\n'  # the previous complete file stands
+    assert os.listdir(tmp_path) == ["out.jsonl"]
+
+
+def test_atomic_path(tmp_path):
+    p = str(tmp_path / "model.bin")
+    with pytest.raises(ValueError):
+        with utils.atomic_path(p) as tmp:
+            open(tmp, "w").write("half")
+            raise ValueError("boom")
+    assert os.listdir(tmp_path) == []
+    with utils.atomic_path(p) as tmp:
+        assert tmp != p and os.path.dirname(tmp) == str(tmp_path)
+        open(tmp, "w").write("whole")
+    assert open(p).read() == "whole" and os.listdir(tmp_path) == ["model.bin"]
+
+
+def test_atomic_dir(tmp_path):
+    d = str(tmp_path / "model")
+    os.makedirs(d)
+    _write(os.path.join(d, "old.txt"), "old")
+    with pytest.raises(ValueError):
+        with utils.atomic_dir(d) as tmp:
+            _write(os.path.join(tmp, "new.txt"), "half")
+            raise ValueError("boom")
+    assert os.listdir(d) == ["old.txt"] and os.listdir(tmp_path) == ["model"]
+    with utils.atomic_dir(d) as tmp:
+        _write(os.path.join(tmp, "new.txt"), "new")
+    assert os.listdir(d) == ["new.txt"] and os.listdir(tmp_path) == ["model"]  # replaced, no leftovers
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o777 & ~utils._umask()
+
+
+def test_jsonl_logger_resume(tmp_path):
+    p = str(tmp_path / "metrics.jsonl")
+    log = utils.JsonlLogger(p)
+    for step in range(6):
+        log.log({"step": step, "loss": 1.0 / (step + 1)})
+    with open(p, "a") as f:
+        f.write('{"step": 6, "lo')  # the run was killed in the middle of a line
+    log = utils.JsonlLogger(p, resume_step=3)
+    assert [json.loads(l)["step"] for l in open(p)] == [0, 1, 2, 3]
+    log.log({"step": 4})
+    assert [json.loads(l)["step"] for l in open(p)] == [0, 1, 2, 3, 4]
+    utils.JsonlLogger(p)  # a fresh run starts an empty log
+    assert open(p).read() == ""
+    utils.JsonlLogger(None).log({"step": 0})  # no path: logs nowhere
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    lr: float = 1e-3
+    """learning rate of the policy"""
+    steps: int = 10
+    """optimizer steps"""
+    name: str = "run"
+    """run name"""
+    eager: bool = False
+    """start vLLM without compilation"""
+    shuffle: bool = True
+    """shuffle the data"""
+    ks: list[int] = field(default_factory=lambda: [1, 8])
+    """k values of pass@k"""
+    limit: int | None = None
+    """use at most this many problems"""
+
+
+def test_parse_args_defaults():
+    assert utils.parse_args(Args, []) == Args()
+
+
+def test_parse_args_values():
+    a = utils.parse_args(Args, ["--lr", "3e-4", "--steps", "5", "--name", "x", "--eager", "--shuffle", "false",
+                                "--ks", "1", "4", "16", "--limit", "7"])
+    assert a == Args(lr=3e-4, steps=5, name="x", eager=True, shuffle=False, ks=[1, 4, 16], limit=7)
+    assert utils.parse_args(Args, ["--eager", "true", "--limit", "none"]).eager is True
+    assert utils.parse_args(Args, ["--limit", "None"]).limit is None
+    assert isinstance(utils.parse_args(Args, ["--steps", "5"]).steps, int)
+
+
+@pytest.mark.parametrize("argv", [["--steps", "many"], ["--eager", "maybe"], ["--nope", "1"]])
+def test_parse_args_rejects(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        utils.parse_args(Args, argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_parse_args_help_from_field_docstrings(capsys):
+    with pytest.raises(SystemExit):
+        utils.parse_args(Args, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for text in ("--lr LR learning rate of the policy (default: 0.001)", "k values of pass@k (default: [1, 8])",
+                 "use at most this many problems (default: None)", "--eager [EAGER] start vLLM without compilation"):
+        assert text in out
+
+
+def test_parse_args_class_defined_in_a_function(capsys):
+    @dataclass
+    class Local:
+        seed: int = 0
+        """random seed"""
+
+    assert utils.parse_args(Local, ["--seed", "3"]).seed == 3
+    with pytest.raises(SystemExit):
+        utils.parse_args(Local, ["--help"])
+    assert "random seed (default: 0)" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------
+# Bad input: one line on stderr, exit 2, nothing half-written
+# --------------------------------------------------------------------------------------
+
+
+def test_missing_model_path_is_a_user_error(tmp_path):
+    missing = str(tmp_path / "no-such-model")
+    for load in (utils.load_model, utils.load_tokenizer, utils.Sampler,
+                 lambda p: utils.Sampler(p, backend="hf")):
+        with pytest.raises(utils.UserError) as e:
+            load(missing)
+        assert str(e.value) == f"model path does not exist: {missing}"
+    with pytest.raises(utils.UserError, match="not a model folder"):
+        utils.load_model(str(tmp_path))  # a folder, but no checkpoint in it
+    # a relative path under an existing local folder is not mistaken for a hub name
+    with pytest.raises(utils.UserError, match="does not exist"):
+        utils.load_tokenizer(os.path.relpath(missing))
+
+
+def _run_snippet(code: str, tmp_path):
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+def test_cli_bad_jsonl_exits_2_with_one_line(tmp_path):
+    data = _write(tmp_path / "data.jsonl", '{"problem": "p", "answer": "1"}\n{"problem": "q"}\n')
+    out = str(tmp_path / "out.jsonl")
+    code = f"""
+import utils
+
+def main(data, out):
+    rows = utils.read_records(data, ["problem", "answer"])
+    utils.write_jsonl(out, rows)
+
+if __name__ == "__main__":
+    utils.run_main(main, {data!r}, {out!r})
+"""
+    r = _run_snippet(code, tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {data}:2: missing field 'answer'"]
+    assert not os.path.exists(out) and sorted(os.listdir(tmp_path)) == ["data.jsonl"]
+
+
+def test_cli_error_mid_write_leaves_no_file(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    code = f"""
+import utils
+
+def rows():
+    yield {{"a": 1}}
+    raise utils.UserError("item 2: unparsable answer")
+
+if __name__ == "__main__":
+    utils.run_main(utils.write_jsonl, {out!r}, rows())
+"""
+    r = _run_snippet(code, tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["error: item 2: unparsable answer"]
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_missing_model_exits_2(tmp_path):
+    missing = str(tmp_path / "nope")
+    code = f"import utils\nif __name__ == '__main__':\n    utils.run_main(utils.Sampler, {missing!r})\n"
+    r = _run_snippet(code, tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: model path does not exist: {missing}"]
+
+
+# --------------------------------------------------------------------------------------
+# Padding, log-probabilities, prompts
+# --------------------------------------------------------------------------------------
+
+
+def test_pad_sequences():
+    ids, mask = utils.pad_sequences([[5, 6, 7], [8]], pad_id=0)
+    assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    ids, mask = utils.pad_sequences([[5, 6, 7], [8]], pad_id=9, left=True)
+    assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    assert ids.dtype == torch.long and mask.dtype == torch.long
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_token_logprobs_by_hand(tiny_model, temperature):
+    torch.manual_seed(1)
+    seqs = [torch.randint(0, 50, (9,)).tolist(), torch.randint(0, 50, (5,)).tolist()]
+    ids, mask = utils.pad_sequences(seqs, pad_id=0)
+    with torch.no_grad():
+        lp, ent = utils.token_logprobs(tiny_model, ids, mask, temperature=temperature, with_entropy=True)
+    assert lp.shape == ent.shape == (2, 8)
+    for b, s in enumerate(seqs):
+        with torch.no_grad():  # each sequence alone, no padding
+            logits = tiny_model(torch.tensor([s])).logits[0].double() / temperature  # (T, V)
+        for t in range(len(s) - 1):
+            z = logits[t]
+            logp = z - torch.logsumexp(z, 0)
+            assert abs(lp[b, t].item() - logp[s[t + 1]].item()) < 1e-5
+            assert abs(ent[b, t].item() - (-(logp.exp() * logp).sum()).item()) < 1e-5
+
+
+def test_build_prompt_plain_and_chat(toy_paths):
+    tok = utils.load_tokenizer(toy_paths["base"])
+    assert not tok.chat_template
+    assert utils.build_prompt(tok, "Start with 3. Add 4.") == "Problem: Start with 3. Add 4.\nSolution:\n"
+    assert utils.build_prompt(None, "P") == "Problem: P\nSolution:\n"
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    assert utils.build_prompt(tok, "What is 2+2?") == (
+        f"<|user|>What is 2+2?\n\n{utils.DEFAULT_INSTRUCTION}\n<|assistant|>")
+    assert utils.build_prompt(tok, "What is 2+2?", instruction="") == "<|user|>What is 2+2?\n<|assistant|>"
