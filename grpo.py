@@ -1,0 +1,743 @@
+"""grpo.py: MRT-B reinforcement learning on GRPO (paper Alg. 2), and its baselines.
+
+One step of Alg. 2, on every rank, for P problems x of the training set:
+  sample   z0 ~ pi_base(. | x)  once per problem, before any update (stored in <out>/z0.jsonl);
+           G continuations z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER + "\\nStep") from the current
+           policy: the policy names the restart step (" k: ...") and writes the revised attempt.
+  reward   r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited);
+           I_i = J(mu | x, z0, z1_i) - J(mu | x, z0), the information gain of the backtrack
+           episode (Def. 5.1, infogain.py); R_i = r_i + alpha * I_i.
+  advantage  A_i = (R_i - mean_group) / (std_group + 1e-4)        (group_advantages)
+  loss     token-level clipped ratio objective, k3 KL to the reference (grpo_loss)
+  update   AdamW over micro-batches with gradient accumulation, FSDP2 across ranks
+  sync     the new weights go into the rank's vLLM engine in place (utils.Sampler.sync_weights)
+
+Variants (flags; a variant only sets defaults, explicit flags win):
+  --variant mrt      backtrack format, alpha = 1: outcome + information-gain bonus (MRT-B)
+  --variant outcome  backtrack format, alpha = 0: outcome-only GRPO on the same format
+  --variant length   backtrack format, alpha = 0, reward r - lambda * num_tokens / max_completion_length
+                     (the paper's Fig. 9 length-penalty comparison; lambda = --length-penalty, 0.1)
+  --variant direct   plain GRPO on the prompt: no z0, no backtrack, reward grade(completion)
+
+Advantage assignment (--assign): `final` gives every token of z_{1:2} the group-normalized
+combined reward R (as the paper ran); `episode` gives the tokens of z1 alpha times the
+group-normalized gain I and the tokens of z2 the group-normalized outcome r (dense per-episode
+credit). The z1/z2 boundary is found on the sampled token ids (decoded prefixes), never by
+re-tokenizing text; the token that straddles the boundary counts as z1. A continuation that
+does not parse into episodes (no restart line, no newline after it) gets r = 0 and gain 0
+(J after := J before), and in `episode` mode all its tokens get the outcome advantage.
+
+Batch semantics: every rank samples --prompts-per-step problems x --group-size continuations
+per step (the generation batch, B = P * G sequences per rank), cut into micro-batches of
+--micro-batch-size sequences whose gradients accumulate into --num-iterations optimizer steps
+per generation batch (old log-probs are the first pass's, taken before any update of the
+batch). `dapo` divides by the completion tokens of the whole generation batch over all ranks.
+
+Run (the toy task and model are the default; the toy preset trains in a few minutes on CPU):
+    python grpo.py                                   # MRT-B on the toy task, 1 process
+    torchrun --nproc_per_node 2 grpo.py              # the same with 2 ranks (FSDP2, gloo)
+    python grpo.py --variant outcome                 # or length / direct baselines
+    torchrun --nproc_per_node 8 grpo.py --model runs/warmstart/model \\
+        --train-data data/train.jsonl --problem-key problem --answer-key answer \\
+        --preset paper --gradient-checkpointing       # a real model on 8 GPUs, paper Table 2
+    (several nodes: torchrun --nnodes N --node-rank R --master-addr H ... grpo.py ...)
+    python grpo.py --resume                          # continue <out> from its checkpoint
+
+Outputs in <out> (default runs/grpo/<variant>): z0.jsonl, metrics.jsonl (one line per step),
+samples.jsonl (one group of completions with their rewards per step), eval.json (held-out
+accuracy at the start and the end), checkpoint.pt, model/ with mrt.json.
+
+Where this departs from the paper / the authors' code:
+- The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward
+  added alpha times a per-prompt constant, which cancels under group normalization.
+- z0 is sampled at the start of the run with the run's own engine (the authors stored z0
+  offline); the policy and the frozen base are the same weights at that moment.
+- Defaults that Table 2 does not give (prompts per step, steps, beta = 0.04 as TRL's default
+  at the time, eps 0.2, loss `dapo`) are assumptions, documented in PRESETS.
+- Held-out accuracy is measured in the variant's own format with the same z0 source, at the
+  training temperature, so start and end compare like for like.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+
+# One OpenMP thread unless told otherwise: vLLM's engine and the trainer share this process, and
+# with more threads OpenMP spin-waits made every CPU op 10-30x slower on a shared 2-core machine
+# (torchrun sets the same default for several processes). Must precede `import torch`.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import utils  # noqa: E402
+from infogain import MetaProver, encode, information_gain, split_backtrack  # noqa: E402
+
+# --------------------------------------------------------------------------------------
+# Arguments, presets, variants
+# --------------------------------------------------------------------------------------
+
+PRESETS = {
+    # toy: sized so that `python grpo.py` improves held-out accuracy in minutes on 2 CPU cores.
+    "toy": dict(steps=40, prompts_per_step=16, group_size=8, micro_batch_size=32, lr=2e-4,
+                warmup_ratio=0.05, weight_decay=0.0, beta=0.0, temperature=1.0,
+                max_prompt_length=256, max_completion_length=128, save_every=10),
+    # paper: Table 2 (lr 1e-6 cosine, warmup 0.1, weight decay 0.01, max prompt 1500, max
+    # completion 1024, G = 4, temperature 0.9); steps, prompts per rank, micro-batch and beta
+    # are assumptions (beta 0.04 was TRL's default when the authors trained).
+    "paper": dict(steps=500, prompts_per_step=8, group_size=4, micro_batch_size=4, lr=1e-6,
+                  warmup_ratio=0.1, weight_decay=0.01, beta=0.04, temperature=0.9,
+                  max_prompt_length=1500, max_completion_length=1024, save_every=50),
+}
+VARIANTS = {  # format, alpha, length penalty lambda
+    "mrt": ("backtrack", 1.0, 0.0),
+    "outcome": ("backtrack", 0.0, 0.0),
+    "length": ("backtrack", 0.0, 0.1),
+    "direct": ("direct", 0.0, 0.0),
+}
+
+
+@dataclass
+class Args:
+    variant: str = "mrt"
+    """mrt | outcome | length | direct (sets format, alpha and length penalty defaults)"""
+    preset: str = "auto"
+    """toy | paper | auto (toy when --model is empty, else paper): defaults of the None fields"""
+    model: str = ""
+    """policy to start from ('' : runs/warmstart/model if it exists, else the toy base)"""
+    train_data: str = ""
+    """training problems, .jsonl or .parquet ('' : the toy train split)"""
+    test_data: str = ""
+    """held-out problems for the start/end accuracy ('' : the toy test split)"""
+    problem_key: str = "problem"
+    """field holding the problem text"""
+    answer_key: str = "answer"
+    """field holding the gold answer"""
+    out: str = ""
+    """run folder ('' : runs/grpo/<variant>)"""
+    resume: bool = False
+    """continue from <out>/checkpoint.pt (same arguments)"""
+    seed: int = 0
+    """seeds data order, sampling (per step and rank) and initialisation of everything else"""
+    # batch
+    steps: int | None = None
+    """generation batches (each gives --num-iterations optimizer steps)"""
+    prompts_per_step: int | None = None
+    """problems per step on each rank (toy preset: 16 in total, split over the ranks)"""
+    group_size: int | None = None
+    """G: continuations per problem (the GRPO group)"""
+    micro_batch_size: int | None = None
+    """sequences per forward/backward; must divide prompts_per_step * group_size"""
+    num_iterations: int = 1
+    """optimizer passes over each generation batch (mu in the GRPO paper)"""
+    # optimization
+    lr: float | None = None
+    """peak learning rate (AdamW)"""
+    lr_schedule: str = "cosine"
+    """cosine | constant, after linear warmup"""
+    warmup_ratio: float | None = None
+    """fraction of optimizer steps spent in linear warmup"""
+    weight_decay: float | None = None
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0: off)"""
+    # loss
+    loss_type: str = "dapo"
+    """grpo | bnpo | dr_grpo | dapo (see grpo_loss)"""
+    scale_rewards: str = "group"
+    """group | batch | none (see group_advantages)"""
+    eps_low: float = 0.2
+    """lower clip range of the ratio"""
+    eps_high: float = 0.2
+    """upper clip range of the ratio (DAPO uses 0.28)"""
+    beta: float | None = None
+    """k3 KL coefficient to the reference (starting) model; 0 skips the reference model"""
+    is_correction: bool = False
+    """truncated importance-sampling correction for sampler/trainer log-prob mismatch"""
+    is_cap: float = 3.0
+    """cap C of the importance weight min(exp(old_logp - sampler_logp), C)"""
+    # sampling
+    temperature: float | None = None
+    """sampling temperature (the trainer divides logits by it too)"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    max_prompt_length: int | None = None
+    """problems whose prompt is longer (tokens) are dropped"""
+    max_completion_length: int | None = None
+    """max new tokens of z0 and of each continuation z_{1:2}"""
+    # reward
+    alpha: float | None = None
+    """weight of the information-gain bonus (variant default: mrt 1, others 0)"""
+    assign: str = "final"
+    """final | episode (see the module docstring)"""
+    length_penalty: float | None = None
+    """lambda of the length variant: reward r - lambda * num_tokens / max_completion_length"""
+    mu_model: str = ""
+    """meta-prover model ('' : the current policy, in the same engine)"""
+    mu_suffix: str = utils.MU_SUFFIX
+    """forced suffix that makes mu answer now"""
+    mu_samples: int = 8
+    """m: mu rollouts per context for J(mu | context)"""
+    mu_max_tokens: int = 16
+    """max tokens of a mu answer"""
+    # system
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward"""
+    save_every: int | None = None
+    """checkpoint every N steps (and at the end)"""
+    eval_problems: int = 128
+    """held-out problems for the start/end accuracy (0: skip)"""
+    eval_samples: int = 4
+    """samples per held-out problem"""
+
+
+def resolve_args(args: Args, world: int) -> Args:
+    """Fill the None fields from the preset and the variant; check and derive sizes."""
+    if args.variant not in VARIANTS:
+        raise utils.UserError(f"--variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
+    preset = args.preset if args.preset != "auto" else ("toy" if not args.model else "paper")
+    if preset not in PRESETS:
+        raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
+    values = dict(PRESETS[preset])
+    if preset == "toy":
+        values["prompts_per_step"] = max(1, values["prompts_per_step"] // world)
+    fmt, alpha, lam = VARIANTS[args.variant]
+    values.update(alpha=alpha, length_penalty=lam)
+    args = dataclasses.replace(args, preset=preset, **{k: v for k, v in values.items() if getattr(args, k) is None})
+    if fmt == "direct" and (args.alpha != 0 or args.assign != "final"):
+        raise utils.UserError("--variant direct has no episodes: it needs --alpha 0 and --assign final")
+    for name, allowed in (("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo")), ("scale_rewards", ("group", "batch", "none")),
+                          ("assign", ("final", "episode")), ("lr_schedule", ("cosine", "constant"))):
+        if getattr(args, name) not in allowed:
+            raise utils.UserError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
+    B = args.prompts_per_step * args.group_size  # generation batch per rank
+    assert args.group_size >= 2, "GRPO needs at least 2 continuations per problem"
+    assert B % args.micro_batch_size == 0, f"micro_batch_size {args.micro_batch_size} must divide P * G = {B}"
+    assert args.steps >= 1 and args.num_iterations >= 1
+    return args
+
+
+def variant_format(variant: str) -> str:
+    return VARIANTS[variant][0]
+
+
+# --------------------------------------------------------------------------------------
+# Pure math: rewards, advantages, per-token assignment, loss
+# --------------------------------------------------------------------------------------
+
+
+def combine_rewards(outcome, gain, alpha: float, num_tokens=None, length_penalty: float = 0.0,
+                    max_completion_length: int | None = None):
+    """R_i = r_i + alpha * I_i - lambda * num_tokens_i / max_completion_length (tensors (B,)).
+    The bonus varies per sample, so alpha changes the group-normalized advantages."""
+    reward = outcome + alpha * gain
+    if length_penalty:
+        reward = reward - length_penalty * num_tokens / max_completion_length
+    return reward
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
+    """(B,) advantages for (B,) rewards ordered group by group: (r - mean_group) / (std + 1e-4),
+    std with Bessel's correction, per group ("group"), over the whole batch ("batch", TRL's
+    scale_rewards="batch") or no division ("none"). A group whose rewards are all equal gets
+    exactly 0 (never NaN, never rounding noise)."""
+    r = rewards.float().view(-1, group_size)  # (B/G, G)
+    centered = r - r.mean(dim=1, keepdim=True)  # (B/G, G)
+    if scale == "group":
+        adv = centered / ((r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centered)) + 1e-4)
+    elif scale == "batch":
+        adv = centered / ((r.std() if r.numel() > 1 else torch.zeros(())) + 1e-4)
+    elif scale == "none":
+        adv = centered
+    else:
+        raise ValueError(f"scale must be group, batch or none, got {scale!r}")
+    equal = (r == r[:, :1]).all(dim=1, keepdim=True)  # (B/G, 1)
+    return torch.where(equal, torch.zeros_like(adv), adv).view(-1)
+
+
+def assign_advantages(adv_z1: torch.Tensor, adv_z2: torch.Tensor, z1_tokens: torch.Tensor, T: int) -> torch.Tensor:
+    """Per-token advantages (B, T) of the `episode` assignment: positions t < z1_tokens[i] (the
+    backtrack episode z1) get adv_z1[i], the rest (the revised attempt z2, EOS included) get
+    adv_z2[i]. The `final` assignment is the (B,) advantage itself, broadcast by grpo_loss."""
+    pos = torch.arange(T)[None, :]  # (1, T)
+    return torch.where(pos < z1_tokens[:, None], adv_z1[:, None], adv_z2[:, None]).float()  # (B, T)
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", eps_low=0.2, eps_high=0.2,
+              beta=0.0, num_items=None, max_completion_length=None, sampler_logp=None, is_cap=3.0):
+    """The GRPO loss of one micro-batch with TRL's semantics, and its metrics.
+
+    logp, old_logp, ref_logp, mask: (B, T); advantages (B,) or (B, T). ratio = exp(logp -
+    old_logp); per-token loss -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A); with
+    sampler_logp, times the truncated importance weight min(exp(old_logp - sampler_logp),
+    is_cap) (TRL's vllm_importance_sampling_correction, token_truncate); plus beta times the k3
+    KL exp(ref - logp) - (ref - logp) - 1 (ref_logp None when beta is 0). Normalization:
+      grpo     per-sequence token mean, then mean over the B sequences
+      bnpo     token mean over this micro-batch
+      dr_grpo  token sum / (B * max_completion_length)      (default: T)
+      dapo     token sum / num_items, the completion-token count of the whole generation
+               batch over all ranks and accumulation steps (default: mask.sum())
+    Accumulation, as TRL: the caller divides grpo/bnpo/dr_grpo losses by the number of
+    micro-batches; `dapo` needs no division. Across ranks whose gradients are averaged
+    (FSDP), the caller multiplies the `dapo` loss by the world size."""
+    mask = mask.float()
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]  # (B, T) or (B, 1)
+    ratio = torch.exp(logp - old_logp)  # (B, T)
+    clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
+    per_token = -torch.min(ratio * adv, clipped * adv)  # (B, T)
+    is_weight = None
+    if sampler_logp is not None:
+        is_weight = torch.clamp(torch.exp(old_logp - sampler_logp), max=is_cap).detach()  # (B, T)
+        per_token = per_token * is_weight
+    kl = None
+    if beta != 0.0:
+        kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # (B, T) k3 estimator
+        per_token = per_token + beta * kl
+    if loss_type == "grpo":
+        loss = ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean()
+    elif loss_type == "bnpo":
+        loss = (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+    elif loss_type == "dr_grpo":
+        loss = (per_token * mask).sum() / (logp.shape[0] * (max_completion_length or logp.shape[1]))
+    elif loss_type == "dapo":
+        n = mask.sum() if num_items is None else torch.as_tensor(num_items, dtype=torch.float)
+        loss = (per_token * mask).sum() / n.clamp(min=1.0)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}")
+
+    with torch.no_grad():
+        ntok = mask.sum().clamp(min=1.0)
+        mean = lambda x: ((x * mask).sum() / ntok).item()  # noqa: E731
+        low = ((ratio < 1 - eps_low) & (adv < 0)).float()
+        high = ((ratio > 1 + eps_high) & (adv > 0)).float()
+        metrics = {"clip_low": mean(low), "clip_high": mean(high), "clip_region": mean(torch.maximum(low, high)),
+                   "ratio": mean(ratio), "ratio_max": (ratio * mask).max().item(), "tokens": mask.sum().item(),
+                   "kl": mean(kl) if kl is not None else 0.0,
+                   "is_weight": mean(is_weight) if is_weight is not None else 1.0}
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------------------
+# Model-side helpers: log-probs of completions, token position of an episode boundary
+# --------------------------------------------------------------------------------------
+
+
+def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: float, with_entropy: bool = False):
+    """Log-probabilities (B, Tc) of each completion token given its context, logits divided
+    by the sampling temperature, and the (B, Tc) completion mask built from the token counts.
+    Contexts are left-padded and completions right-padded, so logits are computed for the
+    completion positions only; position ids count real tokens, as in the sampler."""
+    ctx, ctx_mask = utils.pad_sequences(ctx_ids, pad_id, left=True)  # (B, Tp)
+    comp, comp_mask = utils.pad_sequences(comp_ids, pad_id)  # (B, Tc)
+    device = next(model.parameters()).device
+    ids = torch.cat([ctx, comp], 1).to(device)  # (B, Tp + Tc)
+    attn = torch.cat([ctx_mask, comp_mask], 1).to(device)  # (B, Tp + Tc)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, Tp + Tc)
+    Tc = comp.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=Tc + 1).logits
+    logits = logits[:, :-1].float() / temperature  # (B, Tc, V): position t predicts completion token t
+    logp_all = torch.log_softmax(logits, dim=-1)  # (B, Tc, V)
+    comp = comp.to(device)
+    logp = logp_all.gather(-1, comp[:, :, None]).squeeze(-1)  # (B, Tc)
+    entropy = None
+    if with_entropy:
+        with torch.no_grad():
+            entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, Tc)
+    return logp, comp_mask.to(device).float(), entropy
+
+
+def pad_floats(seqs) -> torch.Tensor:
+    """(B, T) float tensor of right-padded (zero) sequences."""
+    out = torch.zeros(len(seqs), max(1, max(len(x) for x in seqs)))
+    for i, x in enumerate(seqs):
+        out[i, : len(x)] = torch.tensor(x, dtype=torch.float)
+    return out
+
+
+def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
+    """The fewest leading sampled tokens whose decoded text covers the first n_chars
+    characters (binary search over decoded prefixes of the ids)."""
+    if n_chars <= 0:
+        return 0
+    lo, hi = 1, len(token_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(token_ids[:mid], skip_special_tokens=True)) >= n_chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+# --------------------------------------------------------------------------------------
+# Data: problems, their order, prompts and contexts
+# --------------------------------------------------------------------------------------
+
+
+def load_problems(path: str, args: Args, tokenizer) -> list[dict]:
+    recs = utils.read_records(path, ["problem", "answer"], rename={args.problem_key: "problem", args.answer_key: "answer"})
+    out = []
+    for i, r in enumerate(recs):
+        prompt = utils.build_prompt(tokenizer, str(r["problem"]))
+        ids = encode(tokenizer, prompt)
+        if len(ids) <= args.max_prompt_length:
+            out.append({"id": i, "problem": str(r["problem"]), "answer": str(r["answer"]), "prompt": prompt})
+    if not out:
+        raise utils.UserError(f"{path}: no problem fits --max-prompt-length {args.max_prompt_length}")
+    if len(out) < len(recs):
+        utils.print0(f"{path}: dropped {len(recs) - len(out)} problems longer than {args.max_prompt_length} tokens")
+    return out
+
+
+def problem_index(position: int, n: int, seed: int) -> int:
+    """The problem at a position of the endless data stream: a fresh permutation per epoch."""
+    epoch, i = divmod(position, n)
+    return int(_permutation(n, seed, epoch)[i])
+
+
+@functools.lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.RandomState((seed * 1009 + epoch) % 2**32).permutation(n)
+
+
+def context_tail(z0: str) -> str:
+    """What follows the prompt in a continuation context: z0, the marker and "Step"."""
+    return z0 + "\n" + utils.BACKTRACK_MARKER + "\nStep"
+
+
+def sample_z0(sampler, problems: list[dict], args: Args, seed: int) -> dict[int, str]:
+    """One initial attempt per problem from the engine's current (base) weights; a backtrack
+    the model may already write is cut off, so z0 is the first attempt only."""
+    ids = [encode(sampler.tokenizer, p["prompt"]) for p in problems]
+    outs = sampler.generate(ids, n=1, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_completion_length, stop=["\n" + utils.BACKTRACK_MARKER],
+                            seed=seed, logprobs=False)
+    return {p["id"]: g[0].text.rstrip() for p, g in zip(problems, outs)}
+
+
+def all_gather(obj):
+    """Every rank's object, in rank order (a list of one object without a process group)."""
+    if not utils.is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * utils.world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def shared_z0(sampler, problems: list[dict], args: Args, seed: int, rank: int, world: int) -> dict[int, str]:
+    """z0 for a list of problems, sampled in shares by the ranks and gathered on all."""
+    mine = problems[rank::world]
+    merged = {}
+    for part in all_gather(sample_z0(sampler, mine, args, seed + rank)):
+        merged.update(part)
+    return merged
+
+
+# --------------------------------------------------------------------------------------
+# Rollouts: sample, split into episodes, grade, information gain
+# --------------------------------------------------------------------------------------
+
+
+def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
+    """G continuations per problem with their rewards. Returns one dict per continuation,
+    group by group: ctx_ids, token_ids, sampler_logp, outcome, gain, z1_tokens, text."""
+    fmt = variant_format(args.variant)
+    tok = sampler.tokenizer
+    tails = [context_tail(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
+    ctx_ids = [encode(tok, p["prompt"] + t) for p, t in zip(problems, tails)]
+    outs = sampler.generate(ctx_ids, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_completion_length, seed=seed, logprobs=True)
+    rows, before_ctx, golds_b = [], [], []
+    for gi, (p, tail, ids, group) in enumerate(zip(problems, tails, ctx_ids, outs)):
+        for s in group:
+            row = dict(problem=p, group=gi, ctx_ids=ids, token_ids=s.token_ids, sampler_logp=s.logprobs, text=s.text,
+                       num_tokens=s.num_tokens, truncated=s.finish_reason == "length", gain=0.0, z1_tokens=0)
+            if fmt == "direct":
+                row["outcome"] = utils.grade(s.text, p["answer"])
+            else:
+                ep = split_backtrack(tail + s.text)
+                row["outcome"] = utils.grade(ep.z2, p["answer"]) if ep else 0.0
+                row["episodes"] = ep
+                if ep:  # z1 ends where z2 begins: len(text) - len(z2) characters into the continuation
+                    row["z1_tokens"] = tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2))
+            rows.append(row)
+        if meta_prover is not None:
+            before_ctx.append(p["prompt"] + z0s[p["id"]])
+            golds_b.append(p["answer"])
+    if meta_prover is not None:  # I_i = J(mu | x, z0, z1_i) - J(mu | x, z0)  (Def. 5.1)
+        # an unparsed continuation counts as one episode for the bonus: mu reads all of it
+        after_ctx = [r["problem"]["prompt"] + (r["episodes"].z0 + r["episodes"].z1 if r["episodes"] else
+                                               context_tail(z0s[r["problem"]["id"]]) + r["text"]) for r in rows]
+        golds_a = [r["problem"]["answer"] for r in rows]
+        J = meta_prover.success_rates(before_ctx + after_ctx, golds_b + golds_a, seed=seed + 500_000_003)
+        for r, j_after in zip(rows, J[len(problems):]):
+            r["gain"] = information_gain(j_after, J[r["group"]])
+    return rows
+
+
+# --------------------------------------------------------------------------------------
+# Held-out accuracy in the variant's format
+# --------------------------------------------------------------------------------------
+
+
+def heldout_accuracy(sampler, problems, z0s, args: Args, seed: int) -> float:
+    """Mean accuracy of --eval-samples continuations per held-out problem (graded on z2 for
+    backtrack variants), problems split over the ranks, same seed at start and end."""
+    rank, world = utils.rank(), utils.world_size()
+    eval_args = dataclasses.replace(args, group_size=args.eval_samples)
+    rows = rollout(sampler, problems[rank::world], z0s, eval_args, seed + rank) if problems[rank::world] else []
+    scores = [x for part in all_gather([r["outcome"] for r in rows]) for x in part]
+    return float(np.mean(scores))
+
+
+# --------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------
+
+
+def lr_lambda(args: Args, total: int):
+    warmup = int(args.warmup_ratio * total)
+
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        if args.lr_schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return f
+
+
+def default_model() -> tuple[str, dict]:
+    """The toy task: runs/warmstart/model if it exists, else the toy base (built if missing)."""
+    import toy
+
+    paths = toy.ensure_built()
+    return ("runs/warmstart/model" if os.path.isdir("runs/warmstart/model") else paths["base"]), paths
+
+
+def micro_batch_scale(loss_type: str, n_micro: int, world: int) -> float:
+    """Factor on each micro-batch's grpo_loss so that the accumulated gradient, averaged over
+    ranks (FSDP), is the gradient of the generation batch's loss (TRL's accumulation rules)."""
+    return float(world) if loss_type == "dapo" else 1.0 / n_micro
+
+
+def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
+    """Train; returns the held-out accuracies {"start", "end"}. `sampler`: an engine already
+    built on the starting model (tests reuse one); its weights are overwritten."""
+    rank, world, device = utils.init_distributed()
+    args = resolve_args(args, world)
+    out = args.out or os.path.join("runs", "grpo", args.variant)
+    fmt = variant_format(args.variant)
+    model_path, toy_paths = args.model, None
+    if not model_path or not args.train_data or not args.test_data:
+        default_path, toy_paths = default_model()
+        model_path = model_path or default_path
+    train_path = args.train_data or toy_paths["train"]
+    test_path = args.test_data or toy_paths["test"]
+    utils.seed_everything(args.seed)
+    utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world {world}, "
+                 f"{args.prompts_per_step} prompts x {args.group_size} per rank per step, {args.steps} steps")
+
+    # -- models: policy (FSDP2 over ranks), frozen reference if beta > 0, vLLM engine(s) ----
+    given_engine = sampler is not None
+    sampler = sampler or utils.Sampler(model_path, seed=args.seed, dtype=args.dtype)
+    tok = sampler.tokenizer
+    model = utils.shard_model(utils.load_model(model_path, args.dtype, device), args.gradient_checkpointing)
+    model.train()
+    if given_engine:  # it may hold other weights (and a prefix cache computed with them)
+        sampler.sync_weights(model)
+    ref = None
+    if args.beta != 0.0:
+        ref = utils.shard_model(utils.load_model(model_path, args.dtype, device)).eval().requires_grad_(False)
+    meta_prover = None
+    if args.alpha != 0.0 or args.assign == "episode":
+        mu_sampler = sampler if not args.mu_model else utils.Sampler(args.mu_model, seed=args.seed, dtype=args.dtype)
+        meta_prover = MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, args.steps * args.num_iterations))
+
+    train = load_problems(train_path, args, tok)
+    test = load_problems(test_path, args, tok)[: args.eval_problems]
+    P, G, world_prompts = args.prompts_per_step, args.group_size, args.prompts_per_step * world
+    start_step, data_pos = 0, 0
+    ckpt_path = os.path.join(out, "checkpoint.pt")
+    if args.resume:
+        extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
+        start_step, data_pos = extra["step"], extra["data_position"]
+        sampler.sync_weights(model)  # the engine must sample from the restored weights
+        utils.print0(f"resumed from {ckpt_path} at step {start_step}")
+    step_problems = lambda step: [train[problem_index(data_pos + (step - start_step) * world_prompts + rank * P + j,  # noqa: E731
+                                                     len(train), args.seed)] for j in range(P)]
+
+    # -- z0 from the frozen base for every problem the run will use (Alg. 2, line 2) --------
+    z0_path, eval_path = os.path.join(out, "z0.jsonl"), os.path.join(out, "eval.json")
+    z0s, evals = {}, {}
+    if fmt == "backtrack":
+        if args.resume and os.path.exists(z0_path):
+            z0s = {(r["split"], r["id"]): r["z0"] for r in utils.read_records(z0_path, ["split", "id", "z0"])}
+        used = {p["id"]: p for step in range(start_step, args.steps) for p in
+                [train[problem_index(data_pos + (step - start_step) * world_prompts + j, len(train), args.seed)]
+                 for j in range(world_prompts)]}
+        todo = {"train": [p for i, p in sorted(used.items()) if ("train", i) not in z0s],
+                "test": [p for p in test if ("test", p["id"]) not in z0s]}
+        if todo["train"] or todo["test"]:
+            assert start_step == 0, f"{z0_path} is missing attempts: the engine no longer holds the base weights"
+            t0 = time.time()
+            for split, probs in todo.items():
+                z0s.update({(split, i): z for i, z in shared_z0(sampler, probs, args, args.seed * 7 + len(split), rank, world).items()})
+            if utils.is_main():
+                utils.write_jsonl(z0_path, [{"split": s, "id": i, "z0": z} for (s, i), z in sorted(z0s.items())])
+            utils.print0(f"sampled z0 for {len(todo['train'])} train and {len(todo['test'])} test problems "
+                         f"in {time.time() - t0:.0f}s")
+    train_z0 = {i: z for (s, i), z in z0s.items() if s == "train"}
+    test_z0 = {i: z for (s, i), z in z0s.items() if s == "test"}
+    eval_seed = args.seed * 100003 + 77777
+    if args.resume and os.path.exists(eval_path):
+        evals = json.load(open(eval_path))
+    if test and "start" not in evals:
+        evals["start"] = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
+        utils.print0(f"held-out accuracy at start: {evals['start']:.4f} ({len(test)} problems x {args.eval_samples})")
+        if utils.is_main():
+            utils.write_json(eval_path, evals)
+
+    logger = utils.JsonlLogger(os.path.join(out, "metrics.jsonl"), resume_step=start_step if args.resume else None)
+    sample_log = utils.JsonlLogger(os.path.join(out, "samples.jsonl"), resume_step=start_step if args.resume else None)
+    from tqdm import tqdm
+
+    bar = tqdm(range(start_step, args.steps), desc=f"grpo {args.variant}", disable=not utils.is_main(),
+               initial=start_step, total=args.steps)
+    for step in bar:
+        step_seed = args.seed * 100003 + step * world + rank
+        problems = step_problems(step)
+
+        # ---- sample: G continuations per problem from the current policy ----------------
+        t0 = time.time()
+        rows = rollout(sampler, problems, train_z0, args, step_seed, meta_prover)
+        t_sample = time.time() - t0
+
+        # ---- reward: R = r + alpha * I (- lambda * length); gathered for batch scaling ------
+        outcome = torch.tensor([r["outcome"] for r in rows])  # (B,)
+        gain = torch.tensor([r["gain"] for r in rows])  # (B,)
+        ntok = torch.tensor([r["num_tokens"] for r in rows], dtype=torch.float)  # (B,)
+        reward = combine_rewards(outcome, gain, args.alpha, ntok, args.length_penalty, args.max_completion_length)
+        glob = torch.cat(all_gather(torch.stack([outcome, gain, reward, ntok])), 1)  # (4, B * world)
+        g_out, g_gain, g_rew, g_ntok = glob
+
+        # ---- advantage: group-normalized, assigned to tokens ---------------------------------
+        sl = slice(rank * P * G, (rank + 1) * P * G)
+        adv_final = group_advantages(g_rew, G, args.scale_rewards)[sl]  # (B,)
+        if args.assign == "episode":
+            outcome_pen = combine_rewards(g_out, torch.zeros_like(g_out), 0.0, g_ntok, args.length_penalty,
+                                          args.max_completion_length)
+            adv_z2 = group_advantages(outcome_pen, G, args.scale_rewards)[sl]  # (B,)
+            adv_z1 = args.alpha * group_advantages(g_gain, G, args.scale_rewards)[sl]  # (B,)
+            z1_tokens = torch.tensor([r["z1_tokens"] for r in rows])  # (B,)
+
+        # ---- loss and update: micro-batches, accumulation, num_iterations passes --------------
+        t1 = time.time()
+        M = args.micro_batch_size
+        n_micro = len(rows) // M
+        num_items = torch.tensor(float(sum(r["num_tokens"] for r in rows)))
+        if utils.is_distributed():
+            torch.distributed.all_reduce(num_items)
+        old_logp, ref_logp, stats = {}, {}, []
+        sampler_logps = [pad_floats([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in rows[k * M:(k + 1) * M]])
+                         for k in range(n_micro)]  # (M, T) each
+        for it in range(args.num_iterations):
+            for k in range(n_micro):
+                mb = rows[k * M:(k + 1) * M]
+                logp, mask, ent = completion_logprobs(model, [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb],
+                                                      tok.pad_token_id, args.temperature, with_entropy=it == 0)
+                T = logp.shape[1]
+                samp = sampler_logps[k][:, :T].to(logp.device)  # (M, T) the engine's log-probs
+                if it == 0:  # old log-probs: the weights before any update of this batch
+                    old_logp[k] = logp.detach()
+                    if ref is not None:
+                        with torch.no_grad():
+                            ref_logp[k] = completion_logprobs(ref, [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb],
+                                                              tok.pad_token_id, args.temperature)[0]
+                adv = adv_final[k * M:(k + 1) * M]
+                if args.assign == "episode":
+                    adv = assign_advantages(adv_z1[k * M:(k + 1) * M], adv_z2[k * M:(k + 1) * M],
+                                            z1_tokens[k * M:(k + 1) * M], T)
+                loss, m = grpo_loss(logp, old_logp[k], ref_logp.get(k), adv.to(logp.device), mask,
+                                    loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high,
+                                    beta=args.beta, num_items=num_items, max_completion_length=args.max_completion_length,
+                                    sampler_logp=samp if args.is_correction else None, is_cap=args.is_cap)
+                (loss * micro_batch_scale(args.loss_type, n_micro, world)).backward()
+                if it == 0:
+                    m["entropy"] = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
+                    m["logprob_gap"] = ((samp - logp.detach()).abs() * mask).sum().item() / max(1.0, mask.sum().item())
+                m["loss"] = loss.item()
+                stats.append(m)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+        t_train = time.time() - t1
+
+        # ---- sync: the engine samples the next batch from the new weights -----------------------
+        sampler.sync_weights(model)
+
+        # ---- metrics, samples, checkpoint -------------------------------------------------------
+        g_rew_groups = g_rew.view(-1, G)
+        first = [s for s in stats[:n_micro]]
+        wsum = lambda key, ss: sum(s[key] * s["tokens"] for s in ss) / max(1.0, sum(s["tokens"] for s in ss))  # noqa: E731
+        local = torch.tensor([wsum(k, first) for k in ("entropy", "logprob_gap")] +
+                             [wsum(k, stats) for k in ("clip_low", "clip_high", "clip_region", "ratio", "kl", "is_weight")] +
+                             [sum(r["truncated"] for r in rows), max(s["ratio_max"] for s in stats), t_sample, t_train])
+        glob_stats = torch.stack(all_gather(local))  # (world, 12)
+        avg = glob_stats.mean(0)
+        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        rec = {"step": step + 1, "reward_mean": g_rew.mean().item(), "reward_std": g_rew.std().item(),
+               "accuracy": g_out.mean().item(), "info_gain_mean": g_gain.mean().item(),
+               "zero_std_groups": (g_rew_groups.std(1) == 0).float().mean().item(),
+               "completion_len_mean": g_ntok.mean().item(), "completion_len_max": g_ntok.max().item(),
+               "truncated_share": glob_stats[:, 8].sum().item() / len(g_ntok),
+               "entropy": avg[0].item(), "logprob_gap": avg[1].item(), "clip_low": avg[2].item(),
+               "clip_high": avg[3].item(), "clip_region": avg[4].item(), "ratio_mean": avg[5].item(),
+               "ratio_max": glob_stats[:, 9].max().item(), "kl": avg[6].item(), "is_weight": avg[7].item(),
+               "grad_norm": float(gn), "loss": float(np.mean([s["loss"] for s in stats])), "lr": sched.get_last_lr()[0],
+               "tokens_per_s": g_ntok.sum().item() / max(1e-9, glob_stats[:, 10].max().item()),
+               "time_sample": glob_stats[:, 10].max().item(), "time_train": glob_stats[:, 11].max().item()}
+        logger.log(rec)
+        sample_log.log({"step": step + 1, "problem": rows[0]["problem"]["problem"], "gold": rows[0]["problem"]["answer"],
+                        "z0": train_z0.get(rows[0]["problem"]["id"], ""),
+                        "completions": [{"text": r["text"], "outcome": r["outcome"], "gain": r["gain"],
+                                         "reward": reward[i].item(), "advantage": adv_final[i].item()}
+                                        for i, r in enumerate(rows[:G])]})
+        bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}", gap=f"{rec['logprob_gap']:.1e}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            utils.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1,
+                                  data_position=data_pos + (step + 1 - start_step) * world_prompts,
+                                  args=dataclasses.asdict(args))
+
+    # -- end: held-out accuracy, final model with its card ------------------------------------
+    if test:
+        evals["end"] = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
+        utils.print0(f"held-out accuracy: start {evals['start']:.4f} -> end {evals['end']:.4f} "
+                     f"({len(test)} problems x {args.eval_samples}, variant {args.variant})")
+        if utils.is_main():
+            utils.write_json(eval_path, evals)
+    model_dir = os.path.join(out, "model")
+    utils.save_pretrained(model, tok, model_dir)
+    if utils.is_main():
+        utils.write_json(os.path.join(model_dir, "mrt.json"), {"stage": "grpo", "variant": args.variant, "format": fmt,
+                                                              "base": model_path, "args": dataclasses.asdict(args)})
+    utils.barrier()
+    return evals
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_args(Args))

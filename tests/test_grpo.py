@@ -1,0 +1,253 @@
+"""Tests of grpo.py: the GRPO math against hand-computed cases, gradient equivalences
+(micro-batches, ranks, on-policy = policy gradient), the MRT reward pieces, and real runs on
+the toy model (reward improves; single process and 2-rank FSDP; kill and resume)."""
+
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import grpo  # noqa: E402
+import utils  # noqa: E402
+
+# --------------------------------------------------------------------------------------
+# group_advantages
+# --------------------------------------------------------------------------------------
+
+
+def test_group_advantages_hand_computed():
+    r = torch.tensor([1.0, 0, 0, 1, 0, 0, 0, 0])  # two groups of 4
+    s_group = math.sqrt(1 / 3)  # Bessel std of [1, 0, 0, 1]: sqrt(4 * 0.25 / 3)
+    s_batch = math.sqrt((2 * 0.75**2 + 6 * 0.25**2) / 7)  # std of all 8 around 0.25
+    first = torch.tensor([0.5, -0.5, -0.5, 0.5])
+    for scale, div in (("group", s_group + 1e-4), ("batch", s_batch + 1e-4), ("none", 1.0)):
+        a = grpo.group_advantages(r, 4, scale)
+        assert torch.allclose(a[:4], first / div, atol=1e-6), scale
+        assert torch.equal(a[4:], torch.zeros(4)), scale  # equal rewards: exactly 0
+
+
+def test_equal_rewards_give_exactly_zero_never_nan():
+    for value in (0.0, 1.0, 0.1, 1 / 3, -2.7):
+        r = torch.full((6,), value)
+        for scale in ("group", "batch", "none"):
+            a = grpo.group_advantages(r, 3, scale)
+            assert torch.equal(a, torch.zeros(6)), (value, scale)
+    assert torch.equal(grpo.group_advantages(torch.tensor([0.3, 0.9]), 1), torch.zeros(2))  # G = 1: no NaN
+
+
+# --------------------------------------------------------------------------------------
+# grpo_loss: every normalization by hand
+# --------------------------------------------------------------------------------------
+
+MASK = torch.tensor([[1.0, 1, 0], [1, 1, 1]])  # lengths 2 and 3
+
+
+def test_loss_normalizations_on_policy():
+    logp = torch.log(torch.tensor([[0.5, 0.25, 0.9], [0.1, 0.2, 0.3]]))
+    adv = torch.tensor([1.0, -2.0])  # per-token loss: row 0 -> -1, row 1 -> +2 (ratio 1)
+    cases = [  # masked sums: row 0 -2 (2 tokens), row 1 +6 (3 tokens)
+        ("grpo", {}, (-2 / 2 + 6 / 3) / 2),
+        ("bnpo", {}, 4 / 5),
+        ("dr_grpo", {}, 4 / (2 * 3)),
+        ("dr_grpo", {"max_completion_length": 4}, 4 / (2 * 4)),
+        ("dapo", {}, 4 / 5),
+        ("dapo", {"num_items": 10}, 4 / 10),
+    ]
+    for loss_type, kw, want in cases:
+        loss, m = grpo.grpo_loss(logp, logp.detach(), None, adv, MASK, loss_type=loss_type, **kw)
+        assert loss.item() == pytest.approx(want, abs=1e-6), (loss_type, kw)
+        assert m["ratio"] == pytest.approx(1.0) and m["clip_region"] == 0.0
+
+
+def test_loss_clipping_kl_and_importance_weights():
+    old = torch.zeros(2, 3)
+    # ratios: row 0 (A = +1): 1.5 (clipped to 1.2), 1.1, pad; row 1 (A = -2): 0.5 (clipped to 0.8), 1.5, 1.0
+    logp = torch.log(torch.tensor([[1.5, 1.1, 1.0], [0.5, 1.5, 1.0]]))
+    adv = torch.tensor([1.0, -2.0])
+    # -min(r A, clip(r) A): row 0: -1.2, -1.1 ; row 1: 1.6, 3.0 (1.5 * 2 > 1.2 * 2: unclipped), 2.0
+    loss, m = grpo.grpo_loss(logp, old, None, adv, MASK, loss_type="bnpo")
+    assert loss.item() == pytest.approx((-1.2 - 1.1 + 1.6 + 3.0 + 2.0) / 5, abs=1e-6)
+    assert m["clip_high"] == pytest.approx(1 / 5) and m["clip_low"] == pytest.approx(1 / 5)
+    assert m["clip_region"] == pytest.approx(2 / 5)
+    assert m["ratio"] == pytest.approx((1.5 + 1.1 + 0.5 + 1.5 + 1.0) / 5, abs=1e-6)
+    # asymmetric clip range: eps_high 0.6 leaves 1.5 unclipped for A > 0
+    loss, _ = grpo.grpo_loss(logp, old, None, adv, MASK, loss_type="bnpo", eps_high=0.6)
+    assert loss.item() == pytest.approx((-1.5 - 1.1 + 1.6 + 3.0 + 2.0) / 5, abs=1e-6)
+    # k3 KL with ref - logp = log 2 on every token: 2 - log 2 - 1
+    on = torch.zeros(2, 3)
+    ref = on + math.log(2)
+    loss, m = grpo.grpo_loss(on, on, ref, torch.zeros(2), MASK, loss_type="bnpo", beta=0.1)
+    assert loss.item() == pytest.approx(0.1 * (1 - math.log(2)), abs=1e-6)
+    assert m["kl"] == pytest.approx(1 - math.log(2), abs=1e-6)
+    # truncated importance weight min(exp(old - sampler), C): exp(log 5) = 5 -> 3 on row 0, 0.5 on row 1
+    samp = torch.tensor([[-math.log(5)] * 3, [math.log(2)] * 3])
+    loss, m = grpo.grpo_loss(on, on, None, adv, MASK, loss_type="bnpo", sampler_logp=samp, is_cap=3.0)
+    assert loss.item() == pytest.approx((-1 * 3 * 2 + 2 * 0.5 * 3) / 5, abs=1e-6)
+    assert m["is_weight"] == pytest.approx((3 * 2 + 0.5 * 3) / 5, abs=1e-6)
+
+
+def test_on_policy_gradient_is_the_policy_gradient():
+    torch.manual_seed(0)
+    logp = torch.randn(3, 4).log_softmax(-1).requires_grad_(True)
+    mask = torch.tensor([[1.0, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1]])
+    adv = torch.tensor([0.7, -1.3, 0.4])
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, mask, loss_type="dapo")
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(g, -adv[:, None] * mask / mask.sum(), atol=1e-7)  # -(1/N) sum_t A grad log p
+    loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv, mask, loss_type="grpo")
+    (g,) = torch.autograd.grad(loss, logp)
+    assert torch.allclose(g, -adv[:, None] * mask / mask.sum(1, keepdim=True) / 3, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------
+# Gradient of one generation batch: whole, 4 accumulated micro-batches, 2 ranks
+# --------------------------------------------------------------------------------------
+
+GRAD_SCRIPT = textwrap.dedent('''
+    import sys, torch
+    sys.path.insert(0, sys.argv[1])
+    import grpo
+
+    def batch():
+        g = torch.Generator().manual_seed(0)
+        B, T, V, D = 8, 6, 5, 4
+        feats = torch.randn(B, T, D, generator=g)
+        tokens = torch.randint(0, V, (B, T), generator=g)
+        lengths = torch.tensor([6, 2, 4, 5, 1, 6, 3, 4])
+        mask = (torch.arange(T)[None] < lengths[:, None]).float()
+        adv = torch.randn(B, generator=g)
+        old_shift = 0.3 * torch.randn(B, T, generator=g)  # ratios away from 1, some clipped
+        return feats, tokens, mask, adv, old_shift
+
+    def grad(W, rows, loss_type, n_micro, world, num_items):
+        feats, tokens, mask, adv, old_shift = batch()
+        W = W.clone().requires_grad_(True)
+        M = len(rows) // n_micro
+        for k in range(n_micro):
+            r = rows[k * M:(k + 1) * M]
+            logp = torch.log_softmax(feats[r] @ W, -1).gather(-1, tokens[r][..., None]).squeeze(-1)
+            loss, _ = grpo.grpo_loss(logp, logp.detach() + old_shift[r], None, adv[r], mask[r], loss_type=loss_type,
+                                     num_items=num_items, max_completion_length=8, eps_low=0.2, eps_high=0.28)
+            (loss * grpo.micro_batch_scale(loss_type, n_micro, world)).backward()
+        return W.grad
+
+    W = torch.randn(4, 5, generator=torch.Generator().manual_seed(1))
+''')
+
+
+def _grad_lib():
+    scope = {}
+    exec(GRAD_SCRIPT.replace("sys.argv[1]", repr(ROOT)), scope)
+    return scope
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "grpo"])
+def test_gradient_whole_equals_accumulated_micro_batches(loss_type):
+    lib = _grad_lib()
+    mask = lib["batch"]()[2]
+    rows = list(range(8))
+    whole = lib["grad"](lib["W"], rows, loss_type, 1, 1, mask.sum())
+    micro = lib["grad"](lib["W"], rows, loss_type, 4, 1, mask.sum())
+    assert whole.abs().sum() > 0
+    assert torch.allclose(whole, micro, atol=1e-6, rtol=1e-5)
+
+
+def test_gradient_whole_equals_two_ranks(tmp_path):
+    """Two gloo ranks, each with half the batch in 2 micro-batches, gradients averaged as FSDP
+    does, num_items all-reduced: the same gradient as the whole batch in one process."""
+    script = tmp_path / "two_ranks.py"
+    script.write_text(GRAD_SCRIPT + textwrap.dedent('''
+        import torch.distributed as dist
+        dist.init_process_group("gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        mask = batch()[2]
+        for loss_type in ("dapo", "dr_grpo"):
+            mine = list(range(rank * 4, rank * 4 + 4))
+            num_items = mask[mine].sum()
+            dist.all_reduce(num_items)
+            g = grad(W, mine, loss_type, 2, world, num_items)
+            dist.all_reduce(g)
+            g /= world  # FSDP averages gradients over ranks
+            whole = grad(W, list(range(8)), loss_type, 1, 1, mask.sum())
+            assert torch.allclose(g, whole, atol=1e-6, rtol=1e-5), (loss_type, (g - whole).abs().max())
+            if rank == 0:
+                print("OK", loss_type, flush=True)
+        dist.destroy_process_group()
+    '''))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29613", str(script), ROOT], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK dapo" in out.stdout and "OK dr_grpo" in out.stdout
+
+
+# --------------------------------------------------------------------------------------
+# MRT reward pieces: alpha, the authors' trap, episode vs final assignment
+# --------------------------------------------------------------------------------------
+
+
+def test_alpha_changes_the_advantages_of_a_group():
+    outcome = torch.tensor([1.0, 0, 0, 1])
+    gain = torch.tensor([0.25, -0.5, 0.125, 0.0])  # varies per sample
+    a0 = grpo.group_advantages(grpo.combine_rewards(outcome, gain, 0.0), 4)
+    a1 = grpo.group_advantages(grpo.combine_rewards(outcome, gain, 1.0), 4)
+    assert not torch.allclose(a0, a1)
+    assert a1[0] > a1[3] and a1[2] > a1[1]  # same outcome, larger gain -> larger advantage
+    # equal outcomes: only the bonus separates the samples
+    same = torch.zeros(4)
+    assert torch.equal(grpo.group_advantages(grpo.combine_rewards(same, gain, 0.0), 4), torch.zeros(4))
+    assert grpo.group_advantages(grpo.combine_rewards(same, gain, 0.5), 4).abs().sum() > 1
+    # the trap in the authors' released code: alpha times a per-prompt constant cancels
+    const = torch.full((4,), 0.3)
+    assert torch.allclose(grpo.group_advantages(grpo.combine_rewards(outcome, const, 1.0), 4), a0, atol=1e-5)
+
+
+def test_length_penalty_reward():
+    r = grpo.combine_rewards(torch.tensor([1.0, 1.0]), torch.zeros(2), 0.0, torch.tensor([10.0, 50.0]), 0.1, 100)
+    assert torch.allclose(r, torch.tensor([0.99, 0.95]))
+
+
+def test_episode_and_final_assignment():
+    adv_z1, adv_z2 = torch.tensor([0.5, -1.0, 2.0]), torch.tensor([1.5, 0.25, -0.75])
+    a = grpo.assign_advantages(adv_z1, adv_z2, torch.tensor([2, 0, 4]), 4)  # (3, 4)
+    assert a.tolist() == [[0.5, 0.5, 1.5, 1.5], [0.25] * 4, [2.0] * 4]
+    # `final`: the (B,) advantage broadcasts over every token in grpo_loss
+    logp = torch.zeros(3, 4, requires_grad=True)
+    mask = torch.ones(3, 4)
+    final = torch.tensor([0.5, -1.0, 2.0])
+    loss_b, _ = grpo.grpo_loss(logp, logp.detach(), None, final, mask, loss_type="bnpo")
+    loss_t, _ = grpo.grpo_loss(logp, logp.detach(), None, final[:, None].expand(3, 4), mask, loss_type="bnpo")
+    assert loss_b.item() == pytest.approx(loss_t.item())
+
+
+def test_tokens_covering_uses_sampled_ids(toy_paths):
+    tok = utils.load_tokenizer(toy_paths["base"])
+    text = " 2: 48 - 17 = 31\nStep 3: 31 - 13 = 18\nThe answer is \\boxed{18}"
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    cut = text.index("\n")
+    n = grpo.tokens_covering(tok, ids, cut)
+    assert tok.decode(ids[:n]).startswith(text[:cut]) and len(tok.decode(ids[: n - 1])) < cut
+    assert grpo.tokens_covering(tok, ids, 0) == 0
+    assert grpo.tokens_covering(tok, ids, len(text)) <= len(ids)
+
+
+def test_bad_arguments_are_user_errors():
+    with pytest.raises(utils.UserError, match="variant"):
+        grpo.resolve_args(grpo.Args(variant="ppo"), 1)
+    with pytest.raises(utils.UserError, match="direct"):
+        grpo.resolve_args(grpo.Args(variant="direct", alpha=1.0), 1)
+    with pytest.raises(utils.UserError, match="loss-type"):
+        grpo.resolve_args(grpo.Args(loss_type="sum"), 1)
+    a = grpo.resolve_args(grpo.Args(variant="length"), 2)
+    assert a.preset == "toy" and a.alpha == 0 and a.length_penalty > 0 and a.prompts_per_step * 2 == 16
+    p = grpo.resolve_args(grpo.Args(model="some/model"), 1)
+    assert (p.preset, p.lr, p.group_size, p.temperature, p.max_completion_length) == ("paper", 1e-6, 4, 0.9, 1024)
