@@ -1,0 +1,471 @@
+"""infogain.py: episodes, the meta-prover mu, and information gain (MRT paper Sec. 5, Def. 5.1, Fig. 8).
+
+An MRT-B trace is z0 (an attempt ending in a boxed answer), z1 (the backtrack episode: the
+marker "Wait, this seems off. Let's try something else." through the restart step it names)
+and z2 (the revised attempt). The meta-prover mu is the model told to stop and answer now: a
+forced suffix (default utils.MU_SUFFIX, "\\nTime is up. The answer is \\boxed{") appended to
+the context. J(mu | c) is mu's success rate from context c, estimated by m sampled answers
+graded 0/1. The information gain of episode z_j is J(mu | c, z_j) - J(mu | c) (Def. 5.1).
+grpo.py (the dense reward bonus), star.py and warmstart.py import this module.
+
+Run (CPU, embedded default: samples backtrack traces from the toy base on 64 test problems,
+then computes J and the per-episode gains, in a couple of minutes):
+    python infogain.py
+Traces from a file (rows with problem, answer and a backtrack completion), mu = the model:
+    python infogain.py --model runs/star/mrt/model --traces runs/star/mrt/traces.jsonl
+Two models side by side (each with its own traces), one shared meta-prover:
+    python infogain.py --model mrt=runs/grpo/mrt/model outcome=runs/grpo/outcome/model \\
+        --traces mrt.jsonl outcome.jsonl --mu-model runs/toy/base
+A real model (one GPU), instruction-style steering of an R1-style model (paper Fig. 12):
+    python infogain.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --traces t.jsonl --m 16 \\
+        --mu-max-tokens 64 --mu-suffix $'\\n\\nTime is up. Given the time I\\'ve spent, I should \\
+        stop thinking and give the final answer now.\\n</think>\\n\\n**Final Answer**\\n\\\\boxed{'
+Outputs under --out: gains.jsonl (per trace: id, restart step, the four J values, the three
+per-episode gains, whether z0 and z2 are correct), summary.json (means per model),
+infogain_hist.png (histogram of the backtrack episode's gain, split by whether the revised
+attempt is correct; one panel per model), and traces_<model>.jsonl when traces were sampled.
+
+Decisions (the paper publishes no code for this):
+- Episode split: at the FIRST marker of the text (a linearized stream with several markers
+  keeps the later ones inside z2). Whitespace before the marker belongs to z1, so z0 ends at
+  its last non-space character; the marker may be followed by any whitespace (CRLF too)
+  before "Step k:", and spaces are allowed around k. k must be >= 1. A text with no marker,
+  or with no "Step k:" right after its first marker, is not a backtrack trace (None).
+- mu's context: `mu_context(context, suffix)`. When the suffix starts with a newline, the
+  context's trailing newlines are dropped first, so "...Solution:\\n" + "\\nTime is up" reads
+  "...Solution:\\nTime is up" (one line break, as after a step line), never a blank line.
+- Steering by instruction instead of a forced answer prefix is done by putting the
+  instruction in the suffix (--mu-suffix): whatever the suffix says, mu's graded text is
+  suffix + completion, so a box in the suffix counts and a box in the context never does.
+  An empty suffix means mu completes the solution (a rollout value estimate: warmstart's
+  beam search); give it enough --mu-max-tokens.
+- mu is sampled at temperature 1 by default; its m answers to one context come from one
+  request with n=m, so the context is prefilled once (prefix caching; bench/infogain_prefill.py
+  measures the saving). The four contexts of one trace are prefixes of each other and share
+  KV blocks too.
+- CLI input: a row that is not a backtrack trace is an error naming file:line, unless
+  --skip-invalid (then skipped and counted). Malformed JSON is always an error.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import toy
+import utils
+
+# --------------------------------------------------------------------------------------
+# Episodes of an MRT-B trace (trace format: brief / paper Fig. 4, 10)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Episodes:
+    """One MRT-B trace split into episodes: z0 + z1 + z2 is the original text."""
+
+    z0: str
+    """the attempt (ends with its boxed answer)"""
+    z1: str
+    """the backtrack episode: "\\n" + marker + "\\nStep k:" + the rest of that restarted line"""
+    z2: str
+    """the revised attempt: the remaining steps and the boxed answer"""
+    restart_step: int
+    """k, the step the revised attempt restarts from"""
+
+
+_RESTART = re.compile(r"\s*Step[ \t]*(\d+)[ \t]*:[^\n]*")
+
+
+def split_backtrack(text: str, marker: str = utils.BACKTRACK_MARKER) -> Episodes | None:
+    """Split a backtrack trace at the FIRST marker. None when there is no marker or no
+    "Step k:" (k >= 1) right after it (whitespace, CRLF included, may come between)."""
+    i = text.find(marker)
+    if i < 0:
+        return None
+    m = _RESTART.match(text, i + len(marker))
+    if m is None or int(m.group(1)) < 1:
+        return None
+    start = len(text[:i].rstrip())  # whitespace before the marker opens z1
+    return Episodes(text[:start], text[start:m.end()], text[m.end():], int(m.group(1)))
+
+
+def join_backtrack(ep: Episodes) -> str:
+    """Inverse of split_backtrack: z0 + z1 + z2."""
+    return ep.z0 + ep.z1 + ep.z2
+
+
+def restart_prefix(z0: str, k: int) -> str | None:
+    """z0's text before its (first) "Step k:" line: the prefix that the restart at step k
+    shares with the attempt (steps 1..k-1 stand). None if z0 has no Step k line."""
+    m = re.search(rf"(?m)^[ \t]*Step[ \t]*{int(k)}[ \t]*:", z0)
+    return None if m is None else z0[:m.start()]
+
+
+def backtrack_cue(z0: str, marker: str = utils.BACKTRACK_MARKER) -> str:
+    """The continuation context after the prompt in RL and STaR: z0, the marker and
+    "Step", so the policy writes " k: ..." (the restart) and the revised attempt."""
+    return z0 + "\n" + marker + "\nStep"
+
+
+def episode_contexts(prompt: str, ep: Episodes) -> list[str]:
+    """The contexts mu is asked from: [x, x+z0, x+z0+z1, x+z0+z1+z2] (each a prefix of the next)."""
+    return [prompt, prompt + ep.z0, prompt + ep.z0 + ep.z1, prompt + ep.z0 + ep.z1 + ep.z2]
+
+
+# --------------------------------------------------------------------------------------
+# Information gain (Def. 5.1)
+# --------------------------------------------------------------------------------------
+
+
+def information_gain(j_after, j_before):
+    """I(z_j; c) = J(mu | c, z_j) - J(mu | c) (Def. 5.1). Floats give a float, arrays an array."""
+    d = np.asarray(j_after, dtype=np.float64) - np.asarray(j_before, dtype=np.float64)
+    return float(d) if d.ndim == 0 else d
+
+
+def episode_gains(j_values) -> list:
+    """Per-episode gains from J at successive prefixes [J(c), J(c,z0), J(c,z0,z1), ...]:
+    [J(c,z0) - J(c), J(c,z0,z1) - J(c,z0), ...] (one fewer than the values)."""
+    return [information_gain(after, before) for before, after in zip(j_values, j_values[1:])]
+
+
+# --------------------------------------------------------------------------------------
+# The meta-prover mu and J(mu | c)
+# --------------------------------------------------------------------------------------
+
+
+def mu_context(context: str, suffix: str) -> str:
+    """The text mu continues: context + suffix, trailing newlines of the context dropped
+    when the suffix starts with one (no blank line before the forced answer)."""
+    if suffix.startswith(("\n", "\r\n")):
+        context = context.rstrip("\r\n")
+    return context + suffix
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids as the engine would see the text, without a second BOS when the text (a
+    chat template) already starts with one."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
+class MetaProver:
+    """mu: the model steered to stop and answer now (forced suffix), estimating J(mu | c).
+
+    `sampler` is the policy's own utils.Sampler (mu = the current policy, so it follows
+    weight syncs) or one built on another model. With suffix "" mu completes the solution
+    from the context (a rollout value estimate; raise max_tokens accordingly)."""
+
+    def __init__(self, sampler: utils.Sampler, suffix: str = utils.MU_SUFFIX, m: int = 8,
+                 temperature: float = 1.0, max_tokens: int = 16, top_p: float = 1.0):
+        if m < 1 or max_tokens < 1:
+            raise ValueError(f"MetaProver needs m >= 1 and max_tokens >= 1, got m={m}, max_tokens={max_tokens}")
+        self.sampler, self.suffix, self.m = sampler, suffix, m
+        self.temperature, self.max_tokens, self.top_p = temperature, max_tokens, top_p
+
+    def correct(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
+        """(C, m) 0/1 grades of mu's m answers per context. One request per context with
+        n=m (its prefill is shared); the graded text is suffix + completion."""
+        if len(contexts) != len(golds):
+            raise ValueError(f"{len(contexts)} contexts but {len(golds)} gold answers")
+        if not contexts:
+            return np.zeros((0, self.m))
+        tok = self.sampler.tokenizer
+        prompts = [encode(tok, mu_context(c, self.suffix)) for c in contexts]
+        outs = self.sampler.generate(prompts, n=self.m, temperature=self.temperature, top_p=self.top_p,
+                                     max_tokens=self.max_tokens, seed=seed, logprobs=False)
+        return np.array([[utils.grade(self.suffix + s.text, g) for s in group]
+                         for group, g in zip(outs, golds)], dtype=np.float64)  # (C, m)
+
+    def success_rates(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
+        """(C,) estimates of J(mu | c) for each full-text context (prompt + episodes so far)."""
+        return self.correct(contexts, golds, seed).mean(axis=1)
+
+
+def trace_values(mu: MetaProver, prompts: list[str], episodes: list[Episodes], golds: list[str],
+                 seed: int | None = None) -> np.ndarray:
+    """(N, 4) J(mu | x), J(mu | x, z0), J(mu | x, z0, z1), J(mu | x, z0, z1, z2) per trace,
+    from one batched call (the four contexts of a trace share their prefix)."""
+    contexts = [c for p, ep in zip(prompts, episodes) for c in episode_contexts(p, ep)]
+    golds4 = [g for g in golds for _ in range(4)]
+    return mu.success_rates(contexts, golds4, seed).reshape(len(episodes), 4)
+
+
+# --------------------------------------------------------------------------------------
+# Command line: traces (read or sampled) -> J values -> gains, histogram, summary
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Args:
+    model: list[str] = field(default_factory=list)
+    """one or two models as name=path (or a bare path), e.g. --model a=P b=Q (two: side by
+    side); empty: the toy base under --toy-dir (built if missing)"""
+    traces: list[str] = field(default_factory=list)
+    """JSONL/Parquet of backtrack traces, one per --model or one for all; empty: sample
+    traces from each model on --data"""
+    out: str = "runs/infogain"
+    """output folder"""
+    mu_model: str = ""
+    """meta-prover model (empty: each --model is its own meta-prover)"""
+    mu_suffix: str = utils.MU_SUFFIX
+    """text appended to the context to steer mu to answer now (a forced answer prefix or an
+    instruction; in bash pass newlines with $'...')"""
+    m: int = 8
+    """mu's sampled answers per context"""
+    mu_temperature: float = 1.0
+    """mu's sampling temperature"""
+    mu_max_tokens: int = 16
+    """mu's answer length limit (raise it for an instruction suffix or an empty one)"""
+    problem_field: str = "problem"
+    """field of the problem text in --traces / --data"""
+    answer_field: str = "answer"
+    """field of the gold answer in --traces / --data"""
+    completion_field: str = "completion"
+    """field of the backtrack completion (z0 + z1 + z2) in --traces"""
+    id_field: str = "id"
+    """field of the trace id in --traces (rows without one get their line number)"""
+    skip_invalid: bool = False
+    """skip (and count) trace rows that are not backtrack traces instead of failing"""
+    data: str = ""
+    """problems to sample traces from (empty: the toy test split)"""
+    limit: int = 64
+    """problems used when sampling traces (0: all)"""
+    continuations: int = 4
+    """backtrack continuations sampled per attempt z0 when sampling traces"""
+    temperature: float = 1.0
+    """sampling temperature of sampled traces"""
+    max_tokens: int = 160
+    """token limit of z0 and of the continuation when sampling traces"""
+    instruction: str = utils.DEFAULT_INSTRUCTION
+    """instruction in the user turn for models with a chat template"""
+    toy_dir: str = toy.DEFAULT_DIR
+    """toy build used when --model is empty"""
+    seed: int = 0
+    """sampling seed"""
+    batch: int = 64
+    """traces per meta-prover call (progress granularity)"""
+    max_model_len: int = 0
+    """engine context length (0: the model's)"""
+    dtype: str = "auto"
+    """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
+
+
+def resolve_models(args: Args) -> dict[str, str]:
+    """{name: path} from --model (name=path or a bare path named by its folder)."""
+    if not args.model:
+        return {"base": toy.ensure_built(args.toy_dir)["base"]}
+    runs = {}
+    for spec in args.model:
+        name, _, path = spec.partition("=") if "=" in spec else (os.path.basename(os.path.normpath(spec)), "", spec)
+        if not name or not path:
+            raise utils.UserError(f"--model: expected name=path or a path, got {spec!r}")
+        if name in runs:
+            raise utils.UserError(f"--model: name {name!r} given twice (use name=path)")
+        if not os.path.isdir(path) and not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path):
+            raise utils.UserError(f"--model {name}: model path does not exist: {path}")
+        runs[name] = path
+    return runs
+
+
+def _line_numbers(path: str):
+    """File line of each record utils.read_records returns (it skips blank lines)."""
+    if path.endswith(".parquet"):
+        return itertools.count(1)
+    with open(path, encoding="utf-8") as f:
+        return [i for i, line in enumerate(f, 1) if line.strip()]
+
+
+def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
+    """Trace rows {id, problem, answer, completion, episodes, where} and the skipped count."""
+    rename = {args.problem_field: "problem", args.answer_field: "answer", args.completion_field: "completion"}
+    records = utils.read_records(path, ["problem", "answer", "completion"], rename)
+    rows, skipped = [], 0
+    for line, r in zip(_line_numbers(path), records):
+        where = f"{path}:{line}"
+        if not isinstance(r["completion"], str) or not isinstance(r["problem"], str):
+            raise utils.UserError(f"{where}: fields {args.problem_field!r} and {args.completion_field!r} must be strings")
+        answer = str(r["answer"]).strip()
+        if not answer or utils.extract_boxed("\\boxed{" + answer + "}") != answer:
+            raise utils.UserError(f"{where}: unparsable answer {answer!r}")
+        ep = split_backtrack(r["completion"])
+        if ep is None:
+            if not args.skip_invalid:
+                raise utils.UserError(f"{where}: not a backtrack trace (no marker followed by 'Step k:'; "
+                                      f"--skip-invalid skips such rows)")
+            skipped += 1
+            continue
+        rows.append({"id": r.get(args.id_field, line), "problem": r["problem"], "answer": answer,
+                     "completion": r["completion"], "episodes": ep, "where": where})
+    if not rows:
+        raise utils.UserError(f"{path}: no backtrack traces")
+    return rows, skipped
+
+
+def sample_traces(sampler: utils.Sampler, records: list[dict], args: Args) -> tuple[list[dict], int]:
+    """Backtrack traces from a model: one attempt z0 per problem (kept if it finished with a
+    box), then `continuations` samples from prompt + z0 + "\\n" + marker + "\\nStep" (the
+    RL/STaR context). Continuations that do not name a restart step are skipped."""
+    tok = sampler.tokenizer
+    prompts = [utils.build_prompt(tok, r["problem"], args.instruction) for r in records]
+    attempts = sampler.generate([encode(tok, p) for p in prompts], n=1, temperature=args.temperature,
+                                max_tokens=args.max_tokens, seed=args.seed, logprobs=False)
+    keep = [(i, g[0].text.rstrip()) for i, g in enumerate(attempts)
+            if g[0].finish_reason == "stop" and utils.extract_boxed(g[0].text) is not None]
+    conts = sampler.generate([encode(tok, prompts[i] + backtrack_cue(z0)) for i, z0 in keep], n=args.continuations,
+                             temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed + 1,
+                             logprobs=False)
+    rows, skipped = [], len(records) - len(keep)
+    for (i, z0), group in zip(keep, conts):
+        for j, s in enumerate(group):
+            completion = backtrack_cue(z0) + s.text
+            ep = split_backtrack(completion)
+            if ep is None or s.finish_reason != "stop":
+                skipped += 1
+                continue
+            rows.append({"id": f"{i}-{j}", "problem": records[i]["problem"], "answer": records[i]["answer"],
+                         "completion": completion, "episodes": ep, "where": f"sampled {i}-{j}"})
+    if not rows:
+        raise utils.UserError("sampled no backtrack trace (every attempt or continuation was cut or unparsable)")
+    return rows, skipped
+
+
+def load_problems(args: Args) -> list[dict]:
+    path = args.data or toy.paths(args.toy_dir)["test"]
+    if not args.data:
+        toy.ensure_built(args.toy_dir)
+    records = utils.read_records(path, ["problem", "answer"], {args.problem_field: "problem", args.answer_field: "answer"})
+    records = records[: args.limit] if args.limit else records
+    for r in records:
+        r["answer"] = str(r["answer"]).strip()
+    if not records:
+        raise utils.UserError(f"{path}: no problems")
+    return records
+
+
+def score_traces(mu: MetaProver, rows: list[dict], args: Args) -> list[dict]:
+    """J at the four prefixes of every trace, the per-episode gains and the outcomes."""
+    from tqdm import tqdm
+
+    tok = mu.sampler.tokenizer
+    out = []
+    for b in tqdm(range(0, len(rows), args.batch), desc="meta-prover", disable=not utils.is_main()):
+        chunk = rows[b: b + args.batch]
+        prompts = [utils.build_prompt(tok, r["problem"], args.instruction) for r in chunk]
+        J = trace_values(mu, prompts, [r["episodes"] for r in chunk], [r["answer"] for r in chunk],
+                         seed=args.seed + 1 + b)  # (B, 4)
+        for r, j in zip(chunk, J):
+            ep = r["episodes"]
+            gains = episode_gains(list(j))
+            out.append({"id": r["id"], "where": r["where"], "restart_step": ep.restart_step,
+                        "valid_restart": restart_prefix(ep.z0, ep.restart_step) is not None,
+                        "J": [float(v) for v in j], "gains": gains, "backtrack_gain": gains[1],
+                        "z0_correct": utils.grade(ep.z0, r["answer"]), "z2_correct": utils.grade(ep.z2, r["answer"])})
+    return out
+
+
+def summarize(scored: list[dict], skipped: int) -> dict:
+    J = np.array([s["J"] for s in scored])  # (N, 4)
+    g = np.array([s["backtrack_gain"] for s in scored])  # (N,)
+    ok = np.array([s["z2_correct"] for s in scored]) > 0
+    mean = lambda a: round(float(a.mean()), 4) if a.size else None  # noqa: E731
+    return {
+        "traces": len(scored), "skipped": skipped,
+        "J_mean": {name: mean(J[:, i]) for i, name in enumerate(["x", "x_z0", "x_z0_z1", "x_z0_z1_z2"])},
+        "gain_mean": {name: mean(J[:, i + 1] - J[:, i]) for i, name in enumerate(["z0", "z1", "z2"])},
+        "backtrack_gain_stderr": round(float(g.std(ddof=1) / np.sqrt(len(g))), 4) if len(g) > 1 else None,
+        "backtrack_gain_mean_z2_correct": mean(g[ok]), "backtrack_gain_mean_z2_wrong": mean(g[~ok]),
+        "backtrack_gain_positive_frac": mean(g > 0),
+        "z0_accuracy": mean(np.array([s["z0_correct"] for s in scored])), "z2_accuracy": mean(ok),
+        "valid_restart_frac": mean(np.array([s["valid_restart"] for s in scored])),
+    }
+
+
+def plot_hist(results: dict, path: str, m: int) -> None:
+    """Fig. 8 style: the backtrack episode's gain J(x,z0,z1) - J(x,z0), one panel per
+    model, revised attempts that end correct vs wrong. Gains are multiples of 1/m."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = (np.arange(-m, m + 2) - 0.5) / m  # one bin per attainable gain value
+    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False, sharey=True)
+    for ax, (name, scored) in zip(axes[0], results.items()):
+        g = np.array([s["backtrack_gain"] for s in scored])
+        ok = np.array([s["z2_correct"] for s in scored]) > 0
+        ax.hist([g[ok], g[~ok]], bins=edges, stacked=True, label=["revised attempt correct", "revised attempt wrong"],
+                color=["tab:green", "tab:gray"])
+        ax.axvline(g.mean(), color="k", ls="--", lw=1, label=f"mean {g.mean():+.3f}")
+        ax.set_title(f"{name}: {len(g)} traces")
+        ax.set_xlabel("information gain of the backtrack episode  J(μ|x,z0,z1) − J(μ|x,z0)")
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel("traces")
+    fig.tight_layout()
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def main(args: Args, samplers: dict | None = None) -> dict:
+    """Score every model's traces; `samplers` may map a model path to a ready Sampler (tests)."""
+    if args.m < 1 or args.mu_max_tokens < 1 or args.batch < 1 or args.continuations < 1 or args.limit < 0:
+        raise utils.UserError("--m, --mu-max-tokens, --batch and --continuations must be >= 1, --limit >= 0")
+    runs = resolve_models(args)
+    if len(runs) > 2:
+        raise utils.UserError(f"--model: one or two models, got {len(runs)}")
+    if args.traces and len(args.traces) not in (1, len(runs)):
+        raise utils.UserError(f"--traces: give one file or one per model ({len(runs)}), got {len(args.traces)}")
+    samplers = dict(samplers or {})
+    new_sampler = lambda path: samplers.get(path) or utils.Sampler(  # noqa: E731
+        path, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len or None)
+
+    # read every input first: bad input fails before any engine starts or file is written
+    traces = {}
+    if args.traces:
+        for name, path in zip(runs, args.traces * len(runs) if len(args.traces) == 1 else args.traces):
+            traces[name] = read_traces(path, args)
+    problems = None if args.traces else load_problems(args)
+    if args.mu_model and not os.path.isdir(args.mu_model) and not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", args.mu_model):
+        raise utils.UserError(f"--mu-model: model path does not exist: {args.mu_model}")
+    shared_mu = new_sampler(args.mu_model) if args.mu_model else None
+
+    results, summary = {}, {}
+    for name, path in runs.items():
+        sampler = None
+        if name not in traces:
+            sampler = new_sampler(path)
+            utils.print0(f"{name}: sampling backtrack traces on {len(problems)} problems")
+            traces[name] = sample_traces(sampler, problems, args)
+            utils.write_jsonl(os.path.join(args.out, f"traces_{name}.jsonl"),
+                              [{k: r[k] for k in ("id", "problem", "answer", "completion")} for r in traces[name][0]])
+        rows, skipped = traces[name]
+        mu_sampler = shared_mu or sampler or new_sampler(path)
+        mu = MetaProver(mu_sampler, args.mu_suffix, args.m, args.mu_temperature, args.mu_max_tokens)
+        utils.print0(f"{name}: {len(rows)} traces ({skipped} skipped), J from {args.m} mu answers per context")
+        results[name] = score_traces(mu, rows, args)
+        summary[name] = summarize(results[name], skipped)
+        utils.print0(f"{name}: " + json.dumps({k: summary[name][k] for k in ("J_mean", "gain_mean", "z2_accuracy")}))
+        del mu, mu_sampler, sampler  # one engine per model at a time (the shared mu stays)
+        gc.collect()
+
+    utils.write_jsonl(os.path.join(args.out, "gains.jsonl"),
+                      [{"model": name, **s} for name, scored in results.items() for s in scored])
+    settings = {k: v for k, v in vars(args).items()}
+    settings["model"] = runs
+    report = {"settings": settings, "models": summary}
+    utils.write_json(os.path.join(args.out, "summary.json"), report)
+    plot_hist(results, os.path.join(args.out, "infogain_hist.png"), args.m)
+    utils.print0(f"wrote {args.out}/gains.jsonl, summary.json, infogain_hist.png")
+    return report
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_args(Args))
