@@ -23,6 +23,9 @@ Real models (one GPU; AIME-style JSONL or Parquet, chat template applied automat
     python evaluate.py --models base=meta-llama/Llama-3.1-8B-Instruct mrt=runs/grpo/mrt/model \\
         --data aime.jsonl --problem-field problem --answer-field answer --n 32 \\
         --temperature 0.7 --max-tokens 8192 --window 2048 --out runs/eval/aime
+Several GPUs: evaluation is one process on one device. Run one call per model at a time on
+each GPU (CUDA_VISIBLE_DEVICES=i, same --out and settings), then one call with every model:
+it reuses their per-sample files and draws the shared plot and table.
 Outputs under --out: curves.json (every curve, token efficiency, AUC), table.md (accuracy at
 matched token budgets), accuracy_tokens.png (Fig. 7 style), samples/<run>.<mode>.jsonl
 (per-sample outputs) with a .meta.json each (a rerun with the same settings reuses them, so a
@@ -37,6 +40,9 @@ Decisions and departures from the paper (which does not publish its evaluation c
 - The linearized transcript is round 1's ids, then cue + round 2's ids, then cue + round 3's,
   ... (trailing EOS dropped); the window is its last W tokens, capped so that prompt + window
   + cue + max_tokens fits the model's context (a warning says when the cap bites).
+- Both formats are sampled the same way (plain prompt; the same cue); the format, read from
+  mrt.json, is recorded with each run. A backtrack model's parallel trace holds all three
+  episodes, so one trace costs its z0 + z1 + z2 tokens.
 - A direct model gets the same cue in linearized mode: it is asked to revise although it was
   never trained to; that is the paper's comparison of how each model uses sequential compute.
 - maj@k is the exact expected accuracy of a majority vote over a uniformly random k-subset of
@@ -53,7 +59,6 @@ import json
 import math
 import os
 import re
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
@@ -107,6 +112,8 @@ class Args:
     """reuse per-sample files whose recorded settings match this call (resume)"""
     dtype: str = "auto"
     """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
+    gpu_memory_utilization: float = 0.85
+    """fraction of GPU memory the engine may take (evaluation runs alone)"""
 
 
 # --------------------------------------------------------------------------------------
@@ -324,6 +331,13 @@ def final_answer(text: str) -> str | None:
     return utils.extract_boxed(last_episode(text)) or None
 
 
+def graded(text: str, gold: str) -> dict:
+    """Per-sample fields of one generation: its answer, 0/1 grade (utils.grade on the last
+    episode) and the number of backtrack markers it wrote."""
+    return {"answer": final_answer(text), "correct": utils.grade(last_episode(text), gold),
+            "backtracks": text.count(utils.BACKTRACK_MARKER)}
+
+
 def encode_prompt(tokenizer, text: str) -> list[int]:
     """Prompt ids as the engine would see them, without a second BOS when the chat template
     already starts with one."""
@@ -345,12 +359,21 @@ def model_format(path: str) -> str:
     return fmt
 
 
-def context_limit(path: str, args: Args) -> int:
-    if args.max_model_len:
-        return args.max_model_len
+def open_engine(path: str, records: list[dict], args: Args, ready=None):
+    """The run's Sampler (`ready` if given), its prompt ids, and the context length the window
+    must fit in: --max-model-len, else what the longest prompt needs (+ window + cue in
+    linearized mode), capped at the model's max_position_embeddings."""
     from transformers import AutoConfig
 
-    return int(getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", 0) or 1 << 30)
+    tok = ready.tokenizer if ready is not None else utils.load_tokenizer(path)
+    prompt_ids = [encode_prompt(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in records]
+    cue = len(tok(CONTINUE_CUE, add_special_tokens=False)["input_ids"])
+    need = max(map(len, prompt_ids)) + args.max_tokens + (args.window + cue if "linearized" in args.modes else 0)
+    limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or need
+    max_len = args.max_model_len or min(need, limit)
+    sampler = ready if ready is not None else utils.Sampler(
+        path, seed=args.seed, dtype=args.dtype, max_model_len=max_len, gpu_memory_utilization=args.gpu_memory_utilization)
+    return sampler, prompt_ids, max_len
 
 
 # --------------------------------------------------------------------------------------
@@ -365,9 +388,7 @@ def run_parallel(sampler, prompt_ids, records, args: Args) -> list[dict]:
     rows = []
     for i, (group, rec) in enumerate(zip(outs, records)):
         for j, s in enumerate(group):
-            ans = final_answer(s.text)
-            rows.append({"problem": i, "sample": j, "gold": rec["answer"], "answer": ans,
-                         "correct": utils.grade(last_episode(s.text), rec["answer"]),
+            rows.append({"problem": i, "sample": j, "gold": rec["answer"], **graded(s.text, rec["answer"]),
                          "gen_tokens": s.num_tokens, "context_tokens": s.prompt_tokens,
                          "finish_reason": s.finish_reason, "text": s.text})
     return rows
@@ -398,8 +419,7 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int) -> li
             s = group[0]
             ids = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
             transcripts[i] += (cue if r else []) + list(ids)
-            rows.append({"problem": i, "round": r + 1, "gold": rec["answer"], "answer": final_answer(s.text),
-                         "correct": utils.grade(last_episode(s.text), rec["answer"]),
+            rows.append({"problem": i, "round": r + 1, "gold": rec["answer"], **graded(s.text, rec["answer"]),
                          "gen_tokens": s.num_tokens, "context_tokens": len(ctx),
                          "window_tokens": len(ctx) - len(prompt_ids[i]) - (len(cue) if r else 0),
                          "finish_reason": s.finish_reason, "text": s.text})
@@ -464,48 +484,40 @@ def compare(runs: dict) -> dict:
     return out
 
 
-def budgets_for(curve: dict) -> list[float]:
-    """Matched token budgets: the reference run's tokens at k = 1, 2, 4, ..., N."""
-    n = len(curve["k"])
-    ks = sorted({1 << i for i in range(n.bit_length()) if 1 << i <= n} | {n})
-    return [curve["tokens"][k - 1] for k in ks]
+def budgets_for(curves: list[dict]) -> list[float]:
+    """Matched token budgets: the smallest one-trace (one-round) token count of any run,
+    doubled until it passes the largest token count of any run."""
+    b, top = min(c["tokens"][0] for c in curves), max(c["tokens"][-1] for c in curves)
+    return [b * 2**i for i in range(int(math.log2(top / b)) + 1)] if b > 0 else [0.0]
 
 
 def markdown_table(runs: dict, comparison: dict) -> str:
-    """Accuracy (pass@k / maj@k, interpolated) at budgets matched to the first run's tokens,
-    token efficiency of each run against the first run, mean accuracy over the shared range."""
+    """Accuracy (pass@k / maj@k, interpolated) at matched token budgets, token saving of each
+    run against the first run, mean maj@k accuracy over the shared token range."""
     ref = next(iter(runs))
-    lines = [f"# Evaluation: accuracy against generated tokens", "",
-             f"Budgets are the reference run `{ref}`'s mean generated tokens at k = 1, 2, 4, ... N; "
-             "each cell is pass@k / maj@k (in %) linearly interpolated on that run's curve at that "
-             "budget (- where the run's curve does not reach it). Token saving: 1 - tokens the run "
-             f"needs to reach `{ref}`'s peak maj@k / tokens `{ref}` needs (positive = fewer tokens). "
-             "Mean acc: area under the maj@k curve over the token range every run covers, divided "
-             "by its width.", ""]
+    lines = ["# Evaluation: accuracy against generated tokens", "",
+             "Each cell is pass@k / maj@k (%) of a run, linearly interpolated on its accuracy-tokens curve "
+             "at that budget of generated tokens per problem (- outside the run's curve: below one trace or "
+             f"beyond N). Token saving: 1 - (tokens the run needs to reach `{ref}`'s peak maj@k) / (tokens "
+             f"`{ref}` needs), positive = fewer tokens. Mean acc: area under the maj@k curve over the token "
+             "range all runs cover, divided by its width.", ""]
     for mode in MODES:
         have = {name: r["modes"][mode] for name, r in runs.items() if mode in r["modes"]}
-        if ref not in have:
-            have_ref = next(iter(have), None)
-            if have_ref is None:
-                continue
-        ref_mode = ref if ref in have else next(iter(have))
-        budgets = budgets_for(have[ref_mode])
-        lines += [f"## {mode}", "",
-                  "| run | format | " + " | ".join(f"{b:.0f} tok" for b in budgets) + " | token saving vs "
-                  + ref_mode + " (maj) | mean acc (maj) |",
-                  "|---" * (len(budgets) + 4) + "|"]
+        if not have:
+            continue
+        budgets = budgets_for(list(have.values()))
+        lines += [f"## {mode}", "", "| run | format | " + " | ".join(f"{b:.0f} tok" for b in budgets)
+                  + f" | token saving vs {ref} (maj) | mean acc (maj) |", "|---" * (len(budgets) + 4) + "|"]
         for name, c in have.items():
             cells = []
             for b in budgets:
                 p, m = interp_curve(c["tokens"], c["pass"], b), interp_curve(c["tokens"], c["maj"], b)
                 cells.append("-" if p is None else f"{100 * p:.1f} / {100 * m:.1f}")
-            eff = comparison[mode]["maj"]["efficiency"].get(name, {}).get(ref_mode)
-            saving = "-" if not eff or eff["saving"] is None else f"{100 * eff['saving']:+.0f}%"
-            if name == ref_mode:
-                saving = "(reference)"
-            mean_acc = comparison[mode]["maj"]["mean_acc_shared_range"][name]
+            eff = comparison[mode]["maj"]["efficiency"].get(name, {}).get(ref)
+            saving = "(reference)" if name == ref else "-" if not eff or eff["saving"] is None else f"{100 * eff['saving']:+.0f}%"
+            acc = comparison[mode]["maj"]["mean_acc_shared_range"][name]
             lines.append(f"| {name} | {runs[name]['format']} | " + " | ".join(cells) + f" | {saving} | "
-                         + ("-" if mean_acc is None else f"{100 * mean_acc:.1f}") + " |")
+                         + ("-" if acc is None else f"{100 * acc:.1f}") + " |")
         lines.append("")
     return "\n".join(lines)
 
@@ -634,15 +646,12 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                 utils.print0(f"{name} {mode}: reusing {stem}.jsonl")
             else:
                 if sampler is None:
-                    sampler = (samplers or {}).get(path) or utils.Sampler(
-                        path, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len or None)
-                    prompt_ids = [encode_prompt(sampler.tokenizer, utils.build_prompt(sampler.tokenizer, r["problem"], args.instruction))
-                                  for r in records]
+                    sampler, prompt_ids, max_len = open_engine(path, records, args, (samplers or {}).get(path))
                 utils.print0(f"{name} {mode}: sampling")
                 if mode == "parallel":
                     rows = run_parallel(sampler, prompt_ids, records, args)
                 else:
-                    rows = run_linearized(sampler, prompt_ids, records, args, context_limit(path, args))
+                    rows = run_linearized(sampler, prompt_ids, records, args, max_len)
                 utils.write_jsonl(stem + ".jsonl", [{"run": name, "mode": mode, **r} for r in rows])
                 utils.write_json(stem + ".meta.json", meta)
             c = curves(rows, mode, args.n)
@@ -651,10 +660,9 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                         f"maj@{args.n}": c["maj"][-1], "tokens@1": c["tokens"][0], "rss_gib": rss_gib()})
             utils.print0(f"{name} {mode}: pass@1 {c['pass'][0]:.3f}  pass@{args.n} {c['pass'][-1]:.3f}  "
                          f"maj@{args.n} {c['maj'][-1]:.3f}  tokens/trace {c['tokens'][0]:.0f}")
-        if sampler is not None and sampler is not (samplers or {}).get(path):
-            del sampler  # one engine at a time: free it before the next model's
-        sampler = None
+        sampler = None  # one engine at a time: drop this run's before the next one starts
         gc.collect()
+        logger.log({"run": name, "rss_gib_after_free": rss_gib()})
 
     comparison = compare(results)
     settings = {**asdict(args), "data": data_path, "problems": len(records)}
