@@ -707,8 +707,9 @@ def iter_full_params(model):
 
 
 def full_state_dict(model, cpu: bool = True) -> dict:
-    """The full (unsharded) model state dict, on every rank."""
-    return {k: (v.cpu() if cpu else v) for k, v in iter_full_params(model)}
+    """The full (unsharded) model state dict, on every rank. With cpu=True, a copy: later
+    training steps do not change it (with or without FSDP)."""
+    return {k: (v.to("cpu", copy=True) if cpu else v) for k, v in iter_full_params(model)}
 
 
 def save_pretrained(model, tokenizer, path: str) -> None:

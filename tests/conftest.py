@@ -27,3 +27,12 @@ def toy_sampler(toy_paths):
     """A vLLM Sampler on the toy base model. Tests that change its weights must sync the
     base weights back before they return."""
     return utils.Sampler(toy_paths["base"], seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tests run on 2 shared cores next to other work: torch ops with 2 OpenMP threads were
+    5-60x slower there than with 1 (spinning workers). Torchrun workers get 1 by default."""
+    import torch
+
+    torch.set_num_threads(1)

@@ -1,0 +1,161 @@
+"""One AdamW step on the toy base model, single process or FSDP2 under torchrun; a worker
+for tests/test_fsdp.py, which runs it both ways and compares what it saves.
+
+    python tests/fsdp_step.py --base /work/toy-dev/base --out /tmp/one
+    torchrun --standalone --nproc_per_node 2 tests/fsdp_step.py --base /work/toy-dev/base --out /tmp/two --sample
+
+Rank 0 saves to --out/result.pt: the loss and gradient norm of the step, the full gradients,
+the full updated weights, and the weights after a second step taken by a model restored from
+the checkpoint written after the first (utils.save_checkpoint/load_checkpoint). It also saves
+the updated model with utils.save_pretrained under --out/hf. With --sample, every rank builds
+its own vLLM engine, samples its own prompt before and after `sync_weights` from the sharded
+model, and writes --out/sample_<rank>.json with the engine's results next to transformers'
+(and its first unseeded samples of a prompt shared by all ranks).
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import toy  # noqa: E402
+import utils  # noqa: E402
+
+N_SEQS = 6
+
+
+def batch(tokenizer):
+    """Six toy problems with their solutions; loss on the solution tokens only. Lengths
+    differ, so the two ranks hold different numbers of loss tokens."""
+    seqs, n_prompt = [], []
+    for i in range(N_SEQS):
+        p = toy.make_problem(random.Random(i))
+        lines, final = toy.solution_steps(p["start"], p["ops"])
+        prompt = tokenizer(utils.build_prompt(tokenizer, p["problem"]))["input_ids"]
+        completion = tokenizer(toy.render_solution(lines, final), add_special_tokens=False)["input_ids"]
+        seqs.append(prompt + completion + [tokenizer.eos_token_id])
+        n_prompt.append(len(prompt))
+    ids, attn = utils.pad_sequences(seqs, tokenizer.pad_token_id)  # (B, T)
+    loss_mask = torch.zeros_like(ids, dtype=torch.float)
+    for i, (s, k) in enumerate(zip(seqs, n_prompt)):
+        loss_mask[i, k: len(s)] = 1.0  # completion tokens, EOS included
+    return ids, attn, loss_mask[:, 1:]  # mask aligned with next-token log-probs (B, T-1)
+
+
+def step(model, opt, ids, attn, mask, world):
+    """Token-mean cross-entropy over the whole (all-rank) batch, one clipped AdamW step.
+    FSDP2 averages gradients over ranks, so each rank's sum is scaled by world / N_total."""
+    import torch.distributed as dist
+
+    n_local = mask.sum()
+    n_total = n_local.clone()
+    if world > 1:
+        dist.all_reduce(n_total)
+    nll = -utils.token_logprobs(model, ids, attn)  # (b, T-1)
+    local_sum = (nll * mask).sum()
+    (local_sum * world / n_total).backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # active: the norm is ~0.7
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    loss = local_sum.detach().clone()
+    if world > 1:
+        dist.all_reduce(loss)
+    grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+             for n, p in model.named_parameters()}
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return (loss / n_total).item(), grad_norm.item(), grads, int(n_local.item())
+
+
+def new_model_and_opt(base):
+    model = utils.shard_model(utils.load_model(base, dtype="float32", device="cpu"))
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+
+
+def greedy_ids(model, tokenizer, prompt, max_tokens):
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens,
+                             pad_token_id=tokenizer.pad_token_id)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def logprob_gap(model, tokenizer, prompt, samples):
+    p = tokenizer(prompt)["input_ids"]
+    gaps = []
+    for s in samples:
+        ids = torch.tensor([p + s.token_ids])
+        with torch.no_grad():
+            want = utils.token_logprobs(model, ids, torch.ones_like(ids))[0, len(p) - 1:]
+        gaps.append((want - torch.tensor(s.logprobs)).abs().max().item())
+    return max(gaps)
+
+
+def run(base: str, out: str, sample: bool = False) -> None:
+    rank, world, _ = utils.init_distributed()
+    utils.seed_everything(0)
+    tok = utils.load_tokenizer(base)
+    ids, attn, mask = batch(tok)
+    mine = list(range(rank, N_SEQS, world))  # this rank's rows of the fixed batch
+    ids, attn, mask = ids[mine], attn[mine], mask[mine]
+
+    if sample:  # before any training: each rank samples its own prompt with the base weights
+        sampler = utils.Sampler(base, seed=0)
+        shared = utils.build_prompt(tok, toy.make_problem(random.Random(999))["problem"])
+        unseeded = sampler.generate([shared], n=2, temperature=1.0, max_tokens=30)[0]  # first draw of the engine
+        prompt = utils.build_prompt(tok, toy.make_problem(random.Random(1000 + rank))["problem"])
+        ref = utils.load_model(base, dtype="float32", device="cpu").eval()
+        before = sampler.generate([prompt], temperature=0.0, max_tokens=60)[0][0]
+        before_ref = greedy_ids(ref, tok, prompt, 60)
+
+    model, opt = new_model_and_opt(base)
+    loss, grad_norm, grads, n_local = step(model, opt, ids, attn, mask, world)
+    state = utils.full_state_dict(model)
+
+    # checkpoint round trip: a fresh model and optimizer restored from it take the same next step
+    ckpt = os.path.join(out, "ckpt.pt")
+    utils.save_checkpoint(ckpt, model, opt, step=1)
+    model2, opt2 = new_model_and_opt(base)
+    extra = utils.load_checkpoint(ckpt, model2, opt2)
+    restored = utils.full_state_dict(model2)
+    step(model, opt, ids, attn, mask, world)
+    step(model2, opt2, ids, attn, mask, world)
+    second, second_restored = utils.full_state_dict(model), utils.full_state_dict(model2)
+
+    counts = [None] * world
+    if world > 1:
+        torch.distributed.all_gather_object(counts, n_local)
+    else:
+        counts = [n_local]
+    if utils.is_main():
+        torch.save({"loss": loss, "grad_norm": grad_norm, "grads": grads, "state": state, "restored": restored,
+                    "extra": extra, "second": second, "second_restored": second_restored, "tokens": counts,
+                    "world": world}, os.path.join(out, "result.pt"))
+    utils.save_pretrained(model, tok, os.path.join(out, "hf"))  # the model after two steps
+
+    if sample:  # sync from the sharded model (every rank gathers), then sample again
+        ref.load_state_dict(utils.full_state_dict(model))
+        stale = sampler.generate([prompt], n=2, temperature=1.0, max_tokens=40, seed=1)[0]
+        sampler.sync_weights(model)
+        after = sampler.generate([prompt], temperature=0.0, max_tokens=60)[0][0]
+        fresh = sampler.generate([prompt], n=2, temperature=1.0, max_tokens=40, seed=1)[0]
+        utils.write_json(os.path.join(out, f"sample_{rank}.json"), {
+            "rank": rank, "prompt": prompt,
+            "before": before.token_ids, "before_ref": before_ref,
+            "after": after.token_ids, "after_ref": greedy_ids(ref, tok, prompt, 60),
+            "unseeded": [s.token_ids for s in unseeded],
+            "stale_gap": logprob_gap(ref, tok, prompt, stale), "fresh_gap": logprob_gap(ref, tok, prompt, fresh),
+        })
+    utils.barrier()
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--sample", action="store_true")
+    args = ap.parse_args()
+    run(args.base, args.out, args.sample)
