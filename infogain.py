@@ -49,6 +49,7 @@ Decisions (the paper publishes no code for this):
 
 from __future__ import annotations
 
+import functools
 import gc
 import itertools
 import json
@@ -156,6 +157,18 @@ def encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _grade_answer(pred: str, gold: str) -> float:
+    return utils.grade("\\boxed{" + pred + "}", gold)
+
+
+def grade_cached(text: str, gold: str) -> float:
+    """utils.grade(text, gold), cached on (extracted answer, gold): mu's short answers
+    repeat a lot, and a mismatch costs about a millisecond of math-verify."""
+    pred = utils.extract_boxed(text)
+    return 0.0 if pred is None else _grade_answer(pred, str(gold))
+
+
 class MetaProver:
     """mu: the model steered to stop and answer now (forced suffix), estimating J(mu | c).
 
@@ -181,7 +194,7 @@ class MetaProver:
         prompts = [encode(tok, mu_context(c, self.suffix)) for c in contexts]
         outs = self.sampler.generate(prompts, n=self.m, temperature=self.temperature, top_p=self.top_p,
                                      max_tokens=self.max_tokens, seed=seed, logprobs=False)
-        return np.array([[utils.grade(self.suffix + s.text, g) for s in group]
+        return np.array([[grade_cached(self.suffix + s.text, g) for s in group]
                          for group, g in zip(outs, golds)], dtype=np.float64)  # (C, m)
 
     def success_rates(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
@@ -256,6 +269,15 @@ class Args:
     """engine context length (0: the model's)"""
     dtype: str = "auto"
     """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
+
+
+def make_sampler(path: str, **kwargs) -> utils.Sampler:
+    """utils.Sampler, also as the second engine of a plain (non-torchrun) process: the first
+    vLLM engine leaves its own one-process group behind, which makes utils pick the
+    "external_launcher" executor (it needs torchrun's RANK); such an engine gets "uni"."""
+    if "RANK" not in os.environ and utils.is_distributed():
+        kwargs.setdefault("distributed_executor_backend", "uni")
+    return utils.Sampler(path, **kwargs)
 
 
 def resolve_models(args: Args) -> dict[str, str]:
@@ -350,8 +372,10 @@ def load_problems(args: Args) -> list[dict]:
     return records
 
 
-def score_traces(mu: MetaProver, rows: list[dict], args: Args) -> list[dict]:
-    """J at the four prefixes of every trace, the per-episode gains and the outcomes."""
+def score_traces(mu: MetaProver, rows: list[dict], args: Args, logger: utils.JsonlLogger | None = None,
+                 name: str = "") -> list[dict]:
+    """J at the four prefixes of every trace, the per-episode gains and the outcomes;
+    each batch's mean J values go to <out>/progress.jsonl as it finishes."""
     from tqdm import tqdm
 
     tok = mu.sampler.tokenizer
@@ -368,6 +392,8 @@ def score_traces(mu: MetaProver, rows: list[dict], args: Args) -> list[dict]:
                         "valid_restart": restart_prefix(ep.z0, ep.restart_step) is not None,
                         "J": [float(v) for v in j], "gains": gains, "backtrack_gain": gains[1],
                         "z0_correct": utils.grade(ep.z0, r["answer"]), "z2_correct": utils.grade(ep.z2, r["answer"])})
+        if logger:
+            logger.log({"model": name, "traces_done": len(out), "batch_J_mean": J.mean(0).round(4).tolist()})
     return out
 
 
@@ -424,7 +450,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     if args.traces and len(args.traces) not in (1, len(runs)):
         raise utils.UserError(f"--traces: give one file or one per model ({len(runs)}), got {len(args.traces)}")
     samplers = dict(samplers or {})
-    new_sampler = lambda path: samplers.get(path) or utils.Sampler(  # noqa: E731
+    new_sampler = lambda path: samplers.get(path) or make_sampler(  # noqa: E731
         path, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len or None)
 
     # read every input first: bad input fails before any engine starts or file is written
@@ -438,6 +464,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     shared_mu = new_sampler(args.mu_model) if args.mu_model else None
 
     results, summary = {}, {}
+    logger = utils.JsonlLogger(os.path.join(args.out, "progress.jsonl"))
     for name, path in runs.items():
         sampler = None
         if name not in traces:
@@ -450,7 +477,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         mu_sampler = shared_mu or sampler or new_sampler(path)
         mu = MetaProver(mu_sampler, args.mu_suffix, args.m, args.mu_temperature, args.mu_max_tokens)
         utils.print0(f"{name}: {len(rows)} traces ({skipped} skipped), J from {args.m} mu answers per context")
-        results[name] = score_traces(mu, rows, args)
+        results[name] = score_traces(mu, rows, args, logger, name)
         summary[name] = summarize(results[name], skipped)
         utils.print0(f"{name}: " + json.dumps({k: summary[name][k] for k in ("J_mean", "gain_mean", "z2_accuracy")}))
         del mu, mu_sampler, sampler  # one engine per model at a time (the shared mu stays)

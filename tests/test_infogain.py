@@ -1,0 +1,263 @@
+"""Tests of infogain.py: episode splitting, the gain math, the J estimator (unbiased, one
+request per context), the real toy meta-prover, and the CLI."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import infogain
+import toy
+import utils
+from infogain import Episodes, MetaProver, episode_gains, information_gain, join_backtrack, restart_prefix, split_backtrack
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARK = utils.BACKTRACK_MARKER
+Z0 = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 127\nStep 3: 127 - 48 = 79\nThe answer is \\boxed{79}"
+Z1 = "\n" + MARK + "\nStep 2: 42 * 3 = 126"
+Z2 = "\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}"
+
+
+# --------------------------------------------------------------------------------------
+# Episodes
+# --------------------------------------------------------------------------------------
+
+
+def test_split_canonical_trace_and_round_trip():
+    text = Z0 + Z1 + Z2
+    ep = split_backtrack(text)
+    assert ep == Episodes(Z0, Z1, Z2, 2)
+    assert join_backtrack(ep) == text
+    assert utils.grade(ep.z2, "78") == 1.0 and utils.grade(ep.z0, "78") == 0.0
+
+
+def test_split_edge_cases():
+    assert split_backtrack(Z0) is None  # no marker
+    assert split_backtrack(Z0 + "\n" + MARK + "\nLet me think again.") is None  # marker without Step
+    assert split_backtrack(Z0 + "\n" + MARK + "\nStep two: 42 * 3") is None  # no number
+    assert split_backtrack(Z0 + "\n" + MARK + "\nStep 0: 17 + 25 = 42") is None  # steps count from 1
+    # restart at step 1: the revised attempt shares nothing with z0
+    ep = split_backtrack(Z0 + "\n" + MARK + "\nStep 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126")
+    assert ep.restart_step == 1 and ep.z1.endswith("Step 1: 17 + 25 = 42") and ep.z2 == "\nStep 2: 42 * 3 = 126"
+    assert restart_prefix(ep.z0, 1) == ""
+    # the restart step is the last line: z2 is empty
+    ep = split_backtrack(Z0 + Z1)
+    assert ep.z1 == Z1 and ep.z2 == "" and ep.restart_step == 2
+    # double-digit steps
+    assert split_backtrack(Z0 + "\n" + MARK + "\nStep 12: x").restart_step == 12
+
+
+def test_split_whitespace_variants_round_trip():
+    crlf = Z0.replace("\n", "\r\n") + "\r\n" + MARK + "\r\nStep 3 : 126 - 48 = 78\r\nThe answer is \\boxed{78}"
+    ep = split_backtrack(crlf)
+    assert ep.restart_step == 3 and ep.z0 == Z0.replace("\n", "\r\n")
+    assert ep.z1 == "\r\n" + MARK + "\r\nStep 3 : 126 - 48 = 78\r" and join_backtrack(ep) == crlf
+    spaced = Z0 + "  \n\n" + MARK + "  \n  Step  2:  42 * 3 = 126" + Z2
+    ep = split_backtrack(spaced)
+    assert ep.z0 == Z0 and ep.z1.startswith("  \n\n" + MARK) and ep.restart_step == 2 and join_backtrack(ep) == spaced
+    # the sampled form: the context ends with "\nStep" and the policy writes " k: ..."
+    sampled = infogain.backtrack_cue(Z0) + " 2: 42 * 3 = 126" + Z2
+    assert split_backtrack(sampled) == Episodes(Z0, Z1, Z2, 2)
+
+
+def test_split_several_markers_splits_at_first():
+    second = "\n" + MARK + "\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}"
+    first_z2 = "\nStep 3: 126 - 48 = 77\nThe answer is \\boxed{77}"
+    text = Z0 + Z1 + first_z2 + second
+    ep = split_backtrack(text)
+    assert (ep.z0, ep.z1, ep.restart_step) == (Z0, Z1, 2) and ep.z2 == first_z2 + second
+    assert join_backtrack(ep) == text
+    # first marker without a restart step: not a backtrack trace, even if a later one has one
+    assert split_backtrack(Z0 + "\n" + MARK + "\nHmm." + second) is None
+
+
+def test_restart_prefix():
+    assert restart_prefix(Z0, 1) == ""
+    assert restart_prefix(Z0, 2) == "Step 1: 17 + 25 = 42\n"
+    assert restart_prefix(Z0, 3) == "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 127\n"
+    assert restart_prefix(Z0, 4) is None  # z0 has three steps
+    assert restart_prefix("Step 1: a\nStep 10: b", 1) == ""  # "Step 10" is not "Step 1"
+    assert restart_prefix("Step 1: a\nStep 10: b", 10) == "Step 1: a\n"
+    # the shared prefix plus the restart line is the revised attempt's start (Fig. 4)
+    ep = split_backtrack(Z0 + Z1 + Z2)
+    revised = restart_prefix(ep.z0, ep.restart_step) + ep.z1.split("\n")[-1] + ep.z2
+    assert revised == toy.render_solution(*toy.solution_steps(17, [("+", 25), ("*", 3), ("-", 48)]))
+
+
+# --------------------------------------------------------------------------------------
+# Information gain math
+# --------------------------------------------------------------------------------------
+
+
+def test_information_gain_and_episode_gains():
+    assert information_gain(0.75, 0.25) == 0.5 and isinstance(information_gain(0.75, 0.25), float)
+    np.testing.assert_allclose(information_gain([0.5, 0.0], [0.25, 0.5]), [0.25, -0.5])
+    assert episode_gains([0.0, 0.125, 0.5, 1.0]) == [0.125, 0.375, 0.5]
+    assert episode_gains([0.5]) == []
+    # gains telescope: their sum is the last J minus the first
+    j = [0.25, 0.0, 0.625, 0.875]
+    assert sum(episode_gains(j)) == pytest.approx(j[-1] - j[0])
+    per_trace = episode_gains([np.array([0.0, 0.5]), np.array([0.5, 0.5])])
+    np.testing.assert_allclose(per_trace[0], [0.5, 0.0])
+
+
+def test_mu_context_newline_rule():
+    assert infogain.mu_context("Solution:\n", utils.MU_SUFFIX) == "Solution:" + utils.MU_SUFFIX
+    assert infogain.mu_context("= 42", utils.MU_SUFFIX) == "= 42" + utils.MU_SUFFIX
+    assert infogain.mu_context("= 42\n", " Final answer: \\boxed{") == "= 42\n Final answer: \\boxed{"
+    assert infogain.mu_context("= 42\n", "") == "= 42\n"
+
+
+# --------------------------------------------------------------------------------------
+# The estimator on a fake mu with known success rates (the issue asks for this one fake)
+# --------------------------------------------------------------------------------------
+
+
+class BernoulliSampler:
+    """Stands in for utils.Sampler: each answer to a prompt is the gold answer with a known
+    probability p(context), else a wrong one. Records every generate call."""
+
+    def __init__(self, tokenizer, rates: dict, gold: str, seed: int = 0):
+        self.tokenizer, self.rates, self.gold = tokenizer, rates, gold
+        self.rng = np.random.default_rng(seed)
+        self.calls = []
+
+    def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None, logprobs=True,
+                 use_tqdm=False):
+        self.calls.append((len(prompts), n))
+        out = []
+        for p in prompts:
+            text = self.tokenizer.decode(p, skip_special_tokens=True) if not isinstance(p, str) else p
+            assert text.endswith(utils.MU_SUFFIX)
+            rate = self.rates[text[: -len(utils.MU_SUFFIX)]]
+            ok = self.rng.random(n) < rate
+            out.append([utils.Sample(f"{self.gold if c else '1000'}}}", [], 1, "stop", None, 0) for c in ok])
+        return out
+
+
+def test_estimator_is_unbiased_and_shares_prefill(toy_paths):
+    tok = utils.load_tokenizer(toy_paths["base"])
+    rates = {"Problem: a\nSolution:": 0.125, "Problem: b\nSolution:\nStep 1: 3 + 4 = 7": 0.6, "Problem: c": 0.9}
+    contexts = ["Problem: a\nSolution:\n", "Problem: b\nSolution:\nStep 1: 3 + 4 = 7", "Problem: c"]
+    sampler = BernoulliSampler(tok, rates, gold="7")
+    m, reps = 8, 400
+    mu = MetaProver(sampler, m=m)
+    est = np.stack([mu.success_rates(contexts, ["7"] * 3) for _ in range(reps)])  # (reps, 3)
+    p = np.array([0.125, 0.6, 0.9])
+    stderr = np.sqrt(p * (1 - p) / (m * reps))
+    assert np.all(np.abs(est.mean(0) - p) < 4 * stderr), (est.mean(0), p)
+    assert np.all(est.var(0, ddof=1) > 0)  # a real estimate, not the known rate handed back
+    # the m answers of a context come from one request with n=m (one prefill)
+    assert sampler.calls == [(3, m)] * reps
+    # gains from these estimates are unbiased too: E[J(b) - J(a)] = 0.6 - 0.125
+    gain = information_gain(est[:, 1], est[:, 0])
+    assert abs(gain.mean() - 0.475) < 4 * np.sqrt((stderr[0] ** 2 + stderr[1] ** 2))
+
+
+# --------------------------------------------------------------------------------------
+# The real toy meta-prover
+# --------------------------------------------------------------------------------------
+
+
+def test_toy_meta_prover_reads_the_context(toy_paths, toy_sampler):
+    """J(mu | c) from the real toy model: the toy pretrains mu on clean solution prefixes, so
+    J is high after all the steps, low after the prompt alone or after a wrong last step."""
+    records = utils.read_records(toy_paths["test"], ["problem", "answer"])[:32]
+    ctx = {"prompt": [], "steps": [], "wrong_last": [], "full": []}
+    golds = []
+    for r in records:
+        start, ops = _parse_problem(r["problem"])
+        lines, final = toy.solution_steps(start, ops)
+        assert str(final) == r["answer"]
+        prompt = utils.build_prompt(toy_sampler.tokenizer, r["problem"])
+        wrong = final + 10 if final < 90 else final - 10
+        ctx["prompt"].append(prompt)
+        ctx["steps"].append(prompt + "\n".join(lines))
+        ctx["wrong_last"].append(prompt + "\n".join(lines[:-1] + [lines[-1].rsplit("=", 1)[0] + f"= {wrong}"]))
+        ctx["full"].append(prompt + toy.render_solution(lines, final))
+        golds.append(r["answer"])
+    mu = MetaProver(toy_sampler, m=8)
+    J = {k: mu.success_rates(c, golds, seed=0) for k, c in ctx.items()}
+    assert J["steps"].shape == (32,) and set(np.unique(J["steps"] * 8)) <= set(range(9))
+    assert J["steps"].mean() > J["prompt"].mean() + 0.3, J  # the episodes carry information
+    assert J["steps"].mean() > J["wrong_last"].mean() + 0.15, J  # mu answers from what is written
+    assert J["full"].mean() > J["prompt"].mean() + 0.1, J
+    # an empty suffix: mu completes the solution (a rollout value); after all the steps it
+    # only has to write the answer line
+    roll = MetaProver(toy_sampler, suffix="", m=4, max_tokens=24)
+    assert roll.success_rates(ctx["steps"], golds, seed=0).mean() > 0.5
+    assert roll.success_rates(ctx["prompt"][:8], golds[:8], seed=0).mean() < 0.5
+
+
+def _parse_problem(text: str):
+    words = {v: k for k, v in toy.OP_WORDS.items()}
+    parts = [s.strip() for s in text.replace(" What is the result?", "").split(".") if s.strip()]
+    start = int(parts[0].split()[-1])
+    ops = [(words[s.rsplit(" ", 1)[0]], int(s.rsplit(" ", 1)[1])) for s in parts[1:]]
+    return start, ops
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------
+
+
+def _cli(args, cwd):
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, os.path.join(ROOT, "infogain.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_cli_bad_input(tmp_path, toy_paths):
+    good = {"problem": "Start with 2. Add 3. What is the result?", "answer": "5", "completion": "Step 1: 2 + 3 = 5\n"
+            "The answer is \\boxed{6}\n" + MARK + "\nStep 1: 2 + 3 = 5\nThe answer is \\boxed{5}"}
+    cases = {
+        "missing.jsonl": (None, "no such file"),
+        "malformed.jsonl": (json.dumps(good) + "\n\n{oops\n", "malformed.jsonl:3: malformed JSON"),
+        "nofield.jsonl": (json.dumps({k: v for k, v in good.items() if k != "answer"}) + "\n", "nofield.jsonl:1: missing field 'answer'"),
+        "nomarker.jsonl": (json.dumps(good) + "\n" + json.dumps({**good, "completion": "Step 1: 2 + 3 = 5"}) + "\n",
+                           "nomarker.jsonl:2: not a backtrack trace"),
+    }
+    for name, (content, msg) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_text(content)
+        # bad input fails before an engine starts, so these runs are quick
+        r = _cli(["--model", toy_paths["base"], "--traces", str(path), "--out", str(tmp_path / "out")], tmp_path)
+        assert r.returncode == 2 and msg in r.stderr, (name, r.stderr[-500:])
+        assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
+    r = _cli(["--model", str(tmp_path / "nope"), "--traces", str(tmp_path / "nomarker.jsonl")], tmp_path)
+    assert r.returncode == 2 and "model path does not exist" in r.stderr
+
+
+def test_cli_scores_a_traces_file(tmp_path, toy_paths):
+    records = utils.read_records(toy_paths["test"], ["problem", "answer"])[:3]
+    rows = []
+    for i, r in enumerate(records):
+        start, ops = _parse_problem(r["problem"])
+        lines, final = toy.solution_steps(start, ops)
+        bad = lines[:1] + [lines[1].rsplit("=", 1)[0] + "= 1"]
+        z0 = toy.render_solution(bad, 1)
+        rows.append({"qid": f"q{i}", "question": r["problem"], "answer": r["answer"],
+                     "completion": z0 + "\n" + MARK + "\n" + toy.render_solution(lines[1:], final)})
+    rows.append({"qid": "x", "question": records[0]["problem"], "answer": records[0]["answer"], "completion": "no marker"})
+    traces = tmp_path / "traces.jsonl"
+    traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    r = _cli(["--model", f"toy={toy_paths['base']}", "--traces", str(traces), "--out", str(out), "--m", "4",
+              "--problem-field", "question", "--id-field", "qid", "--skip-invalid"], tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    gains = utils.read_records(str(out / "gains.jsonl"))
+    assert [g["id"] for g in gains] == ["q0", "q1", "q2"] and all(g["model"] == "toy" for g in gains)
+    for g in gains:
+        assert g["restart_step"] == 2 and g["valid_restart"] and g["z2_correct"] == 1.0 and g["z0_correct"] == 0.0
+        assert len(g["J"]) == 4 and all(0 <= j <= 1 and j * 4 == int(j * 4) for j in g["J"])
+        assert g["gains"] == pytest.approx(episode_gains(g["J"])) and g["backtrack_gain"] == g["gains"][1]
+    summary = json.loads((out / "summary.json").read_text())["models"]["toy"]
+    assert summary["traces"] == 3 and summary["skipped"] == 1 and summary["z2_accuracy"] == 1.0
+    assert set(summary["J_mean"]) == {"x", "x_z0", "x_z0_z1", "x_z0_z1_z2"}
+    png = (out / "infogain_hist.png").read_bytes()
+    assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
