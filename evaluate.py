@@ -604,6 +604,24 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def close_engine(sampler, had_group: bool) -> None:
+    """Free an engine this script built. The engine attribute is dropped explicitly: vLLM
+    0.32 pins the frame of the first Sampler.__init__ in a process (so `del sampler` alone
+    left one 2 GiB KV cache alive). vLLM also starts a one-process torch.distributed group;
+    unless one existed before, tear it down (vLLM's public cleanup_dist_env_and_memory), or
+    the next engine mistakes it for a torchrun group."""
+    backend = sampler.backend
+    for attr in ("llm", "model"):
+        if hasattr(sampler, attr):
+            delattr(sampler, attr)
+    del sampler
+    gc.collect()
+    if backend == "vllm" and not had_group:
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+
 def rss_gib() -> float | None:
     """Resident memory of this process (Linux), to check that engines are freed."""
     try:
@@ -646,6 +664,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                 utils.print0(f"{name} {mode}: reusing {stem}.jsonl")
             else:
                 if sampler is None:
+                    had_group = utils.is_distributed()
                     sampler, prompt_ids, max_len = open_engine(path, records, args, (samplers or {}).get(path))
                 utils.print0(f"{name} {mode}: sampling")
                 if mode == "parallel":
@@ -660,7 +679,9 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                         f"maj@{args.n}": c["maj"][-1], "tokens@1": c["tokens"][0], "rss_gib": rss_gib()})
             utils.print0(f"{name} {mode}: pass@1 {c['pass'][0]:.3f}  pass@{args.n} {c['pass'][-1]:.3f}  "
                          f"maj@{args.n} {c['maj'][-1]:.3f}  tokens/trace {c['tokens'][0]:.0f}")
-        sampler = None  # one engine at a time: drop this run's before the next one starts
+        if sampler is not None and sampler is not (samplers or {}).get(path):
+            close_engine(sampler, had_group)  # one engine at a time: free it before the next one
+        sampler = None
         gc.collect()
         logger.log({"run": name, "rss_gib_after_free": rss_gib()})
 

@@ -47,8 +47,12 @@ class Args:
     """where the numbers are also written as JSON ('' to skip)"""
 
 
-def measure(backend: str, prompts: list[str], args: Args) -> dict:
+def measure(backend: str, prompts: list[str], args: Args, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)  # a vLLM Sampler sets 1 on CPU for the process; start each backend equal
     sampler = utils.Sampler(args.model, backend=backend, seed=0)
+    threads = torch.get_num_threads()
     sampler.generate(prompts[:2], n=2, temperature=args.temperature, max_tokens=16, seed=1)  # warm-up
     tokens, lengths, seconds = 0, [], 0.0
     for r in range(args.repeats):
@@ -59,7 +63,8 @@ def measure(backend: str, prompts: list[str], args: Args) -> dict:
         tokens += sum(s.num_tokens for g in outs for s in g)
     del sampler
     gc.collect()
-    return {"backend": backend, "tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": tokens / seconds,
+    return {"backend": backend, "torch_threads": threads, "tokens": tokens, "seconds": round(seconds, 2),
+            "tokens_per_s": tokens / seconds,
             "mean_len": sum(lengths) / len(lengths), "at_budget": sum(l >= args.max_tokens for l in lengths) / len(lengths)}
 
 
@@ -69,9 +74,12 @@ def main(args: Args) -> dict:
     prompts = [utils.build_prompt(tok, r["problem"]) for r in records]
     utils.print0(f"{len(prompts)} prompts x n={args.n} x max_tokens={args.max_tokens}, T={args.temperature}, "
                  f"model {args.model}, eager={os.environ.get('MRT_VLLM_EAGER', '0')}")
-    results = [measure(b.strip(), prompts, args) for b in args.backends.split(",")]
+    import torch
+
+    threads = torch.get_num_threads()
+    results = [measure(b.strip(), prompts, args, threads) for b in args.backends.split(",")]
     for r in results:
-        utils.print0(f"{r['backend']:>5}: {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']:.0f} tokens/s "
+        utils.print0(f"{r['backend']:>5} ({r['torch_threads']} torch threads): {r['tokens']} tokens in {r['seconds']:.1f} s = {r['tokens_per_s']:.0f} tokens/s "
                      f"(mean length {r['mean_len']:.0f}, {100 * r['at_budget']:.0f}% at the budget)")
     by = {r["backend"]: r for r in results}
     report = {"settings": vars(args), "results": results}
