@@ -610,9 +610,11 @@ def _has_cuda() -> bool:
 
 
 def is_distributed() -> bool:
+    """True under torchrun with more than one process. (A vLLM engine in a plain process
+    starts a process group of one: that is not distributed training.)"""
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized()
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def rank() -> int:

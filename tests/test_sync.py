@@ -136,6 +136,16 @@ def test_seeded_reproducibility(engine, hf_sampler, prompts):
     assert ids(hf_sampler.generate([a, b], n=2, temperature=1.0, max_tokens=40, seed=8)) != h1
 
 
+def test_engine_leaves_the_process_single(engine, toy_paths):
+    """vLLM starts a process group of one in a plain process; that must not turn on
+    distributed training (FSDP, external_launcher for the next engine, collectives)."""
+    from torch.distributed.tensor import DTensor
+
+    assert not utils.is_distributed() and utils.world_size() == 1 and utils.rank() == 0
+    model = utils.shard_model(utils.load_model(toy_paths["base"]))
+    assert not any(isinstance(p, DTensor) for p in model.parameters())
+
+
 # --------------------------------------------------------------------------------------
 # In-place weight sync and the prefix cache
 # --------------------------------------------------------------------------------------
