@@ -58,7 +58,9 @@ def test_fsdp_step_equals_single_process(runs, toy_paths):
     assert max_diff(one["grads"], two["grads"]) < 1e-5 * g_scale
     base = utils.full_state_dict(utils.load_model(toy_paths["base"], dtype="float32", device="cpu"))
     assert max_diff(base, one["state"]) > 1e-3  # the step moved the weights (lr 3e-3)
-    assert max_diff(one["state"], two["state"]) < 1e-5
+    # Adam's first update is lr * g / (|g| + eps) per element: where |g| is near eps, the
+    # ranks' different summation order (grads agree to ~1e-8) moves it by up to ~1e-5.
+    assert max_diff(one["state"], two["state"]) < 5e-5  # 1.7% of lr
     assert max_diff(one["second"], two["second"]) < 1e-4
 
 
