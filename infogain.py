@@ -16,10 +16,9 @@ Traces from a file (rows with problem, answer and a backtrack completion), mu = 
 Two models side by side (each with its own traces), one shared meta-prover:
     python infogain.py --model mrt=runs/grpo/mrt/model outcome=runs/grpo/outcome/model \\
         --traces mrt.jsonl outcome.jsonl --mu-model runs/toy/base
-A real model (one GPU), instruction-style steering of an R1-style model (paper Fig. 12):
-    python infogain.py --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --traces t.jsonl --m 16 \\
-        --mu-max-tokens 64 --mu-suffix $'\\n\\nTime is up. Given the time I\\'ve spent, I should \\
-        stop thinking and give the final answer now.\\n</think>\\n\\n**Final Answer**\\n\\\\boxed{'
+A real model (one GPU) on its MRT-B traces, mu steered by an instruction in the suffix:
+    python infogain.py --model runs/warmstart/model --traces runs/warmstart/traces.jsonl --m 16 \\
+        --mu-max-tokens 32 --mu-suffix $'\\n\\nTime is up. I must stop and give my final answer now: \\\\boxed{'
 Outputs under --out: gains.jsonl (per trace: id, restart step, the four J values, the three
 per-episode gains, whether z0 and z2 are correct), summary.json (means per model),
 infogain_hist.png (histogram of the backtrack episode's gain, split by whether the revised
@@ -372,6 +371,24 @@ def load_problems(args: Args) -> list[dict]:
     return records
 
 
+def check_lengths(mu: MetaProver, rows: list[dict], args: Args) -> tuple[list[dict], int]:
+    """Traces whose longest mu context (prompt + z0 + z1 + z2 + suffix) plus mu's answer fits
+    the engine's context length: an error naming file:line, or skipped with --skip-invalid."""
+    if mu.sampler.backend != "vllm":
+        return rows, 0
+    limit = mu.sampler.llm.llm_engine.model_config.max_model_len - mu.max_tokens
+    tok, kept = mu.sampler.tokenizer, []
+    for r in rows:
+        prompt = utils.build_prompt(tok, r["problem"], args.instruction)
+        n = len(encode(tok, mu_context(episode_contexts(prompt, r["episodes"])[-1], mu.suffix)))
+        if n <= limit:
+            kept.append(r)
+        elif not args.skip_invalid:
+            raise utils.UserError(f"{r['where']}: trace too long for the meta-prover ({n} tokens > "
+                                  f"{limit} = context length - --mu-max-tokens; --skip-invalid skips it)")
+    return kept, len(rows) - len(kept)
+
+
 def score_traces(mu: MetaProver, rows: list[dict], args: Args, logger: utils.JsonlLogger | None = None,
                  name: str = "") -> list[dict]:
     """J at the four prefixes of every trace, the per-episode gains and the outcomes;
@@ -476,6 +493,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         rows, skipped = traces[name]
         mu_sampler = shared_mu or sampler or new_sampler(path)
         mu = MetaProver(mu_sampler, args.mu_suffix, args.m, args.mu_temperature, args.mu_max_tokens)
+        rows, too_long = check_lengths(mu, rows, args)
+        skipped += too_long
         utils.print0(f"{name}: {len(rows)} traces ({skipped} skipped), J from {args.m} mu answers per context")
         results[name] = score_traces(mu, rows, args, logger, name)
         summary[name] = summarize(results[name], skipped)

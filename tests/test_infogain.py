@@ -104,6 +104,13 @@ def test_information_gain_and_episode_gains():
     np.testing.assert_allclose(per_trace[0], [0.5, 0.0])
 
 
+def test_grade_cached_matches_grade():
+    cases = [("\\boxed{\\frac{1}{2}}", "0.5"), ("x \\boxed{3} y", "3"), ("no box", "3"), ("\\boxed{x=3}", "3"),
+             ("\\boxed{4}", "3"), ("\\boxed{3", "3"), (utils.MU_SUFFIX + "12}", "12"), ("\\boxed{\\text{ 7 }}", "7")]
+    for text, gold in cases * 2:  # the second round is served from the cache
+        assert infogain.grade_cached(text, gold) == utils.grade(text, gold), (text, gold)
+
+
 def test_mu_context_newline_rule():
     assert infogain.mu_context("Solution:\n", utils.MU_SUFFIX) == "Solution:" + utils.MU_SUFFIX
     assert infogain.mu_context("= 42", utils.MU_SUFFIX) == "= 42" + utils.MU_SUFFIX
@@ -244,6 +251,7 @@ def test_cli_scores_a_traces_file(tmp_path, toy_paths):
         rows.append({"qid": f"q{i}", "question": r["problem"], "answer": r["answer"],
                      "completion": z0 + "\n" + MARK + "\n" + toy.render_solution(lines[1:], final)})
     rows.append({"qid": "x", "question": records[0]["problem"], "answer": records[0]["answer"], "completion": "no marker"})
+    rows.append({**rows[0], "qid": "long", "completion": rows[0]["completion"] + "\nStep 9: 1 + 1 = 2" * 400})
     traces = tmp_path / "traces.jsonl"
     traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
@@ -257,7 +265,7 @@ def test_cli_scores_a_traces_file(tmp_path, toy_paths):
         assert len(g["J"]) == 4 and all(0 <= j <= 1 and j * 4 == int(j * 4) for j in g["J"])
         assert g["gains"] == pytest.approx(episode_gains(g["J"])) and g["backtrack_gain"] == g["gains"][1]
     summary = json.loads((out / "summary.json").read_text())["models"]["toy"]
-    assert summary["traces"] == 3 and summary["skipped"] == 1 and summary["z2_accuracy"] == 1.0
+    assert summary["traces"] == 3 and summary["skipped"] == 2 and summary["z2_accuracy"] == 1.0
     assert set(summary["J_mean"]) == {"x", "x_z0", "x_z0_z1", "x_z0_z1_z2"}
     png = (out / "infogain_hist.png").read_bytes()
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
