@@ -218,8 +218,8 @@ def trace_values(mu: MetaProver, prompts: list[str], episodes: list[Episodes], g
 @dataclass
 class Args:
     model: list[str] = field(default_factory=list)
-    """one or two models as name=path (or a bare path), e.g. --model a=P b=Q (two: side by
-    side); empty: the toy base under --toy-dir (built if missing)"""
+    """models as name=path (or a bare path), e.g. --model a=P b=Q (plotted side by side);
+    empty: the toy base under --toy-dir (built if missing)"""
     traces: list[str] = field(default_factory=list)
     """JSONL/Parquet of backtrack traces, one per --model or one for all; empty: sample
     traces from each model on --data"""
@@ -462,8 +462,6 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     if args.m < 1 or args.mu_max_tokens < 1 or args.batch < 1 or args.continuations < 1 or args.limit < 0:
         raise utils.UserError("--m, --mu-max-tokens, --batch and --continuations must be >= 1, --limit >= 0")
     runs = resolve_models(args)
-    if len(runs) > 2:
-        raise utils.UserError(f"--model: one or two models, got {len(runs)}")
     if args.traces and len(args.traces) not in (1, len(runs)):
         raise utils.UserError(f"--traces: give one file or one per model ({len(runs)}), got {len(args.traces)}")
     samplers = dict(samplers or {})
@@ -495,6 +493,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         mu = MetaProver(mu_sampler, args.mu_suffix, args.m, args.mu_temperature, args.mu_max_tokens)
         rows, too_long = check_lengths(mu, rows, args)
         skipped += too_long
+        if not rows:
+            raise utils.UserError(f"{name}: no trace fits the meta-prover's context length")
         utils.print0(f"{name}: {len(rows)} traces ({skipped} skipped), J from {args.m} mu answers per context")
         results[name] = score_traces(mu, rows, args, logger, name)
         summary[name] = summarize(results[name], skipped)
@@ -504,8 +504,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
 
     utils.write_jsonl(os.path.join(args.out, "gains.jsonl"),
                       [{"model": name, **s} for name, scored in results.items() for s in scored])
-    settings = {k: v for k, v in vars(args).items()}
-    settings["model"] = runs
+    settings = {**vars(args), "model": runs}
     report = {"settings": settings, "models": summary}
     utils.write_json(os.path.join(args.out, "summary.json"), report)
     plot_hist(results, os.path.join(args.out, "infogain_hist.png"), args.m)
