@@ -99,7 +99,8 @@ class Args:
     """W: linearized rounds see the latest W tokens of the transcript (paper: 2048; the toy
     needs far less, e.g. 128, to exercise the truncation)"""
     max_model_len: int = 0
-    """engine context length (0: the model config's max_position_embeddings)"""
+    """engine context length (0: what the longest prompt + max_tokens, plus window + cue in
+    linearized mode, need, capped at the model's max_position_embeddings)"""
     instruction: str = utils.DEFAULT_INSTRUCTION
     """instruction added to the user turn when the model has a chat template"""
     seed: int = 0
@@ -568,12 +569,13 @@ def resolve_runs(args: Args) -> dict[str, str]:
         return runs
     runs = {}
     for spec in args.models:
-        name, _, path = spec.rpartition("=") if "=" in spec else (spec, "", spec)
+        name, _, path = spec.partition("=") if "=" in spec else (spec, "", spec)
         if not name or not path:
             raise utils.UserError(f"--models: expected name=path, got {spec!r}")
         if name in runs:
             raise utils.UserError(f"--models: run name {name!r} given twice")
-        if not os.path.isdir(path) and not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path):
+        hub_name = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) and not os.path.isdir(path.split("/")[0])
+        if not os.path.isdir(path) and not hub_name:  # "runs/x" is a local path, "org/model" a hub name
             raise utils.UserError(f"--models {name}: model path does not exist: {path}")
         runs[name] = path
     return runs
@@ -581,8 +583,8 @@ def resolve_runs(args: Args) -> dict[str, str]:
 
 def load_problems(args: Args) -> tuple[str, list[dict]]:
     path = args.data or toy.paths(args.toy_dir)["test"]
-    rename = {args.problem_field: "problem", args.answer_field: "answer"}
-    records = utils.read_records(path, ["problem", "answer"], rename)
+    fields = {args.problem_field: "problem", args.answer_field: "answer"}
+    records = [{v: r[k] for k, v in fields.items()} for r in utils.read_records(path, list(fields))]
     if args.limit:
         records = records[: args.limit]
     if not records:

@@ -77,7 +77,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from infogain import MetaProver, encode, information_gain, split_backtrack  # noqa: E402
+from infogain import MetaProver, backtrack_cue, encode, information_gain, split_backtrack  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Arguments, presets, variants
@@ -408,11 +408,6 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.RandomState((seed * 1009 + epoch) % 2**32).permutation(n)
 
 
-def context_tail(z0: str) -> str:
-    """What follows the prompt in a continuation context: z0, the marker and "Step"."""
-    return z0 + "\n" + utils.BACKTRACK_MARKER + "\nStep"
-
-
 def sample_z0(sampler, problems: list[dict], args: Args, seed: int) -> dict[int, str]:
     """One initial attempt per problem from the engine's current (base) weights; a backtrack
     the model may already write is cut off, so z0 is the first attempt only."""
@@ -434,15 +429,6 @@ def all_gather(obj):
     return out
 
 
-def shared_z0(sampler, problems: list[dict], args: Args, seed: int, rank: int, world: int) -> dict[int, str]:
-    """z0 for a list of problems, sampled in shares by the ranks and gathered on all."""
-    mine = problems[rank::world]
-    merged = {}
-    for part in all_gather(sample_z0(sampler, mine, args, seed + rank)):
-        merged.update(part)
-    return merged
-
-
 # --------------------------------------------------------------------------------------
 # Rollouts: sample, split into episodes, grade, information gain
 # --------------------------------------------------------------------------------------
@@ -453,7 +439,7 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     group by group: ctx_ids, token_ids, sampler_logp, outcome, gain, z1_tokens, text."""
     fmt = variant_format(args.variant)
     tok = sampler.tokenizer
-    tails = [context_tail(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
+    tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
     ctx_ids = [encode(tok, p["prompt"] + t) for p, t in zip(problems, tails)]
     outs = sampler.generate(ctx_ids, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_completion_length, seed=seed, logprobs=True)
@@ -477,7 +463,7 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     if meta_prover is not None:  # I_i = J(mu | x, z0, z1_i) - J(mu | x, z0)  (Def. 5.1)
         # an unparsed continuation counts as one episode for the bonus: mu reads all of it
         after_ctx = [r["problem"]["prompt"] + (r["episodes"].z0 + r["episodes"].z1 if r["episodes"] else
-                                               context_tail(z0s[r["problem"]["id"]]) + r["text"]) for r in rows]
+                                               backtrack_cue(z0s[r["problem"]["id"]]) + r["text"]) for r in rows]
         golds_a = [r["problem"]["answer"] for r in rows]
         J = meta_prover.success_rates(before_ctx + after_ctx, golds_b + golds_a, seed=seed + 500_000_003)
         for r, j_after in zip(rows, J[len(problems):]):
@@ -501,11 +487,12 @@ def heldout_accuracy(sampler, problems, z0s, args: Args, seed: int) -> float:
 
 
 # --------------------------------------------------------------------------------------
-# Training
+# Training pieces: schedule, z0 store, one policy update, the metrics of a step
 # --------------------------------------------------------------------------------------
 
 
 def lr_lambda(args: Args, total: int):
+    """Linear warmup over warmup_ratio of the optimizer steps, then cosine to 0 (or constant)."""
     warmup = int(args.warmup_ratio * total)
 
     def f(step):
@@ -518,6 +505,105 @@ def lr_lambda(args: Args, total: int):
     return f
 
 
+def micro_batch_scale(loss_type: str, n_micro: int, world: int) -> float:
+    """Factor on each micro-batch's grpo_loss so that the accumulated gradient, averaged over
+    ranks (FSDP), is the gradient of the generation batch's loss (TRL's accumulation rules)."""
+    return float(world) if loss_type == "dapo" else 1.0 / n_micro
+
+
+def prepare_z0(sampler, train_used: list[dict], test: list[dict], path: str, args: Args, reuse: bool) -> tuple[dict, dict]:
+    """z0 for every training problem the run will use and every held-out problem (Alg. 2: the
+    initial attempt of the frozen base). Sampled now, while the engine still holds the base
+    weights, in shares over the ranks; stored in `path`, which a resumed run reuses."""
+    z0s = {}
+    if reuse and os.path.exists(path):
+        z0s = {(r["split"], r["id"]): r["z0"] for r in utils.read_records(path, ["split", "id", "z0"])}
+    todo = {"train": [p for p in train_used if ("train", p["id"]) not in z0s],
+            "test": [p for p in test if ("test", p["id"]) not in z0s]}
+    if todo["train"] or todo["test"]:
+        if reuse:
+            raise utils.UserError(f"{path}: attempts missing for a resumed run (the base weights are gone)")
+        rank, world, t0 = utils.rank(), utils.world_size(), time.time()
+        for k, (split, probs) in enumerate(todo.items()):
+            for part in all_gather(sample_z0(sampler, probs[rank::world], args, args.seed * 100003 + 11 * k + rank)):
+                z0s.update({(split, i): z for i, z in part.items()})
+        if utils.is_main():
+            utils.write_jsonl(path, [{"split": s, "id": i, "z0": z} for (s, i), z in sorted(z0s.items())])
+        utils.print0(f"sampled z0 for {len(todo['train'])} train and {len(todo['test'])} held-out problems "
+                     f"in {time.time() - t0:.0f}s")
+    split = lambda name: {i: z for (s, i), z in z0s.items() if s == name}  # noqa: E731
+    return split("train"), split("test")
+
+
+def policy_update(model, ref, opt, sched, rows, adv_final, episode, args: Args, world: int, pad_id: int):
+    """Loss and update on one generation batch: micro-batches with gradient accumulation,
+    --num-iterations optimizer steps; old (and reference) log-probs come from the first pass,
+    before any update of this batch. `episode` is (adv_z1, adv_z2, z1_tokens) or None.
+    Returns the per-micro-batch metrics (first pass first) and the last gradient norm."""
+    M = args.micro_batch_size
+    n_micro = len(rows) // M
+    num_items = torch.tensor(float(sum(r["num_tokens"] for r in rows)))  # dapo: tokens of the whole batch
+    if utils.is_distributed():
+        torch.distributed.all_reduce(num_items)
+    old_logp, ref_logp, stats = {}, {}, []
+    for it in range(args.num_iterations):
+        for k in range(n_micro):
+            mb, sl = rows[k * M:(k + 1) * M], slice(k * M, (k + 1) * M)
+            ctx, comp = [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb]
+            logp, mask, ent = completion_logprobs(model, ctx, comp, pad_id, args.temperature, with_entropy=it == 0)  # (M, T)
+            samp = pad_floats([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in mb]).to(logp.device)  # (M, T)
+            if it == 0:
+                old_logp[k] = logp.detach()
+                if ref is not None:
+                    with torch.no_grad():
+                        ref_logp[k] = completion_logprobs(ref, ctx, comp, pad_id, args.temperature)[0]
+            adv = adv_final[sl]  # (M,): `final`, broadcast over the tokens
+            if episode is not None:
+                adv = assign_advantages(episode[0][sl], episode[1][sl], episode[2][sl], logp.shape[1])  # (M, T)
+            loss, m = grpo_loss(logp, old_logp[k], ref_logp.get(k), adv.to(logp.device), mask,
+                                loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
+                                num_items=num_items, max_completion_length=args.max_completion_length,
+                                sampler_logp=samp if args.is_correction else None, is_cap=args.is_cap)
+            (loss * micro_batch_scale(args.loss_type, n_micro, world)).backward()
+            if it == 0:  # the proof that weights synced: the engine's and the trainer's log-probs agree
+                m["entropy"] = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
+                m["logprob_gap"] = ((samp - logp.detach()).abs() * mask).sum().item() / max(1.0, mask.sum().item())
+            m["loss"] = loss.item()
+            stats.append(m)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+    return stats, float(grad_norm)
+
+
+def step_record(step, G, glob, rows, stats, n_micro, grad_norm, lr, times) -> dict:
+    """One metrics line: rewards over all ranks (glob = outcome, gain, reward, tokens, each
+    (B * world,)), loss statistics token-weighted then averaged over ranks, timings."""
+    g_out, g_gain, g_rew, g_ntok = glob
+    wmean = lambda key, ss: sum(s[key] * s["tokens"] for s in ss) / max(1.0, sum(s["tokens"] for s in ss))  # noqa: E731
+    keys = ("clip_low", "clip_high", "clip_region", "ratio", "kl", "is_weight")
+    local = torch.tensor([wmean("entropy", stats[:n_micro]), wmean("logprob_gap", stats[:n_micro])] +
+                         [wmean(k, stats) for k in keys] + [sum(r["truncated"] for r in rows),
+                                                             max(s["ratio_max"] for s in stats), *times])
+    per_rank = torch.stack(all_gather(local))  # (world, 13)
+    avg = per_rank.mean(0)
+    t_sample, t_train, t_step = per_rank[:, 10].max().item(), per_rank[:, 11].max().item(), per_rank[:, 12].max().item()
+    rec = {"step": step, "reward_mean": g_rew.mean().item(), "reward_std": g_rew.std().item(),
+           "accuracy": g_out.mean().item(), "info_gain_mean": g_gain.mean().item(),
+           "zero_std_groups": (g_rew.view(-1, G).std(1) == 0).float().mean().item(),
+           "completion_len_mean": g_ntok.mean().item(), "completion_len_max": g_ntok.max().item(),
+           "truncated_share": per_rank[:, 8].sum().item() / len(g_ntok),
+           "entropy": avg[0].item(), "logprob_gap": avg[1].item(), **{k: avg[2 + i].item() for i, k in enumerate(keys)},
+           "ratio_max": per_rank[:, 9].max().item(), "grad_norm": grad_norm, "lr": lr,
+           "loss": float(np.mean([s["loss"] for s in stats])),
+           "tokens_per_s": g_ntok.sum().item() / max(1e-9, t_sample),
+           "time_sample": t_sample, "time_train": t_train, "time_step": t_step}
+    rec["ratio_mean"] = rec.pop("ratio")
+    return rec
+
+
 def default_model() -> tuple[str, dict]:
     """The toy task: runs/warmstart/model if it exists, else the toy base (built if missing)."""
     import toy
@@ -526,25 +612,22 @@ def default_model() -> tuple[str, dict]:
     return ("runs/warmstart/model" if os.path.isdir("runs/warmstart/model") else paths["base"]), paths
 
 
-def micro_batch_scale(loss_type: str, n_micro: int, world: int) -> float:
-    """Factor on each micro-batch's grpo_loss so that the accumulated gradient, averaged over
-    ranks (FSDP), is the gradient of the generation batch's loss (TRL's accumulation rules)."""
-    return float(world) if loss_type == "dapo" else 1.0 / n_micro
+# --------------------------------------------------------------------------------------
+# Main: Alg. 2
+# --------------------------------------------------------------------------------------
 
 
 def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     """Train; returns the held-out accuracies {"start", "end"}. `sampler`: an engine already
-    built on the starting model (tests reuse one); its weights are overwritten."""
+    built on the starting model to reuse (tests); its weights are overwritten."""
     rank, world, device = utils.init_distributed()
     args = resolve_args(args, world)
     out = args.out or os.path.join("runs", "grpo", args.variant)
     fmt = variant_format(args.variant)
     model_path, toy_paths = args.model, None
-    if not model_path or not args.train_data or not args.test_data:
+    if not (args.model and args.train_data and args.test_data):
         default_path, toy_paths = default_model()
         model_path = model_path or default_path
-    train_path = args.train_data or toy_paths["train"]
-    test_path = args.test_data or toy_paths["test"]
     utils.seed_everything(args.seed)
     utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world {world}, "
                  f"{args.prompts_per_step} prompts x {args.group_size} per rank per step, {args.steps} steps")
@@ -562,155 +645,81 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         ref = utils.shard_model(utils.load_model(model_path, args.dtype, device)).eval().requires_grad_(False)
     meta_prover = None
     if args.alpha != 0.0 or args.assign == "episode":
-        mu_sampler = sampler if not args.mu_model else utils.Sampler(args.mu_model, seed=args.seed, dtype=args.dtype)
-        meta_prover = MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens)
+        mu = sampler if not args.mu_model else utils.Sampler(args.mu_model, seed=args.seed, dtype=args.dtype)
+        meta_prover = MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, args.steps * args.num_iterations))
 
-    train = load_problems(train_path, args, tok)
-    test = load_problems(test_path, args, tok)[: args.eval_problems]
-    P, G, world_prompts = args.prompts_per_step, args.group_size, args.prompts_per_step * world
-    start_step, data_pos = 0, 0
-    ckpt_path = os.path.join(out, "checkpoint.pt")
+    # -- data and resume -------------------------------------------------------------------
+    train = load_problems(args.train_data or toy_paths["train"], args, tok)
+    test = load_problems(args.test_data or toy_paths["test"], args, tok)[: args.eval_problems]
+    P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world
+    start, data_pos = 0, 0
+    ckpt_path, eval_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "eval.json")
     if args.resume:
         extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
-        start_step, data_pos = extra["step"], extra["data_position"]
+        start, data_pos = extra["step"], extra["data_position"]
         sampler.sync_weights(model)  # the engine must sample from the restored weights
-        utils.print0(f"resumed from {ckpt_path} at step {start_step}")
-    step_problems = lambda step: [train[problem_index(data_pos + (step - start_step) * world_prompts + rank * P + j,  # noqa: E731
-                                                     len(train), args.seed)] for j in range(P)]
+        utils.print0(f"resumed from {ckpt_path} at step {start}")
+    position = lambda step, j: data_pos + (step - start) * per_step + j  # noqa: E731  (j: 0 .. per_step-1)
+    batch_of = lambda step: [train[problem_index(position(step, rank * P + j), len(train), args.seed)] for j in range(P)]  # noqa: E731
 
-    # -- z0 from the frozen base for every problem the run will use (Alg. 2, line 2) --------
-    z0_path, eval_path = os.path.join(out, "z0.jsonl"), os.path.join(out, "eval.json")
-    z0s, evals = {}, {}
+    # -- z0 from the frozen base for every problem the run will use (Alg. 2) --------------
+    train_z0, test_z0 = {}, {}
     if fmt == "backtrack":
-        if args.resume and os.path.exists(z0_path):
-            z0s = {(r["split"], r["id"]): r["z0"] for r in utils.read_records(z0_path, ["split", "id", "z0"])}
-        used = {p["id"]: p for step in range(start_step, args.steps) for p in
-                [train[problem_index(data_pos + (step - start_step) * world_prompts + j, len(train), args.seed)]
-                 for j in range(world_prompts)]}
-        todo = {"train": [p for i, p in sorted(used.items()) if ("train", i) not in z0s],
-                "test": [p for p in test if ("test", p["id"]) not in z0s]}
-        if todo["train"] or todo["test"]:
-            assert start_step == 0, f"{z0_path} is missing attempts: the engine no longer holds the base weights"
-            t0 = time.time()
-            for split, probs in todo.items():
-                z0s.update({(split, i): z for i, z in shared_z0(sampler, probs, args, args.seed * 7 + len(split), rank, world).items()})
-            if utils.is_main():
-                utils.write_jsonl(z0_path, [{"split": s, "id": i, "z0": z} for (s, i), z in sorted(z0s.items())])
-            utils.print0(f"sampled z0 for {len(todo['train'])} train and {len(todo['test'])} test problems "
-                         f"in {time.time() - t0:.0f}s")
-    train_z0 = {i: z for (s, i), z in z0s.items() if s == "train"}
-    test_z0 = {i: z for (s, i), z in z0s.items() if s == "test"}
+        used = {train[problem_index(position(s, j), len(train), args.seed)]["id"]: None
+                for s in range(start, args.steps) for j in range(per_step)}
+        train_z0, test_z0 = prepare_z0(sampler, [train[i] for i in sorted(used)], test, os.path.join(out, "z0.jsonl"),
+                                       args, reuse=args.resume)
+    evals = json.load(open(eval_path)) if args.resume and os.path.exists(eval_path) else {}
     eval_seed = args.seed * 100003 + 77777
-    if args.resume and os.path.exists(eval_path):
-        evals = json.load(open(eval_path))
     if test and "start" not in evals:
         evals["start"] = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
         utils.print0(f"held-out accuracy at start: {evals['start']:.4f} ({len(test)} problems x {args.eval_samples})")
         if utils.is_main():
             utils.write_json(eval_path, evals)
 
-    logger = utils.JsonlLogger(os.path.join(out, "metrics.jsonl"), resume_step=start_step if args.resume else None)
-    sample_log = utils.JsonlLogger(os.path.join(out, "samples.jsonl"), resume_step=start_step if args.resume else None)
+    logger = utils.JsonlLogger(os.path.join(out, "metrics.jsonl"), resume_step=start if args.resume else None)
+    sample_log = utils.JsonlLogger(os.path.join(out, "samples.jsonl"), resume_step=start if args.resume else None)
     from tqdm import tqdm
 
-    bar = tqdm(range(start_step, args.steps), desc=f"grpo {args.variant}", disable=not utils.is_main(),
-               initial=start_step, total=args.steps)
+    bar = tqdm(range(start, args.steps), desc=f"grpo {args.variant}", disable=not utils.is_main(),
+               initial=start, total=args.steps)
     for step in bar:
-        step_seed = args.seed * 100003 + step * world + rank
-        problems = step_problems(step)
+        t_step = time.time()
 
-        # ---- sample: G continuations per problem from the current policy ----------------
-        t0 = time.time()
-        rows = rollout(sampler, problems, train_z0, args, step_seed, meta_prover)
-        t_sample = time.time() - t0
+        # ---- sample: G continuations per problem from the current policy (seeded per step and rank)
+        rows = rollout(sampler, batch_of(step), train_z0, args, args.seed * 100003 + step * world + rank, meta_prover)
+        t_sample = time.time() - t_step
 
-        # ---- reward: R = r + alpha * I (- lambda * length); gathered for batch scaling ------
+        # ---- reward: R = r + alpha * I - lambda * length, gathered over ranks ---------------
         outcome = torch.tensor([r["outcome"] for r in rows])  # (B,)
         gain = torch.tensor([r["gain"] for r in rows])  # (B,)
         ntok = torch.tensor([r["num_tokens"] for r in rows], dtype=torch.float)  # (B,)
         reward = combine_rewards(outcome, gain, args.alpha, ntok, args.length_penalty, args.max_completion_length)
         glob = torch.cat(all_gather(torch.stack([outcome, gain, reward, ntok])), 1)  # (4, B * world)
-        g_out, g_gain, g_rew, g_ntok = glob
 
-        # ---- advantage: group-normalized, assigned to tokens ---------------------------------
-        sl = slice(rank * P * G, (rank + 1) * P * G)
-        adv_final = group_advantages(g_rew, G, args.scale_rewards)[sl]  # (B,)
-        if args.assign == "episode":
-            outcome_pen = combine_rewards(g_out, torch.zeros_like(g_out), 0.0, g_ntok, args.length_penalty,
-                                          args.max_completion_length)
-            adv_z2 = group_advantages(outcome_pen, G, args.scale_rewards)[sl]  # (B,)
-            adv_z1 = args.alpha * group_advantages(g_gain, G, args.scale_rewards)[sl]  # (B,)
-            z1_tokens = torch.tensor([r["z1_tokens"] for r in rows])  # (B,)
+        # ---- advantage: group-normalized (groups never straddle ranks; `batch` scale sees all)
+        mine = slice(rank * P * G, (rank + 1) * P * G)
+        adv_final = group_advantages(glob[2], G, args.scale_rewards)[mine]  # (B,)
+        episode = None
+        if args.assign == "episode":  # z1 tokens: alpha * A(gain); z2 tokens: A(outcome - length penalty)
+            r2 = combine_rewards(glob[0], 0 * glob[1], 0.0, glob[3], args.length_penalty, args.max_completion_length)
+            episode = (args.alpha * group_advantages(glob[1], G, args.scale_rewards)[mine],
+                       group_advantages(r2, G, args.scale_rewards)[mine],
+                       torch.tensor([r["z1_tokens"] for r in rows]))  # (B,) each
 
-        # ---- loss and update: micro-batches, accumulation, num_iterations passes --------------
+        # ---- loss and update ----------------------------------------------------------------
         t1 = time.time()
-        M = args.micro_batch_size
-        n_micro = len(rows) // M
-        num_items = torch.tensor(float(sum(r["num_tokens"] for r in rows)))
-        if utils.is_distributed():
-            torch.distributed.all_reduce(num_items)
-        old_logp, ref_logp, stats = {}, {}, []
-        sampler_logps = [pad_floats([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in rows[k * M:(k + 1) * M]])
-                         for k in range(n_micro)]  # (M, T) each
-        for it in range(args.num_iterations):
-            for k in range(n_micro):
-                mb = rows[k * M:(k + 1) * M]
-                logp, mask, ent = completion_logprobs(model, [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb],
-                                                      tok.pad_token_id, args.temperature, with_entropy=it == 0)
-                T = logp.shape[1]
-                samp = sampler_logps[k][:, :T].to(logp.device)  # (M, T) the engine's log-probs
-                if it == 0:  # old log-probs: the weights before any update of this batch
-                    old_logp[k] = logp.detach()
-                    if ref is not None:
-                        with torch.no_grad():
-                            ref_logp[k] = completion_logprobs(ref, [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb],
-                                                              tok.pad_token_id, args.temperature)[0]
-                adv = adv_final[k * M:(k + 1) * M]
-                if args.assign == "episode":
-                    adv = assign_advantages(adv_z1[k * M:(k + 1) * M], adv_z2[k * M:(k + 1) * M],
-                                            z1_tokens[k * M:(k + 1) * M], T)
-                loss, m = grpo_loss(logp, old_logp[k], ref_logp.get(k), adv.to(logp.device), mask,
-                                    loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high,
-                                    beta=args.beta, num_items=num_items, max_completion_length=args.max_completion_length,
-                                    sampler_logp=samp if args.is_correction else None, is_cap=args.is_cap)
-                (loss * micro_batch_scale(args.loss_type, n_micro, world)).backward()
-                if it == 0:
-                    m["entropy"] = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
-                    m["logprob_gap"] = ((samp - logp.detach()).abs() * mask).sum().item() / max(1.0, mask.sum().item())
-                m["loss"] = loss.item()
-                stats.append(m)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
+        stats, grad_norm = policy_update(model, ref, opt, sched, rows, adv_final, episode, args, world, tok.pad_token_id)
         t_train = time.time() - t1
 
-        # ---- sync: the engine samples the next batch from the new weights -----------------------
+        # ---- sync: the engine samples the next batch from the new weights --------------------
         sampler.sync_weights(model)
 
-        # ---- metrics, samples, checkpoint -------------------------------------------------------
-        g_rew_groups = g_rew.view(-1, G)
-        first = [s for s in stats[:n_micro]]
-        wsum = lambda key, ss: sum(s[key] * s["tokens"] for s in ss) / max(1.0, sum(s["tokens"] for s in ss))  # noqa: E731
-        local = torch.tensor([wsum(k, first) for k in ("entropy", "logprob_gap")] +
-                             [wsum(k, stats) for k in ("clip_low", "clip_high", "clip_region", "ratio", "kl", "is_weight")] +
-                             [sum(r["truncated"] for r in rows), max(s["ratio_max"] for s in stats), t_sample, t_train])
-        glob_stats = torch.stack(all_gather(local))  # (world, 12)
-        avg = glob_stats.mean(0)
-        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        rec = {"step": step + 1, "reward_mean": g_rew.mean().item(), "reward_std": g_rew.std().item(),
-               "accuracy": g_out.mean().item(), "info_gain_mean": g_gain.mean().item(),
-               "zero_std_groups": (g_rew_groups.std(1) == 0).float().mean().item(),
-               "completion_len_mean": g_ntok.mean().item(), "completion_len_max": g_ntok.max().item(),
-               "truncated_share": glob_stats[:, 8].sum().item() / len(g_ntok),
-               "entropy": avg[0].item(), "logprob_gap": avg[1].item(), "clip_low": avg[2].item(),
-               "clip_high": avg[3].item(), "clip_region": avg[4].item(), "ratio_mean": avg[5].item(),
-               "ratio_max": glob_stats[:, 9].max().item(), "kl": avg[6].item(), "is_weight": avg[7].item(),
-               "grad_norm": float(gn), "loss": float(np.mean([s["loss"] for s in stats])), "lr": sched.get_last_lr()[0],
-               "tokens_per_s": g_ntok.sum().item() / max(1e-9, glob_stats[:, 10].max().item()),
-               "time_sample": glob_stats[:, 10].max().item(), "time_train": glob_stats[:, 11].max().item()}
+        # ---- log, checkpoint -------------------------------------------------------------------
+        rec = step_record(step + 1, G, glob, rows, stats, len(rows) // args.micro_batch_size, grad_norm,
+                          sched.get_last_lr()[0], (t_sample, t_train, time.time() - t_step))
         logger.log(rec)
         sample_log.log({"step": step + 1, "problem": rows[0]["problem"]["problem"], "gold": rows[0]["problem"]["answer"],
                         "z0": train_z0.get(rows[0]["problem"]["id"], ""),
@@ -719,11 +728,10 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
                                         for i, r in enumerate(rows[:G])]})
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}", gap=f"{rec['logprob_gap']:.1e}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            utils.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1,
-                                  data_position=data_pos + (step + 1 - start_step) * world_prompts,
+            utils.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, data_position=position(step + 1, 0),
                                   args=dataclasses.asdict(args))
 
-    # -- end: held-out accuracy, final model with its card ------------------------------------
+    # -- end: held-out accuracy, final model with its card --------------------------------------
     if test:
         evals["end"] = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
         utils.print0(f"held-out accuracy: start {evals['start']:.4f} -> end {evals['end']:.4f} "

@@ -41,8 +41,9 @@ class Args:
     """sampling temperature"""
     repeats: int = 1
     """timed calls per backend (after one warm-up call)"""
-    backends: str = "vllm,hf"
-    """comma-separated backends to measure"""
+    backends: str = "hf,vllm"
+    """comma-separated backends, measured in this order (hf first: once a vLLM engine has run
+    on CPU, vLLM blocks torch.set_num_threads for the rest of the process)"""
     out: str = "runs/bench/sampling_throughput.json"
     """where the numbers are also written as JSON ('' to skip)"""
 
@@ -50,7 +51,7 @@ class Args:
 def measure(backend: str, prompts: list[str], args: Args, threads: int) -> dict:
     import torch
 
-    torch.set_num_threads(threads)  # a vLLM Sampler sets 1 on CPU for the process; start each backend equal
+    torch.set_num_threads(threads)  # the process default (a vLLM Sampler sets 1 on CPU for itself)
     sampler = utils.Sampler(args.model, backend=backend, seed=0)
     threads = torch.get_num_threads()
     sampler.generate(prompts[:2], n=2, temperature=args.temperature, max_tokens=16, seed=1)  # warm-up

@@ -255,21 +255,29 @@ def test_real_run_both_modes(toy_paths, toy_sampler, tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["missing_file", "malformed", "missing_field", "bad_answer", "bad_model"])
+GOOD = json.dumps({"problem": "Start with 2. Add 3. What is the result?", "answer": "5"})
+BAD_INPUTS = {  # case: (data lines, extra flags, expected part of the message)
+    "missing_file": (None, [], "no such file"),
+    "malformed": ([GOOD, "{not json"], [], ":2: malformed JSON"),
+    "missing_field": ([GOOD, '{"problem": "x"}'], [], ":2: missing field 'answer'"),
+    "renamed_field": ([GOOD], ["--answer-field", "solution"], ":1: missing field 'solution'"),
+    "bad_answer": ([GOOD, json.dumps({"problem": "x", "answer": "{"})], [], "unparsable answer"),
+    "bad_model": ([GOOD], [], "model path does not exist"),
+    "bad_mode": ([GOOD], ["--modes", "serial"], "--modes"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
+    lines, flags, message = BAD_INPUTS[case]
     data = tmp_path / "data.jsonl"
-    good = json.dumps({"problem": "Start with 2. Add 3. What is the result?", "answer": "5"})
-    lines = {"missing_file": None, "malformed": [good, "{not json"], "missing_field": [good, '{"problem": "x"}'],
-             "bad_answer": [good, json.dumps({"problem": "x", "answer": "{"})], "bad_model": [good]}[case]
     if lines:
         data.write_text("\n".join(lines) + "\n")
     model = str(tmp_path / "no-model") if case == "bad_model" else toy_paths["base"]
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "evaluate.py", "--models", f"m={model}", "--data", str(data), "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "evaluate.py", "--models", f"m={model}", "--data", str(data), "--out", str(out),
+                        *flags], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     err = p.stderr.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("error: ")
-    assert {"missing_file": "no such file", "malformed": ":2: malformed JSON", "missing_field": ":2: missing field 'answer'",
-            "bad_answer": "unparsable answer", "bad_model": "model path does not exist"}[case] in err[0]
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()

@@ -1,0 +1,667 @@
+"""warmstart.py: backtrack traces by beam search, then warmstart SFT (MRT paper Sec. 6.2, Fig. 5, 6).
+
+For each training problem x (gold answer y):
+  search   beam search over solution steps with no process reward model. A node is a solution
+           prefix ending at a step boundary (--step-delimiter); its value V(node) is the success
+           rate of M rollouts to the end from it (infogain.MetaProver with suffix "": mu
+           completes the solution; the M rollouts are one request, so they share the node's
+           prefill). Each kept node is expanded with b sampled next steps (generation stops at
+           the delimiter); the children are scored (a complete child by its 0/1 grade) and the
+           best B by value are kept, through depth D or until every kept node is complete.
+           A few plain attempts of the model (--attempts) are sampled next to the tree.
+  traces   walk the tree (the paper's "Backtrack" scheme): an incorrect attempt z0 (a wrong
+           complete leaf of the tree or a wrong plain attempt); the node u on z0's path with the
+           highest value (ties: the latest) from which the tree holds a correct leaf L whose
+           next step differs from z0's; then the trace
+               z0 + "\\n" + MARKER + "\\n" + (L's text after u)      ("Step k: ...", k = depth(u) + 1)
+           so the restart shares z0's prefix up to step k (steps 1..k-1 stand, step k is redone)
+           and z2 is L's correct completion from u. infogain.split_backtrack parses it back into
+           z0, z1 (marker through the restart line) and z2.
+  sft      fine-tune the model on (prompt, trace) pairs, loss on the completion tokens only
+           (EOS included), FSDP2 under torchrun; training loss and tokens seen per step go to
+           <out>/log.jsonl for Fig. 6.
+
+The comparison schemes of Fig. 6 (--scheme): `rise` stitches the incorrect attempt to an
+unrelated correct solution from the start (restart at Step 1, as RISE's self-correction);
+`rejection` keeps correct direct solutions only (rejection-sampling SFT).
+
+Run (the toy task and base model are the default; a few minutes on 2 CPU cores):
+    python warmstart.py                                   # Backtrack scheme -> runs/warmstart/
+    python warmstart.py --scheme rise --search-from runs/warmstart/search.jsonl       # same tree
+    python warmstart.py --scheme rejection --search-from runs/warmstart/search.jsonl
+    python warmstart.py --plot runs/warmstart/log.jsonl runs/warmstart-rise/log.jsonl \\
+        runs/warmstart-rejection/log.jsonl              # Fig. 6: loss vs tokens, three schemes
+    torchrun --nproc_per_node 2 warmstart.py             # 2 ranks: problems and batches split
+    torchrun --nproc_per_node 8 warmstart.py --model meta-llama/Llama-3.1-8B-Instruct \\
+        --data numina.jsonl --preset paper --gradient-checkpointing     # Table 1, 8 GPUs
+    python warmstart.py --resume                         # reuse <out>/search.jsonl, resume SFT
+
+Outputs in <out> (default runs/warmstart, runs/warmstart-<scheme> for the other schemes):
+search.jsonl (every tree: nodes with text, depth, value, completeness, grade; the plain
+attempts), traces.jsonl (problem, answer, prompt, z0, restart_step, z1, z2, completion, the
+values of z0's prefix nodes, the restart value, z0's source), log.jsonl (per SFT step: loss,
+tokens, lr, grad norm), checkpoint.pt, summary.json (search and trace counts), model/ with
+mrt.json ("format": "backtrack" for backtrack/rise, "direct" for rejection).
+
+Decisions (the paper publishes no code for this stage):
+- The restart node is the highest-value node on z0's path that has a correct leaf in the tree
+  branching off z0 right after it; ties go to the latest (deepest) node, so the restart
+  redoes as few steps as the values allow. On the toy task the values grow along a correct
+  prefix, so this is usually the step where z0 slipped.
+- Restarts need step labels: the trace text names "Step k:", so a restart is used only when
+  z0 and L carry "Step k:" at the branching point (the toy always does; for real models ask
+  for labeled steps in --instruction). Unlabeled candidates are skipped and counted.
+- Up to --traces-per-problem traces per problem, z0 drawn (seeded) from distinct wrong
+  leaves and wrong attempts; `rise` uses the same z0s, `rejection` the same number of
+  distinct correct solutions, so the three schemes see the same problems.
+- LR schedule: linear warmup (--warmup-ratio), then cosine to 0. Table 1 gives lr, epochs,
+  batch, length, dtype and warmup; the schedule shape, weight decay and beam sizes of the
+  paper preset are assumptions.
+- SFT loss: token mean over the completion tokens of the whole optimizer batch (all ranks and
+  accumulation steps). Each epoch is a fresh seeded permutation, wrapped around to a multiple
+  of the batch size, so every rank runs the same number of micro-batches.
+"""
+
+from __future__ import annotations
+
+import codecs
+import dataclasses
+import gc
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+
+# One OpenMP thread unless told otherwise: the vLLM engine and the trainer share this process,
+# and OpenMP spin-waits slow both on a shared CPU (as in grpo.py). Must precede `import torch`.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import utils  # noqa: E402
+from infogain import MetaProver, encode, restart_prefix, split_backtrack  # noqa: E402
+
+SCHEMES = {"backtrack": "backtrack", "rise": "backtrack", "rejection": "direct"}  # scheme -> model format
+
+PRESETS = {
+    # toy: runs with no arguments on 2 CPU cores in a few minutes
+    "toy": dict(problems=96, beam_width=2, expansions=4, rollouts=4, max_depth=8, step_delimiter="\\n",
+                max_step_tokens=24, max_tokens=160, attempts=4, traces_per_problem=2, search_batch=48,
+                lr=1e-3, epochs=3, batch_size=16, micro_batch_size=8, max_length=512, warmup_ratio=0.1,
+                weight_decay=0.0, save_every=20),
+    # paper: Table 1 (lr 1e-6, 3 epochs, batch 256, max length 4096, bf16, warmup 0.1); search sizes assumed
+    "paper": dict(problems=0, beam_width=4, expansions=4, rollouts=8, max_depth=24, step_delimiter="\\n\\n",
+                  max_step_tokens=512, max_tokens=4096, attempts=4, traces_per_problem=1, search_batch=64,
+                  lr=1e-6, epochs=3, batch_size=256, micro_batch_size=4, max_length=4096, warmup_ratio=0.1,
+                  weight_decay=0.0, save_every=50),
+}
+
+
+@dataclass
+class Args:
+    scheme: str = "backtrack"
+    """backtrack | rise | rejection: how traces are built from the search (Fig. 6)"""
+    preset: str = "auto"
+    """toy | paper | auto (toy when --model is empty, else paper): defaults of the None fields"""
+    model: str = ""
+    """model to search with and fine-tune ('' : the toy base, built if missing)"""
+    data: str = ""
+    """training problems, .jsonl or .parquet ('' : the toy train split)"""
+    problem_key: str = "problem"
+    """field holding the problem text"""
+    answer_key: str = "answer"
+    """field holding the gold answer"""
+    instruction: str = utils.DEFAULT_INSTRUCTION
+    """instruction in the user turn for models with a chat template (ask for "Step k:" labels)"""
+    out: str = ""
+    """run folder ('' : runs/warmstart for backtrack, runs/warmstart-<scheme> otherwise)"""
+    search_from: str = ""
+    """reuse the trees of this search.jsonl instead of searching (e.g. for another scheme)"""
+    resume: bool = False
+    """reuse <out>/search.jsonl if present and continue SFT from <out>/checkpoint.pt"""
+    seed: int = 0
+    """seeds sampling, trace choice, data order and initialisation"""
+    plot: list[str] = field(default_factory=list)
+    """plot only: SFT log.jsonl files of several runs -> Fig. 6 (loss vs tokens) at --plot-out"""
+    plot_out: str = "runs/warmstart/fig6_loss.png"
+    """where --plot writes the figure"""
+    # search
+    problems: int | None = None
+    """training problems to search (0: all)"""
+    beam_width: int | None = None
+    """B: nodes kept per depth"""
+    expansions: int | None = None
+    """b: next steps sampled per kept node"""
+    rollouts: int | None = None
+    """M: rollouts to the end that estimate a node's value"""
+    max_depth: int | None = None
+    """D: most steps a solution may have"""
+    step_delimiter: str | None = None
+    """text that ends a step (escapes such as \\n are read)"""
+    max_step_tokens: int | None = None
+    """token limit of one sampled step (longer steps are dropped)"""
+    max_tokens: int | None = None
+    """token limit of a rollout and of a plain attempt"""
+    temperature: float = 1.0
+    """sampling temperature of steps, rollouts and attempts"""
+    attempts: int | None = None
+    """plain attempts per problem (z0 candidates, and the single-sample baseline of the search)"""
+    traces_per_problem: int | None = None
+    """most traces built from one problem's tree"""
+    search_batch: int | None = None
+    """problems searched together (progress granularity)"""
+    # SFT
+    lr: float | None = None
+    """peak learning rate (AdamW)"""
+    epochs: int | None = None
+    """passes over the traces"""
+    batch_size: int | None = None
+    """sequences per optimizer step, over all ranks"""
+    micro_batch_size: int | None = None
+    """sequences per forward/backward on one rank"""
+    max_length: int | None = None
+    """prompt + completion tokens; longer completions are cut"""
+    warmup_ratio: float | None = None
+    """fraction of optimizer steps in linear warmup"""
+    weight_decay: float | None = None
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0: off)"""
+    save_every: int | None = None
+    """SFT checkpoint every N optimizer steps (and at the end)"""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward"""
+    z0_loss: bool = False
+    """also train on the (wrong) attempt z0; default: z0 is context, loss on z1 + z2 only"""
+
+
+def resolve_args(args: Args, world: int = 1) -> Args:
+    """Fill the None fields from the preset, check them, derive sizes."""
+    if args.scheme not in SCHEMES:
+        raise utils.UserError(f"--scheme must be one of {sorted(SCHEMES)}, got {args.scheme!r}")
+    preset = args.preset if args.preset != "auto" else ("toy" if not args.model else "paper")
+    if preset not in PRESETS:
+        raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
+    fill = {k: v for k, v in PRESETS[preset].items() if getattr(args, k) is None}
+    args = dataclasses.replace(args, preset=preset, **fill)
+    args.step_delimiter = codecs.decode(args.step_delimiter, "unicode_escape") if "\\" in args.step_delimiter else args.step_delimiter
+    check_sft_args(args, world)
+    for name in ("beam_width", "expansions", "rollouts", "max_depth", "max_step_tokens", "max_tokens",
+                 "attempts", "traces_per_problem", "search_batch"):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.problems < 0 or not args.step_delimiter:
+        raise utils.UserError("--problems must be >= 0 and --step-delimiter non-empty")
+    return args
+
+
+def check_sft_args(args, world: int) -> None:
+    """The SFT fields shared with star.py: batch_size must split into micro-batches on every rank."""
+    if args.lr <= 0 or args.epochs < 1 or args.max_length < 2 or not 0 <= args.warmup_ratio < 1:
+        raise utils.UserError("--lr > 0, --epochs >= 1, --max-length >= 2 and 0 <= --warmup-ratio < 1 are needed")
+    if args.micro_batch_size < 1 or args.batch_size % (world * args.micro_batch_size):
+        raise utils.UserError(f"--batch-size {args.batch_size} must be a multiple of world size {world} x "
+                              f"--micro-batch-size {args.micro_batch_size}")
+
+
+# --------------------------------------------------------------------------------------
+# Beam search with rollout value estimates (Sec. 6.2: no PRM, values from the 0/1 outcome)
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Node:
+    """A solution prefix in one problem's search tree."""
+
+    id: int
+    parent: int
+    """id of the parent node (-1 for the root)"""
+    depth: int
+    """steps in the prefix (the root, the empty prefix, has 0)"""
+    text: str
+    """the solution so far (after the prompt); ends with the step delimiter unless complete"""
+    value: float | None = None
+    """success rate of M rollouts from the node (a complete node: its 0/1 grade)"""
+    complete: bool = False
+    """the model ended the solution here (EOS or a boxed answer)"""
+    correct: bool = False
+    """complete and graded correct"""
+    kept: bool = False
+    """kept in the beam at its depth"""
+
+
+def any_rank(flag: bool) -> bool:
+    """True when the flag is true on any rank (every rank loops the same number of times)."""
+    if not utils.is_distributed():
+        return flag
+    t = torch.tensor([float(flag)])
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def beam_search(sampler: utils.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int) -> list[list[Node]]:
+    """One tree per problem, searched together: per depth, one generate call expands every kept
+    node of every problem and one meta-prover call values every new non-terminal child."""
+    tok, delim = sampler.tokenizer, args.step_delimiter
+    mu = MetaProver(sampler, suffix="", m=args.rollouts, temperature=args.temperature, max_tokens=args.max_tokens)
+    trees = [[Node(0, -1, 0, "", kept=True)] for _ in prompts]
+    for tree, v in zip(trees, mu.success_rates(prompts, golds, seed=seed)):
+        tree[0].value = float(v)
+    frontier = [[0] for _ in prompts]  # kept, incomplete nodes to expand
+    for depth in range(1, args.max_depth + 1):
+        todo = [(i, nid) for i, f in enumerate(frontier) for nid in f]
+        if not any_rank(bool(todo)):
+            break
+        # ---- expand: b next steps per kept node, generation stops at the delimiter ----------
+        outs = sampler.generate([encode(tok, prompts[i] + trees[i][nid].text) for i, nid in todo], n=args.expansions,
+                                temperature=args.temperature, max_tokens=args.max_step_tokens, stop=[delim],
+                                seed=seed + depth, logprobs=False)
+        children: list[list[int]] = [[] for _ in prompts]
+        for (i, nid), group in zip(todo, outs):
+            seen = {n.text for n in trees[i]}
+            for s in group:
+                ended = bool(s.token_ids) and s.token_ids[-1] == tok.eos_token_id
+                complete = ended or utils.extract_boxed(s.text) is not None
+                if s.finish_reason == "length" or (not complete and not s.text.strip()):
+                    continue  # a step that does not end, or an empty one
+                text = trees[i][nid].text + (s.text.rstrip() if complete else s.text + delim)
+                if text in seen:
+                    continue
+                seen.add(text)
+                node = Node(len(trees[i]), nid, depth, text, complete=complete)
+                if complete:
+                    node.correct = utils.grade(text, golds[i]) == 1.0
+                    node.value = float(node.correct)
+                trees[i].append(node)
+                children[i].append(node.id)
+        # ---- value: M rollouts to the end from every new incomplete child --------------------
+        pending = [(i, c) for i in range(len(prompts)) for c in children[i] if not trees[i][c].complete]
+        values = mu.success_rates([prompts[i] + trees[i][c].text for i, c in pending], [golds[i] for i, _ in pending],
+                                  seed=seed + 1000 * (depth + 1))
+        for (i, c), v in zip(pending, values):
+            trees[i][c].value = float(v)
+        # ---- select: the best B children of each problem by value (stable: earlier on ties) --
+        for i in range(len(prompts)):
+            best = sorted(children[i], key=lambda c: -trees[i][c].value)[: args.beam_width]
+            for c in best:
+                trees[i][c].kept = True
+            frontier[i] = [c for c in best if not trees[i][c].complete]
+    return trees
+
+
+def sample_attempts(sampler: utils.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int) -> list[list[dict]]:
+    """Plain attempts per problem (cut at a backtrack marker if the model writes one)."""
+    if not prompts:
+        return []
+    outs = sampler.generate([encode(sampler.tokenizer, p) for p in prompts], n=args.attempts, temperature=args.temperature,
+                            max_tokens=args.max_tokens, stop=["\n" + utils.BACKTRACK_MARKER], seed=seed, logprobs=False)
+    return [[{"text": s.text.rstrip(), "correct": utils.grade(s.text, g) == 1.0,
+              "complete": s.finish_reason == "stop" and utils.extract_boxed(s.text) is not None} for s in group]
+            for group, g in zip(outs, golds)]
+
+
+# --------------------------------------------------------------------------------------
+# Traces from the tree: Backtrack, RISE, rejection (pure functions of the search record)
+# --------------------------------------------------------------------------------------
+
+
+def first_step(text: str, delim: str) -> str:
+    return text.split(delim, 1)[0]
+
+
+def best_restart(z0: str, nodes: list[Node], delim: str) -> tuple[Node, Node] | None:
+    """(u, L): u the highest-value node on z0's path (ties: the deepest) with a correct leaf L
+    whose step after u differs from z0's and whose text names "Step k:" (k = depth(u) + 1)
+    right where z0 does. None when the tree holds no such pair."""
+    leaves = [n for n in nodes if n.complete and n.correct]
+    best = None
+    for u in nodes:
+        if u.complete or u.value is None or not z0.startswith(u.text) or restart_prefix(z0, u.depth + 1) != u.text:
+            continue
+        z0_step, label = first_step(z0[len(u.text):], delim), f"Step {u.depth + 1}:"
+        for leaf in leaves:
+            rest = leaf.text[len(u.text):]
+            if leaf.text.startswith(u.text) and rest.startswith(label) and first_step(rest, delim) != z0_step:
+                if best is None or (u.value, u.depth) > (best[0].value, best[0].depth):
+                    best = (u, leaf)
+                break
+    return best
+
+
+def build_traces(record: dict, scheme: str, k: int, delim: str, seed: int) -> list[dict]:
+    """Up to k traces of one problem's search record {problem, answer, nodes, attempts}."""
+    nodes = [n if isinstance(n, Node) else Node(**n) for n in record["nodes"]]
+    rng = random.Random(seed)
+    correct = list(dict.fromkeys([n.text for n in nodes if n.complete and n.correct] +
+                                 [a["text"] for a in record["attempts"] if a["correct"]]))
+    base = {"problem": record["problem"], "answer": record["answer"], "root_value": nodes[0].value}
+    if scheme == "rejection":
+        return [{**base, "completion": c, "source": "search"} for c in rng.sample(correct, min(k, len(correct)))]
+    wrong = list(dict.fromkeys([n.text for n in nodes if n.complete and not n.correct] +
+                               [a["text"] for a in record["attempts"] if a["complete"] and not a["correct"]]))
+    leaves = {n.text for n in nodes if n.complete}
+    rng.shuffle(wrong)
+    traces = []
+    for z0 in wrong:
+        if len(traces) == k:
+            break
+        if scheme == "rise":  # an unrelated correct solution, restarted from Step 1
+            pool = [c for c in correct if c.startswith("Step 1:")]
+            if not pool or not z0.startswith("Step 1:"):
+                continue
+            u_value, rest = nodes[0].value, rng.choice(pool)
+        else:
+            pair = best_restart(z0, nodes, delim)
+            if pair is None:
+                continue
+            u, leaf = pair
+            u_value, rest = u.value, leaf.text[len(u.text):]
+        completion = z0 + "\n" + utils.BACKTRACK_MARKER + "\n" + rest
+        ep = split_backtrack(completion)
+        assert ep is not None and ep.z0 == z0 and utils.grade(ep.z2, record["answer"]) == 1.0, completion
+        path = [(n.depth, n.value) for n in nodes if not n.complete and n.value is not None and z0.startswith(n.text)
+                and restart_prefix(z0, n.depth + 1) == n.text]
+        traces.append({**base, "z0": ep.z0, "restart_step": ep.restart_step, "z1": ep.z1, "z2": ep.z2,
+                       "completion": completion, "restart_value": u_value, "prefix_values": [v for _, v in sorted(path)],
+                       "source": "tree" if z0 in leaves else "attempt"})
+    return traces
+
+
+# --------------------------------------------------------------------------------------
+# SFT: loss on completion tokens only (shared with star.py)
+# --------------------------------------------------------------------------------------
+
+
+def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int] | None:
+    """(ids, prompt length): prompt ids as the engine sees them, then the completion and EOS,
+    cut to max_length. None when the prompt alone does not leave room for a completion token."""
+    p = encode(tokenizer, prompt)
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) >= max_length:
+        return None
+    return (p + c)[:max_length], len(p)
+
+
+def sft_batch(examples: list[tuple[list[int], int]], pad_id: int):
+    """(B, T) ids, (B, T) attention mask and (B, T-1) loss mask over next-token targets: target
+    t+1 carries loss iff it is a completion token, i.e. prompt_len <= t+1 < len. Built from the
+    lengths, never from pad ids (pad may equal EOS, and EOS is a completion token)."""
+    ids, attn = utils.pad_sequences([s for s, _ in examples], pad_id)  # (B, T)
+    pos = torch.arange(1, ids.shape[1])[None, :]  # (1, T-1) index of each target
+    plen = torch.tensor([p for _, p in examples])[:, None]  # (B, 1)
+    slen = torch.tensor([len(s) for s, _ in examples])[:, None]  # (B, 1)
+    loss_mask = ((pos >= plen) & (pos < slen)).float()  # (B, T-1)
+    return ids, attn, loss_mask
+
+
+def completion_nll_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Sum of -log p(target) over masked positions. logits (B, T-1, V), targets (B, T-1)."""
+    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
+                                            reduction="none").view_as(loss_mask)  # (B, T-1)
+    return (nll * loss_mask).sum()
+
+
+def lr_lambda(warmup: int, total: int):
+    """Linear warmup over `warmup` steps, then cosine to 0 at `total`."""
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return f
+
+
+def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: str, log_path: str, ckpt_path: str,
+        card: dict, resume: bool = False, log_extra: dict | None = None):
+    """Fine-tune `model_path` on (prompt, completion) pairs; save it (HF checkpoint + mrt.json
+    `card`) to model_dir and return the trained (FSDP2-sharded under torchrun) model.
+
+    `args` carries lr, epochs, batch_size (global), micro_batch_size, max_length, warmup_ratio,
+    weight_decay, max_grad_norm, save_every, dtype, gradient_checkpointing, seed. The loss of
+    an optimizer step is the token mean over the completion tokens of its whole batch (every
+    rank, every micro-batch). Logs {step, epoch, loss, tokens, lr, grad_norm} per step."""
+    from tqdm import tqdm
+
+    rank, world, device = utils.rank(), utils.world_size(), utils.default_device()
+    tok = utils.load_tokenizer(model_path)
+    data = [e for e in (tokenize_example(tok, p, c, args.max_length) for p, c in examples) if e is not None]
+    if len(data) < len(examples):
+        utils.print0(f"sft: dropped {len(examples) - len(data)} examples whose prompt fills --max-length")
+    if not data:
+        raise utils.UserError("sft: no training example (every prompt is longer than --max-length, or none was built)")
+    utils.seed_everything(args.seed)
+    model = utils.shard_model(utils.load_model(model_path, args.dtype, device), args.gradient_checkpointing)
+    model.train()
+    B, M = args.batch_size, args.micro_batch_size
+    per_rank, steps_per_epoch = B // world, math.ceil(len(data) / B)
+    total = steps_per_epoch * args.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total), total))
+    start, tokens_seen = 0, 0
+    if resume and os.path.exists(ckpt_path):
+        extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
+        start, tokens_seen = extra["step"], extra["tokens"]
+        utils.print0(f"sft: resumed {ckpt_path} at step {start}/{total}")
+    logger = utils.JsonlLogger(log_path, resume_step=start if resume else None)
+
+    def batch_indices(step: int) -> list[int]:  # this rank's share of the global batch of `step`
+        epoch, j = divmod(step, steps_per_epoch)
+        perm = np.random.RandomState((args.seed * 7919 + epoch) % 2**32).permutation(len(data))
+        perm = np.resize(perm, steps_per_epoch * B)  # wrap around to whole batches
+        return perm[j * B:(j + 1) * B][rank::world].tolist()
+
+    bar = tqdm(range(start, total), desc="sft", disable=not utils.is_main(), initial=start, total=total)
+    for step in bar:
+        mine = [data[i] for i in batch_indices(step)]  # per_rank examples
+        local = torch.tensor([float(sum(len(s) - p for s, p in mine)), 0.0])  # [completion tokens, nll sum]
+        n_items = local[:1].clone()
+        if utils.is_distributed():
+            torch.distributed.all_reduce(n_items)
+        for k in range(0, per_rank, M):
+            ids, attn, loss_mask = sft_batch(mine[k:k + M], tok.pad_token_id)
+            ids, attn, loss_mask = ids.to(device), attn.to(device), loss_mask.to(device)
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (M, T-1, V)
+            nll = completion_nll_sum(logits, ids[:, 1:], loss_mask)
+            # token mean over the global batch; FSDP averages gradients over ranks, hence * world
+            (nll / n_items.to(device) * world).backward()
+            local[1] += nll.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        if utils.is_distributed():
+            torch.distributed.all_reduce(local)
+        tokens_seen += int(local[0].item())
+        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        rec = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": local[1].item() / local[0].item(),
+               "tokens": tokens_seen, "lr": sched.get_last_lr()[0], "grad_norm": float(gn), **(log_extra or {})}
+        logger.log(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total:
+            utils.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, tokens=tokens_seen)
+    model.eval()
+    utils.save_pretrained(model, tok, model_dir)
+    if utils.is_main():
+        utils.write_json(os.path.join(model_dir, "mrt.json"), card)
+    utils.barrier()
+    return model
+
+
+# --------------------------------------------------------------------------------------
+# Fig. 6: training loss against tokens for the three schemes
+# --------------------------------------------------------------------------------------
+
+
+def plot_losses(logs: list[str], path: str) -> None:
+    """One curve per SFT log (label: its scheme, else its folder), loss vs completion tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = {}
+    for log in logs:
+        recs = utils.read_records(log, ["step", "loss", "tokens"])
+        label = recs[0].get("scheme") or os.path.basename(os.path.dirname(os.path.abspath(log)))
+        runs[f"{label} ({log})" if label in runs else label] = recs
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, recs in runs.items():
+        ax.plot([r["tokens"] for r in recs], [r["loss"] for r in recs], label=label)
+    ax.set_xlabel("training tokens (completion tokens seen)")
+    ax.set_ylabel("training loss (token mean)")
+    ax.set_yscale("log")
+    ax.set_title("Warmstart SFT: loss vs tokens by trace scheme (Fig. 6)")
+    ax.legend()
+    fig.tight_layout()
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    utils.print0(f"wrote {path}")
+
+
+# --------------------------------------------------------------------------------------
+# Main: search -> traces -> SFT
+# --------------------------------------------------------------------------------------
+
+
+def sft_example(trace: dict, z0_loss: bool) -> tuple[str, str]:
+    """(prompt, completion) of a trace; without z0_loss the attempt z0 moves into the prompt."""
+    if z0_loss or "z0" not in trace:
+        return trace["prompt"], trace["completion"]
+    return trace["prompt"] + trace["z0"], trace["completion"][len(trace["z0"]):]
+
+
+def all_gather(obj) -> list:
+    if not utils.is_distributed():
+        return [obj]
+    out = [None] * utils.world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def load_problems(path: str, args: Args) -> list[dict]:
+    recs = utils.read_records(path, ["problem", "answer"], {args.problem_key: "problem", args.answer_key: "answer"})
+    out = []
+    for r in recs:
+        answer = str(r["answer"]).strip()
+        if not answer or utils.extract_boxed("\\boxed{" + answer + "}") != answer:
+            raise utils.UserError(f"{path}: unparsable answer {answer!r} (problem {str(r['problem'])[:60]!r})")
+        out.append({"problem": str(r["problem"]), "answer": answer})
+    if not out:
+        raise utils.UserError(f"{path}: no problems")
+    return out[: args.problems] if args.problems else out
+
+
+def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler=None) -> list[dict]:
+    """Trees and plain attempts for every problem: problems split over ranks, gathered on all."""
+    from tqdm import tqdm
+
+    rank, world = utils.rank(), utils.world_size()
+    sampler = sampler or utils.Sampler(model_path, seed=seed, dtype=args.dtype)
+    tok = sampler.tokenizer
+    mine = problems[rank::world]
+    n_batches = math.ceil(len(problems) / (world * args.search_batch))  # the same on every rank
+    records = []
+    for b in tqdm(range(n_batches), desc="beam search", disable=not utils.is_main()):
+        chunk = mine[b * args.search_batch:(b + 1) * args.search_batch]
+        prompts = [utils.build_prompt(tok, p["problem"], args.instruction) for p in chunk]
+        golds = [p["answer"] for p in chunk]
+        s = seed * 100_003 + (b * world + rank) * 10_007
+        trees = beam_search(sampler, prompts, golds, args, s)
+        attempts = sample_attempts(sampler, prompts, golds, args, s + 5)
+        records += [{**p, "prompt": pr, "nodes": [dataclasses.asdict(n) for n in t], "attempts": a}
+                    for p, pr, t, a in zip(chunk, prompts, trees, attempts)]
+    merged = [r for part in all_gather(records) for r in part]
+    order = {p["problem"]: i for i, p in enumerate(problems)}
+    return sorted(merged, key=lambda r: order[r["problem"]])
+
+
+def search_summary(records: list[dict]) -> dict:
+    """What the search found against the plain attempts."""
+    found = np.array([any(n["correct"] for n in r["nodes"]) for r in records])
+    att = np.array([[a["correct"] for a in r["attempts"]] for r in records], dtype=float)  # (N, attempts)
+    return {"problems": len(records), "nodes_mean": float(np.mean([len(r["nodes"]) for r in records])),
+            "search_solved": float(found.mean()), "attempt_pass@1": float(att.mean()),
+            f"attempt_pass@{att.shape[1]}": float((att.sum(1) > 0).mean()),
+            "search_solved_where_attempts_missed": float(found[att.sum(1) == 0].mean()) if (att.sum(1) == 0).any() else None,
+            "root_value_mean": float(np.mean([r["nodes"][0]["value"] for r in records]))}
+
+
+def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
+    """Search, build traces, fine-tune; returns the summary. `sampler`: a ready engine on the
+    model (tests); it is left holding the original weights."""
+    if args.plot:
+        plot_losses(args.plot, args.plot_out)
+        return {"plot": args.plot_out}
+    rank, world, _ = utils.init_distributed()
+    args = resolve_args(args, world)
+    out = args.out or ("runs/warmstart" if args.scheme == "backtrack" else f"runs/warmstart-{args.scheme}")
+    model_path, data_path = args.model, args.data
+    if not model_path or not data_path:
+        import toy
+
+        paths = toy.ensure_built()
+        model_path, data_path = model_path or paths["base"], data_path or paths["train"]
+    problems = load_problems(data_path, args)
+    for path in (args.search_from,) if args.search_from else ():
+        if not os.path.isfile(path):
+            raise utils.UserError(f"--search-from: no such file: {path}")
+    utils.seed_everything(args.seed)
+    utils.print0(f"warmstart: scheme {args.scheme}, preset {args.preset}, model {model_path}, {len(problems)} problems, "
+                 f"B={args.beam_width} b={args.expansions} M={args.rollouts} D={args.max_depth}, world {world}")
+
+    # ---- search: trees with rollout values, plain attempts ---------------------------------
+    search_path = os.path.join(out, "search.jsonl")
+    t0 = time.time()
+    if args.search_from or (args.resume and os.path.exists(search_path)):
+        src = args.search_from or search_path
+        records = utils.read_records(src, ["problem", "answer", "nodes", "attempts"])
+        utils.print0(f"reusing the search of {src} ({len(records)} problems)")
+    else:
+        records = search(args, model_path, problems, args.seed, sampler)
+        gc.collect()  # an engine built by `search` is gone: its memory goes back before training
+        if utils.is_main():
+            utils.write_jsonl(search_path, records)
+    summary = {"search": search_summary(records), "search_seconds": round(time.time() - t0, 1)}
+    utils.print0("search: " + json.dumps(summary["search"]))
+
+    # ---- traces ----------------------------------------------------------------------------
+    traces = [t for i, r in enumerate(records)
+              for t in build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter, args.seed * 1009 + i)]
+    if not traces:
+        raise utils.UserError(f"the search built no {args.scheme} trace (no problem had both a wrong and a correct "
+                              f"solution); search more problems or widen the beam")
+    tok = utils.load_tokenizer(model_path)
+    for t in traces:
+        t["prompt"] = utils.build_prompt(tok, t["problem"], args.instruction)
+    if utils.is_main():
+        utils.write_jsonl(os.path.join(out, "traces.jsonl"), traces)
+    steps = [t["restart_step"] for t in traces if "restart_step" in t]
+    summary["traces"] = {"count": len(traces), "problems": len({t["problem"] for t in traces}),
+                         "from_tree": sum(t["source"] == "tree" for t in traces),
+                         "restart_step_mean": float(np.mean(steps)) if steps else None,
+                         "restart_value_mean": float(np.mean([t["restart_value"] for t in traces if "restart_value" in t]))
+                         if steps else None}
+    utils.print0("traces: " + json.dumps(summary["traces"]))
+
+    # ---- SFT on (prompt, trace) ------------------------------------------------------------
+    card = {"stage": "warmstart", "variant": args.scheme, "format": SCHEMES[args.scheme], "base": model_path,
+            "args": dataclasses.asdict(args)}
+    t0 = time.time()
+    model = sft(model_path, [sft_example(t, args.z0_loss) for t in traces], args, model_dir=os.path.join(out, "model"),
+                log_path=os.path.join(out, "log.jsonl"), ckpt_path=os.path.join(out, "checkpoint.pt"), card=card,
+                resume=args.resume, log_extra={"scheme": args.scheme})
+    del model
+    summary["sft_seconds"] = round(time.time() - t0, 1)
+    if utils.is_main():
+        utils.write_json(os.path.join(out, "summary.json"), summary)
+    utils.print0(f"wrote {out}/model (format {SCHEMES[args.scheme]}), traces.jsonl, log.jsonl, summary.json")
+    return summary
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_args(Args))
