@@ -1,0 +1,590 @@
+"""star.py: MRT-B on STaR (MRT paper Alg. 1, Fig. 4, Table 1) and its baselines STaR and RISE.
+
+One iteration k = 1..K of Alg. 1 (--method mrt), for every training problem q:
+  z0       one attempt of the BASE model (cut at the backtrack marker if the model writes one).
+           All z0 are sampled once, at the start, while the engine holds the base weights
+           (stored in <out>/z0.jsonl); every iteration reuses them.
+  r0       J(mu | q, z0): the meta-prover's success rate after the attempt (Def. 5.1;
+           infogain.MetaProver, mu = the current model in the same engine, or --mu-model).
+  sample   G continuations z_{1:2} from the CURRENT model given (q, z0), with grpo.py's
+           context: z0 + "\\n" + MARKER + "\\nStep" (infogain.backtrack_cue); the model names
+           the restart step (" k: ...") and writes the revised attempt. Each continuation is
+           split into episodes with infogain.split_backtrack(cue + continuation).
+  reward   r_i = J(mu | q, z0, z1_i), so r_i - r0 is the information gain of the backtrack
+           episode z1_i; z2_i is graded on its own (utils.grade(z2), z0's box never counts).
+  filter   keep (q, z0, z_{1:2}) of select_continuation(r0, r, correct): the continuation with
+           the highest r_i among those whose z2 is correct and whose r_i > r0 (ties: the
+           first); none when no continuation qualifies (Fig. 4).
+  SFT      fine-tune the BASE model on the examples kept in ALL iterations so far (STaR starts
+           every iteration from the base), loss on the continuation z_{1:2} only (z0 is in the
+           prompt; --z0-loss trains on it too), with warmstart.sft (the shared SFT loop).
+  sync     the fine-tuned weights go into the engine in place (utils.Sampler.sync_weights):
+           the next iteration samples continuations, and mu answers, from the new model.
+
+Baselines (--method):
+  star  plain STaR: G direct attempts per problem from the current model (cut at the marker),
+        keep the first correct one, fine-tune the base on them. Model format "direct".
+  rise  RISE-style self-correction that restarts from the beginning instead of backtracking:
+        the continuation context is z0 + "\\n" + MARKER + "\\nStep 1:" (restart forced at step
+        1); keep the first continuation whose z2 is correct. r_i and r0 are still computed
+        and logged (the gains of kept and discarded continuations), never used to select.
+        Model format "backtrack".
+
+Run (the toy task is the default; each command runs in a few minutes on 2 CPU cores):
+    python star.py                         # MRT-B STaR -> runs/star/mrt
+    python star.py --method star           # plain STaR  -> runs/star/star
+    python star.py --method rise           # RISE        -> runs/star/rise
+    torchrun --nproc_per_node 2 star.py    # 2 ranks: problems split, SFT batches split (FSDP2)
+    torchrun --nproc_per_node 8 star.py --model runs/warmstart/model --data train.jsonl \\
+        --test-data test.jsonl --preset paper --gradient-checkpointing     # Table 1, 8 GPUs
+The starting model (--model) defaults to runs/warmstart/model when it exists, else the toy
+base (built if missing); the base model (--base: z0 and the start of every SFT) defaults to
+the starting model.
+
+Outputs in <out> (default runs/star/<method>): z0.jsonl (the base's attempts, train and
+held-out), data_iter{k}.jsonl (examples kept in iteration k: problem, answer, prompt, z0,
+z1, z2, restart step, completion, r0, the r_i and correctness of all G continuations, the
+kept index, its gain), sft_iter{k}.jsonl (SFT loss per step of iteration k), iterations.jsonl
+(per iteration: kept fraction, mean gain r_i - r0 of kept vs discarded continuations,
+held-out accuracy before and after, SFT losses, timings), model/ (the latest fine-tuned model,
+HF checkpoint + mrt.json with "format"), summary.json.
+
+Decisions / departures from the paper (it publishes no code for this algorithm):
+- The filter reads "keep the argmax i when r_i > r0 and z2 is correct" as: argmax of r_i over
+  the continuations that are correct AND beat r0. An incorrect argmax is skipped in favour of
+  the best correct continuation with r_i > r0 (the other reading, "drop the problem when the
+  overall argmax is wrong", would throw away correct gains). Ties go to the first.
+- A continuation is a candidate only if it parses (marker, then "Step k:", and split z0 ==
+  the sampled z0), ended by itself (EOS, not cut at --max-tokens) and its z2 is correct. An
+  unparsed one still gets r_i, from mu reading the whole continuation (as in grpo.py).
+- z0 is sampled once per problem at the start (the base never changes); r0 is re-estimated
+  every iteration because mu is the current model (fixed with --mu-model).
+- The data set accumulates over iterations (a problem may contribute one example per
+  iteration); every SFT starts from the base with a fresh optimizer, seed + k.
+- STaR and RISE keep the first correct sample of G (STaR's one rationale per problem).
+- Held-out accuracy is measured in the method's own format (backtrack: the base's z0 for the
+  test problem, the cue, graded on z2 only; direct: a plain attempt), --eval-samples samples
+  per problem, the same seed every time, so before/after differ only by the model.
+- Table 1 gives lr 1e-6, 3 epochs, batch 256, max length 4096, bf16 (dtype auto on GPU),
+  warmup 0.1; the other paper preset values (iterations, G, max tokens, mu samples, weight
+  decay, schedule: warmstart's linear warmup then cosine) are assumptions.
+- No resume: an interrupted run starts again (each iteration's SFT checkpoint is deleted
+  once its model is saved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+# One OpenMP thread unless told otherwise: the vLLM engine and the trainer share this process,
+# and OpenMP spin-waits slow both on a shared CPU (as in grpo.py). Must precede `import torch`.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+import utils  # noqa: E402
+import warmstart  # noqa: E402
+from infogain import MetaProver, backtrack_cue, encode, information_gain, make_sampler, split_backtrack  # noqa: E402
+
+METHODS = {"mrt": "backtrack", "star": "direct", "rise": "backtrack"}  # method -> model format
+
+PRESETS = {
+    # toy: `python star.py` runs in a few minutes on 2 CPU cores
+    "toy": dict(iterations=2, problems=96, group_size=4, max_tokens=160, mu_samples=8, sample_batch=48,
+                eval_problems=64, eval_samples=2, lr=1e-3, epochs=3, batch_size=16, micro_batch_size=8,
+                max_length=512, warmup_ratio=0.1, weight_decay=0.0, save_every=0),
+    # paper: Table 1 (lr 1e-6, 3 epochs, batch 256, max length 4096, bf16 via dtype auto, warmup 0.1);
+    # iterations, G, max tokens, mu samples and weight decay are assumptions
+    "paper": dict(iterations=3, problems=0, group_size=4, max_tokens=2048, mu_samples=8, sample_batch=256,
+                  eval_problems=500, eval_samples=1, lr=1e-6, epochs=3, batch_size=256, micro_batch_size=4,
+                  max_length=4096, warmup_ratio=0.1, weight_decay=0.0, save_every=0),
+}
+
+
+@dataclass
+class Args:
+    method: str = "mrt"
+    """mrt | star | rise (MRT-B STaR, plain STaR, RISE-style restart from step 1)"""
+    preset: str = "auto"
+    """toy | paper | auto (toy when --model is empty, else paper): defaults of the None fields"""
+    model: str = ""
+    """starting model ('' : runs/warmstart/model if it exists, else the toy base, built if missing)"""
+    base: str = ""
+    """base model: samples z0 and is the start of every SFT ('' : the starting model)"""
+    data: str = ""
+    """training problems, .jsonl or .parquet ('' : the toy train split)"""
+    test_data: str = ""
+    """held-out problems for the accuracy before/after each iteration ('' : the toy test split)"""
+    problem_key: str = "problem"
+    """field holding the problem text"""
+    answer_key: str = "answer"
+    """field holding the gold answer"""
+    instruction: str = utils.DEFAULT_INSTRUCTION
+    """instruction in the user turn for models with a chat template"""
+    out: str = ""
+    """run folder ('' : runs/star/<method>)"""
+    seed: int = 0
+    """seeds sampling, data order and initialisation"""
+    # STaR
+    iterations: int | None = None
+    """K: sample -> filter -> fine-tune rounds"""
+    problems: int | None = None
+    """training problems used (the first N; 0: all)"""
+    group_size: int | None = None
+    """G: continuations (mrt, rise) or attempts (star) per problem and iteration"""
+    max_tokens: int | None = None
+    """token limit of z0 and of each continuation / attempt"""
+    temperature: float = 1.0
+    """sampling temperature of z0, continuations and attempts"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    sample_batch: int | None = None
+    """problems per generate call on one rank (progress granularity)"""
+    # meta-prover
+    mu_model: str = ""
+    """meta-prover model ('' : the current model, in the same engine)"""
+    mu_suffix: str = utils.MU_SUFFIX
+    """forced suffix that makes mu answer now"""
+    mu_samples: int | None = None
+    """m: mu answers per context for J(mu | context)"""
+    mu_max_tokens: int = 16
+    """max tokens of a mu answer"""
+    mu_temperature: float = 1.0
+    """mu's sampling temperature"""
+    # held-out accuracy
+    eval_problems: int | None = None
+    """held-out problems measured before and after each iteration (0: skip)"""
+    eval_samples: int | None = None
+    """samples per held-out problem"""
+    # SFT (warmstart.sft)
+    lr: float | None = None
+    """peak learning rate (AdamW)"""
+    epochs: int | None = None
+    """passes over the accumulated examples per iteration"""
+    batch_size: int | None = None
+    """sequences per optimizer step, over all ranks"""
+    micro_batch_size: int | None = None
+    """sequences per forward/backward on one rank"""
+    max_length: int | None = None
+    """prompt + completion tokens in SFT; longer completions are cut"""
+    warmup_ratio: float | None = None
+    """fraction of optimizer steps in linear warmup"""
+    weight_decay: float | None = None
+    """AdamW weight decay"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0: off)"""
+    save_every: int | None = None
+    """SFT checkpoint every N optimizer steps (0: only at the end of each SFT)"""
+    dtype: str = "auto"
+    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward"""
+    z0_loss: bool = False
+    """also train on the attempt z0; default: z0 is in the prompt, loss on z_{1:2} only"""
+    max_model_len: int = 0
+    """engine context length (0: the model's)"""
+
+
+def resolve_args(args: Args, world: int = 1) -> Args:
+    """Fill the None fields from the preset, check them, derive sizes."""
+    if args.method not in METHODS:
+        raise utils.UserError(f"--method must be one of {sorted(METHODS)}, got {args.method!r}")
+    preset = args.preset if args.preset != "auto" else ("toy" if not args.model else "paper")
+    if preset not in PRESETS:
+        raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
+    fill = {k: v for k, v in PRESETS[preset].items() if getattr(args, k) is None}
+    args = dataclasses.replace(args, preset=preset, **fill)
+    warmstart.check_sft_args(args, world)
+    for name in ("iterations", "group_size", "max_tokens", "sample_batch", "mu_samples", "mu_max_tokens",
+                 "eval_samples"):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("problems", "eval_problems", "max_model_len", "save_every"):
+        if getattr(args, name) < 0:
+            raise utils.UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if not (args.temperature > 0 and 0 < args.top_p <= 1):
+        raise utils.UserError("--temperature must be > 0 and 0 < --top-p <= 1")
+    assert args.batch_size % (world * args.micro_batch_size) == 0  # checked above, the SFT loop relies on it
+    return args
+
+
+# --------------------------------------------------------------------------------------
+# The filter (pure functions)
+# --------------------------------------------------------------------------------------
+
+
+def select_continuation(r0: float, rewards, correct) -> int | None:
+    """MRT's filter (Alg. 1, Fig. 4): the index i of the highest r_i among the continuations
+    whose revised attempt z2 is correct and whose r_i > r0; ties go to the first. None when
+    no continuation qualifies. An incorrect continuation never counts, however high its r_i."""
+    if len(rewards) != len(correct):
+        raise ValueError(f"{len(rewards)} rewards but {len(correct)} correctness flags")
+    best = None
+    for i, (r, ok) in enumerate(zip(rewards, correct)):
+        if ok and r > r0 and (best is None or r > rewards[best]):
+            best = i
+    return best
+
+
+def select_first_correct(correct) -> int | None:
+    """The STaR / RISE filter: the first correct sample, None when none is."""
+    return next((i for i, ok in enumerate(correct) if ok), None)
+
+
+def continuation_cue(method: str, z0: str) -> str:
+    """The text after the prompt that continuations are sampled from: z0, the marker and
+    "Step" (mrt: the model names the restart step) or "Step 1:" (rise: restart forced)."""
+    return backtrack_cue(z0) + (" 1:" if method == "rise" else "")
+
+
+def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold: str) -> dict:
+    """Episodes and correctness of one continuation: {completion, episodes (or None), correct}.
+    Correct means: it parses into z0/z1/z2 with the sampled z0, it ended by itself (not cut at
+    the token limit), and z2 alone is graded correct."""
+    completion = continuation_cue(method, z0) + text
+    ep = split_backtrack(completion)
+    if ep is not None and ep.z0 != z0:
+        ep = None  # the split found another marker than the one the cue put after z0
+    ok = ep is not None and finish_reason == "stop" and utils.grade(ep.z2, gold) == 1.0
+    return {"completion": completion, "episodes": ep, "correct": ok}
+
+
+# --------------------------------------------------------------------------------------
+# Sampling: z0 from the base, continuations (or attempts) from the current model
+# --------------------------------------------------------------------------------------
+
+
+def all_gather(obj) -> list:
+    return warmstart.all_gather(obj)
+
+
+def z0_seed(seed: int, split: str, rank: int) -> int:
+    """Sampling seed of the base's attempts z0 of a split ("train" or "test") on a rank."""
+    return seed * 100_003 + {"train": 11, "test": 22}[split] + 1_009 * rank
+
+
+def sample_attempts(sampler: utils.Sampler, prompts: list[str], args: Args, seed: int, n: int = 1) -> list[list]:
+    """n plain attempts per prompt (utils.Sample lists), cut at the backtrack marker: the
+    attempt z0 (n = 1, from the base) or STaR's direct attempts."""
+    if not prompts:
+        return []
+    return sampler.generate([encode(sampler.tokenizer, p) for p in prompts], n=n, temperature=args.temperature,
+                            top_p=args.top_p, max_tokens=args.max_tokens, stop=["\n" + utils.BACKTRACK_MARKER],
+                            seed=seed, logprobs=False)
+
+
+def sample_z0(sampler: utils.Sampler, problems: list[dict], args: Args, split: str) -> dict[int, str]:
+    """{problem id: z0} for every problem: one attempt from the engine's current (base) weights,
+    in shares over the ranks (one generate call per rank), gathered on all ranks."""
+    rank, world = utils.rank(), utils.world_size()
+    mine = problems[rank::world]
+    outs = sample_attempts(sampler, [p["prompt"] for p in mine], args, z0_seed(args.seed, split, rank))
+    z0s = {p["id"]: g[0].text.rstrip() for p, g in zip(mine, outs)}
+    return {i: z for part in all_gather(z0s) for i, z in part.items()}
+
+
+def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dict, args: Args, seed: int) -> list[dict]:
+    """One record per problem: its G samples (text, parsed, correct, r_i), r0 and the kept
+    index (None if none), and the kept example."""
+    if not problems:
+        return []
+    tok, G = sampler.tokenizer, args.group_size
+    if args.method == "star":
+        outs = sample_attempts(sampler, [p["prompt"] for p in problems], args, seed, n=G)
+        records = []
+        for p, group in zip(problems, outs):
+            correct = [s.finish_reason == "stop" and utils.grade(s.text, p["answer"]) == 1.0 for s in group]
+            kept = select_first_correct(correct)
+            example = None if kept is None else {
+                "id": p["id"], "problem": p["problem"], "answer": p["answer"], "prompt": p["prompt"],
+                "completion": group[kept].text, "index": kept, "correct": correct}
+            records.append({"id": p["id"], "samples": [{"text": s.text, "correct": c} for s, c in zip(group, correct)],
+                            "r0": None, "kept": kept, "example": example})
+        return records
+
+    cues = [continuation_cue(args.method, z0s[p["id"]]) for p in problems]
+    outs = sampler.generate([encode(tok, p["prompt"] + c) for p, c in zip(problems, cues)], n=G,
+                            temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed,
+                            logprobs=False)
+    parsed = [[parse_continuation(args.method, z0s[p["id"]], s.text, s.finish_reason, p["answer"]) for s in group]
+              for p, group in zip(problems, outs)]
+    # J(mu | q, z0) and J(mu | q, z0, z1_i) in one call; an unparsed continuation: mu reads all of it
+    before = [p["prompt"] + z0s[p["id"]] for p in problems]
+    after = [p["prompt"] + (c["episodes"].z0 + c["episodes"].z1 if c["episodes"] else c["completion"])
+             for p, group in zip(problems, parsed) for c in group]
+    golds = [p["answer"] for p in problems] + [p["answer"] for p in problems for _ in range(G)]
+    J = mu.success_rates(before + after, golds, seed=seed + 500_000_003)
+    r0s, rs = J[: len(problems)], J[len(problems):].reshape(len(problems), G)  # (P,), (P, G)
+    records = []
+    for p, group, samples, r0, r in zip(problems, parsed, outs, r0s, rs):
+        correct = [c["correct"] for c in group]
+        rewards = [float(x) for x in r]
+        kept = (select_continuation(float(r0), rewards, correct) if args.method == "mrt"
+                else select_first_correct(correct))
+        example = None
+        if kept is not None:
+            ep = group[kept]["episodes"]
+            example = {"id": p["id"], "problem": p["problem"], "answer": p["answer"], "prompt": p["prompt"], "z0": ep.z0,
+                       "z1": ep.z1, "z2": ep.z2, "restart_step": ep.restart_step,
+                       "completion": group[kept]["completion"], "r0": float(r0), "r": rewards[kept],
+                       "gain": information_gain(rewards[kept], float(r0)), "index": kept, "rewards": rewards,
+                       "correct": correct}
+        records.append({"id": p["id"], "r0": float(r0), "kept": kept, "example": example,
+                        "samples": [{"text": s.text, "parsed": c["episodes"] is not None, "correct": c["correct"],
+                                     "r": x, "gain": information_gain(x, float(r0))}
+                                    for s, c, x in zip(samples, group, rewards)]})
+    return records
+
+
+def collect(sampler, mu: MetaProver | None, problems: list[dict], z0s: dict, args: Args, iteration: int) -> list[dict]:
+    """rollout_chunk over every training problem: problems split over the ranks, in chunks of
+    --sample-batch (the same number of chunks on every rank), gathered in problem order."""
+    from tqdm import tqdm
+
+    rank, world = utils.rank(), utils.world_size()
+    mine, B = problems[rank::world], args.sample_batch
+    n_chunks = math.ceil(len(problems) / (world * B))
+    records = []
+    for c in tqdm(range(n_chunks), desc=f"{args.method} iteration {iteration}: sample", disable=not utils.is_main()):
+        seed = args.seed * 100_003 + 7_919 * iteration + 101 * (c * world + rank)
+        records += rollout_chunk(sampler, mu, mine[c * B:(c + 1) * B], z0s, args, seed)
+    merged = [r for part in all_gather(records) for r in part]
+    return sorted(merged, key=lambda r: r["id"])
+
+
+def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed: int) -> float | None:
+    """Mean accuracy of --eval-samples samples per held-out problem in the method's format
+    (backtrack: the base's z0, the cue, graded on z2 only; direct: a plain attempt)."""
+    if not problems:
+        return None
+    rank, world = utils.rank(), utils.world_size()
+    mine, scores = problems[rank::world], []
+    if mine and args.method == "star":
+        outs = sample_attempts(sampler, [p["prompt"] for p in mine], args, seed + rank, n=args.eval_samples)
+        scores = [utils.grade(s.text, p["answer"]) for p, g in zip(mine, outs) for s in g]
+    elif mine:
+        cues = [continuation_cue(args.method, z0s[p["id"]]) for p in mine]
+        outs = sampler.generate([encode(sampler.tokenizer, p["prompt"] + c) for p, c in zip(mine, cues)],
+                                n=args.eval_samples, temperature=args.temperature, top_p=args.top_p,
+                                max_tokens=args.max_tokens, seed=seed + rank, logprobs=False)
+        for p, c, g in zip(mine, cues, outs):
+            for s in g:
+                ep = split_backtrack(c + s.text)
+                scores.append(utils.grade(ep.z2, p["answer"]) if ep else 0.0)
+    return float(np.mean([x for part in all_gather(scores) for x in part]))
+
+
+# --------------------------------------------------------------------------------------
+# Statistics of one iteration
+# --------------------------------------------------------------------------------------
+
+
+def iteration_stats(records: list[dict], method: str) -> dict:
+    """Kept fraction, sample accuracy and (backtrack methods) r0, r_i and the mean gain
+    r_i - r0 of the kept continuations vs all the others."""
+    mean = lambda xs: round(float(np.mean(xs)), 4) if len(xs) else None  # noqa: E731
+    kept = [r for r in records if r["kept"] is not None]
+    out = {"problems": len(records), "samples": sum(len(r["samples"]) for r in records), "kept": len(kept),
+           "kept_fraction": mean([r["kept"] is not None for r in records]),
+           "sample_accuracy": mean([s["correct"] for r in records for s in r["samples"]])}
+    if method != "star":
+        g_kept = [r["samples"][r["kept"]]["gain"] for r in kept]
+        g_other = [s["gain"] for r in records for i, s in enumerate(r["samples"]) if i != r["kept"]]
+        out.update({"parsed_fraction": mean([s["parsed"] for r in records for s in r["samples"]]),
+                    "r0_mean": mean([r["r0"] for r in records]),
+                    "r_mean": mean([s["r"] for r in records for s in r["samples"]]),
+                    "gain_kept_mean": mean(g_kept), "gain_discarded_mean": mean(g_other),
+                    "restart_step_mean": mean([r["example"]["restart_step"] for r in kept])})
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------
+
+
+def load_problems(path: str, args: Args, limit: int, tokenizer, max_prompt_tokens: int) -> list[dict]:
+    """Problems {id, problem, answer, prompt} (the first `limit`, 0: all); problems whose
+    prompt leaves no room for z0, the continuation and mu's answer are dropped."""
+    spec = SimpleNamespace(problem_key=args.problem_key, answer_key=args.answer_key, problems=limit)
+    records = warmstart.load_problems(path, spec)
+    out = []
+    for i, r in enumerate(records):
+        prompt = utils.build_prompt(tokenizer, r["problem"], args.instruction)
+        if len(encode(tokenizer, prompt)) <= max_prompt_tokens:
+            out.append({"id": i, "problem": r["problem"], "answer": r["answer"], "prompt": prompt})
+    if not out:
+        raise utils.UserError(f"{path}: no problem fits the context (prompt <= {max_prompt_tokens} tokens: lower "
+                              f"--max-tokens or raise --max-model-len)")
+    if len(out) < len(records):
+        utils.print0(f"{path}: dropped {len(records) - len(out)} problems whose prompt leaves no room "
+                     f"(> {max_prompt_tokens} tokens)")
+    return out
+
+
+def context_length(path: str, args: Args) -> int:
+    """Tokens the engine holds per sequence: --max-model-len, else the model's positions."""
+    if args.max_model_len:
+        return args.max_model_len
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise utils.UserError(f"cannot load model {path}: {str(e).strip().splitlines()[0]}") from e
+    return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+
+
+def model_format(path: str) -> str | None:
+    """The "format" of <path>/mrt.json (None without a readable card)."""
+    try:
+        return json.load(open(os.path.join(path, "mrt.json"))).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def default_model() -> tuple[str, dict]:
+    """The toy task: runs/warmstart/model if it exists, else the toy base (built if missing)."""
+    import toy
+
+    paths = toy.ensure_built()
+    return ("runs/warmstart/model" if os.path.isdir("runs/warmstart/model") else paths["base"]), paths
+
+
+# --------------------------------------------------------------------------------------
+# Main: Alg. 1
+# --------------------------------------------------------------------------------------
+
+
+def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
+    """Run the iterations; returns the summary. `sampler`: a ready engine on a model of the
+    same architecture (tests); the base weights are synced into it first, and it is left
+    holding the last fine-tuned model."""
+    rank, world, _ = utils.init_distributed()
+    args = resolve_args(args, world)
+    fmt = METHODS[args.method]
+    out = args.out or os.path.join("runs", "star", args.method)
+
+    # ---- inputs first: bad input fails before an engine starts or a file is written -------
+    for flag, path in (("--data", args.data), ("--test-data", args.test_data)):
+        if path and not os.path.isfile(path):
+            raise utils.UserError(f"{flag}: no such file: {path}")
+    model_path, base_path, toy_paths = args.model, args.base, None
+    if not (args.model and args.data and args.test_data):
+        default_path, toy_paths = default_model()
+        model_path = model_path or default_path
+    base_path = base_path or model_path
+    for path in dict.fromkeys(p for p in (model_path, base_path, args.mu_model) if p):
+        utils.load_tokenizer(path)  # a missing or unloadable model is a one-line error
+    tok = utils.load_tokenizer(base_path)
+    budget = args.max_tokens + (args.max_tokens + 64 + args.mu_max_tokens if fmt == "backtrack" else 0)
+    room = context_length(base_path, args) - budget
+    train = load_problems(args.data or toy_paths["train"], args, args.problems, tok, room)
+    test = load_problems(args.test_data or toy_paths["test"], args, args.eval_problems, tok, room) \
+        if args.eval_problems else []
+    utils.seed_everything(args.seed)
+    utils.print0(f"star: method {args.method} ({fmt}), preset {args.preset}, model {model_path}, base {base_path}, "
+                 f"{len(train)} problems x G={args.group_size}, {args.iterations} iterations, world {world}")
+
+    # ---- engine on the base: z0 for every train and held-out problem, then the start model --
+    t0 = time.time()
+    engine_kw = dict(seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len or None)
+    if sampler is None:
+        sampler = utils.Sampler(base_path, **engine_kw)
+    else:  # it may hold other weights: z0 must come from the base
+        sampler.sync_weights(utils.load_model(base_path, args.dtype))
+    train_z0, test_z0 = {}, {}
+    if fmt == "backtrack":
+        train_z0 = sample_z0(sampler, train, args, "train")
+        test_z0 = sample_z0(sampler, test, args, "test")
+        if utils.is_main():
+            utils.write_jsonl(os.path.join(out, "z0.jsonl"),
+                              [{"split": s, "id": p["id"], "problem": p["problem"], "answer": p["answer"], "z0": z[p["id"]]}
+                               for s, ps, z in (("train", train, train_z0), ("test", test, test_z0)) for p in ps])
+        utils.print0(f"sampled z0 of the base for {len(train)} train and {len(test)} held-out problems "
+                     f"in {time.time() - t0:.0f}s (train accuracy "
+                     f"{np.mean([utils.grade(train_z0[p['id']], p['answer']) for p in train]):.3f})")
+    if model_path != base_path:
+        sampler.sync_weights(utils.load_model(model_path, args.dtype))
+    if fmt == "backtrack" and model_format(model_path) != "backtrack":
+        utils.print0(f"warning: the starting model {model_path} has no mrt.json with format 'backtrack' (not "
+                     f"warmstarted): expect few parsable, correct continuations; run warmstart.py first")
+    mu = None
+    if fmt == "backtrack":
+        mu_sampler = make_sampler(args.mu_model, **engine_kw) if args.mu_model else sampler
+        mu = MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, temperature=args.mu_temperature,
+                        max_tokens=args.mu_max_tokens)
+
+    eval_seed = args.seed * 100_003 + 77_777
+    accuracy = [heldout_accuracy(sampler, test, test_z0, args, eval_seed)]
+    if test:
+        utils.print0(f"held-out accuracy of the starting model: {accuracy[0]:.4f} ({len(test)} x {args.eval_samples})")
+
+    # ---- iterations: sample -> filter -> SFT the base on everything kept -> sync ------------
+    logger = utils.JsonlLogger(os.path.join(out, "iterations.jsonl"))
+    accumulated, history, model_saved = [], [], False
+    for k in range(1, args.iterations + 1):
+        t0 = time.time()
+        records = collect(sampler, mu, train, train_z0, args, k)
+        kept = [dict(r["example"], iteration=k) for r in records if r["example"] is not None]
+        accumulated += kept
+        if utils.is_main():
+            utils.write_jsonl(os.path.join(out, f"data_iter{k}.jsonl"), kept)
+        rec = {"step": k, "iteration": k, "method": args.method, **iteration_stats(records, args.method),
+               "accumulated": len(accumulated), "seconds_sample": round(time.time() - t0, 1)}
+        utils.print0(f"iteration {k}: kept {rec['kept']}/{rec['problems']}" +
+                     (f", gain kept {rec['gain_kept_mean']} vs discarded {rec['gain_discarded_mean']}"
+                      if fmt == "backtrack" else "") + f", {len(accumulated)} examples in all")
+
+        t0 = time.time()
+        log_path = os.path.join(out, f"sft_iter{k}.jsonl")
+        if accumulated:
+            card = {"stage": "star", "method": args.method, "variant": args.method, "format": fmt, "base": base_path,
+                    "start": model_path, "iteration": k, "examples": len(accumulated), "args": dataclasses.asdict(args)}
+            ckpt = os.path.join(out, f".sft_iter{k}.pt")
+            model = warmstart.sft(base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
+                                  dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
+                                  log_path=log_path, ckpt_path=ckpt, card=card,
+                                  log_extra={"method": args.method, "iteration": k})
+            sampler.sync_weights(model)  # the next iteration (and mu) sample from the new model
+            del model
+            gc.collect()
+            model_saved = True
+            if utils.is_main() and os.path.exists(ckpt):
+                os.remove(ckpt)
+            if utils.is_main():
+                losses = [r["loss"] for r in utils.read_records(log_path, ["loss"])]
+                rec.update(sft_steps=len(losses), sft_loss_first=losses[0], sft_loss_last=losses[-1])
+        else:
+            utils.print0(f"iteration {k}: nothing kept so far, no fine-tuning (the model stays as it is)")
+        rec["seconds_sft"] = round(time.time() - t0, 1)
+
+        t0 = time.time()
+        accuracy.append(heldout_accuracy(sampler, test, test_z0, args, eval_seed))
+        rec.update(accuracy_before=accuracy[-2], accuracy_after=accuracy[-1], seconds_eval=round(time.time() - t0, 1))
+        if test:
+            utils.print0(f"iteration {k}: held-out accuracy {accuracy[-2]:.4f} -> {accuracy[-1]:.4f}")
+        logger.log(rec)
+        history.append(rec)
+
+    summary = {"method": args.method, "format": fmt, "model": model_path, "base": base_path,
+               "problems": len(train), "heldout_problems": len(test), "accuracy": accuracy,
+               "examples": len(accumulated), "model_dir": os.path.join(out, "model") if model_saved else None,
+               "iterations": history, "args": dataclasses.asdict(args)}
+    if utils.is_main():
+        utils.write_json(os.path.join(out, "summary.json"), summary)
+    utils.print0(f"wrote {out}: " + ("z0.jsonl, " if fmt == "backtrack" else "") +
+                 "data_iter*.jsonl, sft_iter*.jsonl, iterations.jsonl, summary.json"
+                 + (", model/" if model_saved else " (no model: nothing was kept)"))
+    return summary
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_args(Args))
