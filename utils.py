@@ -154,12 +154,13 @@ def read_records(path: str, fields: Sequence[str] = (), rename: dict[str, str] |
                 if not isinstance(r, dict):
                     raise UserError(f"{path}:{i}: expected a JSON object, got {type(r).__name__}")
                 rows.append((i, r))
+    original = {v: k for k, v in rename.items()}  # errors name the field as the file spells it
     out = []
     for i, r in rows:
         r = {rename.get(k, k): v for k, v in r.items()}
         for name in fields:
             if name not in r or r[name] is None:
-                raise UserError(f"{path}:{i}: missing field {name!r}")
+                raise UserError(f"{path}:{i}: missing field {original.get(name, name)!r}")
         out.append(r)
     return out
 

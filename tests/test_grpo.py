@@ -287,26 +287,40 @@ def _metrics(out) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-# Direct GRPO from the toy base (pass@1 ~20%): enough signal per step to see the reward rise
-# within a few steps. The sizes and the seed are fixed; the margin is wide.
-IMPROVE = dict(variant="direct", steps=12, prompts_per_step=16, group_size=8, micro_batch_size=64, lr=1e-3,
+# Direct GRPO from the toy base on a fixed set of 16 training problems, each seen every step:
+# the loop must raise its own objective (training reward), the quantity a short run can show
+# above sampling noise. (Held-out accuracy after longer runs is measured by study.py: on fresh
+# problems each step, 24 steps at lr 1e-4 moved it less than its noise, about 0.035 per step.)
+# Measured: 0.12 -> 0.44 over 10 steps at lr 2e-4; lr 1e-3 collapsed the model in one step.
+IMPROVE = dict(variant="direct", steps=10, prompts_per_step=16, group_size=8, micro_batch_size=64, lr=2e-4,
                warmup_ratio=0.0, seed=1)
 
 
-def test_single_process_run_improves_reward(engine, toy_paths, tmp_path):
-    evals = grpo.main(_args(toy_paths, tmp_path, **IMPROVE), sampler=engine)
-    rows = _metrics(tmp_path)
+@pytest.fixture
+def train16(toy_paths, tmp_path):
+    path = tmp_path / "train16.jsonl"
+    path.write_text("".join(open(toy_paths["train"]).readlines()[:16]))
+    return str(path)
+
+
+def _improved(rows) -> bool:
     first = sum(r["accuracy"] for r in rows[:3]) / 3
     last = sum(r["accuracy"] for r in rows[-3:]) / 3
-    assert last > first + 0.05, [round(r["accuracy"], 3) for r in rows]
+    return last > first + 0.1
+
+
+def test_single_process_run_improves_reward(engine, toy_paths, train16, tmp_path):
+    evals = grpo.main(_args(toy_paths, tmp_path, train_data=train16, **IMPROVE), sampler=engine)
+    rows = _metrics(tmp_path)
+    assert _improved(rows), [round(r["accuracy"], 3) for r in rows]
     assert all(r["logprob_gap"] < 1e-3 for r in rows), "sampler and trainer disagree: weights not synced?"
     card = __import__("json").load(open(tmp_path / "model" / "mrt.json"))
     assert card["format"] == "direct" and card["variant"] == "direct" and card["stage"] == "grpo"
     assert evals == {}
 
 
-def test_two_rank_fsdp_run_improves_reward(toy_paths, tmp_path):
-    args = _args(toy_paths, tmp_path, **dict(IMPROVE, prompts_per_step=8))  # 8 per rank: 16 per step in all
+def test_two_rank_fsdp_run_improves_reward(toy_paths, train16, tmp_path):
+    args = _args(toy_paths, tmp_path, train_data=train16, **dict(IMPROVE, prompts_per_step=8))  # 8 per rank: 16 in all
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29617",
            os.path.join(ROOT, "grpo.py")] + _cli(args)
@@ -314,9 +328,7 @@ def test_two_rank_fsdp_run_improves_reward(toy_paths, tmp_path):
     assert out.returncode == 0, out.stderr[-4000:]
     rows = _metrics(tmp_path)
     assert len(rows) == IMPROVE["steps"]
-    first = sum(r["accuracy"] for r in rows[:3]) / 3
-    last = sum(r["accuracy"] for r in rows[-3:]) / 3
-    assert last > first + 0.05, [round(r["accuracy"], 3) for r in rows]
+    assert _improved(rows), [round(r["accuracy"], 3) for r in rows]
     assert all(r["logprob_gap"] < 1e-3 for r in rows)
     assert os.path.exists(tmp_path / "model" / "config.json")
 

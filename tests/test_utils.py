@@ -190,6 +190,9 @@ def test_read_records_rename(tmp_path):
     p = _write(tmp_path / "d.jsonl", '{"question": "q", "solution": "s"}\n')
     rows = utils.read_records(p, ["problem", "solution"], rename={"question": "problem"})
     assert rows == [{"problem": "q", "solution": "s"}]
+    bad = _write(tmp_path / "e.jsonl", '{"question": "q", "solution": "s"}\n{"solution": "t"}\n')
+    with pytest.raises(utils.UserError, match=r"e.jsonl:2: missing field 'question'"):  # the file's own name
+        utils.read_records(bad, ["problem"], rename={"question": "problem"})
 
 
 @pytest.mark.parametrize("content, where, what", [

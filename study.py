@@ -1,0 +1,465 @@
+"""study.py: the whole MRT study on the embedded default, one command (MRT paper Sec. 6-7).
+
+For each seed, every stage runs as its own process (its own vLLM engine, freed on exit):
+
+  warmstart   warmstart.py: beam search + Backtrack traces + SFT; the RISE and rejection
+              schemes on the same search tree (Fig. 6: SFT loss against tokens)
+  star        star.py: MRT-B (STaR, 2 iterations) and its STaR / RISE baselines, from the base
+  grpo        grpo.py from the warmstart model: MRT-B (RL, alpha > 0) and its outcome-only
+              GRPO and length-penalty baselines (Fig. 9)
+  evaluate    evaluate.py: every model in parallel and linearized modes (Fig. 7)
+  infogain    infogain.py: the backtrack episode's information gain per model (Fig. 8)
+  r1          r1_analysis.py: episodes and cumulative regret of the base and MRT-B (RL) models
+
+then the seeds are aggregated into RESULTS.md (mean and spread over seeds): pass@k / maj@k at
+matched token budgets, the token efficiency of MRT-B against each baseline (the paper's
+"30% / 38%" figures), information-gain means, regret, and the figures.
+
+Run (CPU, no network; builds the toy base model first if missing):
+    python study.py             # full: 3 seeds, at most ~45 min on 2 cores -> RESULTS.md, results/
+    python study.py --quick     # smaller sizes, ~10 min -> runs/study/quick/RESULTS.md
+    python study.py --seeds 0   # one seed
+A killed run resumes: a stage whose outputs exist is skipped (the log says so), a grpo or
+warmstart stage with a checkpoint continues from it (--resume). Delete a stage's folder to
+redo it. Every stage's command and output go to <out>/seed<s>/logs/<stage>.log.
+
+Decisions:
+- The toy base is shared by all seeds (it is the "given" pretrained model); the seed varies
+  the search, the traces, the fine-tuning data order, RL sampling and evaluation sampling.
+- MRT-B (RL) and its baselines start from the Backtrack warmstart model of the same seed, as
+  in the paper (Sec. 6.2). STaR variants start from the base (Alg. 1 fine-tunes the base).
+- Token efficiency is computed on maj@k curves (the paper's Fig. 7 reports maj@k for the
+  linearized evaluation), in both modes; the reference is each baseline's peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+import utils
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+# Sizes per preset. Each value is a list of flags for that stage's script.
+SIZES = {
+    "quick": dict(
+        seeds=[0],
+        warmstart=["--problems", "48", "--epochs", "3"],
+        star=["--iterations", "2"],
+        grpo=["--steps", "10", "--eval-problems", "64"],
+        evaluate=["--limit", "64", "--n", "4", "--window", "128", "--max-tokens", "200"],
+        infogain=["--limit", "32", "--continuations", "2", "--m", "8"],
+        r1=[],
+    ),
+    "full": dict(
+        seeds=[0, 1, 2],
+        warmstart=["--problems", "96"],
+        star=["--iterations", "2"],
+        grpo=["--steps", "20", "--eval-problems", "128"],
+        evaluate=["--limit", "128", "--n", "8", "--window", "128", "--max-tokens", "200"],
+        infogain=["--limit", "64", "--continuations", "4", "--m", "8"],
+        r1=[],
+    ),
+}
+
+STAR_METHODS = ("mrt", "star", "rise")
+GRPO_VARIANTS = ("mrt", "outcome", "length")
+
+
+@dataclass
+class Args:
+    quick: bool = False
+    """smaller sizes (~10 min on 2 cores) written under runs/study/quick"""
+    seeds: list[int] = field(default_factory=list)
+    """seeds to run (empty: the preset's, 3 for the full study, 1 for --quick)"""
+    out: str = ""
+    """run folder ('' : runs/study/full or runs/study/quick)"""
+    results: str = ""
+    """where RESULTS.md and its figures go ('' : the repository's RESULTS.md and results/ for the
+    full study, <out>/RESULTS.md and <out>/results/ for --quick)"""
+    only: list[str] = field(default_factory=list)
+    """run only these stages (names as in the logs, e.g. warmstart grpo-mrt evaluate); empty: all"""
+    aggregate_only: bool = False
+    """skip every stage and only (re)write RESULTS.md from the outputs that exist"""
+
+
+# --------------------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------------------
+
+
+@dataclass
+class Stage:
+    name: str
+    cmd: list[str]
+    done: str
+    """a file that exists only once the stage has finished (it is written last)"""
+    resume_from: str = ""
+    """a checkpoint that, when present, makes the stage continue with --resume"""
+
+
+def stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
+    py = [sys.executable]
+    d = lambda *p: os.path.join(seed_dir, *p)  # noqa: E731
+    s = ["--seed", str(seed)]
+    out = []
+    ws = d("warmstart", "backtrack")
+    out.append(Stage("warmstart", py + ["warmstart.py", "--out", ws, *s, *sizes["warmstart"]],
+                     d("warmstart", "backtrack", "summary.json"), d("warmstart", "backtrack", "checkpoint.pt")))
+    for scheme in ("rise", "rejection"):
+        out.append(Stage(f"warmstart-{scheme}", py + ["warmstart.py", "--scheme", scheme, "--search-from",
+                                                      os.path.join(ws, "search.jsonl"), "--out", d("warmstart", scheme),
+                                                      *s, *sizes["warmstart"]],
+                         d("warmstart", scheme, "summary.json")))
+    for m in STAR_METHODS:
+        out.append(Stage(f"star-{m}", py + ["star.py", "--method", m, "--model", base, "--preset", "toy", "--out", d("star", m), *s,
+                                            *sizes["star"]], d("star", m, "summary.json")))
+    for v in GRPO_VARIANTS:
+        out.append(Stage(f"grpo-{v}", py + ["grpo.py", "--variant", v, "--model", os.path.join(ws, "model"),
+                                            "--preset", "toy", "--out", d("grpo", v), *s, *sizes["grpo"]],
+                         d("grpo", v, "model", "mrt.json"), d("grpo", v, "checkpoint.pt")))
+    models = model_paths(seed_dir, base)
+    out.append(Stage("evaluate", py + ["evaluate.py", "--models", *[f"{k}={v}" for k, v in models.items()],
+                                       "--out", d("eval"), *s, *sizes["evaluate"]], d("eval", "curves.json")))
+    backtrack = {k: v for k, v in models.items() if k != "base" and k not in ("star-star", "warmstart-rejection")}
+    out.append(Stage("infogain", py + ["infogain.py", "--model", *[f"{k}={v}" for k, v in backtrack.items()],
+                                       "--out", d("infogain"), *s, *sizes["infogain"]], d("infogain", "summary.json")))
+    for name in ("base", "grpo-mrt"):
+        out.append(Stage(f"r1-{name}", py + ["r1_analysis.py", "--generate", "--model", models[name], "--preset", "toy",
+                                             "--direct-model", base, "--out", d("r1", name), *s, *sizes["r1"]],
+                         d("r1", name, "summary.json")))
+    return out
+
+
+def model_paths(seed_dir: str, base: str) -> dict[str, str]:
+    """Every model of one seed, by run name (evaluation order: the reference first)."""
+    d = lambda *p: os.path.join(seed_dir, *p, "model")  # noqa: E731
+    return {"base": base, "warmstart": d("warmstart", "backtrack"), "warmstart-rejection": d("warmstart", "rejection"),
+            **{f"star-{m}": d("star", m) for m in STAR_METHODS},
+            **{f"grpo-{v}": d("grpo", v) for v in GRPO_VARIANTS}}
+
+
+def run_stage(stage: Stage, log_dir: str) -> float:
+    """Run one stage unless done; returns its seconds (0 when skipped). Output goes to its log."""
+    if os.path.exists(stage.done):
+        utils.print0(f"  {stage.name}: done before ({os.path.relpath(stage.done, ROOT)}), skipped")
+        return 0.0
+    cmd = list(stage.cmd)
+    if stage.resume_from and os.path.exists(stage.resume_from):
+        cmd.append("--resume")
+    os.makedirs(log_dir, exist_ok=True)
+    log = os.path.join(log_dir, f"{stage.name}.log")
+    utils.print0(f"  {stage.name}: {shlex.join(cmd)}")
+    t0 = time.time()
+    with open(log, "a") as f:
+        f.write(f"$ {shlex.join(cmd)}\n")
+        f.flush()
+        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+    if p.returncode != 0:
+        tail = open(log).read().splitlines()[-5:]
+        raise utils.UserError(f"stage {stage.name} failed (exit {p.returncode}); see {log}: " + " | ".join(tail)[-400:])
+    if not os.path.exists(stage.done):
+        raise utils.UserError(f"stage {stage.name} ended without writing {stage.done}; see {log}")
+    seconds = time.time() - t0
+    utils.print0(f"  {stage.name}: {seconds:.0f}s")
+    return seconds
+
+
+# --------------------------------------------------------------------------------------
+# Aggregation over seeds: numbers, table, figures
+# --------------------------------------------------------------------------------------
+
+
+def load_json(path: str) -> dict | None:
+    return json.load(open(path)) if os.path.exists(path) else None
+
+
+def mean_sd(values) -> tuple[float | None, float | None, int]:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return None, None, 0
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def fmt(values, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
+    """'mean ± sd' over seeds (sd omitted for one seed; '-' when no seed has a value; the count
+    of seeds in brackets when some seeds lack a value)."""
+    m, s, n = mean_sd(values)
+    if m is None:
+        return "-"
+    f = f"{{:{'+' if sign else ''}.{digits}f}}"
+    text = f.format(scale * m) + ("" if len(values) == 1 else f" ± {scale * s:.{digits}f}")
+    return text + ("" if n == len(values) else f" ({n}/{len(values)} seeds)")
+
+
+def mean_curves(per_seed: list[dict], mode: str) -> dict:
+    """{run: {tokens, pass, maj, maj_sd}} averaged over seeds by k (tokens averaged too)."""
+    import evaluate
+
+    out = {}
+    names = [n for n in per_seed[0]["runs"] if all(mode in s["runs"].get(n, {}).get("modes", {}) for s in per_seed)]
+    for name in names:
+        cs = [s["runs"][name]["modes"][mode] for s in per_seed]
+        k = min(len(c["k"]) for c in cs)
+        arr = lambda key: np.array([c[key][:k] for c in cs])  # noqa: E731  (seeds, k)
+        out[name] = {"tokens": arr("tokens").mean(0).tolist(), "pass": arr("pass").mean(0).tolist(),
+                     "maj": arr("maj").mean(0).tolist(), "maj_sd": arr("maj").std(0).tolist()}
+        evaluate._check_curve(out[name]["tokens"], out[name]["maj"])
+    return out
+
+
+COMPARISONS = [  # (MRT-B run, baseline runs)
+    ("grpo-mrt", ["grpo-outcome", "grpo-length", "warmstart", "base"]),
+    ("star-mrt", ["star-star", "star-rise", "base"]),
+]
+
+
+def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
+    """RESULTS.md from the seeds' outputs (whatever exists); returns its text."""
+    import evaluate
+
+    seed_dirs = {s: os.path.join(out, f"seed{s}") for s in seeds}
+    evals = {s: load_json(os.path.join(d, "eval", "curves.json")) for s, d in seed_dirs.items()}
+    have = [evals[s] for s in seeds if evals[s]]
+    os.makedirs(fig_dir, exist_ok=True)
+    rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(results_md)))  # noqa: E731
+    lines = ["# MRT on the embedded toy task: results", "",
+             f"Written by `python study.py{' --quick' if 'quick' in out else ''}` from the outputs under `{out}` "
+             f"(seeds {', '.join(map(str, seeds))}; {len(have)} with an evaluation). Cells are mean ± standard "
+             "deviation over seeds. Nothing here is edited by hand.", ""]
+
+    # ---- accuracy at matched token budgets --------------------------------------------------
+    if have:
+        ev_settings = have[0]["settings"]
+        lines += ["## Accuracy at matched token budgets", "",
+                  f"Toy test split, {ev_settings['problems']} problems, N = {ev_settings['n']} traces (parallel) or "
+                  f"rounds (linearized, window {ev_settings['window']} tokens), temperature {ev_settings['temperature']}. "
+                  "Each cell: pass@k / maj@k (%) interpolated on the run's accuracy-tokens curve at that many "
+                  "generated tokens per problem (- : outside the curve).", ""]
+        for mode in evaluate.MODES:
+            mc = mean_curves(have, mode)
+            if not mc:
+                continue
+            budgets = evaluate.budgets_for(list(mc.values()))
+            lines += [f"### {mode}", "", "| run | " + " | ".join(f"{b:.0f} tok" for b in budgets) + " |",
+                      "|---" * (len(budgets) + 1) + "|"]
+            for name in mc:
+                cells = []
+                for b in budgets:
+                    p = [evaluate.interp_curve(e["runs"][name]["modes"][mode]["tokens"],
+                                               e["runs"][name]["modes"][mode]["pass"], b) for e in have]
+                    m = [evaluate.interp_curve(e["runs"][name]["modes"][mode]["tokens"],
+                                               e["runs"][name]["modes"][mode]["maj"], b) for e in have]
+                    cells.append("-" if all(x is None for x in p) else f"{fmt(p)} / {fmt(m)}")
+                lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            lines.append("")
+            plot_mean_curves(mc, mode, os.path.join(fig_dir, f"fig7_{mode}.png"), len(have))
+            lines += [f"![{mode}]({rel(os.path.join(fig_dir, f'fig7_{mode}.png'))})", ""]
+
+        # ---- token efficiency -------------------------------------------------------------
+        lines += ["## Token efficiency of MRT-B (maj@k)", "",
+                  "Saving = 1 - (tokens MRT-B needs to reach the baseline's peak maj@k) / (tokens the baseline "
+                  "needs for its peak); positive: MRT-B matches the baseline's best with fewer tokens (the paper "
+                  "reports about 30% against outcome-reward GRPO and 38% in the linearized setting). "
+                  "'not reached': MRT-B's curve never reaches the baseline's peak in that seed.", "",
+                  "| MRT-B | baseline | parallel saving | linearized saving |", "|---|---|---|---|"]
+        for mrt, bases in COMPARISONS:
+            for b in bases:
+                cells = []
+                for mode in evaluate.MODES:
+                    vals, miss = [], 0
+                    for e in have:
+                        runs = e["runs"]
+                        if mrt not in runs or b not in runs or mode not in runs[mrt]["modes"]:
+                            continue
+                        ca, cb = runs[mrt]["modes"][mode], runs[b]["modes"][mode]
+                        eff = evaluate.token_efficiency((ca["tokens"], ca["maj"]), (cb["tokens"], cb["maj"]))
+                        vals.append(eff["saving"])
+                        miss += eff["saving"] is None
+                    cell = fmt(vals, sign=True, digits=0) + "%" if any(v is not None for v in vals) else "-"
+                    cells.append(cell + (f", not reached in {miss}/{len(vals)}" if miss else ""))
+                lines.append(f"| {mrt} | {b} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    # ---- RL training: held-out accuracy start -> end ---------------------------------------
+    grpo_rows = []
+    for v in GRPO_VARIANTS:
+        ev = [load_json(os.path.join(d, "grpo", v, "eval.json")) for d in seed_dirs.values()]
+        ev = [e for e in ev if e]
+        if ev:
+            grpo_rows.append(f"| grpo-{v} | {fmt([e.get('start') for e in ev])} | {fmt([e.get('end') for e in ev])} |")
+    if grpo_rows:
+        lines += ["## MRT-B (RL) and baselines: held-out accuracy during training", "",
+                  "Accuracy (%) of the revised attempt on held-out problems (each variant's own format, the same "
+                  "z0), before and after RL from the warmstart model.", "",
+                  "| run | start | end |", "|---|---|---|", *grpo_rows, ""]
+        plot_training(seed_dirs, os.path.join(fig_dir, "fig9_rl_training.png"))
+        lines += [f"![rl]({rel(os.path.join(fig_dir, 'fig9_rl_training.png'))})", ""]
+
+    # ---- information gain ---------------------------------------------------------------
+    igs = [load_json(os.path.join(d, "infogain", "summary.json")) for d in seed_dirs.values()]
+    igs = [x for x in igs if x]
+    if igs:
+        names = list(igs[0]["models"])
+        lines += ["## Information gain of the backtrack episode (Def. 5.1)", "",
+                  "J(mu | x, z0, z1) - J(mu | x, z0) with mu = the model forced to answer, m answers per context; "
+                  "mean over the model's own sampled backtrack traces.", "",
+                  "| model | gain of z1 | gain, z2 correct | gain, z2 wrong | z2 accuracy |", "|---|---|---|---|---|"]
+        for n in names:
+            ms = [x["models"][n] for x in igs if n in x["models"]]
+            lines.append(f"| {n} | {fmt([m['gain_mean']['z1'] for m in ms], 1, 3, True)} | "
+                         f"{fmt([m['backtrack_gain_mean_z2_correct'] for m in ms], 1, 3, True)} | "
+                         f"{fmt([m['backtrack_gain_mean_z2_wrong'] for m in ms], 1, 3, True)} | "
+                         f"{fmt([m['z2_accuracy'] for m in ms])} |")
+        lines.append("")
+        copy_figure(os.path.join(seed_dirs[seeds[0]], "infogain", "infogain_hist.png"),
+                    os.path.join(fig_dir, "fig8_infogain.png"))
+        lines += [f"![infogain]({rel(os.path.join(fig_dir, 'fig8_infogain.png'))}) (seed {seeds[0]})", ""]
+
+    # ---- regret of long traces (r1_analysis.py) -------------------------------------------
+    r1_rows = []
+    for name in ("base", "grpo-mrt"):
+        sums = [load_json(os.path.join(d, "r1", name, "summary.json")) for d in seed_dirs.values()]
+        ov = [x["analysis"]["overall"] for x in sums if x]
+        if ov:
+            r1_rows.append(f"| {name} | {fmt([o['mean_episodes'] for o in ov], 1, 2)} | {fmt([o['maj1_first'] for o in ov])} | "
+                           f"{fmt([o['maj1_last'] for o in ov])} | {fmt([o['trace_regret_mean'] for o in ov], 1, 3)} |")
+    if r1_rows:
+        lines += ["## Episodes and cumulative regret of long linearized streams (Sec. 4, Def. 3.1)", "",
+                  "r1_analysis.py on the toy: linearized streams of up to 8 rounds, split into episodes at each "
+                  "backtrack marker; [maj@1]_j is the meta-prover's accuracy after j episodes; regret per trace is "
+                  "sum_j (J* - [maj@1]_j) with J* the best value the meta-prover reached on that trace.", "",
+                  "| model | episodes per trace | [maj@1] after episode 1 | [maj@1] after the last | regret per trace |",
+                  "|---|---|---|---|---|", *r1_rows, ""]
+        copy_figure(os.path.join(seed_dirs[seeds[0]], "r1", "grpo-mrt", "accuracy_tokens.png"),
+                    os.path.join(fig_dir, "r1_grpo_mrt.png"))
+
+    # ---- warmstart (Fig. 6) -------------------------------------------------------------
+    logs = [os.path.join(seed_dirs[seeds[0]], "warmstart", s, "log.jsonl") for s in ("backtrack", "rise", "rejection")]
+    if all(os.path.exists(p) for p in logs):
+        import warmstart
+
+        warmstart.plot_losses(logs, os.path.join(fig_dir, "fig6_warmstart_loss.png"))
+        sums = [load_json(os.path.join(d, "warmstart", "backtrack", "summary.json")) for d in seed_dirs.values()]
+        sums = [x for x in sums if x]
+        lines += ["## Warmstart (Sec. 6.2, Fig. 6)", "",
+                  f"Beam search solved {fmt([x['search']['search_solved'] for x in sums])}% of the searched problems "
+                  f"against a single-sample pass@1 of {fmt([x['search']['attempt_pass@1'] for x in sums])}%; "
+                  f"{fmt([x['traces']['count'] for x in sums], 1, 0)} Backtrack traces per seed.", "",
+                  f"![fig6]({rel(os.path.join(fig_dir, 'fig6_warmstart_loss.png'))}) (seed {seeds[0]})", ""]
+
+    text = "\n".join(lines) + "\n"
+    with utils.atomic_path(results_md) as tmp, open(tmp, "w") as f:
+        f.write(text)
+    return text
+
+
+def copy_figure(src: str, dst: str) -> None:
+    if os.path.exists(src):
+        with utils.atomic_path(dst) as tmp, open(src, "rb") as a, open(tmp, "wb") as b:
+            b.write(a.read())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_mean_curves(mc: dict, mode: str, path: str, n_seeds: int) -> None:
+    """Fig. 7 style: maj@k (solid) and pass@k (dotted) against tokens, mean over seeds, a band
+    of one standard deviation of maj@k."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, c in mc.items():
+        t, m, sd = np.array(c["tokens"]), np.array(c["maj"]), np.array(c["maj_sd"])
+        (line,) = ax.plot(t, m, "-o", ms=3, label=f"{name} maj@k")
+        ax.fill_between(t, m - sd, m + sd, color=line.get_color(), alpha=0.12)
+        ax.plot(t, c["pass"], ":", color=line.get_color(), lw=1)
+    ax.set_xlabel("generated tokens per problem")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{mode}: maj@k (solid), pass@k (dotted); mean of {n_seeds} seed(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    fig.tight_layout()
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def plot_training(seed_dirs: dict, path: str) -> None:
+    """Fig. 9 style: training accuracy of the revised attempt and completion length per RL
+    step, mean over seeds, for MRT-B and its baselines."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for v in GRPO_VARIANTS:
+        runs = []
+        for d in seed_dirs.values():
+            p = os.path.join(d, "grpo", v, "metrics.jsonl")
+            if os.path.exists(p):
+                runs.append(utils.read_records(p, ["step", "accuracy", "completion_len_mean"]))
+        if not runs:
+            continue
+        k = min(len(r) for r in runs)
+        steps = [r["step"] for r in runs[0][:k]]
+        for ax, key in zip(axes, ("accuracy", "completion_len_mean")):
+            ax.plot(steps, np.mean([[x[key] for x in r[:k]] for r in runs], 0), label=f"grpo-{v}")
+    axes[0].set_ylabel("training accuracy (revised attempt)")
+    axes[1].set_ylabel("completion tokens (mean)")
+    for ax in axes:
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+
+def main(args: Args) -> str:
+    import toy
+
+    preset = "quick" if args.quick else "full"
+    sizes = SIZES[preset]
+    seeds = args.seeds or sizes["seeds"]
+    out = args.out or os.path.join("runs", "study", preset)
+    results_md = args.results or (os.path.join(out, "RESULTS.md") if args.quick else "RESULTS.md")
+    fig_dir = os.path.join(os.path.dirname(results_md) or ".", "results")
+    base = toy.ensure_built()["base"]
+    t0 = time.time()
+    if not args.aggregate_only:
+        for seed in seeds:
+            seed_dir = os.path.join(out, f"seed{seed}")
+            todo = [st for st in stages(seed_dir, seed, sizes, base) if not args.only or st.name in args.only]
+            utils.print0(f"seed {seed}: {len(todo)} stages -> {seed_dir}")
+            times = {}
+            for st in todo:
+                times[st.name] = round(run_stage(st, os.path.join(seed_dir, "logs")), 1)
+            with open(os.path.join(seed_dir, "logs", "times.jsonl"), "a") as f:
+                f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": times}) + "\n")
+    text = aggregate(out, seeds, results_md, fig_dir)
+    utils.print0(text)
+    utils.print0(f"wrote {results_md} and {fig_dir}/ in {time.time() - t0:.0f}s")
+    return results_md
+
+
+if __name__ == "__main__":
+    utils.run_main(main, utils.parse_args(Args))

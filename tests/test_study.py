@@ -1,0 +1,92 @@
+"""Tests of study.py: stages are skipped when done and resumed from a checkpoint, a failing
+stage stops the study with a one-line error naming its log, and the aggregation over seeds
+(mean and spread, token efficiency) on hand-made evaluation outputs."""
+
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import study  # noqa: E402
+import utils  # noqa: E402
+
+
+def _stage(tmp_path, name="s", code="", resume_from=""):
+    done = tmp_path / f"{name}.done"
+    script = f"import sys; open({str(done)!r}, 'w').write(' '.join(sys.argv[1:]))\n" + code
+    return study.Stage(name, [sys.executable, "-c", script], str(done), resume_from), done
+
+
+def test_stage_runs_once_then_is_skipped(tmp_path):
+    st, done = _stage(tmp_path)
+    assert study.run_stage(st, str(tmp_path / "logs")) > 0 and done.exists()
+    done.write_text("kept")
+    assert study.run_stage(st, str(tmp_path / "logs")) == 0.0  # skipped: the output stands
+    assert done.read_text() == "kept"
+    assert "$ " in (tmp_path / "logs" / "s.log").read_text()  # the command is logged
+
+
+def test_stage_with_a_checkpoint_resumes(tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    st, done = _stage(tmp_path, resume_from=str(ckpt))
+    study.run_stage(st, str(tmp_path / "logs"))
+    assert done.read_text() == ""  # no checkpoint: a fresh start
+    done.unlink()
+    ckpt.write_text("x")
+    study.run_stage(st, str(tmp_path / "logs"))
+    assert done.read_text() == "--resume"
+
+
+def test_failing_stage_is_one_error_naming_its_log(tmp_path):
+    st = study.Stage("bad", [sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"], str(tmp_path / "never"))
+    with pytest.raises(utils.UserError, match=r"stage bad failed \(exit 3\); see .*bad\.log: .*boom"):
+        study.run_stage(st, str(tmp_path / "logs"))
+    st = study.Stage("silent", [sys.executable, "-c", "pass"], str(tmp_path / "never"))
+    with pytest.raises(utils.UserError, match="ended without writing"):
+        study.run_stage(st, str(tmp_path / "logs"))
+
+
+def _curve(tokens_per_trace, maj, passes=None):
+    k = list(range(1, len(maj) + 1))
+    return {"k": k, "tokens": [tokens_per_trace * i for i in k], "pass": passes or maj, "maj": maj,
+            "context_tokens": [0.0] * len(k), "pass_se": [0.0] * len(k), "maj_se": [0.0] * len(k), "problems": 4}
+
+
+def _write_eval(seed_dir, runs):
+    report = {"settings": {"problems": 4, "n": 4, "window": 128, "temperature": 1.0},
+              "runs": {name: {"format": "backtrack", "modes": {"parallel": c}} for name, c in runs.items()}}
+    os.makedirs(os.path.join(seed_dir, "eval"), exist_ok=True)
+    json.dump(report, open(os.path.join(seed_dir, "eval", "curves.json"), "w"))
+
+
+def test_aggregate_mean_spread_and_token_saving(tmp_path):
+    out = tmp_path / "study"
+    # seed 0: MRT reaches the outcome baseline's peak (0.6 at 400 tokens) at 200 tokens: saving +50%
+    _write_eval(out / "seed0", {"grpo-mrt": _curve(100, [0.4, 0.6, 0.6, 0.7]),
+                                "grpo-outcome": _curve(100, [0.3, 0.4, 0.5, 0.6])})
+    # seed 1: MRT needs 300 of the baseline's 400 tokens: saving +25%
+    _write_eval(out / "seed1", {"grpo-mrt": _curve(100, [0.2, 0.4, 0.6, 0.6]),
+                                "grpo-outcome": _curve(100, [0.3, 0.4, 0.5, 0.6])})
+    for s, (a, b) in enumerate([(0.2, 0.5), (0.3, 0.4)]):
+        os.makedirs(out / f"seed{s}" / "grpo" / "mrt")
+        json.dump({"start": a, "end": b}, open(out / f"seed{s}" / "grpo" / "mrt" / "eval.json", "w"))
+    md = tmp_path / "RESULTS.md"
+    text = study.aggregate(str(out), [0, 1], str(md), str(tmp_path / "fig"))
+    assert md.read_text() == text
+    # 100 tokens: maj 0.4 and 0.2 -> 30.0 ± 14.1 (sample sd over seeds)
+    row = next(line for line in text.splitlines() if line.startswith("| grpo-mrt |") and "tok" not in line)
+    assert "30.0 ± 14.1 / 30.0 ± 14.1" in row
+    eff = next(line for line in text.splitlines() if line.startswith("| grpo-mrt | grpo-outcome |"))
+    assert "+38 ± 18%" in eff  # mean of +50% and +25%, sd 17.7
+    assert "| grpo-mrt | 25.0 ± 7.1 | 45.0 ± 7.1 |" in text  # held-out accuracy start -> end
+    assert (tmp_path / "fig" / "fig7_parallel.png").stat().st_size > 1000
+
+
+def test_fmt_marks_missing_seeds():
+    assert study.fmt([0.5]) == "50.0"
+    assert study.fmt([0.5, None]) == "50.0 ± 0.0 (1/2 seeds)"
+    assert study.fmt([None, None]) == "-"
