@@ -23,8 +23,14 @@ A second kind of pretraining example teaches the meta-prover (mu) used by infoga
 a solution prefix cut after any step, then `utils.MU_SUFFIX` ("Time is up. The answer is
 \\boxed{"), then the true answer. Only the answer tokens carry loss, so the model never
 learns to emit the suffix on its own, but can answer from a partial solution when forced.
-The backtrack marker (`utils.BACKTRACK_MARKER`) is never in the pretraining data: the base
-model has not seen it, as in the paper.
+The backtrack marker (`utils.BACKTRACK_MARKER`) never appears in a pretraining solution: the
+base model has never seen it after an attempt, as in the paper. A real base model does know
+the words, though, so a small share of pretraining documents (`--note-frac`) are stand-alone
+notes holding the phrase ("Note: Wait, this seems off. Let's try something else."), with no
+problem or solution around them. Without them the phrase's tokens stay untrained and a short
+warmstart SFT cannot even spell the marker (measured: a garbled marker after 36-120 steps).
+Pretraining rows pack `--pack` documents each, so that the positions of a backtrack trace's
+revised attempt (100-250 tokens in) are trained.
 
 Run:
     python toy.py                       # builds runs/toy (data, tokenizer, base model), prints accuracy
@@ -186,16 +192,30 @@ def pretraining_example(p: dict, rng: random.Random, slip: float, mu_frac: float
     return "", render_solution(lines, final)
 
 
-def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: float):
+NOTE = "Note: " + utils.BACKTRACK_MARKER
+"""A stand-alone pretraining document: the marker's words, outside any problem or solution."""
+
+
+def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: float, note_frac: float = 0.0,
+                 pack: int = 1):
+    """(ids, attention mask, loss mask), each (rows, T): one document per problem, `pack`
+    consecutive documents concatenated per row (each keeps its own BOS and EOS)."""
     import torch
 
     seqs, masks = [], []
     for p in problems:
+        if rng.random() < note_frac:  # a note: BOS, then the text (all of it carries loss)
+            prompt_ids, comp = [tokenizer.bos_token_id], tokenizer(NOTE, add_special_tokens=False)["input_ids"]
+            seqs.append(prompt_ids + comp + [tokenizer.eos_token_id])
+            masks.append([0] + [1] * (len(comp) + 1))
+            continue
         head, completion = pretraining_example(p, rng, slip, mu_frac)
         prompt_ids = tokenizer(utils.build_prompt(tokenizer, p["problem"]) + head)["input_ids"]
         comp_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(prompt_ids + comp_ids)
         masks.append([0] * len(prompt_ids) + [1] * len(comp_ids))
+    seqs = [sum(seqs[i:i + pack], []) for i in range(0, len(seqs), pack)]
+    masks = [sum(masks[i:i + pack], []) for i in range(0, len(masks), pack)]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), T), dtype=torch.float)
@@ -219,10 +239,19 @@ class Args:
     """training problems (used by pretraining and by every later stage)"""
     n_test: int = 256
     """held-out test problems"""
-    slip: float = 0.15
-    """per-step probability that a pretraining solution's result is wrong"""
+    slip: float = 0.10
+    """per-step probability that a pretraining solution's result is wrong (0.15 gave a base
+    pass@1 of 19.6%, under the 20% the task asks for)"""
     mu_frac: float = 0.15
     """fraction of pretraining examples that teach the forced-answer meta-prover"""
+    pack: int = 3
+    """documents per pretraining sequence: one document is about 100 tokens, a backtrack
+    trace or a linearized stream is longer, and a model pretrained on single documents
+    solved 24% of problems from a plain prompt but 0.5% after another solution (positions it
+    never trained)"""
+    note_frac: float = 0.02
+    """fraction of pretraining examples that are stand-alone notes holding the backtrack
+    marker's words (never inside a solution)"""
     steps: int = 0
     """optimizer steps (0: the preset's)"""
     eval_samples: int = 8
@@ -275,7 +304,7 @@ def build(args: Args) -> dict:
     with open(log_path, "w") as log:
         for step in tqdm(range(steps), desc="toy pretrain", disable=not utils.is_main()):
             batch = [train[rng.randrange(len(train))] for _ in range(preset["batch"])]
-            ids, attn, loss_mask = encode_batch(tokenizer, batch, rng, args.slip, args.mu_frac)
+            ids, attn, loss_mask = encode_batch(tokenizer, batch, rng, args.slip, args.mu_frac, args.note_frac, args.pack)
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
             nll = torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
@@ -295,7 +324,7 @@ def build(args: Args) -> dict:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     report = {"fingerprint": fingerprint(args), "preset": args.preset, "seed": args.seed, "params": n_params, "steps": steps,
-              "slip": args.slip, "build_seconds": round(time.time() - t0, 1)}
+              "slip": args.slip, "note_frac": args.note_frac, "pack": args.pack, "build_seconds": round(time.time() - t0, 1)}
     if args.eval_samples:
         report.update(evaluate_base(model_dir, os.path.join(data_dir, "test.jsonl"), args.eval_samples, args.seed))
     utils.write_json(os.path.join(model_dir, "build.json"), report)

@@ -36,3 +36,20 @@ def one_torch_thread():
     import torch
 
     torch.set_num_threads(1)
+
+
+WARMSTART_SMALL = dict(preset="toy", problems=24, beam_width=2, expansions=4, rollouts=4, attempts=4, traces_per_problem=2,
+                       search_batch=24, epochs=6, batch_size=8, micro_batch_size=8, lr=1e-3, save_every=0)
+"""A small Backtrack warmstart: about 40 traces, 30 SFT steps (seconds on 2 cores)."""
+
+
+@pytest.fixture(scope="session")
+def toy_warmstart(toy_paths, toy_sampler, tmp_path_factory):
+    """A Backtrack warmstart of the toy base (beam search, traces, SFT), run once per session
+    on the shared engine (left holding the base weights): {'dir', 'model', 'summary'}."""
+    import warmstart
+
+    out = tmp_path_factory.mktemp("warmstart")
+    summary = warmstart.main(warmstart.Args(model=toy_paths["base"], data=toy_paths["train"], out=str(out),
+                                            **WARMSTART_SMALL), sampler=toy_sampler)
+    return {"dir": str(out), "model": str(out / "model"), "summary": summary}

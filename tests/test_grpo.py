@@ -339,12 +339,16 @@ def _weights(path):
     return load_file(os.path.join(path, "model", "model.safetensors"))
 
 
-def test_kill_and_resume_matches_uninterrupted_run(engine, toy_paths, tmp_path):
-    """MRT-B with every option that carries state (bonus, episode assignment, KL reference,
+def test_kill_and_resume_matches_uninterrupted_run(engine, toy_paths, toy_warmstart, tmp_path):
+    """MRT-B from a small warmstart (from the base, no continuation is correct and nothing
+    trains) with every option that carries state (bonus, episode assignment, KL reference,
     two passes per batch, importance correction): 4 steps uninterrupted vs a process killed
-    after its step-2 checkpoint and resumed. The final weights must agree."""
-    cfg = dict(variant="mrt", steps=4, prompts_per_step=2, group_size=4, micro_batch_size=4, num_iterations=2,
-               beta=0.04, assign="episode", is_correction=True, lr=3e-4, save_every=2, mu_samples=4, seed=3)
+    after its step-2 checkpoint and resumed. The final weights must agree, and differ from
+    the starting weights."""
+    cfg = dict(variant="mrt", steps=4, prompts_per_step=4, group_size=4, micro_batch_size=8, num_iterations=2,
+               beta=0.04, assign="episode", is_correction=True, lr=3e-4, save_every=2, mu_samples=4, seed=3,
+               model=toy_warmstart["model"])
+    engine.sync_weights(utils.load_model(toy_warmstart["model"], "auto", "cpu"))  # z0 from the starting model
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     grpo.main(_args(toy_paths, whole, **cfg), sampler=engine)
 
@@ -361,12 +365,16 @@ def test_kill_and_resume_matches_uninterrupted_run(engine, toy_paths, tmp_path):
     assert torch.load(ckpt, weights_only=False)["step"] == 2
     assert not (cut / "model").exists()
 
+    engine.sync_weights(utils.load_model(toy_warmstart["model"], "auto", "cpu"))  # as a fresh process would hold
     grpo.main(_args(toy_paths, cut, resume=True, **cfg), sampler=engine)
     a, b = _weights(whole), _weights(cut)
+    start = _weights(toy_warmstart["dir"])
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-6, rtol=0), k
+    assert any(not torch.equal(a[k], start[k]) for k in a), "nothing trained: the test would prove nothing"
     assert [r["step"] for r in _metrics(cut)] == [1, 2, 3, 4]
     rows = _metrics(whole)
+    assert any(r["zero_std_groups"] < 1 for r in rows), rows
     assert all("info_gain_mean" in r and r["kl"] >= 0 for r in rows)
     assert any(r["kl"] > 0 for r in rows[1:]) and any(r["clip_region"] >= 0 for r in rows)

@@ -7,9 +7,11 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import WARMSTART_SMALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -171,21 +173,15 @@ def engine(toy_sampler, toy_paths):
     toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
 
 
-SMALL = dict(preset="toy", problems=24, beam_width=2, expansions=4, rollouts=4, attempts=4, traces_per_problem=2,
-             search_batch=24, epochs=6, batch_size=8, micro_batch_size=8, lr=1e-3, save_every=0)
-
-
-def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_paths, tmp_path):
-    out = tmp_path / "ws"
-    summary = warmstart.main(warmstart.Args(model=toy_paths["base"], data=toy_paths["train"], out=str(out), **SMALL),
-                             sampler=engine)
-    s = summary["search"]
+def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_paths, toy_warmstart, tmp_path):
+    out = Path(toy_warmstart["dir"])
+    s = toy_warmstart["summary"]["search"]
     # the search finds correct solutions more often than single samples do
     assert s["search_solved"] > s["attempt_pass@1"] + 0.1, s
     assert s["search_solved_where_attempts_missed"] is None or s["search_solved_where_attempts_missed"] >= 0
 
     traces = utils.read_records(str(out / "traces.jsonl"), ["problem", "answer", "z0", "z1", "z2", "completion"])
-    assert len(traces) >= 8 and summary["traces"]["count"] == len(traces)
+    assert len(traces) >= 8 and toy_warmstart["summary"]["traces"]["count"] == len(traces)
     for t in traces:
         ep = split_backtrack(t["completion"])
         assert ep is not None and ep.z0 == t["z0"] and ep.z2 == t["z2"]
@@ -198,6 +194,7 @@ def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_path
     assert all(b["tokens"] > a["tokens"] for a, b in zip(log, log[1:]))
     card = json.load(open(out / "model" / "mrt.json"))
     assert card["format"] == "backtrack" and card["stage"] == "warmstart"
+    SMALL = WARMSTART_SMALL
 
     # The warmstarted model, from the prompt alone, on held-out problems: how often it writes
     # the backtrack format (marker + restart) and how often that trace is well formed.
