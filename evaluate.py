@@ -606,12 +606,21 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def group_exists() -> bool:
+    """Whether a torch.distributed group exists now (torchrun's, or one a live vLLM engine
+    started). Taken before building an engine, it tells close_engine whether to tear down."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def close_engine(sampler, had_group: bool) -> None:
     """Free an engine this script built. The engine attribute is dropped explicitly: vLLM
     0.32 pins the frame of the first Sampler.__init__ in a process (so `del sampler` alone
     left one 2 GiB KV cache alive). vLLM also starts a one-process torch.distributed group;
     unless one existed before, tear it down (vLLM's public cleanup_dist_env_and_memory), or
-    the next engine mistakes it for a torchrun group."""
+    the next engine mistakes it for a torchrun group. If a group existed (torchrun's, or one
+    that another live engine uses), it is left alone: tearing it down breaks that engine."""
     backend = sampler.backend
     for attr in ("llm", "model"):
         if hasattr(sampler, attr):
@@ -666,7 +675,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                 utils.print0(f"{name} {mode}: reusing {stem}.jsonl")
             else:
                 if sampler is None:
-                    had_group = utils.is_distributed()
+                    had_group = group_exists()
                     sampler, prompt_ids, max_len = open_engine(path, records, args, (samplers or {}).get(path))
                 utils.print0(f"{name} {mode}: sampling")
                 if mode == "parallel":

@@ -510,7 +510,7 @@ class Engines:
             return self.ready[path]
         if path not in self.owned:
             self.close()
-            had_group = utils.is_distributed()
+            had_group = evaluate.group_exists()
             s = infogain.make_sampler(path, seed=self.args.seed, dtype=self.args.dtype,
                                       max_model_len=self.args.max_model_len or None,
                                       gpu_memory_utilization=self.args.gpu_memory_utilization)
