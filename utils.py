@@ -456,7 +456,9 @@ class Sampler:
     Under torchrun each rank builds its own engine on its own prompts (vLLM's
     "external_launcher" backend: the engine lives in this process and uses its device).
     Engines of different ranks get different seeds (seed + rank), so unseeded requests do
-    not repeat each other's samples; a `generate(..., seed=s)` call is reproducible as is."""
+    not repeat each other's samples; a `generate(..., seed=s)` call is reproducible as is.
+    Keep one vLLM engine alive per process: vLLM 0.32 tears down its process-wide parallel
+    state whenever an engine shuts down, which breaks any other engine still in use."""
 
     def __init__(self, model: str, *, backend: str = "auto", dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,

@@ -22,11 +22,18 @@ def toy_paths():
     return toy.ensure_built(os.path.join(ROOT, "runs", "toy"))
 
 
+ENGINE_BLOCK = 32
+"""KV-cache block size of the session engine (tokens): small, so that a long prompt spans
+several blocks (tests/test_sync.py checks that a weight sync drops every cached block)."""
+
+
 @pytest.fixture(scope="session")
 def toy_sampler(toy_paths):
-    """A vLLM Sampler on the toy base model. Tests that change its weights must sync the
-    base weights back before they return."""
-    return utils.Sampler(toy_paths["base"], seed=0)
+    """The one vLLM Sampler of the session, on the toy base model. Tests that change its
+    weights must sync the base weights back before they return. Tests never build a second
+    in-process engine: vLLM 0.32 tears down its process-wide parallel state when any engine
+    shuts down (EngineCore.shutdown), which breaks every other engine in the process."""
+    return utils.Sampler(toy_paths["base"], seed=0, block_size=ENGINE_BLOCK)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -3,8 +3,8 @@ fallback: agreement of the two backends, stop strings, n samples, seeded reprodu
 and the key proof of issue 2: after `sync_weights`, vLLM samples from the new weights, even
 for a prompt whose KV blocks were cached under the old ones.
 
-This module changes its engine's weights, so it builds its own engine (small KV blocks, so
-a prompt spans several) instead of using the session `toy_sampler`."""
+It uses the session engine (`toy_sampler`, small KV blocks so a prompt spans several) and
+syncs the base weights back after changing them."""
 
 import random
 
@@ -14,12 +14,12 @@ import torch
 import toy
 import utils
 
-BLOCK = 32  # KV-cache block size of this module's engine (tokens)
+from conftest import ENGINE_BLOCK as BLOCK  # KV-cache block size of the session engine (tokens)
 
 
 @pytest.fixture(scope="module")
-def engine(toy_paths):
-    return utils.Sampler(toy_paths["base"], seed=0, block_size=BLOCK)
+def engine(toy_sampler):
+    return toy_sampler
 
 
 @pytest.fixture(scope="module")
