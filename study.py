@@ -42,6 +42,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 
@@ -100,7 +101,9 @@ class Args:
 @dataclass
 class Stage:
     name: str
-    cmd: list[str]
+    cmd: list[str] | Callable[[], list[str]]
+    """the command, or a function that builds it when the stage runs (from the models that
+    the stages before it produced)"""
     done: str
     """a file that exists only once the stage has finished (it is written last)"""
     resume_from: str = ""
@@ -127,12 +130,14 @@ def stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
         out.append(Stage(f"grpo-{v}", py + ["grpo.py", "--variant", v, "--model", os.path.join(ws, "model"),
                                             "--preset", "toy", "--out", d("grpo", v), *s, *sizes["grpo"]],
                          d("grpo", v, "model", "mrt.json"), d("grpo", v, "checkpoint.pt")))
+    present = lambda: existing_models(seed_dir, base)  # noqa: E731  (read when the stage runs)
+    out.append(Stage("evaluate", lambda: py + ["evaluate.py", "--models", *[f"{k}={v}" for k, v in present().items()],
+                                               "--out", d("eval"), *s, *sizes["evaluate"]], d("eval", "curves.json")))
+    backtrack = lambda: {k: v for k, v in present().items()  # noqa: E731
+                         if k != "base" and k not in ("star-star", "warmstart-rejection")}
+    out.append(Stage("infogain", lambda: py + ["infogain.py", "--model", *[f"{k}={v}" for k, v in backtrack().items()],
+                                               "--out", d("infogain"), *s, *sizes["infogain"]], d("infogain", "summary.json")))
     models = model_paths(seed_dir, base)
-    out.append(Stage("evaluate", py + ["evaluate.py", "--models", *[f"{k}={v}" for k, v in models.items()],
-                                       "--out", d("eval"), *s, *sizes["evaluate"]], d("eval", "curves.json")))
-    backtrack = {k: v for k, v in models.items() if k != "base" and k not in ("star-star", "warmstart-rejection")}
-    out.append(Stage("infogain", py + ["infogain.py", "--model", *[f"{k}={v}" for k, v in backtrack.items()],
-                                       "--out", d("infogain"), *s, *sizes["infogain"]], d("infogain", "summary.json")))
     for name in ("base", "grpo-mrt"):
         out.append(Stage(f"r1-{name}", py + ["r1_analysis.py", "--generate", "--model", models[name], "--preset", "toy",
                                              "--direct-model", base, "--out", d("r1", name), *s, *sizes["r1"]],
@@ -148,12 +153,19 @@ def model_paths(seed_dir: str, base: str) -> dict[str, str]:
             **{f"grpo-{v}": d("grpo", v) for v in GRPO_VARIANTS}}
 
 
+def existing_models(seed_dir: str, base: str) -> dict[str, str]:
+    """model_paths without the models that were never written: a STaR run that kept no
+    example in any iteration fine-tunes nothing (its model is the base; see RESULTS.md)."""
+    return {k: v for k, v in model_paths(seed_dir, base).items()
+            if k == "base" or os.path.exists(os.path.join(v, "config.json"))}
+
+
 def run_stage(stage: Stage, log_dir: str) -> float:
     """Run one stage unless done; returns its seconds (0 when skipped). Output goes to its log."""
     if os.path.exists(stage.done):
         utils.print0(f"  {stage.name}: done before ({os.path.relpath(stage.done, ROOT)}), skipped")
         return 0.0
-    cmd = list(stage.cmd)
+    cmd = list(stage.cmd() if callable(stage.cmd) else stage.cmd)
     if stage.resume_from and os.path.exists(stage.resume_from):
         cmd.append("--resume")
     os.makedirs(log_dir, exist_ok=True)
@@ -289,6 +301,26 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
                     cells.append(cell + (f", not reached in {miss}/{len(vals)}" if miss else ""))
                 lines.append(f"| {mrt} | {b} | " + " | ".join(cells) + " |")
         lines.append("")
+
+    # ---- STaR: what each iteration kept, held-out accuracy ----------------------------------
+    star_rows = []
+    for m in STAR_METHODS:
+        sums = [load_json(os.path.join(d, "star", m, "summary.json")) for d in seed_dirs.values()]
+        sums = [x for x in sums if x]
+        if sums:
+            kept = " / ".join(fmt([x["iterations"][i]["kept_fraction"] for x in sums if len(x["iterations"]) > i])
+                              for i in range(len(sums[0]["iterations"])))
+            no_model = sum(x["model_dir"] is None for x in sums)
+            star_rows.append(f"| star-{m} | {kept} | {fmt([x['accuracy'][0] for x in sums])} | "
+                             f"{fmt([x['accuracy'][-1] for x in sums])} | "
+                             + (f"kept nothing in {no_model}/{len(sums)} seeds: no model, no evaluation row |"
+                                if no_model else "|"))
+    if star_rows:
+        lines += ["## MRT-B (STaR) and baselines (Alg. 1)", "",
+                  "Fraction of training problems kept per iteration, and held-out accuracy (%) in the method's own "
+                  "format (backtrack: the base's z0, the cue, z2 graded) before the first and after the last iteration.",
+                  "", "| run | kept per iteration (%) | held-out start | held-out end | note |", "|---|---|---|---|---|",
+                  *star_rows, ""]
 
     # ---- RL training: held-out accuracy start -> end ---------------------------------------
     grpo_rows = []

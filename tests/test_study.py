@@ -90,3 +90,31 @@ def test_fmt_marks_missing_seeds():
     assert study.fmt([0.5]) == "50.0"
     assert study.fmt([0.5, None]) == "50.0 ± 0.0 (1/2 seeds)"
     assert study.fmt([None, None]) == "-"
+
+
+def test_later_stages_use_only_the_models_that_exist(tmp_path):
+    """A STaR run that kept nothing writes no model: evaluate and infogain leave it out (their
+    commands are built when they run), and RESULTS.md says why it has no row."""
+    seed_dir = tmp_path / "seed0"
+    for run in ("warmstart/backtrack", "grpo/mrt", "star/star"):
+        os.makedirs(seed_dir / run / "model")
+        (seed_dir / run / "model" / "config.json").write_text("{}")
+    plan = {st.name: st for st in study.stages(str(seed_dir), 0, study.SIZES["quick"], "base")}
+    cmd = " ".join(plan["evaluate"].cmd())
+    assert f"grpo-mrt={seed_dir}/grpo/mrt/model" in cmd and "star-star=" in cmd and "base=base" in cmd
+    assert "star-mrt=" not in cmd and "grpo-outcome=" not in cmd
+    ig = " ".join(plan["infogain"].cmd())
+    assert "grpo-mrt=" in ig and "star-star=" not in ig and "base=" not in ig  # backtrack models only
+    os.makedirs(seed_dir / "star" / "mrt" / "model")
+    (seed_dir / "star" / "mrt" / "model" / "config.json").write_text("{}")
+    assert "star-mrt=" in " ".join(plan["evaluate"].cmd())  # read again when the stage runs
+
+    it = {"kept_fraction": 0.0}
+    for m, model_dir in (("mrt", None), ("star", "x")):
+        os.makedirs(seed_dir / "star" / m, exist_ok=True)
+        json.dump({"iterations": [it, it], "accuracy": [0.1, 0.1, 0.1], "model_dir": model_dir},
+                  open(seed_dir / "star" / m / "summary.json", "w"))
+    text = study.aggregate(str(tmp_path), [0], str(tmp_path / "RESULTS.md"), str(tmp_path / "fig"))
+    row = next(x for x in text.splitlines() if x.startswith("| star-mrt |"))
+    assert "kept nothing in 1/1 seeds" in row
+    assert "kept nothing" not in next(x for x in text.splitlines() if x.startswith("| star-star |"))
