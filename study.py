@@ -41,6 +41,7 @@ import shlex
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -54,20 +55,20 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SIZES = {
     "quick": dict(
         seeds=[0],
-        warmstart=["--problems", "48", "--epochs", "3"],
+        warmstart=["--problems", "32"],
+        star=["--iterations", "2", "--problems", "48", "--eval-problems", "32"],
+        grpo=["--steps", "6", "--eval-problems", "32"],
+        evaluate=["--limit", "32", "--n", "4", "--window", "128", "--max-tokens", "200"],
+        infogain=["--limit", "16", "--continuations", "2", "--m", "4"],
+        r1=["--limit", "16"],
+    ),
+    "full": dict(
+        seeds=[0, 1, 2],
+        warmstart=["--problems", "48"],
         star=["--iterations", "2"],
         grpo=["--steps", "10", "--eval-problems", "64"],
         evaluate=["--limit", "64", "--n", "4", "--window", "128", "--max-tokens", "200"],
         infogain=["--limit", "32", "--continuations", "2", "--m", "8"],
-        r1=[],
-    ),
-    "full": dict(
-        seeds=[0, 1, 2],
-        warmstart=["--problems", "96"],
-        star=["--iterations", "2"],
-        grpo=["--steps", "20", "--eval-problems", "128"],
-        evaluate=["--limit", "128", "--n", "8", "--window", "128", "--max-tokens", "200"],
-        infogain=["--limit", "64", "--continuations", "4", "--m", "8"],
         r1=[],
     ),
 }
@@ -89,6 +90,8 @@ class Args:
     full study, <out>/RESULTS.md and <out>/results/ for --quick)"""
     only: list[str] = field(default_factory=list)
     """run only these stages (names as in the logs, e.g. warmstart grpo-mrt evaluate); empty: all"""
+    jobs: int = 2
+    """seeds run side by side (each stage mostly keeps one core busy; 2 fits 2 cores)"""
     aggregate_only: bool = False
     """skip every stage and only (re)write RESULTS.md from the outputs that exist"""
 
@@ -160,7 +163,7 @@ def existing_models(seed_dir: str, base: str) -> dict[str, str]:
             if k == "base" or os.path.exists(os.path.join(v, "config.json"))}
 
 
-def run_stage(stage: Stage, log_dir: str) -> float:
+def run_stage(stage: Stage, log_dir: str, env: dict | None = None) -> float:
     """Run one stage unless done; returns its seconds (0 when skipped). Output goes to its log."""
     if os.path.exists(stage.done):
         utils.print0(f"  {stage.name}: done before ({os.path.relpath(stage.done, ROOT)}), skipped")
@@ -175,7 +178,7 @@ def run_stage(stage: Stage, log_dir: str) -> float:
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
         f.flush()
-        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if p.returncode != 0:
         tail = open(log).read().splitlines()[-5:]
         raise utils.UserError(f"stage {stage.name} failed (exit {p.returncode}); see {log}: " + " | ".join(tail)[-400:])
@@ -469,6 +472,8 @@ def plot_training(seed_dirs: dict, path: str) -> None:
 def main(args: Args) -> str:
     import toy
 
+    if args.jobs < 1:
+        raise utils.UserError(f"--jobs must be >= 1, got {args.jobs}")
     preset = "quick" if args.quick else "full"
     sizes = SIZES[preset]
     seeds = args.seeds or sizes["seeds"]
@@ -478,15 +483,24 @@ def main(args: Args) -> str:
     base = toy.ensure_built()["base"]
     t0 = time.time()
     if not args.aggregate_only:
-        for seed in seeds:
+        env = None
+        if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores between the seeds
+            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+
+        def run_seed(seed: int) -> None:
             seed_dir = os.path.join(out, f"seed{seed}")
             todo = [st for st in stages(seed_dir, seed, sizes, base) if not args.only or st.name in args.only]
             utils.print0(f"seed {seed}: {len(todo)} stages -> {seed_dir}")
             times = {}
             for st in todo:
-                times[st.name] = round(run_stage(st, os.path.join(seed_dir, "logs")), 1)
+                times[st.name] = round(run_stage(st, os.path.join(seed_dir, "logs"), env), 1)
             with open(os.path.join(seed_dir, "logs", "times.jsonl"), "a") as f:
                 f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": times}) + "\n")
+
+        # seeds side by side (each stage is one process with one engine; a seed's stages run in order)
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            for f in [pool.submit(run_seed, s) for s in seeds]:
+                f.result()  # the first failure is raised (the other seeds finish their current stage)
     text = aggregate(out, seeds, results_md, fig_dir)
     utils.print0(text)
     utils.print0(f"wrote {results_md} and {fig_dir}/ in {time.time() - t0:.0f}s")

@@ -87,10 +87,11 @@ from infogain import MetaProver, encode, restart_prefix, split_backtrack  # noqa
 SCHEMES = {"backtrack": "backtrack", "rise": "backtrack", "rejection": "direct"}  # scheme -> model format
 
 PRESETS = {
-    # toy: runs with no arguments on 2 CPU cores in a few minutes
+    # toy: runs with no arguments on 2 CPU cores in a few minutes; lr 1e-4 as star.py's toy
+    # preset (at 1e-3, SFT on the rejection scheme's correct solutions collapsed the toy base)
     "toy": dict(problems=96, beam_width=2, expansions=4, rollouts=4, max_depth=8, step_delimiter="\\n",
                 max_step_tokens=24, max_tokens=160, attempts=4, traces_per_problem=2, search_batch=48,
-                lr=1e-3, epochs=3, batch_size=16, micro_batch_size=8, max_length=512, warmup_ratio=0.1,
+                lr=1e-4, epochs=3, batch_size=16, micro_batch_size=8, max_length=512, warmup_ratio=0.1,
                 weight_decay=0.0, save_every=20),
     # paper: Table 1 (lr 1e-6, 3 epochs, batch 256, max length 4096, bf16, warmup 0.1); search sizes assumed
     "paper": dict(problems=0, beam_width=4, expansions=4, rollouts=8, max_depth=24, step_delimiter="\\n\\n",
