@@ -333,7 +333,8 @@ def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
 def sample_traces(sampler: utils.Sampler, records: list[dict], args: Args) -> tuple[list[dict], int]:
     """Backtrack traces from a model: one attempt z0 per problem (kept if it finished with a
     box), then `continuations` samples from prompt + z0 + "\\n" + marker + "\\nStep" (the
-    RL/STaR context). Continuations that do not name a restart step are skipped."""
+    RL/STaR context). Continuations that do not name a restart step are skipped (a model
+    may have none left: main reports it with 0 traces)."""
     tok = sampler.tokenizer
     prompts = [utils.build_prompt(tok, r["problem"], args.instruction) for r in records]
     attempts = sampler.generate([encode(tok, p) for p in prompts], n=1, temperature=args.temperature,
@@ -353,8 +354,6 @@ def sample_traces(sampler: utils.Sampler, records: list[dict], args: Args) -> tu
                 continue
             rows.append({"id": f"{i}-{j}", "problem": records[i]["problem"], "answer": records[i]["answer"],
                          "completion": completion, "episodes": ep, "where": f"sampled {i}-{j}"})
-    if not rows:
-        raise utils.UserError("sampled no backtrack trace (every attempt or continuation was cut or unparsable)")
     return rows, skipped
 
 
@@ -415,7 +414,8 @@ def score_traces(mu: MetaProver, rows: list[dict], args: Args, logger: utils.Jso
 
 
 def summarize(scored: list[dict], skipped: int) -> dict:
-    J = np.array([s["J"] for s in scored])  # (N, 4)
+    """Means over the scored traces (None where there are none)."""
+    J = np.array([s["J"] for s in scored]).reshape(-1, 4)  # (N, 4)
     g = np.array([s["backtrack_gain"] for s in scored])  # (N,)
     ok = np.array([s["z2_correct"] for s in scored]) > 0
     mean = lambda a: round(float(a.mean()), 4) if a.size else None  # noqa: E731
@@ -489,6 +489,12 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             utils.write_jsonl(os.path.join(args.out, f"traces_{name}.jsonl"),
                               [{k: r[k] for k in ("id", "problem", "answer", "completion")} for r in traces[name][0]])
         rows, skipped = traces[name]
+        if not rows:  # sampled, and every attempt or continuation was cut or unparsable
+            utils.print0(f"{name}: no backtrack trace among its samples ({skipped} skipped); reported with 0 traces")
+            summary[name] = summarize([], skipped)
+            del sampler
+            gc.collect()
+            continue
         mu_sampler = shared_mu or sampler or new_sampler(path)
         mu = MetaProver(mu_sampler, args.mu_suffix, args.m, args.mu_temperature, args.mu_max_tokens)
         rows, too_long = check_lengths(mu, rows, args)
@@ -502,6 +508,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         del mu, mu_sampler, sampler  # one engine per model at a time (the shared mu stays)
         gc.collect()
 
+    if not results:
+        raise utils.UserError("no model produced a backtrack trace (every attempt or continuation was cut or unparsable)")
     utils.write_jsonl(os.path.join(args.out, "gains.jsonl"),
                       [{"model": name, **s} for name, scored in results.items() for s in scored])
     settings = {**vars(args), "model": runs}

@@ -348,10 +348,11 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
         lines += ["## Information gain of the backtrack episode (Def. 5.1)", "",
                   "J(mu | x, z0, z1) - J(mu | x, z0) with mu = the model forced to answer, m answers per context; "
                   "mean over the model's own sampled backtrack traces.", "",
-                  "| model | gain of z1 | gain, z2 correct | gain, z2 wrong | z2 accuracy |", "|---|---|---|---|---|"]
+                  "| model | traces | gain of z1 | gain, z2 correct | gain, z2 wrong | z2 accuracy |",
+                  "|---|---|---|---|---|---|"]
         for n in names:
             ms = [x["models"][n] for x in igs if n in x["models"]]
-            lines.append(f"| {n} | {fmt([m['gain_mean']['z1'] for m in ms], 1, 3, True)} | "
+            lines.append(f"| {n} | {fmt([m['traces'] for m in ms], 1, 0)} | {fmt([m['gain_mean']['z1'] for m in ms], 1, 3, True)} | "
                          f"{fmt([m['backtrack_gain_mean_z2_correct'] for m in ms], 1, 3, True)} | "
                          f"{fmt([m['backtrack_gain_mean_z2_wrong'] for m in ms], 1, 3, True)} | "
                          f"{fmt([m['z2_accuracy'] for m in ms])} |")

@@ -104,6 +104,20 @@ def test_information_gain_and_episode_gains():
     np.testing.assert_allclose(per_trace[0], [0.5, 0.0])
 
 
+def test_summarize_means_and_a_model_with_no_traces():
+    scored = [{"J": [0.0, 0.25, 0.75, 1.0], "backtrack_gain": 0.5, "z0_correct": 0.0, "z2_correct": 1.0, "valid_restart": True},
+              {"J": [0.5, 0.5, 0.25, 0.0], "backtrack_gain": -0.25, "z0_correct": 0.0, "z2_correct": 0.0, "valid_restart": False}]
+    s = infogain.summarize(scored, 3)
+    assert s["traces"] == 2 and s["skipped"] == 3
+    assert s["gain_mean"] == {"z0": 0.125, "z1": 0.125, "z2": 0.0}
+    assert s["backtrack_gain_mean_z2_correct"] == 0.5 and s["backtrack_gain_mean_z2_wrong"] == -0.25
+    assert s["z2_accuracy"] == 0.5 and s["valid_restart_frac"] == 0.5 and s["backtrack_gain_positive_frac"] == 0.5
+    # a model whose samples held no backtrack trace is reported, with no means, not an error
+    empty = infogain.summarize([], 7)
+    assert empty["traces"] == 0 and empty["skipped"] == 7
+    assert empty["gain_mean"]["z1"] is None and empty["z2_accuracy"] is None and empty["backtrack_gain_stderr"] is None
+
+
 def test_grade_cached_matches_grade():
     cases = [("\\boxed{\\frac{1}{2}}", "0.5"), ("x \\boxed{3} y", "3"), ("no box", "3"), ("\\boxed{x=3}", "3"),
              ("\\boxed{4}", "3"), ("\\boxed{3", "3"), (utils.MU_SUFFIX + "12}", "12"), ("\\boxed{\\text{ 7 }}", "7")]
