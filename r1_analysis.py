@@ -78,10 +78,10 @@ Decisions and departures from the paper (which publishes no code for this study)
   round's (--stop-when-repeated), so harder problems get more episodes, as in R1's traces.
 - What the toy default shows is the pipeline, not the paper's finding: the toy base never saw
   the backtrack marker, so its later rounds are poor, and its meta-prover (pretrained on clean
-  prefixes) copies the boxed answer of a finished, slipped solution only about 30% of the time;
-  measured on the default run, [maj@1]_j falls from 0.13 after the first episode to ~0 after
-  the last (direct pass@1 0.35). Run it on an MRT-trained toy checkpoint (--preset toy) or a
-  real reasoning model for a meaningful curve.
+  prefixes) often fails to copy the boxed answer of a finished, slipped solution, so
+  [maj@1]_j falls after the first episode instead of rising (RESULTS.md, from `python
+  study.py`, has the measured numbers for the toy base and the MRT-B (RL) toy model). Run it
+  on a real reasoning model for a meaningful curve.
 - Input errors (missing file, malformed line, missing field, unparsable answer, empty thinking,
   bad model path, a context too long for the meta-prover) are one line and exit status 2
   before any output is written; --skip-invalid skips the offending traces instead.

@@ -68,12 +68,12 @@ Decisions / departures from the paper (it publishes no code for this algorithm):
 - Table 1 gives lr 1e-6, 3 epochs, batch 256, max length 4096, bf16 (dtype auto on GPU),
   warmup 0.1; the other paper preset values (iterations, G, max tokens, mu samples, weight
   decay, schedule: warmstart's linear warmup then cosine) are assumptions.
-- The toy task (measured, `python study.py --quick`, seed 0): after z0, the cue and a restart
-  at "Step k:", the 1M-parameter toy base writes a correct z2 in 0.3% of continuations (its
-  direct attempts: about 27%), so MRT-B keeps 0 of 96 problems in both iterations and RISE
-  2-5%; a Backtrack warmstart does not help (it writes the format in 27% of samples, with no
-  correct z2, and its direct accuracy falls). Plain STaR works there (--method star: 64-74%
-  of problems kept, held-out accuracy 28.5% -> 35.5% in two iterations at lr 1e-4).
+- The toy task (measured by `python study.py`, 3 seeds, RESULTS.md): after z0, the cue and a
+  restart at "Step k:", the 1.1M-parameter toy base rarely writes a correct z2 (held-out z2
+  accuracy under 1%, against about 29% for a direct attempt), so MRT-B keeps 0-0.3% of
+  problems per iteration and RISE 3-6%, and a Backtrack warmstart lowers the toy's accuracy.
+  Plain STaR works there (--method star: 66-78% of problems kept, held-out accuracy 26.6% ->
+  34.8% in two iterations at lr 1e-4).
   tests/test_star.py therefore checks the filter end to end with scripted samples as well.
 - No resume: an interrupted run starts again (each iteration's SFT checkpoint is deleted
   once its model is saved).
