@@ -205,14 +205,14 @@ def mean_sd(values) -> tuple[float | None, float | None, int]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
-def fmt(values, scale: float = 100.0, digits: int = 1, sign: bool = False) -> str:
-    """'mean ± sd' over seeds (sd omitted for one seed; '-' when no seed has a value; the count
-    of seeds in brackets when some seeds lack a value)."""
+def fmt(values, scale: float = 100.0, digits: int = 1, sign: bool = False, unit: str = "") -> str:
+    """'mean ± sd' over seeds (sd omitted when only one seed has a value; '-' when none has;
+    the count of seeds in brackets when some seeds lack a value)."""
     m, s, n = mean_sd(values)
     if m is None:
         return "-"
     f = f"{{:{'+' if sign else ''}.{digits}f}}"
-    text = f.format(scale * m) + ("" if len(values) == 1 else f" ± {scale * s:.{digits}f}")
+    text = f.format(scale * m) + unit + ("" if n == 1 else f" ± {scale * s:.{digits}f}{unit}")
     return text + ("" if n == len(values) else f" ({n}/{len(values)} seeds)")
 
 
@@ -300,7 +300,7 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
                         eff = evaluate.token_efficiency((ca["tokens"], ca["maj"]), (cb["tokens"], cb["maj"]))
                         vals.append(eff["saving"])
                         miss += eff["saving"] is None
-                    cell = fmt(vals, sign=True, digits=0) + "%" if any(v is not None for v in vals) else "-"
+                    cell = fmt(vals, sign=True, digits=0, unit="%") if any(v is not None for v in vals) else "-"
                     cells.append(cell + (f", not reached in {miss}/{len(vals)}" if miss else ""))
                 lines.append(f"| {mrt} | {b} | " + " | ".join(cells) + " |")
         lines.append("")

@@ -81,14 +81,16 @@ def test_aggregate_mean_spread_and_token_saving(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| grpo-mrt |") and "tok" not in line)
     assert "30.0 ± 14.1 / 30.0 ± 14.1" in row
     eff = next(line for line in text.splitlines() if line.startswith("| grpo-mrt | grpo-outcome |"))
-    assert "+38 ± 18%" in eff  # mean of +50% and +25%, sd 17.7
+    assert "+38% ± 18%" in eff  # mean of +50% and +25%, sd 17.7
     assert "| grpo-mrt | 25.0 ± 7.1 | 45.0 ± 7.1 |" in text  # held-out accuracy start -> end
     assert (tmp_path / "fig" / "fig7_parallel.png").stat().st_size > 1000
 
 
 def test_fmt_marks_missing_seeds():
     assert study.fmt([0.5]) == "50.0"
-    assert study.fmt([0.5, None]) == "50.0 ± 0.0 (1/2 seeds)"
+    assert study.fmt([0.5, None]) == "50.0 (1/2 seeds)"  # one value has no spread
+    assert study.fmt([0.5, 0.3, None]) == "40.0 ± 14.1 (2/3 seeds)"
+    assert study.fmt([0.25, 0.35], sign=True, digits=0, unit="%") == "+30% ± 7%"
     assert study.fmt([None, None]) == "-"
 
 
