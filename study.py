@@ -260,6 +260,16 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
                   f"rounds (linearized, window {ev_settings['window']} tokens), temperature {ev_settings['temperature']}. "
                   "Each cell: pass@k / maj@k (%) interpolated on the run's accuracy-tokens curve at that many "
                   "generated tokens per problem (- : outside the curve).", ""]
+        n = ev_settings["n"]
+        lines += [f"pass@1, pass@{n} and maj@{n} (%) and generated tokens per trace (parallel mode):", "",
+                  f"| run | pass@1 | pass@{n} | maj@{n} | tokens per trace |", "|---|---|---|---|---|"]
+        for name in dict.fromkeys(n for e in have for n in e["runs"]):  # every run of any seed, in order
+            cs = [e["runs"][name]["modes"]["parallel"] for e in have if "parallel" in e["runs"].get(name, {}).get("modes", {})]
+            if cs:
+                pad = [None] * (len(have) - len(cs))  # seeds without this run
+                lines.append(f"| {name} | {fmt([c['pass'][0] for c in cs] + pad)} | {fmt([c['pass'][-1] for c in cs] + pad)} | "
+                             f"{fmt([c['maj'][-1] for c in cs] + pad)} | {fmt([c['tokens'][0] for c in cs] + pad, 1, 0)} |")
+        lines.append("")
         for mode in evaluate.MODES:
             mc = mean_curves(have, mode)
             if not mc:

@@ -78,8 +78,10 @@ def test_aggregate_mean_spread_and_token_saving(tmp_path):
     text = study.aggregate(str(out), [0, 1], str(md), str(tmp_path / "fig"))
     assert md.read_text() == text
     # 100 tokens: maj 0.4 and 0.2 -> 30.0 ± 14.1 (sample sd over seeds)
-    row = next(line for line in text.splitlines() if line.startswith("| grpo-mrt |") and "tok" not in line)
+    row = next(line for line in text.splitlines() if line.startswith("| grpo-mrt |") and " / " in line)
     assert "30.0 ± 14.1 / 30.0 ± 14.1" in row
+    # pass@1 (0.4, 0.2), pass@4 = maj@4 (0.7, 0.6), 100 tokens per trace
+    assert "| grpo-mrt | 30.0 ± 14.1 | 65.0 ± 7.1 | 65.0 ± 7.1 | 100 ± 0 |" in text
     eff = next(line for line in text.splitlines() if line.startswith("| grpo-mrt | grpo-outcome |"))
     assert "+38% ± 18%" in eff  # mean of +50% and +25%, sd 17.7
     assert "| grpo-mrt | 25.0 ± 7.1 | 45.0 ± 7.1 |" in text  # held-out accuracy start -> end
