@@ -263,7 +263,7 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
         n = ev_settings["n"]
         lines += [f"pass@1, pass@{n} and maj@{n} (%) and generated tokens per trace (parallel mode):", "",
                   f"| run | pass@1 | pass@{n} | maj@{n} | tokens per trace |", "|---|---|---|---|---|"]
-        for name in dict.fromkeys(n for e in have for n in e["runs"]):  # every run of any seed, in order
+        for name in dict.fromkeys(r for e in have for r in e["runs"]):  # every run of any seed, in order
             cs = [e["runs"][name]["modes"]["parallel"] for e in have if "parallel" in e["runs"].get(name, {}).get("modes", {})]
             if cs:
                 pad = [None] * (len(have) - len(cs))  # seeds without this run
