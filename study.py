@@ -16,8 +16,8 @@ matched token budgets, the token efficiency of MRT-B against each baseline (the 
 "30% / 38%" figures), information-gain means, regret, and the figures.
 
 Run (CPU, no network; builds the toy base model first if missing):
-    python study.py             # full: 3 seeds, at most ~45 min on 2 cores -> RESULTS.md, results/
-    python study.py --quick     # smaller sizes, ~10 min -> runs/study/quick/RESULTS.md
+    python study.py             # full: 3 seeds, 38 min measured on 2 cores (toy built) -> RESULTS.md, results/
+    python study.py --quick     # 1 seed, smaller sizes, 14 min measured -> runs/study/quick/RESULTS.md
     python study.py --seeds 0   # one seed
 A killed run resumes: a stage whose outputs exist is skipped (the log says so), a grpo or
 warmstart stage with a checkpoint continues from it (--resume). Delete a stage's folder to
@@ -55,12 +55,12 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 SIZES = {
     "quick": dict(
         seeds=[0],
-        warmstart=["--problems", "32"],
-        star=["--iterations", "2", "--problems", "48", "--eval-problems", "32"],
-        grpo=["--steps", "6", "--eval-problems", "32"],
-        evaluate=["--limit", "32", "--n", "4", "--window", "128", "--max-tokens", "200"],
-        infogain=["--limit", "16", "--continuations", "2", "--m", "4"],
-        r1=["--limit", "16"],
+        warmstart=["--problems", "24"],
+        star=["--iterations", "2", "--problems", "32", "--eval-problems", "16"],
+        grpo=["--steps", "4", "--eval-problems", "16"],
+        evaluate=["--limit", "16", "--n", "4", "--window", "128", "--max-tokens", "200"],
+        infogain=["--limit", "8", "--continuations", "2", "--m", "4"],
+        r1=["--limit", "8"],
     ),
     "full": dict(
         seeds=[0, 1, 2],
@@ -80,7 +80,7 @@ GRPO_VARIANTS = ("mrt", "outcome", "length")
 @dataclass
 class Args:
     quick: bool = False
-    """smaller sizes (~10 min on 2 cores) written under runs/study/quick"""
+    """one seed, smaller sizes (14 min measured on 2 cores), written under runs/study/quick"""
     seeds: list[int] = field(default_factory=list)
     """seeds to run (empty: the preset's, 3 for the full study, 1 for --quick)"""
     out: str = ""
