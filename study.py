@@ -16,7 +16,7 @@ matched token budgets, the token efficiency of MRT-B against each baseline (the 
 "30% / 38%" figures), information-gain means, regret, and the figures.
 
 Run (CPU, no network; builds the toy base model first if missing):
-    python study.py             # full: 3 seeds, 38 min measured on 2 cores (toy built) -> RESULTS.md, results/
+    python study.py             # full: 3 seeds, ~40 min on 2 cores (see README) -> RESULTS.md, results/
     python study.py --quick     # 1 seed, smaller sizes, 14 min measured -> runs/study/quick/RESULTS.md
     python study.py --seeds 0   # one seed
 A killed run resumes: a stage whose outputs exist is skipped (the log says so), a grpo or
