@@ -94,6 +94,9 @@ class Args:
     """seeds run side by side (each stage mostly keeps one core busy; 2 fits 2 cores)"""
     aggregate_only: bool = False
     """skip every stage and only (re)write RESULTS.md from the outputs that exist"""
+    eager: str = "auto"
+    """vLLM without torch.compile in every stage (MRT_VLLM_EAGER=1): on | off | auto (on for
+    --quick, whose ~30 engine starts on tiny inputs cost more than the slower decoding)"""
 
 
 # --------------------------------------------------------------------------------------
@@ -480,11 +483,26 @@ def plot_training(seed_dirs: dict, path: str) -> None:
 # --------------------------------------------------------------------------------------
 
 
+def stage_env(args: Args, environ: dict) -> dict:
+    """The environment of every stage process: the cores shared between seeds run side by
+    side (unless OMP_NUM_THREADS is set), vLLM eager mode per --eager."""
+    env = dict(environ)
+    if args.jobs > 1 and "OMP_NUM_THREADS" not in environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+    if args.eager == "on" or (args.eager == "auto" and args.quick):
+        env["MRT_VLLM_EAGER"] = "1"
+    elif args.eager == "off":
+        env["MRT_VLLM_EAGER"] = "0"
+    return env
+
+
 def main(args: Args) -> str:
     import toy
 
     if args.jobs < 1:
         raise utils.UserError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.eager not in ("on", "off", "auto"):
+        raise utils.UserError(f"--eager must be on, off or auto, got {args.eager!r}")
     preset = "quick" if args.quick else "full"
     sizes = SIZES[preset]
     seeds = args.seeds or sizes["seeds"]
@@ -494,9 +512,7 @@ def main(args: Args) -> str:
     base = toy.ensure_built()["base"]
     t0 = time.time()
     if not args.aggregate_only:
-        env = None
-        if args.jobs > 1 and "OMP_NUM_THREADS" not in os.environ:  # share the cores between the seeds
-            env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.jobs)))
+        env = stage_env(args, dict(os.environ))
 
         def run_seed(seed: int) -> None:
             seed_dir = os.path.join(out, f"seed{seed}")

@@ -10,7 +10,9 @@ process the same number of tokens (checked and printed). TRL generates with
 `transformers.generate` (its CPU path); grpo.py with its colocated vLLM engine.
 
 Each side runs in its own process, one after the other, with the same thread count; the
-first step (warm-up) is excluded, the median of the remaining step times is compared.
+first step (warm-up) is excluded, the median of the remaining step times is compared. Each
+step is also split into sampling (vLLM in grpo.py; `model.generate`, timed by wrapping it,
+in TRL) and the rest (rewards, log-probs, loss, backward, optimizer, weight sync).
 
     pip install -r bench/requirements.txt         # trl (bench only; not a project requirement)
     python bench/grpo_vs_trl.py                    # builds runs/toy-bench if missing
@@ -109,11 +111,22 @@ def run_trl(a) -> dict:
                      lr_scheduler_type="constant", shuffle_dataset=False)
     trainer = GRPOTrainer(model=a.model, reward_funcs=[correctness], args=cfg, train_dataset=ds, processing_class=tok,
                           callbacks=[Clock()])
+    gen_times, generate = [], trainer.model.generate
+
+    def timed_generate(*args, **kw):  # TRL samples with model.generate once per step (its CPU path)
+        t = time.time()
+        out = generate(*args, **kw)
+        gen_times.append(time.time() - t)
+        return out
+
+    trainer.model.generate = timed_generate
     trainer.train()
     for h in trainer.state.log_history:
         if "completions/mean_length" in h:
             tokens.append(h["completions/mean_length"] * a.prompts * a.group)
-    return {"step_times": times, "tokens": tokens, "threads": torch.get_num_threads()}
+    assert len(gen_times) == len(times), (len(gen_times), len(times))
+    return {"step_times": times, "tokens": tokens, "threads": torch.get_num_threads(), "sample_times": gen_times,
+            "train_times": [t - g for t, g in zip(times, gen_times)]}
 
 
 # --------------------------------------------------------------------------------------
@@ -162,13 +175,12 @@ def main():
         steps = r["step_times"][1:]
         med[side] = statistics.median(steps)
         toks = statistics.mean(r["tokens"][1:]) if r["tokens"] else float("nan")
-        extra = ""
-        if side == "grpo":
-            extra = (f"  (sampling {statistics.median(r['sample_times'][1:]):.2f}s, "
-                     f"training {statistics.median(r['train_times'][1:]):.2f}s)")
-        print(f"  {side:5s} step {med[side]:7.2f}s  completion tokens/step {toks:7.0f}  "
-              f"process wall {r['wall']:.0f}s{extra}")
-    print(f"  speed-up of grpo.py over TRL GRPOTrainer: {med['trl'] / med['grpo']:.2f}x (target >= 3x)")
+        med[side + "/sample"] = statistics.median(r["sample_times"][1:])
+        med[side + "/train"] = statistics.median(r["train_times"][1:])
+        print(f"  {side:5s} step {med[side]:7.2f}s  completion tokens/step {toks:7.0f}  process wall {r['wall']:.0f}s"
+              f"  (sampling {med[side + '/sample']:.2f}s, the rest {med[side + '/train']:.2f}s)")
+    print(f"  speed-up of grpo.py over TRL GRPOTrainer: {med['trl'] / med['grpo']:.2f}x per step (target >= 3x); "
+          f"sampling {med['trl/sample'] / med['grpo/sample']:.2f}x, the rest {med['trl/train'] / med['grpo/train']:.2f}x")
 
 
 if __name__ == "__main__":

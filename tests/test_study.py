@@ -122,3 +122,14 @@ def test_later_stages_use_only_the_models_that_exist(tmp_path):
     row = next(x for x in text.splitlines() if x.startswith("| star-mrt |"))
     assert "kept nothing in 1/1 seeds" in row
     assert "kept nothing" not in next(x for x in text.splitlines() if x.startswith("| star-star |"))
+
+
+def test_stage_env_threads_and_eager():
+    quick = study.stage_env(study.Args(quick=True, jobs=1), {"PATH": "/bin"})
+    assert quick["MRT_VLLM_EAGER"] == "1" and "OMP_NUM_THREADS" not in quick
+    full = study.stage_env(study.Args(jobs=2), {"MRT_VLLM_EAGER": "1"})
+    assert full["MRT_VLLM_EAGER"] == "1" and int(full["OMP_NUM_THREADS"]) >= 1  # the user's setting stays
+    assert study.stage_env(study.Args(quick=True, eager="off"), {})["MRT_VLLM_EAGER"] == "0"
+    assert study.stage_env(study.Args(eager="on", jobs=2), {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
+    with pytest.raises(utils.UserError, match="--eager"):
+        study.main(study.Args(eager="sometimes", aggregate_only=True))
