@@ -1,6 +1,7 @@
 """study.py: the whole MRT study on the embedded default, one command (MRT paper Sec. 6-7).
 
-For each seed, every stage runs as its own process (its own vLLM engine, freed on exit):
+For each seed, every stage runs as its own process (its own vLLM engine, freed on exit);
+--jobs stages run at a time, from any seed, each once the stages it reads from are done:
 
   warmstart   warmstart.py: beam search + Backtrack traces + SFT; the RISE and rejection
               schemes on the same search tree (Fig. 6: SFT loss against tokens)
@@ -92,7 +93,8 @@ class Args:
     only: list[str] = field(default_factory=list)
     """run only these stages (names as in the logs, e.g. warmstart grpo-mrt evaluate); empty: all"""
     jobs: int = 2
-    """seeds run side by side (each stage mostly keeps one core busy; 2 fits 2 cores)"""
+    """stages run side by side, from any seed, as their inputs allow (each stage mostly keeps
+    one core busy; 2 fits 2 cores)"""
     aggregate_only: bool = False
     """skip every stage and only (re)write RESULTS.md from the outputs that exist"""
     eager: str = "auto"
@@ -115,6 +117,8 @@ class Stage:
     """a file that exists only once the stage has finished (it is written last)"""
     resume_from: str = ""
     """a checkpoint that, when present, makes the stage continue with --resume"""
+    after: tuple[str, ...] = ()
+    """stages of the same seed that must finish before this one starts"""
 
 
 def stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
@@ -129,26 +133,29 @@ def stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
         out.append(Stage(f"warmstart-{scheme}", py + ["warmstart.py", "--scheme", scheme, "--search-from",
                                                       os.path.join(ws, "search.jsonl"), "--out", d("warmstart", scheme),
                                                       *s, *sizes["warmstart"]],
-                         d("warmstart", scheme, "summary.json")))
+                         d("warmstart", scheme, "summary.json"), after=("warmstart",)))
     for m in STAR_METHODS:
         out.append(Stage(f"star-{m}", py + ["star.py", "--method", m, "--model", base, "--preset", "toy", "--out", d("star", m), *s,
                                             *sizes["star"]], d("star", m, "summary.json")))
     for v in GRPO_VARIANTS:
         out.append(Stage(f"grpo-{v}", py + ["grpo.py", "--variant", v, "--model", os.path.join(ws, "model"),
                                             "--preset", "toy", "--out", d("grpo", v), *s, *sizes["grpo"]],
-                         d("grpo", v, "model", "mrt.json"), d("grpo", v, "checkpoint.pt")))
+                         d("grpo", v, "model", "mrt.json"), d("grpo", v, "checkpoint.pt"), after=("warmstart",)))
+    trained = tuple(st.name for st in out)  # evaluate and infogain read every model these write
     present = lambda: existing_models(seed_dir, base)  # noqa: E731  (read when the stage runs)
     out.append(Stage("evaluate", lambda: py + ["evaluate.py", "--models", *[f"{k}={v}" for k, v in present().items()],
-                                               "--out", d("eval"), *s, *sizes["evaluate"]], d("eval", "curves.json")))
+                                               "--out", d("eval"), *s, *sizes["evaluate"]], d("eval", "curves.json"),
+                     after=trained))
     backtrack = lambda: {k: v for k, v in present().items()  # noqa: E731
                          if k != "base" and k not in ("star-star", "warmstart-rejection")}
     out.append(Stage("infogain", lambda: py + ["infogain.py", "--model", *[f"{k}={v}" for k, v in backtrack().items()],
-                                               "--out", d("infogain"), *s, *sizes["infogain"]], d("infogain", "summary.json")))
+                                               "--out", d("infogain"), *s, *sizes["infogain"]], d("infogain", "summary.json"),
+                     after=trained))
     models = model_paths(seed_dir, base)
     for name in ("base", "grpo-mrt"):
         out.append(Stage(f"r1-{name}", py + ["r1_analysis.py", "--generate", "--model", models[name], "--preset", "toy",
                                              "--direct-model", base, "--out", d("r1", name), *s, *sizes["r1"]],
-                         d("r1", name, "summary.json")))
+                         d("r1", name, "summary.json"), after=() if name == "base" else (name,)))
     return out
 
 
@@ -167,17 +174,18 @@ def existing_models(seed_dir: str, base: str) -> dict[str, str]:
             if k == "base" or os.path.exists(os.path.join(v, "config.json"))}
 
 
-def run_stage(stage: Stage, log_dir: str, env: dict | None = None) -> float:
+def run_stage(stage: Stage, log_dir: str, env: dict | None = None, tag: str = "") -> float:
     """Run one stage unless done; returns its seconds (0 when skipped). Output goes to its log."""
+    name = f"{tag}{stage.name}"
     if os.path.exists(stage.done):
-        utils.print0(f"  {stage.name}: done before ({os.path.relpath(stage.done, ROOT)}), skipped")
+        utils.print0(f"  {name}: done before ({os.path.relpath(stage.done, ROOT)}), skipped")
         return 0.0
     cmd = list(stage.cmd() if callable(stage.cmd) else stage.cmd)
     if stage.resume_from and os.path.exists(stage.resume_from):
         cmd.append("--resume")
     os.makedirs(log_dir, exist_ok=True)
     log = os.path.join(log_dir, f"{stage.name}.log")
-    utils.print0(f"  {stage.name}: {shlex.join(cmd)}")
+    utils.print0(f"  {name}: {shlex.join(cmd)}")
     t0 = time.time()
     with open(log, "a") as f:
         f.write(f"$ {shlex.join(cmd)}\n")
@@ -189,8 +197,60 @@ def run_stage(stage: Stage, log_dir: str, env: dict | None = None) -> float:
     if not os.path.exists(stage.done):
         raise utils.UserError(f"stage {stage.name} ended without writing {stage.done}; see {log}")
     seconds = time.time() - t0
-    utils.print0(f"  {stage.name}: {seconds:.0f}s")
+    utils.print0(f"  {name}: {seconds:.0f}s")
     return seconds
+
+
+def run_stages(plans: dict[int, list[Stage]], log_dirs: dict[int, str], jobs: int, env: dict | None = None) -> dict:
+    """Run every seed's stages, `jobs` at a time. A stage starts once the stages it comes
+    `after` (same seed; those not in the plan count as done) have finished; among the ready
+    ones, the seed with the most stages left goes first, so that the seeds progress evenly and
+    no worker idles while another seed still has work. Each seed's stage times are appended to
+    <log dir>/times.jsonl. On a failure no new stage starts; the running ones finish, then the
+    first error is raised. Returns {seed: {stage: seconds}}."""
+    from concurrent.futures import FIRST_COMPLETED, wait
+
+    left = {seed: list(plan) for seed, plan in plans.items()}
+    planned = {seed: {st.name for st in plan} for seed, plan in plans.items()}
+    finished = {seed: set() for seed in plans}
+    times = {seed: {} for seed in plans}
+    tag = (lambda seed: f"[seed {seed}] ") if len(plans) > 1 else (lambda seed: "")  # noqa: E731
+
+    def next_ready():
+        for seed in sorted(left, key=lambda s: (-len(left[s]), s)):
+            for st in left[seed]:
+                if all(a in finished[seed] or a not in planned[seed] for a in st.after):
+                    return seed, st
+        return None
+
+    running, error = {}, None
+    try:
+        with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+            while True:
+                while error is None and len(running) < max(1, jobs) and (ready := next_ready()):
+                    seed, st = ready
+                    left[seed].remove(st)
+                    running[pool.submit(run_stage, st, log_dirs[seed], env, tag(seed))] = ready
+                if not running:
+                    break
+                for fut in wait(running, return_when=FIRST_COMPLETED)[0]:
+                    seed, st = running.pop(fut)
+                    try:
+                        times[seed][st.name] = round(fut.result(), 1)
+                        finished[seed].add(st.name)
+                    except Exception as e:  # keep the first failure; the running stages finish
+                        error = error or e
+        if error is None and any(left.values()):
+            raise RuntimeError(f"stages never became ready: {({s: [st.name for st in v] for s, v in left.items() if v})}")
+    finally:
+        for seed, t in times.items():
+            if t:
+                os.makedirs(log_dirs[seed], exist_ok=True)
+                with open(os.path.join(log_dirs[seed], "times.jsonl"), "a") as f:
+                    f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": t}) + "\n")
+    if error is not None:
+        raise error
+    return times
 
 
 # --------------------------------------------------------------------------------------
@@ -485,8 +545,8 @@ def plot_training(seed_dirs: dict, path: str) -> None:
 
 
 def stage_env(args: Args, environ: dict) -> dict:
-    """The environment of every stage process: the cores shared between seeds run side by
-    side (unless OMP_NUM_THREADS is set), vLLM eager mode per --eager."""
+    """The environment of every stage process: the cores shared between the --jobs stages
+    that run side by side (unless OMP_NUM_THREADS is set), vLLM eager mode per --eager."""
     env = dict(environ)
     if args.jobs > 1 and "OMP_NUM_THREADS" not in environ:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
@@ -515,20 +575,11 @@ def main(args: Args) -> str:
     if not args.aggregate_only:
         env = stage_env(args, dict(os.environ))
 
-        def run_seed(seed: int) -> None:
-            seed_dir = os.path.join(out, f"seed{seed}")
-            todo = [st for st in stages(seed_dir, seed, sizes, base) if not args.only or st.name in args.only]
-            utils.print0(f"seed {seed}: {len(todo)} stages -> {seed_dir}")
-            times = {}
-            for st in todo:
-                times[st.name] = round(run_stage(st, os.path.join(seed_dir, "logs"), env), 1)
-            with open(os.path.join(seed_dir, "logs", "times.jsonl"), "a") as f:
-                f.write(json.dumps({"time": time.strftime("%Y-%m-%d %H:%M:%S"), "seconds": times}) + "\n")
-
-        # seeds side by side (each stage is one process with one engine; a seed's stages run in order)
-        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            for f in [pool.submit(run_seed, s) for s in seeds]:
-                f.result()  # the first failure is raised (the other seeds finish their current stage)
+        plans = {seed: [st for st in stages(os.path.join(out, f"seed{seed}"), seed, sizes, base)
+                        if not args.only or st.name in args.only] for seed in seeds}
+        for seed, plan in plans.items():
+            utils.print0(f"seed {seed}: {len(plan)} stages -> {os.path.join(out, f'seed{seed}')}")
+        run_stages(plans, {seed: os.path.join(out, f"seed{seed}", "logs") for seed in seeds}, args.jobs, env)
     text = aggregate(out, seeds, results_md, fig_dir)
     utils.print0(text)
     utils.print0(f"wrote {results_md} and {fig_dir}/ in {time.time() - t0:.0f}s")

@@ -133,3 +133,50 @@ def test_stage_env_threads_and_eager():
     assert study.stage_env(study.Args(eager="on", jobs=2), {"OMP_NUM_THREADS": "3"})["OMP_NUM_THREADS"] == "3"
     with pytest.raises(utils.UserError, match="--eager"):
         study.main(study.Args(eager="sometimes", aggregate_only=True))
+
+
+def _timed_stage(tmp_path, name, after=(), sleep=0.3, fail=False):
+    """A stage that records when it started and ended (for the scheduler tests)."""
+    done, stamp = tmp_path / f"{name}.done", tmp_path / f"{name}.times"
+    code = (f"import sys, time; t0 = time.time(); time.sleep({sleep}); "
+            f"open({str(stamp)!r}, 'w').write(f'{{t0}} {{time.time()}}'); "
+            + ("sys.exit(4)" if fail else f"open({str(done)!r}, 'w').write('ok')"))
+    return study.Stage(name, [sys.executable, "-c", code], str(done), after=tuple(after))
+
+
+def _span(tmp_path, name):
+    return [float(x) for x in (tmp_path / f"{name}.times").read_text().split()]
+
+
+def test_run_stages_respects_after_and_runs_side_by_side(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    plans = {0: [_timed_stage(a, "first"), _timed_stage(a, "second", after=["first"]), _timed_stage(a, "free"),
+                 _timed_stage(a, "last", after=["second", "free", "not-planned"])],
+             1: [_timed_stage(b, "first")]}
+    times = study.run_stages(plans, {0: str(a / "logs"), 1: str(b / "logs")}, jobs=2)
+    assert set(times[0]) == {"first", "second", "free", "last"} and set(times[1]) == {"first"}
+    assert _span(a, "second")[0] >= _span(a, "first")[1]  # after its input
+    assert _span(a, "last")[0] >= max(_span(a, "second")[1], _span(a, "free")[1])
+    starts = sorted([_span(a, n)[0] for n in ("first", "free")] + [_span(b, "first")[0]])
+    assert starts[1] < min(_span(a, "first")[1], _span(b, "first")[1])  # two stages ran at once
+    spans = [_span(a, n) for n in ("first", "second", "free", "last")] + [_span(b, "first")]
+    assert max(sum(s <= t < e for s, e in spans) for t, _ in spans) <= 2  # never more than --jobs
+    assert json.loads((a / "logs" / "times.jsonl").read_text())["seconds"].keys() == times[0].keys()
+
+
+def test_run_stages_failure_stops_dependents_and_raises(tmp_path):
+    plans = {0: [_timed_stage(tmp_path, "bad", fail=True), _timed_stage(tmp_path, "needs-bad", after=["bad"]),
+                 _timed_stage(tmp_path, "free", sleep=0.6)]}
+    with pytest.raises(utils.UserError, match="stage bad failed"):
+        study.run_stages(plans, {0: str(tmp_path / "logs")}, jobs=2)
+    assert not (tmp_path / "needs-bad.times").exists()  # never started
+    assert (tmp_path / "free.done").exists()  # already running: it finished
+    assert json.loads((tmp_path / "logs" / "times.jsonl").read_text())["seconds"] == {"free": pytest.approx(0.6, abs=5)}
+
+
+def test_study_stage_inputs():
+    plan = {st.name: st for st in study.stages("s", 0, study.SIZES["quick"], "base")}
+    assert plan["grpo-mrt"].after == ("warmstart",) and plan["warmstart-rise"].after == ("warmstart",)
+    assert plan["star-mrt"].after == () and plan["r1-base"].after == () and plan["r1-grpo-mrt"].after == ("grpo-mrt",)
+    assert set(plan["evaluate"].after) == {n for n in plan if n.startswith(("warmstart", "star-", "grpo-"))}
