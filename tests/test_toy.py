@@ -20,3 +20,34 @@ def test_meta_prover_examples_score_the_answer_only():
     for _ in range(50):
         context, completion = toy.pretraining_example(p, rng, slip=0.0, mu_frac=1.0)
         assert context.endswith(utils.MU_SUFFIX) and completion == p["answer"] + "}"
+
+
+def test_oracle_backtrack_traces_of_bench_rl_headroom():
+    """bench/rl_headroom.py's oracle traces: the restart is z0's first wrong line, infogain's
+    parser splits them, the revised attempt is right; plain solutions come with probability mix."""
+    import importlib.util
+    import os
+
+    from infogain import split_backtrack
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "rl_headroom.py")
+    spec = importlib.util.spec_from_file_location("rl_headroom", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    p = {"problem": "Start with 17. Add 25. Multiply by 3. Subtract 48. What is the result?", "answer": "78",
+         "start": 17, "ops": [("+", 25), ("*", 3), ("-", 48)]}
+    wrong = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 125\nStep 3: 125 - 48 = 77\nThe answer is \\boxed{77}"
+    right = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}"
+    (ctx, comp), = bench.oracle_examples([p], [wrong], None, random.Random(0), 0.0, utils.BACKTRACK_MARKER)
+    assert ctx == utils.build_prompt(None, p["problem"]) + wrong
+    ep = split_backtrack(wrong + comp)
+    assert ep is not None and ep.restart_step == 2 and ep.z0 == wrong
+    assert ep.z1.strip() == utils.BACKTRACK_MARKER + "\nStep 2: 42 * 3 = 126"  # the true line
+    assert utils.grade(ep.z2, "78") == 1.0
+    for seed in range(5):  # a right attempt: some restart, still the right answer
+        (_, comp), = bench.oracle_examples([p], [right], None, random.Random(seed), 0.0, utils.BACKTRACK_MARKER)
+        assert utils.grade(split_backtrack(right + comp).z2, "78") == 1.0
+    pairs = bench.oracle_examples([p] * 200, [wrong] * 200, None, random.Random(1), 0.5, utils.BACKTRACK_MARKER)
+    plain = [c for x, c in pairs if x == utils.build_prompt(None, p["problem"])]
+    assert 60 < len(plain) < 140 and all(c == right for c in plain)
