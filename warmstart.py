@@ -60,6 +60,10 @@ Decisions (the paper publishes no code for this stage):
 - SFT loss: token mean over the completion tokens of the whole optimizer batch (all ranks and
   accumulation steps). Each epoch is a fresh seeded permutation, wrapped around to a multiple
   of the batch size, so every rank runs the same number of micro-batches.
+- --direct-mix p (not in the paper; 0 by default): each trace brings, with probability p, one
+  correct direct solution of the same problem from the same search into the SFT set (marked
+  kind "direct" in traces.jsonl). Traces alone teach "always backtrack"; the mix keeps some
+  plain solving. Only the model's own searched solutions are used, never the gold steps.
 """
 
 from __future__ import annotations
@@ -90,12 +94,12 @@ PRESETS = {
     # toy: runs with no arguments on 2 CPU cores in a few minutes; lr 1e-4 as star.py's toy
     # preset (at 1e-3, SFT on the rejection scheme's correct solutions collapsed the toy base)
     "toy": dict(problems=96, beam_width=2, expansions=4, rollouts=4, max_depth=8, step_delimiter="\\n",
-                max_step_tokens=24, max_tokens=160, attempts=4, traces_per_problem=2, search_batch=48,
+                max_step_tokens=24, max_tokens=160, attempts=4, traces_per_problem=2, direct_mix=0.0, search_batch=48,
                 lr=1e-4, epochs=3, batch_size=16, micro_batch_size=8, max_length=512, warmup_ratio=0.1,
                 weight_decay=0.0, save_every=20),
     # paper: Table 1 (lr 1e-6, 3 epochs, batch 256, max length 4096, bf16, warmup 0.1); search sizes assumed
     "paper": dict(problems=0, beam_width=4, expansions=4, rollouts=8, max_depth=24, step_delimiter="\\n\\n",
-                  max_step_tokens=512, max_tokens=4096, attempts=4, traces_per_problem=1, search_batch=64,
+                  max_step_tokens=512, max_tokens=4096, attempts=4, traces_per_problem=1, direct_mix=0.0, search_batch=64,
                   lr=1e-6, epochs=3, batch_size=256, micro_batch_size=4, max_length=4096, warmup_ratio=0.1,
                   weight_decay=0.0, save_every=50),
 }
@@ -152,6 +156,10 @@ class Args:
     """plain attempts per problem (z0 candidates, and the single-sample baseline of the search)"""
     traces_per_problem: int | None = None
     """most traces built from one problem's tree"""
+    direct_mix: float | None = None
+    """backtrack/rise: per trace, the chance that a correct direct solution of the same problem
+    from the same search (the rejection scheme's data) joins the SFT set, so the SFT keeps the
+    model's plain solving (0: traces only, as the paper)"""
     search_batch: int | None = None
     """problems searched together (progress granularity)"""
     # SFT
@@ -196,6 +204,8 @@ def resolve_args(args: Args, world: int = 1) -> Args:
                  "attempts", "traces_per_problem", "search_batch"):
         if getattr(args, name) < 1:
             raise utils.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.direct_mix <= 1:
+        raise utils.UserError(f"--direct-mix must be in [0, 1], got {args.direct_mix}")
     if args.problems < 0 or not args.step_delimiter:
         raise utils.UserError("--problems must be >= 0 and --step-delimiter non-empty")
     return args
@@ -371,6 +381,15 @@ def build_traces(record: dict, scheme: str, k: int, delim: str, seed: int) -> li
                        "completion": completion, "restart_value": u_value, "prefix_values": [v for _, v in sorted(path)],
                        "source": "tree" if z0 in leaves else "attempt"})
     return traces
+
+
+def direct_mixin(record: dict, n_traces: int, mix: float, delim: str, seed: int) -> list[dict]:
+    """Correct direct solutions of one problem to train on next to its n_traces traces: each
+    trace brings one with probability `mix`, drawn without repeats from the search's correct
+    solutions (those of the rejection scheme); marked kind "direct"."""
+    rng = random.Random(seed)
+    n = sum(rng.random() < mix for _ in range(n_traces))
+    return [{**d, "kind": "direct"} for d in build_traces(record, "rejection", n, delim, seed)] if n else []
 
 
 # --------------------------------------------------------------------------------------
@@ -631,18 +650,24 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     utils.print0("search: " + json.dumps(summary["search"]))
 
     # ---- traces ----------------------------------------------------------------------------
-    traces = [t for i, r in enumerate(records)
-              for t in build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter, args.seed * 1009 + i)]
+    traces, mixed = [], []
+    for i, r in enumerate(records):
+        own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter, args.seed * 1009 + i)
+        traces += own
+        if args.scheme != "rejection" and args.direct_mix > 0:
+            mixed += direct_mixin(r, len(own), args.direct_mix, args.step_delimiter, args.seed * 1009 + i + 1)
     if not traces:
         raise utils.UserError(f"the search built no {args.scheme} trace (no problem had both a wrong and a correct "
                               f"solution); search more problems or widen the beam")
     tok = utils.load_tokenizer(model_path)
+    traces += mixed
     for t in traces:
         t["prompt"] = utils.build_prompt(tok, t["problem"], args.instruction)
     if utils.is_main():
         utils.write_jsonl(os.path.join(out, "traces.jsonl"), traces)
     steps = [t["restart_step"] for t in traces if "restart_step" in t]
-    summary["traces"] = {"count": len(traces), "problems": len({t["problem"] for t in traces}),
+    summary["traces"] = {"count": len(traces) - len(mixed), "direct_mixed": len(mixed),
+                         "problems": len({t["problem"] for t in traces}),
                          "from_tree": sum(t["source"] == "tree" for t in traces),
                          "restart_step_mean": float(np.mean(steps)) if steps else None,
                          "restart_value_mean": float(np.mean([t["restart_value"] for t in traces if "restart_value" in t]))

@@ -130,6 +130,16 @@ def test_no_correct_leaf_gives_no_trace():
         assert warmstart.build_traces(rec, scheme, 5, "\n", seed=0) == []
 
 
+def test_direct_mixin_adds_correct_solutions_of_the_same_search():
+    other = {"text": S1 + S2 + "Step 3: 20 - 5 = 15\nThe answer is \\boxed{15}.", "correct": True, "complete": True}
+    rec = record([other])
+    assert warmstart.direct_mixin(rec, 3, 0.0, "\n", seed=0) == []
+    every = warmstart.direct_mixin(rec, 5, 1.0, "\n", seed=0)  # 5 asked, 2 distinct correct solutions exist
+    assert sorted(t["completion"] for t in every) == sorted([S1 + S2 + S3, other["text"]])
+    assert all(t["kind"] == "direct" and "z0" not in t for t in every)
+    counts = [len(warmstart.direct_mixin(rec, 1, 0.5, "\n", seed=s)) for s in range(400)]
+    assert 0.4 < sum(counts) / 400 < 0.6  # one trace brings one solution with probability 0.5
+
 # --------------------------------------------------------------------------------------
 # SFT: only completion tokens carry loss (EOS included, pad == EOS safe)
 # --------------------------------------------------------------------------------------
