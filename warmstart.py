@@ -387,7 +387,7 @@ def direct_mixin(record: dict, n_traces: int, mix: float, delim: str, seed: int)
     """Correct direct solutions of one problem to train on next to its n_traces traces: each
     trace brings one with probability `mix`, drawn without repeats from the search's correct
     solutions (those of the rejection scheme); marked kind "direct"."""
-    rng = random.Random(seed)
+    rng = random.Random(f"direct-mix {seed}")  # not the stream build_traces draws from with `seed`
     n = sum(rng.random() < mix for _ in range(n_traces))
     return [{**d, "kind": "direct"} for d in build_traces(record, "rejection", n, delim, seed)] if n else []
 
@@ -655,7 +655,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter, args.seed * 1009 + i)
         traces += own
         if args.scheme != "rejection" and args.direct_mix > 0:
-            mixed += direct_mixin(r, len(own), args.direct_mix, args.step_delimiter, args.seed * 1009 + i + 1)
+            mixed += direct_mixin(r, len(own), args.direct_mix, args.step_delimiter, args.seed * 1009 + i)
     if not traces:
         raise utils.UserError(f"the search built no {args.scheme} trace (no problem had both a wrong and a correct "
                               f"solution); search more problems or widen the beam")
