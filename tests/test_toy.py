@@ -51,3 +51,30 @@ def test_oracle_backtrack_traces_of_bench_rl_headroom():
     pairs = bench.oracle_examples([p] * 200, [wrong] * 200, None, random.Random(1), 0.5, utils.BACKTRACK_MARKER)
     plain = [c for x, c in pairs if x == utils.build_prompt(None, p["problem"])]
     assert 60 < len(plain) < 140 and all(c == right for c in plain)
+
+
+def test_bench_restart_steps_splits_accuracy_by_restart_step():
+    """bench/restart_steps.py: rows of grpo.rollout grouped by the restart step the parser
+    reads; unparsed continuations count as "none"; z0_wrong keeps only problems whose z0 is wrong."""
+    import importlib.util
+    import os
+
+    from infogain import backtrack_cue, split_backtrack
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "restart_steps.py")
+    spec = importlib.util.spec_from_file_location("restart_steps", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+
+    z0 = "Step 1: 2 + 3 = 5\nStep 2: 5 * 4 = 24\nThe answer is \\boxed{24}"
+    conts = [(" 1: 2 + 3 = 5\nStep 2: 5 * 4 = 20\nThe answer is \\boxed{20}", 1.0, 0),
+             (" 2: 5 * 4 = 20\nThe answer is \\boxed{20}", 1.0, 0),
+             (" 2: 5 * 4 = 21\nThe answer is \\boxed{21}", 0.0, 0),
+             (" 1: 2 + 3 = 5\nStep 2: 5 * 4 = 20\nThe answer is \\boxed{20}", 1.0, 1),
+             (" lost", 0.0, 1)]
+    rows = [{"problem": {"id": pid}, "episodes": split_backtrack(backtrack_cue(z0) + text), "outcome": out}
+            for text, out, pid in conts]
+    assert [r["episodes"] is None for r in rows] == [False, False, False, False, True]
+    r = bench.by_restart_step(rows, {0: 0.0, 1: 1.0})
+    assert r["steps"] == {"1": {"n": 2, "acc": 1.0}, "2": {"n": 2, "acc": 0.5}, "none": {"n": 1, "acc": 0.0}}
+    assert r["all"] == 0.6 and r["z0_wrong"] == round(2 / 3, 4)
