@@ -22,18 +22,24 @@ def test_meta_prover_examples_score_the_answer_only():
         assert context.endswith(utils.MU_SUFFIX) and completion == p["answer"] + "}"
 
 
-def test_oracle_backtrack_traces_of_bench_rl_headroom():
-    """bench/rl_headroom.py's oracle traces: the restart is z0's first wrong line, infogain's
-    parser splits them, the revised attempt is right; plain solutions come with probability mix."""
+def load_bench(name: str):
+    """The module bench/<name>.py (bench/ is not a package)."""
     import importlib.util
     import os
 
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_oracle_backtrack_traces_of_bench_rl_headroom():
+    """bench/rl_headroom.py's oracle traces: the restart is z0's first wrong line, infogain's
+    parser splits them, the revised attempt is right; plain solutions come with probability mix."""
     from infogain import split_backtrack
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "rl_headroom.py")
-    spec = importlib.util.spec_from_file_location("rl_headroom", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("rl_headroom")
 
     p = {"problem": "Start with 17. Add 25. Multiply by 3. Subtract 48. What is the result?", "answer": "78",
          "start": 17, "ops": [("+", 25), ("*", 3), ("-", 48)]}
@@ -56,15 +62,9 @@ def test_oracle_backtrack_traces_of_bench_rl_headroom():
 def test_bench_restart_steps_splits_accuracy_by_restart_step():
     """bench/restart_steps.py: rows of grpo.rollout grouped by the restart step the parser
     reads; unparsed continuations count as "none"; z0_wrong keeps only problems whose z0 is wrong."""
-    import importlib.util
-    import os
-
     from infogain import backtrack_cue, split_backtrack
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "restart_steps.py")
-    spec = importlib.util.spec_from_file_location("restart_steps", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_bench("restart_steps")
 
     z0 = "Step 1: 2 + 3 = 5\nStep 2: 5 * 4 = 24\nThe answer is \\boxed{24}"
     conts = [(" 1: 2 + 3 = 5\nStep 2: 5 * 4 = 20\nThe answer is \\boxed{20}", 1.0, 0),
