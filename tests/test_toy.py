@@ -10,7 +10,8 @@ def test_marker_never_in_a_solution_document():
     """The base model must never see the backtrack marker after an attempt (only in notes)."""
     rng = random.Random(2)
     for i in range(2000):
-        context, completion = toy.pretraining_example(toy.make_problem(random.Random(i)), rng, slip=0.2, mu_frac=0.15)
+        context, completion = toy.pretraining_example(toy.make_problem(random.Random(i)), rng, slip=0.2, mu_frac=0.15,
+                                                      retry_frac=0.2)
         assert utils.BACKTRACK_MARKER not in context + completion
     assert utils.BACKTRACK_MARKER in toy.NOTE
 
@@ -20,6 +21,21 @@ def test_meta_prover_examples_score_the_answer_only():
     for _ in range(50):
         context, completion = toy.pretraining_example(p, rng, slip=0.0, mu_frac=1.0)
         assert context.endswith(utils.MU_SUFFIX) and completion == p["answer"] + "}"
+
+
+def test_retry_examples_train_a_fresh_second_attempt():
+    """A retry example: a full attempt and a retry line in the (loss-free) head, a full solution
+    of the same problem from Step 1 as the completion; retry_frac 0 never makes one."""
+    p = toy.make_problem(random.Random(3))
+    clean = toy.render_solution(*toy.solution_steps(p["start"], p["ops"]))
+    rng = random.Random(0)
+    for _ in range(50):
+        head, completion = toy.pretraining_example(p, rng, slip=0.0, mu_frac=0.0, retry_frac=1.0)
+        first, line, rest = head.split("\n")[:-2], head.split("\n")[-2], head.split("\n")[-1]
+        assert "\n".join(first) == clean and line in toy.RETRY_LINES and rest == ""
+        assert completion == clean
+    heads = {toy.pretraining_example(p, rng, slip=0.1, mu_frac=0.15)[0] for _ in range(200)}
+    assert not any(h.endswith(line + "\n") for h in heads for line in toy.RETRY_LINES)
 
 
 def load_bench(name: str):
