@@ -87,11 +87,11 @@ def apply_op(value: int, op: str, arg: int) -> int:
     return value + arg if op == "+" else value - arg if op == "-" else value * arg
 
 
-def solution_steps(start: int, ops: list, rng: random.Random | None = None, slip: float = 0.0):
-    """Step lines and final value. With rng and slip > 0, each result is wrong with
-    probability slip (off by a small amount or by ten), and later steps use the wrong value."""
+def solution_steps(start: int, ops: list, rng: random.Random | None = None, slip: float = 0.0, first: int = 1):
+    """Step lines (numbered from `first`) and final value. With rng and slip > 0, each result is
+    wrong with probability slip (off by a small amount or by ten), and later steps use the wrong value."""
     value, lines = start, []
-    for i, (op, arg) in enumerate(ops, 1):
+    for i, (op, arg) in enumerate(ops, first):
         result = apply_op(value, op, arg)
         if rng is not None and slip > 0 and rng.random() < slip:
             wrong = result + rng.choice([-10, -2, -1, 1, 2, 10])
@@ -180,16 +180,19 @@ def make_model(tokenizer, preset: dict, max_positions: int = 2048):
 # --------------------------------------------------------------------------------------
 
 
-RETRY_LINES = ("Let me solve it again.", "Let me check this again.", "Let's start over.")
-"""What a retry example writes between two attempts. Never the backtrack marker: the base
-model learns to write a fresh second attempt after such a line, not to backtrack."""
+RETRY_LINES = ("Let me solve it again.", "Let me check this again.", "Let's start over.", "Wait, let me check that.",
+               "Hmm, let me redo this.", "Wait, let me recompute.", "Let me double-check.", "Hold on, let me look again.")
+"""What a retry example writes between two attempts: the kind of line a real base model has
+read in worked solutions. Never the backtrack marker."""
 
 
 def pretraining_example(p: dict, rng: random.Random, slip: float, mu_frac: float, retry_frac: float = 0.0):
     """(head, completion), loss on the completion only. One of: a meta-prover example (a clean
     prefix cut after k steps, the forced suffix, the true answer); a retry example (a slipped
-    full attempt and a RETRY_LINES line in the head, a fresh slipped attempt from Step 1 as the
-    completion); or a (possibly slipped) full solution."""
+    full attempt and a RETRY_LINES line in the head; as the completion, the attempt redone from
+    a random step k, "Step k: ..." on the attempt's value after step k-1, with fresh slips: the
+    layout of a backtrack trace's revised attempt, with no marker and no choice of k); or a
+    (possibly slipped) full solution."""
     u = rng.random()
     if u < mu_frac:
         lines, final = solution_steps(p["start"], p["ops"])
@@ -197,9 +200,11 @@ def pretraining_example(p: dict, rng: random.Random, slip: float, mu_frac: float
         context = "\n".join(lines[:k]) if k <= len(lines) else render_solution(lines, final)
         return context + utils.MU_SUFFIX, f"{p['answer']}}}"
     if u < mu_frac + retry_frac:
-        first = render_solution(*solution_steps(p["start"], p["ops"], rng, slip))
-        head = first + "\n" + rng.choice(RETRY_LINES) + "\n"
-        return head, render_solution(*solution_steps(p["start"], p["ops"], rng, slip))
+        lines, final = solution_steps(p["start"], p["ops"], rng, slip)
+        head = render_solution(lines, final) + "\n" + rng.choice(RETRY_LINES) + "\n"
+        k = rng.randint(1, len(lines))  # redo from a uniformly random step, on the attempt's value before it
+        value = p["start"] if k == 1 else int(lines[k - 2].rsplit("= ", 1)[1])
+        return head, render_solution(*solution_steps(value, p["ops"][k - 1:], rng, slip, first=k))
     lines, final = solution_steps(p["start"], p["ops"], rng, slip)
     return "", render_solution(lines, final)
 
@@ -266,9 +271,8 @@ class Args:
     marker's words (never inside a solution)"""
     retry_frac: float = 0.0
     """fraction of pretraining examples that are retries: a slipped attempt, a RETRY_LINES line,
-    and a fresh attempt carrying the loss (an ablation knob, off by default: with 0.05 and
-    `--steps 1500` the base's pass@1 was 26.7% and its revised attempts after the backtrack cue
-    stayed at 1.0% right (bench/restart_steps.py); with 0.10 and 1000 steps pass@1 fell to 4.4%)"""
+    and the attempt redone from a random step carrying the loss (off by default; see the README:
+    with 0.30 and `--steps 1500` the base writes revised attempts after the backtrack cue)"""
     steps: int = 0
     """optimizer steps (0: the preset's)"""
     eval_samples: int = 8

@@ -9,6 +9,14 @@ which ones pay, e.g. whether RL has moved the restarts to "Step 1" (a fresh seco
 
     python bench/restart_steps.py runs/warmstart/model runs/grpo/mrt/model
     python bench/restart_steps.py M --problems 128 --samples 4 --seed 0
+    python bench/restart_steps.py runs/toy/base --forced 256   # and the teacher-forced check
+
+`--forced N` adds a teacher-forced check on N toy documents (toy.py's retry layout: a slipped
+attempt, a cue line, the attempt redone from a random Step k on the attempt's value after step
+k-1), once with the backtrack marker as the cue line and once with a toy.RETRY_LINES line: for
+each field of the redone first line ("Step k: v op a = r") and for the lines after it, the
+share the model predicts exactly (argmax). It tells which part of a restart a model cannot
+write even when told where to restart (k itself is random, so its own share is chance).
 """
 
 from __future__ import annotations
@@ -16,6 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +47,56 @@ def by_restart_step(rows: list[dict], z0_correct: dict) -> dict:
             "steps": {k: {"n": len(v), "acc": acc(v)} for k, v in sorted(steps.items(), key=lambda kv: (len(kv[0]), kv[0]))}}
 
 
+STEP_LINE = re.compile(r"Step (\d+): (\d+) ([+*-]) (\d+) = (\d+)")
+FIELDS = ("step", "operand", "op", "arg", "result")
+
+
+def token_fields(completion: str, offsets: list[tuple[int, int]]) -> list[str | None]:
+    """The field of each token of a completion that opens with a step line, from the token's
+    (start, end) character offsets: the FIELDS group its last character falls in, "later" past
+    the first line, None for the line's other characters ("Step", ":", " =")."""
+    m = STEP_LINE.match(completion)
+    if m is None:
+        raise ValueError(f"restart_steps: completion does not open with a step line: {completion[:40]!r}")
+    spans = [m.span(i + 1) for i in range(len(FIELDS))]
+    out = []
+    for start, end in offsets:
+        if start >= m.end():
+            out.append("later")
+        else:
+            out.append(next((f for f, (a, b) in zip(FIELDS, spans) if a <= end - 1 < b), None))
+    return out
+
+
+def forced_accuracy(model_dir: str, n: int, cue: str, seed: int) -> dict:
+    """{field: share of documents whose field the model predicts exactly} over n toy retry
+    documents (test problems) whose cue line is replaced by `cue`; "later" is per token."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import toy
+    import utils
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    _, test = toy.make_splits(toy.Args.seed, toy.Args.n_train, toy.Args.n_test)
+    rng, hits = random.Random(seed), {f: [] for f in FIELDS + ("later",)}
+    for p in (test * (n // len(test) + 1))[:n]:
+        head, completion = toy.pretraining_example(p, rng, toy.Args.slip, mu_frac=0.0, retry_frac=1.0)
+        head = head[: head.rstrip("\n").rfind("\n") + 1] + cue + "\n"  # swap the retry line for the cue
+        ctx = tok(utils.build_prompt(tok, p["problem"]) + head)["input_ids"]
+        enc = tok(completion, add_special_tokens=False, return_offsets_mapping=True)
+        ids = torch.tensor([ctx + enc["input_ids"]])
+        with torch.no_grad():
+            pred = model(input_ids=ids).logits[0, len(ctx) - 1:-1].argmax(-1)  # (T_completion,)
+        right = (pred == torch.tensor(enc["input_ids"])).tolist()
+        fields = token_fields(completion, enc["offset_mapping"])
+        for f in FIELDS:
+            hits[f].append(all(r for r, g in zip(right, fields) if g == f))
+        hits["later"] += [r for r, g in zip(right, fields) if g == "later"]
+    return {f: round(sum(v) / len(v), 4) for f, v in hits.items() if v}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="+", help="backtrack-format model folders")
@@ -44,6 +104,7 @@ def main():
     p.add_argument("--problems", type=int, default=128, help="held-out problems")
     p.add_argument("--samples", type=int, default=4, help="continuations per problem")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--forced", type=int, default=0, help="toy documents for the teacher-forced check (0: skip it)")
     p.add_argument("--out", default="runs/bench/restart_steps.json", help="JSON with every model's breakdown")
     a = p.parse_args()
 
@@ -65,9 +126,14 @@ def main():
         report[model] = {"z0_acc": round(sum(z0_correct.values()) / len(problems), 4), **by_restart_step(rows, z0_correct)}
         del sampler
         r = report[model]
+        if a.forced:
+            r["forced"] = {name: forced_accuracy(model, a.forced, cue, a.seed)
+                           for name, cue in (("marker", utils.BACKTRACK_MARKER), ("retry", toy.RETRY_LINES[0]))}
+            for name, acc in r["forced"].items():
+                print(f"{model}: teacher-forced after the {name} line: " + ", ".join(f"{k} {v}" for k, v in acc.items()))
         print(f"{model}: z0 {r['z0_acc']:.3f}  z2 {r['all']:.3f}  z2 | z0 wrong {r['z0_wrong']}  by restart step "
               + ", ".join(f"{k}: {v['acc']} (n={v['n']})" for k, v in r["steps"].items()), flush=True)
-    utils.write_json(a.out, {"problems": a.problems, "samples": a.samples, "seed": a.seed, "models": report})
+    utils.write_json(a.out, {"problems": a.problems, "samples": a.samples, "seed": a.seed, "forced": a.forced, "models": report})
     print(f"wrote {a.out}")
 
 

@@ -23,17 +23,26 @@ def test_meta_prover_examples_score_the_answer_only():
         assert context.endswith(utils.MU_SUFFIX) and completion == p["answer"] + "}"
 
 
-def test_retry_examples_train_a_fresh_second_attempt():
-    """A retry example: a full attempt and a retry line in the (loss-free) head, a full solution
-    of the same problem from Step 1 as the completion; retry_frac 0 never makes one."""
-    p = toy.make_problem(random.Random(3))
-    clean = toy.render_solution(*toy.solution_steps(p["start"], p["ops"]))
-    rng = random.Random(0)
-    for _ in range(50):
-        head, completion = toy.pretraining_example(p, rng, slip=0.0, mu_frac=0.0, retry_frac=1.0)
-        first, line, rest = head.split("\n")[:-2], head.split("\n")[-2], head.split("\n")[-1]
-        assert "\n".join(first) == clean and line in toy.RETRY_LINES and rest == ""
-        assert completion == clean
+def test_retry_examples_redo_the_attempt_from_a_random_step():
+    """A retry example: a full attempt and a retry line in the (loss-free) head; as the
+    completion, the attempt redone from some Step k on the attempt's own value after step k-1
+    (what a backtrack trace's revised attempt looks like); every k occurs; retry_frac 0 never
+    makes one."""
+    p = {"start": 10, "ops": [("+", 5), ("*", 2), ("-", 3)], "problem": "x", "answer": "27"}
+    rng, seen = random.Random(0), set()
+    for _ in range(200):
+        head, completion = toy.pretraining_example(p, rng, slip=0.5, mu_frac=0.0, retry_frac=1.0)
+        *attempt, line, rest = head.split("\n")
+        assert line in toy.RETRY_LINES and rest == "" and attempt[-1].startswith("The answer is")
+        k = int(completion.split(":")[0].removeprefix("Step "))
+        value = 10 if k == 1 else int(attempt[k - 2].rsplit("= ", 1)[1])
+        redo = completion.split("\n")
+        assert redo[0].startswith(f"Step {k}: {value} {p['ops'][k - 1][0]} {p['ops'][k - 1][1]} = ")
+        assert len(redo) == 3 - k + 2 and redo[-2].startswith("Step 3: ") and redo[-1].startswith("The answer is")
+        seen.add(k)
+    assert seen == {1, 2, 3}
+    head, completion = toy.pretraining_example(p, random.Random(1), slip=0.0, mu_frac=0.0, retry_frac=1.0)
+    assert completion.endswith("\\boxed{27}") and head.split("\n")[-3] == "The answer is \\boxed{27}"
     heads = {toy.pretraining_example(p, rng, slip=0.1, mu_frac=0.15)[0] for _ in range(200)}
     assert not any(h.endswith(line + "\n") for h in heads for line in toy.RETRY_LINES)
 
@@ -94,3 +103,27 @@ def test_bench_restart_steps_splits_accuracy_by_restart_step():
     r = bench.by_restart_step(rows, {0: 0.0, 1: 1.0})
     assert r["steps"] == {"1": {"n": 2, "acc": 1.0}, "2": {"n": 2, "acc": 0.5}, "none": {"n": 1, "acc": 0.0}}
     assert r["all"] == 0.6 and r["z0_wrong"] == round(2 / 3, 4)
+
+
+def test_bench_restart_steps_token_fields():
+    """bench/restart_steps.token_fields: each token of a redone first line goes to the field its
+    last character falls in (a leading space belongs to the token), later lines are "later"."""
+    import re
+
+    import pytest
+
+    bench = load_bench("restart_steps")
+    text = "Step 2: 15 * 2 = 30\nStep 3: 30 - 3 = 27"
+    pieces = re.findall(r" ?[A-Za-z]+| ?\d|:| ?[*=+-]|\n", text)  # one digit per token, as a byte BPE may split
+    assert "".join(pieces) == text
+    offsets, at = [], 0
+    for piece in pieces:
+        offsets.append((at, at + len(piece)))
+        at += len(piece)
+    fields = bench.token_fields(text, offsets)
+    first = [(piece, field) for piece, field in zip(pieces, fields) if field != "later"]
+    assert first == [("Step", None), (" 2", "step"), (":", None), (" 1", "operand"), ("5", "operand"), (" *", "op"),
+                     (" 2", "arg"), (" =", None), (" 3", "result"), ("0", "result")]
+    assert fields[len(first):] == ["later"] * (len(pieces) - len(first))
+    with pytest.raises(ValueError, match="step line"):
+        bench.token_fields("lost", [(0, 4)])
