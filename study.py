@@ -16,7 +16,7 @@ then the seeds are aggregated into RESULTS.md (mean and spread over seeds): pass
 matched token budgets, the token efficiency of MRT-B against each baseline (the paper's
 "30% / 38%" figures), information-gain means, regret, and the figures.
 
-Run (CPU, no network; builds the toy base model first if missing, about 5 min; times on 2 cores):
+Run (CPU, no network; builds the toy base model first if missing, about 9 min; times on 2 cores):
     python study.py             # full: 3 seeds, 34.5 min measured -> RESULTS.md, results/
     python study.py --quick     # 1 seed, smaller sizes, 4.7 min measured -> runs/study/quick/RESULTS.md
     python study.py --seeds 0   # one seed

@@ -29,6 +29,12 @@ the words, though, so a small share of pretraining documents (`--note-frac`) are
 notes holding the phrase ("Note: Wait, this seems off. Let's try something else."), with no
 problem or solution around them. Without them the phrase's tokens stay untrained and a short
 warmstart SFT cannot even spell the marker (measured: a garbled marker after 36-120 steps).
+A third kind (`--retry-frac`, 30%) is a revision, as worked solutions in a real pretraining
+corpus have them: a slipped attempt, a line such as "Wait, let me check that.", then the
+attempt redone from a random `Step k:` on the attempt's own value after step k-1. It never
+holds the marker and never picks k well (k is uniform), so where to restart is still left to
+warmstart and RL; without it the toy could not write a revised attempt after the backtrack
+cue at all (under 1% right: it found the k-th operation only by following the line above).
 Pretraining rows pack `--pack` documents each, so that the positions of a backtrack trace's
 revised attempt (100-250 tokens in) are trained.
 
@@ -124,7 +130,7 @@ def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[
 PRESETS = {
     # name: model sizes and pretraining budget
     "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
-    "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=1000, batch=32, lr=2e-3),
+    "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=1500, batch=32, lr=2e-3),
     "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
 }
 
@@ -269,10 +275,12 @@ class Args:
     note_frac: float = 0.02
     """fraction of pretraining examples that are stand-alone notes holding the backtrack
     marker's words (never inside a solution)"""
-    retry_frac: float = 0.0
+    retry_frac: float = 0.30
     """fraction of pretraining examples that are retries: a slipped attempt, a RETRY_LINES line,
-    and the attempt redone from a random step carrying the loss (off by default; see the README:
-    with 0.30 and `--steps 1500` the base writes revised attempts after the backtrack cue)"""
+    and the attempt redone from a random step carrying the loss. A real base model has read
+    such revisions; the toy needs them to write a revised attempt after the backtrack cue at
+    all: with 0 (and 1000 steps) it was under 1% right there, with 0.05 / 0.10 about 1%, with
+    0.30 about 28% (bench/restart_steps.py)"""
     steps: int = 0
     """optimizer steps (0: the preset's)"""
     eval_samples: int = 8
