@@ -68,13 +68,14 @@ Decisions / departures from the paper (it publishes no code for this algorithm):
 - Table 1 gives lr 1e-6, 3 epochs, batch 256, max length 4096, bf16 (dtype auto on GPU),
   warmup 0.1; the other paper preset values (iterations, G, max tokens, mu samples, weight
   decay, schedule: warmstart's linear warmup then cosine) are assumptions.
-- The toy task (measured by `python study.py`, 3 seeds, RESULTS.md): after z0, the cue and a
-  restart at "Step k:", the 1.1M-parameter toy base rarely writes a correct z2 (held-out z2
-  accuracy under 1%, against about 29% for a direct attempt), so MRT-B keeps 0-0.3% of
-  problems per iteration and RISE 3-6%, and a Backtrack warmstart lowers the toy's accuracy.
-  Plain STaR works there (--method star: 66-78% of problems kept, held-out accuracy 26.6% ->
-  34.8% in two iterations at lr 1e-4).
-  tests/test_star.py therefore checks the filter end to end with scripted samples as well.
+- The toy task (measured by `python study.py`, 3 seeds, RESULTS.md): the toy base writes a
+  correct z2 after z0, the cue and a restart in about 28% of held-out cases, but few correct
+  continuations also have r_i > r0 (the mean gain of a backtrack episode there is negative:
+  RESULTS.md), so MRT-B keeps 6.9% / 5.6% of problems in its
+  two iterations (held-out backtrack accuracy 28.0% -> 19.8%), RISE 71-80% (24.7% -> 31.1%).
+  Plain STaR does best there (--method star: 82-89% of problems kept, held-out accuracy
+  32.3% -> 44.9% in two iterations at lr 1e-4).
+  tests/test_star.py also checks the filter end to end with scripted samples.
 - No resume: an interrupted run starts again (each iteration's SFT checkpoint is deleted
   once its model is saved).
 """

@@ -1,11 +1,12 @@
 """bench/rl_headroom.py: does MRT-B RL raise held-out accuracy when the start model can
 already write a correct revised attempt now and then?
 
-`python grpo.py` on the toy (issue #3) does not raise held-out accuracy: after z0 and the
-backtrack cue, the toy base (and the toy warmstart) writes a correct revised attempt z2 in
-about 1% of cases, so the outcome reward is almost always 0. This script separates that
-limit of the toy model from the RL code. It builds a second start model whose z2 is
-sometimes right, by SFT on *oracle* backtrack traces, which only a toy task with known
+With the toy's previous base (`python toy.py --retry-frac 0 --steps 1000`, no revision
+documents), `python grpo.py` did not raise held-out accuracy: after z0 and the backtrack
+cue that base wrote a correct revised attempt z2 in about 1% of cases, so the outcome reward
+was almost always 0. This script separates such a limit of the start model from the RL code (it uses the
+current toy base, built by `python toy.py`). It builds a second start model whose z2 is
+more often right, by SFT on *oracle* backtrack traces, which only a toy task with known
 solution steps allows:
 
     z0  an attempt sampled from the toy base (as grpo.py samples z0)
