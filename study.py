@@ -18,7 +18,7 @@ matched token budgets, the token efficiency of MRT-B against each baseline (the 
 
 Run (CPU, no network; builds the toy base model first if missing, about 9 min; times on 2 cores):
     python study.py             # full: 3 seeds, 34.5 min measured -> RESULTS.md, results/
-    python study.py --quick     # 1 seed, smaller sizes, 4.7 min measured -> runs/study/quick/RESULTS.md
+    python study.py --quick     # 1 seed, smaller sizes, 4-5 min measured -> runs/study/quick/RESULTS.md
     python study.py --seeds 0   # one seed
 A killed run resumes: a stage whose outputs exist is skipped (the log says so), a grpo or
 warmstart stage with a checkpoint continues from it (--resume). Delete a stage's folder to
