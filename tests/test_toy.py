@@ -1,6 +1,9 @@
 """The toy task's pretraining documents (pure: no model)."""
 
 import random
+import re
+
+import pytest
 
 import toy
 import utils
@@ -108,10 +111,6 @@ def test_bench_restart_steps_splits_accuracy_by_restart_step():
 def test_bench_restart_steps_token_fields():
     """bench/restart_steps.token_fields: each token of a redone first line goes to the field its
     last character falls in (a leading space belongs to the token), later lines are "later"."""
-    import re
-
-    import pytest
-
     bench = load_bench("restart_steps")
     text = "Step 2: 15 * 2 = 30\nStep 3: 30 - 3 = 27"
     pieces = re.findall(r" ?[A-Za-z]+| ?\d|:| ?[*=+-]|\n", text)  # one digit per token, as a byte BPE may split
