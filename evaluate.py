@@ -83,8 +83,8 @@ class Args:
     """name of the problem field in --data"""
     answer_field: str = "answer"
     """name of the gold answer field in --data"""
-    limit: int = 0
-    """evaluate only the first LIMIT problems (0: all)"""
+    problems: int = 0
+    """evaluate only the first N problems (0: all)"""
     modes: list[str] = field(default_factory=lambda: list(MODES))
     """evaluation modes: parallel and/or linearized"""
     n: int = 8
@@ -339,27 +339,6 @@ def graded(text: str, gold: str) -> dict:
             "backtracks": text.count(utils.BACKTRACK_MARKER)}
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt ids as the engine would see them, without a second BOS when the chat template
-    already starts with one."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-
-
-def model_format(path: str) -> str:
-    """"backtrack" or "direct" from <model>/mrt.json; a model without one is direct."""
-    card = os.path.join(path, "mrt.json")
-    if not os.path.isfile(card):
-        return "direct"
-    try:
-        fmt = json.load(open(card)).get("format", "direct")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise utils.UserError(f"{card}: malformed model card ({e})") from None
-    if fmt not in ("backtrack", "direct"):
-        raise utils.UserError(f"{card}: format must be 'backtrack' or 'direct', got {fmt!r}")
-    return fmt
-
-
 def open_engine(path: str, records: list[dict], args: Args, ready=None):
     """The run's Sampler (`ready` if given), its prompt ids, and the context length the window
     must fit in: --max-model-len, else what the longest prompt needs (+ window + cue in
@@ -367,7 +346,7 @@ def open_engine(path: str, records: list[dict], args: Args, ready=None):
     from transformers import AutoConfig
 
     tok = ready.tokenizer if ready is not None else utils.load_tokenizer(path)
-    prompt_ids = [encode_prompt(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in records]
+    prompt_ids = [utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in records]
     cue = len(tok(CONTINUE_CUE, add_special_tokens=False)["input_ids"])
     need = max(map(len, prompt_ids)) + args.max_tokens + (args.window + cue if "linearized" in args.modes else 0)
     limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or need
@@ -415,7 +394,7 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int) -> li
     for r in tqdm(range(args.n), desc="linearized rounds", disable=not utils.is_main()):
         contexts = [p if r == 0 else p + t[-w:] + cue for p, t, w in zip(prompt_ids, transcripts, windows)]
         outs = sampler.generate(contexts, n=1, temperature=args.temperature, top_p=args.top_p,
-                                max_tokens=args.max_tokens, seed=args.seed * 10_007 + r)
+                                max_tokens=args.max_tokens, seed=utils.derive_seed(args.seed, "round", r))
         for i, (group, rec, ctx) in enumerate(zip(outs, records, contexts)):
             s = group[0]
             ids = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
@@ -581,21 +560,6 @@ def resolve_runs(args: Args) -> dict[str, str]:
     return runs
 
 
-def load_problems(args: Args) -> tuple[str, list[dict]]:
-    path = args.data or toy.paths(args.toy_dir)["test"]
-    fields = {args.problem_field: "problem", args.answer_field: "answer"}
-    records = [{v: r[k] for k, v in fields.items()} for r in utils.read_records(path, list(fields))]
-    if args.limit:
-        records = records[: args.limit]
-    if not records:
-        raise utils.UserError(f"{path}: no problems")
-    for i, r in enumerate(records):
-        r["answer"] = str(r["answer"]).strip()
-        if not r["answer"] or utils.extract_boxed("\\boxed{" + r["answer"] + "}") != r["answer"]:
-            raise utils.UserError(f"{path}: record {i + 1}: unparsable answer {r['answer']!r}")
-    return path, records
-
-
 def fingerprint(path: str) -> str:
     """Names, sizes and modification times of a model folder's files (a retrained model at
     the same path gets a new fingerprint, so its old samples are not reused)."""
@@ -647,13 +611,14 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         raise utils.UserError(f"--modes: expected some of {', '.join(MODES)}, got {args.modes}")
-    if args.n < 1 or args.window < 1 or args.max_tokens < 1 or args.limit < 0:
-        raise utils.UserError("--n, --window and --max-tokens must be >= 1 and --limit >= 0")
+    if args.n < 1 or args.window < 1 or args.max_tokens < 1 or args.problems < 0:
+        raise utils.UserError("--n, --window and --max-tokens must be >= 1 and --problems >= 0")
     if not args.data or not args.models:
         toy.ensure_built(args.toy_dir)
     runs = resolve_runs(args)
-    data_path, records = load_problems(args)
-    formats = {name: model_format(path) for name, path in runs.items()}
+    data_path = args.data or toy.paths(args.toy_dir)["test"]
+    records = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems)
+    formats = {name: utils.model_format(path) for name, path in runs.items()}
     data_hash = hashlib.sha1(json.dumps([[r["problem"], r["answer"]] for r in records]).encode()).hexdigest()[:16]
     utils.print0(f"evaluate: {len(runs)} runs x {len(records)} problems x N={args.n} ({', '.join(args.modes)})")
     logger = utils.JsonlLogger(os.path.join(args.out, "metrics.jsonl"))

@@ -15,7 +15,7 @@ One step of Alg. 2, on every rank, for P problems x of the training set:
 Variants (flags; a variant only sets defaults, explicit flags win):
   --variant mrt      backtrack format, alpha = 1: outcome + information-gain bonus (MRT-B)
   --variant outcome  backtrack format, alpha = 0: outcome-only GRPO on the same format
-  --variant length   backtrack format, alpha = 0, reward r - lambda * num_tokens / max_completion_length
+  --variant length   backtrack format, alpha = 0, reward r - lambda * num_tokens / max_tokens
                      (the paper's Fig. 9 length-penalty comparison; lambda = --length-penalty, 0.1)
   --variant direct   plain GRPO on the prompt: no z0, no backtrack, reward grade(completion)
 
@@ -38,7 +38,7 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
     torchrun --nproc_per_node 2 grpo.py              # the same with 2 ranks (FSDP2, gloo)
     python grpo.py --variant outcome                 # or length / direct baselines
     torchrun --nproc_per_node 8 grpo.py --model runs/warmstart/model \\
-        --train-data data/train.jsonl --problem-key problem --answer-key answer \\
+        --train-data data/train.jsonl --problem-field question --answer-field solution \\
         --preset paper --gradient-checkpointing       # a real model on 8 GPUs, paper Table 2
     (several nodes: torchrun --nnodes N --node-rank R --master-addr H ... grpo.py ...)
     python grpo.py --resume                          # continue <out> from its checkpoint
@@ -63,10 +63,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 # One OpenMP thread unless told otherwise: vLLM's engine and the trainer share this process, and
 # with more threads OpenMP spin-waits made every CPU op 10-30x slower on a shared 2-core machine
@@ -77,7 +77,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from infogain import MetaProver, backtrack_cue, encode, information_gain, split_backtrack  # noqa: E402
+from infogain import MetaProver, backtrack_cue, information_gain, split_backtrack  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Arguments, presets, variants
@@ -87,13 +87,13 @@ PRESETS = {
     # toy: sized so that `python grpo.py` improves held-out accuracy in minutes on 2 CPU cores.
     "toy": dict(steps=40, prompts_per_step=16, group_size=8, micro_batch_size=32, lr=2e-4,
                 warmup_ratio=0.05, weight_decay=0.0, beta=0.0, temperature=1.0,
-                max_prompt_length=256, max_completion_length=128, save_every=10),
+                max_prompt_length=256, max_tokens=128, save_every=10),
     # paper: Table 2 (lr 1e-6 cosine, warmup 0.1, weight decay 0.01, max prompt 1500, max
     # completion 1024, G = 4, temperature 0.9); steps, prompts per rank, micro-batch and beta
     # are assumptions (beta 0.04 was TRL's default when the authors trained).
     "paper": dict(steps=500, prompts_per_step=8, group_size=4, micro_batch_size=4, lr=1e-6,
                   warmup_ratio=0.1, weight_decay=0.01, beta=0.04, temperature=0.9,
-                  max_prompt_length=1500, max_completion_length=1024, save_every=50),
+                  max_prompt_length=1500, max_tokens=1024, save_every=50),
 }
 VARIANTS = {  # format, alpha, length penalty lambda
     "mrt": ("backtrack", 1.0, 0.0),
@@ -115,10 +115,10 @@ class Args:
     """training problems, .jsonl or .parquet ('' : the toy train split)"""
     test_data: str = ""
     """held-out problems for the start/end accuracy ('' : the toy test split)"""
-    problem_key: str = "problem"
-    """field holding the problem text"""
-    answer_key: str = "answer"
-    """field holding the gold answer"""
+    problem_field: str = "problem"
+    """field of a data record holding the problem text"""
+    answer_field: str = "answer"
+    """field of a data record holding the gold answer"""
     out: str = ""
     """run folder ('' : runs/grpo/<variant>)"""
     resume: bool = False
@@ -169,7 +169,7 @@ class Args:
     """nucleus sampling"""
     max_prompt_length: int | None = None
     """problems whose prompt is longer (tokens) are dropped"""
-    max_completion_length: int | None = None
+    max_tokens: int | None = None
     """max new tokens of z0 and of each continuation z_{1:2}"""
     # reward
     alpha: float | None = None
@@ -177,7 +177,7 @@ class Args:
     assign: str = "final"
     """final | episode (see the module docstring)"""
     length_penalty: float | None = None
-    """lambda of the length variant: reward r - lambda * num_tokens / max_completion_length"""
+    """lambda of the length variant: reward r - lambda * num_tokens / max_tokens"""
     mu_model: str = ""
     """meta-prover model ('' : the current policy, in the same engine)"""
     mu_suffix: str = utils.MU_SUFFIX
@@ -218,10 +218,15 @@ def resolve_args(args: Args, world: int) -> Args:
                           ("assign", ("final", "episode")), ("lr_schedule", ("cosine", "constant"))):
         if getattr(args, name) not in allowed:
             raise utils.UserError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
+    for name in ("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens", "mu_samples"):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.group_size < 2:
+        raise utils.UserError(f"--group-size must be at least 2 (GRPO compares continuations of one problem), got {args.group_size}")
     B = args.prompts_per_step * args.group_size  # generation batch per rank
-    assert args.group_size >= 2, "GRPO needs at least 2 continuations per problem"
-    assert B % args.micro_batch_size == 0, f"micro_batch_size {args.micro_batch_size} must divide P * G = {B}"
-    assert args.steps >= 1 and args.num_iterations >= 1
+    if B % args.micro_batch_size:
+        raise utils.UserError(f"--micro-batch-size {args.micro_batch_size} must divide --prompts-per-step x --group-size "
+                              f"= {args.prompts_per_step} x {args.group_size} = {B}")
     return args
 
 
@@ -382,51 +387,32 @@ def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def load_problems(path: str, args: Args, tokenizer) -> list[dict]:
-    recs = utils.read_records(path, ["problem", "answer"], rename={args.problem_key: "problem", args.answer_key: "answer"})
-    out = []
-    for i, r in enumerate(recs):
-        prompt = utils.build_prompt(tokenizer, str(r["problem"]))
-        ids = encode(tokenizer, prompt)
-        if len(ids) <= args.max_prompt_length:
-            out.append({"id": i, "problem": str(r["problem"]), "answer": str(r["answer"]), "prompt": prompt})
-    if not out:
-        raise utils.UserError(f"{path}: no problem fits --max-prompt-length {args.max_prompt_length}")
-    if len(out) < len(recs):
-        utils.print0(f"{path}: dropped {len(recs) - len(out)} problems longer than {args.max_prompt_length} tokens")
-    return out
-
-
 def problem_index(position: int, n: int, seed: int) -> int:
     """The problem at a position of the endless data stream: a fresh permutation per epoch."""
     epoch, i = divmod(position, n)
     return int(_permutation(n, seed, epoch)[i])
 
 
+def step_problems(train: list[dict], position: int, args: Args, rank: int) -> list[dict]:
+    """The P problems of one rank in the step that starts at `position` of the data stream
+    (each step takes P x world consecutive positions; rank r takes the r-th share)."""
+    P = args.prompts_per_step
+    return [train[problem_index(position + rank * P + j, len(train), args.seed)] for j in range(P)]
+
+
 @functools.lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.RandomState((seed * 1009 + epoch) % 2**32).permutation(n)
+    return np.random.RandomState(utils.derive_seed(seed, "data order", epoch)).permutation(n)
 
 
 def sample_z0(sampler, problems: list[dict], args: Args, seed: int) -> dict[int, str]:
     """One initial attempt per problem from the engine's current (base) weights; a backtrack
     the model may already write is cut off, so z0 is the first attempt only."""
-    ids = [encode(sampler.tokenizer, p["prompt"]) for p in problems]
+    ids = [utils.encode(sampler.tokenizer, p["prompt"]) for p in problems]
     outs = sampler.generate(ids, n=1, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_completion_length, stop=["\n" + utils.BACKTRACK_MARKER],
+                            max_tokens=args.max_tokens, stop=["\n" + utils.BACKTRACK_MARKER],
                             seed=seed, logprobs=False)
     return {p["id"]: g[0].text.rstrip() for p, g in zip(problems, outs)}
-
-
-def all_gather(obj):
-    """Every rank's object, in rank order (a list of one object without a process group)."""
-    if not utils.is_distributed():
-        return [obj]
-    import torch.distributed as dist
-
-    out = [None] * utils.world_size()
-    dist.all_gather_object(out, obj)
-    return out
 
 
 # --------------------------------------------------------------------------------------
@@ -440,9 +426,9 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     fmt = variant_format(args.variant)
     tok = sampler.tokenizer
     tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
-    ctx_ids = [encode(tok, p["prompt"] + t) for p, t in zip(problems, tails)]
+    ctx_ids = [utils.encode(tok, p["prompt"] + t) for p, t in zip(problems, tails)]
     outs = sampler.generate(ctx_ids, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_completion_length, seed=seed, logprobs=True)
+                            max_tokens=args.max_tokens, seed=seed, logprobs=True)
     rows, before_ctx, golds_b = [], [], []
     for gi, (p, tail, ids, group) in enumerate(zip(problems, tails, ctx_ids, outs)):
         for s in group:
@@ -465,7 +451,7 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
         after_ctx = [r["problem"]["prompt"] + (r["episodes"].z0 + r["episodes"].z1 if r["episodes"] else
                                                backtrack_cue(z0s[r["problem"]["id"]]) + r["text"]) for r in rows]
         golds_a = [r["problem"]["answer"] for r in rows]
-        J = meta_prover.success_rates(before_ctx + after_ctx, golds_b + golds_a, seed=seed + 500_000_003)
+        J = meta_prover.success_rates(before_ctx + after_ctx, golds_b + golds_a, seed=utils.derive_seed(seed, "meta-prover"))
         for r, j_after in zip(rows, J[len(problems):]):
             r["gain"] = information_gain(j_after, J[r["group"]])
     return rows
@@ -481,28 +467,14 @@ def heldout_accuracy(sampler, problems, z0s, args: Args, seed: int) -> float:
     backtrack variants), problems split over the ranks, same seed at start and end."""
     rank, world = utils.rank(), utils.world_size()
     eval_args = dataclasses.replace(args, group_size=args.eval_samples)
-    rows = rollout(sampler, problems[rank::world], z0s, eval_args, seed + rank) if problems[rank::world] else []
-    scores = [x for part in all_gather([r["outcome"] for r in rows]) for x in part]
+    rows = rollout(sampler, problems[rank::world], z0s, eval_args, utils.derive_seed(seed, rank)) if problems[rank::world] else []
+    scores = [x for part in utils.all_gather([r["outcome"] for r in rows]) for x in part]
     return float(np.mean(scores))
 
 
 # --------------------------------------------------------------------------------------
 # Training pieces: schedule, z0 store, one policy update, the metrics of a step
 # --------------------------------------------------------------------------------------
-
-
-def lr_lambda(args: Args, total: int):
-    """Linear warmup over warmup_ratio of the optimizer steps, then cosine to 0 (or constant)."""
-    warmup = int(args.warmup_ratio * total)
-
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        if args.lr_schedule == "constant":
-            return 1.0
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-    return f
 
 
 def micro_batch_scale(loss_type: str, n_micro: int, world: int) -> float:
@@ -524,8 +496,8 @@ def prepare_z0(sampler, train_used: list[dict], test: list[dict], path: str, arg
         if reuse:
             raise utils.UserError(f"{path}: attempts missing for a resumed run (the base weights are gone)")
         rank, world, t0 = utils.rank(), utils.world_size(), time.time()
-        for k, (split, probs) in enumerate(todo.items()):
-            for part in all_gather(sample_z0(sampler, probs[rank::world], args, args.seed * 100003 + 11 * k + rank)):
+        for split, probs in todo.items():
+            for part in utils.all_gather(sample_z0(sampler, probs[rank::world], args, utils.derive_seed(args.seed, "z0", split, rank))):
                 z0s.update({(split, i): z for i, z in part.items()})
         if utils.is_main():
             utils.write_jsonl(path, [{"split": s, "id": i, "z0": z} for (s, i), z in sorted(z0s.items())])
@@ -535,12 +507,21 @@ def prepare_z0(sampler, train_used: list[dict], test: list[dict], path: str, arg
     return split("train"), split("test")
 
 
-def policy_update(model, ref, opt, sched, rows, adv_final, episode, args: Args, world: int, pad_id: int):
+class Episode(NamedTuple):
+    """The `episode` assignment's per-sample pieces, each (B,): the advantage of the tokens of
+    the backtrack episode z1, that of the revised attempt z2, and z1's token count."""
+
+    adv_z1: torch.Tensor
+    adv_z2: torch.Tensor
+    z1_tokens: torch.Tensor
+
+
+def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Args, pad_id: int):
     """Loss and update on one generation batch: micro-batches with gradient accumulation,
     --num-iterations optimizer steps; old (and reference) log-probs come from the first pass,
-    before any update of this batch. `episode` is (adv_z1, adv_z2, z1_tokens) or None.
-    Returns the per-micro-batch metrics (first pass first) and the last gradient norm."""
-    M = args.micro_batch_size
+    before any update of this batch. `advantages`: (B,) for the `final` assignment, or an
+    Episode. Returns the per-micro-batch metrics (first pass first) and the last gradient norm."""
+    M, world = args.micro_batch_size, utils.world_size()
     n_micro = len(rows) // M
     num_items = torch.tensor(float(sum(r["num_tokens"] for r in rows)))  # dapo: tokens of the whole batch
     if utils.is_distributed():
@@ -557,12 +538,14 @@ def policy_update(model, ref, opt, sched, rows, adv_final, episode, args: Args, 
                 if ref is not None:
                     with torch.no_grad():
                         ref_logp[k] = completion_logprobs(ref, ctx, comp, pad_id, args.temperature)[0]
-            adv = adv_final[sl]  # (M,): `final`, broadcast over the tokens
-            if episode is not None:
-                adv = assign_advantages(episode[0][sl], episode[1][sl], episode[2][sl], logp.shape[1])  # (M, T)
+            if isinstance(advantages, Episode):
+                adv = assign_advantages(advantages.adv_z1[sl], advantages.adv_z2[sl], advantages.z1_tokens[sl],
+                                        logp.shape[1])  # (M, T)
+            else:
+                adv = advantages[sl]  # (M,): `final`, broadcast over the tokens
             loss, m = grpo_loss(logp, old_logp[k], ref_logp.get(k), adv.to(logp.device), mask,
                                 loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                                num_items=num_items, max_completion_length=args.max_completion_length,
+                                num_items=num_items, max_completion_length=args.max_tokens,
                                 sampler_logp=samp if args.is_correction else None, is_cap=args.is_cap)
             (loss * micro_batch_scale(args.loss_type, n_micro, world)).backward()
             if it == 0:  # the proof that weights synced: the engine's and the trainer's log-probs agree
@@ -578,38 +561,36 @@ def policy_update(model, ref, opt, sched, rows, adv_final, episode, args: Args, 
     return stats, float(grad_norm)
 
 
-def step_record(step, G, glob, rows, stats, n_micro, grad_norm, lr, times) -> dict:
-    """One metrics line: rewards over all ranks (glob = outcome, gain, reward, tokens, each
-    (B * world,)), loss statistics token-weighted then averaged over ranks, timings."""
-    g_out, g_gain, g_rew, g_ntok = glob
-    wmean = lambda key, ss: sum(s[key] * s["tokens"] for s in ss) / max(1.0, sum(s["tokens"] for s in ss))  # noqa: E731
+def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], grad_norm: float, lr: float,
+                times: dict, args: Args) -> dict:
+    """One metrics line. `rewards`: outcome, gain, reward, tokens, each (B * world,) over all
+    ranks; `stats`: this rank's per-micro-batch loss metrics (first pass first), token-weighted
+    here, then averaged over ranks; `times`: this rank's seconds, the slowest rank's reported."""
+    n_micro = len(rows) // args.micro_batch_size
+    first = stats[:n_micro]  # entropy and the engine/trainer gap are taken on the first pass
+
+    def wmean(key, ss):
+        return sum(s[key] * s["tokens"] for s in ss) / max(1.0, sum(s["tokens"] for s in ss))
+
     keys = ("clip_low", "clip_high", "clip_region", "ratio", "kl", "is_weight")
-    local = torch.tensor([wmean("entropy", stats[:n_micro]), wmean("logprob_gap", stats[:n_micro])] +
-                         [wmean(k, stats) for k in keys] + [sum(r["truncated"] for r in rows),
-                                                             max(s["ratio_max"] for s in stats), *times])
-    per_rank = torch.stack(all_gather(local))  # (world, 13)
-    avg = per_rank.mean(0)
-    t_sample, t_train, t_step = per_rank[:, 10].max().item(), per_rank[:, 11].max().item(), per_rank[:, 12].max().item()
-    rec = {"step": step, "reward_mean": g_rew.mean().item(), "reward_std": g_rew.std().item(),
-           "accuracy": g_out.mean().item(), "info_gain_mean": g_gain.mean().item(),
-           "zero_std_groups": (g_rew.view(-1, G).std(1) == 0).float().mean().item(),
-           "completion_len_mean": g_ntok.mean().item(), "completion_len_max": g_ntok.max().item(),
-           "truncated_share": per_rank[:, 8].sum().item() / len(g_ntok),
-           "entropy": avg[0].item(), "logprob_gap": avg[1].item(), **{k: avg[2 + i].item() for i, k in enumerate(keys)},
-           "ratio_max": per_rank[:, 9].max().item(), "grad_norm": grad_norm, "lr": lr,
-           "loss": float(np.mean([s["loss"] for s in stats])),
-           "tokens_per_s": g_ntok.sum().item() / max(1e-9, t_sample),
-           "time_sample": t_sample, "time_train": t_train, "time_step": t_step}
-    rec["ratio_mean"] = rec.pop("ratio")
-    return rec
-
-
-def default_model() -> tuple[str, dict]:
-    """The toy task: runs/warmstart/model if it exists, else the toy base (built if missing)."""
-    import toy
-
-    paths = toy.ensure_built()
-    return ("runs/warmstart/model" if os.path.isdir("runs/warmstart/model") else paths["base"]), paths
+    local = {"entropy": wmean("entropy", first), "logprob_gap": wmean("logprob_gap", first),
+             **{k: wmean(k, stats) for k in keys}, "truncated": sum(r["truncated"] for r in rows),
+             "ratio_max": max(s["ratio_max"] for s in stats), **times}
+    ranks = utils.all_gather(local)
+    mean = {k: float(np.mean([r[k] for r in ranks])) for k in ("entropy", "logprob_gap", *keys)}
+    slowest = {k: max(r[k] for r in ranks) for k in times}
+    out, gain, reward, ntok = rewards["outcome"], rewards["gain"], rewards["reward"], rewards["tokens"]
+    return {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
+            "accuracy": out.mean().item(), "info_gain_mean": gain.mean().item(),
+            "zero_std_groups": (reward.view(-1, args.group_size).std(1) == 0).float().mean().item(),
+            "completion_len_mean": ntok.mean().item(), "completion_len_max": ntok.max().item(),
+            "truncated_share": sum(r["truncated"] for r in ranks) / len(ntok),
+            "entropy": mean["entropy"], "logprob_gap": mean["logprob_gap"], "clip_low": mean["clip_low"],
+            "clip_high": mean["clip_high"], "clip_region": mean["clip_region"], "kl": mean["kl"],
+            "is_weight": mean["is_weight"], "ratio_mean": mean["ratio"],
+            "ratio_max": max(r["ratio_max"] for r in ranks), "grad_norm": grad_norm, "lr": lr,
+            "loss": float(np.mean([s["loss"] for s in stats])),
+            "tokens_per_s": ntok.sum().item() / max(1e-9, slowest["time_sample"]), **slowest}
 
 
 # --------------------------------------------------------------------------------------
@@ -626,7 +607,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     fmt = variant_format(args.variant)
     model_path, toy_paths = args.model, None
     if not (args.model and args.train_data and args.test_data):
-        default_path, toy_paths = default_model()
+        default_path, toy_paths = utils.default_model()
         model_path = model_path or default_path
     utils.seed_everything(args.seed)
     utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world {world}, "
@@ -648,31 +629,34 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         mu = sampler if not args.mu_model else utils.Sampler(args.mu_model, seed=args.seed, dtype=args.dtype)
         meta_prover = MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, args.steps * args.num_iterations))
+    total = args.steps * args.num_iterations  # optimizer steps
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, utils.lr_lambda(int(args.warmup_ratio * total), total, args.lr_schedule))
 
     # -- data and resume -------------------------------------------------------------------
-    train = load_problems(args.train_data or toy_paths["train"], args, tok)
-    test = load_problems(args.test_data or toy_paths["test"], args, tok)[: args.eval_problems]
+    data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
+                max_prompt_tokens=args.max_prompt_length, too_long="raise --max-prompt-length")
+    train = utils.load_problems(args.train_data or toy_paths["train"], **data)
+    test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
     P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world
-    start, data_pos = 0, 0
+    start, data_pos = 0, 0  # first step of this run, and its position in the data stream
     ckpt_path, eval_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "eval.json")
     if args.resume:
         extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
         start, data_pos = extra["step"], extra["data_position"]
         sampler.sync_weights(model)  # the engine must sample from the restored weights
         utils.print0(f"resumed from {ckpt_path} at step {start}")
-    position = lambda step, j: data_pos + (step - start) * per_step + j  # noqa: E731  (j: 0 .. per_step-1)
-    batch_of = lambda step: [train[problem_index(position(step, rank * P + j), len(train), args.seed)] for j in range(P)]  # noqa: E731
+
+    def position(step: int) -> int:  # where a step starts in the endless data stream
+        return data_pos + (step - start) * per_step
 
     # -- z0 from the frozen base for every problem the run will use (Alg. 2) --------------
     train_z0, test_z0 = {}, {}
     if fmt == "backtrack":
-        used = {train[problem_index(position(s, j), len(train), args.seed)]["id"]: None
-                for s in range(start, args.steps) for j in range(per_step)}
+        used = {p["id"] for s in range(start, args.steps) for r in range(world) for p in step_problems(train, position(s), args, r)}
         train_z0, test_z0 = prepare_z0(sampler, [train[i] for i in sorted(used)], test, os.path.join(out, "z0.jsonl"),
                                        args, reuse=args.resume)
     evals = json.load(open(eval_path)) if args.resume and os.path.exists(eval_path) else {}
-    eval_seed = args.seed * 100003 + 77777
+    eval_seed = utils.derive_seed(args.seed, "held-out")
     if test and "start" not in evals:
         evals["start"] = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
         utils.print0(f"held-out accuracy at start: {evals['start']:.4f} ({len(test)} problems x {args.eval_samples})")
@@ -689,37 +673,40 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         t_step = time.time()
 
         # ---- sample: G continuations per problem from the current policy (seeded per step and rank)
-        rows = rollout(sampler, batch_of(step), train_z0, args, args.seed * 100003 + step * world + rank, meta_prover)
+        problems = step_problems(train, position(step), args, rank)
+        rows = rollout(sampler, problems, train_z0, args, utils.derive_seed(args.seed, "rollout", step, rank), meta_prover)
         t_sample = time.time() - t_step
 
         # ---- reward: R = r + alpha * I - lambda * length, gathered over ranks ---------------
         outcome = torch.tensor([r["outcome"] for r in rows])  # (B,)
         gain = torch.tensor([r["gain"] for r in rows])  # (B,)
         ntok = torch.tensor([r["num_tokens"] for r in rows], dtype=torch.float)  # (B,)
-        reward = combine_rewards(outcome, gain, args.alpha, ntok, args.length_penalty, args.max_completion_length)
-        glob = torch.cat(all_gather(torch.stack([outcome, gain, reward, ntok])), 1)  # (4, B * world)
+        reward = combine_rewards(outcome, gain, args.alpha, ntok, args.length_penalty, args.max_tokens)
+        mine = {"outcome": outcome, "gain": gain, "reward": reward, "tokens": ntok}
+        every = {k: torch.cat([r[k] for r in utils.all_gather(mine)]) for k in mine}  # (B * world,) each, rank order
 
         # ---- advantage: group-normalized (groups never straddle ranks; `batch` scale sees all)
-        mine = slice(rank * P * G, (rank + 1) * P * G)
-        adv_final = group_advantages(glob[2], G, args.scale_rewards)[mine]  # (B,)
-        episode = None
+        own = slice(rank * P * G, (rank + 1) * P * G)
+        adv_final = group_advantages(every["reward"], G, args.scale_rewards)[own]  # (B,)
+        advantages = adv_final
         if args.assign == "episode":  # z1 tokens: alpha * A(gain); z2 tokens: A(outcome - length penalty)
-            r2 = combine_rewards(glob[0], 0 * glob[1], 0.0, glob[3], args.length_penalty, args.max_completion_length)
-            episode = (args.alpha * group_advantages(glob[1], G, args.scale_rewards)[mine],
-                       group_advantages(r2, G, args.scale_rewards)[mine],
-                       torch.tensor([r["z1_tokens"] for r in rows]))  # (B,) each
+            r2 = combine_rewards(every["outcome"], torch.zeros_like(every["gain"]), 0.0, every["tokens"],
+                                 args.length_penalty, args.max_tokens)
+            advantages = Episode(adv_z1=args.alpha * group_advantages(every["gain"], G, args.scale_rewards)[own],
+                                 adv_z2=group_advantages(r2, G, args.scale_rewards)[own],
+                                 z1_tokens=torch.tensor([r["z1_tokens"] for r in rows]))  # (B,) each
 
         # ---- loss and update ----------------------------------------------------------------
         t1 = time.time()
-        stats, grad_norm = policy_update(model, ref, opt, sched, rows, adv_final, episode, args, world, tok.pad_token_id)
+        stats, grad_norm = policy_update(model, ref, opt, sched, rows, advantages, args, tok.pad_token_id)
         t_train = time.time() - t1
 
         # ---- sync: the engine samples the next batch from the new weights --------------------
         sampler.sync_weights(model)
 
         # ---- log, checkpoint -------------------------------------------------------------------
-        rec = step_record(step + 1, G, glob, rows, stats, len(rows) // args.micro_batch_size, grad_norm,
-                          sched.get_last_lr()[0], (t_sample, t_train, time.time() - t_step))
+        times = {"time_sample": t_sample, "time_train": t_train, "time_step": time.time() - t_step}
+        rec = step_record(step + 1, every, rows, stats, grad_norm, sched.get_last_lr()[0], times, args)
         logger.log(rec)
         sample_log.log({"step": step + 1, "problem": rows[0]["problem"]["problem"], "gold": rows[0]["problem"]["answer"],
                         "z0": train_z0.get(rows[0]["problem"]["id"], ""),
@@ -728,7 +715,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
                                         for i, r in enumerate(rows[:G])]})
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}", gap=f"{rec['logprob_gap']:.1e}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            utils.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, data_position=position(step + 1, 0),
+            utils.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, data_position=position(step + 1),
                                   args=dataclasses.asdict(args))
 
     # -- end: held-out accuracy, final model with its card --------------------------------------

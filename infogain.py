@@ -17,7 +17,7 @@ Two models side by side (each with its own traces), one shared meta-prover:
     python infogain.py --model mrt=runs/grpo/mrt/model outcome=runs/grpo/outcome/model \\
         --traces mrt.jsonl outcome.jsonl --mu-model runs/toy/base
 A real model (one GPU) on its MRT-B traces, mu steered by an instruction in the suffix:
-    python infogain.py --model runs/warmstart/model --traces runs/warmstart/traces.jsonl --m 16 \\
+    python infogain.py --model runs/warmstart/model --traces runs/warmstart/traces.jsonl --mu-samples 16 \\
         --mu-max-tokens 32 --mu-suffix $'\\n\\nTime is up. I must stop and give my final answer now: \\\\boxed{'
 Outputs under --out: gains.jsonl (per trace: id, restart step, the four J values, the three
 per-episode gains, whether z0 and z2 are correct), summary.json (means per model),
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import functools
 import gc
-import itertools
 import json
 import os
 import re
@@ -149,13 +148,6 @@ def mu_context(context: str, suffix: str) -> str:
     return context + suffix
 
 
-def encode(tokenizer, text: str) -> list[int]:
-    """Token ids as the engine would see the text, without a second BOS when the text (a
-    chat template) already starts with one."""
-    bos = getattr(tokenizer, "bos_token", None)
-    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
-
-
 @functools.lru_cache(maxsize=1 << 16)
 def _grade_answer(pred: str, gold: str) -> float:
     return utils.grade("\\boxed{" + pred + "}", gold)
@@ -190,7 +182,7 @@ class MetaProver:
         if not contexts:
             return np.zeros((0, self.m))
         tok = self.sampler.tokenizer
-        prompts = [encode(tok, mu_context(c, self.suffix)) for c in contexts]
+        prompts = [utils.encode(tok, mu_context(c, self.suffix)) for c in contexts]
         outs = self.sampler.generate(prompts, n=self.m, temperature=self.temperature, top_p=self.top_p,
                                      max_tokens=self.max_tokens, seed=seed, logprobs=False)
         return np.array([[grade_cached(self.suffix + s.text, g) for s in group]
@@ -230,8 +222,8 @@ class Args:
     mu_suffix: str = utils.MU_SUFFIX
     """text appended to the context to steer mu to answer now (a forced answer prefix or an
     instruction; in bash pass newlines with $'...')"""
-    m: int = 8
-    """mu's sampled answers per context"""
+    mu_samples: int = 8
+    """m: mu's sampled answers per context"""
     mu_temperature: float = 1.0
     """mu's sampling temperature"""
     mu_max_tokens: int = 16
@@ -248,8 +240,8 @@ class Args:
     """skip (and count) trace rows that are not backtrack traces instead of failing"""
     data: str = ""
     """problems to sample traces from (empty: the toy test split)"""
-    limit: int = 64
-    """problems used when sampling traces (0: all)"""
+    problems: int = 64
+    """problems used when sampling traces (the first N; 0: all)"""
     continuations: int = 4
     """backtrack continuations sampled per attempt z0 when sampling traces"""
     temperature: float = 1.0
@@ -296,26 +288,15 @@ def resolve_models(args: Args) -> dict[str, str]:
     return runs
 
 
-def _line_numbers(path: str):
-    """File line of each record utils.read_records returns (it skips blank lines)."""
-    if path.endswith(".parquet"):
-        return itertools.count(1)
-    with open(path, encoding="utf-8") as f:
-        return [i for i, line in enumerate(f, 1) if line.strip()]
-
-
 def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
     """Trace rows {id, problem, answer, completion, episodes, where} and the skipped count."""
     rename = {args.problem_field: "problem", args.answer_field: "answer", args.completion_field: "completion"}
-    records = utils.read_records(path, ["problem", "answer", "completion"], rename)
     rows, skipped = [], 0
-    for line, r in zip(_line_numbers(path), records):
+    for line, r in utils.read_records(path, ["problem", "answer", "completion"], rename, with_lines=True):
         where = f"{path}:{line}"
         if not isinstance(r["completion"], str) or not isinstance(r["problem"], str):
             raise utils.UserError(f"{where}: fields {args.problem_field!r} and {args.completion_field!r} must be strings")
-        answer = str(r["answer"]).strip()
-        if not answer or utils.extract_boxed("\\boxed{" + answer + "}") != answer:
-            raise utils.UserError(f"{where}: unparsable answer {answer!r}")
+        answer = utils.check_answer(r["answer"], where)
         ep = split_backtrack(r["completion"])
         if ep is None:
             if not args.skip_invalid:
@@ -337,12 +318,12 @@ def sample_traces(sampler: utils.Sampler, records: list[dict], args: Args) -> tu
     may have none left: main reports it with 0 traces)."""
     tok = sampler.tokenizer
     prompts = [utils.build_prompt(tok, r["problem"], args.instruction) for r in records]
-    attempts = sampler.generate([encode(tok, p) for p in prompts], n=1, temperature=args.temperature,
+    attempts = sampler.generate([utils.encode(tok, p) for p in prompts], n=1, temperature=args.temperature,
                                 max_tokens=args.max_tokens, seed=args.seed, logprobs=False)
     keep = [(i, g[0].text.rstrip()) for i, g in enumerate(attempts)
             if g[0].finish_reason == "stop" and utils.extract_boxed(g[0].text) is not None]
-    conts = sampler.generate([encode(tok, prompts[i] + backtrack_cue(z0)) for i, z0 in keep], n=args.continuations,
-                             temperature=args.temperature, max_tokens=args.max_tokens, seed=args.seed + 1,
+    conts = sampler.generate([utils.encode(tok, prompts[i] + backtrack_cue(z0)) for i, z0 in keep], n=args.continuations,
+                             temperature=args.temperature, max_tokens=args.max_tokens, seed=utils.derive_seed(args.seed, "continuations"),
                              logprobs=False)
     rows, skipped = [], len(records) - len(keep)
     for (i, z0), group in zip(keep, conts):
@@ -357,19 +338,6 @@ def sample_traces(sampler: utils.Sampler, records: list[dict], args: Args) -> tu
     return rows, skipped
 
 
-def load_problems(args: Args) -> list[dict]:
-    path = args.data or toy.paths(args.toy_dir)["test"]
-    if not args.data:
-        toy.ensure_built(args.toy_dir)
-    records = utils.read_records(path, ["problem", "answer"], {args.problem_field: "problem", args.answer_field: "answer"})
-    records = records[: args.limit] if args.limit else records
-    for r in records:
-        r["answer"] = str(r["answer"]).strip()
-    if not records:
-        raise utils.UserError(f"{path}: no problems")
-    return records
-
-
 def check_lengths(mu: MetaProver, rows: list[dict], args: Args) -> tuple[list[dict], int]:
     """Traces whose longest mu context (prompt + z0 + z1 + z2 + suffix) plus mu's answer fits
     the engine's context length: an error naming file:line, or skipped with --skip-invalid."""
@@ -379,7 +347,7 @@ def check_lengths(mu: MetaProver, rows: list[dict], args: Args) -> tuple[list[di
     tok, kept = mu.sampler.tokenizer, []
     for r in rows:
         prompt = utils.build_prompt(tok, r["problem"], args.instruction)
-        n = len(encode(tok, mu_context(episode_contexts(prompt, r["episodes"])[-1], mu.suffix)))
+        n = len(utils.encode(tok, mu_context(episode_contexts(prompt, r["episodes"])[-1], mu.suffix)))
         if n <= limit:
             kept.append(r)
         elif not args.skip_invalid:
@@ -400,7 +368,7 @@ def score_traces(mu: MetaProver, rows: list[dict], args: Args, logger: utils.Jso
         chunk = rows[b: b + args.batch]
         prompts = [utils.build_prompt(tok, r["problem"], args.instruction) for r in chunk]
         J = trace_values(mu, prompts, [r["episodes"] for r in chunk], [r["answer"] for r in chunk],
-                         seed=args.seed + 1 + b)  # (B, 4)
+                         seed=utils.derive_seed(args.seed, "meta-prover", b))  # (B, 4)
         for r, j in zip(chunk, J):
             ep = r["episodes"]
             gains = episode_gains(list(j))
@@ -459,8 +427,8 @@ def plot_hist(results: dict, path: str, m: int) -> None:
 
 def main(args: Args, samplers: dict | None = None) -> dict:
     """Score every model's traces; `samplers` may map a model path to a ready Sampler (tests)."""
-    if args.m < 1 or args.mu_max_tokens < 1 or args.batch < 1 or args.continuations < 1 or args.limit < 0:
-        raise utils.UserError("--m, --mu-max-tokens, --batch and --continuations must be >= 1, --limit >= 0")
+    if args.mu_samples < 1 or args.mu_max_tokens < 1 or args.batch < 1 or args.continuations < 1 or args.problems < 0:
+        raise utils.UserError("--mu-samples, --mu-max-tokens, --batch and --continuations must be >= 1, --problems >= 0")
     runs = resolve_models(args)
     if args.traces and len(args.traces) not in (1, len(runs)):
         raise utils.UserError(f"--traces: give one file or one per model ({len(runs)}), got {len(args.traces)}")
@@ -473,7 +441,12 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     if args.traces:
         for name, path in zip(runs, args.traces * len(runs) if len(args.traces) == 1 else args.traces):
             traces[name] = read_traces(path, args)
-    problems = None if args.traces else load_problems(args)
+    problems = None
+    if not args.traces:
+        if not args.data:
+            toy.ensure_built(args.toy_dir)
+        problems = utils.load_problems(args.data or toy.paths(args.toy_dir)["test"], args.problem_field,
+                                       args.answer_field, args.problems)
     if args.mu_model and not os.path.isdir(args.mu_model) and not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", args.mu_model):
         raise utils.UserError(f"--mu-model: model path does not exist: {args.mu_model}")
     shared_mu = new_sampler(args.mu_model) if args.mu_model else None
@@ -496,12 +469,12 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             gc.collect()
             continue
         mu_sampler = shared_mu or sampler or new_sampler(path)
-        mu = MetaProver(mu_sampler, args.mu_suffix, args.m, args.mu_temperature, args.mu_max_tokens)
+        mu = MetaProver(mu_sampler, args.mu_suffix, args.mu_samples, args.mu_temperature, args.mu_max_tokens)
         rows, too_long = check_lengths(mu, rows, args)
         skipped += too_long
         if not rows:
             raise utils.UserError(f"{name}: no trace fits the meta-prover's context length")
-        utils.print0(f"{name}: {len(rows)} traces ({skipped} skipped), J from {args.m} mu answers per context")
+        utils.print0(f"{name}: {len(rows)} traces ({skipped} skipped), J from {args.mu_samples} mu answers per context")
         results[name] = score_traces(mu, rows, args, logger, name)
         summary[name] = summarize(results[name], skipped)
         utils.print0(f"{name}: " + json.dumps({k: summary[name][k] for k in ("J_mean", "gain_mean", "z2_accuracy")}))
@@ -515,7 +488,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     settings = {**vars(args), "model": runs}
     report = {"settings": settings, "models": summary}
     utils.write_json(os.path.join(args.out, "summary.json"), report)
-    plot_hist(results, os.path.join(args.out, "infogain_hist.png"), args.m)
+    plot_hist(results, os.path.join(args.out, "infogain_hist.png"), args.mu_samples)
     utils.print0(f"wrote {args.out}/gains.jsonl, summary.json, infogain_hist.png")
     return report
 

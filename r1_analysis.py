@@ -23,7 +23,7 @@ as the direct baseline, 32 test problems x 4 stems:
     python r1_analysis.py
 A reasoning model on one GPU (R1 distill: sample K = 4 stems, then the analysis):
     python r1_analysis.py --generate --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B \\
-        --data omni_math.jsonl --limit 200 --direct-model Qwen/Qwen2.5-Math-7B-Instruct \\
+        --data omni_math.jsonl --problems 200 --direct-model Qwen/Qwen2.5-Math-7B-Instruct \\
         --max-model-len 16384 --out runs/r1/omni          # AIME: add --group-size 3
 Traces you already have (JSONL or Parquet rows of problem, answer and the model's output with
 its <think> block; field names are flags), the same model as meta-prover:
@@ -288,12 +288,12 @@ def direct_curve(correct_counts, gen_tokens, n: int, ks) -> dict:
 # Command line
 # --------------------------------------------------------------------------------------
 
-TOY_DEFAULTS = dict(limit=32, max_tokens=96, rounds=8, window=1024, delimiter="\n", group_size=1,
+TOY_DEFAULTS = dict(problems=32, max_tokens=96, rounds=8, window=1024, delimiter="\n", group_size=1,
                     mu_suffix=utils.MU_SUFFIX, mu_max_tokens=8, direct_max_tokens=96)
 """Settings that differ for the embedded toy default (the toy's context is 2048 tokens, its
 steps are lines, and it answers after utils.MU_SUFFIX)."""
 
-REAL_DEFAULTS = dict(limit=0, max_tokens=8192, rounds=1, window=2048, delimiter="\n\n", group_size=5,
+REAL_DEFAULTS = dict(problems=0, max_tokens=8192, rounds=1, window=2048, delimiter="\n\n", group_size=5,
                      mu_suffix=FIG12_SUFFIX, mu_max_tokens=4096, direct_max_tokens=None)
 """The paper's settings for a real reasoning model (direct_max_tokens None: --max-tokens)."""
 
@@ -326,8 +326,8 @@ class Args:
     """field of the model's output (with its <think> block) in --traces"""
     id_field: str = "id"
     """field of the trace id in --traces (rows without one get their line number)"""
-    limit: int | None = None
-    """use the first LIMIT problems (--generate) or trace rows (--traces); 0: all (default: 0;
+    problems: int | None = None
+    """use the first N problems (--generate) or trace rows (--traces); 0: all (default: 0;
     toy: 32)"""
     skip_invalid: bool = False
     """skip (and count) traces with no thinking text or too long for the meta-prover instead
@@ -414,8 +414,8 @@ def resolve(args: Args) -> tuple[Args, bool]:
             "--mu-max-tokens": args.mu_max_tokens, "--direct-n": args.direct_n,
             "--direct-max-tokens": args.direct_max_tokens, "--batch": args.batch}
     bad = [name for name, v in ints.items() if v < 1]
-    if bad or args.limit < 0 or args.max_episodes < 0:
-        raise utils.UserError(f"{', '.join(bad) or '--limit/--max-episodes'} must be >= 1 (--limit, --max-episodes >= 0)")
+    if bad or args.problems < 0 or args.max_episodes < 0:
+        raise utils.UserError(f"{', '.join(bad) or '--problems/--max-episodes'} must be >= 1 (--problems, --max-episodes >= 0)")
     if not args.delimiter:
         raise utils.UserError("--delimiter must not be empty")
     if not [p for p in args.phrases if p]:
@@ -442,47 +442,21 @@ def check_model(path: str, flag: str) -> None:
         raise utils.UserError(f"{flag}: model path does not exist: {path}")
 
 
-def _line_numbers(path: str):
-    """File line of each record utils.read_records returns (it skips blank lines)."""
-    if path.endswith(".parquet"):
-        return iter(range(1, 1 << 62))
-    with open(path, encoding="utf-8") as f:
-        return [i for i, line in enumerate(f, 1) if line.strip()]
-
-
-def _check_answer(answer, where: str) -> str:
-    answer = str(answer).strip()
-    if not answer or utils.extract_boxed("\\boxed{" + answer + "}") != answer:
-        raise utils.UserError(f"{where}: unparsable answer {answer!r}")
-    return answer
-
-
 def read_traces(args: Args) -> list[dict]:
-    """Trace rows {id, problem, answer, trace, where} from --traces (first --limit rows)."""
+    """Trace rows {id, problem, answer, trace, where} from --traces (first --problems rows)."""
     names = {"problem": args.problem_field, "answer": args.answer_field, "trace": args.trace_field}
-    records = utils.read_records(args.traces, list(dict.fromkeys(names.values())))  # errors name the file's fields
-    rows = []
-    for line, r in zip(_line_numbers(args.traces), records):
+    rows = []  # errors name the file's fields
+    for line, r in utils.read_records(args.traces, list(dict.fromkeys(names.values())), with_lines=True):
         where = f"{args.traces}:{line}"
         problem, answer, trace = (r[names[k]] for k in ("problem", "answer", "trace"))
         if not isinstance(problem, str) or not isinstance(trace, str):
             raise utils.UserError(f"{where}: fields {args.problem_field!r} and {args.trace_field!r} must be strings")
-        rows.append({"id": r.get(args.id_field, line), "problem": problem, "answer": _check_answer(answer, where),
+        rows.append({"id": r.get(args.id_field, line), "problem": problem, "answer": utils.check_answer(answer, where),
                      "trace": trace, "where": where})
-    rows = rows[: args.limit] if args.limit else rows
+    rows = rows[: args.problems] if args.problems else rows
     if not rows:
         raise utils.UserError(f"{args.traces}: no traces")
     return rows
-
-
-def load_problems(args: Args) -> list[dict]:
-    path = args.data or toy.paths(args.toy_dir)["test"]
-    records = utils.read_records(path, list(dict.fromkeys([args.problem_field, args.answer_field])))
-    records = records[: args.limit] if args.limit else records
-    if not records:
-        raise utils.UserError(f"{path}: no problems")
-    return [{"problem": str(r[args.problem_field]),
-             "answer": _check_answer(r[args.answer_field], f"{path}: record {i + 1}")} for i, r in enumerate(records)]
 
 
 class LazyLogger:
@@ -539,7 +513,7 @@ def sample_traces(sampler, problems: list[dict], args: Args, logger) -> list[dic
     round's (--stop-when-repeated)."""
     tok = sampler.tokenizer
     reps = [(i, s) for i in range(len(problems)) for s in range(args.k)]
-    prompt_ids = [evaluate.encode_prompt(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in problems]
+    prompt_ids = [utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in problems]
     traces = []
     if args.rounds == 1:
         outs = sampler.generate(prompt_ids, n=args.k, temperature=args.temperature, max_tokens=args.max_tokens,
@@ -601,7 +575,7 @@ def mu_contexts(tok, t: dict, args: Args) -> list[tuple[list[int], int]]:
         prefix = args.delimiter.join(t["groups"][:j])
         text = meta_prover_prompt(tok, t["problem"], prefix, args.mu_suffix, args.instruction,
                                   THINK_OPEN + "\n" if t["opened"] else "", args.delimiter)
-        out.append((infogain.encode(tok, text), len(tok(prefix, add_special_tokens=False)["input_ids"])))
+        out.append((utils.encode(tok, text), len(tok(prefix, add_special_tokens=False)["input_ids"])))
     return out
 
 
@@ -629,7 +603,7 @@ def score_traces(sampler, traces: list[dict], args: Args, logger) -> tuple[list[
         chunk = items[b: b + args.batch]
         prompts = [ids for _, ctx in chunk for ids, _ in ctx]
         outs = iter(sampler.generate(prompts, n=args.p, temperature=args.mu_temperature, max_tokens=args.mu_max_tokens,
-                                     seed=args.seed + 1 + b, logprobs=False))
+                                     seed=utils.derive_seed(args.seed, "meta-prover", b), logprobs=False))
         for t, ctx in chunk:
             points = []
             for j, (ids, prefix_tokens) in enumerate(ctx, 1):
@@ -652,9 +626,9 @@ def score_traces(sampler, traces: list[dict], args: Args, logger) -> tuple[list[
 def run_direct(sampler, problems: list[dict], args: Args, logger) -> list[dict]:
     """direct_n samples per distinct problem from the direct model (evaluate.run_parallel)."""
     tok = sampler.tokenizer
-    prompt_ids = [evaluate.encode_prompt(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in problems]
+    prompt_ids = [utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in problems]
     eargs = evaluate.Args(n=args.direct_n, max_tokens=args.direct_max_tokens, temperature=args.temperature,
-                          seed=args.seed + 7, modes=["parallel"])
+                          seed=utils.derive_seed(args.seed, "direct"), modes=["parallel"])
     rows = evaluate.run_parallel(sampler, prompt_ids, problems, eargs)
     logger.log({"stage": "direct", "problems": len(problems), "pass@1": float(np.mean([r["correct"] for r in rows])),
                 "mean_tokens": float(np.mean([r["gen_tokens"] for r in rows]))})
@@ -803,7 +777,10 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     traces = read_traces(args) if args.traces else None
     if traces is not None:
         split_traces(traces, args)  # fails on a trace without thinking text before any work
-    problems = None if traces is not None else load_problems(args)
+    problems = None
+    if traces is None:
+        problems = utils.load_problems(args.data or toy.paths(args.toy_dir)["test"], args.problem_field,
+                                       args.answer_field, args.problems)
     mu_path = args.mu_model or args.model
     direct_path = "" if args.direct_model.lower() == "none" else args.direct_model
 

@@ -84,12 +84,10 @@ from __future__ import annotations
 
 import dataclasses
 import gc
-import json
 import math
 import os
 import time
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 # One OpenMP thread unless told otherwise: the vLLM engine and the trainer share this process,
 # and OpenMP spin-waits slow both on a shared CPU (as in grpo.py). Must precede `import torch`.
@@ -99,7 +97,7 @@ import numpy as np  # noqa: E402
 
 import utils  # noqa: E402
 import warmstart  # noqa: E402
-from infogain import MetaProver, backtrack_cue, encode, information_gain, make_sampler, split_backtrack  # noqa: E402
+from infogain import MetaProver, backtrack_cue, information_gain, make_sampler, split_backtrack  # noqa: E402
 
 METHODS = {"mrt": "backtrack", "star": "direct", "rise": "backtrack"}  # method -> model format
 
@@ -130,10 +128,10 @@ class Args:
     """training problems, .jsonl or .parquet ('' : the toy train split)"""
     test_data: str = ""
     """held-out problems for the accuracy before/after each iteration ('' : the toy test split)"""
-    problem_key: str = "problem"
-    """field holding the problem text"""
-    answer_key: str = "answer"
-    """field holding the gold answer"""
+    problem_field: str = "problem"
+    """field of a data record holding the problem text"""
+    answer_field: str = "answer"
+    """field of a data record holding the gold answer"""
     instruction: str = utils.DEFAULT_INSTRUCTION
     """instruction in the user turn for models with a chat template"""
     out: str = ""
@@ -219,7 +217,6 @@ def resolve_args(args: Args, world: int = 1) -> Args:
             raise utils.UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise utils.UserError("--temperature must be > 0 and 0 < --top-p <= 1")
-    assert args.batch_size % (world * args.micro_batch_size) == 0  # checked above, the SFT loop relies on it
     return args
 
 
@@ -269,21 +266,12 @@ def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold
 # --------------------------------------------------------------------------------------
 
 
-def all_gather(obj) -> list:
-    return warmstart.all_gather(obj)
-
-
-def z0_seed(seed: int, split: str, rank: int) -> int:
-    """Sampling seed of the base's attempts z0 of a split ("train" or "test") on a rank."""
-    return seed * 100_003 + {"train": 11, "test": 22}[split] + 1_009 * rank
-
-
 def sample_attempts(sampler: utils.Sampler, prompts: list[str], args: Args, seed: int, n: int = 1) -> list[list]:
     """n plain attempts per prompt (utils.Sample lists), cut at the backtrack marker: the
     attempt z0 (n = 1, from the base) or STaR's direct attempts."""
     if not prompts:
         return []
-    return sampler.generate([encode(sampler.tokenizer, p) for p in prompts], n=n, temperature=args.temperature,
+    return sampler.generate([utils.encode(sampler.tokenizer, p) for p in prompts], n=n, temperature=args.temperature,
                             top_p=args.top_p, max_tokens=args.max_tokens, stop=["\n" + utils.BACKTRACK_MARKER],
                             seed=seed, logprobs=False)
 
@@ -293,9 +281,9 @@ def sample_z0(sampler: utils.Sampler, problems: list[dict], args: Args, split: s
     in shares over the ranks (one generate call per rank), gathered on all ranks."""
     rank, world = utils.rank(), utils.world_size()
     mine = problems[rank::world]
-    outs = sample_attempts(sampler, [p["prompt"] for p in mine], args, z0_seed(args.seed, split, rank))
+    outs = sample_attempts(sampler, [p["prompt"] for p in mine], args, utils.derive_seed(args.seed, "z0", split, rank))
     z0s = {p["id"]: g[0].text.rstrip() for p, g in zip(mine, outs)}
-    return {i: z for part in all_gather(z0s) for i, z in part.items()}
+    return {i: z for part in utils.all_gather(z0s) for i, z in part.items()}
 
 
 def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dict, args: Args, seed: int) -> list[dict]:
@@ -318,7 +306,7 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
         return records
 
     cues = [continuation_cue(args.method, z0s[p["id"]]) for p in problems]
-    outs = sampler.generate([encode(tok, p["prompt"] + c) for p, c in zip(problems, cues)], n=G,
+    outs = sampler.generate([utils.encode(tok, p["prompt"] + c) for p, c in zip(problems, cues)], n=G,
                             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed,
                             logprobs=False)
     parsed = [[parse_continuation(args.method, z0s[p["id"]], s.text, s.finish_reason, p["answer"]) for s in group]
@@ -328,7 +316,7 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
     after = [p["prompt"] + (c["episodes"].z0 + c["episodes"].z1 if c["episodes"] else c["completion"])
              for p, group in zip(problems, parsed) for c in group]
     golds = [p["answer"] for p in problems] + [p["answer"] for p in problems for _ in range(G)]
-    J = mu.success_rates(before + after, golds, seed=seed + 500_000_003)
+    J = mu.success_rates(before + after, golds, seed=utils.derive_seed(seed, "meta-prover"))
     r0s, rs = J[: len(problems)], J[len(problems):].reshape(len(problems), G)  # (P,), (P, G)
     records = []
     for p, group, samples, r0, r in zip(problems, parsed, outs, r0s, rs):
@@ -361,9 +349,9 @@ def collect(sampler, mu: MetaProver | None, problems: list[dict], z0s: dict, arg
     n_chunks = math.ceil(len(problems) / (world * B))
     records = []
     for c in tqdm(range(n_chunks), desc=f"{args.method} iteration {iteration}: sample", disable=not utils.is_main()):
-        seed = args.seed * 100_003 + 7_919 * iteration + 101 * (c * world + rank)
+        seed = utils.derive_seed(args.seed, "rollout", iteration, c * world + rank)
         records += rollout_chunk(sampler, mu, mine[c * B:(c + 1) * B], z0s, args, seed)
-    merged = [r for part in all_gather(records) for r in part]
+    merged = [r for part in utils.all_gather(records) for r in part]
     return sorted(merged, key=lambda r: r["id"])
 
 
@@ -375,18 +363,18 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
     rank, world = utils.rank(), utils.world_size()
     mine, scores = problems[rank::world], []
     if mine and args.method == "star":
-        outs = sample_attempts(sampler, [p["prompt"] for p in mine], args, seed + rank, n=args.eval_samples)
+        outs = sample_attempts(sampler, [p["prompt"] for p in mine], args, utils.derive_seed(seed, rank), n=args.eval_samples)
         scores = [utils.grade(s.text, p["answer"]) for p, g in zip(mine, outs) for s in g]
     elif mine:
         cues = [continuation_cue(args.method, z0s[p["id"]]) for p in mine]
-        outs = sampler.generate([encode(sampler.tokenizer, p["prompt"] + c) for p, c in zip(mine, cues)],
+        outs = sampler.generate([utils.encode(sampler.tokenizer, p["prompt"] + c) for p, c in zip(mine, cues)],
                                 n=args.eval_samples, temperature=args.temperature, top_p=args.top_p,
-                                max_tokens=args.max_tokens, seed=seed + rank, logprobs=False)
+                                max_tokens=args.max_tokens, seed=utils.derive_seed(seed, rank), logprobs=False)
         for p, c, g in zip(mine, cues, outs):
             for s in g:
                 ep = split_backtrack(c + s.text)
                 scores.append(utils.grade(ep.z2, p["answer"]) if ep else 0.0)
-    return float(np.mean([x for part in all_gather(scores) for x in part]))
+    return float(np.mean([x for part in utils.all_gather(scores) for x in part]))
 
 
 # --------------------------------------------------------------------------------------
@@ -418,25 +406,6 @@ def iteration_stats(records: list[dict], method: str) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def load_problems(path: str, args: Args, limit: int, tokenizer, max_prompt_tokens: int) -> list[dict]:
-    """Problems {id, problem, answer, prompt} (the first `limit`, 0: all); problems whose
-    prompt leaves no room for z0, the continuation and mu's answer are dropped."""
-    spec = SimpleNamespace(problem_key=args.problem_key, answer_key=args.answer_key, problems=limit)
-    records = warmstart.load_problems(path, spec)
-    out = []
-    for i, r in enumerate(records):
-        prompt = utils.build_prompt(tokenizer, r["problem"], args.instruction)
-        if len(encode(tokenizer, prompt)) <= max_prompt_tokens:
-            out.append({"id": i, "problem": r["problem"], "answer": r["answer"], "prompt": prompt})
-    if not out:
-        raise utils.UserError(f"{path}: no problem fits the context (prompt <= {max_prompt_tokens} tokens: lower "
-                              f"--max-tokens or raise --max-model-len)")
-    if len(out) < len(records):
-        utils.print0(f"{path}: dropped {len(records) - len(out)} problems whose prompt leaves no room "
-                     f"(> {max_prompt_tokens} tokens)")
-    return out
-
-
 def context_length(path: str, args: Args) -> int:
     """Tokens the engine holds per sequence: --max-model-len, else the model's positions."""
     if args.max_model_len:
@@ -448,22 +417,6 @@ def context_length(path: str, args: Args) -> int:
     except (OSError, ValueError) as e:
         raise utils.UserError(f"cannot load model {path}: {str(e).strip().splitlines()[0]}") from e
     return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
-
-
-def model_format(path: str) -> str | None:
-    """The "format" of <path>/mrt.json (None without a readable card)."""
-    try:
-        return json.load(open(os.path.join(path, "mrt.json"))).get("format")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
-def default_model() -> tuple[str, dict]:
-    """The toy task: runs/warmstart/model if it exists, else the toy base (built if missing)."""
-    import toy
-
-    paths = toy.ensure_built()
-    return ("runs/warmstart/model" if os.path.isdir("runs/warmstart/model") else paths["base"]), paths
 
 
 # --------------------------------------------------------------------------------------
@@ -486,7 +439,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
             raise utils.UserError(f"{flag}: no such file: {path}")
     model_path, base_path, toy_paths = args.model, args.base, None
     if not (args.model and args.data and args.test_data):
-        default_path, toy_paths = default_model()
+        default_path, toy_paths = utils.default_model()
         model_path = model_path or default_path
     base_path = base_path or model_path
     for path in dict.fromkeys(p for p in (model_path, base_path, args.mu_model) if p):
@@ -494,9 +447,10 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     tok = utils.load_tokenizer(base_path)
     budget = args.max_tokens + (args.max_tokens + 64 + args.mu_max_tokens if fmt == "backtrack" else 0)
     room = context_length(base_path, args) - budget
-    train = load_problems(args.data or toy_paths["train"], args, args.problems, tok, room)
-    test = load_problems(args.test_data or toy_paths["test"], args, args.eval_problems, tok, room) \
-        if args.eval_problems else []
+    data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
+                instruction=args.instruction, max_prompt_tokens=room, too_long="lower --max-tokens or raise --max-model-len")
+    train = utils.load_problems(args.data or toy_paths["train"], limit=args.problems, **data)
+    test = utils.load_problems(args.test_data or toy_paths["test"], limit=args.eval_problems, **data) if args.eval_problems else []
     utils.seed_everything(args.seed)
     utils.print0(f"star: method {args.method} ({fmt}), preset {args.preset}, model {model_path}, base {base_path}, "
                  f"{len(train)} problems x G={args.group_size}, {args.iterations} iterations, world {world}")
@@ -521,7 +475,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
                      f"{np.mean([utils.grade(train_z0[p['id']], p['answer']) for p in train]):.3f})")
     if model_path != base_path:
         sampler.sync_weights(utils.load_model(model_path, args.dtype))
-    if fmt == "backtrack" and model_format(model_path) != "backtrack":
+    if fmt == "backtrack" and utils.model_format(model_path) != "backtrack":
         utils.print0(f"warning: the starting model {model_path} has no mrt.json with format 'backtrack' (not "
                      f"warmstarted): expect few parsable, correct continuations; run warmstart.py first")
     mu = None
@@ -530,7 +484,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         mu = MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, temperature=args.mu_temperature,
                         max_tokens=args.mu_max_tokens)
 
-    eval_seed = args.seed * 100_003 + 77_777
+    eval_seed = utils.derive_seed(args.seed, "held-out")
     accuracy = [heldout_accuracy(sampler, test, test_z0, args, eval_seed)]
     if test:
         utils.print0(f"held-out accuracy of the starting model: {accuracy[0]:.4f} ({len(test)} x {args.eval_samples})")

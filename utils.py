@@ -1,14 +1,21 @@
 """utils.py: the small shared module of mrt.
 
-Sections: constants and prompts; command line and errors; data I/O; answer grading;
-model loading; sampling (vLLM, with a transformers fallback) and in-place weight sync;
-distributed training helpers (torchrun, FSDP2, checkpoints); log-probabilities.
-Every stage script imports this module and nothing else of the project but toy.py.
+Sections: constants and prompts; command line and errors; data I/O (records, problems,
+atomic writes); answer grading; model loading; sampling (vLLM, with a transformers fallback)
+and in-place weight sync; distributed training helpers (torchrun, FSDP2, checkpoints,
+seeds); log-probabilities.
+
+The module graph, on purpose: utils.py imports nothing of the project (toy.py only inside
+`default_model`). toy.py (the embedded task and model) imports utils. Each stage script
+imports utils and toy, plus the one stage whose algorithm it builds on: grpo.py and star.py
+import infogain.py (episodes, the meta-prover, information gain: the method's core), star.py
+imports warmstart.py (the SFT loop it reruns each iteration), r1_analysis.py imports
+evaluate.py and infogain.py (pass@k/maj@k and episode values), study.py runs them all.
+A helper that two stages need lives here, never in a second copy.
 """
 
 from __future__ import annotations
 
-import argparse
 import ast
 import atexit
 import contextlib
@@ -24,7 +31,7 @@ import sys
 import tempfile
 import textwrap
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 # vLLM runs its engine in this process: weight sync passes tensors, not pickles, and one
@@ -76,42 +83,27 @@ def _field_docs(cls) -> dict[str, str]:
         body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
         for node, nxt in zip(body, body[1:]):
             if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = str(nxt.value.value)
+                docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
 
 
 def parse_args(cls, argv: Sequence[str] | None = None):
-    """Build an argparse parser from a dataclass of arguments (field docstrings are the
-    help texts; bools take true/false) and return the filled dataclass."""
-    docs = _field_docs(cls)
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        kind = f.type if isinstance(f.type, type) else eval(f.type, sys.modules[cls.__module__].__dict__)
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{docs.get(f.name, '')} (default: {default!r})"
-        if kind is bool:
-            parser.add_argument(flag, type=_str2bool, default=default, nargs="?", const=True, help=help_text)
-        elif getattr(kind, "__origin__", None) is list or kind is list:
-            item = (getattr(kind, "__args__", None) or (str,))[0]
-            parser.add_argument(flag, type=item, nargs="*", default=default, help=help_text)
-        else:
-            parser.add_argument(flag, type=_optional(kind), default=default, help=help_text)
+    """The filled dataclass `cls` from the command line, through transformers'
+    `HfArgumentParser` (argparse: `--flag-name` or `--flag_name`; bools take `--flag`,
+    `--flag false` or `--no-flag`; errors are argparse's one `error:` line). The help texts
+    are the attribute docstrings under each field, as cleanrl writes them: HfArgumentParser
+    reads help only from field metadata, so the fields are handed to it with that metadata."""
+    import typing
+
+    from transformers import HfArgumentParser
+
+    docs, hints = _field_docs(cls), typing.get_type_hints(cls)
+    spec = [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
+                                                      metadata={"help": docs.get(f.name, "").replace("%", "%%")}))
+            for f in dataclasses.fields(cls)]
+    parser = HfArgumentParser(dataclasses.make_dataclass(cls.__name__, spec),
+                              description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
     return cls(**vars(parser.parse_args(argv)))
-
-
-def _str2bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "y"):
-        return True
-    if s.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
-
-
-def _optional(kind):
-    args = [a for a in getattr(kind, "__args__", ()) if a is not type(None)]
-    inner = args[0] if args else kind
-    return lambda s: None if s.lower() == "none" else inner(s)
 
 
 def run_main(fn: Callable, *args, **kwargs):
@@ -128,10 +120,13 @@ def run_main(fn: Callable, *args, **kwargs):
 # --------------------------------------------------------------------------------------
 
 
-def read_records(path: str, fields: Sequence[str] = (), rename: dict[str, str] | None = None) -> list[dict]:
+def read_records(path: str, fields: Sequence[str] = (), rename: dict[str, str] | None = None,
+                 with_lines: bool = False) -> list:
     """Records from a .jsonl or .parquet file. `rename` maps file field names to the names
     the caller wants (e.g. {"question": "problem"}); every name in `fields` (after renaming)
-    must be present. Errors name the file and line: `data.jsonl:7: missing field 'answer'`."""
+    must be present. Errors name the file and line: `data.jsonl:7: missing field 'answer'`,
+    `data.jsonl:3: not UTF-8`. With `with_lines`, (line, record) pairs (a Parquet row's
+    "line" is its row number, from 1)."""
     rename = rename or {}
     if not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
@@ -143,8 +138,12 @@ def read_records(path: str, fields: Sequence[str] = (), rename: dict[str, str] |
         rows = [(i + 1, r) for i, r in enumerate(pq.read_table(path).to_pylist())]
     else:
         rows = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    raise UserError(f"{path}:{i}: not UTF-8") from None
                 if not line.strip():
                     continue
                 try:
@@ -161,8 +160,87 @@ def read_records(path: str, fields: Sequence[str] = (), rename: dict[str, str] |
         for name in fields:
             if name not in r or r[name] is None:
                 raise UserError(f"{path}:{i}: missing field {original.get(name, name)!r}")
-        out.append(r)
+        out.append((i, r) if with_lines else r)
     return out
+
+
+def check_answer(answer, where: str) -> str:
+    """A gold answer as a stripped string; one that grading could never match (empty, or
+    braces that do not balance inside \\boxed{}) is a UserError naming `where`."""
+    answer = str(answer).strip()
+    if not answer or extract_boxed("\\boxed{" + answer + "}") != answer:
+        raise UserError(f"{where}: unparsable answer {answer!r}")
+    return answer
+
+
+def load_problems(path: str, problem_field: str = "problem", answer_field: str = "answer", limit: int = 0,
+                  tokenizer=None, instruction: str = DEFAULT_INSTRUCTION, max_prompt_tokens: int | None = None,
+                  too_long: str = "") -> list[dict]:
+    """The problems of a data file as {id, problem, answer} (id: the record's index), the
+    first `limit` of them (0: all); every stage reads its problems here. Answers are checked
+    (check_answer). With a tokenizer, each also gets its `prompt` (build_prompt) and, with
+    `max_prompt_tokens`, problems whose prompt is longer are dropped and counted; `too_long`
+    says in the error what to change when none is left."""
+    rows = read_records(path, [problem_field, answer_field], with_lines=True)
+    if not rows:
+        raise UserError(f"{path}: holds no problems")
+    rows = rows[:limit] if limit else rows
+    out = [{"id": i, "problem": str(r[problem_field]), "answer": check_answer(r[answer_field], f"{path}:{line}")}
+           for i, (line, r) in enumerate(rows)]
+    if tokenizer is None:
+        return out
+    for p in out:
+        p["prompt"] = build_prompt(tokenizer, p["problem"], instruction)
+    if max_prompt_tokens is None:
+        return out
+    fit = [p for p in out if len(encode(tokenizer, p["prompt"])) <= max_prompt_tokens]
+    if not fit:
+        raise UserError(f"{path}: no problem's prompt fits in {max_prompt_tokens} tokens{'; ' + too_long if too_long else ''}")
+    if len(fit) < len(out):
+        print0(f"{path}: dropped {len(out) - len(fit)} problems whose prompt is longer than {max_prompt_tokens} tokens")
+    return fit
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids as the engine sees the text: special tokens added, except a second BOS
+    when the text (a chat template) already starts with one."""
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
+def model_format(path: str) -> str:
+    """"backtrack" or "direct": the trace format a model was trained on, from <model>/mrt.json
+    (written by warmstart.py, star.py, grpo.py); a model without a card (a base or hub model)
+    is direct. A malformed card is a UserError."""
+    card = os.path.join(path, "mrt.json")
+    if not os.path.isfile(card):
+        return "direct"
+    try:
+        fmt = json.load(open(card)).get("format", "direct")
+    except (json.JSONDecodeError, AttributeError) as e:
+        raise UserError(f"{card}: malformed model card ({e})") from None
+    if fmt not in ("backtrack", "direct"):
+        raise UserError(f"{card}: format must be 'backtrack' or 'direct', got {fmt!r}")
+    return fmt
+
+
+def default_model() -> tuple[str, dict]:
+    """The embedded default of the stages that train: runs/warmstart/model if it exists,
+    else the toy base (built if missing); and the toy's paths (toy.paths)."""
+    import toy
+
+    paths = toy.ensure_built()
+    return ("runs/warmstart/model" if os.path.isdir("runs/warmstart/model") else paths["base"]), paths
+
+
+def derive_seed(seed: int, *parts) -> int:
+    """The seed of one use of a run's seed (e.g. derive_seed(seed, "z0", "train", rank)):
+    the same for the same parts on every machine, unrelated for different parts, below 2**31.
+    Every stage derives its sampling and data-order seeds here, never by magic offsets."""
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps([seed, *parts]).encode()).digest()
+    return int.from_bytes(digest[:4], "little") >> 1
 
 
 @contextlib.contextmanager
@@ -596,11 +674,6 @@ class Sampler:
             self.model.load_state_dict(dict(iter_full_params(model)))
 
 
-def sync_weights(sampler: Sampler, model) -> None:
-    """Module-level alias of `Sampler.sync_weights`."""
-    sampler.sync_weights(model)
-
-
 # --------------------------------------------------------------------------------------
 # Distributed training helpers
 # --------------------------------------------------------------------------------------
@@ -658,6 +731,36 @@ def init_distributed() -> tuple[int, int, str]:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group("nccl" if _has_cuda() else "gloo")
     return rank(), world_size(), default_device()
+
+
+def all_gather(obj) -> list:
+    """Every rank's picklable object, in rank order (a list of one object in one process)."""
+    if not is_distributed():
+        return [obj]
+    import torch.distributed as dist
+
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def any_rank(flag: bool) -> bool:
+    """True when the flag is true on any rank (so that every rank loops the same number of times)."""
+    return any(all_gather(bool(flag)))
+
+
+def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
+    """LambdaLR factor: linear warmup over `warmup` steps, then cosine to 0 at `total`
+    (or constant 1 with schedule="constant")."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return f
 
 
 def seed_everything(seed: int) -> None:

@@ -86,7 +86,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from infogain import MetaProver, encode, restart_prefix, split_backtrack  # noqa: E402
+from infogain import MetaProver, restart_prefix, split_backtrack  # noqa: E402
 
 SCHEMES = {"backtrack": "backtrack", "rise": "backtrack", "rejection": "direct"}  # scheme -> model format
 
@@ -115,10 +115,10 @@ class Args:
     """model to search with and fine-tune ('' : the toy base, built if missing)"""
     data: str = ""
     """training problems, .jsonl or .parquet ('' : the toy train split)"""
-    problem_key: str = "problem"
-    """field holding the problem text"""
-    answer_key: str = "answer"
-    """field holding the gold answer"""
+    problem_field: str = "problem"
+    """field of a data record holding the problem text"""
+    answer_field: str = "answer"
+    """field of a data record holding the gold answer"""
     instruction: str = utils.DEFAULT_INSTRUCTION
     """instruction in the user turn for models with a chat template (ask for "Step k:" labels)"""
     out: str = ""
@@ -246,15 +246,6 @@ class Node:
     """kept in the beam at its depth"""
 
 
-def any_rank(flag: bool) -> bool:
-    """True when the flag is true on any rank (every rank loops the same number of times)."""
-    if not utils.is_distributed():
-        return flag
-    t = torch.tensor([float(flag)])
-    torch.distributed.all_reduce(t)
-    return bool(t.item() > 0)
-
-
 def beam_search(sampler: utils.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int) -> list[list[Node]]:
     """One tree per problem, searched together: per depth, one generate call expands every kept
     node of every problem and one meta-prover call values every new non-terminal child."""
@@ -266,12 +257,12 @@ def beam_search(sampler: utils.Sampler, prompts: list[str], golds: list[str], ar
     frontier = [[0] for _ in prompts]  # kept, incomplete nodes to expand
     for depth in range(1, args.max_depth + 1):
         todo = [(i, nid) for i, f in enumerate(frontier) for nid in f]
-        if not any_rank(bool(todo)):
+        if not utils.any_rank(bool(todo)):
             break
         # ---- expand: b next steps per kept node, generation stops at the delimiter ----------
-        outs = sampler.generate([encode(tok, prompts[i] + trees[i][nid].text) for i, nid in todo], n=args.expansions,
+        outs = sampler.generate([utils.encode(tok, prompts[i] + trees[i][nid].text) for i, nid in todo], n=args.expansions,
                                 temperature=args.temperature, max_tokens=args.max_step_tokens, stop=[delim],
-                                seed=seed + depth, logprobs=False)
+                                seed=utils.derive_seed(seed, "expand", depth), logprobs=False)
         children: list[list[int]] = [[] for _ in prompts]
         for (i, nid), group in zip(todo, outs):
             seen = {n.text for n in trees[i]}
@@ -293,7 +284,7 @@ def beam_search(sampler: utils.Sampler, prompts: list[str], golds: list[str], ar
         # ---- value: M rollouts to the end from every new incomplete child --------------------
         pending = [(i, c) for i in range(len(prompts)) for c in children[i] if not trees[i][c].complete]
         values = mu.success_rates([prompts[i] + trees[i][c].text for i, c in pending], [golds[i] for i, _ in pending],
-                                  seed=seed + 1000 * (depth + 1))
+                                  seed=utils.derive_seed(seed, "value", depth))
         for (i, c), v in zip(pending, values):
             trees[i][c].value = float(v)
         # ---- select: the best B children of each problem by value (stable: earlier on ties) --
@@ -309,7 +300,7 @@ def sample_attempts(sampler: utils.Sampler, prompts: list[str], golds: list[str]
     """Plain attempts per problem (cut at a backtrack marker if the model writes one)."""
     if not prompts:
         return []
-    outs = sampler.generate([encode(sampler.tokenizer, p) for p in prompts], n=args.attempts, temperature=args.temperature,
+    outs = sampler.generate([utils.encode(sampler.tokenizer, p) for p in prompts], n=args.attempts, temperature=args.temperature,
                             max_tokens=args.max_tokens, stop=["\n" + utils.BACKTRACK_MARKER], seed=seed, logprobs=False)
     return [[{"text": s.text.rstrip(), "correct": utils.grade(s.text, g) == 1.0,
               "complete": s.finish_reason == "stop" and utils.extract_boxed(s.text) is not None} for s in group]
@@ -400,7 +391,7 @@ def direct_mixin(record: dict, n_traces: int, mix: float, delim: str, seed: int)
 def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int] | None:
     """(ids, prompt length): prompt ids as the engine sees them, then the completion and EOS,
     cut to max_length. None when the prompt alone does not leave room for a completion token."""
-    p = encode(tokenizer, prompt)
+    p = utils.encode(tokenizer, prompt)
     c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     if len(p) >= max_length:
         return None
@@ -424,15 +415,6 @@ def completion_nll_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: t
     nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
                                             reduction="none").view_as(loss_mask)  # (B, T-1)
     return (nll * loss_mask).sum()
-
-
-def lr_lambda(warmup: int, total: int):
-    """Linear warmup over `warmup` steps, then cosine to 0 at `total`."""
-    def f(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-    return f
 
 
 def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: str, log_path: str, ckpt_path: str,
@@ -460,7 +442,7 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
     per_rank, steps_per_epoch = B // world, math.ceil(len(data) / B)
     total = steps_per_epoch * args.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total), total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, utils.lr_lambda(int(args.warmup_ratio * total), total))
     start, tokens_seen = 0, 0
     if resume and os.path.exists(ckpt_path):
         extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
@@ -470,7 +452,7 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
 
     def batch_indices(step: int) -> list[int]:  # this rank's share of the global batch of `step`
         epoch, j = divmod(step, steps_per_epoch)
-        perm = np.random.RandomState((args.seed * 7919 + epoch) % 2**32).permutation(len(data))
+        perm = np.random.RandomState(utils.derive_seed(args.seed, "sft order", epoch)).permutation(len(data))
         perm = np.resize(perm, steps_per_epoch * B)  # wrap around to whole batches
         return perm[j * B:(j + 1) * B][rank::world].tolist()
 
@@ -555,27 +537,6 @@ def sft_example(trace: dict, z0_loss: bool) -> tuple[str, str]:
     return trace["prompt"] + trace["z0"], trace["completion"][len(trace["z0"]):]
 
 
-def all_gather(obj) -> list:
-    if not utils.is_distributed():
-        return [obj]
-    out = [None] * utils.world_size()
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def load_problems(path: str, args: Args) -> list[dict]:
-    recs = utils.read_records(path, ["problem", "answer"], {args.problem_key: "problem", args.answer_key: "answer"})
-    out = []
-    for r in recs:
-        answer = str(r["answer"]).strip()
-        if not answer or utils.extract_boxed("\\boxed{" + answer + "}") != answer:
-            raise utils.UserError(f"{path}: unparsable answer {answer!r} (problem {str(r['problem'])[:60]!r})")
-        out.append({"problem": str(r["problem"]), "answer": answer})
-    if not out:
-        raise utils.UserError(f"{path}: no problems")
-    return out[: args.problems] if args.problems else out
-
-
 def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler=None) -> list[dict]:
     """Trees and plain attempts for every problem: problems split over ranks, gathered on all."""
     from tqdm import tqdm
@@ -590,12 +551,12 @@ def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler
         chunk = mine[b * args.search_batch:(b + 1) * args.search_batch]
         prompts = [utils.build_prompt(tok, p["problem"], args.instruction) for p in chunk]
         golds = [p["answer"] for p in chunk]
-        s = seed * 100_003 + (b * world + rank) * 10_007
+        s = utils.derive_seed(seed, "search", b * world + rank)
         trees = beam_search(sampler, prompts, golds, args, s)
-        attempts = sample_attempts(sampler, prompts, golds, args, s + 5)
+        attempts = sample_attempts(sampler, prompts, golds, args, utils.derive_seed(s, "attempts"))
         records += [{**p, "prompt": pr, "nodes": [dataclasses.asdict(n) for n in t], "attempts": a}
                     for p, pr, t, a in zip(chunk, prompts, trees, attempts)]
-    merged = [r for part in all_gather(records) for r in part]
+    merged = [r for part in utils.all_gather(records) for r in part]
     order = {p["problem"]: i for i, p in enumerate(problems)}
     return sorted(merged, key=lambda r: order[r["problem"]])
 
@@ -626,7 +587,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
 
         paths = toy.ensure_built()
         model_path, data_path = model_path or paths["base"], data_path or paths["train"]
-    problems = load_problems(data_path, args)
+    problems = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems)
     for path in (args.search_from,) if args.search_from else ():
         if not os.path.isfile(path):
             raise utils.UserError(f"--search-from: no such file: {path}")
@@ -652,10 +613,10 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     # ---- traces ----------------------------------------------------------------------------
     traces, mixed = [], []
     for i, r in enumerate(records):
-        own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter, args.seed * 1009 + i)
+        own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter, utils.derive_seed(args.seed, "traces", i))
         traces += own
         if args.scheme != "rejection" and args.direct_mix > 0:
-            mixed += direct_mixin(r, len(own), args.direct_mix, args.step_delimiter, args.seed * 1009 + i)
+            mixed += direct_mixin(r, len(own), args.direct_mix, args.step_delimiter, utils.derive_seed(args.seed, "traces", i))
     if not traces:
         raise utils.UserError(f"the search built no {args.scheme} trace (no problem had both a wrong and a correct "
                               f"solution); search more problems or widen the beam")

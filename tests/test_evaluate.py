@@ -204,7 +204,7 @@ def read_jsonl(path):
 
 def test_real_run_both_modes(toy_paths, toy_sampler, tmp_path):
     W = 16
-    args = Args(models=[f"base={toy_paths['base']}"], data=toy_paths["test"], limit=4, n=3, max_tokens=96,
+    args = Args(models=[f"base={toy_paths['base']}"], data=toy_paths["test"], problems=4, n=3, max_tokens=96,
                 window=W, out=str(tmp_path / "eval"), seed=3)
     report = evaluate.main(args, samplers={toy_paths["base"]: toy_sampler})
     out = tmp_path / "eval"

@@ -247,10 +247,16 @@ def test_bad_arguments_are_user_errors():
         grpo.resolve_args(grpo.Args(variant="direct", alpha=1.0), 1)
     with pytest.raises(utils.UserError, match="loss-type"):
         grpo.resolve_args(grpo.Args(loss_type="sum"), 1)
+    with pytest.raises(utils.UserError, match=r"^--group-size must be at least 2 .*got 1$"):
+        grpo.resolve_args(grpo.Args(group_size=1), 1)
+    with pytest.raises(utils.UserError, match=r"^--micro-batch-size 3 must divide --prompts-per-step x --group-size = 16 x 8 = 128$"):
+        grpo.resolve_args(grpo.Args(micro_batch_size=3), 1)
+    with pytest.raises(utils.UserError, match="--steps must be at least 1"):
+        grpo.resolve_args(grpo.Args(steps=0), 1)
     a = grpo.resolve_args(grpo.Args(variant="length"), 2)
     assert a.preset == "toy" and a.alpha == 0 and a.length_penalty > 0 and a.prompts_per_step * 2 == 16
     p = grpo.resolve_args(grpo.Args(model="some/model"), 1)
-    assert (p.preset, p.lr, p.group_size, p.temperature, p.max_completion_length) == ("paper", 1e-6, 4, 0.9, 1024)
+    assert (p.preset, p.lr, p.group_size, p.temperature, p.max_tokens) == ("paper", 1e-6, 4, 0.9, 1024)
 
 
 # --------------------------------------------------------------------------------------

@@ -269,7 +269,7 @@ def test_cli_scores_a_traces_file(tmp_path, toy_paths):
     traces = tmp_path / "traces.jsonl"
     traces.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
-    r = _cli(["--model", f"toy={toy_paths['base']}", "--traces", str(traces), "--out", str(out), "--m", "4",
+    r = _cli(["--model", f"toy={toy_paths['base']}", "--traces", str(traces), "--out", str(out), "--mu-samples", "4",
               "--problem-field", "question", "--id-field", "qid", "--skip-invalid"], tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     gains = utils.read_records(str(out / "gains.jsonl"))

@@ -269,7 +269,7 @@ def read_jsonl(path):
 def test_real_toy_run(toy_paths, toy_sampler, tmp_path):
     out = tmp_path / "r1"
     toy_dir = os.path.dirname(toy_paths["base"])
-    args = Args(toy_dir=toy_dir, limit=3, k=2, rounds=3, p=4, maj=[1, 2, 4], direct_n=4, direct_k=[1, 2, 4],
+    args = Args(toy_dir=toy_dir, problems=3, k=2, rounds=3, p=4, maj=[1, 2, 4], direct_n=4, direct_k=[1, 2, 4],
                 out=str(out), seed=1)
     report = r1_analysis.main(args, samplers={toy_paths["base"]: toy_sampler})
     for name in ("summary.json", "table.md", "accuracy_tokens.png", "episodes_hist.png", "traces.jsonl",

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -216,6 +217,73 @@ def test_read_records_missing_field_message(tmp_path):
         utils.read_records(p, ["problem", "x"])
 
 
+def test_read_records_not_utf8_names_the_line(tmp_path):
+    p = tmp_path / "latin1.jsonl"
+    p.write_bytes(b'{"problem": "a", "answer": "1"}\n{"problem": "caf\xe9", "answer": "2"}\n')
+    with pytest.raises(utils.UserError) as e:
+        utils.read_records(str(p), ["problem", "answer"])
+    assert str(e.value) == f"{p}:2: not UTF-8"
+
+
+def test_read_records_with_lines(tmp_path):
+    p = _write(tmp_path / "d.jsonl", '{"a": 1}\n\n{"a": 2}\n')
+    assert utils.read_records(p, ["a"], with_lines=True) == [(1, {"a": 1}), (3, {"a": 2})]
+
+
+def test_load_problems(tmp_path, toy_paths):
+    p = _write(tmp_path / "d.jsonl", '{"q": "What is 1+1?", "a": " 2 "}\n\n{"q": "And 2+2?", "a": 4}\n{"q": "x", "a": 5}\n')
+    got = utils.load_problems(p, "q", "a", limit=2)
+    assert got == [{"id": 0, "problem": "What is 1+1?", "answer": "2"}, {"id": 1, "problem": "And 2+2?", "answer": "4"}]
+    tok = utils.load_tokenizer(toy_paths["base"])
+    with_prompts = utils.load_problems(p, "q", "a", tokenizer=tok)
+    assert [r["prompt"] for r in with_prompts] == [utils.build_prompt(tok, r["problem"]) for r in with_prompts]
+    short = min(len(utils.encode(tok, r["prompt"])) for r in with_prompts)
+    kept = utils.load_problems(p, "q", "a", tokenizer=tok, max_prompt_tokens=short)
+    assert kept and all(len(utils.encode(tok, r["prompt"])) <= short for r in kept) and len(kept) < 3
+    with pytest.raises(utils.UserError, match=r"no problem's prompt fits in 1 tokens; raise --max-x$"):
+        utils.load_problems(p, "q", "a", tokenizer=tok, max_prompt_tokens=1, too_long="raise --max-x")
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "{p}: holds no problems"),
+    ("\n  \n", "{p}: holds no problems"),
+    ('{"problem": "a", "answer": "1"}\n{"problem": "b", "answer": "{"}\n', "{p}:2: unparsable answer '{{'"),
+    ('{"problem": "a", "answer": ""}\n', "{p}:1: unparsable answer ''"),
+    ('{"problem": "a"}\n', "{p}:1: missing field 'answer'"),
+])
+def test_load_problems_bad_input(tmp_path, content, message):
+    p = _write(tmp_path / "d.jsonl", content)
+    with pytest.raises(utils.UserError) as e:
+        utils.load_problems(p)
+    assert str(e.value) == message.format(p=p)
+
+
+def test_derive_seed():
+    a = utils.derive_seed(0, "z0", "train", 1)
+    assert a == utils.derive_seed(0, "z0", "train", 1) and 0 <= a < 2**31
+    others = {utils.derive_seed(s, *parts) for s in (0, 1) for parts in (("z0", "train", 0), ("z0", "train", 1),
+                                                                       ("z0", "test", 0), ("rollout", 0, 0))}
+    assert len(others) == 8  # distinct seeds and parts give distinct seeds
+
+
+def test_lr_lambda():
+    f = utils.lr_lambda(warmup=2, total=6)
+    assert [round(f(s), 4) for s in range(7)] == [0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464, 0.0]
+    assert [utils.lr_lambda(1, 4, "constant")(s) for s in range(4)] == [1.0, 1.0, 1.0, 1.0]
+
+
+def test_model_format(tmp_path):
+    assert utils.model_format(str(tmp_path)) == "direct"  # no card: a base or hub model
+    (tmp_path / "mrt.json").write_text('{"format": "backtrack"}')
+    assert utils.model_format(str(tmp_path)) == "backtrack"
+    (tmp_path / "mrt.json").write_text('{"format": "tree"}')
+    with pytest.raises(utils.UserError, match="format must be 'backtrack' or 'direct'"):
+        utils.model_format(str(tmp_path))
+    (tmp_path / "mrt.json").write_text('{"format": ')
+    with pytest.raises(utils.UserError, match="malformed model card"):
+        utils.model_format(str(tmp_path))
+
+
 def test_read_records_missing_file(tmp_path):
     with pytest.raises(utils.UserError, match="no such file"):
         utils.read_records(str(tmp_path / "nope.jsonl"))
@@ -330,17 +398,49 @@ def test_parse_args_values():
     a = utils.parse_args(Args, ["--lr", "3e-4", "--steps", "5", "--name", "x", "--eager", "--shuffle", "false",
                                 "--ks", "1", "4", "16", "--limit", "7"])
     assert a == Args(lr=3e-4, steps=5, name="x", eager=True, shuffle=False, ks=[1, 4, 16], limit=7)
-    assert utils.parse_args(Args, ["--eager", "true", "--limit", "none"]).eager is True
-    assert utils.parse_args(Args, ["--limit", "None"]).limit is None
+    assert utils.parse_args(Args, ["--eager", "true"]).eager is True
+    assert utils.parse_args(Args, ["--no-shuffle"]).shuffle is False
+    assert utils.parse_args(Args, ["--eager"]).limit is None
+    assert utils.parse_args(Args, ["--limit", "3"]).limit == 3
     assert isinstance(utils.parse_args(Args, ["--steps", "5"]).steps, int)
 
 
-@pytest.mark.parametrize("argv", [["--steps", "many"], ["--eager", "maybe"], ["--nope", "1"]])
-def test_parse_args_rejects(argv, capsys):
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "many"], "argument --steps: invalid int value: 'many'"),
+    (["--lr", "abc"], "argument --lr: invalid float value: 'abc'"),
+    (["--eager", "maybe"], "--eager"),
+    (["--nope", "1"], "unrecognized arguments: --nope 1"),
+])
+def test_parse_args_rejects(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         utils.parse_args(Args, argv)
     assert e.value.code == 2
-    assert "error:" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # argparse: the usage, then one error line
+    assert "error:" in err and message in err and "lambda" not in err
+
+
+SCRIPTS = ("toy", "warmstart", "star", "grpo", "infogain", "evaluate", "r1_analysis", "study")
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_every_script_answers_help(name):
+    """`python <script>.py --help` prints every flag (a stray % in a help text used to crash it)."""
+    p = subprocess.run([sys.executable, f"{name}.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    module = __import__(name)
+    for f in dataclasses.fields(module.Args):
+        assert f"--{f.name.replace('_', '-')}" in p.stdout, f.name
+
+
+def test_one_vocabulary_across_scripts():
+    """A flag that means the same thing has the same name in every script."""
+    fields = {name: {f.name for f in dataclasses.fields(__import__(name).Args)} for name in SCRIPTS}
+    readers = [n for n in SCRIPTS if "problem_field" in fields[n]]
+    assert sorted(readers) == sorted(["warmstart", "star", "grpo", "infogain", "evaluate", "r1_analysis"])
+    for name in SCRIPTS:
+        assert not fields[name] & {"problem_key", "answer_key", "limit", "max_completion_length", "m"}, name
+        if "problem_field" in fields[name]:
+            assert "answer_field" in fields[name]
 
 
 def test_parse_args_help_from_field_docstrings(capsys):
