@@ -68,13 +68,9 @@ Decisions / departures from the paper (it publishes no code for this algorithm):
 - Table 1 gives lr 1e-6, 3 epochs, batch 256, max length 4096, bf16 (dtype auto on GPU),
   warmup 0.1; the other paper preset values (iterations, G, max tokens, mu samples, weight
   decay, schedule: warmstart's linear warmup then cosine) are assumptions.
-- The toy task (measured by `python study.py`, 3 seeds, RESULTS.md): the toy base writes a
-  correct z2 after z0, the cue and a restart in about 28% of held-out cases, but few correct
-  continuations also have r_i > r0 (the mean gain of a backtrack episode there is negative:
-  RESULTS.md), so MRT-B keeps 6.9% / 5.6% of problems in its
-  two iterations (held-out backtrack accuracy 28.0% -> 19.8%), RISE 71-80% (24.7% -> 31.1%).
-  Plain STaR does best there (--method star: 82-89% of problems kept, held-out accuracy
-  32.3% -> 44.9% in two iterations at lr 1e-4).
+- On the toy task the MRT-B filter can keep few problems: a continuation is kept only if z2 is
+  correct and r_i > r0, and a backtrack episode's mean gain there is negative (RESULTS.md,
+  from `python study.py`, has the kept fractions and accuracies of every method).
   tests/test_star.py also checks the filter end to end with scripted samples.
 - No resume: an interrupted run starts again (each iteration's SFT checkpoint is deleted
   once its model is saved).

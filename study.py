@@ -16,9 +16,9 @@ then the seeds are aggregated into RESULTS.md (mean and spread over seeds): pass
 matched token budgets, the token efficiency of MRT-B against each baseline (the paper's
 "30% / 38%" figures), information-gain means, regret, and the figures.
 
-Run (CPU, no network; builds the toy base model first if missing, about 9 min; times on 2 cores):
-    python study.py             # full: 3 seeds, 34.5 min measured -> RESULTS.md, results/
-    python study.py --quick     # 1 seed, smaller sizes, 4-5 min measured -> runs/study/quick/RESULTS.md
+Run (CPU, no network; builds the toy base model first if missing; README gives measured times):
+    python study.py             # full: 3 seeds -> RESULTS.md, results/
+    python study.py --quick     # 1 seed, smaller sizes -> runs/study/quick/RESULTS.md
     python study.py --seeds 0   # one seed
 A killed run resumes: a stage whose outputs exist is skipped (the log says so), a grpo or
 warmstart stage with a checkpoint continues from it (--resume). Delete a stage's folder to
@@ -81,8 +81,7 @@ GRPO_VARIANTS = ("mrt", "outcome", "length")
 @dataclass
 class Args:
     quick: bool = False
-    """one seed, smaller sizes (4.7 min measured on 2 cores with the toy built), written under
-    runs/study/quick"""
+    """one seed, smaller sizes, written under runs/study/quick"""
     seeds: list[int] = field(default_factory=list)
     """seeds to run (empty: the preset's, 3 for the full study, 1 for --quick)"""
     out: str = ""

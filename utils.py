@@ -563,8 +563,8 @@ class Sampler:
                 kwargs["max_model_len"] = max_model_len
             if not _has_cuda() and "OMP_NUM_THREADS" not in os.environ:
                 # vLLM means to serve with one torch thread on CPU (its spinning OpenMP
-                # workers cost far more than they give; measured 5-60x slower on 2 shared
-                # cores), but 0.32 blocks its own set_num_threads call: set it first.
+                # workers cost far more than they give on a shared CPU), but 0.32 blocks its
+                # own set_num_threads call: set it first.
                 import torch
 
                 torch.set_num_threads(1)

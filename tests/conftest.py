@@ -51,7 +51,7 @@ def toy_sampler(toy_paths):
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """Tests run on 2 shared cores next to other work: torch ops with 2 OpenMP threads were
-    5-60x slower there than with 1 (spinning workers). Torchrun workers get 1 by default."""
+    many times slower there than with 1 (spinning workers). Torchrun workers get 1 by default."""
     torch.set_num_threads(1)
 
 
