@@ -193,6 +193,8 @@ class Args:
     """recompute activations in backward"""
     save_every: int | None = None
     """checkpoint every N steps (and at the end)"""
+    report_to: str = "none"
+    """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     eval_problems: int = 128
     """held-out problems for the start/end accuracy (0: skip)"""
     eval_samples: int = 4
@@ -663,7 +665,8 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         if utils.is_main():
             utils.write_json(eval_path, evals)
 
-    logger = utils.JsonlLogger(os.path.join(out, "metrics.jsonl"), resume_step=start if args.resume else None)
+    logger = utils.JsonlLogger(os.path.join(out, "metrics.jsonl"), resume_step=start if args.resume else None,
+                               report_to=args.report_to, config=dataclasses.asdict(args))
     sample_log = utils.JsonlLogger(os.path.join(out, "samples.jsonl"), resume_step=start if args.resume else None)
     from tqdm import tqdm
 

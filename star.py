@@ -184,6 +184,8 @@ class Args:
     """gradient clipping (0: off)"""
     save_every: int | None = None
     """SFT checkpoint every N optimizer steps (0: only at the end of each SFT)"""
+    report_to: str = "none"
+    """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
     gradient_checkpointing: bool = False
@@ -486,7 +488,8 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         utils.print0(f"held-out accuracy of the starting model: {accuracy[0]:.4f} ({len(test)} x {args.eval_samples})")
 
     # ---- iterations: sample -> filter -> SFT the base on everything kept -> sync ------------
-    logger = utils.JsonlLogger(os.path.join(out, "iterations.jsonl"))
+    logger = utils.JsonlLogger(os.path.join(out, "iterations.jsonl"), report_to=args.report_to,
+                               config=dataclasses.asdict(args))
     accumulated, history, model_saved = [], [], False
     for k in range(1, args.iterations + 1):
         t0 = time.time()

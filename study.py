@@ -35,7 +35,6 @@ Decisions:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shlex

@@ -298,12 +298,21 @@ def write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
+REPORT_TO = ("none", "tensorboard", "wandb", "trackio")
+"""Live-metrics backends of --report-to (optional packages, imported only when asked for)."""
+
+
 class JsonlLogger:
     """Appends one JSON line per call (metrics as they come), on rank 0 only. With
-    resume_step, lines of steps after it (written by a run killed later) are dropped."""
+    resume_step, lines of steps after it (written by a run killed later) are dropped.
+    With report_to (tensorboard, wandb or trackio), the numeric fields of each record also go
+    to that live dashboard, at the record's "step", under the run name `name`."""
 
-    def __init__(self, path: str | None, resume_step: int | None = None):
+    def __init__(self, path: str | None, resume_step: int | None = None, report_to: str = "none",
+                 name: str = "", config: dict | None = None):
         self.path = path if (path and is_main()) else None
+        self.tracker = _open_tracker(report_to, name or os.path.basename(os.path.dirname(os.path.abspath(path or "."))),
+                                     os.path.dirname(os.path.abspath(path or ".")), config or {}) if is_main() else None
         if self.path:
             os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
             if resume_step is None or not os.path.exists(self.path):
@@ -317,6 +326,32 @@ class JsonlLogger:
         if self.path:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.tracker:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.tracker(numbers, numbers.pop("step", None))
+
+
+def _open_tracker(report_to: str, name: str, folder: str, config: dict):
+    """A function (metrics, step) -> None that sends metrics to the --report-to backend, or
+    None for "none". A backend that is not installed is a UserError naming the package."""
+    if report_to not in REPORT_TO:
+        raise UserError(f"--report-to must be one of {', '.join(REPORT_TO)}, got {report_to!r}")
+    if report_to == "none":
+        return None
+    package = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio"}[report_to]
+    try:
+        if report_to == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = SummaryWriter(os.path.join(folder, "tensorboard"))
+            atexit.register(writer.close)
+            return lambda m, step: [writer.add_scalar(k, v, step) for k, v in m.items()] and writer.flush()
+        tracker = __import__(package)
+    except ImportError:
+        raise UserError(f"--report-to {report_to} needs the {package} package (pip install {package})") from None
+    tracker.init(project="mrt", name=name, config=config)
+    atexit.register(tracker.finish)
+    return lambda m, step: tracker.log(m, step=step) if step is not None else tracker.log(m)
 
 
 def _step_of(line: str) -> int | None:

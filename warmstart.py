@@ -181,6 +181,8 @@ class Args:
     """gradient clipping (0: off)"""
     save_every: int | None = None
     """SFT checkpoint every N optimizer steps (and at the end)"""
+    report_to: str = "none"
+    """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
     gradient_checkpointing: bool = False
@@ -418,14 +420,15 @@ def completion_nll_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: t
 
 
 def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: str, log_path: str, ckpt_path: str,
-        card: dict, resume: bool = False, log_extra: dict | None = None):
+        card: dict, resume: bool = False, log_extra: dict | None = None, report_to: str = "none"):
     """Fine-tune `model_path` on (prompt, completion) pairs; save it (HF checkpoint + mrt.json
     `card`) to model_dir and return the trained (FSDP2-sharded under torchrun) model.
 
     `args` carries lr, epochs, batch_size (global), micro_batch_size, max_length, warmup_ratio,
     weight_decay, max_grad_norm, save_every, dtype, gradient_checkpointing, seed. The loss of
     an optimizer step is the token mean over the completion tokens of its whole batch (every
-    rank, every micro-batch). Logs {step, epoch, loss, tokens, lr, grad_norm} per step."""
+    rank, every micro-batch). Logs {step, epoch, loss, tokens, lr, grad_norm} per step (also
+    to the `report_to` dashboard)."""
     from tqdm import tqdm
 
     rank, world, device = utils.rank(), utils.world_size(), utils.default_device()
@@ -448,7 +451,8 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
         extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
         start, tokens_seen = extra["step"], extra["tokens"]
         utils.print0(f"sft: resumed {ckpt_path} at step {start}/{total}")
-    logger = utils.JsonlLogger(log_path, resume_step=start if resume else None)
+    logger = utils.JsonlLogger(log_path, resume_step=start if resume else None, report_to=report_to,
+                               config=dataclasses.asdict(args) if report_to != "none" else None)
 
     def batch_indices(step: int) -> list[int]:  # this rank's share of the global batch of `step`
         epoch, j = divmod(step, steps_per_epoch)
@@ -641,7 +645,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     t0 = time.time()
     model = sft(model_path, [sft_example(t, args.z0_loss) for t in traces], args, model_dir=os.path.join(out, "model"),
                 log_path=os.path.join(out, "log.jsonl"), ckpt_path=os.path.join(out, "checkpoint.pt"), card=card,
-                resume=args.resume, log_extra={"scheme": args.scheme})
+                resume=args.resume, log_extra={"scheme": args.scheme}, report_to=args.report_to)
     del model
     summary["sft_seconds"] = round(time.time() - t0, 1)
     if utils.is_main():
