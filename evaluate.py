@@ -78,7 +78,7 @@ class Args:
     """runs as name=path (or a bare path); empty: runs/toy/base and every toy checkpoint that
     exists under runs/warmstart/model, runs/star/*/model, runs/grpo/*/model"""
     data: str = ""
-    """JSONL or Parquet of problems (empty: the toy test split under --toy-dir)"""
+    """problems: .jsonl, .parquet or a hub dataset org/name[:split] (empty: the toy test split under --toy-dir)"""
     problem_field: str = "problem"
     """name of the problem field in --data"""
     answer_field: str = "answer"

@@ -112,7 +112,7 @@ class Args:
     model: str = ""
     """policy to start from ('' : runs/warmstart/model if it exists, else the toy base)"""
     train_data: str = ""
-    """training problems, .jsonl or .parquet ('' : the toy train split)"""
+    """training problems: .jsonl, .parquet or a hub dataset org/name[:split] ('' : the toy train split)"""
     test_data: str = ""
     """held-out problems for the start/end accuracy ('' : the toy test split)"""
     problem_field: str = "problem"

@@ -121,7 +121,7 @@ class Args:
     base: str = ""
     """base model: samples z0 and is the start of every SFT ('' : the starting model)"""
     data: str = ""
-    """training problems, .jsonl or .parquet ('' : the toy train split)"""
+    """training problems: .jsonl, .parquet or a hub dataset org/name[:split] ('' : the toy train split)"""
     test_data: str = ""
     """held-out problems for the accuracy before/after each iteration ('' : the toy test split)"""
     problem_field: str = "problem"

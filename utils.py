@@ -126,11 +126,15 @@ def read_records(path: str, fields: Sequence[str] = (), rename: dict[str, str] |
     the caller wants (e.g. {"question": "problem"}); every name in `fields` (after renaming)
     must be present. Errors name the file and line: `data.jsonl:7: missing field 'answer'`,
     `data.jsonl:3: not UTF-8`. With `with_lines`, (line, record) pairs (a Parquet row's
-    "line" is its row number, from 1)."""
+    "line" is its row number, from 1). A path that is no local file but reads as a hub
+    dataset, "org/name" or "org/name:split" (default split: train), is loaded through the
+    optional `datasets` package (e.g. --train-data AI-MO/NuminaMath-CoT:train)."""
     rename = rename or {}
-    if not os.path.isfile(path):
+    if not os.path.isfile(path) and hub_dataset(path):
+        rows = _hub_rows(path)
+    elif not os.path.isfile(path):
         raise UserError(f"{path}: no such file")
-    if path.endswith(".parquet"):
+    elif path.endswith(".parquet"):
         try:
             import pyarrow.parquet as pq
         except ImportError as e:
@@ -162,6 +166,32 @@ def read_records(path: str, fields: Sequence[str] = (), rename: dict[str, str] |
                 raise UserError(f"{path}:{i}: missing field {original.get(name, name)!r}")
         out.append((i, r) if with_lines else r)
     return out
+
+
+def hub_dataset(path: str) -> tuple[str, str] | None:
+    """(name, split) when `path` names a hub dataset ("org/name[:split]"): two parts, the
+    first no local folder, no data-file ending. None for anything that reads as a local path."""
+    name, _, split = path.partition(":")
+    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name) or os.path.isdir(name.split("/")[0]):
+        return None
+    if name.endswith((".jsonl", ".json", ".parquet")):
+        return None
+    return name, split or "train"
+
+
+def _hub_rows(path: str) -> list[tuple[int, dict]]:
+    name, split = hub_dataset(path)
+    try:
+        import datasets
+    except ImportError:
+        raise UserError(f"{path}: no such file, and reading it as a hub dataset needs the datasets package "
+                        f"(pip install datasets)") from None
+    try:
+        table = datasets.load_dataset(name, split=split)
+    except Exception as e:  # hub, network and split errors come as many types; each is one line here
+        raise UserError(f"{path}: cannot load hub dataset {name!r} split {split!r}: "
+                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    return [(i + 1, dict(r)) for i, r in enumerate(table)]
 
 
 def check_answer(answer, where: str) -> str:

@@ -114,7 +114,7 @@ class Args:
     model: str = ""
     """model to search with and fine-tune ('' : the toy base, built if missing)"""
     data: str = ""
-    """training problems, .jsonl or .parquet ('' : the toy train split)"""
+    """training problems: .jsonl, .parquet or a hub dataset org/name[:split] ('' : the toy train split)"""
     problem_field: str = "problem"
     """field of a data record holding the problem text"""
     answer_field: str = "answer"

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 
 import pytest
@@ -282,6 +283,38 @@ def test_model_format(tmp_path):
     (tmp_path / "mrt.json").write_text('{"format": ')
     with pytest.raises(utils.UserError, match="malformed model card"):
         utils.model_format(str(tmp_path))
+
+
+def test_hub_dataset_names():
+    assert utils.hub_dataset("AI-MO/NuminaMath-CoT") == ("AI-MO/NuminaMath-CoT", "train")
+    assert utils.hub_dataset("HuggingFaceH4/MATH-500:test") == ("HuggingFaceH4/MATH-500", "test")
+    for local in ("tests/missing.jsonl", "data/train.jsonl", "x.parquet", "org/name.jsonl", "a/b/c"):
+        assert utils.hub_dataset(local) is None, local
+
+
+def test_hub_dataset_without_the_datasets_package_is_one_line():
+    if importlib.util.find_spec("datasets") is not None:
+        pytest.skip("datasets is installed here")
+    with pytest.raises(utils.UserError) as e:
+        utils.read_records("AI-MO/NuminaMath-CoT:train")
+    assert str(e.value) == ("AI-MO/NuminaMath-CoT:train: no such file, and reading it as a hub dataset needs the "
+                            "datasets package (pip install datasets)")
+
+
+@pytest.mark.parametrize("backend", ["tensorboard", "wandb", "trackio", "mlflow"])
+def test_report_to_is_optional(tmp_path, backend):
+    """Off by default (nothing imported); a backend that is not installed is a one-line error."""
+    log = utils.JsonlLogger(str(tmp_path / "m.jsonl"))
+    log.log({"step": 1, "loss": 0.5})
+    assert log.tracker is None and (tmp_path / "m.jsonl").read_text() == '{"step": 1, "loss": 0.5}\n'
+    package = "tensorboard" if backend == "tensorboard" else backend
+    if backend != "mlflow" and importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    with pytest.raises(utils.UserError) as e:
+        utils.JsonlLogger(str(tmp_path / "n.jsonl"), report_to=backend)
+    want = (f"--report-to must be one of none, tensorboard, wandb, trackio, got 'mlflow'" if backend == "mlflow"
+            else f"--report-to {backend} needs the {package} package (pip install {package})")
+    assert str(e.value) == want
 
 
 def test_read_records_missing_file(tmp_path):
