@@ -23,9 +23,10 @@ Real models (one GPU; AIME-style JSONL or Parquet, chat template applied automat
     python evaluate.py --models base=meta-llama/Llama-3.1-8B-Instruct mrt=runs/grpo/mrt/model \\
         --data aime.jsonl --problem-field problem --answer-field answer --n 32 \\
         --temperature 0.7 --max-tokens 8192 --window 2048 --out runs/eval/aime
-Several GPUs: evaluation is one process on one device. Run one call per model at a time on
-each GPU (CUDA_VISIBLE_DEVICES=i, same --out and settings), then one call with every model:
-it reuses their per-sample files and draws the shared plot and table.
+Several GPUs (or CPU processes): the problems are split over the ranks, one engine per rank,
+and rank 0 merges the rows and writes the same outputs as one process (each problem's samples
+are seeded by its index, so the split does not change them):
+    torchrun --nproc_per_node 8 evaluate.py --models base=... mrt=... --data aime.jsonl ...
 Outputs under --out: curves.json (every curve, token efficiency, AUC), table.md (accuracy at
 matched token budgets), accuracy_tokens.png (Fig. 7 style), samples/<run>.<mode>.jsonl
 (per-sample outputs) with a .meta.json each (a rerun with the same settings reuses them, so a
@@ -361,12 +362,14 @@ def open_engine(path: str, records: list[dict], args: Args, ready=None):
 # --------------------------------------------------------------------------------------
 
 
-def run_parallel(sampler, prompt_ids, records, args: Args) -> list[dict]:
-    """N independent traces per problem; one record per trace."""
+def run_parallel(sampler, prompt_ids, records, args: Args, ids: list[int]) -> list[dict]:
+    """N independent traces per problem; one record per trace. `ids`: the problems' indices in
+    the whole data set (this rank's share under torchrun), which also seed their samples."""
     outs = sampler.generate(prompt_ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=args.seed, use_tqdm=utils.is_main())
+                            max_tokens=args.max_tokens, use_tqdm=utils.is_main(),
+                            seed=[utils.derive_seed(args.seed, "parallel", i) for i in ids])
     rows = []
-    for i, (group, rec) in enumerate(zip(outs, records)):
+    for i, group, rec in zip(ids, outs, records):
         for j, s in enumerate(group):
             rows.append({"problem": i, "sample": j, "gold": rec["answer"], **graded(s.text, rec["answer"]),
                          "gen_tokens": s.num_tokens, "context_tokens": s.prompt_tokens,
@@ -374,9 +377,9 @@ def run_parallel(sampler, prompt_ids, records, args: Args) -> list[dict]:
     return rows
 
 
-def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int) -> list[dict]:
+def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int, ids: list[int]) -> list[dict]:
     """N sequential rounds per problem, round r+1 conditioned on the prompt, the latest W
-    transcript tokens and the continuation cue; one record per round."""
+    transcript tokens and the continuation cue; one record per round. `ids` as run_parallel's."""
     from tqdm import tqdm
 
     tok = sampler.tokenizer
@@ -385,7 +388,7 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int) -> li
     windows = [min(args.window, max_len - len(p) - len(cue) - args.max_tokens) for p in prompt_ids]
     if min(windows) < 1:
         i = int(np.argmin(windows))
-        raise utils.UserError(f"problem {i}: prompt ({len(prompt_ids[i])} tokens) + max_tokens "
+        raise utils.UserError(f"problem {ids[i]}: prompt ({len(prompt_ids[i])} tokens) + max_tokens "
                               f"({args.max_tokens}) leave no room for a window in {max_len} tokens of context")
     if min(windows) < args.window:
         utils.print0(f"warning: window capped at {min(windows)} tokens by the {max_len}-token context")
@@ -394,14 +397,14 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int) -> li
     for r in tqdm(range(args.n), desc="linearized rounds", disable=not utils.is_main()):
         contexts = [p if r == 0 else p + t[-w:] + cue for p, t, w in zip(prompt_ids, transcripts, windows)]
         outs = sampler.generate(contexts, n=1, temperature=args.temperature, top_p=args.top_p,
-                                max_tokens=args.max_tokens, seed=utils.derive_seed(args.seed, "round", r))
-        for i, (group, rec, ctx) in enumerate(zip(outs, records, contexts)):
+                                max_tokens=args.max_tokens, seed=[utils.derive_seed(args.seed, "round", r, i) for i in ids])
+        for k, (i, group, rec, ctx) in enumerate(zip(ids, outs, records, contexts)):
             s = group[0]
-            ids = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
-            transcripts[i] += (cue if r else []) + list(ids)
+            new = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
+            transcripts[k] += (cue if r else []) + list(new)
             rows.append({"problem": i, "round": r + 1, "gold": rec["answer"], **graded(s.text, rec["answer"]),
                          "gen_tokens": s.num_tokens, "context_tokens": len(ctx),
-                         "window_tokens": len(ctx) - len(prompt_ids[i]) - (len(cue) if r else 0),
+                         "window_tokens": len(ctx) - len(prompt_ids[k]) - (len(cue) if r else 0),
                          "finish_reason": s.finish_reason, "text": s.text})
     return rows
 
@@ -607,7 +610,10 @@ def rss_gib() -> float | None:
 
 
 def main(args: Args, samplers: dict | None = None) -> dict:
-    """Evaluate every run; `samplers` may map a model path to a ready Sampler (tests)."""
+    """Evaluate every run; `samplers` may map a model path to a ready Sampler (tests). Under
+    torchrun each rank samples its share of the problems on its own engine; rank 0 merges the
+    rows and writes every output (the same files as one process writes)."""
+    rank, world, _ = utils.init_distributed()
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         raise utils.UserError(f"--modes: expected some of {', '.join(MODES)}, got {args.modes}")
@@ -620,7 +626,9 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     records = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems)
     formats = {name: utils.model_format(path) for name, path in runs.items()}
     data_hash = hashlib.sha1(json.dumps([[r["problem"], r["answer"]] for r in records]).encode()).hexdigest()[:16]
-    utils.print0(f"evaluate: {len(runs)} runs x {len(records)} problems x N={args.n} ({', '.join(args.modes)})")
+    utils.print0(f"evaluate: {len(runs)} runs x {len(records)} problems x N={args.n} ({', '.join(args.modes)}), "
+                 f"{world} rank(s)")
+    mine = list(range(rank, len(records), world))  # this rank's problems (indices into records)
     logger = utils.JsonlLogger(os.path.join(args.out, "metrics.jsonl"))
 
     results = {}
@@ -643,12 +651,17 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                     had_group = group_exists()
                     sampler, prompt_ids, max_len = open_engine(path, records, args, (samplers or {}).get(path))
                 utils.print0(f"{name} {mode}: sampling")
+                ids, share = [prompt_ids[i] for i in mine], [records[i] for i in mine]
                 if mode == "parallel":
-                    rows = run_parallel(sampler, prompt_ids, records, args)
+                    rows = run_parallel(sampler, ids, share, args, mine)
                 else:
-                    rows = run_linearized(sampler, prompt_ids, records, args, max_len)
-                utils.write_jsonl(stem + ".jsonl", [{"run": name, "mode": mode, **r} for r in rows])
-                utils.write_json(stem + ".meta.json", meta)
+                    rows = run_linearized(sampler, ids, share, args, max_len, mine)
+                order = ("problem", "sample" if mode == "parallel" else "round")
+                rows = sorted((r for part in utils.all_gather(rows) for r in part), key=lambda r: [r[k] for k in order])
+                if utils.is_main():
+                    utils.write_jsonl(stem + ".jsonl", [{"run": name, "mode": mode, **r} for r in rows])
+                    utils.write_json(stem + ".meta.json", meta)
+                utils.barrier()
             c = curves(rows, mode, args.n)
             results[name]["modes"][mode] = c
             logger.log({"run": name, "mode": mode, "pass@1": c["pass"][0], f"pass@{args.n}": c["pass"][-1],
@@ -664,11 +677,13 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     comparison = compare(results)
     settings = {**asdict(args), "data": data_path, "problems": len(records)}
     report = {"settings": settings, "runs": results, "comparison": comparison}
-    utils.write_json(os.path.join(args.out, "curves.json"), report)
-    with utils.atomic_path(os.path.join(args.out, "table.md")) as tmp, open(tmp, "w") as f:
-        f.write(markdown_table(results, comparison) + "\n")
-    plot(results, os.path.join(args.out, "accuracy_tokens.png"),
-         f"{os.path.basename(data_path)}: {len(records)} problems, N={args.n}, T={args.temperature}")
+    if utils.is_main():
+        utils.write_json(os.path.join(args.out, "curves.json"), report)
+        with utils.atomic_path(os.path.join(args.out, "table.md")) as tmp, open(tmp, "w") as f:
+            f.write(markdown_table(results, comparison) + "\n")
+        plot(results, os.path.join(args.out, "accuracy_tokens.png"),
+             f"{os.path.basename(data_path)}: {len(records)} problems, N={args.n}, T={args.temperature}")
+    utils.barrier()
     utils.print0(f"wrote {args.out}/curves.json, table.md, accuracy_tokens.png, samples/")
     return report
 

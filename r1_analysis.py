@@ -527,7 +527,8 @@ def sample_traces(sampler, problems: list[dict], args: Args, logger) -> list[dic
         eargs = evaluate.Args(n=args.rounds, window=args.window, max_tokens=args.max_tokens,
                               temperature=args.temperature, seed=args.seed, modes=["linearized"])
         recs = [problems[i] for i, _ in reps]
-        rows = evaluate.run_linearized(sampler, [prompt_ids[i] for i, _ in reps], recs, eargs, context_len(sampler))
+        rows = evaluate.run_linearized(sampler, [prompt_ids[i] for i, _ in reps], recs, eargs, context_len(sampler),
+                                       list(range(len(reps))))
         by = {}
         for r in rows:
             by.setdefault(r["problem"], []).append(r)
@@ -629,7 +630,7 @@ def run_direct(sampler, problems: list[dict], args: Args, logger) -> list[dict]:
     prompt_ids = [utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in problems]
     eargs = evaluate.Args(n=args.direct_n, max_tokens=args.direct_max_tokens, temperature=args.temperature,
                           seed=utils.derive_seed(args.seed, "direct"), modes=["parallel"])
-    rows = evaluate.run_parallel(sampler, prompt_ids, problems, eargs)
+    rows = evaluate.run_parallel(sampler, prompt_ids, problems, eargs, list(range(len(problems))))
     logger.log({"stage": "direct", "problems": len(problems), "pass@1": float(np.mean([r["correct"] for r in rows])),
                 "mean_tokens": float(np.mean([r["gen_tokens"] for r in rows]))})
     return [{k: v for k, v in r.items() if k != "text"} for r in rows]

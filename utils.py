@@ -577,6 +577,12 @@ def load_model(path: str, dtype: str = "auto", device: str | None = None):
 # --------------------------------------------------------------------------------------
 
 
+def prompt_seed(seed: int | Sequence[int], i: int, n: int) -> int:
+    """The sampling seed of the i-th prompt of a generate call: seed[i] when a list is given,
+    else one derived from the call's seed and the prompt's position."""
+    return int(seed[i]) if isinstance(seed, Sequence) else seed * 1_000_003 + i * n
+
+
 @dataclass
 class Sample:
     """One sampled completion. `token_ids` are the generated ids (EOS included when the
@@ -651,9 +657,12 @@ class Sampler:
 
     def generate(self, prompts: Sequence[str | list[int]], n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, max_tokens: int = 256, stop: list[str] | None = None,
-                 seed: int | None = None, logprobs: bool = True, use_tqdm: bool = False) -> list[list[Sample]]:
+                 seed: int | Sequence[int] | None = None, logprobs: bool = True,
+                 use_tqdm: bool = False) -> list[list[Sample]]:
         """n samples for each prompt (a string, or token ids used as they are). Returns one
-        list of n Samples per prompt, in order. With a seed, results are reproducible."""
+        list of n Samples per prompt, in order. With a seed, results are reproducible: an int
+        seeds each prompt by its position in this call; a list gives each prompt its own seed
+        (so a prompt's samples do not depend on which other prompts share the call or rank)."""
         if not prompts:
             return []
         if self.backend == "vllm":
@@ -670,7 +679,7 @@ class Sampler:
                                     stop=stop, logprobs=0 if logprobs else None)
         else:  # a seed per prompt, so results do not depend on how prompts are batched
             params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
-                                     seed=seed * 1_000_003 + i * n, logprobs=0 if logprobs else None)
+                                     seed=prompt_seed(seed, i, n), logprobs=0 if logprobs else None)
                       for i in range(len(prompts))]
         outs = self.llm.generate(inputs, params, use_tqdm=use_tqdm)
         result = []
@@ -696,7 +705,7 @@ class Sampler:
             ids = tok(p, return_tensors="pt")["input_ids"] if isinstance(p, str) else torch.tensor([list(p)])
             ids = ids.to(model.device)
             if seed is not None:
-                torch.manual_seed(seed * 1_000_003 + i * n)
+                torch.manual_seed(prompt_seed(seed, i, n))
             with torch.no_grad():
                 gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0,
                                      temperature=temperature if temperature > 0 else None,

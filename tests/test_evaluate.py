@@ -249,6 +249,23 @@ def test_real_run_both_modes(toy_paths, toy_sampler, tmp_path):
     again = evaluate.main(args, samplers={toy_paths["base"]: NoSampling()})
     assert again["runs"] == report["runs"]
 
+    # torchrun with 2 ranks: each rank samples its share of the problems on its own engine and
+    # rank 0 writes the merged rows. Problems are seeded by their index, so the samples are the
+    # single process's. (The engines here use the default block size, the session engine 32.)
+    two = tmp_path / "eval2"
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "evaluate.py", "--models", f"base={toy_paths['base']}", "--data", toy_paths["test"],
+                        "--problems", "4", "--n", "3", "--max-tokens", "96", "--window", str(W), "--seed", "3",
+                        "--out", str(two)], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    for mode in ("parallel", "linearized"):
+        one_rows, two_rows = (read_jsonl(d / "samples" / f"base.{mode}.jsonl") for d in (out, two))
+        key = "sample" if mode == "parallel" else "round"
+        assert [(r["problem"], r[key]) for r in two_rows] == [(r["problem"], r[key]) for r in one_rows]
+        assert [r["text"] for r in two_rows] == [r["text"] for r in one_rows], mode
+    assert json.load(open(two / "curves.json"))["runs"] == report["runs"]
+
 
 # --------------------------------------------------------------------------------------
 # Bad input: one line, exit 2, nothing written
