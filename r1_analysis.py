@@ -31,6 +31,8 @@ its <think> block; field names are flags), the same model as meta-prover:
         --model deepseek-ai/DeepSeek-R1-Distill-Qwen-7B --max-model-len 16384 --out runs/r1/file
 A toy checkpoint (e.g. after MRT training) with the toy's settings, the toy base as baseline:
     python r1_analysis.py --generate --model runs/grpo/mrt/model --preset toy --out runs/r1/toy-mrt
+Several GPUs: `torchrun --nproc_per_node 8 r1_analysis.py ...` splits the problems (or the
+traces) over the ranks, one engine per rank, each rank seeded apart; rank 0 writes the outputs.
 Outputs under --out: summary.json (every number: histogram, bins, curves, regret, baseline),
 table.md, accuracy_tokens.png (Fig. 2/13/14 style, one panel per bin), episodes_hist.png
 (Fig. 15), traces.jsonl (per trace: episode count, per prefix the answers, [maj@p]_j, tokens,
@@ -520,9 +522,9 @@ def sample_traces(sampler, problems: list[dict], args: Args, logger) -> list[dic
                                 seed=args.seed, logprobs=False, use_tqdm=utils.is_main())
         for i, group in enumerate(outs):
             for s, smp in enumerate(group):
-                traces.append({"id": f"{i}-{s}", "problem": problems[i]["problem"], "answer": problems[i]["answer"],
+                traces.append({"id": f"{problems[i]['id']}-{s}", "problem": problems[i]["problem"], "answer": problems[i]["answer"],
                                "trace": smp.text, "rounds": 1, "stem_tokens": smp.num_tokens,
-                               "finish_reason": smp.finish_reason, "where": f"sampled {i}-{s}"})
+                               "finish_reason": smp.finish_reason, "where": f"sampled {problems[i]['id']}-{s}"})
     else:
         eargs = evaluate.Args(n=args.rounds, window=args.window, max_tokens=args.max_tokens,
                               temperature=args.temperature, seed=args.seed, modes=["linearized"])
@@ -542,9 +544,9 @@ def sample_traces(sampler, problems: list[dict], args: Args, logger) -> list[dic
                         break
             chain = chain[:keep]
             text = evaluate.CONTINUE_CUE.join(c["text"] for c in chain)
-            traces.append({"id": f"{i}-{s}", "problem": problems[i]["problem"], "answer": problems[i]["answer"],
+            traces.append({"id": f"{problems[i]['id']}-{s}", "problem": problems[i]["problem"], "answer": problems[i]["answer"],
                            "trace": text, "rounds": keep, "stem_tokens": sum(c["gen_tokens"] for c in chain),
-                           "finish_reason": chain[-1]["finish_reason"], "where": f"sampled {i}-{s}"})
+                           "finish_reason": chain[-1]["finish_reason"], "where": f"sampled {problems[i]['id']}-{s}"})
     logger.log({"stage": "stems", "traces": len(traces),
                 "mean_stem_tokens": float(np.mean([t["stem_tokens"] for t in traces])),
                 "mean_rounds": float(np.mean([t["rounds"] for t in traces]))})
@@ -765,7 +767,10 @@ def plot_hist(report: dict, path: str) -> None:
 
 
 def main(args: Args, samplers: dict | None = None) -> dict:
-    """Run the analysis; `samplers` may map a model path to a ready Sampler (tests)."""
+    """Run the analysis; `samplers` may map a model path to a ready Sampler (tests). Under
+    torchrun each rank runs the sampling and the meta-prover on its share of the problems (or
+    traces) with its own engine and seed; rank 0 merges the results and writes every output."""
+    rank, world, _ = utils.init_distributed()
     args, is_toy = resolve(args)
     # every input is read and checked before an engine starts or a file is written
     if is_toy and not (args.model and args.direct_model):
@@ -784,46 +789,62 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                                        args.answer_field, args.problems)
     mu_path = args.mu_model or args.model
     direct_path = "" if args.direct_model.lower() == "none" else args.direct_model
+    share = dict(traces=traces[rank::world] if traces is not None else None,
+                 problems=problems[rank::world] if problems is not None else None)
+    mine = replace(args, seed=utils.derive_seed(args.seed, "rank", rank)) if world > 1 else args
 
     logger = LazyLogger(os.path.join(args.out, "metrics.jsonl"))
     engines = Engines(args, samplers)
     try:
+        traces = share["traces"]
         if traces is None:
             sampler = engines.get(args.model)
             utils.print0(f"r1_analysis: sampling {args.k} stems x {len(problems)} problems "
                          f"({'one generation' if args.rounds == 1 else f'up to {args.rounds} linearized rounds'} each)")
-            traces = sample_traces(sampler, problems, args, logger)
-            utils.write_jsonl(os.path.join(args.out, "generated_traces.jsonl"),
-                              [{k: t[k] for k in ("id", "problem", "answer", "trace", "rounds", "finish_reason")}
-                               for t in traces])
+            traces = sample_traces(sampler, share["problems"], mine, logger)
         split, no_thinking = split_traces(traces, args)
         mu = engines.get(mu_path)
         utils.print0(f"r1_analysis: {len(split)} traces, {sum(len(t['groups']) for t in split)} prefixes, "
-                     f"{args.p} meta-prover answers each")
-        scored, too_long = score_traces(mu, split, args, logger)
+                     f"{args.p} meta-prover answers each" + (" (rank 0's share)" if world > 1 else ""))
+        scored, too_long = score_traces(mu, split, mine, logger)
         distinct = list(dict.fromkeys(s["problem"] for s in scored))
         direct_rows = None
         if direct_path:
             gold = {s["problem"]: s["answer"] for s in scored}
             dsampler = engines.get(direct_path)
             utils.print0(f"r1_analysis: direct baseline, {args.direct_n} samples x {len(distinct)} problems")
-            direct_rows = run_direct(dsampler, [{"problem": p, "answer": gold[p]} for p in distinct], args, logger)
+            direct_rows = run_direct(dsampler, [{"problem": p, "answer": gold[p]} for p in distinct], mine, logger)
     finally:
         engines.close()
+    if world > 1:  # merge the ranks' shares (rank order; a problem's stems all sit on one rank)
+        parts = utils.all_gather({"traces": traces, "scored": scored, "direct": direct_rows, "distinct": distinct,
+                                  "no_thinking": no_thinking, "too_long": too_long})
+        traces, scored = [t for p in parts for t in p["traces"]], [s for p in parts for s in p["scored"]]
+        no_thinking, too_long = sum(p["no_thinking"] for p in parts), sum(p["too_long"] for p in parts)
+        distinct = list(dict.fromkeys(s["problem"] for s in scored))
+        index = {q: i for i, q in enumerate(distinct)}  # a direct row's "problem" indexes its rank's distinct list
+        direct_rows = None if direct_rows is None else [{**r, "problem": index[p["distinct"][r["problem"]]]}
+                                                        for p in parts for r in p["direct"]]
+    if share["problems"] is not None and utils.is_main():
+        utils.write_jsonl(os.path.join(args.out, "generated_traces.jsonl"),
+                          [{k: t[k] for k in ("id", "problem", "answer", "trace", "rounds", "finish_reason")}
+                           for t in traces])
 
     analysis = analyse(scored, direct_rows, distinct, args)
     data_hash = hashlib.sha1(json.dumps([[t["problem"], t["answer"], t["trace"]] for t in traces]).encode()).hexdigest()[:16]
     report = {"settings": {**asdict(args), "toy_preset": is_toy, "mu_model": mu_path, "direct_model": direct_path,
                            "traces_hash": data_hash},
               "skipped": {"no_thinking": no_thinking, "too_long": too_long}, "analysis": analysis}
-    utils.write_jsonl(os.path.join(args.out, "traces.jsonl"), scored)
-    if direct_rows is not None:
-        utils.write_jsonl(os.path.join(args.out, "direct.jsonl"), direct_rows)
-    utils.write_json(os.path.join(args.out, "summary.json"), report)
-    with utils.atomic_path(os.path.join(args.out, "table.md")) as tmp, open(tmp, "w") as f:
-        f.write(markdown_table(report, args))
-    plot_curves(report, os.path.join(args.out, "accuracy_tokens.png"), args)
-    plot_hist(report, os.path.join(args.out, "episodes_hist.png"))
+    if utils.is_main():
+        utils.write_jsonl(os.path.join(args.out, "traces.jsonl"), scored)
+        if direct_rows is not None:
+            utils.write_jsonl(os.path.join(args.out, "direct.jsonl"), direct_rows)
+        utils.write_json(os.path.join(args.out, "summary.json"), report)
+        with utils.atomic_path(os.path.join(args.out, "table.md")) as tmp, open(tmp, "w") as f:
+            f.write(markdown_table(report, args))
+        plot_curves(report, os.path.join(args.out, "accuracy_tokens.png"), args)
+        plot_hist(report, os.path.join(args.out, "episodes_hist.png"))
+    utils.barrier()
     o = analysis["overall"]
     logger.log({"stage": "done", **{k: v for k, v in o.items() if k != "direct"}})
     utils.print0(f"r1_analysis: {o['traces']} traces, mean {o['mean_episodes']:.2f} episodes, "

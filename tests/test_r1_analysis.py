@@ -333,6 +333,26 @@ def test_real_toy_run(toy_paths, toy_sampler, tmp_path):
     assert "direct" not in again["analysis"]["overall"]
 
 
+def test_torchrun_splits_problems_and_merges(toy_paths, tmp_path):
+    """2 ranks: each samples and scores its share on its own engine; rank 0 writes one merged output."""
+    out = tmp_path / "r1x2"
+    toy_dir = os.path.dirname(toy_paths["base"])
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "r1_analysis.py", "--toy-dir", toy_dir, "--problems", "3", "--k", "2", "--rounds", "2",
+                        "--p", "2", "--maj", "1", "2", "--direct-n", "2", "--direct-k", "1", "2", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    problems = [json.loads(line)["problem"] for line in open(toy_paths["test"])][:3]
+    gen = read_jsonl(out / "generated_traces.jsonl")
+    assert sorted(g["id"] for g in gen) == [f"{i}-{s}" for i in range(3) for s in range(2)]
+    assert [g["problem"] for g in gen] == [problems[i] for i in (0, 0, 2, 2, 1, 1)]  # rank 0: 0, 2; rank 1: 1
+    assert len(read_jsonl(out / "traces.jsonl")) == 6
+    direct = read_jsonl(out / "direct.jsonl")
+    assert sorted(r["problem"] for r in direct) == [0, 0, 1, 1, 2, 2]  # merged: indices of the distinct problems
+    summary = json.load(open(out / "summary.json"))
+    assert summary["analysis"]["overall"]["traces"] == 6 and sum(summary["analysis"]["histogram"].values()) == 6
+
+
 def test_too_long_trace_fails_before_any_output(toy_paths, toy_sampler, tmp_path):
     data = tmp_path / "t.jsonl"
     long = "\n".join(f"Step {i}: 1 + 1 = 2" for i in range(1, 400))
