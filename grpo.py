@@ -330,30 +330,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", e
 # --------------------------------------------------------------------------------------
 
 
-def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: float, with_entropy: bool = False):
-    """Log-probabilities (B, Tc) of each completion token given its context, logits divided
-    by the sampling temperature, and the (B, Tc) completion mask built from the token counts.
-    Contexts are left-padded and completions right-padded, so logits are computed for the
-    completion positions only; position ids count real tokens, as in the sampler."""
-    ctx, ctx_mask = utils.pad_sequences(ctx_ids, pad_id, left=True)  # (B, Tp)
-    comp, comp_mask = utils.pad_sequences(comp_ids, pad_id)  # (B, Tc)
-    device = next(model.parameters()).device
-    ids = torch.cat([ctx, comp], 1).to(device)  # (B, Tp + Tc)
-    attn = torch.cat([ctx_mask, comp_mask], 1).to(device)  # (B, Tp + Tc)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, Tp + Tc)
-    Tc = comp.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=Tc + 1).logits
-    logits = logits[:, :-1].float() / temperature  # (B, Tc, V): position t predicts completion token t
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B, Tc, V)
-    comp = comp.to(device)
-    logp = logp_all.gather(-1, comp[:, :, None]).squeeze(-1)  # (B, Tc)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, Tc)
-    return logp, comp_mask.to(device).float(), entropy
-
-
 def pad_floats(seqs) -> torch.Tensor:
     """(B, T) float tensor of right-padded (zero) sequences."""
     out = torch.zeros(len(seqs), max(1, max(len(x) for x in seqs)))
@@ -550,13 +526,13 @@ def policy_update(model, ref, opt, sched, rows, adv_final, episode, args: Args, 
         for k in range(n_micro):
             mb, sl = rows[k * M:(k + 1) * M], slice(k * M, (k + 1) * M)
             ctx, comp = [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb]
-            logp, mask, ent = completion_logprobs(model, ctx, comp, pad_id, args.temperature, with_entropy=it == 0)  # (M, T)
+            logp, mask, ent = utils.completion_logprobs(model, ctx, comp, pad_id, args.temperature, with_entropy=it == 0)  # (M, T)
             samp = pad_floats([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in mb]).to(logp.device)  # (M, T)
             if it == 0:
                 old_logp[k] = logp.detach()
                 if ref is not None:
                     with torch.no_grad():
-                        ref_logp[k] = completion_logprobs(ref, ctx, comp, pad_id, args.temperature)[0]
+                        ref_logp[k] = utils.completion_logprobs(ref, ctx, comp, pad_id, args.temperature)[0]
             adv = adv_final[sl]  # (M,): `final`, broadcast over the tokens
             if episode is not None:
                 adv = assign_advantages(episode[0][sl], episode[1][sl], episode[2][sl], logp.shape[1])  # (M, T)

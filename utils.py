@@ -13,6 +13,7 @@ import ast
 import atexit
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -818,18 +819,92 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False
     return ids, mask
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probability of each next token, logits divided by the sampling temperature.
-    Returns (B, T-1) log p(input_ids[:, t+1] | input_ids[:, :t+1]) and, if asked, the
-    (B, T-1) entropy of each next-token distribution."""
+@functools.lru_cache(maxsize=None)
+def _sampled_logprob_fn():
+    """The autograd function behind `sampled_logprobs` (built on first use: this module
+    imports torch late)."""
     import torch
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
-    logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
-    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    if not with_entropy:
-        return logp
+    class SampledLogprob(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, targets, temperature, chunk):
+            B, T = targets.shape
+            lse = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
+            out = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
+            for b in range(B):
+                for s in range(0, T, chunk):
+                    e = min(T, s + chunk)
+                    z = logits[b, s:e].float() / temperature  # (c, V), fp32 chunk
+                    lse[b, s:e] = torch.logsumexp(z, -1)  # (c,)
+                    out[b, s:e] = z.gather(-1, targets[b, s:e, None]).squeeze(-1) - lse[b, s:e]
+            ctx.save_for_backward(logits, targets, lse)
+            ctx.temperature, ctx.chunk = temperature, chunk
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):  # d logp / d z = onehot(target) - softmax(z); z = logits / temperature
+            logits, targets, lse = ctx.saved_tensors
+            B, T = targets.shape
+            grad = torch.empty_like(logits)  # (B, T_logits, V)
+            grad[:, T:] = 0
+            for b in range(B):
+                for s in range(0, T, ctx.chunk):
+                    e = min(T, s + ctx.chunk)
+                    z = logits[b, s:e].float() / ctx.temperature  # (c, V)
+                    g = -(z - lse[b, s:e, None]).exp_()  # (c, V): -softmax
+                    g.scatter_add_(-1, targets[b, s:e, None], torch.ones_like(g[:, :1]))
+                    g *= grad_out[b, s:e, None] / ctx.temperature
+                    grad[b, s:e] = g
+            return grad, None, None, None
+
+    return SampledLogprob
+
+
+def sampled_logprobs(logits, targets, temperature: float = 1.0, chunk: int = 256):
+    """log p(targets[b, t]) under softmax(logits[b, t] / temperature), in fp32: (B, T) for
+    logits (B, T_logits, V) with T_logits >= T (positions past T are ignored). Computed as
+    z[target] - logsumexp(z) over chunks of `chunk` positions, so neither the forward nor
+    the backward pass holds an fp32 (B, T, V) log-softmax: the backward recomputes softmax
+    per chunk from the saved logits and writes the gradient in the logits' dtype."""
+    return _sampled_logprob_fn().apply(logits, targets, float(temperature), int(chunk))
+
+
+def token_entropy(logits, T: int, temperature: float = 1.0, chunk: int = 256):
+    """(B, T) entropy of softmax(logits[:, t] / temperature) for t < T, in fp32 chunks of
+    `chunk` positions, without gradient."""
+    import torch
+
+    B = logits.shape[0]
+    ent = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, T-1)
-    return logp, entropy
+        for b in range(B):
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                z = logits[b, s:e].float() / temperature  # (c, V)
+                lse = torch.logsumexp(z, -1, keepdim=True)  # (c, 1)
+                p = (z - lse).exp()  # (c, V)
+                ent[b, s:e] = lse.squeeze(-1) - (p * z).sum(-1)  # H = lse - E_p[z]
+    return ent
+
+
+def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: float = 1.0, with_entropy: bool = False):
+    """The log-probabilities that training uses: (B, Tc) log p of each completion token given
+    its context, logits divided by the sampling temperature, the (B, Tc) completion mask
+    built from the token counts and, if asked, the (B, Tc) entropy (no gradient; else None).
+    Contexts are left-padded and completions right-padded, so logits are computed for the
+    completion positions only; position ids count real tokens, as in the sampler. Memory:
+    the model's logits (B, Tc + 1, V) plus chunk-sized temporaries (`sampled_logprobs`)."""
+    import torch
+
+    ctx, ctx_mask = pad_sequences(ctx_ids, pad_id, left=True)  # (B, Tp)
+    comp, comp_mask = pad_sequences(comp_ids, pad_id)  # (B, Tc)
+    device = next(model.parameters()).device
+    ids = torch.cat([ctx, comp], 1).to(device)  # (B, Tp + Tc)
+    attn = torch.cat([ctx_mask, comp_mask], 1).to(device)  # (B, Tp + Tc)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, Tp + Tc)
+    Tc = comp.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=Tc + 1).logits  # (B, Tc + 1, V)
+    comp = comp.to(device)
+    logp = sampled_logprobs(logits, comp, temperature)  # (B, Tc): position t predicts completion token t
+    entropy = token_entropy(logits.detach(), Tc, temperature) if with_entropy else None  # (B, Tc)
+    return logp, comp_mask.to(device).float(), entropy

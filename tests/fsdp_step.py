@@ -29,8 +29,9 @@ N_SEQS = 6
 
 
 def batch(tokenizer):
-    """Six toy problems with their solutions; loss on the solution tokens only. Lengths
-    differ, so the two ranks hold different numbers of loss tokens."""
+    """Six toy problems with their solutions (EOS included) as (prompt ids, completion ids);
+    loss on the completion tokens only. Lengths differ, so the two ranks hold different
+    numbers of loss tokens."""
     seqs, n_prompt = [], []
     for i in range(N_SEQS):
         p = toy.make_problem(random.Random(i))
@@ -39,23 +40,20 @@ def batch(tokenizer):
         completion = tokenizer(toy.render_solution(lines, final), add_special_tokens=False)["input_ids"]
         seqs.append(prompt + completion + [tokenizer.eos_token_id])
         n_prompt.append(len(prompt))
-    ids, attn = utils.pad_sequences(seqs, tokenizer.pad_token_id)  # (B, T)
-    loss_mask = torch.zeros_like(ids, dtype=torch.float)
-    for i, (s, k) in enumerate(zip(seqs, n_prompt)):
-        loss_mask[i, k: len(s)] = 1.0  # completion tokens, EOS included
-    return ids, attn, loss_mask[:, 1:]  # mask aligned with next-token log-probs (B, T-1)
+    return [s[:k] for s, k in zip(seqs, n_prompt)], [s[k:] for s, k in zip(seqs, n_prompt)]  # (contexts, completions)
 
 
-def step(model, opt, ids, attn, mask, world):
+def step(model, opt, ctx, comp, world, pad_id):
     """Token-mean cross-entropy over the whole (all-rank) batch, one clipped AdamW step.
     FSDP2 averages gradients over ranks, so each rank's sum is scaled by world / N_total."""
     import torch.distributed as dist
 
+    nll, mask, _ = utils.completion_logprobs(model, ctx, comp, pad_id)  # (b, Tc)
+    nll = -nll
     n_local = mask.sum()
     n_total = n_local.clone()
     if world > 1:
         dist.all_reduce(n_total)
-    nll = -utils.token_logprobs(model, ids, attn)  # (b, T-1)
     local_sum = (nll * mask).sum()
     (local_sum * world / n_total).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # active: the norm is ~0.7
@@ -87,9 +85,8 @@ def logprob_gap(model, tokenizer, prompt, samples):
     p = tokenizer(prompt)["input_ids"]
     gaps = []
     for s in samples:
-        ids = torch.tensor([p + s.token_ids])
         with torch.no_grad():
-            want = utils.token_logprobs(model, ids, torch.ones_like(ids))[0, len(p) - 1:]
+            want = utils.completion_logprobs(model, [p], [s.token_ids], tokenizer.pad_token_id)[0][0]  # (Tc,)
         gaps.append((want - torch.tensor(s.logprobs)).abs().max().item())
     return max(gaps)
 
@@ -98,9 +95,9 @@ def run(base: str, out: str, sample: bool = False) -> None:
     rank, world, _ = utils.init_distributed()
     utils.seed_everything(0)
     tok = utils.load_tokenizer(base)
-    ids, attn, mask = batch(tok)
+    ctx, comp = batch(tok)
     mine = list(range(rank, N_SEQS, world))  # this rank's rows of the fixed batch
-    ids, attn, mask = ids[mine], attn[mine], mask[mine]
+    ctx, comp = [ctx[i] for i in mine], [comp[i] for i in mine]
 
     if sample:  # before any training: each rank samples its own prompt with the base weights
         sampler = utils.Sampler(base, seed=0)
@@ -112,7 +109,7 @@ def run(base: str, out: str, sample: bool = False) -> None:
         before_ref = greedy_ids(ref, tok, prompt, 60)
 
     model, opt = new_model_and_opt(base)
-    loss, grad_norm, grads, n_local = step(model, opt, ids, attn, mask, world)
+    loss, grad_norm, grads, n_local = step(model, opt, ctx, comp, world, tok.pad_token_id)
     state = utils.full_state_dict(model)
 
     # checkpoint round trip: a fresh model and optimizer restored from it take the same next step
@@ -121,8 +118,8 @@ def run(base: str, out: str, sample: bool = False) -> None:
     model2, opt2 = new_model_and_opt(base)
     extra = utils.load_checkpoint(ckpt, model2, opt2)
     restored = utils.full_state_dict(model2)
-    step(model, opt, ids, attn, mask, world)
-    step(model2, opt2, ids, attn, mask, world)
+    step(model, opt, ctx, comp, world, tok.pad_token_id)
+    step(model2, opt2, ctx, comp, world, tok.pad_token_id)
     second, second_restored = utils.full_state_dict(model), utils.full_state_dict(model2)
 
     counts = [None] * world
