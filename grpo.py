@@ -188,7 +188,7 @@ class Args:
     """max tokens of a mu answer"""
     # system
     dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     save_every: int | None = None
@@ -612,13 +612,11 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     given_engine = sampler is not None
     sampler = sampler or utils.Sampler(model_path, seed=args.seed, dtype=args.dtype)
     tok = sampler.tokenizer
-    model = utils.shard_model(utils.load_model(model_path, args.dtype, device), args.gradient_checkpointing)
+    model, ref = utils.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing,
+                                    reference=args.beta != 0.0)
     model.train()
     if given_engine:  # it may hold other weights (and a prefix cache computed with them)
         sampler.sync_weights(model)
-    ref = None
-    if args.beta != 0.0:
-        ref = utils.shard_model(utils.load_model(model_path, args.dtype, device)).eval().requires_grad_(False)
     meta_prover = None
     if args.alpha != 0.0 or args.assign == "episode":
         mu = sampler if not args.mu_model else utils.Sampler(args.mu_model, seed=args.seed, dtype=args.dtype)

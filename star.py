@@ -191,7 +191,7 @@ class Args:
     save_every: int | None = None
     """SFT checkpoint every N optimizer steps (0: only at the end of each SFT)"""
     dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False

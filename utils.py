@@ -412,10 +412,15 @@ def torch_dtype(name: str, device: str):
     """'auto' is bfloat16 on GPU, float32 on CPU."""
     import torch
 
+    if isinstance(name, torch.dtype):
+        return name
     if name == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-            "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if name not in names:
+        raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {name!r}")
+    return names[name]
 
 
 def load_model(path: str, dtype: str = "auto", device: str | None = None):
@@ -464,7 +469,7 @@ class Sampler:
     def __init__(self, model: str, *, backend: str = "auto", dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  enable_prefix_caching: bool = True, **engine_kwargs):
-        self.model_path = model
+        self.model_path, self.dtype = model, dtype
         _check_model_path(model)
         self.tokenizer = load_tokenizer(model)
         if backend == "auto":
@@ -590,7 +595,8 @@ class Sampler:
         KV blocks computed with the old weights would otherwise be reused. Under torchrun,
         every rank must call this (shards are gathered parameter by parameter)."""
         if self.backend == "vllm":
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter_full_params(model)})
+            weights = iter_full_params(model, torch_dtype(self.dtype, default_device()))  # in the engine's dtype
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
         else:
@@ -682,34 +688,74 @@ def decoder_layers(model):
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def shard_model(model, activation_checkpointing: bool = False, mixed_precision: bool = False):
+def shard_model(model, activation_checkpointing: bool = False, compute_dtype=None):
     """FSDP2: `fully_shard` each decoder layer, then the root. With one process (no
-    process group) the model is returned as it is. Activation checkpointing wraps each
-    layer first (recompute in backward, to trade compute for memory)."""
+    process group) the model is not sharded. Activation checkpointing wraps each layer first
+    (recompute in backward, to trade compute for memory).
+
+    Mixed precision, when `compute_dtype` is set and differs from the parameters' dtype (the
+    parameters are the fp32 master weights the optimizer updates): under torchrun FSDP2's
+    MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32) (each unsharded
+    layer is cast for compute; gradients are reduced and kept in fp32); in one process the
+    model's forward runs under torch.autocast(compute_dtype), which casts weights and
+    activations per op and leaves parameters and gradients in fp32. (Autocast rather than
+    fully_shard on a world of one: a plain `python` run has no process group to shard over.)"""
     import torch
 
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    param_dtype = next(model.parameters()).dtype
+    mixed = compute_dtype is not None and compute_dtype != param_dtype
     if not is_distributed():
+        if mixed:
+            device_type = next(model.parameters()).device.type
+            model.forward = torch.autocast(device_type, dtype=compute_dtype)(model.forward)
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-    kw = {"mp_policy": mp} if mp else {}
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)} if mixed else {}
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model
 
 
-def iter_full_params(model):
+def load_trainer(path: str, dtype: str = "auto", device: str | None = None, gradient_checkpointing: bool = False,
+                 reference: bool = False):
+    """The model a trainer updates: fp32 master weights (the optimizer's state is fp32
+    too), computing in `dtype` ('auto': bf16 on GPU, fp32 on CPU; see shard_model), sharded
+    with FSDP2 under torchrun. With reference=True also a frozen copy (eval mode, no
+    gradients) built the same way, for a KL term; else None. Returns (model, reference).
+    `model.save_dtype` is the dtype its config file names: save_pretrained writes that."""
+    import torch
+    from transformers import AutoConfig
+
+    _check_model_path(path)
+    device = device or default_device()
+    compute = torch_dtype(dtype, device)
+    with _loading(path):
+        cfg = AutoConfig.from_pretrained(path)
+    save_dtype = getattr(cfg, "dtype", None) or torch.float32
+    save_dtype = torch_dtype(save_dtype, "cpu") if isinstance(save_dtype, str) else save_dtype
+    models = []
+    for k in range(2 if reference else 1):
+        m = shard_model(load_model(path, "fp32", device), gradient_checkpointing and k == 0, compute)
+        m.save_dtype = save_dtype
+        models.append(m)
+    model, ref = models[0], (models[1].eval().requires_grad_(False) if reference else None)
+    return model, ref
+
+
+def iter_full_params(model, dtype=None):
     """(name, full tensor) for each entry of the model's state dict, gathering FSDP2
-    shards one parameter at a time (every rank must iterate, in the same order)."""
+    shards one parameter at a time (every rank must iterate, in the same order); floating
+    tensors cast to `dtype` when given (e.g. fp32 master weights into a bf16 engine)."""
     from torch.distributed.tensor import DTensor
 
     for name, t in model.state_dict().items():
-        yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        t = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
 
 def full_state_dict(model, cpu: bool = True) -> dict:
@@ -719,12 +765,32 @@ def full_state_dict(model, cpu: bool = True) -> dict:
 
 
 def save_pretrained(model, tokenizer, path: str) -> None:
-    """Save a Hugging Face checkpoint (gathered from shards) atomically; rank 0 writes."""
-    sd = full_state_dict(model)
+    """Save a Hugging Face checkpoint atomically, weights in the dtype the model's config
+    file named when it was loaded (`model.save_dtype`, set by load_trainer; else the
+    parameters' dtype). Under torchrun the full state dict is gathered to rank 0 only, one
+    parameter at a time onto its CPU (other ranks hold nothing), and rank 0 writes."""
+    import copy
+
+    import torch
+
+    save_dtype = getattr(model, "save_dtype", None) or next(model.parameters()).dtype
+    if is_distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     if is_main():
+        for k, v in sd.items():  # in place, one tensor at a time: at most one full copy
+            if v.is_floating_point() and v.dtype != save_dtype:
+                sd[k] = v.to(save_dtype)
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=sd)
+            cfg = copy.deepcopy(model.config)  # transformers writes the parameters' dtype; name the saved one
+            cfg.dtype = save_dtype
+            cfg.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+    del sd
     barrier()
 
 

@@ -182,7 +182,7 @@ class Args:
     save_every: int | None = None
     """SFT checkpoint every N optimizer steps (and at the end)"""
     dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False
@@ -454,7 +454,7 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
     if not data:
         raise utils.UserError("sft: no training example (every prompt is longer than --max-length, or none was built)")
     utils.seed_everything(args.seed)
-    model = utils.shard_model(utils.load_model(model_path, args.dtype, device), args.gradient_checkpointing)
+    model, _ = utils.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing)
     model.train()
     B, M = args.batch_size, args.micro_batch_size
     per_rank, steps_per_epoch = B // world, math.ceil(len(data) / B)

@@ -76,3 +76,41 @@ def test_sampled_logprobs_in_chunks_equal_full_formula(dtype):
     ent = utils.token_entropy(logits, 7, 0.7, chunk=3)  # (B, T)
     p = torch.softmax(logits[:, :7].float() / 0.7, -1)  # (B, T, V)
     assert (ent - -(p * p.log()).sum(-1)).abs().max().item() < 1e-5
+
+
+def adamw_deltas(model, tok, steps=3, lr=1e-6):
+    """|change| of every parameter entry after `steps` AdamW steps (lr 1e-6, the paper's)
+    of completion NLL on toy solutions, measured in fp32."""
+    ctx, comp = toy_batch(tok, n=8)
+    start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    for _ in range(steps):
+        lp, mask, _ = utils.completion_logprobs(model, ctx, comp, tok.pad_token_id)  # (B, Tc)
+        (-(lp * mask).sum() / mask.sum()).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    moments = {v.dtype for st in opt.state.values() for k, v in st.items() if k.startswith("exp_avg")}
+    return torch.cat([(p.detach().float() - start[n]).abs().flatten() for n, p in model.named_parameters()]), moments
+
+
+def test_bf16_compute_moves_fp32_master_weights_at_lr_1e6(toy_paths):
+    """bf16 compute over fp32 master weights (load_trainer, --dtype bf16 in one process):
+    the forward runs in bf16, the parameters and Adam moments are fp32, and 3 steps at lr 1e-6
+    move almost every entry by about lr per step. Pure-bf16 parameters round most updates away."""
+    tok = utils.load_tokenizer(toy_paths["base"])
+    model, ref = utils.load_trainer(toy_paths["base"], "bf16", "cpu")
+    assert ref is None and model.save_dtype == torch.float32  # the toy's config names float32
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    ids = torch.tensor([tok("Problem: 1")["input_ids"]])
+    assert model(input_ids=ids).logits.dtype == torch.bfloat16  # the compute is bf16
+    master, moments = adamw_deltas(model, tok)
+    assert moments == {torch.float32} and {p.dtype for p in model.parameters()} == {torch.float32}
+    share_master = (master > 0).float().mean().item()
+    steps_lr = 3 * 1e-6
+    assert share_master > 0.95, share_master
+    assert 0.3 * steps_lr < master.median().item() <= 1.01 * steps_lr, master.median().item()
+
+    pure = utils.load_model(toy_paths["base"], "bf16", "cpu")
+    share_pure = (adamw_deltas(pure, tok)[0] > 0).float().mean().item()
+    assert share_pure < 0.2, share_pure
+    print(f"entries changed after 3 AdamW steps at lr 1e-6: fp32 master {share_master:.2%}, pure bf16 {share_pure:.2%}")
