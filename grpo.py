@@ -45,7 +45,7 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
 
 Outputs in <out> (default runs/grpo/<variant>): z0.jsonl, metrics.jsonl (one line per step),
 samples.jsonl (one group of completions with their rewards per step), eval.json (held-out
-accuracy at the start and the end), checkpoint.pt, model/ with mrt.json.
+accuracy at the start and the end), checkpoint/ (sharded, utils.save_checkpoint), model/ with mrt.json.
 
 Where this departs from the paper / the authors' code:
 - The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward
@@ -122,7 +122,7 @@ class Args:
     out: str = ""
     """run folder ('' : runs/grpo/<variant>)"""
     resume: bool = False
-    """continue from <out>/checkpoint.pt (same arguments)"""
+    """continue from <out>/checkpoint/ (same arguments)"""
     seed: int = 0
     """seeds data order, sampling (per step and rank) and initialisation of everything else"""
     # batch
@@ -629,7 +629,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     test = load_problems(args.test_data or toy_paths["test"], args, tok)[: args.eval_problems]
     P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world
     start, data_pos = 0, 0
-    ckpt_path, eval_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "eval.json")
+    ckpt_path, eval_path = os.path.join(out, "checkpoint"), os.path.join(out, "eval.json")
     if args.resume:
         extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
         start, data_pos = extra["step"], extra["data_position"]

@@ -822,48 +822,98 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _latest_checkpoint(path: str) -> str | None:
+    """The folder of the last complete save under a checkpoint folder (named by its
+    `latest` file), or None when there is none."""
+    latest = os.path.join(path, "latest")
+    if not os.path.isfile(latest):
+        return None
+    name = open(latest).read().strip()
+    return os.path.join(path, name) if name and os.path.isdir(os.path.join(path, name)) else None
+
+
+def has_checkpoint(path: str) -> bool:
+    """True when `path` holds a complete checkpoint written by save_checkpoint."""
+    return _latest_checkpoint(path) is not None
+
+
 def save_checkpoint(path: str, model, optimizer=None, scheduler=None, **extra) -> None:
-    """Model, optimizer and scheduler states (gathered to full tensors), every rank's RNG
-    states and `extra` (step, data position, ...) into one file, written atomically."""
+    """A sharded checkpoint into the folder `path`: model and optimizer states with
+    torch.distributed.checkpoint (DCP; each rank writes its own shards, nothing is gathered),
+    every rank's RNG states (rng-<rank>.pt), and the scheduler state, world size and `extra`
+    (step, data position, ...) from rank 0 (state.pt). Every rank must call it.
+
+    Atomic: a save fills <path>/.tmp-<n>, is renamed to <path>/save-<n> once every rank has
+    written, and only then does <path>/latest name it; the previous save is deleted after
+    that. A process killed at any point leaves the last complete save in use."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer, options=opts)
-    else:
-        msd, osd = get_state_dict(model, [], options=opts)[0], None
-    rngs = [None] * world_size()
-    if is_distributed():
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])  # sharded (DTensors under FSDP2)
+    n = [0]
     if is_main():
-        blob = {"model": msd, "optimizer": osd, "scheduler": scheduler.state_dict() if scheduler else None,
-                "rng": rngs, "world_size": world_size(), **extra}
-        with atomic_path(path) as tmp:
-            torch.save(blob, tmp)
+        os.makedirs(path, exist_ok=True)
+        done = [int(f[5:]) for f in os.listdir(path) if re.fullmatch(r"save-\d+", f)]
+        n = [max(done, default=0) + 1]
+        tmp = os.path.join(path, f".tmp-{n[0]}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    if is_distributed():
+        dist.broadcast_object_list(n, src=0)
+    tmp, final = os.path.join(path, f".tmp-{n[0]}"), os.path.join(path, f"save-{n[0]}")
+    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
+    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank()}.pt"))
+    if is_main():
+        torch.save({"scheduler": scheduler.state_dict() if scheduler else None, "world_size": world_size(),
+                    "extra": extra}, os.path.join(tmp, "state.pt"))
+    barrier()
+    if is_main():
+        os.replace(tmp, final)
+        with atomic_path(os.path.join(path, "latest")) as t, open(t, "w") as f:
+            f.write(os.path.basename(final) + "\n")
+        for f in os.listdir(path):  # older saves and leftovers of killed ones
+            if f not in ("latest", os.path.basename(final)) and (f.startswith("save-") or f.startswith(".tmp-")):
+                shutil.rmtree(os.path.join(path, f), ignore_errors=True)
     barrier()
 
 
-def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
-    """Restore what save_checkpoint wrote (into a plain or FSDP2 model) and return the
-    extra fields. RNG states are restored per rank when the world size matches."""
+def checkpoint_extra(path: str) -> dict:
+    """The `extra` fields and world size of the last complete checkpoint under `path`."""
     import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such checkpoint")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    opts = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=blob["model"],
-                   optim_state_dict=blob["optimizer"] if optimizer is not None else {}, options=opts)
-    if scheduler is not None and blob["scheduler"] is not None:
-        scheduler.load_state_dict(blob["scheduler"])
-    if blob["world_size"] == world_size():
-        set_rng_state(blob["rng"][rank()])
-    return {k: v for k, v in blob.items() if k not in ("model", "optimizer", "scheduler", "rng")}
+    d = _latest_checkpoint(path)
+    if d is None:
+        raise UserError(f"{path}: no complete checkpoint")
+    meta = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    return {**meta["extra"], "world_size": meta["world_size"]}
+
+
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
+    """Restore what save_checkpoint wrote (into a plain or FSDP2 model of the same shape;
+    each rank reads the shards it needs) and return the extra fields with the world size.
+    RNG states are restored per rank when the world size matches."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    d = _latest_checkpoint(path)
+    if d is None:
+        raise UserError(f"{path}: no complete checkpoint")
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])  # the shapes to fill
+    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
+    dcp.load(state, checkpoint_id=d, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optimizer", {}))
+    meta = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    if scheduler is not None and meta["scheduler"] is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if meta["world_size"] == world_size():
+        set_rng_state(torch.load(os.path.join(d, f"rng-{rank()}.pt"), weights_only=False))
+    return {**meta["extra"], "world_size": meta["world_size"]}
 
 
 # --------------------------------------------------------------------------------------

@@ -113,7 +113,7 @@ def run(base: str, out: str, sample: bool = False) -> None:
     state = utils.full_state_dict(model)
 
     # checkpoint round trip: a fresh model and optimizer restored from it take the same next step
-    ckpt = os.path.join(out, "ckpt.pt")
+    ckpt = os.path.join(out, "ckpt")
     utils.save_checkpoint(ckpt, model, opt, step=1)
     model2, opt2 = new_model_and_opt(base)
     extra = utils.load_checkpoint(ckpt, model2, opt2)
