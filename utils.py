@@ -25,6 +25,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
@@ -726,8 +727,17 @@ def load_trainer(path: str, dtype: str = "auto", device: str | None = None, grad
     """The model a trainer updates: fp32 master weights (the optimizer's state is fp32
     too), computing in `dtype` ('auto': bf16 on GPU, fp32 on CPU; see shard_model), sharded
     with FSDP2 under torchrun. With reference=True also a frozen copy (eval mode, no
-    gradients) built the same way, for a KL term; else None. Returns (model, reference).
-    `model.save_dtype` is the dtype its config file names: save_pretrained writes that."""
+    gradients) built from the same read, for a KL term; else None. Returns (model, reference).
+    `model.save_dtype` is the dtype its config file names: save_pretrained writes that.
+
+    The weights are read from disk once: in one process, by this process (the reference is a
+    copy); under torchrun, by rank 0 only, while every rank builds the model on the meta
+    device, shards it and receives its shards from rank 0 (`set_model_state_dict` with
+    broadcast_from_rank0). No rank but 0 ever holds a full copy; rank 0 holds one, the one
+    it read, until both models are filled."""
+    import copy
+    import gc
+
     import torch
     from transformers import AutoConfig
 
@@ -738,13 +748,56 @@ def load_trainer(path: str, dtype: str = "auto", device: str | None = None, grad
         cfg = AutoConfig.from_pretrained(path)
     save_dtype = getattr(cfg, "dtype", None) or torch.float32
     save_dtype = torch_dtype(save_dtype, "cpu") if isinstance(save_dtype, str) else save_dtype
-    models = []
-    for k in range(2 if reference else 1):
-        m = shard_model(load_model(path, "fp32", device), gradient_checkpointing and k == 0, compute)
+    if not is_distributed():
+        model = load_model(path, "fp32", device)
+        ref = copy.deepcopy(model) if reference else None
+        models = [shard_model(model, gradient_checkpointing, compute)]
+        if ref is not None:
+            models.append(shard_model(ref, False, compute))
+    else:
+        src = load_model(path, "fp32", "cpu") if is_main() else None
+        models = [_sharded_from_rank0(path, cfg, src, device, gradient_checkpointing and k == 0, compute)
+                  for k in range(2 if reference else 1)]
+        del src
+        gc.collect()
+    for m in models:
         m.save_dtype = save_dtype
-        models.append(m)
     model, ref = models[0], (models[1].eval().requires_grad_(False) if reference else None)
     return model, ref
+
+
+def _sharded_from_rank0(path: str, cfg, src, device: str, activation_checkpointing: bool, compute_dtype):
+    """An FSDP2 model built on the meta device on every rank and filled from rank 0's
+    loaded model `src` (None on the other ranks): parameters and persistent buffers through
+    set_model_state_dict(full_state_dict, broadcast_from_rank0), the non-persistent buffers
+    (rotary frequencies) by broadcast."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    shard_model(model, activation_checkpointing, compute_dtype)
+    model.to_empty(device=device)
+    full = src.state_dict() if src is not None else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    persistent = set(model.state_dict())
+    src_buffers = dict(src.named_buffers()) if src is not None else {}
+    for name, buf in model.named_buffers():
+        if name not in persistent:
+            if src is not None:
+                buf.copy_(src_buffers[name])
+            dist.broadcast(buf, src=0)
+    for module in model.modules():  # tensors kept as plain attributes (transformers' original_inv_freq)
+        for k, v in list(vars(module).items()):
+            if isinstance(v, torch.Tensor) and v.is_meta:
+                if k != "original_inv_freq":
+                    raise RuntimeError(f"{type(module).__name__}.{k} is still on the meta device")
+                setattr(module, k, module.inv_freq.clone())
+    return model
 
 
 def iter_full_params(model, dtype=None):
@@ -864,7 +917,9 @@ def save_checkpoint(path: str, model, optimizer=None, scheduler=None, **extra) -
         dist.broadcast_object_list(n, src=0)
     tmp, final = os.path.join(path, f".tmp-{n[0]}"), os.path.join(path, f"save-{n[0]}")
     state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
-    dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
     torch.save(rng_state(), os.path.join(tmp, f"rng-{rank()}.pt"))
     if is_main():
         torch.save({"scheduler": scheduler.state_dict() if scheduler else None, "world_size": world_size(),
@@ -905,7 +960,9 @@ def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
         raise UserError(f"{path}: no complete checkpoint")
     msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])  # the shapes to fill
     state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
-    dcp.load(state, checkpoint_id=d, no_dist=not dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=d, no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
                    optim_state_dict=state.get("optimizer", {}))
     meta = torch.load(os.path.join(d, "state.pt"), weights_only=False)

@@ -4,7 +4,8 @@ for tests/test_fsdp.py, which runs it both ways and compares what it saves.
     python tests/fsdp_step.py --base /work/toy-dev/base --out /tmp/one
     torchrun --standalone --nproc_per_node 2 tests/fsdp_step.py --base /work/toy-dev/base --out /tmp/two --sample
 
-Rank 0 saves to --out/result.pt: the loss and gradient norm of the step, the full gradients,
+Rank 0 saves to --out/result.pt: the weights as loaded (utils.load_trainer, with its frozen
+reference copy) and whether the embeddings are still tied, the loss and gradient norm of the step, the full gradients,
 the full updated weights, and the weights after a second step taken by a model restored from
 the checkpoint written after the first (utils.save_checkpoint/load_checkpoint). It also saves
 the updated model with utils.save_pretrained under --out/hf. With --sample, every rank builds
@@ -68,9 +69,11 @@ def step(model, opt, ctx, comp, world, pad_id):
     return (loss / n_total).item(), grad_norm.item(), grads, int(n_local.item())
 
 
-def new_model_and_opt(base):
-    model = utils.shard_model(utils.load_model(base, dtype="float32", device="cpu"))
-    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+def new_model_and_opt(base, reference=False):
+    """utils.load_trainer: read by rank 0 only and broadcast into the shards under torchrun."""
+    model, ref = utils.load_trainer(base, dtype="fp32", device="cpu", reference=reference)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    return (model, opt, ref) if reference else (model, opt)
 
 
 def greedy_ids(model, tokenizer, prompt, max_tokens):
@@ -108,7 +111,10 @@ def run(base: str, out: str, sample: bool = False) -> None:
         before = sampler.generate([prompt], temperature=0.0, max_tokens=60)[0][0]
         before_ref = greedy_ids(ref, tok, prompt, 60)
 
-    model, opt = new_model_and_opt(base)
+    model, opt, ref_model = new_model_and_opt(base, reference=True)
+    loaded, ref_state = utils.full_state_dict(model), utils.full_state_dict(ref_model)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight  # the toy ties them
+    del ref_model
     loss, grad_norm, grads, n_local = step(model, opt, ctx, comp, world, tok.pad_token_id)
     state = utils.full_state_dict(model)
 
@@ -130,7 +136,7 @@ def run(base: str, out: str, sample: bool = False) -> None:
     if utils.is_main():
         torch.save({"loss": loss, "grad_norm": grad_norm, "grads": grads, "state": state, "restored": restored,
                     "extra": extra, "second": second, "second_restored": second_restored, "tokens": counts,
-                    "world": world}, os.path.join(out, "result.pt"))
+                    "world": world, "loaded": loaded, "ref_state": ref_state, "tied": tied}, os.path.join(out, "result.pt"))
     utils.save_pretrained(model, tok, os.path.join(out, "hf"))  # the model after two steps
 
     if sample:  # sync from the sharded model (every rank gathers), then sample again
