@@ -45,7 +45,7 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
 
 Outputs in <out> (default runs/grpo/<variant>): z0.jsonl, metrics.jsonl (one line per step),
 samples.jsonl (one group of completions with their rewards per step), eval.json (held-out
-accuracy at the start and the end), checkpoint.pt, model/ with mrt.json.
+accuracy at the start and the end), checkpoint/ (sharded, utils.save_checkpoint), model/ with mrt.json.
 
 Where this departs from the paper / the authors' code:
 - The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward
@@ -122,7 +122,7 @@ class Args:
     out: str = ""
     """run folder ('' : runs/grpo/<variant>)"""
     resume: bool = False
-    """continue from <out>/checkpoint.pt (same arguments)"""
+    """continue from <out>/checkpoint/ (same arguments)"""
     seed: int = 0
     """seeds data order, sampling (per step and rank) and initialisation of everything else"""
     # batch
@@ -188,7 +188,7 @@ class Args:
     """max tokens of a mu answer"""
     # system
     dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     save_every: int | None = None
@@ -335,30 +335,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", e
 # --------------------------------------------------------------------------------------
 # Model-side helpers: log-probs of completions, token position of an episode boundary
 # --------------------------------------------------------------------------------------
-
-
-def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: float, with_entropy: bool = False):
-    """Log-probabilities (B, Tc) of each completion token given its context, logits divided
-    by the sampling temperature, and the (B, Tc) completion mask built from the token counts.
-    Contexts are left-padded and completions right-padded, so logits are computed for the
-    completion positions only; position ids count real tokens, as in the sampler."""
-    ctx, ctx_mask = utils.pad_sequences(ctx_ids, pad_id, left=True)  # (B, Tp)
-    comp, comp_mask = utils.pad_sequences(comp_ids, pad_id)  # (B, Tc)
-    device = next(model.parameters()).device
-    ids = torch.cat([ctx, comp], 1).to(device)  # (B, Tp + Tc)
-    attn = torch.cat([ctx_mask, comp_mask], 1).to(device)  # (B, Tp + Tc)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, Tp + Tc)
-    Tc = comp.shape[1]
-    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=Tc + 1).logits
-    logits = logits[:, :-1].float() / temperature  # (B, Tc, V): position t predicts completion token t
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B, Tc, V)
-    comp = comp.to(device)
-    logp = logp_all.gather(-1, comp[:, :, None]).squeeze(-1)  # (B, Tc)
-    entropy = None
-    if with_entropy:
-        with torch.no_grad():
-            entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, Tc)
-    return logp, comp_mask.to(device).float(), entropy
 
 
 def pad_floats(seqs) -> torch.Tensor:
@@ -533,13 +509,13 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
         for k in range(n_micro):
             mb, sl = rows[k * M:(k + 1) * M], slice(k * M, (k + 1) * M)
             ctx, comp = [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb]
-            logp, mask, ent = completion_logprobs(model, ctx, comp, pad_id, args.temperature, with_entropy=it == 0)  # (M, T)
+            logp, mask, ent = utils.completion_logprobs(model, ctx, comp, pad_id, args.temperature, with_entropy=it == 0)  # (M, T)
             samp = pad_floats([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in mb]).to(logp.device)  # (M, T)
             if it == 0:
                 old_logp[k] = logp.detach()
                 if ref is not None:
                     with torch.no_grad():
-                        ref_logp[k] = completion_logprobs(ref, ctx, comp, pad_id, args.temperature)[0]
+                        ref_logp[k] = utils.completion_logprobs(ref, ctx, comp, pad_id, args.temperature)[0]
             if isinstance(advantages, Episode):
                 adv = assign_advantages(advantages.adv_z1[sl], advantages.adv_z2[sl], advantages.z1_tokens[sl],
                                         logp.shape[1])  # (M, T)
@@ -619,13 +595,11 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     given_engine = sampler is not None
     sampler = sampler or utils.Sampler(model_path, seed=args.seed, dtype=args.dtype)
     tok = sampler.tokenizer
-    model = utils.shard_model(utils.load_model(model_path, args.dtype, device), args.gradient_checkpointing)
+    model, ref = utils.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing,
+                                    reference=args.beta != 0.0)
     model.train()
     if given_engine:  # it may hold other weights (and a prefix cache computed with them)
         sampler.sync_weights(model)
-    ref = None
-    if args.beta != 0.0:
-        ref = utils.shard_model(utils.load_model(model_path, args.dtype, device)).eval().requires_grad_(False)
     meta_prover = None
     if args.alpha != 0.0 or args.assign == "episode":
         mu = sampler if not args.mu_model else utils.Sampler(args.mu_model, seed=args.seed, dtype=args.dtype)
@@ -641,7 +615,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
     P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world
     start, data_pos = 0, 0  # first step of this run, and its position in the data stream
-    ckpt_path, eval_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "eval.json")
+    ckpt_path, eval_path = os.path.join(out, "checkpoint"), os.path.join(out, "eval.json")
     if args.resume:
         extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
         start, data_pos = extra["step"], extra["data_position"]

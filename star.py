@@ -82,6 +82,7 @@ import dataclasses
 import gc
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 
@@ -187,7 +188,7 @@ class Args:
     report_to: str = "none"
     """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False
@@ -509,7 +510,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         if accumulated:
             card = {"stage": "star", "method": args.method, "variant": args.method, "format": fmt, "base": base_path,
                     "start": model_path, "iteration": k, "examples": len(accumulated), "args": dataclasses.asdict(args)}
-            ckpt = os.path.join(out, f".sft_iter{k}.pt")
+            ckpt = os.path.join(out, f".sft_iter{k}")
             model = warmstart.sft(base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
                                   dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
                                   log_path=log_path, ckpt_path=ckpt, card=card,
@@ -519,7 +520,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
             gc.collect()
             model_saved = True
             if utils.is_main() and os.path.exists(ckpt):
-                os.remove(ckpt)
+                shutil.rmtree(ckpt)
             if utils.is_main():
                 losses = [r["loss"] for r in utils.read_records(log_path, ["loss"])]
                 rec.update(sft_steps=len(losses), sft_loss_first=losses[0], sft_loss_last=losses[-1])

@@ -126,7 +126,7 @@ def stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
     out = []
     ws = d("warmstart", "backtrack")
     out.append(Stage("warmstart", py + ["warmstart.py", "--out", ws, *s, *sizes["warmstart"]],
-                     d("warmstart", "backtrack", "summary.json"), d("warmstart", "backtrack", "checkpoint.pt")))
+                     d("warmstart", "backtrack", "summary.json"), d("warmstart", "backtrack", "checkpoint", "latest")))
     for scheme in ("rise", "rejection"):
         out.append(Stage(f"warmstart-{scheme}", py + ["warmstart.py", "--scheme", scheme, "--search-from",
                                                       os.path.join(ws, "search.jsonl"), "--out", d("warmstart", scheme),
@@ -138,7 +138,7 @@ def stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
     for v in GRPO_VARIANTS:
         out.append(Stage(f"grpo-{v}", py + ["grpo.py", "--variant", v, "--model", os.path.join(ws, "model"),
                                             "--preset", "toy", "--out", d("grpo", v), *s, *sizes["grpo"]],
-                         d("grpo", v, "model", "mrt.json"), d("grpo", v, "checkpoint.pt"), after=("warmstart",)))
+                         d("grpo", v, "model", "mrt.json"), d("grpo", v, "checkpoint", "latest"), after=("warmstart",)))
     trained = tuple(st.name for st in out)  # evaluate and infogain read every model these write
     present = lambda: existing_models(seed_dir, base)  # noqa: E731  (read when the stage runs)
     out.append(Stage("evaluate", lambda: py + ["evaluate.py", "--models", *[f"{k}={v}" for k, v in present().items()],

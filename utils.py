@@ -20,6 +20,7 @@ import ast
 import atexit
 import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -554,10 +556,15 @@ def torch_dtype(name: str, device: str):
     """'auto' is bfloat16 on GPU, float32 on CPU."""
     import torch
 
+    if isinstance(name, torch.dtype):
+        return name
     if name == "auto":
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
-            "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}[name]
+    names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if name not in names:
+        raise UserError(f"--dtype must be auto, bf16, fp16 or fp32, got {name!r}")
+    return names[name]
 
 
 def load_model(path: str, dtype: str = "auto", device: str | None = None):
@@ -612,7 +619,7 @@ class Sampler:
     def __init__(self, model: str, *, backend: str = "auto", dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
                  enable_prefix_caching: bool = True, **engine_kwargs):
-        self.model_path = model
+        self.model_path, self.dtype = model, dtype
         _check_model_path(model)
         self.tokenizer = load_tokenizer(model)
         if backend == "auto":
@@ -741,7 +748,8 @@ class Sampler:
         KV blocks computed with the old weights would otherwise be reused. Under torchrun,
         every rank must call this (shards are gathered parameter by parameter)."""
         if self.backend == "vllm":
-            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter_full_params(model)})
+            weights = iter_full_params(model, torch_dtype(self.dtype, default_device()))  # in the engine's dtype
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
         else:
@@ -858,34 +866,126 @@ def decoder_layers(model):
     raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
 
 
-def shard_model(model, activation_checkpointing: bool = False, mixed_precision: bool = False):
+def shard_model(model, activation_checkpointing: bool = False, compute_dtype=None):
     """FSDP2: `fully_shard` each decoder layer, then the root. With one process (no
-    process group) the model is returned as it is. Activation checkpointing wraps each
-    layer first (recompute in backward, to trade compute for memory)."""
+    process group) the model is not sharded. Activation checkpointing wraps each layer first
+    (recompute in backward, to trade compute for memory).
+
+    Mixed precision, when `compute_dtype` is set and differs from the parameters' dtype (the
+    parameters are the fp32 master weights the optimizer updates): under torchrun FSDP2's
+    MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32) (each unsharded
+    layer is cast for compute; gradients are reduced and kept in fp32); in one process the
+    model's forward runs under torch.autocast(compute_dtype), which casts weights and
+    activations per op and leaves parameters and gradients in fp32. (Autocast rather than
+    fully_shard on a world of one: a plain `python` run has no process group to shard over.)"""
     import torch
 
     if activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    param_dtype = next(model.parameters()).dtype
+    mixed = compute_dtype is not None and compute_dtype != param_dtype
     if not is_distributed():
+        if mixed:
+            device_type = next(model.parameters()).device.type
+            model.forward = torch.autocast(device_type, dtype=compute_dtype)(model.forward)
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
-    kw = {"mp_policy": mp} if mp else {}
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)} if mixed else {}
     for layer in decoder_layers(model):
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
     return model
 
 
-def iter_full_params(model):
+def load_trainer(path: str, dtype: str = "auto", device: str | None = None, gradient_checkpointing: bool = False,
+                 reference: bool = False):
+    """The model a trainer updates: fp32 master weights (the optimizer's state is fp32
+    too), computing in `dtype` ('auto': bf16 on GPU, fp32 on CPU; see shard_model), sharded
+    with FSDP2 under torchrun. With reference=True also a frozen copy (eval mode, no
+    gradients) built from the same read, for a KL term; else None. Returns (model, reference).
+    `model.save_dtype` is the dtype its config file names: save_pretrained writes that.
+
+    The weights are read from disk once: in one process, by this process (the reference is a
+    copy); under torchrun, by rank 0 only, while every rank builds the model on the meta
+    device, shards it and receives its shards from rank 0 (`set_model_state_dict` with
+    broadcast_from_rank0). No rank but 0 ever holds a full copy; rank 0 holds one, the one
+    it read, until both models are filled."""
+    import copy
+    import gc
+
+    import torch
+    from transformers import AutoConfig
+
+    _check_model_path(path)
+    device = device or default_device()
+    compute = torch_dtype(dtype, device)
+    with _loading(path):
+        cfg = AutoConfig.from_pretrained(path)
+    save_dtype = getattr(cfg, "dtype", None) or torch.float32
+    save_dtype = torch_dtype(save_dtype, "cpu") if isinstance(save_dtype, str) else save_dtype
+    if not is_distributed():
+        model = load_model(path, "fp32", device)
+        ref = copy.deepcopy(model) if reference else None
+        models = [shard_model(model, gradient_checkpointing, compute)]
+        if ref is not None:
+            models.append(shard_model(ref, False, compute))
+    else:
+        src = load_model(path, "fp32", "cpu") if is_main() else None
+        models = [_sharded_from_rank0(path, cfg, src, device, gradient_checkpointing and k == 0, compute)
+                  for k in range(2 if reference else 1)]
+        del src
+        gc.collect()
+    for m in models:
+        m.save_dtype = save_dtype
+    model, ref = models[0], (models[1].eval().requires_grad_(False) if reference else None)
+    return model, ref
+
+
+def _sharded_from_rank0(path: str, cfg, src, device: str, activation_checkpointing: bool, compute_dtype):
+    """An FSDP2 model built on the meta device on every rank and filled from rank 0's
+    loaded model `src` (None on the other ranks): parameters and persistent buffers through
+    set_model_state_dict(full_state_dict, broadcast_from_rank0), the non-persistent buffers
+    (rotary frequencies) by broadcast."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    shard_model(model, activation_checkpointing, compute_dtype)
+    model.to_empty(device=device)
+    full = src.state_dict() if src is not None else {}
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    persistent = set(model.state_dict())
+    src_buffers = dict(src.named_buffers()) if src is not None else {}
+    for name, buf in model.named_buffers():
+        if name not in persistent:
+            if src is not None:
+                buf.copy_(src_buffers[name])
+            dist.broadcast(buf, src=0)
+    for module in model.modules():  # tensors kept as plain attributes (transformers' original_inv_freq)
+        for k, v in list(vars(module).items()):
+            if isinstance(v, torch.Tensor) and v.is_meta:
+                if k != "original_inv_freq":
+                    raise RuntimeError(f"{type(module).__name__}.{k} is still on the meta device")
+                setattr(module, k, module.inv_freq.clone())
+    return model
+
+
+def iter_full_params(model, dtype=None):
     """(name, full tensor) for each entry of the model's state dict, gathering FSDP2
-    shards one parameter at a time (every rank must iterate, in the same order)."""
+    shards one parameter at a time (every rank must iterate, in the same order); floating
+    tensors cast to `dtype` when given (e.g. fp32 master weights into a bf16 engine)."""
     from torch.distributed.tensor import DTensor
 
     for name, t in model.state_dict().items():
-        yield name, (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        t = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
 
 
 def full_state_dict(model, cpu: bool = True) -> dict:
@@ -895,12 +995,30 @@ def full_state_dict(model, cpu: bool = True) -> dict:
 
 
 def save_pretrained(model, tokenizer, path: str) -> None:
-    """Save a Hugging Face checkpoint (gathered from shards) atomically; rank 0 writes."""
-    sd = full_state_dict(model)
+    """Save a Hugging Face checkpoint atomically, weights in the dtype the model's config
+    file named when it was loaded (`model.save_dtype`, set by load_trainer; else the
+    parameters' dtype). Under torchrun the full state dict is gathered to rank 0 only, one
+    parameter at a time onto its CPU (other ranks hold nothing), and rank 0 writes."""
+    import copy
+
+    save_dtype = getattr(model, "save_dtype", None) or next(model.parameters()).dtype
+    if is_distributed():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    else:
+        sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
     if is_main():
+        for k, v in sd.items():  # in place, one tensor at a time: at most one full copy
+            if v.is_floating_point() and v.dtype != save_dtype:
+                sd[k] = v.to(save_dtype)
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=sd)
+            cfg = copy.deepcopy(model.config)  # transformers writes the parameters' dtype; name the saved one
+            cfg.dtype = save_dtype
+            cfg.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+    del sd
     barrier()
 
 
@@ -932,48 +1050,102 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _latest_checkpoint(path: str) -> str | None:
+    """The folder of the last complete save under a checkpoint folder (named by its
+    `latest` file), or None when there is none."""
+    latest = os.path.join(path, "latest")
+    if not os.path.isfile(latest):
+        return None
+    name = open(latest).read().strip()
+    return os.path.join(path, name) if name and os.path.isdir(os.path.join(path, name)) else None
+
+
+def has_checkpoint(path: str) -> bool:
+    """True when `path` holds a complete checkpoint written by save_checkpoint."""
+    return _latest_checkpoint(path) is not None
+
+
 def save_checkpoint(path: str, model, optimizer=None, scheduler=None, **extra) -> None:
-    """Model, optimizer and scheduler states (gathered to full tensors), every rank's RNG
-    states and `extra` (step, data position, ...) into one file, written atomically."""
+    """A sharded checkpoint into the folder `path`: model and optimizer states with
+    torch.distributed.checkpoint (DCP; each rank writes its own shards, nothing is gathered),
+    every rank's RNG states (rng-<rank>.pt), and the scheduler state, world size and `extra`
+    (step, data position, ...) from rank 0 (state.pt). Every rank must call it.
+
+    Atomic: a save fills <path>/.tmp-<n>, is renamed to <path>/save-<n> once every rank has
+    written, and only then does <path>/latest name it; the previous save is deleted after
+    that. A process killed at any point leaves the last complete save in use."""
     import torch
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    if optimizer is not None:
-        msd, osd = get_state_dict(model, optimizer, options=opts)
-    else:
-        msd, osd = get_state_dict(model, [], options=opts)[0], None
-    rngs = [None] * world_size()
-    if is_distributed():
-        dist.all_gather_object(rngs, rng_state())
-    else:
-        rngs = [rng_state()]
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])  # sharded (DTensors under FSDP2)
+    n = [0]
     if is_main():
-        blob = {"model": msd, "optimizer": osd, "scheduler": scheduler.state_dict() if scheduler else None,
-                "rng": rngs, "world_size": world_size(), **extra}
-        with atomic_path(path) as tmp:
-            torch.save(blob, tmp)
+        os.makedirs(path, exist_ok=True)
+        done = [int(f[5:]) for f in os.listdir(path) if re.fullmatch(r"save-\d+", f)]
+        n = [max(done, default=0) + 1]
+        tmp = os.path.join(path, f".tmp-{n[0]}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    if is_distributed():
+        dist.broadcast_object_list(n, src=0)
+    tmp, final = os.path.join(path, f".tmp-{n[0]}"), os.path.join(path, f"save-{n[0]}")
+    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{rank()}.pt"))
+    if is_main():
+        torch.save({"scheduler": scheduler.state_dict() if scheduler else None, "world_size": world_size(),
+                    "extra": extra}, os.path.join(tmp, "state.pt"))
+    barrier()
+    if is_main():
+        os.replace(tmp, final)
+        with atomic_path(os.path.join(path, "latest")) as t, open(t, "w") as f:
+            f.write(os.path.basename(final) + "\n")
+        for f in os.listdir(path):  # older saves and leftovers of killed ones
+            if f not in ("latest", os.path.basename(final)) and (f.startswith("save-") or f.startswith(".tmp-")):
+                shutil.rmtree(os.path.join(path, f), ignore_errors=True)
     barrier()
 
 
-def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
-    """Restore what save_checkpoint wrote (into a plain or FSDP2 model) and return the
-    extra fields. RNG states are restored per rank when the world size matches."""
+def checkpoint_extra(path: str) -> dict:
+    """The `extra` fields and world size of the last complete checkpoint under `path`."""
     import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such checkpoint")
-    blob = torch.load(path, map_location="cpu", weights_only=False)
-    opts = StateDictOptions(full_state_dict=True)
-    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=blob["model"],
-                   optim_state_dict=blob["optimizer"] if optimizer is not None else {}, options=opts)
-    if scheduler is not None and blob["scheduler"] is not None:
-        scheduler.load_state_dict(blob["scheduler"])
-    if blob["world_size"] == world_size():
-        set_rng_state(blob["rng"][rank()])
-    return {k: v for k, v in blob.items() if k not in ("model", "optimizer", "scheduler", "rng")}
+    d = _latest_checkpoint(path)
+    if d is None:
+        raise UserError(f"{path}: no complete checkpoint")
+    meta = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    return {**meta["extra"], "world_size": meta["world_size"]}
+
+
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
+    """Restore what save_checkpoint wrote (into a plain or FSDP2 model of the same shape;
+    each rank reads the shards it needs) and return the extra fields with the world size.
+    RNG states are restored per rank when the world size matches."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    d = _latest_checkpoint(path)
+    if d is None:
+        raise UserError(f"{path}: no complete checkpoint")
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])  # the shapes to fill
+    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=d, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optimizer", {}))
+    meta = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    if scheduler is not None and meta["scheduler"] is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if meta["world_size"] == world_size():
+        set_rng_state(torch.load(os.path.join(d, f"rng-{rank()}.pt"), weights_only=False))
+    return {**meta["extra"], "world_size": meta["world_size"]}
 
 
 # --------------------------------------------------------------------------------------
@@ -995,18 +1167,92 @@ def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False
     return ids, mask
 
 
-def token_logprobs(model, input_ids, attention_mask, temperature: float = 1.0, with_entropy: bool = False):
-    """Log-probability of each next token, logits divided by the sampling temperature.
-    Returns (B, T-1) log p(input_ids[:, t+1] | input_ids[:, :t+1]) and, if asked, the
-    (B, T-1) entropy of each next-token distribution."""
+@functools.lru_cache(maxsize=None)
+def _sampled_logprob_fn():
+    """The autograd function behind `sampled_logprobs` (built on first use: this module
+    imports torch late)."""
     import torch
 
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
-    logits = logits / temperature
-    logp_all = torch.log_softmax(logits, dim=-1)  # (B, T-1, V)
-    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
-    if not with_entropy:
-        return logp
+    class SampledLogprob(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, targets, temperature, chunk):
+            B, T = targets.shape
+            lse = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
+            out = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
+            for b in range(B):
+                for s in range(0, T, chunk):
+                    e = min(T, s + chunk)
+                    z = logits[b, s:e].float() / temperature  # (c, V), fp32 chunk
+                    lse[b, s:e] = torch.logsumexp(z, -1)  # (c,)
+                    out[b, s:e] = z.gather(-1, targets[b, s:e, None]).squeeze(-1) - lse[b, s:e]
+            ctx.save_for_backward(logits, targets, lse)
+            ctx.temperature, ctx.chunk = temperature, chunk
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):  # d logp / d z = onehot(target) - softmax(z); z = logits / temperature
+            logits, targets, lse = ctx.saved_tensors
+            B, T = targets.shape
+            grad = torch.empty_like(logits)  # (B, T_logits, V)
+            grad[:, T:] = 0
+            for b in range(B):
+                for s in range(0, T, ctx.chunk):
+                    e = min(T, s + ctx.chunk)
+                    z = logits[b, s:e].float() / ctx.temperature  # (c, V)
+                    g = -(z - lse[b, s:e, None]).exp_()  # (c, V): -softmax
+                    g.scatter_add_(-1, targets[b, s:e, None], torch.ones_like(g[:, :1]))
+                    g *= grad_out[b, s:e, None] / ctx.temperature
+                    grad[b, s:e] = g
+            return grad, None, None, None
+
+    return SampledLogprob
+
+
+def sampled_logprobs(logits, targets, temperature: float = 1.0, chunk: int = 256):
+    """log p(targets[b, t]) under softmax(logits[b, t] / temperature), in fp32: (B, T) for
+    logits (B, T_logits, V) with T_logits >= T (positions past T are ignored). Computed as
+    z[target] - logsumexp(z) over chunks of `chunk` positions, so neither the forward nor
+    the backward pass holds an fp32 (B, T, V) log-softmax: the backward recomputes softmax
+    per chunk from the saved logits and writes the gradient in the logits' dtype."""
+    return _sampled_logprob_fn().apply(logits, targets, float(temperature), int(chunk))
+
+
+def token_entropy(logits, T: int, temperature: float = 1.0, chunk: int = 256):
+    """(B, T) entropy of softmax(logits[:, t] / temperature) for t < T, in fp32 chunks of
+    `chunk` positions, without gradient."""
+    import torch
+
+    B = logits.shape[0]
+    ent = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
     with torch.no_grad():
-        entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, T-1)
-    return logp, entropy
+        for b in range(B):
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                z = logits[b, s:e].float() / temperature  # (c, V)
+                lse = torch.logsumexp(z, -1, keepdim=True)  # (c, 1)
+                p = (z - lse).exp()  # (c, V)
+                ent[b, s:e] = lse.squeeze(-1) - (p * z).sum(-1)  # H = lse - E_p[z]
+    return ent
+
+
+def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: float = 1.0, with_entropy: bool = False):
+    """The log-probabilities that training uses: (B, Tc) log p of each completion token given
+    its context, logits divided by the sampling temperature, the (B, Tc) completion mask
+    built from the token counts and, if asked, the (B, Tc) entropy (no gradient; else None).
+    Contexts are left-padded and completions right-padded, so logits are computed for the
+    completion positions only; position ids count real tokens, as in the sampler. Memory:
+    the model's logits (B, Tc + 1, V) plus chunk-sized temporaries (`sampled_logprobs`)."""
+    import torch
+
+    ctx, ctx_mask = pad_sequences(ctx_ids, pad_id, left=True)  # (B, Tp)
+    comp, comp_mask = pad_sequences(comp_ids, pad_id)  # (B, Tc)
+    device = next(model.parameters()).device
+    ids = torch.cat([ctx, comp], 1).to(device)  # (B, Tp + Tc)
+    attn = torch.cat([ctx_mask, comp_mask], 1).to(device)  # (B, Tp + Tc)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, Tp + Tc)
+    Tc = comp.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=Tc + 1).logits  # (B, Tc + 1, V)
+    comp = comp.to(device)
+    logp = sampled_logprobs(logits, comp, temperature)  # (B, Tc): position t predicts completion token t
+    entropy = token_entropy(logits.detach(), Tc, temperature) if with_entropy else None  # (B, Tc)
+    return logp, comp_mask.to(device).float(), entropy

@@ -40,7 +40,7 @@ Outputs in <out> (default runs/warmstart, runs/warmstart-<scheme> for the other 
 search.jsonl (every tree: nodes with text, depth, value, completeness, grade; the plain
 attempts), traces.jsonl (problem, answer, prompt, z0, restart_step, z1, z2, completion, the
 values of z0's prefix nodes, the restart value, z0's source), log.jsonl (per SFT step: loss,
-tokens, lr, grad norm), checkpoint.pt, summary.json (search and trace counts), model/ with
+tokens, lr, grad norm), checkpoint/ (sharded), summary.json (search and trace counts), model/ with
 mrt.json ("format": "backtrack" for backtrack/rise, "direct" for rejection).
 
 Decisions (the paper publishes no code for this stage):
@@ -126,7 +126,7 @@ class Args:
     search_from: str = ""
     """reuse the trees of this search.jsonl instead of searching (e.g. for another scheme)"""
     resume: bool = False
-    """reuse <out>/search.jsonl if present and continue SFT from <out>/checkpoint.pt"""
+    """reuse <out>/search.jsonl if present and continue SFT from <out>/checkpoint/"""
     seed: int = 0
     """seeds sampling, trace choice, data order and initialisation"""
     plot: list[str] = field(default_factory=list)
@@ -184,7 +184,7 @@ class Args:
     report_to: str = "none"
     """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     dtype: str = "auto"
-    """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False
@@ -439,7 +439,7 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
     if not data:
         raise utils.UserError("sft: no training example (every prompt is longer than --max-length, or none was built)")
     utils.seed_everything(args.seed)
-    model = utils.shard_model(utils.load_model(model_path, args.dtype, device), args.gradient_checkpointing)
+    model, _ = utils.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing)
     model.train()
     B, M = args.batch_size, args.micro_batch_size
     per_rank, steps_per_epoch = B // world, math.ceil(len(data) / B)
@@ -447,7 +447,7 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, utils.lr_lambda(int(args.warmup_ratio * total), total))
     start, tokens_seen = 0, 0
-    if resume and os.path.exists(ckpt_path):
+    if resume and utils.has_checkpoint(ckpt_path):
         extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
         start, tokens_seen = extra["step"], extra["tokens"]
         utils.print0(f"sft: resumed {ckpt_path} at step {start}/{total}")
@@ -644,7 +644,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
             "args": dataclasses.asdict(args)}
     t0 = time.time()
     model = sft(model_path, [sft_example(t, args.z0_loss) for t in traces], args, model_dir=os.path.join(out, "model"),
-                log_path=os.path.join(out, "log.jsonl"), ckpt_path=os.path.join(out, "checkpoint.pt"), card=card,
+                log_path=os.path.join(out, "log.jsonl"), ckpt_path=os.path.join(out, "checkpoint"), card=card,
                 resume=args.resume, log_extra={"scheme": args.scheme}, report_to=args.report_to)
     del model
     summary["sft_seconds"] = round(time.time() - t0, 1)

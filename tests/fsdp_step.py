@@ -4,7 +4,8 @@ for tests/test_fsdp.py, which runs it both ways and compares what it saves.
     python tests/fsdp_step.py --base /work/toy-dev/base --out /tmp/one
     torchrun --standalone --nproc_per_node 2 tests/fsdp_step.py --base /work/toy-dev/base --out /tmp/two --sample
 
-Rank 0 saves to --out/result.pt: the loss and gradient norm of the step, the full gradients,
+Rank 0 saves to --out/result.pt: the weights as loaded (utils.load_trainer, with its frozen
+reference copy) and whether the embeddings are still tied, the loss and gradient norm of the step, the full gradients,
 the full updated weights, and the weights after a second step taken by a model restored from
 the checkpoint written after the first (utils.save_checkpoint/load_checkpoint). It also saves
 the updated model with utils.save_pretrained under --out/hf. With --sample, every rank builds
@@ -29,8 +30,9 @@ N_SEQS = 6
 
 
 def batch(tokenizer):
-    """Six toy problems with their solutions; loss on the solution tokens only. Lengths
-    differ, so the two ranks hold different numbers of loss tokens."""
+    """Six toy problems with their solutions (EOS included) as (prompt ids, completion ids);
+    loss on the completion tokens only. Lengths differ, so the two ranks hold different
+    numbers of loss tokens."""
     seqs, n_prompt = [], []
     for i in range(N_SEQS):
         p = toy.make_problem(random.Random(i))
@@ -39,23 +41,20 @@ def batch(tokenizer):
         completion = tokenizer(toy.render_solution(lines, final), add_special_tokens=False)["input_ids"]
         seqs.append(prompt + completion + [tokenizer.eos_token_id])
         n_prompt.append(len(prompt))
-    ids, attn = utils.pad_sequences(seqs, tokenizer.pad_token_id)  # (B, T)
-    loss_mask = torch.zeros_like(ids, dtype=torch.float)
-    for i, (s, k) in enumerate(zip(seqs, n_prompt)):
-        loss_mask[i, k: len(s)] = 1.0  # completion tokens, EOS included
-    return ids, attn, loss_mask[:, 1:]  # mask aligned with next-token log-probs (B, T-1)
+    return [s[:k] for s, k in zip(seqs, n_prompt)], [s[k:] for s, k in zip(seqs, n_prompt)]  # (contexts, completions)
 
 
-def step(model, opt, ids, attn, mask, world):
+def step(model, opt, ctx, comp, world, pad_id):
     """Token-mean cross-entropy over the whole (all-rank) batch, one clipped AdamW step.
     FSDP2 averages gradients over ranks, so each rank's sum is scaled by world / N_total."""
     import torch.distributed as dist
 
+    nll, mask, _ = utils.completion_logprobs(model, ctx, comp, pad_id)  # (b, Tc)
+    nll = -nll
     n_local = mask.sum()
     n_total = n_local.clone()
     if world > 1:
         dist.all_reduce(n_total)
-    nll = -utils.token_logprobs(model, ids, attn)  # (b, T-1)
     local_sum = (nll * mask).sum()
     (local_sum * world / n_total).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)  # active: the norm is ~0.7
@@ -70,9 +69,11 @@ def step(model, opt, ids, attn, mask, world):
     return (loss / n_total).item(), grad_norm.item(), grads, int(n_local.item())
 
 
-def new_model_and_opt(base):
-    model = utils.shard_model(utils.load_model(base, dtype="float32", device="cpu"))
-    return model, torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+def new_model_and_opt(base, reference=False):
+    """utils.load_trainer: read by rank 0 only and broadcast into the shards under torchrun."""
+    model, ref = utils.load_trainer(base, dtype="fp32", device="cpu", reference=reference)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
+    return (model, opt, ref) if reference else (model, opt)
 
 
 def greedy_ids(model, tokenizer, prompt, max_tokens):
@@ -87,9 +88,8 @@ def logprob_gap(model, tokenizer, prompt, samples):
     p = tokenizer(prompt)["input_ids"]
     gaps = []
     for s in samples:
-        ids = torch.tensor([p + s.token_ids])
         with torch.no_grad():
-            want = utils.token_logprobs(model, ids, torch.ones_like(ids))[0, len(p) - 1:]
+            want = utils.completion_logprobs(model, [p], [s.token_ids], tokenizer.pad_token_id)[0][0]  # (Tc,)
         gaps.append((want - torch.tensor(s.logprobs)).abs().max().item())
     return max(gaps)
 
@@ -98,9 +98,9 @@ def run(base: str, out: str, sample: bool = False) -> None:
     rank, world, _ = utils.init_distributed()
     utils.seed_everything(0)
     tok = utils.load_tokenizer(base)
-    ids, attn, mask = batch(tok)
+    ctx, comp = batch(tok)
     mine = list(range(rank, N_SEQS, world))  # this rank's rows of the fixed batch
-    ids, attn, mask = ids[mine], attn[mine], mask[mine]
+    ctx, comp = [ctx[i] for i in mine], [comp[i] for i in mine]
 
     if sample:  # before any training: each rank samples its own prompt with the base weights
         sampler = utils.Sampler(base, seed=0)
@@ -111,18 +111,21 @@ def run(base: str, out: str, sample: bool = False) -> None:
         before = sampler.generate([prompt], temperature=0.0, max_tokens=60)[0][0]
         before_ref = greedy_ids(ref, tok, prompt, 60)
 
-    model, opt = new_model_and_opt(base)
-    loss, grad_norm, grads, n_local = step(model, opt, ids, attn, mask, world)
+    model, opt, ref_model = new_model_and_opt(base, reference=True)
+    loaded, ref_state = utils.full_state_dict(model), utils.full_state_dict(ref_model)
+    tied = model.lm_head.weight is model.model.embed_tokens.weight  # the toy ties them
+    del ref_model
+    loss, grad_norm, grads, n_local = step(model, opt, ctx, comp, world, tok.pad_token_id)
     state = utils.full_state_dict(model)
 
     # checkpoint round trip: a fresh model and optimizer restored from it take the same next step
-    ckpt = os.path.join(out, "ckpt.pt")
+    ckpt = os.path.join(out, "ckpt")
     utils.save_checkpoint(ckpt, model, opt, step=1)
     model2, opt2 = new_model_and_opt(base)
     extra = utils.load_checkpoint(ckpt, model2, opt2)
     restored = utils.full_state_dict(model2)
-    step(model, opt, ids, attn, mask, world)
-    step(model2, opt2, ids, attn, mask, world)
+    step(model, opt, ctx, comp, world, tok.pad_token_id)
+    step(model2, opt2, ctx, comp, world, tok.pad_token_id)
     second, second_restored = utils.full_state_dict(model), utils.full_state_dict(model2)
 
     counts = [None] * world
@@ -133,7 +136,7 @@ def run(base: str, out: str, sample: bool = False) -> None:
     if utils.is_main():
         torch.save({"loss": loss, "grad_norm": grad_norm, "grads": grads, "state": state, "restored": restored,
                     "extra": extra, "second": second, "second_restored": second_restored, "tokens": counts,
-                    "world": world}, os.path.join(out, "result.pt"))
+                    "world": world, "loaded": loaded, "ref_state": ref_state, "tied": tied}, os.path.join(out, "result.pt"))
     utils.save_pretrained(model, tok, os.path.join(out, "hf"))  # the model after two steps
 
     if sample:  # sync from the sharded model (every rank gathers), then sample again

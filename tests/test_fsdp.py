@@ -64,6 +64,17 @@ def test_fsdp_step_equals_single_process(runs, toy_paths):
     assert max_diff(one["second"], two["second"]) < 1e-4
 
 
+def test_loaded_once_and_broadcast(runs, toy_paths):
+    """load_trainer under torchrun (rank 0 reads, the meta-device shards are filled by
+    broadcast) gives the weights on disk, for the policy and the reference, embeddings tied."""
+    from transformers import AutoModelForCausalLM
+
+    disk = AutoModelForCausalLM.from_pretrained(toy_paths["base"], dtype=torch.float32).state_dict()
+    for r in (runs["one"], runs["two"]):
+        assert max_diff(r["loaded"], disk) == 0.0 and max_diff(r["ref_state"], disk) == 0.0
+        assert r["tied"]
+
+
 def test_checkpoint_round_trip(runs):
     for r in (runs["one"], runs["two"]):
         assert r["extra"] == {"world_size": r["world"], "step": 1}

@@ -361,14 +361,14 @@ def test_kill_and_resume_matches_uninterrupted_run(engine, toy_paths, toy_warmst
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py")] + _cli(_args(toy_paths, cut, **cfg))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
-    ckpt = cut / "checkpoint.pt"
+    ckpt = cut / "checkpoint"
     deadline = time.time() + 300
-    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+    while not utils.has_checkpoint(str(ckpt)) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.kill()
     _, err = proc.communicate()
-    assert ckpt.exists(), err[-3000:]
-    assert torch.load(ckpt, weights_only=False)["step"] == 2
+    assert utils.has_checkpoint(str(ckpt)), err[-3000:]
+    assert utils.checkpoint_extra(str(ckpt))["step"] == 2
     assert not (cut / "model").exists()
 
     engine.sync_weights(utils.load_model(toy_warmstart["model"], "auto", "cpu"))  # as a fresh process would hold

@@ -226,7 +226,7 @@ def test_scripted_mrt_run_keeps_exactly_the_filtered_continuations(toy_paths, tm
     assert summary["examples"] == 2 * n and json.load(open(out / "summary.json"))["accuracy"] == summary["accuracy"]
     z0 = _jsonl(out / "z0.jsonl")
     assert len(z0) == 12 + 4 and all(r["z0"] == ScriptedSampler.z0(r["problem"]) for r in z0)
-    assert not list(out.glob(".sft_iter*.pt")) and not list(out.glob(".tmp-*"))
+    assert not list(out.glob(".sft_iter*")) and not list(out.glob(".tmp-*"))
 
 
 def torch_equal(a, b) -> bool:

@@ -34,13 +34,12 @@ def prompts(toy_paths, engine):
 
 
 def trainer_logprobs(model, tokenizer, prompt, samples, temperature=1.0):
-    """(tokens, samples) log-probs of each sample's tokens under `model` (utils.token_logprobs)."""
+    """(tokens, samples) log-probs of each sample's tokens under `model` (utils.completion_logprobs)."""
     prompt_ids = tokenizer(prompt)["input_ids"]
-    seqs = [prompt_ids + s.token_ids for s in samples]
-    ids, mask = utils.pad_sequences(seqs, tokenizer.pad_token_id)
     with torch.no_grad():
-        lp = utils.token_logprobs(model, ids, mask, temperature=temperature)  # (B, T-1)
-    return [lp[i, len(prompt_ids) - 1: len(seq) - 1] for i, seq in enumerate(seqs)]
+        lp, _, _ = utils.completion_logprobs(model, [prompt_ids] * len(samples), [s.token_ids for s in samples],
+                                             tokenizer.pad_token_id, temperature)  # (B, Tc)
+    return [lp[i, : s.num_tokens] for i, s in enumerate(samples)]
 
 
 def max_logprob_gap(model, tokenizer, prompt, samples, temperature=1.0):
@@ -167,12 +166,12 @@ def perturb(model, tokenizer, steps=3, lr=0.1):
     texts = [utils.build_prompt(tokenizer, toy.make_problem(random.Random(100 + i))["problem"])
              + "Step 1: 1 + 1 = 7\nStep 2: 7 * 7 = 7\nThe answer is \\boxed{7}" for i in range(8)]
     seqs = [tokenizer(t)["input_ids"] for t in texts]
-    ids, mask = utils.pad_sequences(seqs, tokenizer.pad_token_id)
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        nll = -utils.token_logprobs(model, ids, mask)  # (B, T-1)
-        loss = (nll * mask[:, 1:]).sum() / mask[:, 1:].sum()
+        lp, mask, _ = utils.completion_logprobs(model, [s[:1] for s in seqs], [s[1:] for s in seqs],
+                                                tokenizer.pad_token_id)  # (B, T-1)
+        loss = -(lp * mask).sum() / mask.sum()
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -588,20 +588,22 @@ def tiny_model():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_by_hand(tiny_model, temperature):
+def test_completion_logprobs_by_hand(tiny_model, temperature):
     torch.manual_seed(1)
     seqs = [torch.randint(0, 50, (9,)).tolist(), torch.randint(0, 50, (5,)).tolist()]
-    ids, mask = utils.pad_sequences(seqs, pad_id=0)
+    ctx, comp = [s[:3] for s in seqs], [s[3:] for s in seqs]  # contexts of 3, completions of 6 and 2
     with torch.no_grad():
-        lp, ent = utils.token_logprobs(tiny_model, ids, mask, temperature=temperature, with_entropy=True)
-    assert lp.shape == ent.shape == (2, 8)
+        lp, mask, ent = utils.completion_logprobs(tiny_model, ctx, comp, pad_id=0, temperature=temperature,
+                                                  with_entropy=True)
+    assert lp.shape == ent.shape == mask.shape == (2, 6)
+    assert mask.tolist() == [[1.0] * 6, [1.0, 1.0, 0, 0, 0, 0]]
     for b, s in enumerate(seqs):
         with torch.no_grad():  # each sequence alone, no padding
             logits = tiny_model(torch.tensor([s])).logits[0].double() / temperature  # (T, V)
-        for t in range(len(s) - 1):
-            z = logits[t]
+        for t in range(len(s) - 3):
+            z = logits[t + 2]  # predicts s[t + 3], completion token t
             logp = z - torch.logsumexp(z, 0)
-            assert abs(lp[b, t].item() - logp[s[t + 1]].item()) < 1e-5
+            assert abs(lp[b, t].item() - logp[s[t + 3]].item()) < 1e-5
             assert abs(ent[b, t].item() - (-(logp.exp() * logp).sum()).item()) < 1e-5
 
 
