@@ -20,12 +20,16 @@ Variants (flags; a variant only sets defaults, explicit flags win):
   --variant direct   plain GRPO on the prompt: no z0, no backtrack, reward grade(completion)
 
 Advantage assignment (--assign): `final` gives every token of z_{1:2} the group-normalized
-combined reward R (as the paper ran); `episode` gives the tokens of z1 alpha times the
-group-normalized gain I and the tokens of z2 the group-normalized outcome r (dense per-episode
-credit). The z1/z2 boundary is found on the sampled token ids (decoded prefixes), never by
-re-tokenizing text; the token that straddles the boundary counts as z1. A continuation that
-does not parse into episodes (no restart line, no newline after it) gets r = 0 and gain 0
-(J after := J before), and in `episode` mode all its tokens get the outcome advantage.
+combined reward R (as the paper ran); `episode` is per-episode reward-to-go (episode_advantages):
+the tokens of z1 get the group-normalized reward of z1 and all that follows it, alpha * I + r
+(- the length penalty), which is R, and the tokens of z2 the group-normalized outcome r (- the
+length penalty). With reward-to-go the two assignments have the same expected policy gradient
+(the paper's footnote on per-episode vs final rewards) up to the group normalization, which
+each applies to its own reward. The z1/z2 boundary is found on the sampled token ids (decoded
+prefixes), never by re-tokenizing text; the token that straddles the boundary counts as z1.
+A continuation that does not parse into episodes (infogain.split_continuation: no restart
+line, no line break after it, or a split whose z0 is not the sampled z0) gets r = 0 and gain
+0 (mu is not asked about it), and in `episode` mode all its tokens get the z2 advantage.
 
 Batch semantics: every rank samples --prompts-per-step problems x --group-size continuations
 per step (the generation batch, B = P * G sequences per rank), cut into micro-batches of
@@ -77,7 +81,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from infogain import MetaProver, backtrack_cue, information_gain, split_backtrack  # noqa: E402
+from infogain import MetaProver, backtrack_cue, information_gain, split_continuation  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Arguments, presets, variants
@@ -270,6 +274,19 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return torch.where(equal, torch.zeros_like(adv), adv).view(-1)
 
 
+def episode_advantages(outcome, gain, num_tokens, group_size: int, *, alpha: float, length_penalty: float = 0.0,
+                       max_completion_length: int | None = None, scale: str = "group"):
+    """(adv_z1, adv_z2), each (B,), of the `episode` assignment: per-episode reward-to-go,
+    group-normalized. z1 is credited with its own reward and everything after it,
+    alpha * I + r - lambda * num_tokens / max_completion_length (= the combined reward R, so
+    adv_z1 is the `final` advantage); z2 with what follows it, r - lambda * num_tokens /
+    max_completion_length. Tensors (B,), ordered group by group."""
+    after_z1 = combine_rewards(outcome, gain, alpha, num_tokens, length_penalty, max_completion_length)  # (B,)
+    after_z2 = combine_rewards(outcome, torch.zeros_like(gain), 0.0, num_tokens, length_penalty,
+                               max_completion_length)  # (B,)
+    return group_advantages(after_z1, group_size, scale), group_advantages(after_z2, group_size, scale)
+
+
 def assign_advantages(adv_z1: torch.Tensor, adv_z2: torch.Tensor, z1_tokens: torch.Tensor, T: int) -> torch.Tensor:
     """Per-token advantages (B, T) of the `episode` assignment: positions t < z1_tokens[i] (the
     backtrack episode z1) get adv_z1[i], the rest (the revised attempt z2, EOS included) get
@@ -415,7 +432,7 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
             if fmt == "direct":
                 row["outcome"] = utils.grade(s.text, p["answer"])
             else:
-                ep = split_backtrack(tail + s.text)
+                ep = split_continuation(z0s[p["id"]], tail + s.text)
                 row["outcome"] = utils.grade(ep.z2, p["answer"]) if ep else 0.0
                 row["episodes"] = ep
                 if ep:  # z1 ends where z2 begins: len(text) - len(z2) characters into the continuation
@@ -425,12 +442,12 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
             before_ctx.append(p["prompt"] + z0s[p["id"]])
             golds_b.append(p["answer"])
     if meta_prover is not None:  # I_i = J(mu | x, z0, z1_i) - J(mu | x, z0)  (Def. 5.1)
-        # an unparsed continuation counts as one episode for the bonus: mu reads all of it
-        after_ctx = [r["problem"]["prompt"] + (r["episodes"].z0 + r["episodes"].z1 if r["episodes"] else
-                                               backtrack_cue(z0s[r["problem"]["id"]]) + r["text"]) for r in rows]
-        golds_a = [r["problem"]["answer"] for r in rows]
+        # an unparsed continuation has no episode z1: gain 0, and mu is not asked about it
+        parsed = [r for r in rows if r["episodes"]]
+        after_ctx = [r["problem"]["prompt"] + r["episodes"].z0 + r["episodes"].z1 for r in parsed]
+        golds_a = [r["problem"]["answer"] for r in parsed]
         J = meta_prover.success_rates(before_ctx + after_ctx, golds_b + golds_a, seed=utils.derive_seed(seed, "meta-prover"))
-        for r, j_after in zip(rows, J[len(problems):]):
+        for r, j_after in zip(parsed, J[len(problems):]):
             r["gain"] = information_gain(j_after, J[r["group"]])
     return rows
 
@@ -666,11 +683,11 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         own = slice(rank * P * G, (rank + 1) * P * G)
         adv_final = group_advantages(every["reward"], G, args.scale_rewards)[own]  # (B,)
         advantages = adv_final
-        if args.assign == "episode":  # z1 tokens: alpha * A(gain); z2 tokens: A(outcome - length penalty)
-            r2 = combine_rewards(every["outcome"], torch.zeros_like(every["gain"]), 0.0, every["tokens"],
-                                 args.length_penalty, args.max_tokens)
-            advantages = Episode(adv_z1=args.alpha * group_advantages(every["gain"], G, args.scale_rewards)[own],
-                                 adv_z2=group_advantages(r2, G, args.scale_rewards)[own],
+        if args.assign == "episode":  # reward-to-go: z1 tokens A(alpha * I + r - penalty), z2 tokens A(r - penalty)
+            adv_z1, adv_z2 = episode_advantages(every["outcome"], every["gain"], every["tokens"], G, alpha=args.alpha,
+                                                length_penalty=args.length_penalty, max_completion_length=args.max_tokens,
+                                                scale=args.scale_rewards)  # (B * world,) each
+            advantages = Episode(adv_z1=adv_z1[own], adv_z2=adv_z2[own],
                                  z1_tokens=torch.tensor([r["z1_tokens"] for r in rows]))  # (B,) each
 
         # ---- loss and update ----------------------------------------------------------------

@@ -28,8 +28,15 @@ Decisions (the paper publishes no code for this):
 - Episode split: at the FIRST marker of the text (a linearized stream with several markers
   keeps the later ones inside z2). Whitespace before the marker belongs to z1, so z0 ends at
   its last non-space character; the marker may be followed by any whitespace (CRLF too)
-  before "Step k:", and spaces are allowed around k. k must be >= 1. A text with no marker,
-  or with no "Step k:" right after its first marker, is not a backtrack trace (None).
+  before "Step k:", and spaces are allowed around k. k must be >= 1. z1 runs through the end
+  of the restart line, and a line break must follow it: the revised attempt z2 starts there.
+  A text with no marker, with no "Step k:" right after its first marker, or that ends on its
+  restart line (cut there, or its box written on that line with nothing after) is not a
+  backtrack trace (None): otherwise z1 would hold the answer and z2 be empty, so the box would
+  earn z1 information gain while the outcome, graded on z2, is 0.
+- A continuation sampled after backtrack_cue(z0) (grpo.py, star.py) is split with
+  `split_continuation(z0, completion)`: None also when the split's z0 is not the sampled z0
+  (a marker inside a line of z0 would split there, in the wrong place).
 - mu's context: `mu_context(context, suffix)`. When the suffix starts with a newline, the
   context's trailing newlines are dropped first, so "...Solution:\\n" + "\\nTime is up" reads
   "...Solution:\\nTime is up" (one line break, as after a step line), never a blank line.
@@ -79,12 +86,13 @@ class Episodes:
     """k, the step the revised attempt restarts from"""
 
 
-_RESTART = re.compile(r"\s*Step[ \t]*(\d+)[ \t]*:[^\n]*")
+_RESTART = re.compile(r"\s*Step[ \t]*(\d+)[ \t]*:[^\n]*(?=\n)")
 
 
 def split_backtrack(text: str, marker: str = utils.BACKTRACK_MARKER) -> Episodes | None:
-    """Split a backtrack trace at the FIRST marker. None when there is no marker or no
-    "Step k:" (k >= 1) right after it (whitespace, CRLF included, may come between)."""
+    """Split a backtrack trace at the FIRST marker. None when there is no marker, no
+    "Step k:" (k >= 1) right after it (whitespace, CRLF included, may come between), or no
+    line break after the restart line (z2, which starts with that line break, would be empty)."""
     i = text.find(marker)
     if i < 0:
         return None
@@ -93,6 +101,14 @@ def split_backtrack(text: str, marker: str = utils.BACKTRACK_MARKER) -> Episodes
         return None
     start = len(text[:i].rstrip())  # whitespace before the marker opens z1
     return Episodes(text[:start], text[start:m.end()], text[m.end():], int(m.group(1)))
+
+
+def split_continuation(z0: str, completion: str, marker: str = utils.BACKTRACK_MARKER) -> Episodes | None:
+    """Episodes of a completion sampled after backtrack_cue(z0) (completion = the cue and the
+    sample): split_backtrack, and None unless the split's z0 is the sampled z0 (a marker
+    inside a line of z0 would otherwise split z0 itself). grpo.py and star.py use it."""
+    ep = split_backtrack(completion, marker)
+    return ep if ep is not None and ep.z0 == z0 else None
 
 
 def join_backtrack(ep: Episodes) -> str:

@@ -9,7 +9,7 @@ One iteration k = 1..K of Alg. 1 (--method mrt), for every training problem q:
   sample   G continuations z_{1:2} from the CURRENT model given (q, z0), with grpo.py's
            context: z0 + "\\n" + MARKER + "\\nStep" (infogain.backtrack_cue); the model names
            the restart step (" k: ...") and writes the revised attempt. Each continuation is
-           split into episodes with infogain.split_backtrack(cue + continuation).
+           split into episodes with infogain.split_continuation(z0, cue + continuation).
   reward   r_i = J(mu | q, z0, z1_i), so r_i - r0 is the information gain of the backtrack
            episode z1_i; z2_i is graded on its own (utils.grade(z2), z0's box never counts).
   filter   keep (q, z0, z_{1:2}) of select_continuation(r0, r, correct): the continuation with
@@ -54,9 +54,11 @@ Decisions / departures from the paper (it publishes no code for this algorithm):
   the continuations that are correct AND beat r0. An incorrect argmax is skipped in favour of
   the best correct continuation with r_i > r0 (the other reading, "drop the problem when the
   overall argmax is wrong", would throw away correct gains). Ties go to the first.
-- A continuation is a candidate only if it parses (marker, then "Step k:", and split z0 ==
-  the sampled z0), ended by itself (EOS, not cut at --max-tokens) and its z2 is correct. An
-  unparsed one still gets r_i, from mu reading the whole continuation (as in grpo.py).
+- A continuation is a candidate only if it parses (infogain.split_continuation: marker, then
+  "Step k:" and a line break, and split z0 == the sampled z0, the guard grpo.py shares), ended
+  by itself (EOS, not cut at --max-tokens) and its z2 is correct. An unparsed one still gets a
+  logged r_i, from mu reading the whole continuation (grpo.py gives such a one gain 0 instead;
+  here it is never kept, so r_i only enters the logged gain means).
 - z0 is sampled once per problem at the start (the base never changes); r0 is re-estimated
   every iteration because mu is the current model (fixed with --mu-model).
 - The data set accumulates over iterations (a problem may contribute one example per
@@ -94,7 +96,7 @@ import numpy as np  # noqa: E402
 
 import utils  # noqa: E402
 import warmstart  # noqa: E402
-from infogain import MetaProver, backtrack_cue, information_gain, make_sampler, split_backtrack  # noqa: E402
+from infogain import MetaProver, backtrack_cue, information_gain, make_sampler, split_continuation  # noqa: E402
 
 METHODS = {"mrt": "backtrack", "star": "direct", "rise": "backtrack"}  # method -> model format
 
@@ -253,9 +255,7 @@ def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold
     Correct means: it parses into z0/z1/z2 with the sampled z0, it ended by itself (not cut at
     the token limit), and z2 alone is graded correct."""
     completion = continuation_cue(method, z0) + text
-    ep = split_backtrack(completion)
-    if ep is not None and ep.z0 != z0:
-        ep = None  # the split found another marker than the one the cue put after z0
+    ep = split_continuation(z0, completion)  # None also when a marker inside z0 would split z0 itself
     ok = ep is not None and finish_reason == "stop" and utils.grade(ep.z2, gold) == 1.0
     return {"completion": completion, "episodes": ep, "correct": ok}
 
@@ -371,7 +371,7 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
                                 max_tokens=args.max_tokens, seed=utils.derive_seed(seed, rank), logprobs=False)
         for p, c, g in zip(mine, cues, outs):
             for s in g:
-                ep = split_backtrack(c + s.text)
+                ep = split_continuation(z0s[p["id"]], c + s.text)
                 scores.append(utils.grade(ep.z2, p["answer"]) if ep else 0.0)
     return float(np.mean([x for part in utils.all_gather(scores) for x in part]))
 

@@ -463,6 +463,9 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
                   f"Beam search solved {fmt([x['search']['search_solved'] for x in sums])}% of the searched problems "
                   f"against a single-sample pass@1 of {fmt([x['search']['attempt_pass@1'] for x in sums])}%; "
                   f"{fmt([x['traces']['count'] for x in sums], 1, 0)} Backtrack traces per seed.", "",
+                  "The curves are not like for like: Backtrack and RISE take the loss on z1 + z2 with z0 in the "
+                  "prompt, rejection on whole solutions (warmstart.py's docstring; the legend names each curve's "
+                  "loss target for logs written since it was added).", "",
                   f"![fig6]({rel(os.path.join(fig_dir, 'fig6_warmstart_loss.png'))}) (seed {seeds[0]})", ""]
 
     text = "\n".join(lines) + "\n"

@@ -24,6 +24,13 @@ For each training problem x (gold answer y):
 The comparison schemes of Fig. 6 (--scheme): `rise` stitches the incorrect attempt to an
 unrelated correct solution from the start (restart at Step 1, as RISE's self-correction);
 `rejection` keeps correct direct solutions only (rejection-sampling SFT).
+The three loss curves are not like for like: by default `backtrack` and `rise` put z0 in the
+prompt and take the loss on z1 + z2 only (the marker, the restart line, the revised attempt;
+--z0-loss: on the whole trace), while `rejection` takes it on a whole solution from the
+prompt. Backtrack's z2 continues a solution whose steps 1..k-1 stand in z0, so its loss
+covers the marker, the redone step and the later steps, each with more context before it
+than in a whole solution. Each log line names what its loss is taken on (`loss_on`, shown in
+the --plot legend; sft_loss_target).
 
 Run (the toy task and base model are the default; a few minutes on 2 CPU cores):
     python warmstart.py                                   # Backtrack scheme -> runs/warmstart/
@@ -503,7 +510,8 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
 
 
 def plot_losses(logs: list[str], path: str) -> None:
-    """One curve per SFT log (label: its scheme, else its folder), loss vs completion tokens."""
+    """One curve per SFT log (label: its scheme, else its folder, and what its loss is taken
+    on when the log says), loss vs completion tokens."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -513,6 +521,7 @@ def plot_losses(logs: list[str], path: str) -> None:
     for log in logs:
         recs = utils.read_records(log, ["step", "loss", "tokens"])
         label = recs[0].get("scheme") or os.path.basename(os.path.dirname(os.path.abspath(log)))
+        label += f" (loss on {recs[0]['loss_on']})" if recs[0].get("loss_on") else ""
         runs[f"{label} ({log})" if label in runs else label] = recs
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, recs in runs.items():
@@ -532,6 +541,16 @@ def plot_losses(logs: list[str], path: str) -> None:
 # --------------------------------------------------------------------------------------
 # Main: search -> traces -> SFT
 # --------------------------------------------------------------------------------------
+
+
+def sft_loss_target(scheme: str, z0_loss: bool, direct_mix: float = 0.0) -> str:
+    """What a scheme's SFT loss is taken on (the `loss_on` field of log.jsonl, the Fig. 6
+    legend): rejection a whole solution; backtrack / rise z1 + z2 with z0 in the prompt, or
+    the whole trace with --z0-loss; plus the mixed-in direct solutions of --direct-mix."""
+    if scheme == "rejection":
+        return "whole solution"
+    target = "z0+z1+z2" if z0_loss else "z1+z2, z0 in prompt"
+    return target + (f", {direct_mix:g} direct mix" if direct_mix > 0 else "")
 
 
 def sft_example(trace: dict, z0_loss: bool) -> tuple[str, str]:
@@ -645,7 +664,8 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     t0 = time.time()
     model = sft(model_path, [sft_example(t, args.z0_loss) for t in traces], args, model_dir=os.path.join(out, "model"),
                 log_path=os.path.join(out, "log.jsonl"), ckpt_path=os.path.join(out, "checkpoint"), card=card,
-                resume=args.resume, log_extra={"scheme": args.scheme}, report_to=args.report_to)
+                resume=args.resume, report_to=args.report_to,
+                log_extra={"scheme": args.scheme, "loss_on": sft_loss_target(args.scheme, args.z0_loss, args.direct_mix)})
     del model
     summary["sft_seconds"] = round(time.time() - t0, 1)
     if utils.is_main():

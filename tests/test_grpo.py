@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -227,6 +228,119 @@ def test_episode_and_final_assignment():
     loss_b, _ = grpo.grpo_loss(logp, logp.detach(), None, final, mask, loss_type="bnpo")
     loss_t, _ = grpo.grpo_loss(logp, logp.detach(), None, final[:, None].expand(3, 4), mask, loss_type="bnpo")
     assert loss_b.item() == pytest.approx(loss_t.item())
+
+
+def test_episode_advantages_are_reward_to_go():
+    outcome, gain = torch.tensor([1.0, 0.0, 1.0, 0.0]), torch.tensor([0.5, 0.25, -0.25, 0.0])
+    ntok = torch.tensor([20.0, 40.0, 60.0, 80.0])
+    # by hand, scale "none", alpha 2, lambda 0.5, max length 100: penalty 0.1, 0.2, 0.3, 0.4
+    #   z2: r - penalty = [0.9, -0.2, 0.7, -0.4], mean 0.25
+    #   z1: 2 I + r - penalty = [1.9, 0.3, 0.2, -0.4], mean 0.5
+    z1, z2 = grpo.episode_advantages(outcome, gain, ntok, 4, alpha=2.0, length_penalty=0.5, max_completion_length=100,
+                                     scale="none")
+    assert torch.allclose(z1, torch.tensor([1.4, -0.2, -0.3, -0.9]), atol=1e-6)
+    assert torch.allclose(z2, torch.tensor([0.65, -0.45, 0.45, -0.65]), atol=1e-6)
+    # z1 gets the `final` advantage of R; groups are normalized separately
+    R = grpo.combine_rewards(outcome, gain, 2.0, ntok, 0.5, 100)
+    assert torch.equal(z1, grpo.group_advantages(R, 4, "none"))
+    z1, z2 = grpo.episode_advantages(outcome, gain, ntok, 2, alpha=1.0, scale="group")
+    # groups [1.5, 0.25] and [0.75, 0] for z1, [1, 0] twice for z2: +-1/sqrt(2) before the 1e-4
+    want = lambda d: d / 2 / (abs(d) / math.sqrt(2) + 1e-4)  # noqa: E731  (centered / (Bessel std + 1e-4))
+    assert torch.allclose(z1, torch.tensor([want(1.25), -want(1.25), want(0.75), -want(0.75)]), atol=1e-6)
+    assert torch.allclose(z2, torch.tensor([want(1.0), -want(1.0)] * 2), atol=1e-6)
+    # alpha 0: both episodes get the outcome's advantage (reward-to-go of z1 has no bonus left)
+    z1, z2 = grpo.episode_advantages(outcome, gain, ntok, 4, alpha=0.0)
+    assert torch.equal(z1, z2)
+
+
+class ScriptedSampler:
+    """The sampler interface rollout uses (tokenizer, generate), returning fixed continuations
+    per prompt; records the prompts it was asked."""
+
+    def __init__(self, tok, continuations: dict):
+        self.tokenizer, self.continuations, self.prompts = tok, continuations, []
+
+    def generate(self, prompts, n, **kw):
+        out = []
+        for ids in prompts:
+            context = self.tokenizer.decode(ids, skip_special_tokens=True)
+            self.prompts.append(context)
+            texts = self.continuations[context]
+            assert len(texts) == n
+            group = []
+            for t in texts:
+                ids_t = self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                assert self.tokenizer.decode(ids_t, skip_special_tokens=True) == t
+                group.append(utils.Sample(t, ids_t, len(ids_t), "stop", [-0.5] * len(ids_t), len(ids)))
+            out.append(group)
+        return out
+
+
+class ScriptedMetaProver:
+    """success_rates from a table of contexts; a context holding the right box reads it (1.0),
+    as the real mu copies an answer it can see. Records what it was asked."""
+
+    def __init__(self, table: dict):
+        self.table, self.asked = table, []
+
+    def success_rates(self, contexts, golds, seed=None):
+        self.asked.append((list(contexts), list(golds)))
+        return np.array([self.table[c] if c in self.table else float("\\boxed{" + g + "}" in c)
+                         for c, g in zip(contexts, golds)])
+
+
+def test_rollout_gain_wiring_with_a_scripted_sampler_and_meta_prover(toy_paths):
+    """Per-sample information gain: J(x, z0, z1_i) - J(x, z0) of its own group for a parsed
+    continuation; 0 for one that does not parse (malformed restart line, a restart line with
+    nothing after it, a z0 with a marker inside a line), and mu is asked only the contexts
+    [x + z0 per problem] + [x + z0 + z1_i per parsed continuation]."""
+    from infogain import backtrack_cue
+
+    tok = utils.load_tokenizer(toy_paths["base"])
+    mark = utils.BACKTRACK_MARKER
+    probs = [{"id": 0, "problem": "Start with 17. Add 25. Multiply by 3. Subtract 48. What is the result?", "answer": "78"},
+             {"id": 1, "problem": "Start with 2. Add 3. Multiply by 4. What is the result?", "answer": "20"},
+             {"id": 2, "problem": "Start with 6. Add 1. Multiply by 2. What is the result?", "answer": "14"}]
+    for p in probs:
+        p["prompt"] = utils.build_prompt(tok, p["problem"])
+    z0s = {0: "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 127\nStep 3: 127 - 48 = 79\nThe answer is \\boxed{79}",
+           1: "Step 1: 2 + 3 = 5\nStep 2: 5 * 4 = 24\nThe answer is \\boxed{24}",
+           2: "Step 1: 6 + 1 = 7 " + mark + "\nStep 2: 7 * 2 = 15\nThe answer is \\boxed{15}"}  # marker inside a line
+    conts = {0: [" 2: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}",  # parsed, right
+                 " 3: 127 - 48 = 80\nThe answer is \\boxed{80}",  # parsed, wrong
+                 " two: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}",  # malformed restart, right box
+                 " 2: 42 * 3 = 126, 126 - 48 = 78, \\boxed{78}"],  # the box on the restart line, nothing after
+             1: [" 2: 5 * 4 = 20\nThe answer is \\boxed{20}", " lost", " 1: 2 + 3 = 6\nThe answer is \\boxed{24}",
+                 " 2: 5 * 4 = 20\nThe answer is \\boxed{20}"],
+             2: [" 2: 7 * 2 = 14\nThe answer is \\boxed{14}"] * 4}
+    tails = {i: backtrack_cue(z0s[i]) for i in z0s}
+    sampler = ScriptedSampler(tok, {probs[i]["prompt"] + tails[i]: conts[i] for i in z0s})
+    x = [p["prompt"] for p in probs]
+    z1 = lambda i, line: x[i] + z0s[i] + "\n" + mark + "\nStep" + line  # noqa: E731
+    table = {x[0] + z0s[0]: 0.25, x[1] + z0s[1]: 0.5, x[2] + z0s[2]: 0.125,
+             z1(0, " 2: 42 * 3 = 126"): 0.75, z1(0, " 3: 127 - 48 = 80"): 0.0,
+             z1(1, " 2: 5 * 4 = 20"): 0.875, z1(1, " 1: 2 + 3 = 6"): 0.25}
+    mu = ScriptedMetaProver(table)
+    args = grpo.Args(variant="mrt", group_size=4, temperature=1.0, max_tokens=128)
+    rows = grpo.rollout(sampler, probs, z0s, args, seed=7, meta_prover=mu)
+
+    assert sampler.prompts == [x[i] + tails[i] for i in range(3)]
+    assert len(mu.asked) == 1
+    contexts, golds = mu.asked[0]
+    assert contexts == [x[0] + z0s[0], x[1] + z0s[1], x[2] + z0s[2],
+                        z1(0, " 2: 42 * 3 = 126"), z1(0, " 3: 127 - 48 = 80"),
+                        z1(1, " 2: 5 * 4 = 20"), z1(1, " 1: 2 + 3 = 6"), z1(1, " 2: 5 * 4 = 20")]
+    assert golds == ["78", "20", "14", "78", "78", "20", "20", "20"]
+    assert [r["group"] for r in rows] == [0] * 4 + [1] * 4 + [2] * 4
+    assert [r["outcome"] for r in rows] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0] + [0.0] * 4
+    assert [r["gain"] for r in rows] == [0.5, -0.25, 0.0, 0.0, 0.375, 0.0, -0.25, 0.375] + [0.0] * 4
+    assert [r["episodes"] is not None for r in rows] == [True, True, False, False, True, False, True, True] + [False] * 4
+    # z1 ends on the sampled ids: the first tokens covering the restart line; unparsed: 0
+    first = rows[0]
+    n = first["z1_tokens"]
+    assert tok.decode(first["token_ids"][:n]).startswith(" 2: 42 * 3 = 126")
+    assert len(tok.decode(first["token_ids"][:n - 1])) < len(" 2: 42 * 3 = 126")
+    assert [r["z1_tokens"] for r in rows[2:4]] == [0, 0] and all(r["z1_tokens"] == 0 for r in rows[8:])
 
 
 def test_tokens_covering_uses_sampled_ids(toy_paths):

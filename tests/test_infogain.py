@@ -43,11 +43,32 @@ def test_split_edge_cases():
     ep = split_backtrack(Z0 + "\n" + MARK + "\nStep 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126")
     assert ep.restart_step == 1 and ep.z1.endswith("Step 1: 17 + 25 = 42") and ep.z2 == "\nStep 2: 42 * 3 = 126"
     assert restart_prefix(ep.z0, 1) == ""
-    # the restart step is the last line: z2 is empty
-    ep = split_backtrack(Z0 + Z1)
-    assert ep.z1 == Z1 and ep.z2 == "" and ep.restart_step == 2
     # double-digit steps
-    assert split_backtrack(Z0 + "\n" + MARK + "\nStep 12: x").restart_step == 12
+    assert split_backtrack(Z0 + "\n" + MARK + "\nStep 12: x\ny").restart_step == 12
+
+
+def test_split_needs_a_line_break_after_the_restart_line():
+    # the text ends on its restart line (cut there, or its box written there): not a trace, so
+    # z1 never holds the answer with an empty z2 (the box would earn gain, the outcome 0)
+    assert split_backtrack(Z0 + Z1) is None
+    assert split_backtrack(Z0 + Z1 + " = 78, so \\boxed{78}") is None
+    assert split_backtrack(Z0 + "\n" + MARK + "\nStep 12: x") is None
+    # a line break after it, even with nothing more: z2 is that line break (graded 0)
+    ep = split_backtrack(Z0 + Z1 + "\n")
+    assert (ep.z1, ep.z2, ep.restart_step) == (Z1, "\n", 2) and utils.grade(ep.z2, "78") == 0.0
+    ep = split_backtrack(Z0 + Z1 + "\r\n")
+    assert ep.z1 == Z1 + "\r" and ep.z2 == "\n"
+
+
+def test_split_continuation_guards_the_sampled_z0():
+    cue = infogain.backtrack_cue(Z0)
+    assert infogain.split_continuation(Z0, cue + " 2: 42 * 3 = 126" + Z2) == Episodes(Z0, Z1, Z2, 2)
+    assert infogain.split_continuation(Z0, cue + " two: 42 * 3 = 126" + Z2) is None
+    # a marker inside a line of z0, with a step line after it: split_backtrack splits z0 itself
+    z0 = "Step 1: 17 + 25 = 42 " + MARK + "\nStep 2: 42 * 3 = 127\nThe answer is \\boxed{127}"
+    text = infogain.backtrack_cue(z0) + " 2: 42 * 3 = 126" + Z2
+    assert split_backtrack(text).z0 == "Step 1: 17 + 25 = 42"
+    assert infogain.split_continuation(z0, text) is None
 
 
 def test_split_whitespace_variants_round_trip():

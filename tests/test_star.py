@@ -65,6 +65,13 @@ def test_parse_continuation_grades_z2_only():
     assert star.parse_continuation("mrt", z0_right, BAD, "stop", "80")["correct"]
     bad = star.parse_continuation("mrt", Z0, " two: start over", "stop", "78")
     assert bad["episodes"] is None and not bad["correct"]
+    # a marker inside a line of z0 would split z0 itself: not parsed (infogain.split_continuation)
+    z0_marked = Z0.replace("= 42\n", "= 42 " + MARK + "\n")
+    assert split_backtrack(backtrack_cue(z0_marked) + GOOD).z0 != z0_marked
+    marked = star.parse_continuation("mrt", z0_marked, GOOD, "stop", "78")
+    assert marked["episodes"] is None and not marked["correct"]
+    # the restart line with nothing after it is not a trace (no z2)
+    assert star.parse_continuation("mrt", Z0, " 2: 42 * 3 = 126 so \\boxed{78}", "stop", "78")["episodes"] is None
     # rise: the restart at step 1 is forced by the cue
     rise = star.parse_continuation("rise", Z0, " 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 48 = 78\n"
                                                "The answer is \\boxed{78}", "stop", "78")

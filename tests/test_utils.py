@@ -312,7 +312,7 @@ def test_report_to_is_optional(tmp_path, backend):
         pytest.skip(f"{package} is installed here")
     with pytest.raises(utils.UserError) as e:
         utils.JsonlLogger(str(tmp_path / "n.jsonl"), report_to=backend)
-    want = (f"--report-to must be one of none, tensorboard, wandb, trackio, got 'mlflow'" if backend == "mlflow"
+    want = ("--report-to must be one of none, tensorboard, wandb, trackio, got 'mlflow'" if backend == "mlflow"
             else f"--report-to {backend} needs the {package} package (pip install {package})")
     assert str(e.value) == want
 

@@ -171,6 +171,19 @@ def test_sft_example_moves_z0_into_the_prompt():
     assert warmstart.sft_example({"prompt": "P\n", "completion": "C"}, z0_loss=False) == ("P\n", "C")
 
 
+def test_sft_loss_target_names_what_each_scheme_trains_on():
+    # Fig. 6 is not like for like: backtrack / rise train on z1 + z2 (z0 in the prompt), rejection on a whole solution
+    assert warmstart.sft_loss_target("backtrack", False) == "z1+z2, z0 in prompt"
+    assert warmstart.sft_loss_target("rise", False) == "z1+z2, z0 in prompt"
+    assert warmstart.sft_loss_target("backtrack", True) == "z0+z1+z2"
+    assert warmstart.sft_loss_target("rejection", False) == "whole solution"
+    assert warmstart.sft_loss_target("rejection", True, 0.5) == "whole solution"
+    assert warmstart.sft_loss_target("backtrack", False, 0.5) == "z1+z2, z0 in prompt, 0.5 direct mix"
+    # each target is what sft_example gives the loss: the completion after the prompt
+    t = {"prompt": "P\n", "z0": "A", "completion": "A\nB"}
+    assert warmstart.sft_example(t, False)[1] == "\nB" and warmstart.sft_example(t, True)[1] == "A\nB"
+
+
 # --------------------------------------------------------------------------------------
 # Real runs on the toy model
 # --------------------------------------------------------------------------------------
@@ -202,6 +215,7 @@ def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_path
     log = [json.loads(x) for x in open(out / "log.jsonl")]
     assert log[-1]["loss"] < 0.7 * log[0]["loss"], [round(r["loss"], 3) for r in log]
     assert all(b["tokens"] > a["tokens"] for a, b in zip(log, log[1:]))
+    assert all(r["scheme"] == "backtrack" and r["loss_on"] == "z1+z2, z0 in prompt" for r in log)
     card = json.load(open(out / "model" / "mrt.json"))
     assert card["format"] == "backtrack" and card["stage"] == "warmstart"
     SMALL = WARMSTART_SMALL
@@ -226,6 +240,7 @@ def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_path
                                         scheme="rejection", search_from=str(out / "search.jsonl"),
                                         **dict(SMALL, epochs=1)), sampler=engine)
     assert rej["traces"]["count"] > 0 and json.load(open(tmp_path / "rej" / "model" / "mrt.json"))["format"] == "direct"
+    assert json.loads(open(tmp_path / "rej" / "log.jsonl").readline())["loss_on"] == "whole solution"
     path = tmp_path / "fig6.png"
     warmstart.main(warmstart.Args(plot=[str(out / "log.jsonl"), str(tmp_path / "rej" / "log.jsonl")], plot_out=str(path)))
     assert path.stat().st_size > 1000
