@@ -81,7 +81,7 @@ class Episodes:
     z1: str
     """the backtrack episode: "\\n" + marker + "\\nStep k:" + the rest of that restarted line"""
     z2: str
-    """the revised attempt: the remaining steps and the boxed answer"""
+    """the revised attempt: from the line break after the restart line, the remaining steps and the boxed answer"""
     restart_step: int
     """k, the step the revised attempt restarts from"""
 
