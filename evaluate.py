@@ -18,10 +18,10 @@ the last backtrack marker (z2 for a backtrack trace; z0's box is never credited)
 
 Run (CPU, embedded default: toy test split, every toy checkpoint that exists):
     python evaluate.py
-    python evaluate.py --models base=runs/toy/base mrt=runs/grpo/mrt/model --n 8 --window 128
+    python evaluate.py --models base=runs/toy/base mrt=runs/grpo/mrt/model --samples 8 --window 128
 Real models (one GPU; AIME-style JSONL or Parquet, chat template applied automatically):
     python evaluate.py --models base=meta-llama/Llama-3.1-8B-Instruct mrt=runs/grpo/mrt/model \\
-        --data aime.jsonl --problem-field problem --answer-field answer --n 32 \\
+        --data aime.jsonl --problem-field problem --answer-field answer --samples 32 \\
         --temperature 0.7 --max-tokens 8192 --window 2048 --out runs/eval/aime
 Several GPUs (or CPU processes): the problems are split over the ranks, one engine per rank,
 and rank 0 merges the rows and writes the same outputs as one process (each problem's samples
@@ -88,8 +88,9 @@ class Args:
     """evaluate only the first N problems (0: all)"""
     modes: list[str] = field(default_factory=lambda: list(MODES))
     """evaluation modes: parallel and/or linearized"""
-    n: int = 8
-    """N: traces per problem (parallel) and rounds per problem (linearized)"""
+    samples: int = 8
+    """N: traces per problem (parallel) and rounds per problem (linearized) (not --n: under
+    torchrun, Python's argparse reads --n as an ambiguous torchrun option)"""
     temperature: float = 1.0
     """sampling temperature"""
     top_p: float = 1.0
@@ -365,7 +366,7 @@ def open_engine(path: str, records: list[dict], args: Args, ready=None):
 def run_parallel(sampler, prompt_ids, records, args: Args, ids: list[int]) -> list[dict]:
     """N independent traces per problem; one record per trace. `ids`: the problems' indices in
     the whole data set (this rank's share under torchrun), which also seed their samples."""
-    outs = sampler.generate(prompt_ids, n=args.n, temperature=args.temperature, top_p=args.top_p,
+    outs = sampler.generate(prompt_ids, n=args.samples, temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, use_tqdm=utils.is_main(),
                             seed=[utils.derive_seed(args.seed, "parallel", i) for i in ids])
     rows = []
@@ -394,7 +395,7 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int, ids: 
         utils.print0(f"warning: window capped at {min(windows)} tokens by the {max_len}-token context")
     transcripts = [[] for _ in prompt_ids]  # (P, growing) sampled ids: r1, cue, r2, cue, ...
     rows = []
-    for r in tqdm(range(args.n), desc="linearized rounds", disable=not utils.is_main()):
+    for r in tqdm(range(args.samples), desc="linearized rounds", disable=not utils.is_main()):
         contexts = [p if r == 0 else p + t[-w:] + cue for p, t, w in zip(prompt_ids, transcripts, windows)]
         outs = sampler.generate(contexts, n=1, temperature=args.temperature, top_p=args.top_p,
                                 max_tokens=args.max_tokens, seed=[utils.derive_seed(args.seed, "round", r, i) for i in ids])
@@ -617,8 +618,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     bad = [m for m in args.modes if m not in MODES]
     if bad or not args.modes:
         raise utils.UserError(f"--modes: expected some of {', '.join(MODES)}, got {args.modes}")
-    if args.n < 1 or args.window < 1 or args.max_tokens < 1 or args.problems < 0:
-        raise utils.UserError("--n, --window and --max-tokens must be >= 1 and --problems >= 0")
+    if args.samples < 1 or args.window < 1 or args.max_tokens < 1 or args.problems < 0:
+        raise utils.UserError("--samples, --window and --max-tokens must be >= 1 and --problems >= 0")
     if not args.data or not args.models:
         toy.ensure_built(args.toy_dir)
     runs = resolve_runs(args)
@@ -626,7 +627,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     records = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems)
     formats = {name: utils.model_format(path) for name, path in runs.items()}
     data_hash = hashlib.sha1(json.dumps([[r["problem"], r["answer"]] for r in records]).encode()).hexdigest()[:16]
-    utils.print0(f"evaluate: {len(runs)} runs x {len(records)} problems x N={args.n} ({', '.join(args.modes)}), "
+    utils.print0(f"evaluate: {len(runs)} runs x {len(records)} problems x N={args.samples} ({', '.join(args.modes)}), "
                  f"{world} rank(s)")
     mine = list(range(rank, len(records), world))  # this rank's problems (indices into records)
     logger = utils.JsonlLogger(os.path.join(args.out, "metrics.jsonl"))
@@ -639,7 +640,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             stem = os.path.join(args.out, "samples", re.sub(r"[^\w.-]", "_", name) + "." + mode)
             meta = {"model": path, "model_fingerprint": fingerprint(path), "mode": mode, "data": data_hash,
                     "format": formats[name], **{k: v for k, v in asdict(args).items()
-                                                if k in ("n", "temperature", "top_p", "max_tokens", "seed",
+                                                if k in ("samples", "temperature", "top_p", "max_tokens", "seed",
                                                          "instruction", "max_model_len")}}
             if mode == "linearized":
                 meta["window"] = args.window
@@ -662,12 +663,12 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                     utils.write_jsonl(stem + ".jsonl", [{"run": name, "mode": mode, **r} for r in rows])
                     utils.write_json(stem + ".meta.json", meta)
                 utils.barrier()
-            c = curves(rows, mode, args.n)
+            c = curves(rows, mode, args.samples)
             results[name]["modes"][mode] = c
-            logger.log({"run": name, "mode": mode, "pass@1": c["pass"][0], f"pass@{args.n}": c["pass"][-1],
-                        f"maj@{args.n}": c["maj"][-1], "tokens@1": c["tokens"][0], "rss_gib": rss_gib()})
-            utils.print0(f"{name} {mode}: pass@1 {c['pass'][0]:.3f}  pass@{args.n} {c['pass'][-1]:.3f}  "
-                         f"maj@{args.n} {c['maj'][-1]:.3f}  tokens/trace {c['tokens'][0]:.0f}")
+            logger.log({"run": name, "mode": mode, "pass@1": c["pass"][0], f"pass@{args.samples}": c["pass"][-1],
+                        f"maj@{args.samples}": c["maj"][-1], "tokens@1": c["tokens"][0], "rss_gib": rss_gib()})
+            utils.print0(f"{name} {mode}: pass@1 {c['pass'][0]:.3f}  pass@{args.samples} {c['pass'][-1]:.3f}  "
+                         f"maj@{args.samples} {c['maj'][-1]:.3f}  tokens/trace {c['tokens'][0]:.0f}")
         if sampler is not None and sampler is not (samplers or {}).get(path):
             close_engine(sampler, had_group)  # one engine at a time: free it before the next one
         sampler = None
@@ -682,7 +683,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         with utils.atomic_path(os.path.join(args.out, "table.md")) as tmp, open(tmp, "w") as f:
             f.write(markdown_table(results, comparison) + "\n")
         plot(results, os.path.join(args.out, "accuracy_tokens.png"),
-             f"{os.path.basename(data_path)}: {len(records)} problems, N={args.n}, T={args.temperature}")
+             f"{os.path.basename(data_path)}: {len(records)} problems, N={args.samples}, T={args.temperature}")
     utils.barrier()
     utils.print0(f"wrote {args.out}/curves.json, table.md, accuracy_tokens.png, samples/")
     return report

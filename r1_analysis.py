@@ -526,7 +526,7 @@ def sample_traces(sampler, problems: list[dict], args: Args, logger) -> list[dic
                                "trace": smp.text, "rounds": 1, "stem_tokens": smp.num_tokens,
                                "finish_reason": smp.finish_reason, "where": f"sampled {problems[i]['id']}-{s}"})
     else:
-        eargs = evaluate.Args(n=args.rounds, window=args.window, max_tokens=args.max_tokens,
+        eargs = evaluate.Args(samples=args.rounds, window=args.window, max_tokens=args.max_tokens,
                               temperature=args.temperature, seed=args.seed, modes=["linearized"])
         recs = [problems[i] for i, _ in reps]
         rows = evaluate.run_linearized(sampler, [prompt_ids[i] for i, _ in reps], recs, eargs, context_len(sampler),
@@ -630,7 +630,7 @@ def run_direct(sampler, problems: list[dict], args: Args, logger) -> list[dict]:
     """direct_n samples per distinct problem from the direct model (evaluate.run_parallel)."""
     tok = sampler.tokenizer
     prompt_ids = [utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in problems]
-    eargs = evaluate.Args(n=args.direct_n, max_tokens=args.direct_max_tokens, temperature=args.temperature,
+    eargs = evaluate.Args(samples=args.direct_n, max_tokens=args.direct_max_tokens, temperature=args.temperature,
                           seed=utils.derive_seed(args.seed, "direct"), modes=["parallel"])
     rows = evaluate.run_parallel(sampler, prompt_ids, problems, eargs, list(range(len(problems))))
     logger.log({"stage": "direct", "problems": len(problems), "pass@1": float(np.mean([r["correct"] for r in rows])),

@@ -58,7 +58,7 @@ SIZES = {
         warmstart=["--problems", "24"],
         star=["--iterations", "2", "--problems", "32", "--eval-problems", "16"],
         grpo=["--steps", "4", "--eval-problems", "16"],
-        evaluate=["--problems", "16", "--n", "4", "--window", "128", "--max-tokens", "200"],
+        evaluate=["--problems", "16", "--samples", "4", "--window", "128", "--max-tokens", "200"],
         infogain=["--problems", "8", "--continuations", "2", "--mu-samples", "4"],
         r1=["--problems", "8"],
     ),
@@ -67,7 +67,7 @@ SIZES = {
         warmstart=["--problems", "48"],
         star=["--iterations", "2"],
         grpo=["--steps", "10", "--eval-problems", "64"],
-        evaluate=["--problems", "64", "--n", "4", "--window", "128", "--max-tokens", "200"],
+        evaluate=["--problems", "64", "--samples", "4", "--window", "128", "--max-tokens", "200"],
         infogain=["--problems", "32", "--continuations", "2", "--mu-samples", "8"],
         r1=[],
     ),
@@ -318,11 +318,11 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
     if have:
         ev_settings = have[0]["settings"]
         lines += ["## Accuracy at matched token budgets", "",
-                  f"Toy test split, {ev_settings['problems']} problems, N = {ev_settings['n']} traces (parallel) or "
+                  f"Toy test split, {ev_settings['problems']} problems, N = {ev_settings['samples']} traces (parallel) or "
                   f"rounds (linearized, window {ev_settings['window']} tokens), temperature {ev_settings['temperature']}. "
                   "Each cell: pass@k / maj@k (%) interpolated on the run's accuracy-tokens curve at that many "
                   "generated tokens per problem (- : outside the curve).", ""]
-        n = ev_settings["n"]
+        n = ev_settings["samples"]
         lines += [f"pass@1, pass@{n} and maj@{n} (%) and generated tokens per trace (parallel mode):", "",
                   f"| run | pass@1 | pass@{n} | maj@{n} | tokens per trace |", "|---|---|---|---|---|"]
         for name in dict.fromkeys(r for e in have for r in e["runs"]):  # every run of any seed, in order

@@ -204,7 +204,7 @@ def read_jsonl(path):
 
 def test_real_run_both_modes(toy_paths, toy_sampler, tmp_path):
     W = 16
-    args = Args(models=[f"base={toy_paths['base']}"], data=toy_paths["test"], problems=4, n=3, max_tokens=96,
+    args = Args(models=[f"base={toy_paths['base']}"], data=toy_paths["test"], problems=4, samples=3, max_tokens=96,
                 window=W, out=str(tmp_path / "eval"), seed=3)
     report = evaluate.main(args, samplers={toy_paths["base"]: toy_sampler})
     out = tmp_path / "eval"
@@ -255,7 +255,7 @@ def test_real_run_both_modes(toy_paths, toy_sampler, tmp_path):
     two = tmp_path / "eval2"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         "evaluate.py", "--models", f"base={toy_paths['base']}", "--data", toy_paths["test"],
-                        "--problems", "4", "--n", "3", "--max-tokens", "96", "--window", str(W), "--seed", "3",
+                        "--problems", "4", "--samples", "3", "--max-tokens", "96", "--window", str(W), "--seed", "3",
                         "--out", str(two)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

@@ -472,6 +472,14 @@ def test_one_vocabulary_across_scripts():
     assert sorted(readers) == sorted(["warmstart", "star", "grpo", "infogain", "evaluate", "r1_analysis"])
     for name in SCRIPTS:
         assert not fields[name] & {"problem_key", "answer_key", "limit", "max_completion_length", "m"}, name
+        # torchrun's argparse matches option prefixes anywhere on its command line: a script flag that
+        # is a prefix of a torchrun option (--n: --nnodes, --nproc-per-node, ...) breaks `torchrun x.py --n 3`
+        torchrun = ("nnodes", "nproc-per-node", "node-rank", "no-python", "numa-binding", "rdzv-backend", "standalone",
+                    "max-restarts", "monitor-interval", "start-method", "role", "module", "run-path", "log-dir",
+                    "redirects", "tee", "local-ranks-filter", "master-addr", "master-port", "local-addr")
+        for f in fields[name]:
+            flag = f.replace("_", "-")
+            assert not any(t.startswith(flag) for t in torchrun), (name, flag)
         if "problem_field" in fields[name]:
             assert "answer_field" in fields[name]
 
