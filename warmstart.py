@@ -93,7 +93,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from infogain import MetaProver, restart_prefix, split_backtrack  # noqa: E402
+from infogain import MetaProver, restart_prefix, split_backtrack, split_continuation  # noqa: E402
 
 SCHEMES = {"backtrack": "backtrack", "rise": "backtrack", "rejection": "direct"}  # scheme -> model format
 
@@ -373,8 +373,9 @@ def build_traces(record: dict, scheme: str, k: int, delim: str, seed: int) -> li
             u, leaf = pair
             u_value, rest = u.value, leaf.text[len(u.text):]
         completion = z0 + "\n" + utils.BACKTRACK_MARKER + "\n" + rest
-        ep = split_backtrack(completion)
-        assert ep is not None and ep.z0 == z0 and utils.grade(ep.z2, record["answer"]) == 1.0, completion
+        ep = split_continuation(z0, completion)
+        if ep is None or utils.grade(ep.z2, record["answer"]) != 1.0:
+            continue  # not a backtrack trace once joined (a real model's last step can hold its box: no z2 line)
         path = [(n.depth, n.value) for n in nodes if not n.complete and n.value is not None and z0.startswith(n.text)
                 and restart_prefix(z0, n.depth + 1) == n.text]
         traces.append({**base, "z0": ep.z0, "restart_step": ep.restart_step, "z1": ep.z1, "z2": ep.z2,

@@ -123,6 +123,19 @@ def test_rise_restarts_from_step_1_and_rejection_keeps_correct_solutions():
     assert "z0" not in rej[0]
 
 
+def test_a_restart_that_would_not_parse_back_is_skipped():
+    """A correct leaf whose restarted step holds the box on its own line (a real model's style)
+    joins into a completion with no z2 line: that pair is skipped, never an assertion error."""
+    one_line = "Step 3: 20 - 5 = 15, so the answer is \\boxed{15}"
+    nodes = [Node(0, -1, 0, "", 0.4, kept=True), Node(1, 0, 1, S1, 0.8, kept=True),
+             Node(2, 1, 2, S1 + S2, 0.9, kept=True),
+             Node(3, 2, 3, S1 + S2 + one_line, 1.0, complete=True, correct=True, kept=True),
+             Node(4, 2, 3, S1 + S2 + "Step 3: 20 - 5 = 16\nThe answer is \\boxed{16}", 0.0, complete=True, kept=True)]
+    rec = {**record(), "nodes": [vars(x) for x in nodes]}
+    assert warmstart.best_restart(nodes[4].text, nodes, "\n") is not None  # the pair exists ...
+    assert warmstart.build_traces(rec, "backtrack", 5, "\n", seed=0) == []  # ... but makes no trace
+
+
 def test_no_correct_leaf_gives_no_trace():
     rec = record()
     rec["nodes"] = [n for n in rec["nodes"] if not n["correct"]]
