@@ -27,6 +27,9 @@ Several GPUs (or CPU processes): the problems are split over the ranks, one engi
 and rank 0 merges the rows and writes the same outputs as one process (each problem's samples
 are seeded by its index, so the split does not change them):
     torchrun --nproc_per_node 8 evaluate.py --models base=... mrt=... --data aime.jsonl ...
+Under torchrun every model's engine stays up until the end (closing a vLLM engine ends
+torchrun's process group): with several models, lower --gpu-memory-utilization so that they
+fit side by side, or run one model per call with the same --out.
 Outputs under --out: curves.json (every curve, token efficiency, AUC), table.md (accuracy at
 matched token budgets), accuracy_tokens.png (Fig. 7 style), samples/<run>.<mode>.jsonl
 (per-sample outputs) with a .meta.json each (a rerun with the same settings reuses them, so a
@@ -658,6 +661,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                 else:
                     rows = run_linearized(sampler, ids, share, args, max_len, mine)
                 order = ("problem", "sample" if mode == "parallel" else "round")
+                if world > 1 and not utils.is_distributed():
+                    raise RuntimeError("torchrun's process group ended before the ranks' rows were merged")
                 rows = sorted((r for part in utils.all_gather(rows) for r in part), key=lambda r: [r[k] for k in order])
                 if utils.is_main():
                     utils.write_jsonl(stem + ".jsonl", [{"run": name, "mode": mode, **r} for r in rows])
@@ -669,8 +674,10 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                         f"maj@{args.samples}": c["maj"][-1], "tokens@1": c["tokens"][0], "rss_gib": rss_gib()})
             utils.print0(f"{name} {mode}: pass@1 {c['pass'][0]:.3f}  pass@{args.samples} {c['pass'][-1]:.3f}  "
                          f"maj@{args.samples} {c['maj'][-1]:.3f}  tokens/trace {c['tokens'][0]:.0f}")
-        if sampler is not None and sampler is not (samplers or {}).get(path):
-            close_engine(sampler, had_group)  # one engine at a time: free it before the next one
+        # one engine at a time: free it before the next one. Not under torchrun: closing a vLLM
+        # engine ends vLLM's process-wide state and torchrun's process group with it
+        if sampler is not None and sampler is not (samplers or {}).get(path) and world == 1:
+            close_engine(sampler, had_group)
         sampler = None
         gc.collect()
         logger.log({"run": name, "rss_gib_after_free": rss_gib()})

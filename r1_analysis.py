@@ -476,7 +476,10 @@ class LazyLogger:
 
 class Engines:
     """One engine at a time, keyed by model path; `ready` samplers (tests) are used as given
-    and never closed. Asking for a new path closes the engines this object built."""
+    and never closed. Asking for a new path closes the engines this object built, except
+    under torchrun: closing a vLLM engine ends vLLM's process-wide state and torchrun's
+    process group with it, so there every engine stays up until the end (size them with
+    --gpu-memory-utilization so that the run's models fit side by side)."""
 
     def __init__(self, args: Args, ready: dict | None = None):
         self.args, self.ready, self.owned = args, dict(ready or {}), {}
@@ -485,7 +488,8 @@ class Engines:
         if path in self.ready:
             return self.ready[path]
         if path not in self.owned:
-            self.close()
+            if not utils.is_distributed():
+                self.close()
             had_group = evaluate.group_exists()
             s = infogain.make_sampler(path, seed=self.args.seed, dtype=self.args.dtype,
                                       max_model_len=self.args.max_model_len or None,
@@ -814,17 +818,19 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             dsampler = engines.get(direct_path)
             utils.print0(f"r1_analysis: direct baseline, {args.direct_n} samples x {len(distinct)} problems")
             direct_rows = run_direct(dsampler, [{"problem": p, "answer": gold[p]} for p in distinct], mine, logger)
+        if world > 1:  # merge the ranks' shares (rank order) while the engines, and so the group, live
+            if not utils.is_distributed():
+                raise RuntimeError("torchrun's process group ended before the ranks' results were merged")
+            parts = utils.all_gather({"traces": traces, "scored": scored, "direct": direct_rows, "distinct": distinct,
+                                      "no_thinking": no_thinking, "too_long": too_long})
+            traces, scored = [t for p in parts for t in p["traces"]], [s for p in parts for s in p["scored"]]
+            no_thinking, too_long = sum(p["no_thinking"] for p in parts), sum(p["too_long"] for p in parts)
+            distinct = list(dict.fromkeys(s["problem"] for s in scored))
+            index = {q: i for i, q in enumerate(distinct)}  # a direct row's "problem" indexes its rank's distinct list
+            direct_rows = None if direct_rows is None else [{**r, "problem": index[p["distinct"][r["problem"]]]}
+                                                            for p in parts for r in p["direct"]]
     finally:
         engines.close()
-    if world > 1:  # merge the ranks' shares (rank order; a problem's stems all sit on one rank)
-        parts = utils.all_gather({"traces": traces, "scored": scored, "direct": direct_rows, "distinct": distinct,
-                                  "no_thinking": no_thinking, "too_long": too_long})
-        traces, scored = [t for p in parts for t in p["traces"]], [s for p in parts for s in p["scored"]]
-        no_thinking, too_long = sum(p["no_thinking"] for p in parts), sum(p["too_long"] for p in parts)
-        distinct = list(dict.fromkeys(s["problem"] for s in scored))
-        index = {q: i for i, q in enumerate(distinct)}  # a direct row's "problem" indexes its rank's distinct list
-        direct_rows = None if direct_rows is None else [{**r, "problem": index[p["distinct"][r["problem"]]]}
-                                                        for p in parts for r in p["direct"]]
     if share["problems"] is not None and utils.is_main():
         utils.write_jsonl(os.path.join(args.out, "generated_traces.jsonl"),
                           [{k: t[k] for k in ("id", "problem", "answer", "trace", "rounds", "finish_reason")}

@@ -252,9 +252,12 @@ def test_real_run_both_modes(toy_paths, toy_sampler, tmp_path):
     # torchrun with 2 ranks: each rank samples its share of the problems on its own engine and
     # rank 0 writes the merged rows. Problems are seeded by their index, so the samples are the
     # single process's. (The engines here use the default block size, the session engine 32.)
+    # A second model ("again", the same weights) checks that the rows of a later engine are
+    # merged too (closing an engine used to end torchrun's group: its rows were rank 0's alone).
     two = tmp_path / "eval2"
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "evaluate.py", "--models", f"base={toy_paths['base']}", "--data", toy_paths["test"],
+                        "evaluate.py", "--models", f"base={toy_paths['base']}", f"again={toy_paths['base']}",
+                        "--data", toy_paths["test"],
                         "--problems", "4", "--samples", "3", "--max-tokens", "96", "--window", str(W), "--seed", "3",
                         "--out", str(two)], cwd=ROOT, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
@@ -264,7 +267,9 @@ def test_real_run_both_modes(toy_paths, toy_sampler, tmp_path):
         key = "sample" if mode == "parallel" else "round"
         assert [(r["problem"], r[key]) for r in two_rows] == [(r["problem"], r[key]) for r in one_rows]
         assert [r["text"] for r in two_rows] == [r["text"] for r in one_rows], mode
-    assert json.load(open(two / "curves.json"))["runs"] == report["runs"]
+        again = read_jsonl(two / "samples" / f"again.{mode}.jsonl")
+        assert [r["text"] for r in again] == [r["text"] for r in one_rows], mode
+    assert json.load(open(two / "curves.json"))["runs"]["base"] == report["runs"]["base"]
 
 
 # --------------------------------------------------------------------------------------
