@@ -820,23 +820,30 @@ def full_state_dict(model, cpu: bool = True) -> dict:
 def save_pretrained(model, tokenizer, path: str) -> None:
     """Save a Hugging Face checkpoint atomically, weights in the dtype the model's config
     file named when it was loaded (`model.save_dtype`, set by load_trainer; else the
-    parameters' dtype). Under torchrun the full state dict is gathered to rank 0 only, one
-    parameter at a time onto its CPU (other ranks hold nothing), and rank 0 writes."""
+    parameters' dtype). Every rank must call it. Under torchrun the shards are gathered one
+    parameter at a time (every rank takes part in each gather and drops the result at once),
+    and rank 0 keeps each one on its CPU, cast to the saved dtype as it arrives, then writes:
+    the other ranks never hold more than one full parameter, rank 0 one copy of the model in
+    the saved dtype. Tied parameters are gathered once. (get_model_state_dict with
+    full_state_dict and cpu_offload gathers the same way, but keeps the fp32 copy on rank 0
+    before any cast.)"""
     import copy
 
-    import torch
+    from torch.distributed.tensor import DTensor
 
     save_dtype = getattr(model, "save_dtype", None) or next(model.parameters()).dtype
-    if is_distributed():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    sd, seen = {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():  # keep_vars: tied entries are one object
+        if id(t) in seen:
+            if is_main():
+                sd[name] = sd[seen[id(t)]]
+            continue
+        seen[id(t)] = name
+        full = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        if is_main():
+            sd[name] = full.to("cpu", save_dtype if full.is_floating_point() else full.dtype, copy=True)
+        del full
     if is_main():
-        for k, v in sd.items():  # in place, one tensor at a time: at most one full copy
-            if v.is_floating_point() and v.dtype != save_dtype:
-                sd[k] = v.to(save_dtype)
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=sd)
             cfg = copy.deepcopy(model.config)  # transformers writes the parameters' dtype; name the saved one

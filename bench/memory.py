@@ -22,8 +22,9 @@ backward pass into the head. It prints each peak (logits included) and the ratio
 
 How memory is measured: Linux's per-process high-water mark of resident memory (VmHWM in
 /proc/self/status), reset at the start of each phase by writing 5 to /proc/self/clear_refs.
-It counts every page the process touched, allocator caches included: a peak, not an exact
-tensor account, and pages freed back to the system before the peak do not count. It sees
+Freed heap pages are returned to the system before each reset (malloc_trim), so a phase's
+figure is the memory it added. It counts every page the process touched, allocator caches
+included: a peak, not an exact tensor account. It sees
 host memory only (CPU runs); on GPU use torch.cuda.max_memory_allocated instead.
 
     python bench/memory.py                       # the realistic-shape model (tests/realistic.py)
@@ -62,7 +63,14 @@ def rss() -> tuple[int, int]:
 
 
 def reset_peak() -> int:
-    """Reset the high-water mark to the current resident memory; return that."""
+    """Give freed heap pages back to the system (glibc malloc_trim: otherwise memory freed by
+    an earlier phase stays resident, is reused unseen, and hides the next phase's peak), then
+    reset the high-water mark to the current resident memory; return that."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     return rss()[0]
