@@ -485,7 +485,8 @@ class Sampler:
             from vllm import LLM
 
             engine_seed = seed + rank() // engine_kwargs.get("tensor_parallel_size", 1)  # TP ranks share one
-            kwargs = dict(seed=engine_seed, dtype=dtype if dtype != "auto" else ("bfloat16" if _has_cuda() else "float32"),
+            vllm_dtype = str(torch_dtype(dtype, default_device())).removeprefix("torch.")  # bf16 -> bfloat16
+            kwargs = dict(seed=engine_seed, dtype=vllm_dtype,
                           enable_prefix_caching=enable_prefix_caching, logprobs_mode="processed_logprobs",
                           gpu_memory_utilization=gpu_memory_utilization)
             if max_model_len:
