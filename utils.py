@@ -1075,9 +1075,8 @@ def token_entropy(logits, T: int, temperature: float = 1.0, chunk: int | None = 
             for s in range(0, T, chunk):
                 e = min(T, s + chunk)
                 z = logits[b, s:e].float() / temperature  # (c, V)
-                lse = torch.logsumexp(z, -1, keepdim=True)  # (c, 1)
-                p = (z - lse).exp()  # (c, V)
-                ent[b, s:e] = lse.squeeze(-1) - (p * z).sum(-1)  # H = lse - E_p[z]
+                logp = z - torch.logsumexp(z, -1, keepdim=True)  # (c, V)
+                ent[b, s:e] = -(logp.exp() * logp).sum(-1)  # (c,)
     return ent
 
 

@@ -50,7 +50,8 @@ def test_completion_logprobs_equal_full_log_softmax_on_toy(toy_paths, temperatur
         results.append((logp.detach(), mask, ent, {n: p.grad.clone() for n, p in model.named_parameters()}))
     (lp0, m0, e0, g0), (lp1, m1, e1, g1) = results
     assert torch.equal(m0, m1) and m0.sum() > 20
-    assert (lp0 - lp1).abs().max().item() < 1e-6
+    # a few fp32 spacings at the logits' scale (~20, spacing 1.9e-6): both are fp32 roundings of z - lse
+    assert (lp0 - lp1).abs().max().item() < 5e-6
     assert (e0 - e1).abs().max().item() < 1e-5 and e0.abs().max() > 0.1
     scale = max(g.abs().max().item() for g in g0.values())
     assert scale > 0
