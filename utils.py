@@ -634,7 +634,8 @@ class Sampler:
             from vllm import LLM
 
             engine_seed = seed + rank() // engine_kwargs.get("tensor_parallel_size", 1)  # TP ranks share one
-            kwargs = dict(seed=engine_seed, dtype=dtype if dtype != "auto" else ("bfloat16" if _has_cuda() else "float32"),
+            vllm_dtype = str(torch_dtype(dtype, default_device())).removeprefix("torch.")  # bf16 -> bfloat16
+            kwargs = dict(seed=engine_seed, dtype=vllm_dtype,
                           enable_prefix_caching=enable_prefix_caching, logprobs_mode="processed_logprobs",
                           gpu_memory_utilization=gpu_memory_utilization)
             if max_model_len:
@@ -997,21 +998,30 @@ def full_state_dict(model, cpu: bool = True) -> dict:
 def save_pretrained(model, tokenizer, path: str) -> None:
     """Save a Hugging Face checkpoint atomically, weights in the dtype the model's config
     file named when it was loaded (`model.save_dtype`, set by load_trainer; else the
-    parameters' dtype). Under torchrun the full state dict is gathered to rank 0 only, one
-    parameter at a time onto its CPU (other ranks hold nothing), and rank 0 writes."""
+    parameters' dtype). Every rank must call it. Under torchrun the shards are gathered one
+    parameter at a time (every rank takes part in each gather and drops the result at once),
+    and rank 0 keeps each one on its CPU, cast to the saved dtype as it arrives, then writes:
+    the other ranks never hold more than one full parameter, rank 0 one copy of the model in
+    the saved dtype. Tied parameters are gathered once. (get_model_state_dict with
+    full_state_dict and cpu_offload gathers the same way, but keeps the fp32 copy on rank 0
+    before any cast.)"""
     import copy
 
-    save_dtype = getattr(model, "save_dtype", None) or next(model.parameters()).dtype
-    if is_distributed():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
 
-        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    else:
-        sd = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    save_dtype = getattr(model, "save_dtype", None) or next(model.parameters()).dtype
+    sd, seen = {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():  # keep_vars: tied entries are one object
+        if id(t) in seen:
+            if is_main():
+                sd[name] = sd[seen[id(t)]]
+            continue
+        seen[id(t)] = name
+        full = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        if is_main():
+            sd[name] = full.to("cpu", save_dtype if full.is_floating_point() else full.dtype, copy=True)
+        del full
     if is_main():
-        for k, v in sd.items():  # in place, one tensor at a time: at most one full copy
-            if v.is_floating_point() and v.dtype != save_dtype:
-                sd[k] = v.to(save_dtype)
         with atomic_dir(path) as tmp:
             model.save_pretrained(tmp, state_dict=sd)
             cfg = copy.deepcopy(model.config)  # transformers writes the parameters' dtype; name the saved one
@@ -1175,7 +1185,7 @@ def _sampled_logprob_fn():
 
     class SampledLogprob(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, logits, targets, temperature, chunk):
+        def forward(ctx, logits, targets, temperature, chunk, inplace):
             B, T = targets.shape
             lse = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
             out = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
@@ -1186,14 +1196,16 @@ def _sampled_logprob_fn():
                     lse[b, s:e] = torch.logsumexp(z, -1)  # (c,)
                     out[b, s:e] = z.gather(-1, targets[b, s:e, None]).squeeze(-1) - lse[b, s:e]
             ctx.save_for_backward(logits, targets, lse)
-            ctx.temperature, ctx.chunk = temperature, chunk
+            ctx.temperature, ctx.chunk, ctx.inplace = temperature, chunk, inplace
             return out
 
         @staticmethod
         def backward(ctx, grad_out):  # d logp / d z = onehot(target) - softmax(z); z = logits / temperature
             logits, targets, lse = ctx.saved_tensors
             B, T = targets.shape
-            grad = torch.empty_like(logits)  # (B, T_logits, V)
+            # In place: each chunk of the logits is read, then overwritten by its gradient. An
+            # autograd node that saved these logits too would fail its version check, loudly.
+            grad = logits if ctx.inplace else torch.empty_like(logits)  # (B, T_logits, V)
             grad[:, T:] = 0
             for b in range(B):
                 for s in range(0, T, ctx.chunk):
@@ -1203,25 +1215,36 @@ def _sampled_logprob_fn():
                     g.scatter_add_(-1, targets[b, s:e, None], torch.ones_like(g[:, :1]))
                     g *= grad_out[b, s:e, None] / ctx.temperature
                     grad[b, s:e] = g
-            return grad, None, None, None
+            return grad, None, None, None, None
 
     return SampledLogprob
 
 
-def sampled_logprobs(logits, targets, temperature: float = 1.0, chunk: int = 256):
+def sampled_logprobs(logits, targets, temperature: float = 1.0, chunk: int | None = None, inplace: bool = False):
     """log p(targets[b, t]) under softmax(logits[b, t] / temperature), in fp32: (B, T) for
     logits (B, T_logits, V) with T_logits >= T (positions past T are ignored). Computed as
-    z[target] - logsumexp(z) over chunks of `chunk` positions, so neither the forward nor
+    z[target] - logsumexp(z) over chunks of `chunk` positions (default: about 2^20 logits
+    per chunk, 8 positions at a vocabulary of 128,256), so neither the forward nor
     the backward pass holds an fp32 (B, T, V) log-softmax: the backward recomputes softmax
-    per chunk from the saved logits and writes the gradient in the logits' dtype."""
-    return _sampled_logprob_fn().apply(logits, targets, float(temperature), int(chunk))
+    per chunk from the saved logits and writes the gradient in the logits' dtype. With
+    inplace=True the backward writes that gradient into the logits tensor itself (no second
+    (B, T, V) tensor): only for logits nobody reads after the backward pass."""
+    chunk = chunk or _chunk_positions(logits.shape[-1])
+    return _sampled_logprob_fn().apply(logits, targets, float(temperature), int(chunk), bool(inplace))
 
 
-def token_entropy(logits, T: int, temperature: float = 1.0, chunk: int = 256):
+def _chunk_positions(vocab: int) -> int:
+    """Positions per chunk of the log-prob loops: about 2^20 logits (4 MiB in fp32). Small
+    chunks matter on CPU: the allocator keeps freed chunk buffers, so the peak grows with them."""
+    return max(1, (1 << 20) // vocab)
+
+
+def token_entropy(logits, T: int, temperature: float = 1.0, chunk: int | None = None):
     """(B, T) entropy of softmax(logits[:, t] / temperature) for t < T, in fp32 chunks of
-    `chunk` positions, without gradient."""
+    `chunk` positions (default as in sampled_logprobs), without gradient."""
     import torch
 
+    chunk = chunk or _chunk_positions(logits.shape[-1])
     B = logits.shape[0]
     ent = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
     with torch.no_grad():
@@ -1229,9 +1252,8 @@ def token_entropy(logits, T: int, temperature: float = 1.0, chunk: int = 256):
             for s in range(0, T, chunk):
                 e = min(T, s + chunk)
                 z = logits[b, s:e].float() / temperature  # (c, V)
-                lse = torch.logsumexp(z, -1, keepdim=True)  # (c, 1)
-                p = (z - lse).exp()  # (c, V)
-                ent[b, s:e] = lse.squeeze(-1) - (p * z).sum(-1)  # H = lse - E_p[z]
+                logp = z - torch.logsumexp(z, -1, keepdim=True)  # (c, V)
+                ent[b, s:e] = -(logp.exp() * logp).sum(-1)  # (c,)
     return ent
 
 
@@ -1241,7 +1263,8 @@ def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: floa
     built from the token counts and, if asked, the (B, Tc) entropy (no gradient; else None).
     Contexts are left-padded and completions right-padded, so logits are computed for the
     completion positions only; position ids count real tokens, as in the sampler. Memory:
-    the model's logits (B, Tc + 1, V) plus chunk-sized temporaries (`sampled_logprobs`)."""
+    the model's logits (B, Tc + 1, V), which the backward pass overwrites with their
+    gradient, plus chunk-sized temporaries (`sampled_logprobs`)."""
     import torch
 
     ctx, ctx_mask = pad_sequences(ctx_ids, pad_id, left=True)  # (B, Tp)
@@ -1253,6 +1276,6 @@ def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: floa
     Tc = comp.shape[1]
     logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=Tc + 1).logits  # (B, Tc + 1, V)
     comp = comp.to(device)
-    logp = sampled_logprobs(logits, comp, temperature)  # (B, Tc): position t predicts completion token t
+    logp = sampled_logprobs(logits, comp, temperature, inplace=True)  # (B, Tc): position t predicts token t
     entropy = token_entropy(logits.detach(), Tc, temperature) if with_entropy else None  # (B, Tc)
     return logp, comp_mask.to(device).float(), entropy
