@@ -189,6 +189,10 @@ class Args:
     # system
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    gpu_memory_utilization: float = 0.3
+    """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
+    sleep_mode: str = "auto"
+    """auto | on | off: vLLM sleep mode, the engine's weights and KV cache leave the GPU during each update (auto: on with CUDA; vLLM's CPU build has none)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     save_every: int | None = None
@@ -354,6 +358,27 @@ def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: floa
     return logp, comp_mask.to(device).float(), entropy
 
 
+def frozen_copy(model, shard):
+    """A frozen copy (eval, no gradients) of a plain or FSDP2-sharded policy, made from its
+    state in memory rather than a second load from disk: an empty model of the same config
+    (meta device), laid out by `shard` as the policy was, filled from the policy's state dict
+    shard by shard (no rank holds a full copy), non-persistent buffers (rotary frequencies)
+    copied. FSDP2 modules cannot be deep-copied."""
+    from transformers import AutoModelForCausalLM
+
+    param = next(model.parameters())
+    with torch.device("meta"):
+        ref = AutoModelForCausalLM.from_config(model.config, dtype=param.dtype)
+    ref = shard(ref)
+    ref.to_empty(device=param.device)
+    ref.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        for (name, b), (name_p, b_p) in zip(ref.named_buffers(), model.named_buffers(), strict=True):
+            assert name == name_p, (name, name_p)
+            b.copy_(b_p)
+    return ref.eval().requires_grad_(False)
+
+
 def pad_floats(seqs) -> torch.Tensor:
     """(B, T) float tensor of right-padded (zero) sequences."""
     out = torch.zeros(len(seqs), max(1, max(len(x) for x in seqs)))
@@ -389,12 +414,31 @@ def load_problems(path: str, args: Args, tokenizer) -> list[dict]:
         prompt = utils.build_prompt(tokenizer, str(r["problem"]))
         ids = encode(tokenizer, prompt)
         if len(ids) <= args.max_prompt_length:
-            out.append({"id": i, "problem": str(r["problem"]), "answer": str(r["answer"]), "prompt": prompt})
+            out.append({"id": i, "problem": str(r["problem"]), "answer": str(r["answer"]), "prompt": prompt,
+                        "prompt_tokens": len(ids)})
     if not out:
         raise utils.UserError(f"{path}: no problem fits --max-prompt-length {args.max_prompt_length}")
     if len(out) < len(recs):
         utils.print0(f"{path}: dropped {len(recs) - len(out)} problems longer than {args.max_prompt_length} tokens")
     return out
+
+
+ENGINE_SLACK = 16
+"""Extra engine tokens per sequence: contexts re-encoded from text (z0, z1) may take a few
+more tokens than were sampled."""
+
+
+def engine_need(args: Args, tokenizer, prompt_tokens: int, mu_in_engine: bool) -> int:
+    """Tokens one engine sequence may hold in this run: direct, prompt + completion;
+    backtrack, prompt + z0 + cue + continuation (each of z0 and the continuation at most
+    --max-completion-length), plus mu's forced suffix and answer when mu samples from this
+    engine (its contexts are x + z0 + z1); plus ENGINE_SLACK."""
+    need = prompt_tokens + args.max_completion_length + ENGINE_SLACK
+    if variant_format(args.variant) == "backtrack":
+        need += args.max_completion_length + len(tokenizer(backtrack_cue(""), add_special_tokens=False)["input_ids"])
+        if mu_in_engine:
+            need += len(tokenizer(args.mu_suffix, add_special_tokens=False)["input_ids"]) + args.mu_max_tokens
+    return need
 
 
 def problem_index(position: int, n: int, seed: int) -> int:
@@ -632,27 +676,42 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world {world}, "
                  f"{args.prompts_per_step} prompts x {args.group_size} per rank per step, {args.steps} steps")
 
-    # -- models: policy (FSDP2 over ranks), frozen reference if beta > 0, vLLM engine(s) ----
+    # -- data (its prompt lengths size the engine) ------------------------------------------
     given_engine = sampler is not None
-    sampler = sampler or utils.Sampler(model_path, seed=args.seed, dtype=args.dtype)
-    tok = sampler.tokenizer
+    tok = sampler.tokenizer if given_engine else utils.load_tokenizer(model_path)
+    train = load_problems(args.train_data or toy_paths["train"], args, tok)
+    test = load_problems(args.test_data or toy_paths["test"], args, tok)[: args.eval_problems]
+
+    # -- models: policy (FSDP2 over ranks), frozen reference if beta > 0, vLLM engine(s) ----
+    uses_mu = args.alpha != 0.0 or args.assign == "episode"
+    longest = max(p["prompt_tokens"] for p in train + test)
+    engine_kw = dict(seed=args.seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                     sleep_mode=args.sleep_mode)
+    if not given_engine:
+        need = engine_need(args, tok, longest, mu_in_engine=uses_mu and not args.mu_model)
+        max_len = utils.engine_length(model_path, need)
+        utils.print0(f"vLLM engine: max_model_len {max_len} (longest prompt {longest} tokens), "
+                     f"gpu_memory_utilization {args.gpu_memory_utilization}, sleep mode {args.sleep_mode}")
+        sampler = utils.Sampler(model_path, max_model_len=max_len, **engine_kw)
     model = utils.shard_model(utils.load_model(model_path, args.dtype, device), args.gradient_checkpointing)
     model.train()
     if given_engine:  # it may hold other weights (and a prefix cache computed with them)
         sampler.sync_weights(model)
     ref = None
-    if args.beta != 0.0:
-        ref = utils.shard_model(utils.load_model(model_path, args.dtype, device)).eval().requires_grad_(False)
+    if args.beta != 0.0:  # a frozen copy of the sharded policy: no second load from disk
+        ref = frozen_copy(model, utils.shard_model)
     meta_prover = None
-    if args.alpha != 0.0 or args.assign == "episode":
-        mu = sampler if not args.mu_model else utils.Sampler(args.mu_model, seed=args.seed, dtype=args.dtype)
+    if uses_mu:
+        mu = sampler
+        if args.mu_model:
+            need = engine_need(args, tok, longest, mu_in_engine=True)
+            mu = utils.Sampler(args.mu_model, max_model_len=utils.engine_length(args.mu_model, need),
+                               **dict(engine_kw, sleep_mode="off"))
         meta_prover = MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args, args.steps * args.num_iterations))
 
-    # -- data and resume -------------------------------------------------------------------
-    train = load_problems(args.train_data or toy_paths["train"], args, tok)
-    test = load_problems(args.test_data or toy_paths["test"], args, tok)[: args.eval_problems]
+    # -- resume ------------------------------------------------------------------------------
     P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world
     start, data_pos = 0, 0
     ckpt_path, eval_path = os.path.join(out, "checkpoint.pt"), os.path.join(out, "eval.json")
@@ -709,13 +768,12 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
                        group_advantages(r2, G, args.scale_rewards)[mine],
                        torch.tensor([r["z1_tokens"] for r in rows]))  # (B,) each
 
-        # ---- loss and update ----------------------------------------------------------------
+        # ---- loss and update (engine asleep with --sleep-mode), then sync: the engine samples
+        # the next batch from the new weights
         t1 = time.time()
-        stats, grad_norm = policy_update(model, ref, opt, sched, rows, adv_final, episode, args, world, tok.pad_token_id)
+        stats, grad_norm = utils.update_asleep(sampler, lambda: policy_update(
+            model, ref, opt, sched, rows, adv_final, episode, args, world, tok.pad_token_id), model)
         t_train = time.time() - t1
-
-        # ---- sync: the engine samples the next batch from the new weights --------------------
-        sampler.sync_weights(model)
 
         # ---- log, checkpoint -------------------------------------------------------------------
         rec = step_record(step + 1, G, glob, rows, stats, len(rows) // args.micro_batch_size, grad_norm,

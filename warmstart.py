@@ -183,6 +183,8 @@ class Args:
     """SFT checkpoint every N optimizer steps (and at the end)"""
     dtype: str = "auto"
     """auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32"""
+    gpu_memory_utilization: float = 0.3
+    """share of GPU memory the search's vLLM engine may take (its weights and KV cache)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False
@@ -576,13 +578,23 @@ def load_problems(path: str, args: Args) -> list[dict]:
     return out[: args.problems] if args.problems else out
 
 
+def search_need(args: Args, prompt_tokens: int) -> int:
+    """Tokens one engine sequence may hold in the search: the prompt, a node of up to
+    --max-depth steps of --max-step-tokens, then a rollout or an attempt of --max-tokens
+    (16 more: node text is re-encoded, and may take a few more tokens than were sampled)."""
+    return prompt_tokens + args.max_depth * args.max_step_tokens + max(args.max_tokens, args.max_step_tokens) + 16
+
+
 def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler=None) -> list[dict]:
     """Trees and plain attempts for every problem: problems split over ranks, gathered on all."""
     from tqdm import tqdm
 
     rank, world = utils.rank(), utils.world_size()
-    sampler = sampler or utils.Sampler(model_path, seed=seed, dtype=args.dtype)
-    tok = sampler.tokenizer
+    tok = sampler.tokenizer if sampler is not None else utils.load_tokenizer(model_path)
+    if sampler is None:
+        longest = max(len(encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
+        sampler = utils.Sampler(model_path, seed=seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                                max_model_len=utils.engine_length(model_path, search_need(args, longest)))
     mine = problems[rank::world]
     n_batches = math.ceil(len(problems) / (world * args.search_batch))  # the same on every rank
     records = []

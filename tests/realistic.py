@@ -14,9 +14,9 @@ the toy base's rows; <|begin_of_text|> and <|eot_id|> take the rows of the toy's
 uses takes the toy's <pad> row (a token the base never predicts, so the 127,7xx unused ids
 start with a low logit and sampling stays inside the tokenizer). The model is then fitted
 briefly (`steps` AdamW steps) on toy problems rendered through the chat template, so that its
-samples are real "Step k:" solutions ending in <|eot_id|> and some are right (see `fit`: most of
-the loss is taken over the tokenizer's ids, a few positions over all 128,256, which keeps the
-unused ids' probability low without a (tokens, 128,256) logit tensor per step).
+samples are real "Step k:" solutions ending in <|eot_id|> and some are right (see `fit`: the fit
+runs on a model with one row standing for all unused ids, exactly the full model's loss at a
+few hundred rows' cost; the unused ids' probability mass is recorded in build.json).
 
 Stored in bfloat16 on disk, as real Llama checkpoints are: the config names bf16 and the file
 holds bf16, so the loaders' upcast to fp32 (CPU) is exercised as it will be on a real model.
@@ -89,14 +89,14 @@ def make_tokenizer(base: str):
                                    pad_token="<pad>", chat_template=CHAT_TEMPLATE, model_max_length=MAX_POSITIONS)
 
 
-def make_model(base_model, base_tok, tok):
-    """The realistic-shape model with the toy base's body and the embedding rows described in
-    the module docstring (fp32 in memory)."""
+def make_model(base_model, base_tok, tok, vocab_size: int):
+    """A Llama-3 style model (`vocab_size` rows) with the toy base's body and the embedding
+    rows described in the module docstring (fp32 in memory)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = base_model.config
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
                          num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                          num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
                          max_position_embeddings=MAX_POSITIONS, rope_theta=ROPE_THETA, rms_norm_eps=c.rms_norm_eps,
@@ -107,25 +107,28 @@ def make_model(base_model, base_tok, tok):
     missing, unexpected = model.load_state_dict(sd, strict=False)
     assert not unexpected and all("embed_tokens" in k or "lm_head" in k for k in missing), (missing, unexpected)
     old = base_model.get_input_embeddings().weight.detach()  # (V_toy, H)
-    n = old.shape[0]
     with torch.no_grad():
-        emb = model.get_input_embeddings().weight  # (VOCAB_SIZE, H)
+        emb = model.get_input_embeddings().weight  # (vocab_size, H)
         emb.copy_(old[base_tok.pad_token_id].expand_as(emb))  # unused ids: the never-predicted <pad> row
-        emb[:n] = old
-        ids = [tok.convert_tokens_to_ids(s) for s in SPECIAL]
+        emb[:old.shape[0]] = old
+        ids = [tok.convert_tokens_to_ids(x) for x in SPECIAL]
         emb[ids[0]] = old[base_tok.bos_token_id]
         emb[ids[3]] = old[base_tok.eos_token_id]
         emb[ids[1]] = emb[ids[2]] = old.mean(0)
     return model
 
 
-def fit(model, tok, steps: int, batch: int, lr: float, seed: int, full_positions: int = 256):
+def fit(model, tok, steps: int, batch: int, lr: float, seed: int):
     """`steps` AdamW steps on toy pretraining documents rendered through the chat template
-    (toy.encode_batch: solutions with slips, meta-prover and retry examples). The loss: cross
-    entropy over the tokenizer's ids at every completion position, plus full-vocabulary cross
-    entropy at `full_positions` random ones (which pushes the unused ids down without a
-    (tokens, 128,256) logit tensor). Returns the losses and, per step, the probability mass
-    the model puts on unused ids at those positions."""
+    (toy.encode_batch: solutions with slips, meta-prover and retry examples), on the small
+    model whose rows are the tokenizer's ids plus one row standing for all unused ids. Those
+    are equal rows in the full model (and the embedding is tied, so they only ever act as
+    output rows): the full 128,256-way softmax is this (len(tok) + 1)-way one with log(number
+    of unused ids) added to the last logit, so the loss is the full model's exactly, without
+    a (tokens, 128,256) logit tensor. Returns the losses and the probability mass on unused
+    ids at the completion positions of each step."""
+    import math
+
     import torch
 
     import toy
@@ -133,28 +136,41 @@ def fit(model, tok, steps: int, batch: int, lr: float, seed: int, full_positions
     rng = random.Random(seed)
     torch.manual_seed(seed)
     n_ids = len(tok)
+    shift = torch.zeros(n_ids + 1)
+    shift[n_ids] = math.log(VOCAB_SIZE - n_ids)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     model.train()
     losses, unused = [], []
     for step in range(steps):
         problems = [toy.make_problem(rng) for _ in range(batch)]
         ids, attn, loss_mask = toy.encode_batch(tok, problems, rng, slip=0.1, mu_frac=0.15, retry_frac=0.3)  # (B, T)
-        hidden = model.model(input_ids=ids, attention_mask=attn).last_hidden_state[:, :-1]  # (B, T-1, H)
+        logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1] + shift  # (B, T-1, n_ids + 1)
         keep = loss_mask[:, 1:] > 0  # (B, T-1)
-        h, target = hidden[keep], ids[:, 1:][keep]  # (N, H), (N,)
-        loss = torch.nn.functional.cross_entropy(h @ model.lm_head.weight[:n_ids].T, target)  # logits (N, n_ids)
-        sub = torch.randperm(len(target))[:full_positions]  # a few positions see the whole vocabulary
-        full = h[sub] @ model.lm_head.weight.T  # (n, VOCAB_SIZE)
-        loss = loss + torch.nn.functional.cross_entropy(full, target[sub])
-        with torch.no_grad():
-            unused.append(full.softmax(-1)[:, n_ids:].sum(-1).mean().item())
+        loss = torch.nn.functional.cross_entropy(logits[keep], ids[:, 1:][keep])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         losses.append(round(loss.item(), 4))
+        with torch.no_grad():
+            unused.append(logits[keep].softmax(-1)[:, n_ids].mean().item())
     model.eval()
     return losses, unused
+
+
+def expand(small, tok):
+    """The full-vocabulary model: the small model's body and rows, its last row (the unused
+    ids' row) repeated over every id from len(tok) to VOCAB_SIZE - 1."""
+    import torch
+
+    big = make_model(small, tok, tok, VOCAB_SIZE)
+    n_ids = len(tok)
+    with torch.no_grad():
+        src = small.get_input_embeddings().weight  # (n_ids + 1, H)
+        emb = big.get_input_embeddings().weight  # (VOCAB_SIZE, H)
+        emb[:n_ids] = src[:n_ids]
+        emb[n_ids:] = src[n_ids]
+    return big
 
 
 def build_realistic(out_dir: str, base: str | None = None, steps: int = 60, batch: int = 32, lr: float = 1e-3,
@@ -173,9 +189,9 @@ def build_realistic(out_dir: str, base: str | None = None, steps: int = 60, batc
     base_tok = utils.load_tokenizer(base)
     base_model = utils.load_model(base, "float32", "cpu")
     tok = make_tokenizer(base)
-    model = make_model(base_model, base_tok, tok)
-    losses, unused = fit(model, tok, steps, batch, lr, seed)
-    model = model.to(torch.bfloat16)
+    small = make_model(base_model, base_tok, tok, len(tok) + 1)
+    losses, unused = fit(small, tok, steps, batch, lr, seed)
+    model = expand(small, tok).to(torch.bfloat16)
     with utils.atomic_dir(path) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
