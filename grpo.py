@@ -690,9 +690,9 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     if not given_engine:
         need = engine_need(args, tok, longest, mu_in_engine=uses_mu and not args.mu_model)
         max_len = utils.engine_length(model_path, need)
-        utils.print0(f"vLLM engine: max_model_len {max_len} (longest prompt {longest} tokens), "
-                     f"gpu_memory_utilization {args.gpu_memory_utilization}, sleep mode {args.sleep_mode}")
         sampler = utils.Sampler(model_path, max_model_len=max_len, **engine_kw)
+        utils.print0(f"sampler: {sampler.backend}, max_model_len {max_len} (longest prompt {longest} tokens), "
+                     f"gpu_memory_utilization {args.gpu_memory_utilization}, sleep mode {sampler.sleep_mode}")
     model = utils.shard_model(utils.load_model(model_path, args.dtype, device), args.gradient_checkpointing)
     model.train()
     if given_engine:  # it may hold other weights (and a prefix cache computed with them)

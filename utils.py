@@ -481,6 +481,8 @@ class Sampler:
         self.sleep_mode, self.asleep = False, False
         self.tokenizer = load_tokenizer(model)
         if backend == "auto":
+            backend = os.environ.get("MRT_SAMPLER", "auto")  # "hf": transformers.generate even with vLLM installed
+        if backend == "auto":
             try:
                 import vllm  # noqa: F401
 
