@@ -645,12 +645,16 @@ def sync_weights(sampler: Sampler, model) -> None:
 def update_asleep(sampler: Sampler, update: Callable[[], Any], model=None):
     """One training update with the engine asleep: sampler.sleep(), update(), wake_up(),
     then the new weights of `model` (default: what update() returns) go into the engine.
-    Returns update()'s result. The engine wakes up even if the update raises."""
-    sampler.sleep()
+    Returns update()'s result. The engine wakes up even if the update raises. A sampler
+    without sleep mode (or a stand-in without sleep/wake_up) is only synced."""
+    sleeps = getattr(sampler, "sleep_mode", False)
+    if sleeps:
+        sampler.sleep()
     try:
         result = update()
     finally:
-        sampler.wake_up()
+        if sleeps:
+            sampler.wake_up()
     sampler.sync_weights(result if model is None else model)
     return result
 

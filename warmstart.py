@@ -580,9 +580,10 @@ def load_problems(path: str, args: Args) -> list[dict]:
 
 def search_need(args: Args, prompt_tokens: int) -> int:
     """Tokens one engine sequence may hold in the search: the prompt, a node of up to
-    --max-depth steps of --max-step-tokens, then a rollout or an attempt of --max-tokens
-    (16 more: node text is re-encoded, and may take a few more tokens than were sampled)."""
-    return prompt_tokens + args.max_depth * args.max_step_tokens + max(args.max_tokens, args.max_step_tokens) + 16
+    --max-depth steps of --max-step-tokens (and 2 per step for its delimiter), then a rollout
+    or an attempt of --max-tokens (16 more: node text is re-encoded, and may take a few more
+    tokens than were sampled)."""
+    return prompt_tokens + args.max_depth * (args.max_step_tokens + 2) + max(args.max_tokens, args.max_step_tokens) + 16
 
 
 def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler=None) -> list[dict]:

@@ -12,6 +12,7 @@ one-line error of an engine that cannot start."""
 import contextlib
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -94,7 +95,7 @@ def test_engine_sizes_come_from_the_run(real_model):
     assert utils.engine_length(real_model, 300) == 300  # never the config's 1,048,576
     assert utils.engine_length(real_model, 5_000_000) == 1048576  # capped at the model's positions
     w = warmstart.resolve_args(warmstart.Args(model=real_model, data="x"), 1)
-    assert warmstart.search_need(w, 40) == 40 + w.max_depth * w.max_step_tokens + max(w.max_tokens, w.max_step_tokens) + 16
+    assert warmstart.search_need(w, 40) == 40 + w.max_depth * (w.max_step_tokens + 2) + max(w.max_tokens, w.max_step_tokens) + 16
 
 
 # --------------------------------------------------------------------------------------
@@ -251,8 +252,8 @@ def test_export_loads_in_transformers_and_vllm(grpo_whole, toy_paths, tmp_path):
 def test_warmstart_and_star_single_process(real_model, toy_paths, tmp_path):
     ws = tmp_path / "ws"
     _run([sys.executable, "warmstart.py", "--model", real_model, "--data", toy_paths["train"], "--out", str(ws),
-          "--preset", "toy", "--problems", "6", "--beam-width", "2", "--expansions", "2", "--rollouts", "2",
-          "--max-depth", "6", "--attempts", "2", "--search-batch", "6", "--epochs", "1", "--batch-size", "4",
+          "--preset", "toy", "--problems", "8", "--beam-width", "2", "--expansions", "2", "--rollouts", "2",
+          "--max-depth", "6", "--attempts", "2", "--search-batch", "8", "--epochs", "1", "--batch-size", "4",
           "--micro-batch-size", "4", "--save-every", "0"])
     summary = json.load(open(ws / "summary.json"))
     assert summary["traces"]["count"] >= 1 and os.path.isfile(ws / "model" / "config.json")
@@ -274,9 +275,27 @@ def test_engine_that_cannot_start_is_one_line(real_model, toy_paths, tmp_path):
                                      "--steps", "1", "--group-size", "2", "--prompts-per-step", "1",
                                      "--micro-batch-size", "2"],
                          capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
-    assert out.returncode != 0
+    assert out.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", out.stderr), out.stderr[-4000:]  # the ranks exit 2
     errors = [l for l in out.stderr.splitlines() if "error: " in l and "could not start" in l]
     assert len(errors) == 1, out.stderr[-4000:]
     assert real_model in errors[0] and "KV cache" in errors[0] and "VLLM_CPU_KVCACHE_SPACE" in errors[0], errors
     assert "[rank0]: Traceback" not in out.stderr and "[rank1]: Traceback" not in out.stderr, out.stderr[-4000:]
     assert not (tmp_path / "g" / "model").exists()
+
+
+def test_every_rank_error_is_printed_by_rank_0_only(tmp_path):
+    """utils.run_main: a UserError that every rank meets alike (every_rank=True) is one line
+    from rank 0 and silence elsewhere, exit 2 on every rank; other errors print on any rank."""
+    code = """
+import utils
+def main(every):
+    raise utils.UserError("the same everywhere", every_rank=every)
+if __name__ == "__main__":
+    import sys
+    utils.run_main(main, sys.argv[1] == "1")
+"""
+    for rank, every, lines in (("0", "1", ["error: the same everywhere"]), ("1", "1", []),
+                               ("1", "0", ["error: the same everywhere"])):
+        r = subprocess.run([sys.executable, "-c", code, every], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=ROOT, RANK=rank))
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == lines, (rank, every, r.stderr)
