@@ -4,9 +4,10 @@
 # NOT YET RUN ON A GPU: this project's machines have none. Its CPU mode (`--cpu`: the same
 # commands, tiny sizes) is what was run here. Expect to fix small things on the first GPU run.
 #
-# What it does (about 10 minutes at most on one GPU; no vLLM there: utils.Sampler falls back to
-# transformers.generate, forced here with MRT_SAMPLER=hf so it is the same with vLLM installed):
-#   1. a toy base: runs/toy/base if built, else a tiny one (toy.py --preset tiny, ~1 minute)
+# What it does (sized to finish within 10 minutes on one GPU: an estimate, never measured; no
+# vLLM there: utils.Sampler falls back to transformers.generate, forced with MRT_SAMPLER=hf so it
+# is the same where vLLM is installed):
+#   1. a toy base: runs/toy/base if built, else a tiny one (toy.py --preset tiny)
 #   2. the realistic-shape model (tests/realistic.py: Llama-3 vocabulary 128,256, 1,048,576
 #      positions and bf16 in its config, Llama-3 chat template), fitted briefly from that base
 #   3. grpo.py --preset paper (MRT-B, beta 0.04: a reference model; lr 1e-6) on it, --dtype auto

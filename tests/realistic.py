@@ -1,4 +1,4 @@
-"""tests/realistic.py: a realistic-shape model, built here in seconds from the toy base.
+"""tests/realistic.py: a realistic-shape model, built here from the toy base by a short fit.
 
 What it is: a Llama-3-architecture `LlamaForCausalLM` with Llama-3's vocabulary size (128,256),
 `max_position_embeddings` 1,048,576, rope_theta 500,000, "bfloat16" as its config's dtype, a

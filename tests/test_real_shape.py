@@ -260,9 +260,10 @@ def test_warmstart_and_star_single_process(real_model, toy_paths, tmp_path):
     st = tmp_path / "star"
     _run([sys.executable, "star.py", "--method", "star", "--model", real_model, "--data", toy_paths["train"],
           "--test-data", toy_paths["test"], "--out", str(st), "--preset", "toy", "--iterations", "1",
-          "--problems", "8", "--group-size", "2", "--max-tokens", "64", "--eval-problems", "4", "--eval-samples", "1",
+          "--problems", "8", "--group-size", "2", "--max-tokens", "128", "--eval-problems", "4", "--eval-samples", "1",
           "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "4"])
-    assert os.path.isfile(st / "model" / "config.json")
+    summary = json.load(open(st / "summary.json"))
+    assert summary["examples"] >= 1 and os.path.isfile(st / "model" / "config.json"), summary
 
 
 def test_engine_that_cannot_start_is_one_line(real_model, toy_paths, tmp_path):
