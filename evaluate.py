@@ -348,14 +348,11 @@ def open_engine(path: str, records: list[dict], args: Args, ready=None):
     """The run's Sampler (`ready` if given), its prompt ids, and the context length the window
     must fit in: --max-model-len, else what the longest prompt needs (+ window + cue in
     linearized mode), capped at the model's max_position_embeddings."""
-    from transformers import AutoConfig
-
     tok = ready.tokenizer if ready is not None else utils.load_tokenizer(path)
     prompt_ids = [utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in records]
     cue = len(tok(CONTINUE_CUE, add_special_tokens=False)["input_ids"])
     need = max(map(len, prompt_ids)) + args.max_tokens + (args.window + cue if "linearized" in args.modes else 0)
-    limit = getattr(AutoConfig.from_pretrained(path), "max_position_embeddings", None) or need
-    max_len = args.max_model_len or min(need, limit)
+    max_len = args.max_model_len or utils.engine_length(path, need)
     sampler = ready if ready is not None else utils.Sampler(
         path, seed=args.seed, dtype=args.dtype, max_model_len=max_len, gpu_memory_utilization=args.gpu_memory_utilization)
     return sampler, prompt_ids, max_len

@@ -193,6 +193,10 @@ class Args:
     # system
     dtype: str = "auto"
     """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
+    gpu_memory_utilization: float = 0.3
+    """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
+    sleep_mode: str = "auto"
+    """auto | on | off: vLLM sleep mode, the engine's weights and KV cache leave the GPU during each update (auto: on with CUDA; vLLM's CPU build has none)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     save_every: int | None = None
@@ -380,6 +384,24 @@ def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
 # --------------------------------------------------------------------------------------
 # Data: problems, their order, prompts and contexts
 # --------------------------------------------------------------------------------------
+
+
+ENGINE_SLACK = 16
+"""Extra engine tokens per sequence: contexts re-encoded from text (z0, z1) may take a few
+more tokens than were sampled."""
+
+
+def engine_need(args: Args, tokenizer, prompt_tokens: int, mu_in_engine: bool) -> int:
+    """Tokens one engine sequence may hold in this run: direct, prompt + completion;
+    backtrack, prompt + z0 + cue + continuation (each of z0 and the continuation at most
+    --max-tokens), plus mu's forced suffix and answer when mu samples from this
+    engine (its contexts are x + z0 + z1); plus ENGINE_SLACK."""
+    need = prompt_tokens + args.max_tokens + ENGINE_SLACK
+    if variant_format(args.variant) == "backtrack":
+        need += args.max_tokens + len(tokenizer(backtrack_cue(""), add_special_tokens=False)["input_ids"])
+        if mu_in_engine:
+            need += len(tokenizer(args.mu_suffix, add_special_tokens=False)["input_ids"]) + args.mu_max_tokens
+    return need
 
 
 def problem_index(position: int, n: int, seed: int) -> int:
@@ -608,28 +630,44 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world {world}, "
                  f"{args.prompts_per_step} prompts x {args.group_size} per rank per step, {args.steps} steps")
 
-    # -- models: policy (FSDP2 over ranks), frozen reference if beta > 0, vLLM engine(s) ----
+    # -- data (its prompt lengths size the engine) ------------------------------------------
     given_engine = sampler is not None
-    sampler = sampler or utils.Sampler(model_path, seed=args.seed, dtype=args.dtype)
-    tok = sampler.tokenizer
+    tok = sampler.tokenizer if given_engine else utils.load_tokenizer(model_path)
+    data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
+                max_prompt_tokens=args.max_prompt_length, too_long="raise --max-prompt-length")
+    train = utils.load_problems(args.train_data or toy_paths["train"], **data)
+    test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
+
+    # -- models: policy (FSDP2 over ranks, fp32 masters), frozen reference if beta > 0 (from the
+    # same read of the weights), vLLM engine(s) sized from the run's own lengths ---------------
+    uses_mu = args.alpha != 0.0 or args.assign == "episode"
+    longest = max(p["prompt_tokens"] for p in train + test)
+    engine_kw = dict(seed=args.seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                     sleep_mode=args.sleep_mode)
+    if not given_engine:
+        need = engine_need(args, tok, longest, mu_in_engine=uses_mu and not args.mu_model)
+        max_len = utils.engine_length(model_path, need)
+        sampler = utils.Sampler(model_path, max_model_len=max_len, **engine_kw)
+        utils.print0(f"sampler: {sampler.backend}, max_model_len {max_len} (longest prompt {longest} tokens), "
+                     f"gpu_memory_utilization {args.gpu_memory_utilization}, sleep mode {sampler.sleep_mode}")
     model, ref = utils.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing,
                                     reference=args.beta != 0.0)
     model.train()
     if given_engine:  # it may hold other weights (and a prefix cache computed with them)
         sampler.sync_weights(model)
     meta_prover = None
-    if args.alpha != 0.0 or args.assign == "episode":
-        mu = sampler if not args.mu_model else utils.Sampler(args.mu_model, seed=args.seed, dtype=args.dtype)
+    if uses_mu:
+        mu = sampler
+        if args.mu_model:
+            need = engine_need(args, tok, longest, mu_in_engine=True)
+            mu = utils.Sampler(args.mu_model, max_model_len=utils.engine_length(args.mu_model, need),
+                               **dict(engine_kw, sleep_mode="off"))
         meta_prover = MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps * args.num_iterations  # optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, utils.lr_lambda(int(args.warmup_ratio * total), total, args.lr_schedule))
 
-    # -- data and resume -------------------------------------------------------------------
-    data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
-                max_prompt_tokens=args.max_prompt_length, too_long="raise --max-prompt-length")
-    train = utils.load_problems(args.train_data or toy_paths["train"], **data)
-    test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
+    # -- resume ------------------------------------------------------------------------------
     P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world
     start, data_pos = 0, 0  # first step of this run, and its position in the data stream
     ckpt_path, eval_path = os.path.join(out, "checkpoint"), os.path.join(out, "eval.json")
@@ -690,13 +728,12 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
             advantages = Episode(adv_z1=adv_z1[own], adv_z2=adv_z2[own],
                                  z1_tokens=torch.tensor([r["z1_tokens"] for r in rows]))  # (B,) each
 
-        # ---- loss and update ----------------------------------------------------------------
+        # ---- loss and update (engine asleep with --sleep-mode), then sync: the engine samples
+        # the next batch from the new weights
         t1 = time.time()
-        stats, grad_norm = policy_update(model, ref, opt, sched, rows, advantages, args, tok.pad_token_id)
+        stats, grad_norm = utils.update_asleep(sampler, lambda: policy_update(
+            model, ref, opt, sched, rows, advantages, args, tok.pad_token_id), model)
         t_train = time.time() - t1
-
-        # ---- sync: the engine samples the next batch from the new weights --------------------
-        sampler.sync_weights(model)
 
         # ---- log, checkpoint -------------------------------------------------------------------
         times = {"time_sample": t_sample, "time_train": t_train, "time_step": time.time() - t_step}

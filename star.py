@@ -196,7 +196,11 @@ class Args:
     z0_loss: bool = False
     """also train on the attempt z0; default: z0 is in the prompt, loss on z_{1:2} only"""
     max_model_len: int = 0
-    """engine context length (0: the model's)"""
+    """engine context length (0: what the longest prompt + z0 + continuation + mu's answer need, capped at the model's positions)"""
+    gpu_memory_utilization: float = 0.3
+    """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
+    sleep_mode: str = "auto"
+    """auto | on | off: vLLM sleep mode, the engine's weights and KV cache leave the GPU during each SFT (auto: on with CUDA; vLLM's CPU build has none)"""
 
 
 def resolve_args(args: Args, world: int = 1) -> Args:
@@ -406,7 +410,8 @@ def iteration_stats(records: list[dict], method: str) -> dict:
 
 
 def context_length(path: str, args: Args) -> int:
-    """Tokens the engine holds per sequence: --max-model-len, else the model's positions."""
+    """The most tokens a sequence may take: --max-model-len, else the model's positions (the
+    engine itself is sized from the run's own lengths, see main)."""
     if args.max_model_len:
         return args.max_model_len
     from transformers import AutoConfig
@@ -456,9 +461,11 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
 
     # ---- engine on the base: z0 for every train and held-out problem, then the start model --
     t0 = time.time()
-    engine_kw = dict(seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len or None)
+    longest = max(p["prompt_tokens"] for p in train + test)
+    engine_kw = dict(seed=args.seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                     max_model_len=args.max_model_len or utils.engine_length(base_path, longest + budget))
     if sampler is None:
-        sampler = utils.Sampler(base_path, **engine_kw)
+        sampler = utils.Sampler(base_path, sleep_mode=args.sleep_mode, **engine_kw)
     else:  # it may hold other weights: z0 must come from the base
         sampler.sync_weights(utils.load_model(base_path, args.dtype))
     train_z0, test_z0 = {}, {}
@@ -479,7 +486,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
                      f"warmstarted): expect few parsable, correct continuations; run warmstart.py first")
     mu = None
     if fmt == "backtrack":
-        mu_sampler = make_sampler(args.mu_model, **engine_kw) if args.mu_model else sampler
+        mu_sampler = make_sampler(args.mu_model, **dict(engine_kw, sleep_mode="off")) if args.mu_model else sampler
         mu = MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, temperature=args.mu_temperature,
                         max_tokens=args.mu_max_tokens)
 
@@ -511,12 +518,11 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
             card = {"stage": "star", "method": args.method, "variant": args.method, "format": fmt, "base": base_path,
                     "start": model_path, "iteration": k, "examples": len(accumulated), "args": dataclasses.asdict(args)}
             ckpt = os.path.join(out, f".sft_iter{k}")
-            model = warmstart.sft(base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
-                                  dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
-                                  log_path=log_path, ckpt_path=ckpt, card=card,
-                                  log_extra={"method": args.method, "iteration": k})
-            sampler.sync_weights(model)  # the next iteration (and mu) sample from the new model
-            del model
+            # the engine sleeps through the SFT (--sleep-mode); the next iteration (and mu) sample from the new model
+            utils.update_asleep(sampler, lambda: warmstart.sft(
+                base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
+                dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
+                log_path=log_path, ckpt_path=ckpt, card=card, log_extra={"method": args.method, "iteration": k}))
             gc.collect()
             model_saved = True
             if utils.is_main() and os.path.exists(ckpt):

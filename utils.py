@@ -75,7 +75,12 @@ def build_prompt(tokenizer, problem: str, instruction: str = DEFAULT_INSTRUCTION
 
 class UserError(Exception):
     """Bad input (missing file, malformed line, missing field, bad path): reported in one
-    line and a non-zero exit by `run_main`, never as a traceback."""
+    line and a non-zero exit by `run_main`, never as a traceback. `every_rank=True` marks an
+    error every torchrun rank meets alike: only rank 0 prints it."""
+
+    def __init__(self, message: str, every_rank: bool = False):
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 def _field_docs(cls) -> dict[str, str]:
@@ -113,7 +118,8 @@ def run_main(fn: Callable, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if is_main() or not getattr(e, "every_rank", False):  # the same error on every rank: rank 0 says it
+            print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -223,9 +229,10 @@ def load_problems(path: str, problem_field: str = "problem", answer_field: str =
         return out
     for p in out:
         p["prompt"] = build_prompt(tokenizer, p["problem"], instruction)
+        p["prompt_tokens"] = len(encode(tokenizer, p["prompt"]))
     if max_prompt_tokens is None:
         return out
-    fit = [p for p in out if len(encode(tokenizer, p["prompt"])) <= max_prompt_tokens]
+    fit = [p for p in out if p["prompt_tokens"] <= max_prompt_tokens]
     if not fit:
         raise UserError(f"{path}: no problem's prompt fits in {max_prompt_tokens} tokens{'; ' + too_long if too_long else ''}")
     if len(fit) < len(out):
@@ -618,10 +625,20 @@ class Sampler:
 
     def __init__(self, model: str, *, backend: str = "auto", dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
-                 enable_prefix_caching: bool = True, **engine_kwargs):
+                 sleep_mode: str | bool = "auto", enable_prefix_caching: bool = True, **engine_kwargs):
+        """max_model_len: tokens one sequence may hold (prompt + generation); callers pass
+        what their run needs (`engine_length`), never the model's whole context.
+        gpu_memory_utilization: the share of GPU memory vLLM may take (weights + KV cache).
+        sleep_mode: "auto" (on with vLLM on CUDA, off elsewhere: vLLM 0.32's CPU build has
+        none), "on"/"off" or a bool; with it, `sleep()` frees the engine's GPU memory while
+        the trainer updates (see `update_asleep`). An engine that cannot start (e.g. its KV
+        cache cannot hold one sequence) is a one-line UserError."""
         self.model_path, self.dtype = model, dtype
         _check_model_path(model)
+        self.sleep_mode, self.asleep = False, False
         self.tokenizer = load_tokenizer(model)
+        if backend == "auto":
+            backend = os.environ.get("MRT_SAMPLER", "auto")  # "hf": transformers.generate even with vLLM installed
         if backend == "auto":
             try:
                 import vllm  # noqa: F401
@@ -632,6 +649,8 @@ class Sampler:
         self.backend = backend
         if backend == "vllm":
             from vllm import LLM
+
+            self.sleep_mode = resolve_sleep_mode(sleep_mode)
 
             engine_seed = seed + rank() // engine_kwargs.get("tensor_parallel_size", 1)  # TP ranks share one
             vllm_dtype = str(torch_dtype(dtype, default_device())).removeprefix("torch.")  # bf16 -> bfloat16
@@ -655,8 +674,16 @@ class Sampler:
                 kwargs["enforce_eager"] = True
             if is_distributed():
                 kwargs["distributed_executor_backend"] = "external_launcher"
+            if self.sleep_mode:
+                kwargs["enable_sleep_mode"] = True
             kwargs.update(engine_kwargs)
-            self.llm = LLM(model, **kwargs)
+            try:
+                self.llm = LLM(model, **kwargs)
+            except (ValueError, RuntimeError, MemoryError) as e:  # vLLM's reasons: too little memory, bad sizes
+                reason = " ".join(str(e).split()) or type(e).__name__
+                raise UserError(f"vLLM engine for {model} could not start: {reason}; lower the run's --max-* lengths "
+                                f"(max_model_len {kwargs.get('max_model_len', 'the model')}), or raise VLLM_CPU_KVCACHE_SPACE (CPU) / "
+                                f"--gpu-memory-utilization (GPU)", every_rank=True) from e
         else:
             self.model = load_model(model, dtype)
             self.model.eval()
@@ -741,6 +768,21 @@ class Sampler:
             result.append(group)
         return result
 
+    # -- sleep mode (vLLM on CUDA) ------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Level-1 sleep: the engine's weights go to CPU memory and its KV cache is freed, so
+        a training step has the GPU. No-op without sleep mode."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Back on the GPU (weights and KV cache); call before sync_weights and sampling."""
+        if self.sleep_mode and self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
     # -- weights -----------------------------------------------------------------------
 
     def sync_weights(self, model) -> None:
@@ -755,6 +797,51 @@ class Sampler:
                 raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
         else:
             self.model.load_state_dict(dict(iter_full_params(model)))
+
+
+def update_asleep(sampler: Sampler, update: Callable[[], Any], model=None):
+    """One training update with the engine asleep: sampler.sleep(), update(), wake_up(),
+    then the new weights of `model` (default: what update() returns) go into the engine.
+    Returns update()'s result. The engine wakes up even if the update raises. A sampler
+    without sleep mode (or a stand-in without sleep/wake_up) is only synced."""
+    sleeps = getattr(sampler, "sleep_mode", False)
+    if sleeps:
+        sampler.sleep()
+    try:
+        result = update()
+    finally:
+        if sleeps:
+            sampler.wake_up()
+    sampler.sync_weights(result if model is None else model)
+    return result
+
+
+def resolve_sleep_mode(value: str | bool) -> bool:
+    """--sleep-mode auto|on|off (or a bool) -> whether the vLLM engine runs with sleep mode:
+    auto is on with CUDA, off without (vLLM 0.32's CPU build rejects it)."""
+    if isinstance(value, bool):
+        on = value
+    elif str(value).lower() in ("auto", "on", "off", "true", "false"):
+        v = str(value).lower()
+        on = _has_cuda() if v == "auto" else v in ("on", "true")
+    else:
+        raise UserError(f"--sleep-mode must be auto, on or off, got {value!r}")
+    if on and not _has_cuda():
+        raise UserError("--sleep-mode on needs vLLM on CUDA: vLLM's CPU build has no sleep mode (use auto or off)")
+    return on
+
+
+def engine_length(model: str, need: int) -> int:
+    """max_model_len for an engine on `model` whose sequences hold at most `need` tokens:
+    `need`, capped at the model's max_position_embeddings (vLLM refuses more). Never the
+    model's whole context when the run needs less (a 1M-position config would ask the KV
+    cache for 1M tokens per sequence)."""
+    from transformers import AutoConfig
+
+    with _loading(model):
+        cfg = AutoConfig.from_pretrained(model)
+    limit = getattr(cfg, "max_position_embeddings", None) or need
+    return int(max(1, min(need, limit)))
 
 
 # --------------------------------------------------------------------------------------

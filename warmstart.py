@@ -192,6 +192,8 @@ class Args:
     """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     dtype: str = "auto"
     """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
+    gpu_memory_utilization: float = 0.3
+    """share of GPU memory the search's vLLM engine may take (its weights and KV cache)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False
@@ -561,13 +563,24 @@ def sft_example(trace: dict, z0_loss: bool) -> tuple[str, str]:
     return trace["prompt"] + trace["z0"], trace["completion"][len(trace["z0"]):]
 
 
+def search_need(args: Args, prompt_tokens: int) -> int:
+    """Tokens one engine sequence may hold in the search: the prompt, a node of up to
+    --max-depth steps of --max-step-tokens (and 2 per step for its delimiter), then a rollout
+    or an attempt of --max-tokens (16 more: node text is re-encoded, and may take a few more
+    tokens than were sampled)."""
+    return prompt_tokens + args.max_depth * (args.max_step_tokens + 2) + max(args.max_tokens, args.max_step_tokens) + 16
+
+
 def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler=None) -> list[dict]:
     """Trees and plain attempts for every problem: problems split over ranks, gathered on all."""
     from tqdm import tqdm
 
     rank, world = utils.rank(), utils.world_size()
-    sampler = sampler or utils.Sampler(model_path, seed=seed, dtype=args.dtype)
-    tok = sampler.tokenizer
+    tok = sampler.tokenizer if sampler is not None else utils.load_tokenizer(model_path)
+    if sampler is None:
+        longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
+        sampler = utils.Sampler(model_path, seed=seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                                max_model_len=utils.engine_length(model_path, search_need(args, longest)))
     mine = problems[rank::world]
     n_batches = math.ceil(len(problems) / (world * args.search_batch))  # the same on every rank
     records = []

@@ -1,0 +1,302 @@
+"""The real path on a realistic-shape model (tests/realistic.py: Llama-3 vocabulary 128,256,
+1,048,576 positions in its config, bf16 config, Llama-3 chat template), on CPU inside a 1 GiB
+vLLM KV budget: every engine must be sized from its run's own lengths (a 1M-token sequence
+needs 4 GiB of KV cache at this model's shape, so an engine sized from the config cannot
+start). Stages run as subprocesses (one engine per process; the session's in-process toy
+engine stays alone): grpo.py under `torchrun --nproc_per_node 2` with the paper preset, kill
+after the step-1 checkpoint and resume (same weights as the uninterrupted run), the export
+loaded by transformers and by vLLM (evaluate.py on it), warmstart.py and star.py in one
+process. Also: the sleep-mode call order (a recording engine), the engine sizes, and the
+one-line error of an engine that cannot start."""
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import grpo
+import realistic
+import star
+import utils
+import warmstart
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+GRPO_FLAGS = ["--preset", "paper", "--steps", "2", "--group-size", "2", "--prompts-per-step", "2",
+              "--micro-batch-size", "2", "--max-tokens", "64", "--eval-problems", "4", "--eval-samples", "2",
+              "--mu-samples", "4", "--lr", "1e-4", "--lr-schedule", "constant", "--save-every", "1", "--seed", "1"]
+"""The paper preset (beta 0.04: a reference model; MRT-B: the meta-prover in the same engine;
+max prompt 1500) with small overrides; lr 1e-4 so that two steps visibly move the weights."""
+
+
+def _env():
+    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", MRT_VLLM_EAGER="1",
+                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+
+def _run(cmd, timeout=600, **kw):
+    out = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=timeout, **kw)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_model(toy_paths, tmp_path_factory):
+    """The realistic-shape model built from the session's toy base (cached by content under
+    runs/realistic, so a session builds it once)."""
+    return realistic.build_realistic(os.path.join(ROOT, "runs", "realistic"), base=toy_paths["base"])
+
+
+@pytest.fixture(scope="session")
+def grpo_whole(real_model, toy_paths, tmp_path_factory):
+    """A 2-rank, 2-step paper-preset grpo.py run on the realistic model: (out folder, stdout)."""
+    out = tmp_path_factory.mktemp("grpo_whole")
+    proc = _run(TORCHRUN + ["--master_port", "29631", "grpo.py", "--model", real_model, "--train-data",
+                            toy_paths["train"], "--test-data", toy_paths["test"], "--out", str(out)] + GRPO_FLAGS)
+    return out, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------------------
+# The model itself, and engine sizes (no engine)
+# --------------------------------------------------------------------------------------
+
+
+def test_realistic_model_shape(real_model, toy_paths):
+    cfg = json.load(open(os.path.join(real_model, "config.json")))
+    assert cfg["vocab_size"] == 128256 and cfg["max_position_embeddings"] == 1048576
+    assert cfg.get("dtype", cfg.get("torch_dtype")) == "bfloat16" and cfg["head_dim"] == 64
+    tok = utils.load_tokenizer(real_model)
+    assert len(tok) < 1000 and tok.eos_token == "<|eot_id|>" and tok.pad_token_id != tok.eos_token_id
+    prompt = utils.build_prompt(tok, "Start with 3. Add 4. What is the result?")
+    assert prompt.startswith(realistic.PROMPT_START) and prompt.endswith(realistic.ASSISTANT_HEADER)
+    # the chat template reaches the stages' prompts
+    problems = utils.load_problems(toy_paths["test"], tokenizer=tok)
+    assert all(p["prompt"].startswith(realistic.PROMPT_START) for p in problems)
+    build = json.load(open(os.path.join(real_model, "build.json")))
+    assert build["unused_mass_last"] < 0.01, build  # samples stay inside the tokenizer's ids
+
+
+def test_engine_sizes_come_from_the_run(real_model):
+    tok = utils.load_tokenizer(real_model)
+    args = grpo.resolve_args(grpo.Args(model=real_model, max_tokens=64), 1)
+    cue = len(tok("\n" + utils.BACKTRACK_MARKER + "\nStep", add_special_tokens=False)["input_ids"])
+    suffix = len(tok(utils.MU_SUFFIX, add_special_tokens=False)["input_ids"])
+    slack = grpo.ENGINE_SLACK
+    assert grpo.engine_need(args, tok, 50, mu_in_engine=False) == 50 + 64 + cue + 64 + slack
+    assert grpo.engine_need(args, tok, 50, mu_in_engine=True) == 50 + 64 + cue + 64 + suffix + 16 + slack
+    direct = grpo.resolve_args(grpo.Args(model=real_model, variant="direct", max_tokens=64), 1)
+    assert grpo.engine_need(direct, tok, 50, mu_in_engine=True) == 50 + 64 + slack
+    assert utils.engine_length(real_model, 300) == 300  # never the config's 1,048,576
+    assert utils.engine_length(real_model, 5_000_000) == 1048576  # capped at the model's positions
+    w = warmstart.resolve_args(warmstart.Args(model=real_model, data="x"), 1)
+    assert warmstart.search_need(w, 40) == 40 + w.max_depth * (w.max_step_tokens + 2) + max(w.max_tokens, w.max_step_tokens) + 16
+
+
+# --------------------------------------------------------------------------------------
+# Sleep mode: the call order, on a recording engine (vLLM's CPU build has no sleep mode)
+# --------------------------------------------------------------------------------------
+
+
+class RecordingEngine:
+    """Stands where the vLLM LLM would be; records the calls the Sampler makes on it."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def sleep(self, level=1):
+        self.calls.append(("sleep", level))
+
+    def wake_up(self, tags=None):
+        self.calls.append(("wake_up", tags))
+
+    def collective_rpc(self, method, kwargs=None):
+        self.calls.append(("collective_rpc", method, sorted(dict(kwargs["weights_iterator"]))))
+
+    def reset_prefix_cache(self):
+        self.calls.append(("reset_prefix_cache",))
+        return True
+
+
+def _recording_sampler(sleep_mode: bool):
+    calls = []
+    s = object.__new__(utils.Sampler)
+    s.backend, s.llm, s.sleep_mode, s.asleep = "vllm", RecordingEngine(calls), sleep_mode, False
+    return s, calls
+
+
+def test_sleep_mode_call_order():
+    model = torch.nn.Linear(2, 2)
+    s, calls = _recording_sampler(True)
+    out = utils.update_asleep(s, lambda: calls.append(("update",)) or "stats", model)
+    assert out == "stats"
+    assert calls == [("sleep", 1), ("update",), ("wake_up", None), ("collective_rpc", "reload_weights", ["bias", "weight"]),
+                     ("reset_prefix_cache",)]
+    # the model to sync may be what the update returns (star: the SFT's new model)
+    calls.clear()
+    utils.update_asleep(s, lambda: model)
+    assert [c[0] for c in calls] == ["sleep", "wake_up", "collective_rpc", "reset_prefix_cache"]
+    # a failing update still wakes the engine (and syncs nothing)
+    calls.clear()
+    with pytest.raises(ZeroDivisionError):
+        utils.update_asleep(s, lambda: 1 / 0, model)
+    assert calls == [("sleep", 1), ("wake_up", None)] and not s.asleep
+    # without sleep mode (CPU): no sleep, no wake-up, the sync alone
+    s, calls = _recording_sampler(False)
+    utils.update_asleep(s, lambda: None, model)
+    assert [c[0] for c in calls] == ["collective_rpc", "reset_prefix_cache"]
+
+
+def test_sleep_mode_flag():
+    assert utils.resolve_sleep_mode("auto") is torch.cuda.is_available()
+    assert utils.resolve_sleep_mode("off") is False
+    if not torch.cuda.is_available():
+        with pytest.raises(utils.UserError, match="sleep-mode on needs vLLM on CUDA"):
+            utils.resolve_sleep_mode("on")
+    with pytest.raises(utils.UserError, match="--sleep-mode must be auto, on or off"):
+        utils.resolve_sleep_mode("sometimes")
+
+
+# --------------------------------------------------------------------------------------
+# End to end (subprocesses)
+# --------------------------------------------------------------------------------------
+
+
+def test_grpo_paper_preset_two_ranks(grpo_whole):
+    out, log = grpo_whole
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["logprob_gap"] < 1e-3 for r in rows), rows  # the engine samples the trainer's weights
+    assert all(r["kl"] >= 0 for r in rows) and rows[1]["kl"] > 0  # the reference model is there
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    texts = [c["text"] for s in samples for c in s["completions"]]
+    assert all(t.strip() for t in texts) and any("Step" in t for t in texts), texts
+    z0 = [json.loads(line)["z0"] for line in open(out / "z0.jsonl")]
+    assert any(t.startswith("Step 1:") for t in z0), z0  # real solutions, decoded text
+    evals = json.load(open(out / "eval.json"))
+    outcomes = [c["outcome"] for s in samples for c in s["completions"]] + [evals["start"], evals["end"]]
+    assert any(x > 0 for x in outcomes), (evals, samples)  # grading finds correct answers
+    assert "max_model_len" in log and "1048576" not in log.split("max_model_len", 1)[1][:40]
+
+
+def _export_checks(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    m = AutoModelForCausalLM.from_pretrained(model_dir)
+    assert m.config.vocab_size == 128256 and m.get_input_embeddings().weight.shape[0] == 128256
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (torchrun starts its workers in sessions of
+    their own: killing torchrun's process group would leave them running)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    for p in root.children(recursive=True) + [root]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+
+
+def test_kill_and_resume_matches_uninterrupted_run(grpo_whole, real_model, toy_paths, tmp_path):
+    whole, _ = grpo_whole
+    cut = tmp_path / "cut"
+    cmd = TORCHRUN + ["--master_port", "29633", "grpo.py", "--model", real_model, "--train-data", toy_paths["train"],
+                      "--test-data", toy_paths["test"], "--out", str(cut)] + GRPO_FLAGS
+    err_path = tmp_path / "cut.err"  # a file, not a pipe: a full pipe would stall the run
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=open(err_path, "w"))
+    metrics, deadline = cut / "metrics.jsonl", time.time() + 400
+
+    def checkpointed():  # step 1 logged and a checkpoint (file or folder) of it in place
+        names = os.listdir(cut) if cut.exists() else []
+        return metrics.exists() and '"step": 1' in metrics.read_text() and any(n.startswith("checkpoint") for n in names)
+
+    while not checkpointed() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the checkpoint's barrier: every rank is past the write
+    kill_tree(proc.pid)
+    proc.wait()
+    assert checkpointed(), err_path.read_text()[-3000:]
+    assert '"step": 2' not in metrics.read_text() and not (cut / "model").exists()
+
+    _run(cmd[:-len(GRPO_FLAGS)] + GRPO_FLAGS + ["--resume"])
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(cut / "model" / "model.safetensors"))
+    start = load_file(os.path.join(real_model, "model.safetensors"))
+    assert a.keys() == b.keys() and set(start) <= set(a)  # the export may write the tied lm_head too
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
+    assert any(not torch.equal(a[k].float(), start[k].float()) for k in start), "nothing trained: the test proves nothing"
+    assert [json.loads(line)["step"] for line in open(cut / "metrics.jsonl")] == [1, 2]
+
+
+def test_export_loads_in_transformers_and_vllm(grpo_whole, toy_paths, tmp_path):
+    """The exported model in transformers (here) and in vLLM: evaluate.py on it, sized from
+    its own lengths."""
+    whole, _ = grpo_whole
+    model_dir = str(whole / "model")
+    _export_checks(model_dir)
+    tok = utils.load_tokenizer(model_dir)
+    assert tok.chat_template and tok.eos_token == "<|eot_id|>"
+    out = tmp_path / "eval"
+    _run([sys.executable, "evaluate.py", "--models", model_dir, "--data", toy_paths["test"], "--problems", "4",
+          "--samples", "2", "--max-tokens", "64", "--modes", "parallel", "--out", str(out)])
+    assert any(out.rglob("*.json*"))
+
+
+def test_warmstart_and_star_single_process(real_model, toy_paths, tmp_path):
+    ws = tmp_path / "ws"
+    _run([sys.executable, "warmstart.py", "--model", real_model, "--data", toy_paths["train"], "--out", str(ws),
+          "--preset", "toy", "--problems", "8", "--beam-width", "2", "--expansions", "2", "--rollouts", "2",
+          "--max-depth", "6", "--attempts", "2", "--search-batch", "8", "--epochs", "1", "--batch-size", "4",
+          "--micro-batch-size", "4", "--save-every", "0"])
+    summary = json.load(open(ws / "summary.json"))
+    assert summary["traces"]["count"] >= 1 and os.path.isfile(ws / "model" / "config.json")
+    st = tmp_path / "star"
+    _run([sys.executable, "star.py", "--method", "star", "--model", real_model, "--data", toy_paths["train"],
+          "--test-data", toy_paths["test"], "--out", str(st), "--preset", "toy", "--iterations", "1",
+          "--problems", "8", "--group-size", "2", "--max-tokens", "128", "--eval-problems", "4", "--eval-samples", "1",
+          "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "4"])
+    summary = json.load(open(st / "summary.json"))
+    assert summary["examples"] >= 1 and os.path.isfile(st / "model" / "config.json"), summary
+
+
+def test_engine_that_cannot_start_is_one_line(real_model, toy_paths, tmp_path):
+    """An engine asked for the config's whole 1,048,576-token context in a 1 GiB KV budget
+    (--max-prompt-length and --max-tokens that large): one `error:` line from
+    rank 0 naming the model and vLLM's reason, no traceback from the ranks."""
+    out = subprocess.run(TORCHRUN + ["--master_port", "29635", "grpo.py", "--model", real_model, "--variant", "direct",
+                                     "--train-data", toy_paths["train"], "--test-data", toy_paths["test"],
+                                     "--out", str(tmp_path / "g"), "--max-tokens", "1048576",
+                                     "--steps", "1", "--group-size", "2", "--prompts-per-step", "1",
+                                     "--micro-batch-size", "2"],
+                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+    assert out.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", out.stderr), out.stderr[-4000:]  # the ranks exit 2
+    errors = [l for l in out.stderr.splitlines() if "error: " in l and "could not start" in l]
+    assert len(errors) == 1, out.stderr[-4000:]
+    assert real_model in errors[0] and "KV cache" in errors[0] and "VLLM_CPU_KVCACHE_SPACE" in errors[0], errors
+    assert "[rank0]: Traceback" not in out.stderr and "[rank1]: Traceback" not in out.stderr, out.stderr[-4000:]
+    assert not (tmp_path / "g" / "model").exists()
+
+
+def test_every_rank_error_is_printed_by_rank_0_only(tmp_path):
+    """utils.run_main: a UserError that every rank meets alike (every_rank=True) is one line
+    from rank 0 and silence elsewhere, exit 2 on every rank; other errors print on any rank."""
+    code = """
+import utils
+def main(every):
+    raise utils.UserError("the same everywhere", every_rank=every)
+if __name__ == "__main__":
+    import sys
+    utils.run_main(main, sys.argv[1] == "1")
+"""
+    for rank, every, lines in (("0", "1", ["error: the same everywhere"]), ("1", "1", []),
+                               ("1", "0", ["error: the same everywhere"])):
+        r = subprocess.run([sys.executable, "-c", code, every], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=ROOT, RANK=rank))
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == lines, (rank, every, r.stderr)
