@@ -72,7 +72,7 @@ def make_contexts(tokenizer, n: int, tokens: int, seed: int) -> tuple[list[str],
         while True:
             attempt = toy.render_solution(*toy.solution_steps(p["start"], p["ops"], rng, slip=0.3))
             longer = text + attempt + "\n" + utils.BACKTRACK_MARKER + "\n"
-            if len(infogain.encode(tokenizer, longer)) > tokens:
+            if len(utils.encode(tokenizer, longer)) > tokens:
                 break
             text = longer
         contexts.append(text)
@@ -90,7 +90,7 @@ def prefill_counters(sampler) -> tuple[int, int]:
 def separate_requests(sampler, contexts, golds, m, max_tokens, seed):
     """J(mu | c) with m independent n=1 requests per context (no shared prefill)."""
     tok = sampler.tokenizer
-    prompts = [infogain.encode(tok, infogain.mu_context(c, utils.MU_SUFFIX)) for c in contexts for _ in range(m)]
+    prompts = [utils.encode(tok, infogain.mu_context(c, utils.MU_SUFFIX)) for c in contexts for _ in range(m)]
     outs = sampler.generate(prompts, n=1, temperature=1.0, max_tokens=max_tokens, seed=seed, logprobs=False)
     ok = [infogain.grade_cached(utils.MU_SUFFIX + g[0].text, gold) for g, gold in zip(outs, [x for x in golds for _ in range(m)])]
     return [sum(ok[i * m:(i + 1) * m]) / m for i in range(len(contexts))]
@@ -125,7 +125,7 @@ def main(args: Args) -> dict:
     tok = shared.tokenizer
     contexts, golds = make_contexts(tok, args.contexts, args.context_tokens, args.seed)
     warm = make_contexts(tok, 4, args.context_tokens, args.seed + 1)
-    L = sum(len(infogain.encode(tok, infogain.mu_context(c, utils.MU_SUFFIX))) for c in contexts) / len(contexts)
+    L = sum(len(utils.encode(tok, infogain.mu_context(c, utils.MU_SUFFIX))) for c in contexts) / len(contexts)
     block = shared.llm.llm_engine.vllm_config.cache_config.block_size
     utils.print0(f"{args.model}: C={args.contexts} contexts of {L:.0f} tokens (with the suffix), m={args.m}, "
                  f"answers of <= {args.max_tokens} tokens; KV block {block} tokens")

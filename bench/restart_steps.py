@@ -119,10 +119,11 @@ def main():
             raise SystemExit(f"restart_steps: no such model folder: {model}")
         args = grpo.resolve_args(grpo.Args(preset="toy", model=model, variant="outcome", group_size=a.samples), 1)
         sampler = utils.Sampler(model, seed=a.seed)
-        problems = grpo.load_problems(data, args, sampler.tokenizer)[:a.problems]
+        problems = utils.load_problems(data, limit=a.problems, tokenizer=sampler.tokenizer,
+                                       max_prompt_tokens=args.max_prompt_length)
         z0s = grpo.sample_z0(sampler, problems, args, a.seed)
         z0_correct = {p["id"]: utils.grade(z0s[p["id"]], p["answer"]) for p in problems}
-        rows = grpo.rollout(sampler, problems, z0s, args, a.seed + 1)
+        rows = grpo.rollout(sampler, problems, z0s, args, utils.derive_seed(a.seed, "rollout"))
         report[model] = {"z0_acc": round(sum(z0_correct.values()) / len(problems), 4), **by_restart_step(rows, z0_correct)}
         del sampler
         r = report[model]

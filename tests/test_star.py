@@ -274,7 +274,7 @@ def test_real_mrt_run_on_the_toy_base(engine, toy_paths, tmp_path):
     summary = star.main(args, sampler=engine)
     z0 = {(r["split"], r["id"]): r["z0"] for r in _jsonl(out / "z0.jsonl")}
     resolved = star.resolve_args(args)
-    train = star.load_problems(toy_paths["train"], resolved, resolved.problems, engine.tokenizer, 10**6)
+    train = utils.load_problems(toy_paths["train"], limit=resolved.problems, tokenizer=engine.tokenizer)
     engine.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
     again = star.sample_z0(engine, train, resolved, "train")
     assert again == {i: z for (s, i), z in z0.items() if s == "train"} and len(again) == 16
