@@ -121,7 +121,7 @@ def main():
         sampler = utils.Sampler(model, seed=a.seed)
         problems = utils.load_problems(data, limit=a.problems, tokenizer=sampler.tokenizer,
                                        max_prompt_tokens=args.max_prompt_length)
-        z0s = grpo.sample_z0(sampler, problems, args, a.seed)
+        z0s = grpo.sample_z0(sampler, problems, args, utils.derive_seed(a.seed, "z0", "test", 0))  # as grpo.py, one rank
         z0_correct = {p["id"]: utils.grade(z0s[p["id"]], p["answer"]) for p in problems}
         rows = grpo.rollout(sampler, problems, z0s, args, utils.derive_seed(a.seed, "rollout"))
         report[model] = {"z0_acc": round(sum(z0_correct.values()) / len(problems), 4), **by_restart_step(rows, z0_correct)}
