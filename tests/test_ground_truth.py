@@ -1,0 +1,87 @@
+"""toy.py's ground truth of attempts and restarts, on hand-made traces (no model)."""
+
+import random
+
+import pytest
+
+import toy
+
+PROBLEM = "Start with 17. Add 25. Multiply by 3. Subtract 48. What is the result?"
+RIGHT = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}"
+
+
+def test_parse_problem():
+    assert toy.parse_problem(PROBLEM) == (17, [("+", 25), ("*", 3), ("-", 48)])
+    assert toy.parse_problem("Problem: " + PROBLEM + "\nSolution:\n") == (17, [("+", 25), ("*", 3), ("-", 48)])
+    assert toy.parse_problem("What is 2 + 2?") is None
+    rng = random.Random(3)
+    for _ in range(50):  # round trip through make_problem's text
+        p = toy.make_problem(rng)
+        assert toy.parse_problem(p["problem"]) == (p["start"], [tuple(o) for o in p["ops"]])
+
+
+@pytest.mark.parametrize("attempt, expected", [
+    (RIGHT, None),
+    ("Step 1: 17 + 25 = 43\nStep 2: 43 * 3 = 129\nStep 3: 129 - 48 = 81\nThe answer is \\boxed{81}", 1),
+    # step 2's result slips; step 3 follows from it (consistent, but the chain is wrong from 2)
+    ("Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 136\nStep 3: 136 - 48 = 88\nThe answer is \\boxed{88}", 2),
+    # operand of step 3 does not follow from the line above (right value, though: still right)
+    ("Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 127 - 48 = 79\nThe answer is \\boxed{79}", 3),
+    # wrong operation copied
+    ("Step 1: 17 + 25 = 42\nStep 2: 42 * 4 = 168\nStep 3: 168 - 48 = 120\nThe answer is \\boxed{120}", 2),
+    # step numbers out of order
+    ("Step 1: 17 + 25 = 42\nStep 3: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}", 2),
+    # truncated: the first missing step is the wrong one
+    ("Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126", 3),
+    ("", 1),
+    # garbled line
+    ("Step 1: 17 + 25 = 42\nStep 2: 42 times 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}", 2),
+    # every step right, wrong or missing box, or an extra step: the answer line (len(ops) + 1)
+    ("Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{77}", 4),
+    ("Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is 78", 4),
+    (RIGHT.replace("\nThe answer", "\nStep 4: 78 + 1 = 79\nThe answer"), 4),
+])
+def test_first_wrong_step(attempt, expected):
+    start, ops = toy.parse_problem(PROBLEM)
+    assert toy.first_wrong_step(attempt, start, ops) == expected
+
+
+def test_first_wrong_step_matches_the_slip_generator():
+    """solution_steps with slips: the first slipped step is the first wrong one."""
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(300):
+        p = toy.make_problem(rng)
+        lines, final = toy.solution_steps(p["start"], p["ops"], rng, slip=0.3)
+        clean, _ = toy.solution_steps(p["start"], p["ops"])
+        slipped = [i for i, (a, b) in enumerate(zip(lines, clean), 1) if a != b]
+        got = toy.first_wrong_step(toy.render_solution(lines, final), p["start"], p["ops"])
+        assert got == (slipped[0] if slipped else None)
+        seen.add(got)
+    assert None in seen and 1 in seen and 3 in seen
+
+
+def test_restart_class_and_fix():
+    assert [toy.restart_class(2, k, 3) for k in (1, 2, 3)] == ["before", "at", "after"]
+    assert [toy.restart_can_fix(2, k, 3) for k in (1, 2, 3)] == [True, True, False]
+    assert toy.restart_class(None, 2, 3) == "z0-correct" and toy.restart_can_fix(None, 2, 3) is None
+    assert toy.restart_class(2, 4, 3) == "beyond" and toy.restart_can_fix(2, 4, 3) is False
+    assert toy.restart_class(2, 0, 3) == "beyond" and toy.restart_can_fix(2, 0, 3) is False
+    # steps right, answer line wrong: any restart within the steps can fix it
+    assert [toy.restart_can_fix(4, k, 3) for k in (1, 2, 3)] == [True, True, True]
+    assert [toy.restart_class(4, k, 3) for k in (1, 3)] == ["before", "before"]
+
+
+def test_restart_truth_and_precision():
+    z0_wrong = RIGHT.replace("42 * 3 = 126\nStep 3: 126 - 48 = 78", "42 * 3 = 136\nStep 3: 136 - 48 = 88").replace("{78}", "{88}")
+    t = toy.restart_truth(PROBLEM, z0_wrong, 1)
+    assert t == {"first_wrong": 2, "class": "before", "can_fix": True}
+    assert toy.restart_truth(PROBLEM, z0_wrong, 2)["class"] == "at"
+    assert toy.restart_truth(PROBLEM, z0_wrong, 3) == {"first_wrong": 2, "class": "after", "can_fix": False}
+    assert toy.restart_truth(PROBLEM, z0_wrong, None) == {"first_wrong": 2, "class": "none", "can_fix": False}
+    assert toy.restart_truth(PROBLEM, RIGHT, 2) == {"first_wrong": None, "class": "z0-correct", "can_fix": None}
+    assert toy.restart_truth("What is 2 + 2?", RIGHT, 1) is None
+    items = [{"truth": toy.restart_truth(PROBLEM, z0_wrong, k), "outcome": o} for k, o in ((1, 1), (2, 1), (3, 0), (3, 0))]
+    items += [{"truth": toy.restart_truth(PROBLEM, RIGHT, 1), "outcome": 1}, {"truth": None, "outcome": 1}]
+    assert toy.restart_precision(items) == {"n": 4, "fixable": 0.5, "at_first_wrong": 0.25, "z2_acc_z0_wrong": 0.5}
+    assert toy.restart_precision(items[4:]) == {"n": 0, "fixable": None, "at_first_wrong": None, "z2_acc_z0_wrong": None}
