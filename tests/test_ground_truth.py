@@ -85,3 +85,70 @@ def test_restart_truth_and_precision():
     items += [{"truth": toy.restart_truth(PROBLEM, RIGHT, 1), "outcome": 1}, {"truth": None, "outcome": 1}]
     assert toy.restart_precision(items) == {"n": 4, "fixable": 0.5, "at_first_wrong": 0.25, "z2_acc_z0_wrong": 0.5}
     assert toy.restart_precision(items[4:]) == {"n": 0, "fixable": None, "at_first_wrong": None, "z2_acc_z0_wrong": None}
+
+
+# --------------------------------------------------------------------------------------
+# Discrimination of the information gain (infogain.auc, infogain.discrimination)
+# --------------------------------------------------------------------------------------
+
+
+def test_auc_hand_cases_with_ties():
+    import infogain
+
+    assert infogain.auc([1.0, 2.0], [0.0, -1.0]) == 1.0
+    assert infogain.auc([0.0], [1.0]) == 0.0
+    assert infogain.auc([0.5, 0.5], [0.5]) == 0.5  # all tied
+    # pairs: (1 vs 0) win, (1 vs 1) tie, (0 vs 0) tie, (0 vs 1) loss: (1 + .5 + .5) / 4
+    assert infogain.auc([1, 0], [0, 1]) == 0.5
+    # 3 x 2 pairs: 0.25 beats -1 and ties 0.25 -> 1.5; 0 beats -1 -> 1; -1 ties -1 -> .5: 3 / 6
+    assert infogain.auc([0.25, 0.0, -1.0], [-1.0, 0.25]) == 0.5
+    assert infogain.auc([], [1.0]) is None and infogain.auc([1.0], []) is None
+
+
+def _row(cls, can_fix, gain, z2):
+    return {"restart_class": cls, "can_fix": can_fix, "backtrack_gain": gain, "z2_correct": z2}
+
+
+def test_discrimination_groups_and_auc():
+    import infogain
+
+    rows = [_row("before", True, 0.5, 1.0), _row("before", True, -0.25, 0.0), _row("at", True, 0.0, 1.0),
+            _row("after", False, 0.0, 0.0), _row("after", False, -0.5, 0.0), _row("beyond", False, -1.0, 0.0),
+            _row("z0-correct", None, -1.0, 1.0), _row("z0-correct", None, 0.0, 1.0),
+            _row(None, None, 0.75, 1.0)]  # not a toy problem: left out
+    d = infogain.discrimination(rows)
+    assert d["traces"] == 8 and d["fixable"] == 3 and d["unfixable"] == 3
+    assert d["groups"]["before"] == {"n": 2, "gain_mean": 0.125, "positive_share": 0.5, "z2_accuracy": 0.5}
+    assert d["groups"]["at"] == {"n": 1, "gain_mean": 0.0, "positive_share": 0.0, "z2_accuracy": 1.0}
+    assert d["groups"]["after"] == {"n": 2, "gain_mean": -0.25, "positive_share": 0.0, "z2_accuracy": 0.0}
+    assert d["groups"]["beyond"]["n"] == 1 and d["groups"]["z0-correct"]["gain_mean"] == -0.5
+    # fixable gains [.5, -.25, 0] vs unfixable [0, -.5, -1]: wins 3 + 2 + 2, ties 1 (0 vs 0): 7.5 / 9
+    assert d["auc"] == round(7.5 / 9, 4)
+    assert infogain.discrimination([_row(None, None, 0.5, 1.0)]) is None
+    # no unfixable restart: groups still reported, AUC undefined
+    assert infogain.discrimination(rows[:3])["auc"] is None
+    assert infogain.discrimination(rows[:3])["groups"]["after"] == {"n": 0, "gain_mean": None, "positive_share": None,
+                                                                    "z2_accuracy": None}
+
+
+def test_mu_mode_flags_are_checked():
+    import grpo
+    import infogain
+    import star
+    import utils
+
+    with pytest.raises(utils.UserError, match="mu-mode"):
+        grpo.resolve_args(grpo.Args(mu_mode="oracle"), 1)
+    with pytest.raises(utils.UserError, match="mu-rollout-tokens"):
+        grpo.resolve_args(grpo.Args(mu_rollout_tokens=0), 1)
+    with pytest.raises(utils.UserError, match="mu-mode"):
+        star.resolve_args(star.Args(mu_mode="oracle"))
+    with pytest.raises(utils.UserError, match="mu-rollout-tokens"):
+        star.resolve_args(star.Args(mu_rollout_tokens=0))
+    with pytest.raises(utils.UserError, match="mu-mode"):
+        infogain.main(infogain.Args(mu_mode="oracle"))
+    with pytest.raises(ValueError, match="mode"):
+        infogain.MetaProver(None, mode="oracle")
+    mu = infogain.MetaProver(None, max_tokens=16, mode="rollout", rollout_tokens=96)
+    assert mu.max_tokens == 96 and mu.suffix == ""
+    assert infogain.MetaProver(None, max_tokens=16, rollout_tokens=96).max_tokens == 16
