@@ -492,7 +492,7 @@ def plot_hist(results: dict, path: str, m: int) -> None:
     edges = (np.arange(-m, m + 2) - 0.5) / m  # one bin per attainable gain value
     ncols = min(3, int(np.ceil(np.sqrt(len(results)))))
     nrows = -(-len(results) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows + 0.6), squeeze=False,
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows + 0.4), squeeze=False,
                              sharex=True, sharey=True)
     for ax, (name, scored) in zip(axes.flat, results.items()):
         g = np.array([s["backtrack_gain"] for s in scored])
@@ -512,7 +512,7 @@ def plot_hist(results: dict, path: str, m: int) -> None:
         row[0].set_ylabel("traces")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.6 / (3.2 * nrows + 0.6), 1, 1))
+    fig.tight_layout(rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1))
     with utils.atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)

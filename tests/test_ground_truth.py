@@ -1,5 +1,6 @@
 """toy.py's ground truth of attempts and restarts, on hand-made traces (no model)."""
 
+import os
 import random
 
 import pytest
@@ -152,3 +153,87 @@ def test_mu_mode_flags_are_checked():
     mu = infogain.MetaProver(None, max_tokens=16, mode="rollout", rollout_tokens=96)
     assert mu.max_tokens == 96 and mu.suffix == ""
     assert infogain.MetaProver(None, max_tokens=16, rollout_tokens=96).max_tokens == 16
+
+
+# --------------------------------------------------------------------------------------
+# study.py: the "Backtracking against ground truth" section on made-up outputs
+# --------------------------------------------------------------------------------------
+
+
+def _disc(before, at, after, right, auc, traces=10):
+    g = lambda gain, pos, n, acc: {"n": n, "gain_mean": gain, "positive_share": pos, "z2_accuracy": acc}  # noqa: E731
+    return {"traces": traces, "fixable": 4, "unfixable": 3, "auc": auc,
+            "groups": {"before": g(*before), "at": g(*at), "after": g(*after), "beyond": g(None, None, 0, None),
+                       "z0-correct": g(*right)}}
+
+
+def test_truth_section_tables_and_figures(tmp_path):
+    import json
+
+    import study
+
+    settings = {"problems": 8, "continuations": 2, "mu_samples": 4, "mu_max_tokens": 16, "mu_rollout_tokens": 128}
+    for seed, shift in ((0, 0.0), (1, 0.1)):
+        d = tmp_path / f"seed{seed}" / "truth"
+        for mu, auc in (("forced", 0.5), ("rollout", 0.8)):
+            (d / mu).mkdir(parents=True)
+            models = {"base": {"discrimination": _disc((0.25 + shift, 0.5, 2, 0.5), (0.5, 1.0, 2, 1.0), (-0.5, 0.0, 3, 0.0),
+                                                       (-1.0, 0.0, 3, 1.0), auc + shift)},
+                      "warmstart": {"discrimination": None}}
+            (d / mu / "summary.json").write_text(json.dumps({"settings": settings, "models": models}))
+        for name, fix in (("mrt-forced", 0.4), ("mrt-rollout", 0.6), ("outcome", 0.5)):
+            g = d / "grpo" / name
+            g.mkdir(parents=True)
+            (g / "eval.json").write_text(json.dumps({"start": 0.3, "end": 0.4 + shift}))
+            rows = [{"step": i + 1, "restart_fixable": fix + 0.01 * i, "restart_at_first_wrong": 0.2, "z2_acc_z0_wrong": 0.3,
+                     "completion_len_mean": 50.0, "time_mu": 1.0 if name.startswith("mrt") else 0.0, "time_step": 4.0}
+                    for i in range(8)]
+            rows[3].pop("restart_fixable")  # a step without a wrong z0
+            (g / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seed_dirs = {s: str(tmp_path / f"seed{s}") for s in (0, 1)}
+    fig = tmp_path / "fig"
+    fig.mkdir()
+    lines = study.truth_section(seed_dirs, str(fig), lambda p: p)
+    text = "\n".join(lines)
+    assert "## Backtracking against ground truth" in text
+    forced = next(x for x in lines if x.startswith("| base | forced |"))
+    rollout = next(x for x in lines if x.startswith("| base | rollout |"))
+    # gain before: mean of 0.25 and 0.35 = +0.300 ± 0.071; positive share 50%; AUC 0.5 / 0.6 -> 0.550
+    assert "| +0.300 ± 0.071 / 50 ± 0 |" in forced and forced.endswith("| 0.550 ± 0.071 |")
+    assert rollout.endswith("| 0.850 ± 0.071 |")
+    assert "| warmstart |" not in text  # no ground truth for it: no row
+    assert "| base | 2 ± 0 (50 ± 0) | 2 ± 0 (100 ± 0) | 3 ± 0 (0 ± 0) | 3 ± 0 (100 ± 0) |" in text
+    # fixable, first quarter (steps 1-2) and last quarter (7-8): 0.405 and 0.465 for mrt-forced
+    row = next(x for x in lines if x.startswith("| grpo-mrt-forced |"))
+    assert "| 30.0 ± 0.0 | 45.0 ± 7.1 | 40.5 ± 0.0 / 46.5 ± 0.0 | 20.0 ± 0.0 / 20.0 ± 0.0 |" in row
+    assert row.endswith("| 50 ± 0 | 25% ± 0% |")
+    assert next(x for x in lines if x.startswith("| grpo-outcome |")).endswith("| 0% ± 0% |")
+    for png in ("truth_gain_by_class.png", "truth_restart_precision.png"):
+        data = (fig / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert study.truth_section({0: str(tmp_path / "none")}, str(fig), lambda p: p) == []
+
+
+def test_truth_stages_inputs(tmp_path):
+    import study
+
+    seed_dir = tmp_path / "seed0"
+    plan = {st.name: st for st in study.stages(str(seed_dir), 0, study.SIZES["quick"], "base")}
+    assert plan["truth-forced"].after == ("warmstart",) and plan["truth-rollout"].after == ("truth-forced",)
+    assert set(plan["truth-eval"].after) == {"truth-grpo-mrt-forced", "truth-grpo-mrt-rollout", "truth-grpo-outcome"}
+    assert "truth-forced" not in plan["evaluate"].after
+    forced = plan["truth-forced"].cmd()
+    assert "base=base" in forced and not any(x.startswith("warmstart=") for x in forced)  # no warmstart model yet
+    assert forced[forced.index("--mu-mode") + 1] == "forced"
+    os.makedirs(seed_dir / "warmstart" / "backtrack" / "model")
+    (seed_dir / "warmstart" / "backtrack" / "model" / "config.json").write_text("{}")
+    assert any(x.startswith("warmstart=") for x in plan["truth-forced"].cmd())
+    os.makedirs(seed_dir / "truth" / "forced")
+    (seed_dir / "truth" / "forced" / "traces_base.jsonl").write_text('{"id": 0}\n')
+    (seed_dir / "truth" / "forced" / "traces_warmstart.jsonl").write_text("")  # sampled no trace: left out
+    roll = plan["truth-rollout"].cmd()
+    assert roll[roll.index("--mu-mode") + 1] == "rollout" and "base=base" in roll
+    assert not any(x.startswith("warmstart=") for x in roll)
+    assert roll[roll.index("--traces") + 1].endswith("traces_base.jsonl")
+    grpo_cmd = plan["truth-grpo-mrt-rollout"].cmd
+    assert grpo_cmd[grpo_cmd.index("--model") + 1] == "base" and "rollout" in grpo_cmd
