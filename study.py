@@ -11,6 +11,9 @@ For each seed, every stage runs as its own process (its own vLLM engine, freed o
   evaluate    evaluate.py: every model in parallel and linearized modes (Fig. 7)
   infogain    infogain.py: the backtrack episode's information gain per model (Fig. 8)
   r1          r1_analysis.py: episodes and cumulative regret of the base and MRT-B (RL) models
+  truth-*     backtracking against the toy's ground truth (truth_stages): does the gain rank
+              restarts that can fix z0 above those that cannot, with the forced and the rollout
+              meta-prover; RL from the base with either meta-prover against outcome-only RL
 
 then the seeds are aggregated into RESULTS.md (mean and spread over seeds): pass@k / maj@k at
 matched token budgets, the token efficiency of MRT-B against each baseline (the paper's
