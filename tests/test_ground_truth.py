@@ -237,3 +237,37 @@ def test_truth_stages_inputs(tmp_path):
     assert roll[roll.index("--traces") + 1].endswith("traces_base.jsonl")
     grpo_cmd = plan["truth-grpo-mrt-rollout"].cmd
     assert grpo_cmd[grpo_cmd.index("--model") + 1] == "base" and "rollout" in grpo_cmd
+
+
+# --------------------------------------------------------------------------------------
+# grpo.py with the rollout meta-prover: restart precision and mu's time in metrics.jsonl
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def engine(toy_sampler, toy_paths):
+    """The session engine; the base weights go back into it after the test."""
+    import utils
+
+    yield toy_sampler
+    toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
+
+
+def test_grpo_rollout_mu_logs_restart_precision(engine, toy_paths, tmp_path):
+    import json
+
+    import grpo
+
+    args = grpo.Args(model=toy_paths["base"], train_data=toy_paths["train"], test_data=toy_paths["test"], preset="toy",
+                     out=str(tmp_path), eval_problems=0, variant="mrt", mu_mode="rollout", mu_rollout_tokens=64,
+                     mu_samples=2, steps=2, prompts_per_step=8, group_size=2, micro_batch_size=16)
+    grpo.main(args, sampler=engine)
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert len(rows) == 2 and all(0 < r["time_mu"] < r["time_sample"] for r in rows)
+    with_truth = [r for r in rows if "restart_fixable" in r]
+    assert with_truth, rows  # 8 toy problems a step: some z0 is wrong (base pass@1 is far below 1)
+    for r in with_truth:
+        assert 0 <= r["restart_fixable"] <= 1 and 0 <= r["restart_at_first_wrong"] <= r["restart_fixable"]
+        assert 0 <= r["z2_acc_z0_wrong"] <= 1 and r["z0_wrong_continuations"] % 2 == 0  # whole groups
+    card = json.load(open(tmp_path / "model" / "mrt.json"))
+    assert card["args"]["mu_mode"] == "rollout" and card["args"]["mu_rollout_tokens"] == 64

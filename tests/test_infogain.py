@@ -278,9 +278,13 @@ def test_cli_scores_a_traces_file(tmp_path, toy_paths):
         assert g["restart_step"] == 2 and g["valid_restart"] and g["z2_correct"] == 1.0 and g["z0_correct"] == 0.0
         assert len(g["J"]) == 4 and all(0 <= j <= 1 and j * 4 == int(j * 4) for j in g["J"])
         assert g["gains"] == pytest.approx(episode_gains(g["J"])) and g["backtrack_gain"] == g["gains"][1]
+        # ground truth: z0 slipped at step 2, the trace restarts there
+        assert (g["first_wrong"], g["restart_class"], g["can_fix"]) == (2, "at", True)
     summary = json.loads((out / "summary.json").read_text())["models"]["toy"]
     assert summary["traces"] == 3 and summary["skipped"] == 2 and summary["z2_accuracy"] == 1.0
     assert set(summary["J_mean"]) == {"x", "x_z0", "x_z0_z1", "x_z0_z1_z2"}
+    disc = summary["discrimination"]
+    assert disc["traces"] == 3 and disc["groups"]["at"]["n"] == 3 and disc["fixable"] == 3 and disc["auc"] is None
     png = (out / "infogain_hist.png").read_bytes()
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
 
