@@ -514,7 +514,7 @@ def plot_hist(results: dict, path: str, m: int) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1))
     with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 

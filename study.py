@@ -659,7 +659,7 @@ def plot_gain_by_class(disc: dict, path: str) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1))
     with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -697,7 +697,7 @@ def plot_restart_precision(runs: dict, path: str, window: int = 5) -> None:
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.08, 1, 1))
     with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
