@@ -555,7 +555,9 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
               "restart steps k can fix z0 (k <= f) and which cannot (k > f). Classes of a backtrack continuation: "
               "before (k < f), at (k = f), after (k > f), z0 correct (no restart needed).", ""]
     if models:
-        settings = next(x["settings"] for sums in disc.values() for x in sums)
+        settings = next(x["settings"] for sums in disc.values() for x in sums)  # the forced run's: it sampled the traces
+        settings = {**settings, "mu_rollout_tokens": next((x["settings"]["mu_rollout_tokens"] for x in disc["rollout"]),
+                                                          settings["mu_rollout_tokens"])}
         lines += ["### Does the information gain discriminate good restarts from bad ones?", "",
                   f"Each model's own backtrack traces on {settings['problems']} held-out problems x "
                   f"{settings['continuations']} continuations; gain = J(mu | x, z0, z1) - J(mu | x, z0) with "
