@@ -580,9 +580,9 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
                 lines.append(f"| {m} | {mu} | {fmt([x['traces'] for x in ds], 1, 0)} | " + " | ".join(cells) +
                              f" | {fmt([x['auc'] for x in ds], 1, 3)} |")
                 if mu == TRUTH_MU[0]:
-                    counts.append(f"| {m} | " + " | ".join(
-                        f"{fmt([x['groups'][c]['n'] for x in ds], 1, 0)} ({fmt([x['groups'][c]['z2_accuracy'] for x in ds], digits=0)})"
-                        for c in TRUTH_CLASSES) + " |")
+                    cell = lambda c: (f"{fmt([x['groups'][c]['n'] for x in ds], 1, 0)} "  # noqa: E731
+                                      f"({fmt([x['groups'][c]['z2_accuracy'] for x in ds], digits=0)})")
+                    counts.append(f"| {m} | " + " | ".join(cell(c) for c in TRUTH_CLASSES) + " |")
         lines += ["", "Traces per class (per seed) and, in brackets, the accuracy (%) of the revised attempt z2:", "",
                   "| model | " + " | ".join(TRUTH_CLASSES) + " |", "|---|" + "---|" * len(TRUTH_CLASSES), *counts, ""]
         path = os.path.join(fig_dir, "truth_gain_by_class.png")
