@@ -271,3 +271,21 @@ def test_grpo_rollout_mu_logs_restart_precision(engine, toy_paths, tmp_path):
         assert 0 <= r["z2_acc_z0_wrong"] <= 1 and r["z0_wrong_continuations"] % 2 == 0  # whole groups
     card = json.load(open(tmp_path / "model" / "mrt.json"))
     assert card["args"]["mu_mode"] == "rollout" and card["args"]["mu_rollout_tokens"] == 64
+
+
+def test_star_rollout_mu_is_wired(engine, toy_paths, tmp_path):
+    """star.py --mu-mode rollout on the real engine: r = J(mu | q, z0, z1) comes from mu
+    continuing the revised attempt, well above what the forced mu scores right after a restart
+    line (on the toy base it almost never answers right there)."""
+    import json
+
+    import star
+
+    args = star.Args(model=toy_paths["base"], data=toy_paths["train"], test_data=toy_paths["test"], out=str(tmp_path),
+                     preset="toy", method="mrt", iterations=1, problems=16, group_size=2, mu_samples=8, max_tokens=128,
+                     sample_batch=16, eval_problems=0, mu_mode="rollout", mu_rollout_tokens=128, epochs=1, batch_size=4,
+                     micro_batch_size=4)
+    summary = star.main(args, sampler=engine)
+    (it,) = [json.loads(x) for x in open(tmp_path / "iterations.jsonl")]
+    assert summary["args"]["mu_mode"] == "rollout" and it["samples"] == 32
+    assert 0.04 < it["r_mean"] <= 1 and 0 <= it["r0_mean"] <= 1, it  # 256 mu samples after z1
