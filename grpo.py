@@ -41,13 +41,16 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
     python grpo.py                                   # MRT-B on the toy task, 1 process
     torchrun --nproc_per_node 2 grpo.py              # the same with 2 ranks (FSDP2, gloo)
     python grpo.py --variant outcome                 # or length / direct baselines
+    python grpo.py --mu-mode rollout --mu-rollout-tokens 128   # mu continues the trace (infogain.MetaProver)
     torchrun --nproc_per_node 8 grpo.py --model runs/warmstart/model \\
         --train-data data/train.jsonl --problem-field question --answer-field solution \\
         --preset paper --gradient-checkpointing       # a real model on 8 GPUs, paper Table 2
     (several nodes: torchrun --nnodes N --node-rank R --master-addr H ... grpo.py ...)
     python grpo.py --resume                          # continue <out> from its checkpoint
 
-Outputs in <out> (default runs/grpo/<variant>): z0.jsonl, metrics.jsonl (one line per step),
+Outputs in <out> (default runs/grpo/<variant>): z0.jsonl, metrics.jsonl (one line per step; on
+toy problems also the restart precision against the ground truth, toy.restart_precision:
+restart_fixable, restart_at_first_wrong, z2_acc_z0_wrong; time_mu is mu's part of time_sample),
 samples.jsonl (one group of completions with their rewards per step), eval.json (held-out
 accuracy at the start and the end), checkpoint/ (sharded, utils.save_checkpoint), model/ with mrt.json.
 
@@ -80,8 +83,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import toy  # noqa: E402
 import utils  # noqa: E402
-from infogain import MetaProver, backtrack_cue, information_gain, split_continuation  # noqa: E402
+from infogain import MU_MODES, MetaProver, backtrack_cue, information_gain, split_continuation  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Arguments, presets, variants
@@ -190,6 +194,11 @@ class Args:
     """m: mu rollouts per context for J(mu | context)"""
     mu_max_tokens: int = 16
     """max tokens of a mu answer"""
+    mu_mode: str = "forced"
+    """forced: mu answers right after the context and --mu-suffix; rollout: mu continues the
+    context for up to --mu-rollout-tokens, its last boxed answer graded (infogain.MetaProver)"""
+    mu_rollout_tokens: int = 128
+    """B: tokens mu writes per sample in --mu-mode rollout"""
     # system
     dtype: str = "auto"
     """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
@@ -225,10 +234,12 @@ def resolve_args(args: Args, world: int) -> Args:
     if fmt == "direct" and (args.alpha != 0 or args.assign != "final"):
         raise utils.UserError("--variant direct has no episodes: it needs --alpha 0 and --assign final")
     for name, allowed in (("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo")), ("scale_rewards", ("group", "batch", "none")),
-                          ("assign", ("final", "episode")), ("lr_schedule", ("cosine", "constant"))):
+                          ("assign", ("final", "episode")), ("lr_schedule", ("cosine", "constant")),
+                          ("mu_mode", MU_MODES)):
         if getattr(args, name) not in allowed:
             raise utils.UserError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
-    for name in ("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens", "mu_samples"):
+    for name in ("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens", "mu_samples",
+                 "mu_max_tokens", "mu_rollout_tokens"):
         if getattr(args, name) < 1:
             raise utils.UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if args.group_size < 2:
@@ -399,7 +410,9 @@ def engine_need(args: Args, tokenizer, prompt_tokens: int, mu_in_engine: bool) -
     need = prompt_tokens + args.max_tokens + ENGINE_SLACK
     if variant_format(args.variant) == "backtrack":
         need += args.max_tokens + len(tokenizer(backtrack_cue(""), add_special_tokens=False)["input_ids"])
-        if mu_in_engine:
+        if mu_in_engine and args.mu_mode == "rollout":  # mu continues x + z0 + z1 for up to B tokens
+            need += args.mu_rollout_tokens
+        elif mu_in_engine:
             need += len(tokenizer(args.mu_suffix, add_special_tokens=False)["input_ids"]) + args.mu_max_tokens
     return need
 
@@ -662,7 +675,8 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
             need = engine_need(args, tok, longest, mu_in_engine=True)
             mu = utils.Sampler(args.mu_model, max_model_len=utils.engine_length(args.mu_model, need),
                                **dict(engine_kw, sleep_mode="off"))
-        meta_prover = MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens)
+        meta_prover = MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens,
+                                 mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps * args.num_iterations  # optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, utils.lr_lambda(int(args.warmup_ratio * total), total, args.lr_schedule))
@@ -706,8 +720,10 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
 
         # ---- sample: G continuations per problem from the current policy (seeded per step and rank)
         problems = step_problems(train, position(step), args, rank)
+        mu_seconds = meta_prover.seconds if meta_prover else 0.0
         rows = rollout(sampler, problems, train_z0, args, utils.derive_seed(args.seed, "rollout", step, rank), meta_prover)
         t_sample = time.time() - t_step
+        t_mu = (meta_prover.seconds if meta_prover else 0.0) - mu_seconds  # mu's share of the sampling time
 
         # ---- reward: R = r + alpha * I - lambda * length, gathered over ranks ---------------
         outcome = torch.tensor([r["outcome"] for r in rows])  # (B,)
@@ -736,8 +752,16 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         t_train = time.time() - t1
 
         # ---- log, checkpoint -------------------------------------------------------------------
-        times = {"time_sample": t_sample, "time_train": t_train, "time_step": time.time() - t_step}
+        times = {"time_sample": t_sample, "time_mu": t_mu, "time_train": t_train, "time_step": time.time() - t_step}
         rec = step_record(step + 1, every, rows, stats, grad_norm, sched.get_last_lr()[0], times, args)
+        if fmt == "backtrack":  # restart precision against the toy's ground truth (toy problems only)
+            truth = [{"truth": toy.restart_truth(r["problem"]["problem"], train_z0[r["problem"]["id"]],
+                                                 r["episodes"].restart_step if r["episodes"] else None),
+                      "outcome": r["outcome"]} for r in rows]
+            prec = toy.restart_precision([x for part in utils.all_gather(truth) for x in part])
+            if prec["n"]:
+                rec.update(restart_fixable=prec["fixable"], restart_at_first_wrong=prec["at_first_wrong"],
+                           z2_acc_z0_wrong=prec["z2_acc_z0_wrong"], z0_wrong_continuations=prec["n"])
         logger.log(rec)
         sample_log.log({"step": step + 1, "problem": rows[0]["problem"]["problem"], "gold": rows[0]["problem"]["answer"],
                         "z0": train_z0.get(rows[0]["problem"]["id"], ""),

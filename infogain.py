@@ -6,6 +6,10 @@ and z2 (the revised attempt). The meta-prover mu is the model told to stop and a
 forced suffix (default utils.MU_SUFFIX, "\\nTime is up. The answer is \\boxed{") appended to
 the context. J(mu | c) is mu's success rate from context c, estimated by m sampled answers
 graded 0/1. The information gain of episode z_j is J(mu | c, z_j) - J(mu | c) (Def. 5.1).
+With --mu-mode rollout, mu instead continues the context in the trace's own format for up to
+--mu-rollout-tokens and its last boxed answer is graded (J: a Monte-Carlo value of the context);
+the paper allows any mu, and this is our choice for small models that cannot answer without
+writing the steps (MetaProver).
 grpo.py (the dense reward bonus), star.py and warmstart.py import this module.
 
 Run (CPU, embedded default: samples backtrack traces from the toy base on 64 test problems,
@@ -19,10 +23,15 @@ Two models side by side (each with its own traces), one shared meta-prover:
 A real model (one GPU) on its MRT-B traces, mu steered by an instruction in the suffix:
     python infogain.py --model runs/warmstart/model --traces runs/warmstart/traces.jsonl --mu-samples 16 \\
         --mu-max-tokens 32 --mu-suffix $'\\n\\nTime is up. I must stop and give my final answer now: \\\\boxed{'
+The same traces under the rollout meta-prover (B = 128 tokens per sample):
+    python infogain.py --traces runs/infogain/traces_base.jsonl --mu-mode rollout --out runs/infogain-rollout
 Outputs under --out: gains.jsonl (per trace: id, restart step, the four J values, the three
-per-episode gains, whether z0 and z2 are correct), summary.json (means per model),
-infogain_hist.png (histogram of the backtrack episode's gain, split by whether the revised
-attempt is correct; one panel per model), and traces_<model>.jsonl when traces were sampled.
+per-episode gains, whether z0 and z2 are correct; on toy problems also z0's first wrong step,
+the restart's class against it and whether it can fix z0, toy.restart_truth), summary.json
+(means per model, and on toy problems the discrimination of the gain: per restart class and the
+AUC of fixable over unfixable restarts, `discrimination`), infogain_hist.png (histogram of the
+backtrack episode's gain, split by whether the revised attempt is correct; one panel per model
+in a grid), and traces_<model>.jsonl when traces were sampled.
 
 Decisions (the paper publishes no code for this):
 - Episode split: at the FIRST marker of the text (a linearized stream with several markers
@@ -60,6 +69,7 @@ import gc
 import json
 import os
 import re
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -176,33 +186,62 @@ def grade_cached(text: str, gold: str) -> float:
     return 0.0 if pred is None else _grade_answer(pred, str(gold))
 
 
+MU_MODES = ("forced", "rollout")
+
+
 class MetaProver:
-    """mu: the model steered to stop and answer now (forced suffix), estimating J(mu | c).
+    """mu: the meta-prover estimating J(mu | c), in one of two modes.
+
+    forced   mu is the model steered to stop and answer now: the suffix (a forced answer
+             prefix, default utils.MU_SUFFIX) is appended to the context, mu writes up to
+             max_tokens, and suffix + completion is graded.
+    rollout  mu continues the context as it is, in the trace's own format, for up to
+             rollout_tokens tokens; its answer is the last boxed answer of context + completion
+             (a box it opens and does not close counts as no answer), so J is a Monte-Carlo
+             value of the context: after a finished attempt it is that attempt's answer unless
+             mu goes on to revise it. The suffix is not used. The paper allows any mu ("the
+             same LLM", "another LLM told to estimate the answer"); this mode is our choice for
+             small models that cannot answer without writing the steps.
 
     `sampler` is the policy's own utils.Sampler (mu = the current policy, so it follows
-    weight syncs) or one built on another model. With suffix "" mu completes the solution
-    from the context (a rollout value estimate; raise max_tokens accordingly)."""
+    weight syncs) or one built on another model. With suffix "" the forced mode completes
+    the solution from the context too (warmstart's value estimate), but grades only the
+    completion. In both modes the m samples of one context come from one request with n=m
+    (its prefill is shared). `seconds` accumulates the time spent in mu's calls."""
 
     def __init__(self, sampler: utils.Sampler, suffix: str = utils.MU_SUFFIX, m: int = 8,
-                 temperature: float = 1.0, max_tokens: int = 16, top_p: float = 1.0):
-        if m < 1 or max_tokens < 1:
-            raise ValueError(f"MetaProver needs m >= 1 and max_tokens >= 1, got m={m}, max_tokens={max_tokens}")
-        self.sampler, self.suffix, self.m = sampler, suffix, m
-        self.temperature, self.max_tokens, self.top_p = temperature, max_tokens, top_p
+                 temperature: float = 1.0, max_tokens: int = 16, top_p: float = 1.0,
+                 mode: str = "forced", rollout_tokens: int = 128):
+        if mode not in MU_MODES:
+            raise ValueError(f"MetaProver mode must be one of {MU_MODES}, got {mode!r}")
+        if m < 1 or max_tokens < 1 or rollout_tokens < 1:
+            raise ValueError(f"MetaProver needs m, max_tokens and rollout_tokens >= 1, got m={m}, "
+                             f"max_tokens={max_tokens}, rollout_tokens={rollout_tokens}")
+        self.sampler, self.m, self.mode = sampler, m, mode
+        self.suffix = suffix if mode == "forced" else ""
+        self.temperature, self.top_p = temperature, top_p
+        self.max_tokens = max_tokens if mode == "forced" else rollout_tokens
+        """tokens mu writes per sample (the forced answer's limit, or B in rollout mode)"""
+        self.seconds = 0.0
 
     def correct(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
         """(C, m) 0/1 grades of mu's m answers per context. One request per context with
-        n=m (its prefill is shared); the graded text is suffix + completion."""
+        n=m (its prefill is shared); the graded text is suffix + completion (forced) or
+        context + completion (rollout)."""
         if len(contexts) != len(golds):
             raise ValueError(f"{len(contexts)} contexts but {len(golds)} gold answers")
         if not contexts:
             return np.zeros((0, self.m))
+        t0 = time.time()
         tok = self.sampler.tokenizer
         prompts = [utils.encode(tok, mu_context(c, self.suffix)) for c in contexts]
         outs = self.sampler.generate(prompts, n=self.m, temperature=self.temperature, top_p=self.top_p,
                                      max_tokens=self.max_tokens, seed=seed, logprobs=False)
-        return np.array([[grade_cached(self.suffix + s.text, g) for s in group]
-                         for group, g in zip(outs, golds)], dtype=np.float64)  # (C, m)
+        head = (lambda c: c) if self.mode == "rollout" else (lambda c: self.suffix)  # noqa: E731
+        grades = np.array([[grade_cached(head(c) + s.text, g) for s in group]
+                           for group, c, g in zip(outs, contexts, golds)], dtype=np.float64)  # (C, m)
+        self.seconds += time.time() - t0
+        return grades
 
     def success_rates(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
         """(C,) estimates of J(mu | c) for each full-text context (prompt + episodes so far)."""
@@ -244,6 +283,11 @@ class Args:
     """mu's sampling temperature"""
     mu_max_tokens: int = 16
     """mu's answer length limit (raise it for an instruction suffix or an empty one)"""
+    mu_mode: str = "forced"
+    """forced: mu answers right after the context and --mu-suffix; rollout: mu continues the
+    context in the trace's format for up to --mu-rollout-tokens, its last boxed answer graded"""
+    mu_rollout_tokens: int = 128
+    """B: tokens mu writes per sample in --mu-mode rollout"""
     problem_field: str = "problem"
     """field of the problem text in --traces / --data"""
     answer_field: str = "answer"
@@ -367,8 +411,8 @@ def check_lengths(mu: MetaProver, rows: list[dict], args: Args) -> tuple[list[di
         if n <= limit:
             kept.append(r)
         elif not args.skip_invalid:
-            raise utils.UserError(f"{r['where']}: trace too long for the meta-prover ({n} tokens > "
-                                  f"{limit} = context length - --mu-max-tokens; --skip-invalid skips it)")
+            raise utils.UserError(f"{r['where']}: trace too long for the meta-prover ({n} tokens > {limit} = context "
+                                  f"length - mu's tokens (--mu-max-tokens or --mu-rollout-tokens); --skip-invalid skips it)")
     return kept, len(rows) - len(kept)
 
 
@@ -388,13 +432,49 @@ def score_traces(mu: MetaProver, rows: list[dict], args: Args, logger: utils.Jso
         for r, j in zip(chunk, J):
             ep = r["episodes"]
             gains = episode_gains(list(j))
+            truth = toy.restart_truth(r["problem"], ep.z0, ep.restart_step) or {}  # toy problems only
             out.append({"id": r["id"], "where": r["where"], "restart_step": ep.restart_step,
                         "valid_restart": restart_prefix(ep.z0, ep.restart_step) is not None,
                         "J": [float(v) for v in j], "gains": gains, "backtrack_gain": gains[1],
-                        "z0_correct": utils.grade(ep.z0, r["answer"]), "z2_correct": utils.grade(ep.z2, r["answer"])})
+                        "z0_correct": utils.grade(ep.z0, r["answer"]), "z2_correct": utils.grade(ep.z2, r["answer"]),
+                        "first_wrong": truth.get("first_wrong"), "restart_class": truth.get("class"),
+                        "can_fix": truth.get("can_fix")})
         if logger:
             logger.log({"model": name, "traces_done": len(out), "batch_J_mean": J.mean(0).round(4).tolist()})
     return out
+
+
+def auc(pos, neg) -> float | None:
+    """Probability that a random score of `pos` exceeds a random one of `neg`, ties counting
+    one half (the Mann-Whitney AUC); None when either side is empty."""
+    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    if not pos.size or not neg.size:
+        return None
+    diff = pos[:, None] - neg[None, :]  # (P, N)
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def discrimination(scored: list[dict]) -> dict | None:
+    """Does the backtrack episode's gain tell good restarts from bad ones? On scored traces
+    with ground truth (toy problems; None when there are none): per restart class (toy.
+    RESTART_CLASSES: the restart step against z0's first wrong step) the count, mean gain,
+    share of positive gains and z2 accuracy; and the AUC of the gain ranking restarts that
+    can fix a wrong z0 above those that cannot (traces after a right z0 left out)."""
+    rows = [s for s in scored if s.get("restart_class") is not None]
+    if not rows:
+        return None
+    groups = {}
+    for c in toy.RESTART_CLASSES:
+        g = np.array([s["backtrack_gain"] for s in rows if s["restart_class"] == c])  # (n_c,)
+        ok = np.array([s["z2_correct"] for s in rows if s["restart_class"] == c])
+        groups[c] = {"n": int(g.size), "gain_mean": round(float(g.mean()), 4) if g.size else None,
+                     "positive_share": round(float((g > 0).mean()), 4) if g.size else None,
+                     "z2_accuracy": round(float(ok.mean()), 4) if ok.size else None}
+    fix = [s["backtrack_gain"] for s in rows if s["can_fix"] is True]
+    no_fix = [s["backtrack_gain"] for s in rows if s["can_fix"] is False]
+    a = auc(fix, no_fix)
+    return {"traces": len(rows), "groups": groups, "fixable": len(fix), "unfixable": len(no_fix),
+            "auc": None if a is None else round(a, 4)}
 
 
 def summarize(scored: list[dict], skipped: int) -> dict:
@@ -412,39 +492,56 @@ def summarize(scored: list[dict], skipped: int) -> dict:
         "backtrack_gain_positive_frac": mean(g > 0),
         "z0_accuracy": mean(np.array([s["z0_correct"] for s in scored])), "z2_accuracy": mean(ok),
         "valid_restart_frac": mean(np.array([s["valid_restart"] for s in scored])),
+        "discrimination": discrimination(scored),
     }
 
 
 def plot_hist(results: dict, path: str, m: int) -> None:
-    """Fig. 8 style: the backtrack episode's gain J(x,z0,z1) - J(x,z0), one panel per
-    model, revised attempts that end correct vs wrong. Gains are multiples of 1/m."""
+    """Fig. 8 style: the backtrack episode's gain J(x,z0,z1) - J(x,z0), one panel per model
+    in a grid of up to 3 columns with shared axes and one legend, revised attempts that end
+    correct vs wrong stacked, the mean as a dashed line. Gains are multiples of 1/m."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     edges = (np.arange(-m, m + 2) - 0.5) / m  # one bin per attainable gain value
-    fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False, sharey=True)
-    for ax, (name, scored) in zip(axes[0], results.items()):
+    ncols = min(3, int(np.ceil(np.sqrt(len(results)))))
+    nrows = -(-len(results) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows + 0.4), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, (name, scored) in zip(axes.flat, results.items()):
         g = np.array([s["backtrack_gain"] for s in scored])
         ok = np.array([s["z2_correct"] for s in scored]) > 0
         ax.hist([g[ok], g[~ok]], bins=edges, stacked=True, label=["revised attempt correct", "revised attempt wrong"],
                 color=["tab:green", "tab:gray"])
-        ax.axvline(g.mean(), color="k", ls="--", lw=1, label=f"mean {g.mean():+.3f}")
-        ax.set_title(f"{name}: {len(g)} traces")
-        ax.set_xlabel("information gain of the backtrack episode  J(μ|x,z0,z1) − J(μ|x,z0)")
-        ax.legend(fontsize=8)
-    axes[0][0].set_ylabel("traces")
-    fig.tight_layout()
+        ax.axvline(g.mean(), color="k", ls="--", lw=1, label="mean gain")
+        ax.set_title(f"{name}: {len(g)} traces, mean {g.mean():+.3f}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(results):
+            ax.set_visible(False)
+        elif i + ncols >= len(results):  # the lowest panel of its column: x labels
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel("gain of z1:  J(μ|x,z0,z1) − J(μ|x,z0)", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("traces")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1))
     with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
 def main(args: Args, samplers: dict | None = None) -> dict:
     """Score every model's traces; `samplers` may map a model path to a ready Sampler (tests)."""
-    if args.mu_samples < 1 or args.mu_max_tokens < 1 or args.batch < 1 or args.continuations < 1 or args.problems < 0:
-        raise utils.UserError("--mu-samples, --mu-max-tokens, --batch and --continuations must be >= 1, --problems >= 0")
+    if args.mu_samples < 1 or args.mu_max_tokens < 1 or args.batch < 1 or args.continuations < 1 or args.problems < 0 \
+            or args.mu_rollout_tokens < 1:
+        raise utils.UserError("--mu-samples, --mu-max-tokens, --mu-rollout-tokens, --batch and --continuations must be "
+                              ">= 1, --problems >= 0")
+    if args.mu_mode not in MU_MODES:
+        raise utils.UserError(f"--mu-mode must be one of {MU_MODES}, got {args.mu_mode!r}")
     runs = resolve_models(args)
     if args.traces and len(args.traces) not in (1, len(runs)):
         raise utils.UserError(f"--traces: give one file or one per model ({len(runs)}), got {len(args.traces)}")
@@ -485,7 +582,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             gc.collect()
             continue
         mu_sampler = shared_mu or sampler or new_sampler(path)
-        mu = MetaProver(mu_sampler, args.mu_suffix, args.mu_samples, args.mu_temperature, args.mu_max_tokens)
+        mu = MetaProver(mu_sampler, args.mu_suffix, args.mu_samples, args.mu_temperature, args.mu_max_tokens,
+                        mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens)
         rows, too_long = check_lengths(mu, rows, args)
         skipped += too_long
         if not rows:

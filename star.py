@@ -96,7 +96,7 @@ import numpy as np  # noqa: E402
 
 import utils  # noqa: E402
 import warmstart  # noqa: E402
-from infogain import MetaProver, backtrack_cue, information_gain, make_sampler, split_continuation  # noqa: E402
+from infogain import MU_MODES, MetaProver, backtrack_cue, information_gain, make_sampler, split_continuation  # noqa: E402
 
 METHODS = {"mrt": "backtrack", "star": "direct", "rise": "backtrack"}  # method -> model format
 
@@ -161,6 +161,11 @@ class Args:
     """m: mu answers per context for J(mu | context)"""
     mu_max_tokens: int = 16
     """max tokens of a mu answer"""
+    mu_mode: str = "forced"
+    """forced: mu answers right after the context and --mu-suffix; rollout: mu continues the
+    context for up to --mu-rollout-tokens, its last boxed answer graded (infogain.MetaProver)"""
+    mu_rollout_tokens: int = 128
+    """B: tokens mu writes per sample in --mu-mode rollout"""
     mu_temperature: float = 1.0
     """mu's sampling temperature"""
     # held-out accuracy
@@ -214,7 +219,7 @@ def resolve_args(args: Args, world: int = 1) -> Args:
     args = dataclasses.replace(args, preset=preset, **fill)
     warmstart.check_sft_args(args, world)
     for name in ("iterations", "group_size", "max_tokens", "sample_batch", "mu_samples", "mu_max_tokens",
-                 "eval_samples"):
+                 "mu_rollout_tokens", "eval_samples"):
         if getattr(args, name) < 1:
             raise utils.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("problems", "eval_problems", "max_model_len", "save_every"):
@@ -222,6 +227,8 @@ def resolve_args(args: Args, world: int = 1) -> Args:
             raise utils.UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise utils.UserError("--temperature must be > 0 and 0 < --top-p <= 1")
+    if args.mu_mode not in MU_MODES:
+        raise utils.UserError(f"--mu-mode must be one of {MU_MODES}, got {args.mu_mode!r}")
     return args
 
 
@@ -449,7 +456,8 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     for path in dict.fromkeys(p for p in (model_path, base_path, args.mu_model) if p):
         utils.load_tokenizer(path)  # a missing or unloadable model is a one-line error
     tok = utils.load_tokenizer(base_path)
-    budget = args.max_tokens + (args.max_tokens + 64 + args.mu_max_tokens if fmt == "backtrack" else 0)
+    mu_tokens = args.mu_rollout_tokens if args.mu_mode == "rollout" else args.mu_max_tokens
+    budget = args.max_tokens + (args.max_tokens + 64 + mu_tokens if fmt == "backtrack" else 0)
     room = context_length(base_path, args) - budget
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
                 instruction=args.instruction, max_prompt_tokens=room, too_long="lower --max-tokens or raise --max-model-len")
@@ -488,7 +496,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     if fmt == "backtrack":
         mu_sampler = make_sampler(args.mu_model, **dict(engine_kw, sleep_mode="off")) if args.mu_model else sampler
         mu = MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, temperature=args.mu_temperature,
-                        max_tokens=args.mu_max_tokens)
+                        max_tokens=args.mu_max_tokens, mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens)
 
     eval_seed = utils.derive_seed(args.seed, "held-out")
     accuracy = [heldout_accuracy(sampler, test, test_z0, args, eval_seed)]

@@ -11,6 +11,9 @@ For each seed, every stage runs as its own process (its own vLLM engine, freed o
   evaluate    evaluate.py: every model in parallel and linearized modes (Fig. 7)
   infogain    infogain.py: the backtrack episode's information gain per model (Fig. 8)
   r1          r1_analysis.py: episodes and cumulative regret of the base and MRT-B (RL) models
+  truth-*     backtracking against the toy's ground truth (truth_stages): does the gain rank
+              restarts that can fix z0 above those that cannot, with the forced and the rollout
+              meta-prover; RL from the base with either meta-prover against outcome-only RL
 
 then the seeds are aggregated into RESULTS.md (mean and spread over seeds): pass@k / maj@k at
 matched token budgets, the token efficiency of MRT-B against each baseline (the paper's
@@ -61,6 +64,9 @@ SIZES = {
         evaluate=["--problems", "16", "--samples", "4", "--window", "128", "--max-tokens", "200"],
         infogain=["--problems", "8", "--continuations", "2", "--mu-samples", "4"],
         r1=["--problems", "8"],
+        truth=["--problems", "8", "--continuations", "2", "--mu-samples", "4", "--mu-rollout-tokens", "128"],
+        truth_grpo=["--steps", "4", "--eval-problems", "16", "--mu-rollout-tokens", "128"],
+        truth_eval=["--problems", "16", "--n", "4", "--window", "128", "--max-tokens", "200"],
     ),
     "full": dict(
         seeds=[0, 1, 2],
@@ -70,11 +76,23 @@ SIZES = {
         evaluate=["--problems", "64", "--samples", "4", "--window", "128", "--max-tokens", "200"],
         infogain=["--problems", "32", "--continuations", "2", "--mu-samples", "8"],
         r1=[],
+        truth=["--problems", "64", "--continuations", "4", "--mu-samples", "8", "--mu-rollout-tokens", "128"],
+        truth_grpo=["--steps", "40", "--mu-rollout-tokens", "128"],
+        truth_eval=["--problems", "64", "--n", "4", "--window", "128", "--max-tokens", "200"],
     ),
 }
 
 STAR_METHODS = ("mrt", "star", "rise")
 GRPO_VARIANTS = ("mrt", "outcome", "length")
+TRUTH_MU = ("forced", "rollout")
+"""meta-provers compared against the toy's ground truth (infogain.MetaProver modes)"""
+TRUTH_GRPO = {"mrt-forced": ["--variant", "mrt", "--mu-mode", "forced"],
+              "mrt-rollout": ["--variant", "mrt", "--mu-mode", "rollout"],
+              "outcome": ["--variant", "outcome"]}
+"""RL variants of the ground-truth section: grpo.py from the toy base (not the warmstart)"""
+TRUTH_CLASSES = ("before", "at", "after", "z0-correct")
+"""restart classes shown in the discrimination table (toy.RESTART_CLASSES; "beyond" is rare
+and only counted among the unfixable restarts of the AUC)"""
 
 
 @dataclass
@@ -154,6 +172,40 @@ def stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
         out.append(Stage(f"r1-{name}", py + ["r1_analysis.py", "--generate", "--model", models[name], "--preset", "toy",
                                              "--direct-model", base, "--out", d("r1", name), *s, *sizes["r1"]],
                          d("r1", name, "summary.json"), after=() if name == "base" else (name,)))
+    return out + truth_stages(seed_dir, seed, sizes, base)
+
+
+def truth_stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
+    """The "Backtracking against ground truth" stages of one seed (issue 20):
+      truth-forced   infogain.py on the base's and the warmstart's own backtrack traces, mu forced
+      truth-rollout  the same traces (the files truth-forced wrote), mu rolling out (--mu-mode rollout)
+      truth-grpo-*   grpo.py from the toy base: mrt with either meta-prover, and outcome-only
+      truth-eval     evaluate.py on the base and those RL models (token efficiency)"""
+    py = [sys.executable]
+    d = lambda *p: os.path.join(seed_dir, "truth", *p)  # noqa: E731
+    s = ["--seed", str(seed)]
+    ws = os.path.join(seed_dir, "warmstart", "backtrack", "model")
+    sampled = lambda: {k: v for k, v in (("base", base), ("warmstart", ws))  # noqa: E731
+                       if k == "base" or os.path.exists(os.path.join(v, "config.json"))}
+
+    def rollout_cmd():  # every model whose forced run sampled at least one trace, on those traces
+        runs = {k: v for k, v in sampled().items()
+                if os.path.exists(d("forced", f"traces_{k}.jsonl")) and os.path.getsize(d("forced", f"traces_{k}.jsonl"))}
+        return py + ["infogain.py", "--model", *[f"{k}={v}" for k, v in runs.items()],
+                     "--traces", *[d("forced", f"traces_{k}.jsonl") for k in runs], "--mu-mode", "rollout",
+                     "--out", d("rollout"), *s, *sizes["truth"]]
+
+    out = [Stage("truth-forced", lambda: py + ["infogain.py", "--model", *[f"{k}={v}" for k, v in sampled().items()],
+                                               "--mu-mode", "forced", "--out", d("forced"), *s, *sizes["truth"]],
+                 d("forced", "summary.json"), after=("warmstart",)),
+           Stage("truth-rollout", rollout_cmd, d("rollout", "summary.json"), after=("truth-forced",))]
+    for name, flags in TRUTH_GRPO.items():
+        out.append(Stage(f"truth-grpo-{name}", py + ["grpo.py", *flags, "--model", base, "--preset", "toy",
+                                                     "--out", d("grpo", name), *s, *sizes["truth_grpo"]],
+                         d("grpo", name, "model", "mrt.json"), d("grpo", name, "checkpoint", "latest")))
+    models = [f"base={base}"] + [f"grpo-{n}={d('grpo', n, 'model')}" for n in TRUTH_GRPO]
+    out.append(Stage("truth-eval", py + ["evaluate.py", "--models", *models, "--out", d("eval"), *s, *sizes["truth_eval"]],
+                     d("eval", "curves.json"), after=tuple(f"truth-grpo-{n}" for n in TRUTH_GRPO)))
     return out
 
 
@@ -468,10 +520,190 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
                   "loss target for logs written since it was added).", "",
                   f"![fig6]({rel(os.path.join(fig_dir, 'fig6_warmstart_loss.png'))}) (seed {seeds[0]})", ""]
 
+    lines += truth_section(seed_dirs, fig_dir, rel)
+
     text = "\n".join(lines) + "\n"
     with utils.atomic_path(results_md) as tmp, open(tmp, "w") as f:
         f.write(text)
     return text
+
+
+def _mean_over(rows: list[dict], key: str, part: slice) -> float | None:
+    """Mean of `key` over a slice of a run's metrics rows (rows without it left out)."""
+    v = [r[key] for r in rows[part] if r.get(key) is not None]
+    return float(np.mean(v)) if v else None
+
+
+def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> list[str]:
+    """The "Backtracking against ground truth" section (issue 20) from the truth-* stages'
+    outputs that exist: the gain's discrimination per meta-prover, the RL table, the restart
+    precision figure, the token-efficiency curves. [] when none exists."""
+    lines = []
+    disc = {mu: [load_json(os.path.join(d, "truth", mu, "summary.json")) for d in seed_dirs.values()] for mu in TRUTH_MU}
+    disc = {mu: [x for x in sums if x] for mu, sums in disc.items()}
+    models = list(dict.fromkeys(m for sums in disc.values() for x in sums for m in x["models"]))
+    rl = {}
+    for name in TRUTH_GRPO:
+        runs = [(load_json(os.path.join(d, "truth", "grpo", name, "eval.json")),
+                 utils.read_records(p, []) if os.path.exists(p := os.path.join(d, "truth", "grpo", name, "metrics.jsonl"))
+                 else None) for d in seed_dirs.values()]
+        runs = [(e, m) for e, m in runs if e or m]
+        if runs:
+            rl[name] = runs
+    curves = [c for c in (load_json(os.path.join(d, "truth", "eval", "curves.json")) for d in seed_dirs.values()) if c]
+    if not (models or rl or curves):
+        return lines
+    lines += ["## Backtracking against ground truth", "",
+              "For every attempt z0 the toy knows the first wrong step f (toy.first_wrong_step), so it knows which "
+              "restart steps k can fix z0 (k <= f) and which cannot (k > f). Classes of a backtrack continuation: "
+              "before (k < f), at (k = f), after (k > f), z0 correct (no restart needed).", ""]
+    if models:
+        settings = next(x["settings"] for sums in disc.values() for x in sums)  # the forced run's: it sampled the traces
+        settings = {**settings, "mu_rollout_tokens": next((x["settings"]["mu_rollout_tokens"] for x in disc["rollout"]),
+                                                          settings["mu_rollout_tokens"])}
+        lines += ["### Does the information gain discriminate good restarts from bad ones?", "",
+                  f"Each model's own backtrack traces on {settings['problems']} held-out problems x "
+                  f"{settings['continuations']} continuations; gain = J(mu | x, z0, z1) - J(mu | x, z0) with "
+                  f"m = {settings['mu_samples']}. forced: mu answers right after the context (\"Time is up. The answer "
+                  f"is ...\", {settings['mu_max_tokens']} tokens); rollout: mu continues the context for up to "
+                  f"{settings['mu_rollout_tokens']} tokens and its last boxed answer is graded (both runs score the "
+                  "same traces). Cells: mean gain / share of positive gains (%). AUC: probability that a fixable "
+                  "restart's gain exceeds an unfixable one's (ties one half; 0.5 = no discrimination).", "",
+                  "| model | meta-prover | traces | " + " | ".join(TRUTH_CLASSES) + " | AUC |",
+                  "|---|---|---|" + "---|" * len(TRUTH_CLASSES) + "---|"]
+        counts = []
+        for m in models:
+            for mu in TRUTH_MU:
+                ds = [x["models"][m]["discrimination"] for x in disc[mu] if m in x["models"]]
+                ds = [x for x in ds if x]
+                if not ds:
+                    continue
+                cells = [f"{fmt([x['groups'][c]['gain_mean'] for x in ds], 1, 3, True)} / "
+                         f"{fmt([x['groups'][c]['positive_share'] for x in ds], digits=0)}" for c in TRUTH_CLASSES]
+                lines.append(f"| {m} | {mu} | {fmt([x['traces'] for x in ds], 1, 0)} | " + " | ".join(cells) +
+                             f" | {fmt([x['auc'] for x in ds], 1, 3)} |")
+                if mu == TRUTH_MU[0]:
+                    cell = lambda c: (f"{fmt([x['groups'][c]['n'] for x in ds], 1, 0)} "  # noqa: E731
+                                      f"({fmt([x['groups'][c]['z2_accuracy'] for x in ds], digits=0)})")
+                    counts.append(f"| {m} | " + " | ".join(cell(c) for c in TRUTH_CLASSES) + " |")
+        lines += ["", "Traces per class (per seed) and, in brackets, the accuracy (%) of the revised attempt z2:", "",
+                  "| model | " + " | ".join(TRUTH_CLASSES) + " |", "|---|" + "---|" * len(TRUTH_CLASSES), *counts, ""]
+        path = os.path.join(fig_dir, "truth_gain_by_class.png")
+        per_model = {m: {mu: [x["models"][m]["discrimination"] for x in disc[mu]
+                              if m in x["models"] and x["models"][m]["discrimination"]] for mu in TRUTH_MU} for m in models}
+        per_model = {m: v for m, v in per_model.items() if any(v.values())}  # models with ground truth only
+        if per_model:
+            plot_gain_by_class(per_model, path)
+            lines += [f"![gain by class]({rel(path)})", ""]
+    if rl:
+        lines += ["### Does RL with the bonus restart better than outcome-only RL?", "",
+                  "grpo.py from the toy base (not the warmstart), toy preset. Held-out: accuracy (%) of the revised "
+                  "attempt at the start and the end. Restart precision over training (training continuations after a "
+                  "wrong z0): fixable = share whose restart step can fix z0, at f = share restarting exactly at the "
+                  "first wrong step, z2 after wrong z0 = their accuracy; first / last quarter of the steps. Tokens: mean "
+                  "completion tokens in the last quarter; mu time: the meta-prover's share of step time.", "",
+                  "| run | held-out start | held-out end | fixable first / last | at f first / last | "
+                  "z2 after wrong z0 first / last | tokens | mu time |", "|---|---|---|---|---|---|---|---|"]
+        for name, runs in rl.items():
+            ev = [e or {} for e, _ in runs]
+            ms = [m for _, m in runs if m]
+            q = lambda m: max(1, len(m) // 4)  # noqa: E731
+            fl = lambda key: " / ".join(fmt([_mean_over(m, key, part(m)) for m in ms])  # noqa: E731
+                                        for part in (lambda m: slice(0, q(m)), lambda m: slice(-q(m), None)))
+            mu = [sum(r.get("time_mu", 0.0) for r in m) / max(1e-9, sum(r["time_step"] for r in m)) for m in ms]
+            lines.append(f"| grpo-{name} | {fmt([e.get('start') for e in ev])} | {fmt([e.get('end') for e in ev])} | "
+                         f"{fl('restart_fixable')} | {fl('restart_at_first_wrong')} | {fl('z2_acc_z0_wrong')} | "
+                         f"{fmt([_mean_over(m, 'completion_len_mean', slice(-q(m), None)) for m in ms], 1, 0)} | "
+                         f"{fmt(mu, digits=0, unit='%')} |")
+        path = os.path.join(fig_dir, "truth_restart_precision.png")
+        plot_restart_precision({f"grpo-{n}": [m for _, m in runs if m] for n, runs in rl.items()}, path)
+        lines += ["", f"![restart precision]({rel(path)})", ""]
+    if curves:
+        import evaluate
+
+        lines += ["### Token efficiency at test time", "",
+                  f"evaluate.py on the base and the RL runs above ({curves[0]['settings']['problems']} held-out problems, "
+                  f"N = {curves[0]['settings']['n']}); maj@k against generated tokens per problem, mean over seeds.", ""]
+        for mode in evaluate.MODES:
+            mc = mean_curves(curves, mode)
+            if mc:
+                path = os.path.join(fig_dir, f"truth_{mode}.png")
+                plot_mean_curves(mc, mode, path, len(curves))
+                lines += [f"![{mode}]({rel(path)})", ""]
+    return lines
+
+
+def plot_gain_by_class(disc: dict, path: str) -> None:
+    """Mean gain of the backtrack episode per restart class, one bar per meta-prover (mean over
+    seeds, one standard deviation as the error bar); one panel per model in a grid with
+    shared axes and one legend. `disc`: {model: {meta-prover: [discrimination per seed]}}."""
+    plt = _pyplot()
+    ncols = min(3, len(disc))
+    nrows = -(-len(disc) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows + 0.4), squeeze=False, sharex=True, sharey=True)
+    x, w = np.arange(len(TRUTH_CLASSES)), 0.8 / len(TRUTH_MU)
+    for ax, (model, per_mu) in zip(axes.flat, disc.items()):
+        for i, (mu, ds) in enumerate(per_mu.items()):
+            vals = [[d["groups"][c]["gain_mean"] for d in ds if d["groups"][c]["gain_mean"] is not None]
+                    for c in TRUTH_CLASSES]
+            ax.bar(x + (i - (len(per_mu) - 1) / 2) * w, [np.mean(v) if v else np.nan for v in vals], w,
+                   yerr=[np.std(v) if len(v) > 1 else 0.0 for v in vals], label=f"mu {mu}", capsize=2)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_title(model, fontsize=9)
+        ax.grid(alpha=0.3, axis="y")
+    for i, ax in enumerate(axes.flat):
+        if i >= len(disc):
+            ax.set_visible(False)
+        elif i + ncols >= len(disc):
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xticks(x, [c.replace("z0-correct", "z0 right") for c in TRUTH_CLASSES])
+            ax.set_xlabel("restart step vs z0's first wrong step", fontsize=8)
+    for row in axes:
+        row[0].set_ylabel("mean gain of z1")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1))
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+RESTART_KEYS = {"restart_fixable": "fixable restarts (share)", "restart_at_first_wrong": "restarts at f (share)",
+                "z2_acc_z0_wrong": "z2 accuracy after a wrong z0"}
+
+
+def plot_restart_precision(runs: dict, path: str, window: int = 5) -> None:
+    """Restart precision over RL training per variant: one panel per RESULTS key (fixable share,
+    share at the first wrong step, z2 accuracy after a wrong z0) in one row with shared axes and
+    one legend; each line the mean over seeds of a trailing moving average over `window` steps.
+    `runs`: {variant: [metrics rows per seed]}."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(RESTART_KEYS), figsize=(4.2 * len(RESTART_KEYS), 3.8), sharex=True, sharey=True,
+                             squeeze=False)
+    import warnings
+
+    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # steps where no seed has a value
+    for ax, (key, title) in zip(axes[0], RESTART_KEYS.items()):
+        for name, seeds in runs.items():
+            series = []
+            for rows in seeds:
+                v = np.array([r.get(key) if r.get(key) is not None else np.nan for r in rows], dtype=float)  # (steps,)
+                series.append([np.nanmean(v[max(0, i - window + 1): i + 1]) if np.isfinite(v[max(0, i - window + 1): i + 1]).any()
+                               else np.nan for i in range(len(v))])
+            if series:
+                k = min(len(x) for x in series)
+                ax.plot(range(1, k + 1), np.nanmean([x[:k] for x in series], 0), label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"mean over seeds, moving average of {window} steps", fontsize=8)
+    axes[0][0].set_ylim(-0.02, 1.02)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    with utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def copy_figure(src: str, dst: str) -> None:

@@ -54,6 +54,7 @@ import json
 import math
 import os
 import random
+import re
 import time
 from dataclasses import dataclass
 
@@ -121,6 +122,95 @@ def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[
             seen.add(p["problem"])
             problems.append(p)
     return problems[n_test:], problems[:n_test]
+
+
+# --------------------------------------------------------------------------------------
+# Ground truth of attempts and restarts (pure: used by infogain.py, grpo.py and study.py)
+# --------------------------------------------------------------------------------------
+
+_PROBLEM = re.compile(r"Start with (\d+)\.((?: (?:Add|Subtract|Multiply by) \d+\.)+) What is the result\?")
+_OP = re.compile(r" (Add|Subtract|Multiply by) (\d+)\.")
+_STEP = re.compile(r"Step (\d+): (\d+) ([+*-]) (\d+) = (-?\d+)")
+RESTART_CLASSES = ("before", "at", "after", "beyond", "z0-correct")
+"""Where a restart step k lies against z0's first wrong step f: before (k < f), at (k == f),
+after (k > f), beyond (k outside 1..number of operations, z0 wrong), z0-correct (no wrong step)."""
+
+
+def parse_problem(text: str) -> tuple[int, list[tuple[str, int]]] | None:
+    """(start, [(op, arg), ...]) of a toy problem text (as make_problem writes it, anywhere in
+    `text`), None when the text holds no toy problem."""
+    m = _PROBLEM.search(text)
+    if m is None:
+        return None
+    words = {w: o for o, w in OP_WORDS.items()}
+    return int(m.group(1)), [(words[w], int(a)) for w, a in _OP.findall(m.group(2))]
+
+
+def first_wrong_step(attempt: str, start: int, ops: list) -> int | None:
+    """The first wrong step (1-based) of an attempt at the problem (start, ops); None when every
+    step is right and the boxed answer is the result. The attempt's lines that start with
+    "Step" are its steps, in order: the i-th must read exactly "Step i: v op arg = r" with v the
+    true value before step i (so an operand that does not follow from the line above is wrong),
+    op and arg the problem's i-th operation and r its true result. A missing step is wrong; when
+    all len(ops) steps are right but the box is missing or wrong (or extra step lines follow),
+    the answer line is the wrong one: len(ops) + 1."""
+    steps = [line.strip() for line in attempt.splitlines() if line.strip().startswith("Step")]
+    value = start
+    for i, (op, arg) in enumerate(ops, 1):
+        m = _STEP.fullmatch(steps[i - 1]) if i <= len(steps) else None
+        result = apply_op(value, op, arg)
+        if m is None or (int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))) \
+                != (i, value, op, arg, result):
+            return i
+        value = result
+    box = utils.extract_boxed(attempt)
+    return None if len(steps) == len(ops) and box is not None and box == str(value) else len(ops) + 1
+
+
+def restart_class(first_wrong: int | None, k: int, n_steps: int) -> str:
+    """One of RESTART_CLASSES for a restart at step k of an attempt whose first wrong step is
+    `first_wrong` (first_wrong_step) in a problem of n_steps operations."""
+    if first_wrong is None:
+        return "z0-correct"
+    if not 1 <= k <= n_steps:
+        return "beyond"
+    return "before" if k < first_wrong else "at" if k == first_wrong else "after"
+
+
+def restart_can_fix(first_wrong: int | None, k: int, n_steps: int) -> bool | None:
+    """Whether a revised attempt restarting at step k (steps 1..k-1 of the attempt stand) can
+    end right: k within 1..n_steps and k <= first_wrong. None when the attempt is right (no
+    restart is needed)."""
+    if first_wrong is None:
+        return None
+    return 1 <= k <= n_steps and k <= first_wrong
+
+
+def restart_truth(problem: str, z0: str, k: int | None) -> dict | None:
+    """{first_wrong, class, can_fix} of a backtrack continuation restarting at step k after the
+    attempt z0 (k None: the continuation names no restart step; class "none", can_fix False
+    when z0 is wrong); None when `problem` is not a toy problem."""
+    parsed = parse_problem(problem)
+    if parsed is None:
+        return None
+    start, ops = parsed
+    f = first_wrong_step(z0, start, ops)
+    if k is None:
+        return {"first_wrong": f, "class": "z0-correct" if f is None else "none", "can_fix": None if f is None else False}
+    return {"first_wrong": f, "class": restart_class(f, k, len(ops)), "can_fix": restart_can_fix(f, k, len(ops))}
+
+
+def restart_precision(items: list[dict]) -> dict:
+    """Restart precision over continuations, each {"truth": restart_truth(...) or None,
+    "outcome": 0/1 of the revised attempt}: among those after a wrong z0 (class not
+    z0-correct; None truths are left out), the share whose restart can fix it (fixable),
+    the share at exactly the first wrong step (at_first_wrong), and their outcome (z2 accuracy
+    after a wrong z0); n counts them. Shares are None when there are none."""
+    wrong = [x for x in items if x["truth"] is not None and x["truth"]["first_wrong"] is not None]
+    share = lambda xs: round(sum(xs) / len(xs), 4) if xs else None  # noqa: E731
+    return {"n": len(wrong), "fixable": share([bool(x["truth"]["can_fix"]) for x in wrong]),
+            "at_first_wrong": share([x["truth"]["class"] == "at" for x in wrong]),
+            "z2_acc_z0_wrong": share([float(x["outcome"]) for x in wrong])}
 
 
 # --------------------------------------------------------------------------------------

@@ -299,8 +299,56 @@ def test_cli_scores_a_traces_file(tmp_path, toy_paths):
         assert g["restart_step"] == 2 and g["valid_restart"] and g["z2_correct"] == 1.0 and g["z0_correct"] == 0.0
         assert len(g["J"]) == 4 and all(0 <= j <= 1 and j * 4 == int(j * 4) for j in g["J"])
         assert g["gains"] == pytest.approx(episode_gains(g["J"])) and g["backtrack_gain"] == g["gains"][1]
+        # ground truth: z0 slipped at step 2, the trace restarts there
+        assert (g["first_wrong"], g["restart_class"], g["can_fix"]) == (2, "at", True)
     summary = json.loads((out / "summary.json").read_text())["models"]["toy"]
     assert summary["traces"] == 3 and summary["skipped"] == 2 and summary["z2_accuracy"] == 1.0
     assert set(summary["J_mean"]) == {"x", "x_z0", "x_z0_z1", "x_z0_z1_z2"}
+    disc = summary["discrimination"]
+    assert disc["traces"] == 3 and disc["groups"]["at"]["n"] == 3 and disc["fixable"] == 3 and disc["auc"] is None
     png = (out / "infogain_hist.png").read_bytes()
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --------------------------------------------------------------------------------------
+# The rollout meta-prover (--mu-mode rollout) on the real toy
+# --------------------------------------------------------------------------------------
+
+
+def test_rollout_meta_prover_on_the_toy(toy_paths, toy_sampler):
+    """mu continues the context and its last boxed answer is graded: a context that holds a
+    right full solution scores high, a wrong one low (mu's answer is the box already there
+    unless it revises it), and the bare prompt scores about the base's pass@1 at the same
+    length (a Monte-Carlo value of the prompt). After a wrong z0, a restart that redoes the
+    first wrong step right scores above one that restarts after it."""
+    records = utils.read_records(toy_paths["test"], ["problem", "answer"])[:32]
+    tok = toy_sampler.tokenizer
+    ctx = {"prompt": [], "full": [], "wrong_full": [], "fix": [], "after": []}
+    golds = []
+    for r in records:
+        start, ops = toy.parse_problem(r["problem"])
+        lines, final = toy.solution_steps(start, ops)
+        prompt = utils.build_prompt(tok, r["problem"])
+        # z0 slips at step 1 by +10, the chain follows it
+        v1 = toy.apply_op(start, *ops[0]) + 10
+        rest, bad_final = toy.solution_steps(v1, ops[1:], first=2)
+        bad_lines = [f"Step 1: {start} {ops[0][0]} {ops[0][1]} = {v1}"] + rest
+        z0 = toy.render_solution(bad_lines, bad_final)
+        assert toy.first_wrong_step(z0, start, ops) == 1
+        cue = "\n" + utils.BACKTRACK_MARKER + "\n"
+        ctx["prompt"].append(prompt)
+        ctx["full"].append(prompt + toy.render_solution(lines, final))
+        ctx["wrong_full"].append(prompt + z0)
+        ctx["fix"].append(prompt + z0 + cue + lines[0])  # restart at f = 1, redone right
+        ctx["after"].append(prompt + z0 + cue + bad_lines[1])  # restart at step 2, on z0's wrong value
+        golds.append(r["answer"])
+    mu = MetaProver(toy_sampler, m=8, mode="rollout", rollout_tokens=160)
+    J = {k: mu.success_rates(c, golds, seed=utils.derive_seed(0, "rollout-test", k)) for k, c in ctx.items()}
+    assert J["full"].mean() > 0.9 and J["wrong_full"].mean() < 0.1, J
+    assert J["fix"].mean() > J["after"].mean() + 0.2, J
+    outs = toy_sampler.generate([utils.encode(tok, p) for p in ctx["prompt"]], n=8, temperature=1.0, max_tokens=160,
+                                seed=utils.derive_seed(0, "pass@1"), logprobs=False)
+    pass1 = np.mean([[utils.grade(s.text, g) for s in group] for group, g in zip(outs, golds)])
+    # same quantity, independent samples: 256 each, the binomial noise of the difference is about 0.04
+    assert abs(J["prompt"].mean() - pass1) < 0.15, (J["prompt"].mean(), pass1)
+    assert mu.seconds > 0
