@@ -57,7 +57,7 @@ def _curve(tokens_per_trace, maj, passes=None):
 
 
 def _write_eval(seed_dir, runs):
-    report = {"settings": {"problems": 4, "n": 4, "window": 128, "temperature": 1.0},
+    report = {"settings": {"problems": 4, "samples": 4, "window": 128, "temperature": 1.0},
               "runs": {name: {"format": "backtrack", "modes": {"parallel": c}} for name, c in runs.items()}}
     os.makedirs(os.path.join(seed_dir, "eval"), exist_ok=True)
     json.dump(report, open(os.path.join(seed_dir, "eval", "curves.json"), "w"))
