@@ -35,8 +35,14 @@ attempt redone from a random `Step k:` on the attempt's own value after step k-1
 holds the marker and never picks k well (k is uniform), so where to restart is still left to
 warmstart and RL; without it the toy could not write a revised attempt after the backtrack
 cue at all (under 1% right: it found the k-th operation only by following the line above).
-Pretraining rows pack `--pack` documents each, so that the positions of a backtrack trace's
-revised attempt (100-250 tokens in) are trained.
+Pretraining rows are `--seq-len` tokens of whole documents packed end to end (each with its own
+BOS and EOS, the row's rest padded, no padding mask: causal attention alone), so that the
+positions of a backtrack trace's revised attempt (100-250 tokens in) are trained. All rows
+are made once before training (batched tokenizer calls, deterministic for a seed), and the
+forward and backward passes run under bf16 autocast with fp32 weights and AdamW state
+(`--bf16 false` for fp32 throughout). `python bench/toy_build.py` times this pipeline
+against the earlier per-step one (`encode_batch`: every step tokenized its documents one by
+one and padded its rows to the longest).
 
 Run:
     python toy.py                       # builds runs/toy (data, tokenizer, base model), prints accuracy
@@ -359,6 +365,8 @@ class Args:
     """optimizer steps (0: the preset's)"""
     lr: float = 0.0
     """peak learning rate (0: the preset's)"""
+    batch: int = 0
+    """pretraining rows per optimizer step (0: the preset's)"""
     bf16: bool = True
     """pretrain under bf16 autocast (matrix products and attention in bf16; weights, optimizer
     state and the loss stay fp32)"""
@@ -397,7 +405,7 @@ def build(args: Args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     utils.print0(f"toy: {args.preset} model, {n_params / 1e6:.2f}M parameters, {steps} steps")
 
-    rows = preset["batch"]
+    rows = args.batch or preset["batch"]
     ids, loss_mask = pretraining_rows(tokenizer, train, rng, steps * rows, args.seq_len, args.slip, args.mu_frac,
                                       args.note_frac, args.retry_frac)  # (steps * rows, seq_len) each
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr or preset["lr"], betas=(0.9, 0.95), weight_decay=0.1)
@@ -454,11 +462,14 @@ def pretraining_loss(model, ids, loss_mask, bf16: bool = True):
 
 
 def evaluate_base(model_dir: str, test_path: str, n: int, seed: int) -> dict:
-    """pass@1 and pass@n of the base model at temperature 1.0 on the test split."""
+    """pass@1 and pass@n of the base model at temperature 1.0 on the test split. The engine runs
+    eager (no torch.compile warm-up, which costs more than it saves on one batch of a tiny model)
+    and takes up to 2048 samples in one batch (max_num_seqs; vLLM's CPU default is 256), so that
+    the default 256 problems x 8 samples decode at once, not in waves."""
     import numpy as np
 
     records = utils.read_records(test_path, ["problem", "answer"])
-    sampler = utils.Sampler(model_dir, seed=seed)
+    sampler = utils.Sampler(model_dir, seed=seed, enforce_eager=True, max_num_seqs=min(2048, max(1, len(records) * n)))
     prompts = [utils.build_prompt(sampler.tokenizer, r["problem"]) for r in records]
     outs = sampler.generate(prompts, n=n, temperature=1.0, max_tokens=160, seed=seed)
     correct = np.array([[utils.grade(s.text, r["answer"]) for s in group] for group, r in zip(outs, records)])
