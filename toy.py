@@ -392,9 +392,6 @@ def build(args: Args) -> dict:
     train, test = make_splits(args.seed, args.n_train, args.n_test)
     data_dir, model_dir = os.path.join(args.out, "data"), os.path.join(args.out, "base")
     fields = ("problem", "answer")
-    utils.write_jsonl(os.path.join(data_dir, "train.jsonl"), [{k: p[k] for k in fields} for p in train])
-    utils.write_jsonl(os.path.join(data_dir, "test.jsonl"), [{k: p[k] for k in fields} for p in test])
-
     rng = random.Random(args.seed + 1)
     corpus = []
     for p in train[:3000]:
@@ -407,8 +404,13 @@ def build(args: Args) -> dict:
     utils.print0(f"toy: {args.preset} model, {n_params / 1e6:.2f}M parameters, {steps} steps")
 
     rows = args.batch or preset["batch"]
-    ids, loss_mask = pretraining_rows(tokenizer, train, rng, steps * rows, args.seq_len, args.slip, args.mu_frac,
-                                      args.note_frac, args.retry_frac)  # (steps * rows, seq_len) each
+    try:
+        ids, loss_mask = pretraining_rows(tokenizer, train, rng, steps * rows, args.seq_len, args.slip, args.mu_frac,
+                                          args.note_frac, args.retry_frac)  # (steps * rows, seq_len) each
+    except ValueError as e:  # a document longer than --seq-len: refused before anything is written
+        raise utils.UserError(f"toy: {e}") from None
+    utils.write_jsonl(os.path.join(data_dir, "train.jsonl"), [{k: p[k] for k in fields} for p in train])
+    utils.write_jsonl(os.path.join(data_dir, "test.jsonl"), [{k: p[k] for k in fields} for p in test])
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr or preset["lr"], betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
 

@@ -145,6 +145,13 @@ def test_build_is_deterministic_for_a_seed(tmp_path):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_a_row_shorter_than_a_document_is_refused_before_anything_is_written(tmp_path):
+    with pytest.raises(utils.UserError, match="does not fit --seq-len 60"):
+        toy.build(toy.Args(out=str(tmp_path / "t"), preset="tiny", seq_len=60, steps=2, eval_samples=0, n_train=200,
+                           n_test=8))
+    assert not (tmp_path / "t").exists()
+
+
 def test_help_answers():
     import subprocess
     import sys
