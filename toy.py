@@ -35,14 +35,11 @@ attempt redone from a random `Step k:` on the attempt's own value after step k-1
 holds the marker and never picks k well (k is uniform), so where to restart is still left to
 warmstart and RL; without it the toy could not write a revised attempt after the backtrack
 cue at all (under 1% right: it found the k-th operation only by following the line above).
-Pretraining rows are `--seq-len` tokens of whole documents packed end to end (each with its own
-BOS and EOS, the row's rest padded, no padding mask: causal attention alone), so that the
-positions of a backtrack trace's revised attempt (100-250 tokens in) are trained. All rows
-are made once before training (batched tokenizer calls, deterministic for a seed), and the
-forward and backward passes run under bf16 autocast with fp32 weights and AdamW state
-(`--bf16 false` for fp32 throughout). `python bench/toy_build.py` times this pipeline
-against the earlier per-step one (`encode_batch`: every step tokenized its documents one by
-one and padded its rows to the longest).
+Pretraining rows pack `--pack` documents each, so that the positions of a backtrack trace's
+revised attempt (100-250 tokens in) are trained. `python bench/toy_build.py` times this
+per-step encoding against a packed pipeline (rows of whole documents built once before
+training, `pretraining_rows`, optionally under bf16 autocast) that build() does not use: on
+equal steps it gave a worse base model.
 
 Run:
     python toy.py                       # builds runs/toy (data, tokenizer, base model), prints accuracy
@@ -135,11 +132,9 @@ def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[
 
 PRESETS = {
     # name: model sizes and pretraining budget
-    # batch: rows of --seq-len tokens per step (10 rows of 384 hold about as many documents as the
-    # 32 a step of the earlier per-step encoding drew)
-    "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=10, lr=3e-3),
-    "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=1500, batch=10, lr=2e-3),
-    "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=10, lr=1e-3),
+    "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
+    "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=1500, batch=32, lr=2e-3),
+    "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
 }
 
 
@@ -231,9 +226,8 @@ def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: flo
                  pack: int = 1, retry_frac: float = 0.0):
     """(ids, attention mask, loss mask), each (rows, T): one document per problem, `pack`
     consecutive documents concatenated per row (each keeps its own BOS and EOS), padded to the
-    longest row. The per-step encoding of earlier builds, no longer used by build(): kept as
-    the reference that tests/test_toy.py checks the packed stream against and that
-    bench/toy_build.py times against the packed pipeline."""
+    longest row. The per-step encoding build() uses; tests/test_toy.py checks the packed stream
+    of pretraining_rows against it and bench/toy_build.py times the two."""
     import torch
 
     seqs, masks = [], []
@@ -348,11 +342,11 @@ class Args:
     pass@1 of 19.6 percent, under the 20 percent the task asks for)"""
     mu_frac: float = 0.15
     """fraction of pretraining examples that teach the forced-answer meta-prover"""
-    seq_len: int = 384
-    """tokens per pretraining row, filled with whole documents: one document is about 100
-    tokens, a backtrack trace or a linearized stream is longer, and a model pretrained on
-    single documents solved 24 percent of problems from a plain prompt but 0.5 percent after
-    another solution (positions it never trained)"""
+    pack: int = 3
+    """documents per pretraining sequence: one document is about 100 tokens, a backtrack
+    trace or a linearized stream is longer, and a model pretrained on single documents
+    solved 24 percent of problems from a plain prompt but 0.5 percent after another solution
+    (positions it never trained)"""
     note_frac: float = 0.02
     """fraction of pretraining examples that are stand-alone notes holding the backtrack
     marker's words (never inside a solution)"""
@@ -364,13 +358,6 @@ class Args:
     percent, with 0.30 about 28 percent (bench/restart_steps.py)"""
     steps: int = 0
     """optimizer steps (0: the preset's)"""
-    lr: float = 0.0
-    """peak learning rate (0: the preset's)"""
-    batch: int = 0
-    """pretraining rows per optimizer step (0: the preset's)"""
-    bf16: bool = True
-    """pretrain under bf16 autocast (matrix products and attention in bf16; weights, optimizer
-    state and the loss stay fp32)"""
     eval_samples: int = 8
     """samples per test problem for the pass@1 / pass@k report (0 skips it)"""
     threads: int = 0
@@ -392,6 +379,9 @@ def build(args: Args) -> dict:
     train, test = make_splits(args.seed, args.n_train, args.n_test)
     data_dir, model_dir = os.path.join(args.out, "data"), os.path.join(args.out, "base")
     fields = ("problem", "answer")
+    utils.write_jsonl(os.path.join(data_dir, "train.jsonl"), [{k: p[k] for k in fields} for p in train])
+    utils.write_jsonl(os.path.join(data_dir, "test.jsonl"), [{k: p[k] for k in fields} for p in test])
+
     rng = random.Random(args.seed + 1)
     corpus = []
     for p in train[:3000]:
@@ -403,15 +393,7 @@ def build(args: Args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     utils.print0(f"toy: {args.preset} model, {n_params / 1e6:.2f}M parameters, {steps} steps")
 
-    rows = args.batch or preset["batch"]
-    try:
-        ids, loss_mask = pretraining_rows(tokenizer, train, rng, steps * rows, args.seq_len, args.slip, args.mu_frac,
-                                          args.note_frac, args.retry_frac)  # (steps * rows, seq_len) each
-    except ValueError as e:  # a document longer than --seq-len: refused before anything is written
-        raise utils.UserError(f"toy: {e}") from None
-    utils.write_jsonl(os.path.join(data_dir, "train.jsonl"), [{k: p[k] for k in fields} for p in train])
-    utils.write_jsonl(os.path.join(data_dir, "test.jsonl"), [{k: p[k] for k in fields} for p in test])
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr or preset["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.95), weight_decay=0.1)
     warmup = max(1, steps // 20)
 
     def lr_at(step):  # linear warmup, cosine to 10%
@@ -420,14 +402,19 @@ def build(args: Args) -> dict:
         return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
-    utils.print0(f"toy: {len(ids)} rows of {args.seq_len} tokens made in {time.time() - t0:.1f} s")
     log_path = os.path.join(args.out, "train_log.jsonl")
     os.makedirs(args.out, exist_ok=True)
     model.train()
     with open(log_path, "w") as log:
         for step in tqdm(range(steps), desc="toy pretrain", disable=not utils.is_main()):
-            x, m = ids[step * rows:(step + 1) * rows], loss_mask[step * rows:(step + 1) * rows]  # (B, T) each
-            loss = pretraining_loss(model, x, m, args.bf16)
+            batch = [train[rng.randrange(len(train))] for _ in range(preset["batch"])]
+            ids, attn, loss_mask = encode_batch(tokenizer, batch, rng, args.slip, args.mu_frac, args.note_frac,
+                                                args.pack, args.retry_frac)
+            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
+            ).view_as(loss_mask[:, 1:])  # (B, T-1)
+            loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -442,8 +429,8 @@ def build(args: Args) -> dict:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     report = {"fingerprint": fingerprint(args), "preset": args.preset, "seed": args.seed, "params": n_params, "steps": steps,
-              "slip": args.slip, "note_frac": args.note_frac, "retry_frac": args.retry_frac, "seq_len": args.seq_len,
-              "rows": rows, "lr": args.lr or preset["lr"], "bf16": args.bf16, "build_seconds": round(time.time() - t0, 1)}
+              "slip": args.slip, "note_frac": args.note_frac, "retry_frac": args.retry_frac, "pack": args.pack,
+              "build_seconds": round(time.time() - t0, 1)}
     if args.eval_samples:
         report.update(evaluate_base(model_dir, os.path.join(data_dir, "test.jsonl"), args.eval_samples, args.seed))
         report["eval_seconds"] = round(time.time() - t0 - report["build_seconds"], 1)
