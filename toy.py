@@ -36,7 +36,10 @@ holds the marker and never picks k well (k is uniform), so where to restart is s
 warmstart and RL; without it the toy could not write a revised attempt after the backtrack
 cue at all (under 1% right: it found the k-th operation only by following the line above).
 Pretraining rows pack `--pack` documents each, so that the positions of a backtrack trace's
-revised attempt (100-250 tokens in) are trained.
+revised attempt (100-250 tokens in) are trained. `python bench/toy_build.py` times this
+per-step encoding against a packed pipeline (rows of whole documents built once before
+training, `pretraining_rows`, optionally under bf16 autocast) that build() does not use: on
+equal steps it gave a worse base model.
 
 Run:
     python toy.py                       # builds runs/toy (data, tokenizer, base model), prints accuracy
@@ -312,7 +315,9 @@ NOTE = "Note: " + utils.BACKTRACK_MARKER
 def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: float, note_frac: float = 0.0,
                  pack: int = 1, retry_frac: float = 0.0):
     """(ids, attention mask, loss mask), each (rows, T): one document per problem, `pack`
-    consecutive documents concatenated per row (each keeps its own BOS and EOS)."""
+    consecutive documents concatenated per row (each keeps its own BOS and EOS), padded to the
+    longest row. The per-step encoding build() uses; tests/test_toy.py checks the packed stream
+    of pretraining_rows against it and bench/toy_build.py times the two."""
     import torch
 
     seqs, masks = [], []
@@ -340,6 +345,76 @@ def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: flo
     return ids, attn, loss_mask
 
 
+DRAW = 32
+"""Problems drawn at a time by document_texts: each draw is the batch of one step of the old
+per-step encoding (encode_batch), so both see the same documents in the same order."""
+
+
+def document_texts(tokenizer, problems: list[dict], rng: random.Random, n_docs: int, slip: float, mu_frac: float,
+                   note_frac: float = 0.0, retry_frac: float = 0.0) -> list[tuple[str, str]]:
+    """n_docs pretraining documents as (prompt, completion) text, loss on the completion only:
+    DRAW problems drawn at a time, then one document each (a note with probability note_frac:
+    prompt "", completion NOTE; else pretraining_example, its head after the problem's prompt)."""
+    docs = []
+    while len(docs) < n_docs:
+        for p in [problems[rng.randrange(len(problems))] for _ in range(DRAW)]:
+            if rng.random() < note_frac:
+                docs.append(("", NOTE))
+                continue
+            head, completion = pretraining_example(p, rng, slip, mu_frac, retry_frac)
+            docs.append((utils.build_prompt(tokenizer, p["problem"]) + head, completion))
+    return docs[:n_docs]
+
+
+def encode_documents(tokenizer, docs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+    """(token ids, loss mask) per (prompt, completion) document, in two batched tokenizer calls:
+    BOS + prompt (the tokenizer prepends BOS; an empty prompt is BOS alone), then completion +
+    EOS, the loss mask 1 on the completion and EOS."""
+    prompts = tokenizer([p for p, _ in docs])["input_ids"]
+    completions = tokenizer([c for _, c in docs], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    return [(p + c + [eos], [0] * len(p) + [1] * (len(c) + 1)) for p, c in zip(prompts, completions)]
+
+
+def pack_rows(docs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> tuple[list[list[int]], list[list[int]]]:
+    """Documents packed in order into rows of exactly seq_len tokens: a document that does not
+    fit in the current row's rest starts the next row; each row's rest is pad tokens with loss
+    mask 0 (they follow every real token, so under causal attention no real token sees them).
+    Returns (ids rows, loss-mask rows). Raises ValueError for a document longer than seq_len."""
+    rows, masks, row, mask = [], [], [], []
+    for ids, m in docs:
+        if len(ids) > seq_len:
+            raise ValueError(f"a pretraining document of {len(ids)} tokens does not fit --seq-len {seq_len}")
+        if len(row) + len(ids) > seq_len:
+            rows.append(row + [pad_id] * (seq_len - len(row)))
+            masks.append(mask + [0] * (seq_len - len(mask)))
+            row, mask = [], []
+        row, mask = row + ids, mask + m
+    if row:
+        rows.append(row + [pad_id] * (seq_len - len(row)))
+        masks.append(mask + [0] * (seq_len - len(mask)))
+    return rows, masks
+
+
+def pretraining_rows(tokenizer, problems: list[dict], rng: random.Random, n_rows: int, seq_len: int, slip: float,
+                     mu_frac: float, note_frac: float = 0.0, retry_frac: float = 0.0, chunk: int = 0):
+    """All pretraining rows of a build, made once before training: (ids, loss mask), each
+    (n_rows, seq_len), from the document stream of document_texts (`chunk` documents at a time,
+    0: about enough for the rows at 100 tokens a document; tokenized in batched calls, packed by
+    pack_rows; documents past the last row are dropped). No document is split across rows."""
+    import torch
+
+    chunk = chunk or DRAW * (n_rows * seq_len // (100 * DRAW) + 1)
+    docs = []
+    while True:
+        docs += encode_documents(tokenizer, document_texts(tokenizer, problems, rng, chunk, slip, mu_frac, note_frac,
+                                                           retry_frac))
+        rows, masks = pack_rows(docs, seq_len, tokenizer.pad_token_id)
+        if len(rows) > n_rows:  # a row after the n_rows-th exists, so the first n_rows are complete
+            break
+    return torch.tensor(rows[:n_rows]), torch.tensor(masks[:n_rows], dtype=torch.float)
+
+
 @dataclass
 class Args:
     out: str = DEFAULT_DIR
@@ -354,14 +429,14 @@ class Args:
     """held-out test problems"""
     slip: float = 0.10
     """per-step probability that a pretraining solution's result is wrong (0.15 gave a base
-    pass@1 of 19.6%, under the 20% the task asks for)"""
+    pass@1 of 19.6 percent, under the 20 percent the task asks for)"""
     mu_frac: float = 0.15
     """fraction of pretraining examples that teach the forced-answer meta-prover"""
     pack: int = 3
     """documents per pretraining sequence: one document is about 100 tokens, a backtrack
     trace or a linearized stream is longer, and a model pretrained on single documents
-    solved 24% of problems from a plain prompt but 0.5% after another solution (positions it
-    never trained)"""
+    solved 24 percent of problems from a plain prompt but 0.5 percent after another solution
+    (positions it never trained)"""
     note_frac: float = 0.02
     """fraction of pretraining examples that are stand-alone notes holding the backtrack
     marker's words (never inside a solution)"""
@@ -369,8 +444,8 @@ class Args:
     """fraction of pretraining examples that are retries: a slipped attempt, a RETRY_LINES line,
     and the attempt redone from a random step carrying the loss. A real base model has read
     such revisions; the toy needs them to write a revised attempt after the backtrack cue at
-    all: with 0 (and 1000 steps) it was under 1% right there, with 0.05 / 0.10 about 1%, with
-    0.30 about 28% (bench/restart_steps.py)"""
+    all: with 0 (and 1000 steps) it was under 1 percent right there, with 0.05 / 0.10 about 1
+    percent, with 0.30 about 28 percent (bench/restart_steps.py)"""
     steps: int = 0
     """optimizer steps (0: the preset's)"""
     eval_samples: int = 8
@@ -448,16 +523,33 @@ def build(args: Args) -> dict:
               "build_seconds": round(time.time() - t0, 1)}
     if args.eval_samples:
         report.update(evaluate_base(model_dir, os.path.join(data_dir, "test.jsonl"), args.eval_samples, args.seed))
+        report["eval_seconds"] = round(time.time() - t0 - report["build_seconds"], 1)
     utils.write_json(os.path.join(model_dir, "build.json"), report)
     return report
 
 
+def pretraining_loss(model, ids, loss_mask, bf16: bool = True):
+    """Mean next-token NLL over the loss-masked tokens of packed rows (no attention mask:
+    causal attention alone, the row's pad tokens come last), under bf16 autocast if bf16."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
+    ).view_as(loss_mask[:, 1:])  # (B, T-1)
+    return (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+
+
 def evaluate_base(model_dir: str, test_path: str, n: int, seed: int) -> dict:
-    """pass@1 and pass@n of the base model at temperature 1.0 on the test split."""
+    """pass@1 and pass@n of the base model at temperature 1.0 on the test split. The engine runs
+    eager (no torch.compile warm-up, which costs more than it saves on one batch of a tiny model)
+    and takes up to 2048 samples in one batch (max_num_seqs; vLLM's CPU default is 256), so that
+    the default 256 problems x 8 samples decode at once, not in waves."""
     import numpy as np
 
     records = utils.read_records(test_path, ["problem", "answer"])
-    sampler = utils.Sampler(model_dir, seed=seed)
+    sampler = utils.Sampler(model_dir, seed=seed, enforce_eager=True, max_num_seqs=min(2048, max(1, len(records) * n)))
     prompts = [utils.build_prompt(sampler.tokenizer, r["problem"]) for r in records]
     outs = sampler.generate(prompts, n=n, temperature=1.0, max_tokens=160, seed=seed)
     correct = np.array([[utils.grade(s.text, r["answer"]) for s in group] for group, r in zip(outs, records)])

@@ -1,5 +1,6 @@
-"""The toy task's pretraining documents (pure: no model)."""
+"""The toy task's pretraining documents and their packing (pure: no model)."""
 
+import os
 import random
 import re
 
@@ -48,6 +49,94 @@ def test_retry_examples_redo_the_attempt_from_a_random_step():
     assert completion.endswith("\\boxed{27}") and head.split("\n")[-3] == "The answer is \\boxed{27}"
     heads = {toy.pretraining_example(p, rng, slip=0.1, mu_frac=0.15)[0] for _ in range(200)}
     assert not any(h.endswith(line + "\n") for h in heads for line in toy.RETRY_LINES)
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer():
+    """The toy's tokenizer, trained on a small corpus of clean solutions (seconds)."""
+    corpus = []
+    for i in range(300):
+        p = toy.make_problem(random.Random(i))
+        corpus.append(utils.build_prompt(None, p["problem"]) + toy.render_solution(*toy.solution_steps(p["start"], p["ops"])))
+    return toy.train_tokenizer(corpus + [utils.MU_SUFFIX, utils.BACKTRACK_MARKER] * 50)
+
+
+DOC_ARGS = dict(slip=0.1, mu_frac=0.15, note_frac=0.05, retry_frac=0.3)
+
+
+def test_document_stream_holds_what_the_old_per_step_encoding_did(toy_tokenizer):
+    """document_texts + encode_documents (batched tokenizer calls) give, document for document,
+    the token ids and loss masks of the old per-step encode_batch (one document per row, DRAW
+    problems per step) from the same seed: BOS first, EOS last, loss on the completion and EOS
+    only; every kind of document occurs."""
+    tok, problems = toy_tokenizer, [toy.make_problem(random.Random(1000 + i)) for i in range(50)]
+    old_rng, new_rng, old = random.Random(5), random.Random(5), []
+    for _ in range(4):
+        batch = [problems[old_rng.randrange(len(problems))] for _ in range(toy.DRAW)]
+        ids, attn, mask = toy.encode_batch(tok, batch, old_rng, DOC_ARGS["slip"], DOC_ARGS["mu_frac"],
+                                           DOC_ARGS["note_frac"], 1, DOC_ARGS["retry_frac"])
+        old += [(ids[i][attn[i] == 1].tolist(), mask[i][attn[i] == 1].int().tolist()) for i in range(len(ids))]
+    texts = toy.document_texts(tok, problems, new_rng, 4 * toy.DRAW, **DOC_ARGS)
+    new = toy.encode_documents(tok, texts)
+    assert new == old
+    kinds = set()
+    for (prompt, completion), (ids, mask) in zip(texts, new):
+        n_prompt = mask.index(1)
+        assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and ids.count(tok.bos_token_id) == 1
+        assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
+        assert tok.decode(ids[1:n_prompt]) == prompt and tok.decode(ids[n_prompt:-1]) == completion
+        kinds.add("note" if prompt == "" else "mu" if prompt.endswith(utils.MU_SUFFIX) else
+                  "retry" if any(line in prompt for line in toy.RETRY_LINES) else "solution")
+    assert kinds == {"note", "mu", "retry", "solution"}
+
+
+def test_pack_rows_by_hand():
+    """Whole documents in order, a row closed when the next one does not fit, pads (loss 0) at
+    the end of each row; a document longer than a row is refused."""
+    docs = [([1, 5, 2], [0, 1, 1]), ([1, 6], [0, 1]), ([1, 7, 7, 2], [0, 0, 1, 1]), ([1], [0])]
+    rows, masks = toy.pack_rows(docs, 5, pad_id=0)
+    assert rows == [[1, 5, 2, 1, 6], [1, 7, 7, 2, 1]]
+    assert masks == [[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]]
+    rows, masks = toy.pack_rows(docs, 6, pad_id=0)
+    assert rows == [[1, 5, 2, 1, 6, 0], [1, 7, 7, 2, 1, 0]] and masks[1] == [0, 0, 1, 1, 0, 0]
+    assert toy.pack_rows(docs[:1], 4, pad_id=9) == ([[1, 5, 2, 9]], [[0, 1, 1, 0]])
+    with pytest.raises(ValueError, match="does not fit"):
+        toy.pack_rows(docs, 3, pad_id=0)
+
+
+def test_pretraining_rows_are_the_packed_document_stream(toy_tokenizer):
+    """pretraining_rows (here in several chunks) holds the document stream of one seed, packed
+    in order without a gap: rows without their trailing pads, concatenated, are the stream's
+    first documents; the same seed gives the same rows, another seed others."""
+    tok, problems = toy_tokenizer, [toy.make_problem(random.Random(2000 + i)) for i in range(50)]
+    ids, mask = toy.pretraining_rows(tok, problems, random.Random(3), 12, 256, chunk=40, **DOC_ARGS)  # (12, 256) each
+    assert ids.shape == mask.shape == (12, 256)
+    docs = toy.encode_documents(tok, toy.document_texts(tok, problems, random.Random(3), 400, **DOC_ARGS))
+    flat_ids, flat_mask = sum((d[0] for d in docs), []), sum((d[1] for d in docs), [])
+    got_ids, got_mask = [], []
+    for row, m in zip(ids.tolist(), mask.int().tolist()):
+        n = len(row)
+        while row[n - 1] == tok.pad_token_id:
+            n -= 1
+        assert row[0] == tok.bos_token_id and row[n - 1] == tok.eos_token_id
+        assert set(m[n:]) <= {0}
+        got_ids += row[:n]
+        got_mask += m[:n]
+    assert got_ids == flat_ids[:len(got_ids)] and got_mask == flat_mask[:len(got_mask)]
+    again = toy.pretraining_rows(tok, problems, random.Random(3), 12, 256, **DOC_ARGS)
+    assert all((x == y).all() for x, y in zip(again, (ids, mask)))
+    other = toy.pretraining_rows(tok, problems, random.Random(4), 12, 256, **DOC_ARGS)
+    assert not (other[0] == ids).all()
+
+
+def test_help_answers():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, os.path.join(root, "toy.py"), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "--pack" in out.stdout and "percent" in out.stdout
 
 
 def load_bench(name: str):
