@@ -28,13 +28,13 @@ base model has never seen it after an attempt, as in the paper. A real base mode
 the words, though, so a small share of pretraining documents (`--note-frac`) are stand-alone
 notes holding the phrase ("Note: Wait, this seems off. Let's try something else."), with no
 problem or solution around them. Without them the phrase's tokens stay untrained and a short
-warmstart SFT cannot even spell the marker (measured: a garbled marker after 36-120 steps).
+warmstart SFT cannot even spell the marker (README, "The toy task", has the measurements).
 A third kind (`--retry-frac`, 30%) is a revision, as worked solutions in a real pretraining
 corpus have them: a slipped attempt, a line such as "Wait, let me check that.", then the
 attempt redone from a random `Step k:` on the attempt's own value after step k-1. It never
 holds the marker and never picks k well (k is uniform), so where to restart is still left to
 warmstart and RL; without it the toy could not write a revised attempt after the backtrack
-cue at all (under 1% right: it found the k-th operation only by following the line above).
+cue at all (it found the k-th operation only by following the line above).
 Pretraining rows pack `--pack` documents each, so that the positions of a backtrack trace's
 revised attempt (100-250 tokens in) are trained. `python bench/toy_build.py` times this
 per-step encoding against a packed pipeline (rows of whole documents built once before
@@ -428,15 +428,14 @@ class Args:
     n_test: int = 256
     """held-out test problems"""
     slip: float = 0.10
-    """per-step probability that a pretraining solution's result is wrong (0.15 gave a base
-    pass@1 of 19.6 percent, under the 20 percent the task asks for)"""
+    """per-step probability that a pretraining solution's result is wrong (higher slips push the
+    base's pass@1 under the 20 percent the task asks for: README)"""
     mu_frac: float = 0.15
     """fraction of pretraining examples that teach the forced-answer meta-prover"""
     pack: int = 3
     """documents per pretraining sequence: one document is about 100 tokens, a backtrack
-    trace or a linearized stream is longer, and a model pretrained on single documents
-    solved 24 percent of problems from a plain prompt but 0.5 percent after another solution
-    (positions it never trained)"""
+    trace or a linearized stream is longer, and a model pretrained on single documents fails
+    at the positions it never trained (README)"""
     note_frac: float = 0.02
     """fraction of pretraining examples that are stand-alone notes holding the backtrack
     marker's words (never inside a solution)"""
@@ -444,8 +443,7 @@ class Args:
     """fraction of pretraining examples that are retries: a slipped attempt, a RETRY_LINES line,
     and the attempt redone from a random step carrying the loss. A real base model has read
     such revisions; the toy needs them to write a revised attempt after the backtrack cue at
-    all: with 0 (and 1000 steps) it was under 1 percent right there, with 0.05 / 0.10 about 1
-    percent, with 0.30 about 28 percent (bench/restart_steps.py)"""
+    all (README gives bench/restart_steps.py's numbers for several shares)"""
     steps: int = 0
     """optimizer steps (0: the preset's)"""
     eval_samples: int = 8
