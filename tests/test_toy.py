@@ -215,3 +215,30 @@ def test_bench_restart_steps_token_fields():
     assert fields[len(first):] == ["later"] * (len(pieces) - len(first))
     with pytest.raises(ValueError, match="step line"):
         bench.token_fields("lost", [(0, 4)])
+
+
+def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
+    """`torchrun grpo.py` on a fresh machine: rank 0 builds the toy in a child process while
+    rank 1 waits; afterwards both ranks see the build and torchrun's process group still works
+    (a vLLM engine closed inside a torchrun process would have ended it)."""
+    import json
+    import subprocess
+    import sys
+
+    root = tmp_path / "toy"
+    script = tmp_path / "first_use.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})\n"
+        "import toy, utils\n"
+        "if __name__ == '__main__':\n"
+        "    rank, world, _ = utils.init_distributed()\n"
+        f"    p = toy.ensure_built({str(root)!r}, 'tiny')\n"
+        "    print('RANKS', utils.all_gather(rank), 'BUILT', toy.is_built(p['base'].rsplit('/', 1)[0], 'tiny'), flush=True)\n")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
+                       capture_output=True, text=True, timeout=900, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("RANKS [0, 1] BUILT True") == 2, r.stdout[-2000:]
+    assert r.stdout.count("toy: building") == 1  # rank 0 built it, once
+    assert json.load(open(root / "base" / "build.json"))["preset"] == "tiny"
