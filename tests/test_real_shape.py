@@ -126,7 +126,7 @@ class RecordingEngine:
 def _recording_sampler(sleep_mode: bool):
     calls = []
     s = object.__new__(utils.Sampler)
-    s.backend, s.llm, s.sleep_mode, s.asleep = "vllm", RecordingEngine(calls), sleep_mode, False
+    s.backend, s.llm, s.sleep_mode, s.asleep, s.dtype = "vllm", RecordingEngine(calls), sleep_mode, False, "fp32"
     return s, calls
 
 
@@ -211,9 +211,8 @@ def test_kill_and_resume_matches_uninterrupted_run(grpo_whole, real_model, toy_p
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=open(err_path, "w"))
     metrics, deadline = cut / "metrics.jsonl", time.time() + 400
 
-    def checkpointed():  # step 1 logged and a checkpoint (file or folder) of it in place
-        names = os.listdir(cut) if cut.exists() else []
-        return metrics.exists() and '"step": 1' in metrics.read_text() and any(n.startswith("checkpoint") for n in names)
+    def checkpointed():  # step 1 logged and its checkpoint complete (the `latest` pointer is written last)
+        return metrics.exists() and '"step": 1' in metrics.read_text() and utils.has_checkpoint(str(cut / "checkpoint"))
 
     while not checkpointed() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)

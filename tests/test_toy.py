@@ -234,7 +234,9 @@ def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
         "if __name__ == '__main__':\n"
         "    rank, world, _ = utils.init_distributed()\n"
         f"    p = toy.ensure_built({str(root)!r}, 'tiny')\n"
-        "    print('RANKS', utils.all_gather(rank), 'BUILT', toy.is_built(p['base'].rsplit('/', 1)[0], 'tiny'), flush=True)\n")
+        "    print('RANKS', utils.all_gather(rank), 'BUILT', toy.is_built(p['base'].rsplit('/', 1)[0], 'tiny'), flush=True)\n"
+        "    import torch.distributed as dist\n"
+        "    dist.destroy_process_group()\n")
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
                        capture_output=True, text=True, timeout=900, env=env)
