@@ -317,9 +317,27 @@ class Args:
     batch: int = 64
     """traces per meta-prover call (progress granularity)"""
     max_model_len: int = 0
-    """engine context length (0: the model's)"""
+    """engine context length (0: what this run needs, see engine_need; never the model's whole context)"""
     dtype: str = "auto"
     """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
+
+
+def engine_need(path: str, args: Args, problems: list[dict] | None, rows: list[dict]) -> int:
+    """Tokens one engine sequence on `path` may hold in this run: the longest meta-prover
+    context of the given traces `rows` (prompt + z0 + z1 + z2 + mu's suffix), and when traces
+    are sampled from `problems`, the longest prompt + z0 + cue + continuation (each at most
+    --max-tokens) + suffix; plus mu's tokens (--mu-max-tokens, or --mu-rollout-tokens) and 16
+    (text re-encoded may take a few more tokens than were sampled). utils.engine_length turns
+    it into the engine's max_model_len."""
+    tok = utils.load_tokenizer(path)
+    suffix = len(utils.encode(tok, args.mu_suffix))
+    need = max((len(utils.encode(tok, mu_context(episode_contexts(utils.build_prompt(tok, r["problem"], args.instruction),
+                                                                   r["episodes"])[-1], args.mu_suffix)))
+                for r in rows), default=0)
+    if problems:
+        longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
+        need = max(need, longest + 2 * args.max_tokens + len(utils.encode(tok, backtrack_cue(""))) + suffix)
+    return need + (args.mu_rollout_tokens if args.mu_mode == "rollout" else args.mu_max_tokens) + 16
 
 
 def make_sampler(path: str, **kwargs) -> utils.Sampler:
@@ -546,8 +564,6 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     if args.traces and len(args.traces) not in (1, len(runs)):
         raise utils.UserError(f"--traces: give one file or one per model ({len(runs)}), got {len(args.traces)}")
     samplers = dict(samplers or {})
-    new_sampler = lambda path: samplers.get(path) or make_sampler(  # noqa: E731
-        path, seed=args.seed, dtype=args.dtype, max_model_len=args.max_model_len or None)
 
     # read every input first: bad input fails before any engine starts or file is written
     traces = {}
@@ -562,6 +578,14 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                                        args.answer_field, args.problems)
     if args.mu_model and not os.path.isdir(args.mu_model) and not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", args.mu_model):
         raise utils.UserError(f"--mu-model: model path does not exist: {args.mu_model}")
+    given = [r for rows, _ in traces.values() for r in rows]
+
+    def new_sampler(path):  # an engine sized from this run's lengths (--max-model-len overrides)
+        if path in samplers:
+            return samplers[path]
+        max_len = args.max_model_len or utils.engine_length(path, engine_need(path, args, problems, given))
+        return make_sampler(path, seed=args.seed, dtype=args.dtype, max_model_len=max_len)
+
     shared_mu = new_sampler(args.mu_model) if args.mu_model else None
 
     results, summary = {}, {}

@@ -388,7 +388,7 @@ class Args:
     toy_dir: str = toy.DEFAULT_DIR
     """toy build used by the embedded default (built if missing)"""
     max_model_len: int = 0
-    """engine context length (0: the model's)"""
+    """engine context length (0: what this run needs, see engine_needs; never the model's whole context)"""
     dtype: str = "auto"
     """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
     gpu_memory_utilization: float = 0.85
@@ -481,8 +481,8 @@ class Engines:
     process group with it, so there every engine stays up until the end (size them with
     --gpu-memory-utilization so that the run's models fit side by side)."""
 
-    def __init__(self, args: Args, ready: dict | None = None):
-        self.args, self.ready, self.owned = args, dict(ready or {}), {}
+    def __init__(self, args: Args, ready: dict | None = None, needs: dict | None = None):
+        self.args, self.ready, self.owned, self.needs = args, dict(ready or {}), {}, dict(needs or {})
 
     def get(self, path: str) -> utils.Sampler:
         if path in self.ready:
@@ -491,8 +491,8 @@ class Engines:
             if not utils.is_distributed():
                 self.close()
             had_group = evaluate.group_exists()
-            s = infogain.make_sampler(path, seed=self.args.seed, dtype=self.args.dtype,
-                                      max_model_len=self.args.max_model_len or None,
+            max_len = self.args.max_model_len or utils.engine_length(path, self.needs[path])
+            s = infogain.make_sampler(path, seed=self.args.seed, dtype=self.args.dtype, max_model_len=max_len,
                                       gpu_memory_utilization=self.args.gpu_memory_utilization)
             self.owned[path] = (s, had_group)
         return self.owned[path][0]
@@ -502,6 +502,38 @@ class Engines:
             s, had_group = self.owned.pop(path)
             evaluate.close_engine(s, had_group)
         gc.collect()
+
+
+def engine_needs(args: Args, problems: list[dict] | None, split: list[dict] | None, mu_path: str,
+                 direct_path: str) -> dict[str, int]:
+    """Tokens one engine sequence may hold in this run, per model path (one engine may serve
+    several roles): sampling stems, the longest prompt + --max-tokens (linearized rounds: +
+    --window + the cue); the meta-prover, its longest context + --mu-max-tokens, measured on
+    given traces (`split`), else bounded by its prompt + --rounds x (--max-tokens + cue + 2);
+    the direct baseline, the longest prompt + --direct-max-tokens; each + 16 (re-encoded text
+    may take a few more tokens). utils.engine_length turns it into the engine's max_model_len."""
+    needs, items = {}, problems if problems is not None else split
+
+    def add(path: str, n: int) -> None:
+        needs[path] = max(needs.get(path, 0), n + 16)
+
+    def longest_prompt(tok) -> int:
+        return max(len(utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction))) for r in items)
+
+    mu_tok = utils.load_tokenizer(mu_path)
+    if problems is not None:
+        tok = utils.load_tokenizer(args.model)
+        cue = len(utils.encode(tok, evaluate.CONTINUE_CUE))
+        add(args.model, longest_prompt(tok) + args.max_tokens + (args.window + cue if args.rounds > 1 else 0))
+        head = max(len(utils.encode(mu_tok, meta_prover_prompt(mu_tok, r["problem"], "", args.mu_suffix, args.instruction,
+                                                               THINK_OPEN + "\n", args.delimiter))) for r in problems)
+        add(mu_path, head + args.rounds * (args.max_tokens + cue + 2) + args.mu_max_tokens)
+    else:
+        add(mu_path, max(len(mu_contexts(mu_tok, {**t, "groups": [args.delimiter.join(t["groups"])]}, args)[-1][0])
+                         for t in split) + args.mu_max_tokens)
+    if direct_path:
+        add(direct_path, longest_prompt(utils.load_tokenizer(direct_path)) + args.direct_max_tokens)
+    return needs
 
 
 def context_len(sampler) -> int:
@@ -785,8 +817,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         if path and path not in (samplers or {}):
             check_model(path, flag)
     traces = read_traces(args) if args.traces else None
-    if traces is not None:
-        split_traces(traces, args)  # fails on a trace without thinking text before any work
+    all_split = split_traces(traces, args)[0] if traces is not None else None  # fails on a trace without thinking text
     problems = None
     if traces is None:
         problems = utils.load_problems(args.data or toy.paths(args.toy_dir)["test"], args.problem_field,
@@ -798,7 +829,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     mine = replace(args, seed=utils.derive_seed(args.seed, "rank", rank)) if world > 1 else args
 
     logger = LazyLogger(os.path.join(args.out, "metrics.jsonl"))
-    engines = Engines(args, samplers)
+    engines = Engines(args, samplers, engine_needs(args, problems, all_split, mu_path, direct_path))
     try:
         traces = share["traces"]
         if traces is None:

@@ -996,12 +996,12 @@ def load_trainer(path: str, dtype: str = "auto", device: str | None = None, grad
     `model.save_dtype` is the dtype its config file names: save_pretrained writes that.
 
     The weights are read from disk once: in one process, by this process (the reference is a
-    copy); under torchrun, by rank 0 only, while every rank builds the model on the meta
-    device, shards it and receives its shards from rank 0 (`set_model_state_dict` with
-    broadcast_from_rank0). No rank but 0 ever holds a full copy; rank 0 holds one, the one
-    it read, until both models are filled."""
+    copy); under torchrun, by rank 0 only (`_weights_of`: rows read from the safetensors
+    files when needed), while every rank builds the model on the meta device and shards it;
+    rank 0 sends each rank its rows of each tensor, cast to fp32, a piece at a time
+    (`_scatter_from_rank0`). No rank ever holds a full copy, not even of one tensor: each
+    holds its shards, rank 0 also one piece in flight."""
     import copy
-    import gc
 
     import torch
     from transformers import AutoConfig
@@ -1020,25 +1020,28 @@ def load_trainer(path: str, dtype: str = "auto", device: str | None = None, grad
         if ref is not None:
             models.append(shard_model(ref, False, compute))
     else:
-        src = load_model(path, "fp32", "cpu") if is_main() else None
-        models = [_sharded_from_rank0(path, cfg, src, device, gradient_checkpointing and k == 0, compute)
+        models = [_sharded_on_meta(path, cfg, device, gradient_checkpointing and k == 0, compute)
                   for k in range(2 if reference else 1)]
-        del src
-        gc.collect()
+        entries = [dict(_state_entries(m)) for m in models]
+        weights = _weights_of(path, list(entries[0])) if is_main() else None
+        for name in entries[0]:
+            full = weights(name) if weights is not None else None  # rank 0: the whole tensor, from disk
+            for e in entries:
+                _scatter_from_rank0(e[name], full)
+            del full
     for m in models:
         m.save_dtype = save_dtype
     model, ref = models[0], (models[1].eval().requires_grad_(False) if reference else None)
     return model, ref
 
 
-def _sharded_from_rank0(path: str, cfg, src, device: str, activation_checkpointing: bool, compute_dtype):
-    """An FSDP2 model built on the meta device on every rank and filled from rank 0's
-    loaded model `src` (None on the other ranks): parameters and persistent buffers through
-    set_model_state_dict(full_state_dict, broadcast_from_rank0), the non-persistent buffers
-    (rotary frequencies) by broadcast."""
+def _sharded_on_meta(path: str, cfg, device: str, activation_checkpointing: bool, compute_dtype):
+    """The model built on the meta device (no memory), sharded with FSDP2, then given
+    uninitialized storage for its shards on `device`. Its non-persistent buffers (the rotary
+    frequencies, computed from the config, never in a checkpoint) are computed here by
+    transformers' own initializer of the module that holds them; the parameters and persistent
+    buffers are left for load_trainer to fill."""
     import torch
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     with torch.device("meta"):
@@ -1047,22 +1050,159 @@ def _sharded_from_rank0(path: str, cfg, src, device: str, activation_checkpointi
         model.generation_config = GenerationConfig.from_pretrained(path)
     shard_model(model, activation_checkpointing, compute_dtype)
     model.to_empty(device=device)
-    full = src.state_dict() if src is not None else {}
-    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    persistent = set(model.state_dict())
-    src_buffers = dict(src.named_buffers()) if src is not None else {}
-    for name, buf in model.named_buffers():
-        if name not in persistent:
-            if src is not None:
-                buf.copy_(src_buffers[name])
-            dist.broadcast(buf, src=0)
-    for module in model.modules():  # tensors kept as plain attributes (transformers' original_inv_freq)
-        for k, v in list(vars(module).items()):
-            if isinstance(v, torch.Tensor) and v.is_meta:
-                if k != "original_inv_freq":
-                    raise RuntimeError(f"{type(module).__name__}.{k} is still on the meta device")
-                setattr(module, k, module.inv_freq.clone())
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set:
+                model._init_weights(module)
     return model
+
+
+def _state_entries(model):
+    """(name, tensor) of the model's state dict, each tensor once (tied weights are one
+    object: the first name stands for both)."""
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield name, t
+
+
+class _DiskTensor:
+    """One tensor of a safetensors file whose rows are read when indexed (`t[a:b]`); the file
+    is mapped for that read only, so no page of it stays resident."""
+
+    def __init__(self, file: str, name: str):
+        self.file, self.name = file, name
+
+    def __getitem__(self, index):
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            return f.get_slice(self.name)[index]
+
+
+def _weights_of(path: str, names: list[str]) -> Callable:
+    """Rank 0's reader of a checkpoint: name -> the tensor as a _DiskTensor, whose rows are
+    read from disk when indexed (`full[a:b]`), so no whole tensor need be resident. A hub name is
+    first resolved to its local snapshot (`huggingface_hub.snapshot_download`, the files
+    transformers would fetch; not run here, no hub). When the files do not hold every one of
+    `names` (the model's state-dict names) under that name (an architecture whose checkpoint
+    keys transformers converts while loading, or .bin weights), the model is loaded whole by
+    transformers instead and its tensors are handed out (indexed the same way) and dropped
+    one by one."""
+    from safetensors import safe_open
+
+    folder = os.path.expanduser(path)
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        with _loading(path):
+            folder = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = {k: os.path.join(folder, f) for k, f in json.load(open(index))["weight_map"].items()}
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+            files = dict.fromkeys(f.keys(), os.path.join(folder, "model.safetensors"))
+    else:
+        files = {}
+    if files and all(n in files for n in names):
+        return lambda name: _DiskTensor(files[name], name)
+    print0(f"load: {path}: weights not in safetensors under the model's own names; rank 0 loads the model whole")
+    whole = load_model(path, "fp32", "cpu").state_dict()
+    return whole.pop
+
+
+MOVE_CHUNK_BYTES = 16 * 2**20
+"""Load and export move a tensor between ranks in pieces of rows of about this many bytes."""
+
+
+def _dim0_rows(t) -> list[tuple[int, int]]:
+    """(first row, rows) of each rank's dim-0 shard of DTensor `t` as FSDP2 lays them out
+    (torch.chunk: ceil(n / world) rows per rank, the last ranks fewer or none); checked
+    against this rank's own shard."""
+    from torch.distributed.tensor import Shard
+
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise RuntimeError(f"expected FSDP2's dim-0 shards on one mesh dimension, got {t.placements}")
+    n, world = t.shape[0], world_size()
+    c = -(-n // world)
+    rows = [(k * c, max(0, min(c, n - k * c))) for k in range(world)]
+    if t.to_local().shape[0] != rows[rank()][1]:
+        raise RuntimeError(f"shard of {t.to_local().shape[0]} rows on rank {rank()}, expected {rows[rank()][1]}")
+    return rows
+
+
+def _pieces(start: int, count: int, t) -> list[tuple[int, int]]:
+    """(first row, rows) of rows [start, start + count) of DTensor `t` in pieces of about
+    MOVE_CHUNK_BYTES (the same on every rank: from the global shape and dtype)."""
+    row_bytes = math.prod(t.shape[1:]) * t.dtype.itemsize
+    step = max(1, MOVE_CHUNK_BYTES // max(1, row_bytes))
+    return [(a, min(step, start + count - a)) for a in range(start, start + count, step)]
+
+
+def _scatter_from_rank0(target, full) -> None:
+    """Fill `target` (this rank's entry of a sharded state dict: a DTensor sharded on dim 0 by
+    FSDP2, or a replicated plain tensor) from rank 0's `full` (None on the other ranks): a
+    tensor, or a safetensors slice that reads rows from disk when indexed. Rank 0 sends each
+    rank its own rows, read and cast to the target's dtype a piece (_pieces) at a time; each
+    rank receives into its shard. No rank holds a full copy of the tensor; rank 0 holds its
+    shard plus one piece in flight."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(target, DTensor):
+        if full is not None:
+            target.data.copy_(full[:] if target.dim() else full)
+        dist.broadcast(target.data, src=0)
+        return
+    local = target.to_local().data  # this rank's rows, a view of its shard
+    if not local.is_contiguous():
+        raise RuntimeError("expected a contiguous FSDP2 shard")
+    for k, (start, count) in enumerate(_dim0_rows(target)):
+        if k != rank() and not is_main():
+            continue
+        for a, m in _pieces(start, count, target):
+            mine = local[a - start:a - start + m]  # (m, ...) rows a.. of the full tensor, in rank k's shard
+            if is_main():
+                piece = full[a:a + m].to(local.device, target.dtype)  # (m, ...)
+                if k == 0:
+                    mine.copy_(piece)
+                else:
+                    dist.send(piece.contiguous(), dst=k)
+                del piece
+            else:
+                dist.recv(mine, src=0)
+
+
+def _gather_to_rank0(t, dtype=None):
+    """The full tensor of a state-dict entry on rank 0, in `dtype` (default: its own), None
+    elsewhere: each rank sends its dim-0 rows (as in _scatter_from_rank0) to rank 0 only, a
+    piece at a time, which casts each into place: no other rank holds more than its shard;
+    rank 0 holds the full tensor in `dtype` plus one piece."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local().detach() if isinstance(t, DTensor) else t.detach()
+    dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    if not isinstance(t, DTensor):
+        return local.to("cpu", dtype, copy=True) if is_main() else None
+    full = torch.empty(t.shape, dtype=dtype, device="cpu") if is_main() else None  # (n, ...)
+    for k, (start, count) in enumerate(_dim0_rows(t)):
+        if k != rank() and not is_main():
+            continue
+        for a, m in _pieces(start, count, t):
+            if not is_main():
+                dist.send(local[a - start:a - start + m].contiguous(), dst=0)
+            elif k == 0:
+                full[a:a + m] = local[a - start:a - start + m].to("cpu", dtype)
+            else:
+                piece = torch.empty((m, *t.shape[1:]), dtype=t.dtype, device=local.device)  # (m, ...)
+                dist.recv(piece, src=k)
+                full[a:a + m] = piece.to("cpu", dtype)
+                del piece
+    return full
 
 
 def iter_full_params(model, dtype=None):
@@ -1082,40 +1222,64 @@ def full_state_dict(model, cpu: bool = True) -> dict:
     return {k: (v.to("cpu", copy=True) if cpu else v) for k, v in iter_full_params(model)}
 
 
-def save_pretrained(model, tokenizer, path: str) -> None:
-    """Save a Hugging Face checkpoint atomically, weights in the dtype the model's config
-    file named when it was loaded (`model.save_dtype`, set by load_trainer; else the
-    parameters' dtype). Every rank must call it. Under torchrun the shards are gathered one
-    parameter at a time (every rank takes part in each gather and drops the result at once),
-    and rank 0 keeps each one on its CPU, cast to the saved dtype as it arrives, then writes:
-    the other ranks never hold more than one full parameter, rank 0 one copy of the model in
-    the saved dtype. Tied parameters are gathered once. (get_model_state_dict with
-    full_state_dict and cpu_offload gathers the same way, but keeps the fp32 copy on rank 0
-    before any cast.)"""
+EXPORT_SHARD_BYTES = 5 * 2**30
+"""save_pretrained writes the weights in safetensors files of at most this many bytes each
+(one larger tensor gets a file of its own): rank 0 holds one file's worth at a time."""
+
+
+def save_pretrained(model, tokenizer, path: str, shard_bytes: int | None = None) -> None:
+    """Save a Hugging Face checkpoint atomically (config, generation config, tokenizer,
+    safetensors weights; loadable by transformers and vLLM), weights in the dtype the model's
+    config file named when it was loaded (`model.save_dtype`, set by load_trainer; else the
+    parameters' dtype). Every rank must call it.
+
+    Memory: the weights are gathered to rank 0 one tensor at a time (`_gather_to_rank0`: the
+    other ranks never hold more than their own shards), cast to the saved dtype, and written in
+    files of at most `shard_bytes` (default EXPORT_SHARD_BYTES) as each fills, with the
+    `model.safetensors.index.json` transformers writes for sharded checkpoints: rank 0 holds
+    one file's worth, never the whole model. Tied weights are written once, under their first
+    name (transformers ties them again from the config when it loads)."""
     import copy
 
-    from torch.distributed.tensor import DTensor
+    from safetensors.torch import save_file
 
+    shard_bytes = shard_bytes or EXPORT_SHARD_BYTES
     save_dtype = getattr(model, "save_dtype", None) or next(model.parameters()).dtype
-    sd, seen = {}, {}
-    for name, t in model.state_dict(keep_vars=True).items():  # keep_vars: tied entries are one object
-        if id(t) in seen:
-            if is_main():
-                sd[name] = sd[seen[id(t)]]
-            continue
-        seen[id(t)] = name
-        full = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_dir(path)) if is_main() else None
+        files, shard, size, total = [], {}, 0, 0
+
+        def flush():
+            files.append((f"part-{len(files)}.safetensors", list(shard)))
+            save_file(shard, os.path.join(tmp, files[-1][0]), metadata={"format": "pt"})
+            shard.clear()
+
+        for name, t in _state_entries(model):
+            full = _gather_to_rank0(t, save_dtype)  # on rank 0, in the saved dtype; None elsewhere
+            if full is None:
+                continue
+            if shard and size + full.nbytes > shard_bytes:
+                flush()
+                size = 0
+            shard[name], size, total = full, size + full.nbytes, total + full.nbytes
+            del full
         if is_main():
-            sd[name] = full.to("cpu", save_dtype if full.is_floating_point() else full.dtype, copy=True)
-        del full
-    if is_main():
-        with atomic_dir(path) as tmp:
-            model.save_pretrained(tmp, state_dict=sd)
-            cfg = copy.deepcopy(model.config)  # transformers writes the parameters' dtype; name the saved one
+            if shard:
+                flush()
+            names = ["model.safetensors"] if len(files) == 1 else \
+                [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))]
+            for (old, _), new in zip(files, names):
+                os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
+            if len(files) > 1:
+                weight_map = {k: new for (_, keys), new in zip(files, names) for k in keys}
+                write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+            cfg = copy.deepcopy(model.config)  # the parameters are fp32 masters: name the saved dtype
             cfg.dtype = save_dtype
             cfg.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    del sd
     barrier()
 
 

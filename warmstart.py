@@ -93,7 +93,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import utils  # noqa: E402
-from infogain import MetaProver, restart_prefix, split_backtrack, split_continuation  # noqa: E402
+from infogain import MetaProver, restart_prefix, split_continuation  # noqa: E402
 
 SCHEMES = {"backtrack": "backtrack", "rise": "backtrack", "rejection": "direct"}  # scheme -> model format
 
@@ -422,11 +422,14 @@ def sft_batch(examples: list[tuple[list[int], int]], pad_id: int):
     return ids, attn, loss_mask
 
 
-def completion_nll_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
-    """Sum of -log p(target) over masked positions. logits (B, T-1, V), targets (B, T-1)."""
-    nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets.reshape(-1),
-                                            reduction="none").view_as(loss_mask)  # (B, T-1)
-    return (nll * loss_mask).sum()
+def completion_nll_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
+                       inplace: bool = False) -> torch.Tensor:
+    """Sum of -log p(target) over masked positions: logits (B, T_logits, V) with T_logits >=
+    T - 1 (the position t predicts targets[:, t]; later positions are ignored), targets and
+    loss_mask (B, T-1). Computed by utils.sampled_logprobs in chunks (no fp32 (B, T, V)
+    log-softmax at a 128k vocabulary); inplace=True lets the backward pass write the gradient
+    into the logits (for model outputs nobody reads afterwards)."""
+    return -(utils.sampled_logprobs(logits, targets, inplace=inplace) * loss_mask).sum()
 
 
 def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: str, log_path: str, ckpt_path: str,
@@ -473,27 +476,25 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
     bar = tqdm(range(start, total), desc="sft", disable=not utils.is_main(), initial=start, total=total)
     for step in bar:
         mine = [data[i] for i in batch_indices(step)]  # per_rank examples
-        local = torch.tensor([float(sum(len(s) - p for s, p in mine)), 0.0])  # [completion tokens, nll sum]
-        n_items = local[:1].clone()
+        n_items = torch.tensor(float(sum(len(s) - p for s, p in mine)), device=device)  # completion tokens
         if utils.is_distributed():
-            torch.distributed.all_reduce(n_items)
+            torch.distributed.all_reduce(n_items)  # of the global batch
+        nll_local = 0.0
         for k in range(0, per_rank, M):
             ids, attn, loss_mask = sft_batch(mine[k:k + M], tok.pad_token_id)
             ids, attn, loss_mask = ids.to(device), attn.to(device), loss_mask.to(device)
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (M, T-1, V)
-            nll = completion_nll_sum(logits, ids[:, 1:], loss_mask)
+            logits = model(input_ids=ids, attention_mask=attn).logits  # (M, T, V)
+            nll = completion_nll_sum(logits, ids[:, 1:], loss_mask, inplace=True)
             # token mean over the global batch; FSDP averages gradients over ranks, hence * world
-            (nll / n_items.to(device) * world).backward()
-            local[1] += nll.item()
+            (nll / n_items * world).backward()
+            nll_local += nll.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        if utils.is_distributed():
-            torch.distributed.all_reduce(local)
-        tokens_seen += int(local[0].item())
+        tokens_seen += int(n_items.item())
         gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-        rec = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": local[1].item() / local[0].item(),
+        rec = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": sum(utils.all_gather(nll_local)) / n_items.item(),
                "tokens": tokens_seen, "lr": sched.get_last_lr()[0], "grad_norm": float(gn), **(log_extra or {})}
         logger.log(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")

@@ -2,13 +2,17 @@
 
 Part 1 runs `torchrun --nproc_per_node N` (gloo, CPU) on a model and, on every rank, these
 phases one after the other, with utils' own functions:
-  load      utils.load_trainer (rank 0 reads the weights; the others build on the meta device
-            and receive their shards by broadcast)
+  load      utils.load_trainer (every rank builds the model on the meta device; rank 0 reads
+            the weights one tensor at a time and scatters it, each rank receiving its shard)
   step      one AdamW step: utils.completion_logprobs on a small batch, backward, clip, step
             (the optimizer's state comes into being here)
   save      utils.save_checkpoint (sharded, torch.distributed.checkpoint)
   resume    utils.load_checkpoint into the same model and optimizer
-  export    utils.save_pretrained (gathered to rank 0 only, written in the config's dtype)
+  export    utils.save_pretrained (gathered to rank 0 only, one tensor at a time, written in the
+            config's dtype in files of --export-share of the checkpoint, as an 8B model's are)
+Load and export move tensors between ranks in pieces of --piece-share of the model, the share
+utils.MOVE_CHUNK_BYTES is of an 8B model (on a 67 MiB model the 16 MiB default would be a
+quarter of it).
 For each phase and rank it prints the peak resident memory above the resident memory at the
 start of the phase, as a multiple of the model's full state (fp32 parameter bytes, tied
 weights once). A rank that held a full copy of the model in a phase shows >= 1.0 there.
@@ -81,7 +85,8 @@ def reset_peak() -> int:
 # --------------------------------------------------------------------------------------
 
 
-def worker(model_path: str, out: str, dtype: str, batch: int, tokens: int) -> None:
+def worker(model_path: str, out: str, dtype: str, batch: int, tokens: int, export_share: float,
+           piece_share: float) -> None:
     import gc
 
     import torch
@@ -117,20 +122,30 @@ def worker(model_path: str, out: str, dtype: str, batch: int, tokens: int) -> No
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):  # the model's size, for the piece size of load and export
+        meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
+    utils.MOVE_CHUNK_BYTES = max(1024, int(piece_share * sum(p.numel() * 4 for p in meta.parameters())))
+    del meta
     ckpt = os.path.join(out, "checkpoint")
     phase("load", load)
     phase("step", step)
     phase("save", lambda: utils.save_checkpoint(ckpt, objs["model"], objs["opt"], step=1))
     phase("resume", lambda: utils.load_checkpoint(ckpt, objs["model"], objs["opt"]))
-    phase("export", lambda: utils.save_pretrained(objs["model"], tok, os.path.join(out, "export")))
     model = objs["model"]
+    saved_bytes = sum(t.numel() * (model.save_dtype.itemsize if t.is_floating_point() else t.element_size())
+                      for _, t in utils._state_entries(model))
+    shard_bytes = max(1, int(export_share * saved_bytes))
+    phase("export", lambda: utils.save_pretrained(model, tok, os.path.join(out, "export"), shard_bytes=shard_bytes))
     seen, full_bytes, largest = set(), 0, 0
     for p in model.parameters():  # unique parameters (tied weights once), full (unsharded) sizes
         if id(p) not in seen:
             seen.add(id(p))
             full_bytes += p.numel() * 4
             largest = max(largest, p.numel() * 4)
-    result.update(rank=rank, world=world, full_bytes=full_bytes, largest=largest, rss_end=rss()[0])
+    result.update(rank=rank, world=world, full_bytes=full_bytes, largest=largest, rss_end=rss()[0],
+                  saved_bytes=saved_bytes, shard_bytes=shard_bytes, piece_bytes=utils.MOVE_CHUNK_BYTES)
     utils.write_json(os.path.join(out, f"rank{rank}.json"), result)
     utils.barrier()
 
@@ -198,12 +213,18 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="completion tokens per sequence")
     ap.add_argument("--logits-dtype", default="fp32", help="dtype of the given logits in part 2 (fp32 | bf16)")
     ap.add_argument("--parts", default="phases,logprobs", help="what to run: phases, logprobs or both")
+    ap.add_argument("--export-share", type=float, default=0.31,
+                    help="export's file size as a share of the saved checkpoint (default 0.31: an 8B model's "
+                         "16 GB bf16 checkpoint in utils.EXPORT_SHARD_BYTES = 5 GiB files)")
+    ap.add_argument("--piece-share", type=float, default=0.0005,
+                    help="size of the pieces load and export move between ranks, as a share of the full fp32 state "
+                         "(default 0.0005: utils.MOVE_CHUNK_BYTES = 16 MiB of an 8B model's 32 GB)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker == "phases":
-        return worker(a.model, a.out, a.dtype, a.batch, a.tokens)
+        return worker(a.model, a.out, a.dtype, a.batch, a.tokens, a.export_share, a.piece_share)
     if a.worker in ("old", "new"):
         print(json.dumps(logprob_worker(a.worker, a.batch, a.tokens, a.vocab, a.logits_dtype)))
         return
@@ -226,7 +247,8 @@ def phases(a, model: str, cfg, out: str, env: dict) -> None:
     """Part 1: run the torchrun worker and print its table."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(a.nproc),
            os.path.abspath(__file__), "--worker", "phases", "--model", model, "--out", out, "--dtype", a.dtype,
-           "--batch", str(a.batch), "--tokens", str(a.tokens)]
+           "--batch", str(a.batch), "--tokens", str(a.tokens), "--export-share", str(a.export_share),
+           "--piece-share", str(a.piece_share)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"error: {' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
@@ -235,8 +257,11 @@ def phases(a, model: str, cfg, out: str, env: dict) -> None:
     print(f"model {model}: vocabulary {cfg.vocab_size}, hidden {cfg.hidden_size}, {cfg.num_hidden_layers} layers; "
           f"full state (fp32 parameters) {full / 2**20:.0f} MiB; {a.nproc} ranks, gloo, compute {a.dtype}, "
           f"step batch {a.batch} x {a.tokens} tokens")
-    print(f"largest single parameter: {ranks[0]['largest'] / full:.2f} of the full state (load, export and "
-          f"the gradient gather hold one full parameter at a time on every rank)")
+    print(f"largest single parameter: {ranks[0]['largest'] / full:.2f} of the full state (export holds one whole "
+          f"on rank 0, in the saved dtype; the gradient gather holds one in the compute dtype on every rank)")
+    print(f"export: saved weights {ranks[0]['saved_bytes'] / full:.2f} of the full state, written in files of at "
+          f"most {ranks[0]['shard_bytes'] / full:.2f} of it (--export-share {a.export_share}); load and export move "
+          f"pieces of {ranks[0]['piece_bytes'] / full:.4f} of it (--piece-share {a.piece_share})")
     print("peak resident memory above the phase's start, / full state:")
     print(f"{'phase':<8}" + "".join(f"{'rank ' + str(r):>10}" for r in range(a.nproc)))
     for ph in PHASES:

@@ -22,7 +22,6 @@ write even when told where to restart (k itself is random, so its own share is c
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import re

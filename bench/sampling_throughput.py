@@ -14,7 +14,6 @@ Each backend gets one untimed warm-up call (engine compile, first allocations), 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import sys
 import time

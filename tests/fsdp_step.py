@@ -15,7 +15,6 @@ model, and writes --out/sample_<rank>.json with the engine's results next to tra
 """
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -94,6 +93,30 @@ def logprob_gap(model, tokenizer, prompt, samples):
     return max(gaps)
 
 
+def uneven_round_trip(out: str) -> None:
+    """utils' scatter from rank 0 and gather to rank 0 on FSDP2 shards of uneven row counts:
+    a (5, 3) weight (3 + 2 rows) and a (1,) bias (1 + 0 rows), moved in pieces of 2 rows
+    (MOVE_CHUNK_BYTES set to 24 bytes). Rank 0 writes what came back."""
+    from torch.distributed.fsdp import fully_shard
+
+    utils.MOVE_CHUNK_BYTES = 2 * 3 * 4  # two fp32 rows of the weight
+
+    layer = fully_shard(torch.nn.Linear(3, 5))
+    wanted = {"weight": torch.arange(15.0).view(5, 3), "bias": torch.arange(5.0) + 100}
+    sd = layer.state_dict(keep_vars=True)
+    for name, t in sd.items():
+        utils._scatter_from_rank0(t, wanted[name] if utils.is_main() else None)
+    rows = {name: t.to_local().shape[0] for name, t in sd.items()}
+    back = {name: utils._gather_to_rank0(t) for name, t in sd.items()}
+    one = fully_shard(torch.nn.Linear(3, 1))
+    b = one.state_dict(keep_vars=True)["bias"]
+    utils._scatter_from_rank0(b, torch.tensor([7.0]) if utils.is_main() else None)
+    rows["one bias"], back["one bias"] = b.to_local().shape[0], utils._gather_to_rank0(b)
+    rows = utils.all_gather(rows)
+    if utils.is_main():
+        torch.save({"wanted": wanted, "back": back, "rows": rows}, os.path.join(out, "uneven.pt"))
+
+
 def run(base: str, out: str, sample: bool = False) -> None:
     rank, world, _ = utils.init_distributed()
     utils.seed_everything(0)
@@ -138,6 +161,9 @@ def run(base: str, out: str, sample: bool = False) -> None:
                     "extra": extra, "second": second, "second_restored": second_restored, "tokens": counts,
                     "world": world, "loaded": loaded, "ref_state": ref_state, "tied": tied}, os.path.join(out, "result.pt"))
     utils.save_pretrained(model, tok, os.path.join(out, "hf"))  # the model after two steps
+    utils.save_pretrained(model, tok, os.path.join(out, "hf_parts"), shard_bytes=1 << 20)  # in several files
+    if world > 1:
+        uneven_round_trip(out)
 
     if sample:  # sync from the sharded model (every rank gathers), then sample again
         ref.load_state_dict(utils.full_state_dict(model))

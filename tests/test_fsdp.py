@@ -38,7 +38,7 @@ def runs(toy_paths, tmp_path_factory):
             proc.kill()
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{open(log).read()[-4000:]}"
     load = lambda d: torch.load(os.path.join(d, "result.pt"), weights_only=False)  # noqa: E731
-    return {"one": load(one), "two": load(two), "dirs": (one, two)}
+    return {"one": load(one), "two": load(two), "dirs": (one, two), "log": open(log).read()}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -73,6 +73,7 @@ def test_loaded_once_and_broadcast(runs, toy_paths):
     for r in (runs["one"], runs["two"]):
         assert max_diff(r["loaded"], disk) == 0.0 and max_diff(r["ref_state"], disk) == 0.0
         assert r["tied"]
+    assert "loads the model whole" not in runs["log"]  # rank 0 read the safetensors file tensor by tensor
 
 
 def test_checkpoint_round_trip(runs):
@@ -85,13 +86,32 @@ def test_checkpoint_round_trip(runs):
 
 
 def test_save_pretrained_loads_in_transformers(runs):
+    """One file by default; with a small shard_bytes, several files and the index that
+    transformers writes for sharded checkpoints; both load back to the same weights."""
     from transformers import AutoModelForCausalLM
 
     for r, d in zip((runs["one"], runs["two"]), runs["dirs"]):
-        m = AutoModelForCausalLM.from_pretrained(os.path.join(d, "hf"))
-        assert max_diff(m.state_dict(), r["second"]) == 0.0
-        assert utils.load_tokenizer(os.path.join(d, "hf")).eos_token_id == m.config.eos_token_id
+        for folder in ("hf", "hf_parts"):
+            m = AutoModelForCausalLM.from_pretrained(os.path.join(d, folder))
+            assert max_diff(m.state_dict(), r["second"]) == 0.0, folder
+            assert m.lm_head.weight is m.model.embed_tokens.weight  # tied again on load
+            assert utils.load_tokenizer(os.path.join(d, folder)).eos_token_id == m.config.eos_token_id
+        files = sorted(f for f in os.listdir(os.path.join(d, "hf_parts")) if f.endswith(".safetensors"))
+        index = json.load(open(os.path.join(d, "hf_parts", "model.safetensors.index.json")))
+        assert len(files) > 1 and sorted(set(index["weight_map"].values())) == files
+        assert "model.safetensors" in os.listdir(os.path.join(d, "hf"))
         assert [f for f in os.listdir(d) if f.startswith(".tmp")] == []
+
+
+def test_scatter_and_gather_with_uneven_shards(runs):
+    """Rows not divisible by the ranks: 5 rows as 3 + 2, 1 row as 1 + 0 (torch.chunk, as
+    FSDP2 lays them out); what rank 0 scattered comes back whole, and each rank got its rows."""
+    got = torch.load(os.path.join(runs["dirs"][1], "uneven.pt"))
+    assert [g["weight"] for g in got["rows"]] == [3, 2] and [g["bias"] for g in got["rows"]] == [3, 2]
+    assert [g["one bias"] for g in got["rows"]] == [1, 0]
+    for name, t in got["wanted"].items():
+        assert torch.equal(got["back"][name], t), name
+    assert torch.equal(got["back"]["one bias"], torch.tensor([7.0]))
 
 
 def test_sampler_per_rank_under_torchrun(runs):

@@ -98,6 +98,34 @@ def test_engine_sizes_come_from_the_run(real_model):
     assert warmstart.search_need(w, 40) == 40 + w.max_depth * (w.max_step_tokens + 2) + max(w.max_tokens, w.max_step_tokens) + 16
 
 
+def test_infogain_and_r1_engines_are_sized_from_the_run(real_model, toy_paths):
+    """infogain.py and r1_analysis.py size their engines from what the run holds (prompts,
+    sampled or given traces, mu's tokens), never the realistic model's 1,048,576 positions."""
+    import infogain
+    import r1_analysis
+
+    tok = utils.load_tokenizer(real_model)
+    problems = utils.load_problems(toy_paths["test"], limit=4)
+    prompt = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"]))) for p in problems)
+    cue = len(utils.encode(tok, infogain.backtrack_cue("")))
+    suffix = len(utils.encode(tok, utils.MU_SUFFIX))
+    a = infogain.Args(model=[real_model], max_tokens=64, mu_max_tokens=16)
+    assert infogain.engine_need(real_model, a, problems, []) == prompt + 2 * 64 + cue + suffix + 16 + 16
+    rollout = infogain.Args(model=[real_model], max_tokens=64, mu_mode="rollout", mu_rollout_tokens=100)
+    assert infogain.engine_need(real_model, rollout, problems, []) == prompt + 2 * 64 + cue + suffix + 100 + 16
+    z0 = "Step 1: 3 + 4 = 7\nThe answer is \\boxed{7}."
+    trace = {"problem": problems[0]["problem"], "episodes": infogain.split_backtrack(
+        infogain.backtrack_cue(z0) + " 1: 3 + 4 = 7\nThe answer is \\boxed{7}." * 20)}
+    longest = len(utils.encode(tok, infogain.mu_context(infogain.episode_contexts(
+        utils.build_prompt(tok, trace["problem"]), trace["episodes"])[-1], utils.MU_SUFFIX)))
+    assert infogain.engine_need(real_model, a, None, [trace]) == longest + 16 + 16 > prompt + 200
+
+    r, _ = r1_analysis.resolve(r1_analysis.Args(model=real_model, direct_model=real_model, preset="toy"))
+    needs = r1_analysis.engine_needs(r, problems, None, real_model, real_model)
+    assert set(needs) == {real_model} and 200 < needs[real_model] < 5000  # one engine serves all three roles
+    assert utils.engine_length(real_model, needs[real_model]) == needs[real_model]
+
+
 # --------------------------------------------------------------------------------------
 # Sleep mode: the call order, on a recording engine (vLLM's CPU build has no sleep mode)
 # --------------------------------------------------------------------------------------

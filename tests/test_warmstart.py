@@ -177,6 +177,26 @@ def test_completion_loss_ignores_prompt_logits():
     assert g[:2].tolist() == [0.0, 0.0] and (g[2:] > 0).all()
 
 
+def test_completion_nll_sum_equals_cross_entropy():
+    """The chunked loss (utils.sampled_logprobs) is the masked cross-entropy sum, value and
+    gradient, in place or not; logits may run one position past the targets."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 6, 11)  # (B, T, V): T - 1 = 5 targets
+    targets = torch.randint(0, 11, (2, 5))
+    mask = torch.tensor([[0, 1, 1, 1, 0], [1, 1, 0, 0, 0]], dtype=torch.float)
+    ref = logits[:, :-1].clone().requires_grad_(True)
+    want = (torch.nn.functional.cross_entropy(ref.reshape(-1, 11), targets.reshape(-1), reduction="none").view(2, 5)
+            * mask).sum()
+    want.backward()
+    for inplace in (False, True):
+        x = (logits * 1.0).requires_grad_(True)
+        y = x * 1.0  # inplace writes the gradient into this non-leaf, as into a model's logits
+        got = warmstart.completion_nll_sum(y, targets, mask, inplace=inplace)
+        got.backward()
+        assert torch.allclose(got, want, atol=1e-5), inplace
+        assert torch.allclose(x.grad[:, :-1], ref.grad, atol=1e-6) and x.grad[:, -1].abs().max() == 0, inplace
+
+
 def test_sft_example_moves_z0_into_the_prompt():
     t = {"prompt": "P\n", "z0": "A", "completion": "A\nB"}
     assert warmstart.sft_example(t, z0_loss=False) == ("P\nA", "\nB")
