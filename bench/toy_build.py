@@ -6,6 +6,9 @@ optimizer steps of each pipeline on its own copy of the initial model, in interl
 
 - old:      toy.encode_batch every step (HF tokenizer per document, `--pack` documents per row,
             rows padded to the longest, attention mask), fp32;
+- old causal: the same batches without the attention mask (the pads come last in each row,
+            so causal attention alone keeps every real token off them: same loss, same
+            gradients), fp32 and under bf16 autocast (and with --compile, fp32 compiled);
 - packed:   rows of --seq-len tokens built once up front (toy.pretraining_rows), no padding
             mask, fp32;
 - packed+bf16: the same under bf16 autocast (toy.build does not use the packed pipelines:
@@ -106,9 +109,19 @@ def main():
                                                 reduction="none").view_as(m[:, 1:])  # (B, T-1)
         return (nll * m[:, 1:]).sum() / m[:, 1:].sum()
 
-    variants = {"old": (old_batches(), old_loss, False), "packed": (packed_batches(), toy.pretraining_loss, False),
+    def causal_loss(model, x, attn, m, bf16):  # the old batches without the attention mask: pads come last
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=x).logits[:, :-1]  # (B, T-1, V)
+        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
+                                                reduction="none").view_as(m[:, 1:])  # (B, T-1)
+        return (nll * m[:, 1:]).sum() / m[:, 1:].sum()
+
+    variants = {"old": (old_batches(), old_loss, False), "old causal": (old_batches(), causal_loss, False),
+                "old causal+bf16": (old_batches(), causal_loss, True),
+                "packed": (packed_batches(), toy.pretraining_loss, False),
                 "packed+bf16": (packed_batches(), toy.pretraining_loss, True)}
     if a.compile:
+        variants["old causal+compile"] = (old_batches(), causal_loss, False)
         variants["packed+bf16+compile"] = (packed_batches(), toy.pretraining_loss, True)
     state = {}
     for name, (batches, loss_fn, bf16) in variants.items():
@@ -124,7 +137,7 @@ def main():
             for i in range(a.steps + 1):
                 data_s, x, attn, m = next(st["batches"])
                 t0 = time.perf_counter()
-                loss = st["loss_fn"](st["model"], x, attn, m, st["bf16"]) if name == "old" else \
+                loss = st["loss_fn"](st["model"], x, attn, m, st["bf16"]) if name.startswith("old") else \
                     st["loss_fn"](st["model"], x, m, st["bf16"])
                 st["opt"].zero_grad(set_to_none=True)
                 loss.backward()
@@ -150,7 +163,7 @@ def main():
     base = None
     for name, st in state.items():
         n = st["steps"]
-        data = st["data"] / n if name == "old" else packed_build / n_steps
+        data = st["data"] / n if name.startswith("old") else packed_build / n_steps
         step = data + (st["fb"] + st["opt_s"]) / n
         per_k = 1000 * step / (st["real"] / n / 1000)
         base = base or per_k

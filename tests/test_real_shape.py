@@ -120,7 +120,7 @@ def test_infogain_and_r1_engines_are_sized_from_the_run(real_model, toy_paths):
         utils.build_prompt(tok, trace["problem"]), trace["episodes"])[-1], utils.MU_SUFFIX)))
     assert infogain.engine_need(real_model, a, None, [trace]) == longest + 16 + 16 > prompt + 200
 
-    r, _ = r1_analysis.resolve(r1_analysis.Args(model=real_model, direct_model=real_model, preset="toy"))
+    r, _ = r1_analysis.resolve(r1_analysis.Args(model=real_model, direct_model=real_model, generate=True, preset="toy"))
     needs = r1_analysis.engine_needs(r, problems, None, real_model, real_model)
     assert set(needs) == {real_model} and 200 < needs[real_model] < 5000  # one engine serves all three roles
     assert utils.engine_length(real_model, needs[real_model]) == needs[real_model]
