@@ -573,35 +573,38 @@ def fingerprint(args: Args) -> str:
     return hashlib.sha1(src + json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def is_built(root: str = DEFAULT_DIR, preset: str = "default") -> bool:
-    """Whether root holds an up-to-date build (same toy.py source and arguments)."""
+def is_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 0) -> bool:
+    """Whether root holds an up-to-date build (same toy.py source and arguments; steps 0: the
+    preset's)."""
     p, report = paths(root), os.path.join(paths(root)["base"], "build.json")
-    current = os.path.exists(report) and json.load(open(report)).get("fingerprint") == fingerprint(Args(out=root, preset=preset))
+    want = fingerprint(Args(out=root, preset=preset, steps=steps))
+    current = os.path.exists(report) and json.load(open(report)).get("fingerprint") == want
     return current and all(os.path.exists(v) for v in p.values())
 
 
-def ensure_built(root: str = DEFAULT_DIR, preset: str = "default") -> dict:
+def ensure_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 0, eval_samples: int = 8) -> dict:
     """Build the toy task and base model under root unless an up-to-date build is there;
-    return the paths. Under torchrun (first use of `torchrun grpo.py` etc.), rank 0 builds in a
+    return the paths (steps and eval_samples as toy.py's flags; the defaults are the build every
+    script uses). Under torchrun (first use of `torchrun grpo.py` etc.), rank 0 builds in a
     child process (`python toy.py`, all cores) while the other ranks wait for the build: the
     build's own vLLM engine must not live in a torchrun process (closing an engine ends the
     process group), and a collective barrier could time out during a build of minutes."""
-    if is_built(root, preset):
+    if is_built(root, preset, steps):
         return paths(root)
     if not utils.is_distributed():
-        build(Args(out=root, preset=preset))
+        build(Args(out=root, preset=preset, steps=steps, eval_samples=eval_samples))
     elif utils.is_main():
         import subprocess
         import sys
 
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")}
-        cmd = [sys.executable, os.path.abspath(__file__), "--out", root, "--preset", preset,
-               "--threads", str(os.cpu_count() or 1)]
+        cmd = [sys.executable, os.path.abspath(__file__), "--out", root, "--preset", preset, "--steps", str(steps),
+               "--eval-samples", str(eval_samples), "--threads", str(os.cpu_count() or 1)]
         utils.print0(f"toy: building {root} first: {' '.join(cmd)}")
         if subprocess.run(cmd, env=env).returncode != 0:
             raise utils.UserError(f"toy: the build of {root} failed (run `python toy.py --out {root}` to see why)")
     else:
-        while not is_built(root, preset):
+        while not is_built(root, preset, steps):
             time.sleep(5)
     utils.barrier()
     return paths(root)

@@ -69,7 +69,7 @@ def step(model, opt, ctx, comp, world, pad_id):
 
 
 def new_model_and_opt(base, reference=False):
-    """utils.load_trainer: read by rank 0 only and broadcast into the shards under torchrun."""
+    """utils.load_trainer: read by rank 0 only, each rank sent its own rows, under torchrun."""
     model, ref = utils.load_trainer(base, dtype="fp32", device="cpu", reference=reference)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     return (model, opt, ref) if reference else (model, opt)

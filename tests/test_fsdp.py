@@ -64,9 +64,10 @@ def test_fsdp_step_equals_single_process(runs, toy_paths):
     assert max_diff(one["second"], two["second"]) < 1e-4
 
 
-def test_loaded_once_and_broadcast(runs, toy_paths):
-    """load_trainer under torchrun (rank 0 reads, the meta-device shards are filled by
-    broadcast) gives the weights on disk, for the policy and the reference, embeddings tied."""
+def test_loaded_once_and_scattered(runs, toy_paths):
+    """load_trainer under torchrun (rank 0 reads the safetensors file in pieces of rows
+    and sends each rank its rows into its meta-built shards) gives the weights on disk, for
+    the policy and the reference, embeddings tied."""
     from transformers import AutoModelForCausalLM
 
     disk = AutoModelForCausalLM.from_pretrained(toy_paths["base"], dtype=torch.float32).state_dict()

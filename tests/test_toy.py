@@ -233,8 +233,8 @@ def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
         "import toy, utils\n"
         "if __name__ == '__main__':\n"
         "    rank, world, _ = utils.init_distributed()\n"
-        f"    p = toy.ensure_built({str(root)!r}, 'tiny')\n"
-        "    seen = f\"RANKS {utils.all_gather(rank)} BUILT {toy.is_built(p['base'].rsplit('/', 1)[0], 'tiny')}\"\n"
+        f"    p = toy.ensure_built({str(root)!r}, 'tiny', steps=20, eval_samples=0)\n"
+        "    seen = f\"RANKS {utils.all_gather(rank)} BUILT {toy.is_built(p['base'].rsplit('/', 1)[0], 'tiny', 20)}\"\n"
         f"    open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(seen)\n"
         "    import torch.distributed as dist\n"
         "    dist.destroy_process_group()\n")
@@ -246,4 +246,4 @@ def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
     for rank in (0, 1):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "RANKS [0, 1] BUILT True", rank
     assert r.stdout.count("toy: building") == 1  # rank 0 built it, once
-    assert json.load(open(root / "base" / "build.json"))["preset"] == "tiny"
+    assert {k: json.load(open(root / "base" / "build.json"))[k] for k in ("preset", "steps")} == {"preset": "tiny", "steps": 20}
