@@ -66,7 +66,7 @@ SIZES = {
         r1=["--problems", "8"],
         truth=["--problems", "8", "--continuations", "2", "--mu-samples", "4", "--mu-rollout-tokens", "128"],
         truth_grpo=["--steps", "4", "--eval-problems", "16", "--mu-rollout-tokens", "128"],
-        truth_eval=["--problems", "16", "--n", "4", "--window", "128", "--max-tokens", "200"],
+        truth_eval=["--problems", "16", "--samples", "4", "--window", "128", "--max-tokens", "200"],
     ),
     "full": dict(
         seeds=[0, 1, 2],
@@ -78,7 +78,7 @@ SIZES = {
         r1=[],
         truth=["--problems", "64", "--continuations", "4", "--mu-samples", "8", "--mu-rollout-tokens", "128"],
         truth_grpo=["--steps", "40", "--mu-rollout-tokens", "128"],
-        truth_eval=["--problems", "64", "--n", "4", "--window", "128", "--max-tokens", "200"],
+        truth_eval=["--problems", "64", "--samples", "4", "--window", "128", "--max-tokens", "200"],
     ),
 }
 
