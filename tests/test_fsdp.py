@@ -127,3 +127,25 @@ def test_sampler_per_rank_under_torchrun(runs):
         assert s["fresh_gap"] < 1e-3           # and the trainer's weights after it
     # unseeded requests: ranks do not repeat each other's samples (engine seed + rank)
     assert ranks[0]["unseeded"] != ranks[1]["unseeded"]
+
+
+def test_rank0_reader_of_safetensors_and_of_bin_weights(toy_paths, tmp_path, capsys):
+    """utils._weights_of, rank 0's reader at load: rows of a safetensors file read when
+    indexed; a folder of .bin weights (no safetensors) is loaded whole instead, with a line
+    saying so. Both hand out the weights on disk."""
+    from transformers import AutoModelForCausalLM
+
+    disk = AutoModelForCausalLM.from_pretrained(toy_paths["base"], dtype=torch.float32)
+    names = [n for n, _ in utils._state_entries(disk)]
+    read = utils._weights_of(toy_paths["base"], names)
+    for n in names:
+        t = read(n)
+        assert isinstance(t, utils._DiskTensor)
+        assert torch.equal(t[1:3].float(), disk.state_dict()[n][1:3])
+    disk.save_pretrained(tmp_path / "bin")  # then the weights as a .bin file only
+    os.remove(tmp_path / "bin" / "model.safetensors")
+    torch.save(disk.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
+    read = utils._weights_of(str(tmp_path / "bin"), names)
+    assert "loads the model whole" in capsys.readouterr().out
+    for n in names:
+        assert torch.equal(read(n)[:], disk.state_dict()[n])
