@@ -623,7 +623,7 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
 
         lines += ["### Token efficiency at test time", "",
                   f"evaluate.py on the base and the RL runs above ({curves[0]['settings']['problems']} held-out problems, "
-                  f"N = {curves[0]['settings']['n']}); maj@k against generated tokens per problem, mean over seeds.", ""]
+                  f"N = {curves[0]['settings']['samples']}); maj@k against generated tokens per problem, mean over seeds.", ""]
         for mode in evaluate.MODES:
             mc = mean_curves(curves, mode)
             if mc:
