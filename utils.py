@@ -1144,7 +1144,7 @@ def _pieces(start: int, count: int, t) -> list[tuple[int, int]]:
 def _scatter_from_rank0(target, full) -> None:
     """Fill `target` (this rank's entry of a sharded state dict: a DTensor sharded on dim 0 by
     FSDP2, or a replicated plain tensor) from rank 0's `full` (None on the other ranks): a
-    tensor, or a safetensors slice that reads rows from disk when indexed. Rank 0 sends each
+    tensor, or a _DiskTensor that reads rows from disk when indexed. Rank 0 sends each
     rank its own rows, read and cast to the target's dtype a piece (_pieces) at a time; each
     rank receives into its shard. No rank holds a full copy of the tensor; rank 0 holds its
     shard plus one piece in flight."""
