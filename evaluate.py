@@ -68,6 +68,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+import sampling
 import toy
 import utils
 
@@ -352,8 +353,8 @@ def open_engine(path: str, records: list[dict], args: Args, ready=None):
     prompt_ids = [utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in records]
     cue = len(tok(CONTINUE_CUE, add_special_tokens=False)["input_ids"])
     need = max(map(len, prompt_ids)) + args.max_tokens + (args.window + cue if "linearized" in args.modes else 0)
-    max_len = args.max_model_len or utils.engine_length(path, need)
-    sampler = ready if ready is not None else utils.Sampler(
+    max_len = args.max_model_len or sampling.engine_length(path, need)
+    sampler = ready if ready is not None else sampling.Sampler(
         path, seed=args.seed, dtype=args.dtype, max_model_len=max_len, gpu_memory_utilization=args.gpu_memory_utilization)
     return sampler, prompt_ids, max_len
 

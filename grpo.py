@@ -10,7 +10,7 @@ One step of Alg. 2, on every rank, for P problems x of the training set:
   advantage  A_i = (R_i - mean_group) / (std_group + 1e-4)        (group_advantages)
   loss     token-level clipped ratio objective, k3 KL to the reference (grpo_loss)
   update   AdamW over micro-batches with gradient accumulation, FSDP2 across ranks
-  sync     the new weights go into the rank's vLLM engine in place (utils.Sampler.sync_weights)
+  sync     the new weights go into the rank's vLLM engine in place (sampling.Sampler.sync_weights)
 
 Variants (flags; a variant only sets defaults, explicit flags win):
   --variant mrt      backtrack format, alpha = 1: outcome + information-gain bonus (MRT-B)
@@ -52,7 +52,7 @@ Outputs in <out> (default runs/grpo/<variant>): z0.jsonl, metrics.jsonl (one lin
 toy problems also the restart precision against the ground truth, toy.restart_precision:
 restart_fixable, restart_at_first_wrong, z2_acc_z0_wrong; time_mu is mu's part of time_sample),
 samples.jsonl (one group of completions with their rewards per step), eval.json (held-out
-accuracy at the start and the end), checkpoint/ (sharded, utils.save_checkpoint), model/ with mrt.json.
+accuracy at the start and the end), checkpoint/ (sharded, training.save_checkpoint), model/ with mrt.json.
 
 Where this departs from the paper / the authors' code:
 - The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward
@@ -83,9 +83,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import sampling  # noqa: E402
 import toy  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
-from infogain import MU_MODES, MetaProver, backtrack_cue, information_gain, split_continuation  # noqa: E402
+from infogain import MU_MODES, MetaProver, backtrack_cue, information_gain, sample_z0, split_continuation  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Arguments, presets, variants
@@ -369,14 +371,6 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", e
 # --------------------------------------------------------------------------------------
 
 
-def pad_floats(seqs) -> torch.Tensor:
-    """(B, T) float tensor of right-padded (zero) sequences."""
-    out = torch.zeros(len(seqs), max(1, max(len(x) for x in seqs)))
-    for i, x in enumerate(seqs):
-        out[i, : len(x)] = torch.tensor(x, dtype=torch.float)
-    return out
-
-
 def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
     """The fewest leading sampled tokens whose decoded text covers the first n_chars
     characters (binary search over decoded prefixes of the ids)."""
@@ -433,16 +427,6 @@ def step_problems(train: list[dict], position: int, args: Args, rank: int) -> li
 @functools.lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.RandomState(utils.derive_seed(seed, "data order", epoch)).permutation(n)
-
-
-def sample_z0(sampler, problems: list[dict], args: Args, seed: int) -> dict[int, str]:
-    """One initial attempt per problem from the engine's current (base) weights; a backtrack
-    the model may already write is cut off, so z0 is the first attempt only."""
-    ids = [utils.encode(sampler.tokenizer, p["prompt"]) for p in problems]
-    outs = sampler.generate(ids, n=1, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, stop=["\n" + utils.BACKTRACK_MARKER],
-                            seed=seed, logprobs=False)
-    return {p["id"]: g[0].text.rstrip() for p, g in zip(problems, outs)}
 
 
 # --------------------------------------------------------------------------------------
@@ -525,10 +509,11 @@ def prepare_z0(sampler, train_used: list[dict], test: list[dict], path: str, arg
     if todo["train"] or todo["test"]:
         if reuse:
             raise utils.UserError(f"{path}: attempts missing for a resumed run (the base weights are gone)")
-        rank, world, t0 = utils.rank(), utils.world_size(), time.time()
+        t0 = time.time()
         for split, probs in todo.items():
-            for part in utils.all_gather(sample_z0(sampler, probs[rank::world], args, utils.derive_seed(args.seed, "z0", split, rank))):
-                z0s.update({(split, i): z for i, z in part.items()})
+            z0 = sample_z0(sampler, probs, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                           seed_parts=(args.seed, "z0", split))
+            z0s.update({(split, i): z for i, z in z0.items()})
         if utils.is_main():
             utils.write_jsonl(path, [{"split": s, "id": i, "z0": z} for (s, i), z in sorted(z0s.items())])
         utils.print0(f"sampled z0 for {len(todo['train'])} train and {len(todo['test'])} held-out problems "
@@ -561,13 +546,14 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
         for k in range(n_micro):
             mb, sl = rows[k * M:(k + 1) * M], slice(k * M, (k + 1) * M)
             ctx, comp = [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb]
-            logp, mask, ent = utils.completion_logprobs(model, ctx, comp, pad_id, args.temperature, with_entropy=it == 0)  # (M, T)
-            samp = pad_floats([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in mb]).to(logp.device)  # (M, T)
+            logp, mask, ent = training.completion_logprobs(model, ctx, comp, pad_id, args.temperature, with_entropy=it == 0)  # (M, T)
+            samp = training.pad_sequences([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in mb], 0,
+                                          dtype=torch.float)[0].to(logp.device)  # (M, T)
             if it == 0:
                 old_logp[k] = logp.detach()
                 if ref is not None:
                     with torch.no_grad():
-                        ref_logp[k] = utils.completion_logprobs(ref, ctx, comp, pad_id, args.temperature)[0]
+                        ref_logp[k] = training.completion_logprobs(ref, ctx, comp, pad_id, args.temperature)[0]
             if isinstance(advantages, Episode):
                 adv = assign_advantages(advantages.adv_z1[sl], advantages.adv_z2[sl], advantages.z1_tokens[sl],
                                         logp.shape[1])  # (M, T)
@@ -628,7 +614,7 @@ def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], g
 # --------------------------------------------------------------------------------------
 
 
-def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
+def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     """Train; returns the held-out accuracies {"start", "end"}. `sampler`: an engine already
     built on the starting model to reuse (tests); its weights are overwritten."""
     rank, world, device = utils.init_distributed()
@@ -659,12 +645,12 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
                      sleep_mode=args.sleep_mode)
     if not given_engine:
         need = engine_need(args, tok, longest, mu_in_engine=uses_mu and not args.mu_model)
-        max_len = utils.engine_length(model_path, need)
-        sampler = utils.Sampler(model_path, max_model_len=max_len, **engine_kw)
+        max_len = sampling.engine_length(model_path, need)
+        sampler = sampling.Sampler(model_path, max_model_len=max_len, **engine_kw)
         utils.print0(f"sampler: {sampler.backend}, max_model_len {max_len} (longest prompt {longest} tokens), "
                      f"gpu_memory_utilization {args.gpu_memory_utilization}, sleep mode {sampler.sleep_mode}")
-    model, ref = utils.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing,
-                                    reference=args.beta != 0.0)
+    model, ref = training.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing,
+                                       reference=args.beta != 0.0)
     model.train()
     if given_engine:  # it may hold other weights (and a prefix cache computed with them)
         sampler.sync_weights(model)
@@ -673,20 +659,20 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         mu = sampler
         if args.mu_model:
             need = engine_need(args, tok, longest, mu_in_engine=True)
-            mu = utils.Sampler(args.mu_model, max_model_len=utils.engine_length(args.mu_model, need),
-                               **dict(engine_kw, sleep_mode="off"))
+            mu = sampling.Sampler(args.mu_model, max_model_len=sampling.engine_length(args.mu_model, need),
+                                  **dict(engine_kw, sleep_mode="off"))
         meta_prover = MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens,
                                  mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps * args.num_iterations  # optimizer steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, utils.lr_lambda(int(args.warmup_ratio * total), total, args.lr_schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(int(args.warmup_ratio * total), total, args.lr_schedule))
 
     # -- resume ------------------------------------------------------------------------------
     P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world
     start, data_pos = 0, 0  # first step of this run, and its position in the data stream
     ckpt_path, eval_path = os.path.join(out, "checkpoint"), os.path.join(out, "eval.json")
     if args.resume:
-        extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
+        extra = training.load_checkpoint(ckpt_path, model, opt, sched)
         start, data_pos = extra["step"], extra["data_position"]
         sampler.sync_weights(model)  # the engine must sample from the restored weights
         utils.print0(f"resumed from {ckpt_path} at step {start}")
@@ -747,7 +733,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         # ---- loss and update (engine asleep with --sleep-mode), then sync: the engine samples
         # the next batch from the new weights
         t1 = time.time()
-        stats, grad_norm = utils.update_asleep(sampler, lambda: policy_update(
+        stats, grad_norm = sampling.update_asleep(sampler, lambda: policy_update(
             model, ref, opt, sched, rows, advantages, args, tok.pad_token_id), model)
         t_train = time.time() - t1
 
@@ -770,8 +756,8 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
                                         for i, r in enumerate(rows[:G])]})
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}", gap=f"{rec['logprob_gap']:.1e}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            utils.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, data_position=position(step + 1),
-                                  args=dataclasses.asdict(args))
+            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, data_position=position(step + 1),
+                                     args=dataclasses.asdict(args))
 
     # -- end: held-out accuracy, final model with its card --------------------------------------
     if test:
@@ -781,7 +767,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
         if utils.is_main():
             utils.write_json(eval_path, evals)
     model_dir = os.path.join(out, "model")
-    utils.save_pretrained(model, tok, model_dir)
+    training.save_pretrained(model, tok, model_dir)
     if utils.is_main():
         utils.write_json(os.path.join(model_dir, "mrt.json"), {"stage": "grpo", "variant": args.variant, "format": fmt,
                                                               "base": model_path, "args": dataclasses.asdict(args)})

@@ -74,6 +74,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+import sampling
 import toy
 import utils
 
@@ -137,6 +138,31 @@ def backtrack_cue(z0: str, marker: str = utils.BACKTRACK_MARKER) -> str:
     """The continuation context after the prompt in RL and STaR: z0, the marker and
     "Step", so the policy writes " k: ..." (the restart) and the revised attempt."""
     return z0 + "\n" + marker + "\nStep"
+
+
+def sample_attempts(sampler, prompts: list[str], n: int = 1, *, temperature: float, top_p: float = 1.0,
+                    max_tokens: int, seed) -> list[list]:
+    """n plain attempts per prompt (sampling.Sample lists), cut before the backtrack marker if
+    the model writes one: MRT-B's initial attempt z0 (n = 1, from the base), a warmstart's or
+    STaR's direct attempts."""
+    if not prompts:
+        return []
+    return sampler.generate([utils.encode(sampler.tokenizer, p) for p in prompts], n=n, temperature=temperature,
+                            top_p=top_p, max_tokens=max_tokens, stop=["\n" + utils.BACKTRACK_MARKER], seed=seed,
+                            logprobs=False)
+
+
+def sample_z0(sampler, problems: list[dict], *, temperature: float, top_p: float = 1.0, max_tokens: int,
+              seed_parts: tuple) -> dict[int, str]:
+    """{problem id: z0} for every problem (each with its "prompt"): one attempt from the
+    engine's current weights (the base's, in Alg. 1 and 2), in shares over the ranks (rank r's
+    share seeded utils.derive_seed(*seed_parts, r)), gathered on every rank."""
+    rank, world = utils.rank(), utils.world_size()
+    mine = problems[rank::world]
+    outs = sample_attempts(sampler, [p["prompt"] for p in mine], temperature=temperature, top_p=top_p,
+                           max_tokens=max_tokens, seed=utils.derive_seed(*seed_parts, rank))
+    z0s = {p["id"]: g[0].text.rstrip() for p, g in zip(mine, outs)}
+    return {i: z for part in utils.all_gather(z0s) for i, z in part.items()}
 
 
 def episode_contexts(prompt: str, ep: Episodes) -> list[str]:
@@ -203,13 +229,13 @@ class MetaProver:
              same LLM", "another LLM told to estimate the answer"); this mode is our choice for
              small models that cannot answer without writing the steps.
 
-    `sampler` is the policy's own utils.Sampler (mu = the current policy, so it follows
+    `sampler` is the policy's own sampling.Sampler (mu = the current policy, so it follows
     weight syncs) or one built on another model. With suffix "" the forced mode completes
     the solution from the context too (warmstart's value estimate), but grades only the
     completion. In both modes the m samples of one context come from one request with n=m
     (its prefill is shared). `seconds` accumulates the time spent in mu's calls."""
 
-    def __init__(self, sampler: utils.Sampler, suffix: str = utils.MU_SUFFIX, m: int = 8,
+    def __init__(self, sampler: sampling.Sampler, suffix: str = utils.MU_SUFFIX, m: int = 8,
                  temperature: float = 1.0, max_tokens: int = 16, top_p: float = 1.0,
                  mode: str = "forced", rollout_tokens: int = 128):
         if mode not in MU_MODES:
@@ -327,7 +353,7 @@ def engine_need(path: str, args: Args, problems: list[dict] | None, rows: list[d
     context of the given traces `rows` (prompt + z0 + z1 + z2 + mu's suffix), and when traces
     are sampled from `problems`, the longest prompt + z0 + cue + continuation (each at most
     --max-tokens) + suffix; plus mu's tokens (--mu-max-tokens, or --mu-rollout-tokens) and 16
-    (text re-encoded may take a few more tokens than were sampled). utils.engine_length turns
+    (text re-encoded may take a few more tokens than were sampled). sampling.engine_length turns
     it into the engine's max_model_len."""
     tok = utils.load_tokenizer(path)
     suffix = len(utils.encode(tok, args.mu_suffix))
@@ -340,13 +366,13 @@ def engine_need(path: str, args: Args, problems: list[dict] | None, rows: list[d
     return need + (args.mu_rollout_tokens if args.mu_mode == "rollout" else args.mu_max_tokens) + 16
 
 
-def make_sampler(path: str, **kwargs) -> utils.Sampler:
-    """utils.Sampler, also as the second engine of a plain (non-torchrun) process: the first
+def make_sampler(path: str, **kwargs) -> sampling.Sampler:
+    """sampling.Sampler, also as the second engine of a plain (non-torchrun) process: the first
     vLLM engine leaves its own one-process group behind, which makes utils pick the
     "external_launcher" executor (it needs torchrun's RANK); such an engine gets "uni"."""
     if "RANK" not in os.environ and utils.is_distributed():
         kwargs.setdefault("distributed_executor_backend", "uni")
-    return utils.Sampler(path, **kwargs)
+    return sampling.Sampler(path, **kwargs)
 
 
 def resolve_models(args: Args) -> dict[str, str]:
@@ -389,7 +415,7 @@ def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
     return rows, skipped
 
 
-def sample_traces(sampler: utils.Sampler, records: list[dict], args: Args) -> tuple[list[dict], int]:
+def sample_traces(sampler: sampling.Sampler, records: list[dict], args: Args) -> tuple[list[dict], int]:
     """Backtrack traces from a model: one attempt z0 per problem (kept if it finished with a
     box), then `continuations` samples from prompt + z0 + "\\n" + marker + "\\nStep" (the
     RL/STaR context). Continuations that do not name a restart step are skipped (a model
@@ -583,7 +609,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     def new_sampler(path):  # an engine sized from this run's lengths (--max-model-len overrides)
         if path in samplers:
             return samplers[path]
-        max_len = args.max_model_len or utils.engine_length(path, engine_need(path, args, problems, given))
+        max_len = args.max_model_len or sampling.engine_length(path, engine_need(path, args, problems, given))
         return make_sampler(path, seed=args.seed, dtype=args.dtype, max_model_len=max_len)
 
     shared_mu = new_sampler(args.mu_model) if args.mu_model else None

@@ -63,7 +63,7 @@ Decisions and departures from the paper (which publishes no code for this study)
   prefix + p x (mean answer tokens of the p_max answers at that prefix). The baseline is at
   k x (mean generated tokens of the direct samples).
 - The p_max answers of one prefix come from one request with n = p_max, so the prefix is
-  prefilled once (prefix caching is on in utils.Sampler); the G contexts of a trace share
+  prefilled once (prefix caching is on in sampling.Sampler); the G contexts of a trace share
   their KV blocks up to the prefix of the shorter one.
 - Bins: --bins are lower edges in episodes (1 6 11: 1-5, 6-10, 11+); empty: one bin per group
   count when there are at most 6 of them, else 4 equal ranges of group counts. Within a bin
@@ -103,6 +103,7 @@ import numpy as np
 
 import evaluate
 import infogain
+import sampling
 import toy
 import utils
 
@@ -484,14 +485,14 @@ class Engines:
     def __init__(self, args: Args, ready: dict | None = None, needs: dict | None = None):
         self.args, self.ready, self.owned, self.needs = args, dict(ready or {}), {}, dict(needs or {})
 
-    def get(self, path: str) -> utils.Sampler:
+    def get(self, path: str) -> sampling.Sampler:
         if path in self.ready:
             return self.ready[path]
         if path not in self.owned:
             if not utils.is_distributed():
                 self.close()
             had_group = evaluate.group_exists()
-            max_len = self.args.max_model_len or utils.engine_length(path, self.needs[path])
+            max_len = self.args.max_model_len or sampling.engine_length(path, self.needs[path])
             s = infogain.make_sampler(path, seed=self.args.seed, dtype=self.args.dtype, max_model_len=max_len,
                                       gpu_memory_utilization=self.args.gpu_memory_utilization)
             self.owned[path] = (s, had_group)
@@ -511,7 +512,7 @@ def engine_needs(args: Args, problems: list[dict] | None, split: list[dict] | No
     --window + the cue); the meta-prover, its longest context + --mu-max-tokens, measured on
     given traces (`split`), else bounded by its prompt + --rounds x (--max-tokens + cue + 2);
     the direct baseline, the longest prompt + --direct-max-tokens; each + 16 (re-encoded text
-    may take a few more tokens). utils.engine_length turns it into the engine's max_model_len."""
+    may take a few more tokens). sampling.engine_length turns it into the engine's max_model_len."""
     needs, items = {}, problems if problems is not None else split
 
     def add(path: str, n: int) -> None:

@@ -18,7 +18,7 @@ One iteration k = 1..K of Alg. 1 (--method mrt), for every training problem q:
   SFT      fine-tune the BASE model on the examples kept in ALL iterations so far (STaR starts
            every iteration from the base), loss on the continuation z_{1:2} only (z0 is in the
            prompt; --z0-loss trains on it too), with warmstart.sft (the shared SFT loop).
-  sync     the fine-tuned weights go into the engine in place (utils.Sampler.sync_weights):
+  sync     the fine-tuned weights go into the engine in place (sampling.Sampler.sync_weights):
            the next iteration samples continuations, and mu answers, from the new model.
 
 Baselines (--method):
@@ -94,9 +94,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
+import sampling  # noqa: E402
 import utils  # noqa: E402
 import warmstart  # noqa: E402
-from infogain import MU_MODES, MetaProver, backtrack_cue, information_gain, make_sampler, split_continuation  # noqa: E402
+from infogain import (MU_MODES, MetaProver, backtrack_cue, information_gain, make_sampler, sample_attempts,  # noqa: E402
+                      sample_z0, split_continuation)
 
 METHODS = {"mrt": "backtrack", "star": "direct", "rise": "backtrack"}  # method -> model format
 
@@ -276,26 +278,6 @@ def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold
 # --------------------------------------------------------------------------------------
 
 
-def sample_attempts(sampler: utils.Sampler, prompts: list[str], args: Args, seed: int, n: int = 1) -> list[list]:
-    """n plain attempts per prompt (utils.Sample lists), cut at the backtrack marker: the
-    attempt z0 (n = 1, from the base) or STaR's direct attempts."""
-    if not prompts:
-        return []
-    return sampler.generate([utils.encode(sampler.tokenizer, p) for p in prompts], n=n, temperature=args.temperature,
-                            top_p=args.top_p, max_tokens=args.max_tokens, stop=["\n" + utils.BACKTRACK_MARKER],
-                            seed=seed, logprobs=False)
-
-
-def sample_z0(sampler: utils.Sampler, problems: list[dict], args: Args, split: str) -> dict[int, str]:
-    """{problem id: z0} for every problem: one attempt from the engine's current (base) weights,
-    in shares over the ranks (one generate call per rank), gathered on all ranks."""
-    rank, world = utils.rank(), utils.world_size()
-    mine = problems[rank::world]
-    outs = sample_attempts(sampler, [p["prompt"] for p in mine], args, utils.derive_seed(args.seed, "z0", split, rank))
-    z0s = {p["id"]: g[0].text.rstrip() for p, g in zip(mine, outs)}
-    return {i: z for part in utils.all_gather(z0s) for i, z in part.items()}
-
-
 def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dict, args: Args, seed: int) -> list[dict]:
     """One record per problem: its G samples (text, parsed, correct, r_i), r0 and the kept
     index (None if none), and the kept example."""
@@ -303,7 +285,8 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
         return []
     tok, G = sampler.tokenizer, args.group_size
     if args.method == "star":
-        outs = sample_attempts(sampler, [p["prompt"] for p in problems], args, seed, n=G)
+        outs = sample_attempts(sampler, [p["prompt"] for p in problems], G, temperature=args.temperature, top_p=args.top_p,
+                               max_tokens=args.max_tokens, seed=seed)
         records = []
         for p, group in zip(problems, outs):
             correct = [s.finish_reason == "stop" and utils.grade(s.text, p["answer"]) == 1.0 for s in group]
@@ -373,7 +356,8 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
     rank, world = utils.rank(), utils.world_size()
     mine, scores = problems[rank::world], []
     if mine and args.method == "star":
-        outs = sample_attempts(sampler, [p["prompt"] for p in mine], args, utils.derive_seed(seed, rank), n=args.eval_samples)
+        outs = sample_attempts(sampler, [p["prompt"] for p in mine], args.eval_samples, temperature=args.temperature,
+                               top_p=args.top_p, max_tokens=args.max_tokens, seed=utils.derive_seed(seed, rank))
         scores = [utils.grade(s.text, p["answer"]) for p, g in zip(mine, outs) for s in g]
     elif mine:
         cues = [continuation_cue(args.method, z0s[p["id"]]) for p in mine]
@@ -435,7 +419,7 @@ def context_length(path: str, args: Args) -> int:
 # --------------------------------------------------------------------------------------
 
 
-def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
+def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     """Run the iterations; returns the summary. `sampler`: a ready engine on a model of the
     same architecture (tests); the base weights are synced into it first, and it is left
     holding the last fine-tuned model."""
@@ -471,15 +455,16 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
     t0 = time.time()
     longest = max(p["prompt_tokens"] for p in train + test)
     engine_kw = dict(seed=args.seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-                     max_model_len=args.max_model_len or utils.engine_length(base_path, longest + budget))
+                     max_model_len=args.max_model_len or sampling.engine_length(base_path, longest + budget))
     if sampler is None:
-        sampler = utils.Sampler(base_path, sleep_mode=args.sleep_mode, **engine_kw)
+        sampler = sampling.Sampler(base_path, sleep_mode=args.sleep_mode, **engine_kw)
     else:  # it may hold other weights: z0 must come from the base
         sampler.sync_weights(utils.load_model(base_path, args.dtype))
     train_z0, test_z0 = {}, {}
     if fmt == "backtrack":
-        train_z0 = sample_z0(sampler, train, args, "train")
-        test_z0 = sample_z0(sampler, test, args, "test")
+        z0_kw = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+        train_z0 = sample_z0(sampler, train, **z0_kw, seed_parts=(args.seed, "z0", "train"))
+        test_z0 = sample_z0(sampler, test, **z0_kw, seed_parts=(args.seed, "z0", "test"))
         if utils.is_main():
             utils.write_jsonl(os.path.join(out, "z0.jsonl"),
                               [{"split": s, "id": p["id"], "problem": p["problem"], "answer": p["answer"], "z0": z[p["id"]]}
@@ -527,7 +512,7 @@ def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
                     "start": model_path, "iteration": k, "examples": len(accumulated), "args": dataclasses.asdict(args)}
             ckpt = os.path.join(out, f".sft_iter{k}")
             # the engine sleeps through the SFT (--sleep-mode); the next iteration (and mu) sample from the new model
-            utils.update_asleep(sampler, lambda: warmstart.sft(
+            sampling.update_asleep(sampler, lambda: warmstart.sft(
                 base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
                 dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
                 log_path=log_path, ckpt_path=ckpt, card=card, log_extra={"method": args.method, "iteration": k}))

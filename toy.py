@@ -61,6 +61,7 @@ import re
 import time
 from dataclasses import dataclass
 
+import sampling
 import utils
 
 DEFAULT_DIR = "runs/toy"
@@ -547,7 +548,7 @@ def evaluate_base(model_dir: str, test_path: str, n: int, seed: int) -> dict:
     import numpy as np
 
     records = utils.read_records(test_path, ["problem", "answer"])
-    sampler = utils.Sampler(model_dir, seed=seed, enforce_eager=True, max_num_seqs=min(2048, max(1, len(records) * n)))
+    sampler = sampling.Sampler(model_dir, seed=seed, enforce_eager=True, max_num_seqs=min(2048, max(1, len(records) * n)))
     prompts = [utils.build_prompt(sampler.tokenizer, r["problem"]) for r in records]
     outs = sampler.generate(prompts, n=n, temperature=1.0, max_tokens=160, seed=seed)
     correct = np.array([[utils.grade(s.text, r["answer"]) for s in group] for group, r in zip(outs, records)])

@@ -92,8 +92,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import sampling  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
-from infogain import MetaProver, restart_prefix, split_continuation  # noqa: E402
+from infogain import MetaProver, restart_prefix, sample_attempts, split_continuation  # noqa: E402
 
 SCHEMES = {"backtrack": "backtrack", "rise": "backtrack", "rejection": "direct"}  # scheme -> model format
 
@@ -257,7 +259,7 @@ class Node:
     """kept in the beam at its depth"""
 
 
-def beam_search(sampler: utils.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int) -> list[list[Node]]:
+def beam_search(sampler: sampling.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int) -> list[list[Node]]:
     """One tree per problem, searched together: per depth, one generate call expands every kept
     node of every problem and one meta-prover call values every new non-terminal child."""
     tok, delim = sampler.tokenizer, args.step_delimiter
@@ -307,12 +309,10 @@ def beam_search(sampler: utils.Sampler, prompts: list[str], golds: list[str], ar
     return trees
 
 
-def sample_attempts(sampler: utils.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int) -> list[list[dict]]:
-    """Plain attempts per problem (cut at a backtrack marker if the model writes one)."""
-    if not prompts:
-        return []
-    outs = sampler.generate([utils.encode(sampler.tokenizer, p) for p in prompts], n=args.attempts, temperature=args.temperature,
-                            max_tokens=args.max_tokens, stop=["\n" + utils.BACKTRACK_MARKER], seed=seed, logprobs=False)
+def graded_attempts(sampler: sampling.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int) -> list[list[dict]]:
+    """--attempts plain attempts per problem (infogain.sample_attempts), graded."""
+    outs = sample_attempts(sampler, prompts, args.attempts, temperature=args.temperature, max_tokens=args.max_tokens,
+                           seed=seed)
     return [[{"text": s.text.rstrip(), "correct": utils.grade(s.text, g) == 1.0,
               "complete": s.finish_reason == "stop" and utils.extract_boxed(s.text) is not None} for s in group]
             for group, g in zip(outs, golds)]
@@ -414,7 +414,7 @@ def sft_batch(examples: list[tuple[list[int], int]], pad_id: int):
     """(B, T) ids, (B, T) attention mask and (B, T-1) loss mask over next-token targets: target
     t+1 carries loss iff it is a completion token, i.e. prompt_len <= t+1 < len. Built from the
     lengths, never from pad ids (pad may equal EOS, and EOS is a completion token)."""
-    ids, attn = utils.pad_sequences([s for s, _ in examples], pad_id)  # (B, T)
+    ids, attn = training.pad_sequences([s for s, _ in examples], pad_id)  # (B, T)
     pos = torch.arange(1, ids.shape[1])[None, :]  # (1, T-1) index of each target
     plen = torch.tensor([p for _, p in examples])[:, None]  # (B, 1)
     slen = torch.tensor([len(s) for s, _ in examples])[:, None]  # (B, 1)
@@ -426,10 +426,10 @@ def completion_nll_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: t
                        inplace: bool = False) -> torch.Tensor:
     """Sum of -log p(target) over masked positions: logits (B, T_logits, V) with T_logits >=
     T - 1 (the position t predicts targets[:, t]; later positions are ignored), targets and
-    loss_mask (B, T-1). Computed by utils.sampled_logprobs in chunks (no fp32 (B, T, V)
+    loss_mask (B, T-1). Computed by training.sampled_logprobs in chunks (no fp32 (B, T, V)
     log-softmax at a 128k vocabulary); inplace=True lets the backward pass write the gradient
     into the logits (for model outputs nobody reads afterwards)."""
-    return -(utils.sampled_logprobs(logits, targets, inplace=inplace) * loss_mask).sum()
+    return -(training.sampled_logprobs(logits, targets, inplace=inplace) * loss_mask).sum()
 
 
 def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: str, log_path: str, ckpt_path: str,
@@ -452,16 +452,16 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
     if not data:
         raise utils.UserError("sft: no training example (every prompt is longer than --max-length, or none was built)")
     utils.seed_everything(args.seed)
-    model, _ = utils.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing)
+    model, _ = training.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing)
     model.train()
     B, M = args.batch_size, args.micro_batch_size
     per_rank, steps_per_epoch = B // world, math.ceil(len(data) / B)
     total = steps_per_epoch * args.epochs
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, utils.lr_lambda(int(args.warmup_ratio * total), total))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(int(args.warmup_ratio * total), total))
     start, tokens_seen = 0, 0
-    if resume and utils.has_checkpoint(ckpt_path):
-        extra = utils.load_checkpoint(ckpt_path, model, opt, sched)
+    if resume and training.has_checkpoint(ckpt_path):
+        extra = training.load_checkpoint(ckpt_path, model, opt, sched)
         start, tokens_seen = extra["step"], extra["tokens"]
         utils.print0(f"sft: resumed {ckpt_path} at step {start}/{total}")
     logger = utils.JsonlLogger(log_path, resume_step=start if resume else None, report_to=report_to,
@@ -499,9 +499,9 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
         logger.log(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total:
-            utils.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, tokens=tokens_seen)
+            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, tokens=tokens_seen)
     model.eval()
-    utils.save_pretrained(model, tok, model_dir)
+    training.save_pretrained(model, tok, model_dir)
     if utils.is_main():
         utils.write_json(os.path.join(model_dir, "mrt.json"), card)
     utils.barrier()
@@ -580,8 +580,8 @@ def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler
     tok = sampler.tokenizer if sampler is not None else utils.load_tokenizer(model_path)
     if sampler is None:
         longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
-        sampler = utils.Sampler(model_path, seed=seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-                                max_model_len=utils.engine_length(model_path, search_need(args, longest)))
+        sampler = sampling.Sampler(model_path, seed=seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
+                                   max_model_len=sampling.engine_length(model_path, search_need(args, longest)))
     mine = problems[rank::world]
     n_batches = math.ceil(len(problems) / (world * args.search_batch))  # the same on every rank
     records = []
@@ -591,7 +591,7 @@ def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler
         golds = [p["answer"] for p in chunk]
         s = utils.derive_seed(seed, "search", b * world + rank)
         trees = beam_search(sampler, prompts, golds, args, s)
-        attempts = sample_attempts(sampler, prompts, golds, args, utils.derive_seed(s, "attempts"))
+        attempts = graded_attempts(sampler, prompts, golds, args, utils.derive_seed(s, "attempts"))
         records += [{**p, "prompt": pr, "nodes": [dataclasses.asdict(n) for n in t], "attempts": a}
                     for p, pr, t, a in zip(chunk, prompts, trees, attempts)]
     merged = [r for part in utils.all_gather(records) for r in part]
@@ -610,7 +610,7 @@ def search_summary(records: list[dict]) -> dict:
             "root_value_mean": float(np.mean([r["nodes"][0]["value"] for r in records]))}
 
 
-def main(args: Args, sampler: utils.Sampler | None = None) -> dict:
+def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     """Search, build traces, fine-tune; returns the summary. `sampler`: a ready engine on the
     model (tests); it is left holding the original weights."""
     if args.plot:

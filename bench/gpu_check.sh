@@ -5,7 +5,7 @@
 # commands, tiny sizes) is what was run here. Expect to fix small things on the first GPU run.
 #
 # What it does (sized to finish within 10 minutes on one GPU: an estimate, never measured; no
-# vLLM there: utils.Sampler falls back to transformers.generate, forced with MRT_SAMPLER=hf so it
+# vLLM there: sampling.Sampler falls back to transformers.generate, forced with MRT_SAMPLER=hf so it
 # is the same where vLLM is installed):
 #   1. a toy base: runs/toy/base if built, else a tiny one (toy.py --preset tiny)
 #   2. the realistic-shape model (tests/realistic.py: Llama-3 vocabulary 128,256, 1,048,576

@@ -1,17 +1,17 @@
 """bench/memory.py: peak host memory of each training phase per rank, and of the log-probs.
 
 Part 1 runs `torchrun --nproc_per_node N` (gloo, CPU) on a model and, on every rank, these
-phases one after the other, with utils' own functions:
-  load      utils.load_trainer (every rank builds the model on the meta device; rank 0 reads
+phases one after the other, with training.py's own functions:
+  load      training.load_trainer (every rank builds the model on the meta device; rank 0 reads
             the weights one tensor at a time and scatters it, each rank receiving its shard)
-  step      one AdamW step: utils.completion_logprobs on a small batch, backward, clip, step
+  step      one AdamW step: training.completion_logprobs on a small batch, backward, clip, step
             (the optimizer's state comes into being here)
-  save      utils.save_checkpoint (sharded, torch.distributed.checkpoint)
-  resume    utils.load_checkpoint into the same model and optimizer
-  export    utils.save_pretrained (gathered to rank 0 only, one tensor at a time, written in the
+  save      training.save_checkpoint (sharded, torch.distributed.checkpoint)
+  resume    training.load_checkpoint into the same model and optimizer
+  export    training.save_pretrained (gathered to rank 0 only, one tensor at a time, written in the
             config's dtype in files of --export-share of the checkpoint, as an 8B model's are)
 Load and export move tensors between ranks in pieces of --piece-share of the model, the share
-utils.MOVE_CHUNK_BYTES is of an 8B model (on a 67 MiB model the 16 MiB default would be a
+training.MOVE_CHUNK_BYTES is of an 8B model (on a 67 MiB model the 16 MiB default would be a
 quarter of it).
 For each phase and rank it prints the peak resident memory above the resident memory at the
 start of the phase, as a multiple of the model's full state (fp32 parameter bytes, tied
@@ -19,8 +19,8 @@ weights once). A rank that held a full copy of the model in a phase shows >= 1.0
 
 Part 2 measures the log-prob computation at the model's vocabulary (128,256 for Llama-3) on a
 (B, T) batch of completion tokens: the formula training used before (fp32 log_softmax over the
-vocabulary, entropy from it) against utils.completion_logprobs' computation
-(utils.sampled_logprobs, in place, + utils.token_entropy), each in a fresh subprocess: logits
+vocabulary, entropy from it) against training.completion_logprobs' computation
+(training.sampled_logprobs, in place, + training.token_entropy), each in a fresh subprocess: logits
 from an output head (hidden size 64, so the head itself is small), log-probs, entropy and the
 backward pass into the head. It prints each peak (logits included) and the ratio.
 
@@ -91,6 +91,7 @@ def worker(model_path: str, out: str, dtype: str, batch: int, tokens: int, expor
 
     import torch
 
+    import training
     import utils
 
     rank, world, device = utils.init_distributed()
@@ -111,12 +112,12 @@ def worker(model_path: str, out: str, dtype: str, batch: int, tokens: int, expor
         result[name] = rss()[1] - before
 
     def load():
-        objs["model"], _ = utils.load_trainer(model_path, dtype, device)
+        objs["model"], _ = training.load_trainer(model_path, dtype, device)
         objs["opt"] = torch.optim.AdamW(objs["model"].parameters(), lr=1e-6)
 
     def step():
         model, opt = objs["model"], objs["opt"]
-        lp, mask, _ = utils.completion_logprobs(model, ctx, comp, tok.pad_token_id)  # (B, T)
+        lp, mask, _ = training.completion_logprobs(model, ctx, comp, tok.pad_token_id)  # (B, T)
         (-(lp * mask).sum() / mask.sum()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -126,18 +127,18 @@ def worker(model_path: str, out: str, dtype: str, batch: int, tokens: int, expor
 
     with torch.device("meta"):  # the model's size, for the piece size of load and export
         meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_path))
-    utils.MOVE_CHUNK_BYTES = max(1024, int(piece_share * sum(p.numel() * 4 for p in meta.parameters())))
+    training.MOVE_CHUNK_BYTES = max(1024, int(piece_share * sum(p.numel() * 4 for p in meta.parameters())))
     del meta
     ckpt = os.path.join(out, "checkpoint")
     phase("load", load)
     phase("step", step)
-    phase("save", lambda: utils.save_checkpoint(ckpt, objs["model"], objs["opt"], step=1))
-    phase("resume", lambda: utils.load_checkpoint(ckpt, objs["model"], objs["opt"]))
+    phase("save", lambda: training.save_checkpoint(ckpt, objs["model"], objs["opt"], step=1))
+    phase("resume", lambda: training.load_checkpoint(ckpt, objs["model"], objs["opt"]))
     model = objs["model"]
     saved_bytes = sum(t.numel() * (model.save_dtype.itemsize if t.is_floating_point() else t.element_size())
-                      for _, t in utils._state_entries(model))
+                      for _, t in training._state_entries(model))
     shard_bytes = max(1, int(export_share * saved_bytes))
-    phase("export", lambda: utils.save_pretrained(model, tok, os.path.join(out, "export"), shard_bytes=shard_bytes))
+    phase("export", lambda: training.save_pretrained(model, tok, os.path.join(out, "export"), shard_bytes=shard_bytes))
     seen, full_bytes, largest = set(), 0, 0
     for p in model.parameters():  # unique parameters (tied weights once), full (unsharded) sizes
         if id(p) not in seen:
@@ -145,7 +146,7 @@ def worker(model_path: str, out: str, dtype: str, batch: int, tokens: int, expor
             full_bytes += p.numel() * 4
             largest = max(largest, p.numel() * 4)
     result.update(rank=rank, world=world, full_bytes=full_bytes, largest=largest, rss_end=rss()[0],
-                  saved_bytes=saved_bytes, shard_bytes=shard_bytes, piece_bytes=utils.MOVE_CHUNK_BYTES)
+                  saved_bytes=saved_bytes, shard_bytes=shard_bytes, piece_bytes=training.MOVE_CHUNK_BYTES)
     utils.write_json(os.path.join(out, f"rank{rank}.json"), result)
     utils.barrier()
 
@@ -160,7 +161,7 @@ def logprob_worker(variant: str, batch: int, tokens: int, vocab: int, dtype: str
     log-probs of the sampled tokens, entropy, backward into the head and the hidden states."""
     import torch
 
-    import utils
+    import training
 
     torch.set_num_threads(1)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
@@ -177,9 +178,9 @@ def logprob_worker(variant: str, batch: int, tokens: int, vocab: int, dtype: str
         logp = logp_all.gather(-1, targets[:, :, None]).squeeze(-1)  # (B, T)
         with torch.no_grad():
             entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, T)
-    else:  # utils.completion_logprobs' computation
-        logp = utils.sampled_logprobs(logits, targets, temperature, inplace=True)  # (B, T)
-        entropy = utils.token_entropy(logits.detach(), tokens, temperature)  # (B, T)
+    else:  # training.completion_logprobs' computation
+        logp = training.sampled_logprobs(logits, targets, temperature, inplace=True)  # (B, T)
+        entropy = training.token_entropy(logits.detach(), tokens, temperature)  # (B, T)
     logits_bytes = logits.numel() * logits.element_size()
     del logits
     (logp * w).sum().backward()
@@ -215,10 +216,10 @@ def main() -> None:
     ap.add_argument("--parts", default="phases,logprobs", help="what to run: phases, logprobs or both")
     ap.add_argument("--export-share", type=float, default=0.31,
                     help="export's file size as a share of the saved checkpoint (default 0.31: an 8B model's "
-                         "16 GB bf16 checkpoint in utils.EXPORT_SHARD_BYTES = 5 GiB files)")
+                         "16 GB bf16 checkpoint in training.EXPORT_SHARD_BYTES = 5 GiB files)")
     ap.add_argument("--piece-share", type=float, default=0.0005,
                     help="size of the pieces load and export move between ranks, as a share of the full fp32 state "
-                         "(default 0.0005: utils.MOVE_CHUNK_BYTES = 16 MiB of an 8B model's 32 GB)")
+                         "(default 0.0005: training.MOVE_CHUNK_BYTES = 16 MiB of an 8B model's 32 GB)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--vocab", type=int, default=0, help=argparse.SUPPRESS)

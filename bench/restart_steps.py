@@ -2,7 +2,7 @@
 
 grpo.py's held-out accuracy is one number; this splits it by the step the continuation
 restarts at (the k of "Step k:" after the cue). It uses grpo.py's own pieces: z0 from the
-model (cut at the marker, `grpo.sample_z0`), then continuations after the backtrack cue
+model (cut at the marker, `infogain.sample_z0`), then continuations after the backtrack cue
 (`grpo.rollout`, outcome = grade of z2). Comparing models side by side (a warmstart start, an
 RL end point, bench/rl_headroom.py's oracle start) shows which restarts a model prefers and
 which ones pay, e.g. whether RL has moved the restarts to "Step 1" (a fresh second attempt).
@@ -108,6 +108,8 @@ def main():
     a = p.parse_args()
 
     import grpo
+    import infogain
+    import sampling
     import toy
     import utils
 
@@ -117,10 +119,11 @@ def main():
         if not os.path.isdir(model):
             raise SystemExit(f"restart_steps: no such model folder: {model}")
         args = grpo.resolve_args(grpo.Args(preset="toy", model=model, variant="outcome", group_size=a.samples), 1)
-        sampler = utils.Sampler(model, seed=a.seed)
+        sampler = sampling.Sampler(model, seed=a.seed)
         problems = utils.load_problems(data, limit=a.problems, tokenizer=sampler.tokenizer,
                                        max_prompt_tokens=args.max_prompt_length)
-        z0s = grpo.sample_z0(sampler, problems, args, utils.derive_seed(a.seed, "z0", "test", 0))  # as grpo.py, one rank
+        z0s = infogain.sample_z0(sampler, problems, temperature=args.temperature, top_p=args.top_p,
+                                 max_tokens=args.max_tokens, seed_parts=(a.seed, "z0", "test"))  # as grpo.py
         z0_correct = {p["id"]: utils.grade(z0s[p["id"]], p["answer"]) for p in problems}
         rows = grpo.rollout(sampler, problems, z0s, args, utils.derive_seed(a.seed, "rollout"))
         report[model] = {"z0_acc": round(sum(z0_correct.values()) / len(problems), 4), **by_restart_step(rows, z0_correct)}

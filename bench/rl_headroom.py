@@ -66,7 +66,9 @@ def build_oracle(a) -> str:
     """SFT the toy base on oracle traces; returns the model folder (reused if present)."""
     import torch
 
+    import sampling
     import toy
+    import training
     import utils
 
     out = os.path.join(a.work, "oracle-model")
@@ -76,7 +78,7 @@ def build_oracle(a) -> str:
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
     train = toy.make_splits(toy.Args().seed, toy.Args().n_train, toy.Args().n_test)[0][: a.traces]
-    sampler = utils.Sampler(paths["base"], seed=a.seed)
+    sampler = sampling.Sampler(paths["base"], seed=a.seed)
     tok = sampler.tokenizer
     prompts = [utils.build_prompt(tok, p["problem"]) for p in train]
     attempts = [g[0].text for g in sampler.generate(prompts, n=1, temperature=1.0, max_tokens=160, seed=a.seed)]
@@ -95,8 +97,8 @@ def build_oracle(a) -> str:
                 y = tok(comp, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
                 seqs.append(c + y)
                 masks.append([0] * len(c) + [1] * len(y))
-            ids, attn = utils.pad_sequences(seqs, tok.pad_token_id)  # (B, T)
-            loss_mask = utils.pad_sequences(masks, 0)[0][:, 1:].float()  # (B, T-1)
+            ids, attn = training.pad_sequences(seqs, tok.pad_token_id)  # (B, T)
+            loss_mask = training.pad_sequences(masks, 0)[0][:, 1:].float()  # (B, T-1)
             logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
                                                     reduction="none").view_as(loss_mask)

@@ -1,4 +1,4 @@
-"""bench/sampling_throughput.py: generated tokens per second through `utils.Sampler` with the
+"""bench/sampling_throughput.py: generated tokens per second through `sampling.Sampler` with the
 vLLM backend against its `transformers.generate` fallback (backend="hf"), same model, same
 prompts, same n, temperature and max_tokens, measured side by side in one run.
 
@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import sampling  # noqa: E402
 import utils  # noqa: E402
 
 
@@ -51,7 +52,7 @@ def measure(backend: str, prompts: list[str], args: Args, threads: int) -> dict:
     import torch
 
     torch.set_num_threads(threads)  # the process default (a vLLM Sampler sets 1 on CPU for itself)
-    sampler = utils.Sampler(args.model, backend=backend, seed=0)
+    sampler = sampling.Sampler(args.model, backend=backend, seed=0)
     threads = torch.get_num_threads()
     sampler.generate(prompts[:2], n=2, temperature=args.temperature, max_tokens=16, seed=1)  # warm-up
     tokens, lengths, seconds = 0, [], 0.0

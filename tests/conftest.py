@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.environ.setdefault("MRT_VLLM_EAGER", "1")  # engine start ~10 s instead of ~20 s
 
+import sampling  # noqa: E402
 import toy  # noqa: E402
-import utils  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -45,7 +45,7 @@ def toy_sampler(toy_paths):
     weights must sync the base weights back before they return. Tests never build a second
     in-process engine: vLLM 0.32 tears down its process-wide parallel state when any engine
     shuts down (EngineCore.shutdown), which breaks every other engine in the process."""
-    return utils.Sampler(toy_paths["base"], seed=0, block_size=ENGINE_BLOCK)
+    return sampling.Sampler(toy_paths["base"], seed=0, block_size=ENGINE_BLOCK)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -4,11 +4,11 @@ for tests/test_fsdp.py, which runs it both ways and compares what it saves.
     python tests/fsdp_step.py --base /work/toy-dev/base --out /tmp/one
     torchrun --standalone --nproc_per_node 2 tests/fsdp_step.py --base /work/toy-dev/base --out /tmp/two --sample
 
-Rank 0 saves to --out/result.pt: the weights as loaded (utils.load_trainer, with its frozen
+Rank 0 saves to --out/result.pt: the weights as loaded (training.load_trainer, with its frozen
 reference copy) and whether the embeddings are still tied, the loss and gradient norm of the step, the full gradients,
 the full updated weights, and the weights after a second step taken by a model restored from
-the checkpoint written after the first (utils.save_checkpoint/load_checkpoint). It also saves
-the updated model with utils.save_pretrained under --out/hf. With --sample, every rank builds
+the checkpoint written after the first (training.save_checkpoint/load_checkpoint). It also saves
+the updated model with training.save_pretrained under --out/hf. With --sample, every rank builds
 its own vLLM engine, samples its own prompt before and after `sync_weights` from the sharded
 model, and writes --out/sample_<rank>.json with the engine's results next to transformers'
 (and its first unseeded samples of a prompt shared by all ranks).
@@ -22,7 +22,9 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import sampling  # noqa: E402
 import toy  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 
 N_SEQS = 6
@@ -48,7 +50,7 @@ def step(model, opt, ctx, comp, world, pad_id):
     FSDP2 averages gradients over ranks, so each rank's sum is scaled by world / N_total."""
     import torch.distributed as dist
 
-    nll, mask, _ = utils.completion_logprobs(model, ctx, comp, pad_id)  # (b, Tc)
+    nll, mask, _ = training.completion_logprobs(model, ctx, comp, pad_id)  # (b, Tc)
     nll = -nll
     n_local = mask.sum()
     n_total = n_local.clone()
@@ -69,8 +71,8 @@ def step(model, opt, ctx, comp, world, pad_id):
 
 
 def new_model_and_opt(base, reference=False):
-    """utils.load_trainer: read by rank 0 only, each rank sent its own rows, under torchrun."""
-    model, ref = utils.load_trainer(base, dtype="fp32", device="cpu", reference=reference)
+    """training.load_trainer: read by rank 0 only, each rank sent its own rows, under torchrun."""
+    model, ref = training.load_trainer(base, dtype="fp32", device="cpu", reference=reference)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     return (model, opt, ref) if reference else (model, opt)
 
@@ -88,30 +90,30 @@ def logprob_gap(model, tokenizer, prompt, samples):
     gaps = []
     for s in samples:
         with torch.no_grad():
-            want = utils.completion_logprobs(model, [p], [s.token_ids], tokenizer.pad_token_id)[0][0]  # (Tc,)
+            want = training.completion_logprobs(model, [p], [s.token_ids], tokenizer.pad_token_id)[0][0]  # (Tc,)
         gaps.append((want - torch.tensor(s.logprobs)).abs().max().item())
     return max(gaps)
 
 
 def uneven_round_trip(out: str) -> None:
-    """utils' scatter from rank 0 and gather to rank 0 on FSDP2 shards of uneven row counts:
+    """training.py's scatter from rank 0 and gather to rank 0 on FSDP2 shards of uneven row counts:
     a (5, 3) weight (3 + 2 rows) and a (1,) bias (1 + 0 rows), moved in pieces of 2 rows
     (MOVE_CHUNK_BYTES set to 24 bytes). Rank 0 writes what came back."""
     from torch.distributed.fsdp import fully_shard
 
-    utils.MOVE_CHUNK_BYTES = 2 * 3 * 4  # two fp32 rows of the weight
+    training.MOVE_CHUNK_BYTES = 2 * 3 * 4  # two fp32 rows of the weight
 
     layer = fully_shard(torch.nn.Linear(3, 5))
     wanted = {"weight": torch.arange(15.0).view(5, 3), "bias": torch.arange(5.0) + 100}
     sd = layer.state_dict(keep_vars=True)
     for name, t in sd.items():
-        utils._scatter_from_rank0(t, wanted[name] if utils.is_main() else None)
+        training._scatter_from_rank0(t, wanted[name] if utils.is_main() else None)
     rows = {name: t.to_local().shape[0] for name, t in sd.items()}
-    back = {name: utils._gather_to_rank0(t) for name, t in sd.items()}
+    back = {name: training._gather_to_rank0(t) for name, t in sd.items()}
     one = fully_shard(torch.nn.Linear(3, 1))
     b = one.state_dict(keep_vars=True)["bias"]
-    utils._scatter_from_rank0(b, torch.tensor([7.0]) if utils.is_main() else None)
-    rows["one bias"], back["one bias"] = b.to_local().shape[0], utils._gather_to_rank0(b)
+    training._scatter_from_rank0(b, torch.tensor([7.0]) if utils.is_main() else None)
+    rows["one bias"], back["one bias"] = b.to_local().shape[0], training._gather_to_rank0(b)
     rows = utils.all_gather(rows)
     if utils.is_main():
         torch.save({"wanted": wanted, "back": back, "rows": rows}, os.path.join(out, "uneven.pt"))
@@ -126,7 +128,7 @@ def run(base: str, out: str, sample: bool = False) -> None:
     ctx, comp = [ctx[i] for i in mine], [comp[i] for i in mine]
 
     if sample:  # before any training: each rank samples its own prompt with the base weights
-        sampler = utils.Sampler(base, seed=0)
+        sampler = sampling.Sampler(base, seed=0)
         shared = utils.build_prompt(tok, toy.make_problem(random.Random(999))["problem"])
         unseeded = sampler.generate([shared], n=2, temperature=1.0, max_tokens=30)[0]  # first draw of the engine
         prompt = utils.build_prompt(tok, toy.make_problem(random.Random(1000 + rank))["problem"])
@@ -135,21 +137,21 @@ def run(base: str, out: str, sample: bool = False) -> None:
         before_ref = greedy_ids(ref, tok, prompt, 60)
 
     model, opt, ref_model = new_model_and_opt(base, reference=True)
-    loaded, ref_state = utils.full_state_dict(model), utils.full_state_dict(ref_model)
+    loaded, ref_state = training.full_state_dict(model), training.full_state_dict(ref_model)
     tied = model.lm_head.weight is model.model.embed_tokens.weight  # the toy ties them
     del ref_model
     loss, grad_norm, grads, n_local = step(model, opt, ctx, comp, world, tok.pad_token_id)
-    state = utils.full_state_dict(model)
+    state = training.full_state_dict(model)
 
     # checkpoint round trip: a fresh model and optimizer restored from it take the same next step
     ckpt = os.path.join(out, "ckpt")
-    utils.save_checkpoint(ckpt, model, opt, step=1)
+    training.save_checkpoint(ckpt, model, opt, step=1)
     model2, opt2 = new_model_and_opt(base)
-    extra = utils.load_checkpoint(ckpt, model2, opt2)
-    restored = utils.full_state_dict(model2)
+    extra = training.load_checkpoint(ckpt, model2, opt2)
+    restored = training.full_state_dict(model2)
     step(model, opt, ctx, comp, world, tok.pad_token_id)
     step(model2, opt2, ctx, comp, world, tok.pad_token_id)
-    second, second_restored = utils.full_state_dict(model), utils.full_state_dict(model2)
+    second, second_restored = training.full_state_dict(model), training.full_state_dict(model2)
 
     counts = [None] * world
     if world > 1:
@@ -160,13 +162,13 @@ def run(base: str, out: str, sample: bool = False) -> None:
         torch.save({"loss": loss, "grad_norm": grad_norm, "grads": grads, "state": state, "restored": restored,
                     "extra": extra, "second": second, "second_restored": second_restored, "tokens": counts,
                     "world": world, "loaded": loaded, "ref_state": ref_state, "tied": tied}, os.path.join(out, "result.pt"))
-    utils.save_pretrained(model, tok, os.path.join(out, "hf"))  # the model after two steps
-    utils.save_pretrained(model, tok, os.path.join(out, "hf_parts"), shard_bytes=1 << 20)  # in several files
+    training.save_pretrained(model, tok, os.path.join(out, "hf"))  # the model after two steps
+    training.save_pretrained(model, tok, os.path.join(out, "hf_parts"), shard_bytes=1 << 20)  # in several files
     if world > 1:
         uneven_round_trip(out)
 
     if sample:  # sync from the sharded model (every rank gathers), then sample again
-        ref.load_state_dict(utils.full_state_dict(model))
+        ref.load_state_dict(training.full_state_dict(model))
         stale = sampler.generate([prompt], n=2, temperature=1.0, max_tokens=40, seed=1)[0]
         sampler.sync_weights(model)
         after = sampler.generate([prompt], temperature=0.0, max_tokens=60)[0][0]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import fsdp_step
+import training
 import utils
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +57,7 @@ def test_fsdp_step_equals_single_process(runs, toy_paths):
     assert one["grad_norm"] > 0.5  # the clip (0.5) acted
     g_scale = max(v.abs().max().item() for v in one["grads"].values())
     assert max_diff(one["grads"], two["grads"]) < 1e-5 * g_scale
-    base = utils.full_state_dict(utils.load_model(toy_paths["base"], dtype="float32", device="cpu"))
+    base = training.full_state_dict(utils.load_model(toy_paths["base"], dtype="float32", device="cpu"))
     assert max_diff(base, one["state"]) > 1e-3  # the step moved the weights (lr 3e-3)
     # Adam's first update is lr * g / (|g| + eps) per element: where |g| is near eps, the
     # ranks' different summation order (grads agree to ~1e-8) moves it by up to ~1e-5.
@@ -130,22 +131,22 @@ def test_sampler_per_rank_under_torchrun(runs):
 
 
 def test_rank0_reader_of_safetensors_and_of_bin_weights(toy_paths, tmp_path, capsys):
-    """utils._weights_of, rank 0's reader at load: rows of a safetensors file read when
+    """training._weights_of, rank 0's reader at load: rows of a safetensors file read when
     indexed; a folder of .bin weights (no safetensors) is loaded whole instead, with a line
     saying so. Both hand out the weights on disk."""
     from transformers import AutoModelForCausalLM
 
     disk = AutoModelForCausalLM.from_pretrained(toy_paths["base"], dtype=torch.float32)
-    names = [n for n, _ in utils._state_entries(disk)]
-    read = utils._weights_of(toy_paths["base"], names)
+    names = [n for n, _ in training._state_entries(disk)]
+    read = training._weights_of(toy_paths["base"], names)
     for n in names:
         t = read(n)
-        assert isinstance(t, utils._DiskTensor)
+        assert isinstance(t, training._DiskTensor)
         assert torch.equal(t[1:3].float(), disk.state_dict()[n][1:3])
     disk.save_pretrained(tmp_path / "bin")  # then the weights as a .bin file only
     os.remove(tmp_path / "bin" / "model.safetensors")
     torch.save(disk.state_dict(), tmp_path / "bin" / "pytorch_model.bin")
-    read = utils._weights_of(str(tmp_path / "bin"), names)
+    read = training._weights_of(str(tmp_path / "bin"), names)
     assert "loads the model whole" in capsys.readouterr().out
     for n in names:
         assert torch.equal(read(n)[:], disk.state_dict()[n])

@@ -17,6 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import grpo  # noqa: E402
+import sampling  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 
 # --------------------------------------------------------------------------------------
@@ -271,7 +273,7 @@ class ScriptedSampler:
             for t in texts:
                 ids_t = self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
                 assert self.tokenizer.decode(ids_t, skip_special_tokens=True) == t
-                group.append(utils.Sample(t, ids_t, len(ids_t), "stop", [-0.5] * len(ids_t), len(ids)))
+                group.append(sampling.Sample(t, ids_t, len(ids_t), "stop", [-0.5] * len(ids_t), len(ids)))
             out.append(group)
         return out
 
@@ -477,12 +479,12 @@ def test_kill_and_resume_matches_uninterrupted_run(engine, toy_paths, toy_warmst
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     ckpt = cut / "checkpoint"
     deadline = time.time() + 300
-    while not utils.has_checkpoint(str(ckpt)) and proc.poll() is None and time.time() < deadline:
+    while not training.has_checkpoint(str(ckpt)) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.kill()
     _, err = proc.communicate()
-    assert utils.has_checkpoint(str(ckpt)), err[-3000:]
-    assert utils.checkpoint_extra(str(ckpt))["step"] == 2
+    assert training.has_checkpoint(str(ckpt)), err[-3000:]
+    assert training.checkpoint_extra(str(ckpt))["step"] == 2
     assert not (cut / "model").exists()
 
     engine.sync_weights(utils.load_model(toy_warmstart["model"], "auto", "cpu"))  # as a fresh process would hold

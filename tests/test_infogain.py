@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import infogain
+import sampling
 import toy
 import utils
 from infogain import Episodes, MetaProver, episode_gains, information_gain, join_backtrack, restart_prefix, split_backtrack
@@ -159,7 +160,7 @@ def test_mu_context_newline_rule():
 
 
 class BernoulliSampler:
-    """Stands in for utils.Sampler: each answer to a prompt is the gold answer with a known
+    """Stands in for sampling.Sampler: each answer to a prompt is the gold answer with a known
     probability p(context), else a wrong one. Records every generate call."""
 
     def __init__(self, tokenizer, rates: dict, gold: str, seed: int = 0):
@@ -176,7 +177,7 @@ class BernoulliSampler:
             assert text.endswith(utils.MU_SUFFIX)
             rate = self.rates[text[: -len(utils.MU_SUFFIX)]]
             ok = self.rng.random(n) < rate
-            out.append([utils.Sample(f"{self.gold if c else '1000'}}}", [], 1, "stop", None, 0) for c in ok])
+            out.append([sampling.Sample(f"{self.gold if c else '1000'}}}", [], 1, "stop", None, 0) for c in ok])
         return out
 
 

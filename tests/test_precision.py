@@ -8,13 +8,14 @@ import pytest
 import torch
 
 import toy
+import training
 import utils
 
 
 def old_completion_logprobs(model, ctx_ids, comp_ids, pad_id, temperature, with_entropy=False):
     """The formula training used before: an fp32 log_softmax over the whole vocabulary."""
-    ctx, ctx_mask = utils.pad_sequences(ctx_ids, pad_id, left=True)  # (B, Tp)
-    comp, comp_mask = utils.pad_sequences(comp_ids, pad_id)  # (B, Tc)
+    ctx, ctx_mask = training.pad_sequences(ctx_ids, pad_id, left=True)  # (B, Tp)
+    comp, comp_mask = training.pad_sequences(comp_ids, pad_id)  # (B, Tc)
     ids, attn = torch.cat([ctx, comp], 1), torch.cat([ctx_mask, comp_mask], 1)  # (B, Tp + Tc)
     pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, Tp + Tc)
     Tc = comp.shape[1]
@@ -43,7 +44,7 @@ def test_completion_logprobs_equal_full_log_softmax_on_toy(toy_paths, temperatur
     ctx, comp = toy_batch(tok)
     adv = torch.randn(4, max(len(c) for c in comp), generator=torch.Generator().manual_seed(0))  # (B, Tc)
     results = []
-    for fn in (old_completion_logprobs, utils.completion_logprobs):
+    for fn in (old_completion_logprobs, training.completion_logprobs):
         model.zero_grad(set_to_none=True)
         logp, mask, ent = fn(model, ctx, comp, tok.pad_token_id, temperature, with_entropy=True)
         (logp * adv * mask).sum().backward()
@@ -69,11 +70,11 @@ def test_sampled_logprobs_in_chunks_equal_full_formula(dtype, inplace):
     w = torch.randn(3, 7, generator=g)  # (B, T)
     full = torch.log_softmax(leaf[:, :7].float() / 0.7, -1).gather(-1, targets[..., None]).squeeze(-1)  # (B, T)
     (want,) = torch.autograd.grad((full * w).sum(), leaf)
-    ent = utils.token_entropy(leaf, 7, 0.7, chunk=3)  # (B, T)
+    ent = training.token_entropy(leaf, 7, 0.7, chunk=3)  # (B, T)
     p = torch.softmax(leaf[:, :7].float() / 0.7, -1)  # (B, T, V)
     assert (ent - -(p * p.log()).sum(-1)).abs().max().item() < 1e-5
     logits = leaf * 1  # (B, T + 1, V): a non-leaf, as a model's output
-    got = utils.sampled_logprobs(logits, targets, 0.7, chunk=3, inplace=inplace)  # (B, T)
+    got = training.sampled_logprobs(logits, targets, 0.7, chunk=3, inplace=inplace)  # (B, T)
     (grad,) = torch.autograd.grad((got * w).sum(), leaf)
     assert got.dtype == torch.float32 and grad.dtype == dtype
     assert (got - full).abs().max().item() < 1e-5
@@ -86,7 +87,7 @@ def test_sampled_logprobs_in_chunks_equal_full_formula(dtype, inplace):
 def test_inplace_backward_fails_loudly_when_the_logits_are_saved_elsewhere():
     leaf = torch.randn(2, 4, 10).requires_grad_(True)  # (B, T + 1, V)
     logits = torch.tanh(leaf)  # tanh saves its output for its own backward
-    lp = utils.sampled_logprobs(logits, torch.zeros(2, 3, dtype=torch.long), inplace=True)  # (B, T)
+    lp = training.sampled_logprobs(logits, torch.zeros(2, 3, dtype=torch.long), inplace=True)  # (B, T)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         lp.sum().backward()
 
@@ -98,7 +99,7 @@ def adamw_deltas(model, tok, steps=3, lr=1e-6):
     start = {n: p.detach().float().clone() for n, p in model.named_parameters()}
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     for _ in range(steps):
-        lp, mask, _ = utils.completion_logprobs(model, ctx, comp, tok.pad_token_id)  # (B, Tc)
+        lp, mask, _ = training.completion_logprobs(model, ctx, comp, tok.pad_token_id)  # (B, Tc)
         (-(lp * mask).sum() / mask.sum()).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -111,7 +112,7 @@ def test_bf16_compute_moves_fp32_master_weights_at_lr_1e6(toy_paths):
     the forward runs in bf16, the parameters and Adam moments are fp32, and 3 steps at lr 1e-6
     move almost every entry by about lr per step. Pure-bf16 parameters round most updates away."""
     tok = utils.load_tokenizer(toy_paths["base"])
-    model, ref = utils.load_trainer(toy_paths["base"], "bf16", "cpu")
+    model, ref = training.load_trainer(toy_paths["base"], "bf16", "cpu")
     assert ref is None and model.save_dtype == torch.float32  # the toy's config names float32
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     ids = torch.tensor([tok("Problem: 1")["input_ids"]])

@@ -22,7 +22,8 @@ import torch
 
 import grpo
 import realistic
-import star
+import sampling
+import training
 import utils
 import warmstart
 
@@ -92,8 +93,8 @@ def test_engine_sizes_come_from_the_run(real_model):
     assert grpo.engine_need(args, tok, 50, mu_in_engine=True) == 50 + 64 + cue + 64 + suffix + 16 + slack
     direct = grpo.resolve_args(grpo.Args(model=real_model, variant="direct", max_tokens=64), 1)
     assert grpo.engine_need(direct, tok, 50, mu_in_engine=True) == 50 + 64 + slack
-    assert utils.engine_length(real_model, 300) == 300  # never the config's 1,048,576
-    assert utils.engine_length(real_model, 5_000_000) == 1048576  # capped at the model's positions
+    assert sampling.engine_length(real_model, 300) == 300  # never the config's 1,048,576
+    assert sampling.engine_length(real_model, 5_000_000) == 1048576  # capped at the model's positions
     w = warmstart.resolve_args(warmstart.Args(model=real_model, data="x"), 1)
     assert warmstart.search_need(w, 40) == 40 + w.max_depth * (w.max_step_tokens + 2) + max(w.max_tokens, w.max_step_tokens) + 16
 
@@ -123,7 +124,7 @@ def test_infogain_and_r1_engines_are_sized_from_the_run(real_model, toy_paths):
     r, _ = r1_analysis.resolve(r1_analysis.Args(model=real_model, direct_model=real_model, generate=True, preset="toy"))
     needs = r1_analysis.engine_needs(r, problems, None, real_model, real_model)
     assert set(needs) == {real_model} and 200 < needs[real_model] < 5000  # one engine serves all three roles
-    assert utils.engine_length(real_model, needs[real_model]) == needs[real_model]
+    assert sampling.engine_length(real_model, needs[real_model]) == needs[real_model]
 
 
 # --------------------------------------------------------------------------------------
@@ -153,7 +154,7 @@ class RecordingEngine:
 
 def _recording_sampler(sleep_mode: bool):
     calls = []
-    s = object.__new__(utils.Sampler)
+    s = object.__new__(sampling.Sampler)
     s.backend, s.llm, s.sleep_mode, s.asleep, s.dtype = "vllm", RecordingEngine(calls), sleep_mode, False, "fp32"
     return s, calls
 
@@ -161,33 +162,33 @@ def _recording_sampler(sleep_mode: bool):
 def test_sleep_mode_call_order():
     model = torch.nn.Linear(2, 2)
     s, calls = _recording_sampler(True)
-    out = utils.update_asleep(s, lambda: calls.append(("update",)) or "stats", model)
+    out = sampling.update_asleep(s, lambda: calls.append(("update",)) or "stats", model)
     assert out == "stats"
     assert calls == [("sleep", 1), ("update",), ("wake_up", None), ("collective_rpc", "reload_weights", ["bias", "weight"]),
                      ("reset_prefix_cache",)]
     # the model to sync may be what the update returns (star: the SFT's new model)
     calls.clear()
-    utils.update_asleep(s, lambda: model)
+    sampling.update_asleep(s, lambda: model)
     assert [c[0] for c in calls] == ["sleep", "wake_up", "collective_rpc", "reset_prefix_cache"]
     # a failing update still wakes the engine (and syncs nothing)
     calls.clear()
     with pytest.raises(ZeroDivisionError):
-        utils.update_asleep(s, lambda: 1 / 0, model)
+        sampling.update_asleep(s, lambda: 1 / 0, model)
     assert calls == [("sleep", 1), ("wake_up", None)] and not s.asleep
     # without sleep mode (CPU): no sleep, no wake-up, the sync alone
     s, calls = _recording_sampler(False)
-    utils.update_asleep(s, lambda: None, model)
+    sampling.update_asleep(s, lambda: None, model)
     assert [c[0] for c in calls] == ["collective_rpc", "reset_prefix_cache"]
 
 
 def test_sleep_mode_flag():
-    assert utils.resolve_sleep_mode("auto") is torch.cuda.is_available()
-    assert utils.resolve_sleep_mode("off") is False
+    assert sampling.resolve_sleep_mode("auto") is torch.cuda.is_available()
+    assert sampling.resolve_sleep_mode("off") is False
     if not torch.cuda.is_available():
         with pytest.raises(utils.UserError, match="sleep-mode on needs vLLM on CUDA"):
-            utils.resolve_sleep_mode("on")
+            sampling.resolve_sleep_mode("on")
     with pytest.raises(utils.UserError, match="--sleep-mode must be auto, on or off"):
-        utils.resolve_sleep_mode("sometimes")
+        sampling.resolve_sleep_mode("sometimes")
 
 
 # --------------------------------------------------------------------------------------
@@ -240,7 +241,7 @@ def test_kill_and_resume_matches_uninterrupted_run(grpo_whole, real_model, toy_p
     metrics, deadline = cut / "metrics.jsonl", time.time() + 400
 
     def checkpointed():  # step 1 logged and its checkpoint complete (the `latest` pointer is written last)
-        return metrics.exists() and '"step": 1' in metrics.read_text() and utils.has_checkpoint(str(cut / "checkpoint"))
+        return metrics.exists() and '"step": 1' in metrics.read_text() and training.has_checkpoint(str(cut / "checkpoint"))
 
     while not checkpointed() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -315,6 +316,8 @@ def test_every_rank_error_is_printed_by_rank_0_only(tmp_path):
     """utils.run_main: a UserError that every rank meets alike (every_rank=True) is one line
     from rank 0 and silence elsewhere, exit 2 on every rank; other errors print on any rank."""
     code = """
+import sampling
+import training
 import utils
 def main(every):
     raise utils.UserError("the same everywhere", every_rank=every)

@@ -12,6 +12,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import infogain  # noqa: E402
+import sampling  # noqa: E402
 import star  # noqa: E402
 import utils  # noqa: E402
 from infogain import backtrack_cue, split_backtrack  # noqa: E402
@@ -152,7 +154,7 @@ class ScriptedSampler:
                 self.events.append("z0")
                 assert stop == ["\n" + MARK]
                 texts = [self.z0(problem)] * n
-            out.append([utils.Sample(t, [1], 1, "stop", None, len(ids)) for t in texts])
+            out.append([sampling.Sample(t, [1], 1, "stop", None, len(ids)) for t in texts])
         return out
 
     @staticmethod
@@ -276,7 +278,8 @@ def test_real_mrt_run_on_the_toy_base(engine, toy_paths, tmp_path):
     resolved = star.resolve_args(args)
     train = utils.load_problems(toy_paths["train"], limit=resolved.problems, tokenizer=engine.tokenizer)
     engine.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
-    again = star.sample_z0(engine, train, resolved, "train")
+    again = infogain.sample_z0(engine, train, temperature=resolved.temperature, top_p=resolved.top_p,
+                              max_tokens=resolved.max_tokens, seed_parts=(resolved.seed, "z0", "train"))
     assert again == {i: z for (s, i), z in z0.items() if s == "train"} and len(again) == 16
     assert sum(utils.grade(z, r["answer"]) for z, r in zip(again.values(), train)) > 0  # real attempts, some right
     (it,) = _jsonl(out / "iterations.jsonl")

@@ -1,4 +1,4 @@
-"""utils.Sampler on the toy model with the real vLLM engine (CPU) and the transformers
+"""sampling.Sampler on the toy model with the real vLLM engine (CPU) and the transformers
 fallback: agreement of the two backends, stop strings, n samples, seeded reproducibility,
 and the key proof of issue 2: after `sync_weights`, vLLM samples from the new weights, even
 for a prompt whose KV blocks were cached under the old ones.
@@ -11,7 +11,9 @@ import random
 import pytest
 import torch
 
+import sampling
 import toy
+import training
 import utils
 
 from conftest import ENGINE_BLOCK as BLOCK  # KV-cache block size of the session engine (tokens)
@@ -24,7 +26,7 @@ def engine(toy_sampler):
 
 @pytest.fixture(scope="module")
 def hf_sampler(toy_paths):
-    return utils.Sampler(toy_paths["base"], backend="hf")
+    return sampling.Sampler(toy_paths["base"], backend="hf")
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +36,11 @@ def prompts(toy_paths, engine):
 
 
 def trainer_logprobs(model, tokenizer, prompt, samples, temperature=1.0):
-    """(tokens, samples) log-probs of each sample's tokens under `model` (utils.completion_logprobs)."""
+    """(tokens, samples) log-probs of each sample's tokens under `model` (training.completion_logprobs)."""
     prompt_ids = tokenizer(prompt)["input_ids"]
     with torch.no_grad():
-        lp, _, _ = utils.completion_logprobs(model, [prompt_ids] * len(samples), [s.token_ids for s in samples],
-                                             tokenizer.pad_token_id, temperature)  # (B, Tc)
+        lp, _, _ = training.completion_logprobs(model, [prompt_ids] * len(samples), [s.token_ids for s in samples],
+                                                tokenizer.pad_token_id, temperature)  # (B, Tc)
     return [lp[i, : s.num_tokens] for i, s in enumerate(samples)]
 
 
@@ -141,7 +143,7 @@ def test_engine_leaves_the_process_single(engine, toy_paths):
     from torch.distributed.tensor import DTensor
 
     assert not utils.is_distributed() and utils.world_size() == 1 and utils.rank() == 0
-    model = utils.shard_model(utils.load_model(toy_paths["base"]))
+    model = training.shard_model(utils.load_model(toy_paths["base"]))
     assert not any(isinstance(p, DTensor) for p in model.parameters())
 
 
@@ -169,8 +171,8 @@ def perturb(model, tokenizer, steps=3, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     model.train()
     for _ in range(steps):
-        lp, mask, _ = utils.completion_logprobs(model, [s[:1] for s in seqs], [s[1:] for s in seqs],
-                                                tokenizer.pad_token_id)  # (B, T-1)
+        lp, mask, _ = training.completion_logprobs(model, [s[:1] for s in seqs], [s[1:] for s in seqs],
+                                                   tokenizer.pad_token_id)  # (B, T-1)
         loss = -(lp * mask).sum() / mask.sum()
         opt.zero_grad()
         loss.backward()
@@ -195,7 +197,7 @@ def test_sync_weights_resets_stale_prefix_cache(engine, hf_sampler, toy_paths):
 
         # Weights alone, no cache reset: the cached blocks from the old weights are reused,
         # and the samples are not the trainer's. (This is what sync_weights must prevent.)
-        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": utils.iter_full_params(trainer)})
+        engine.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": training.iter_full_params(trainer)})
         stale = engine.generate([prompt], n=2, temperature=1.0, max_tokens=40, seed=3)[0]
         assert max_logprob_gap(trainer, tok, prompt, stale) > 0.05
 

@@ -1,6 +1,7 @@
-"""Unit tests of utils.py that need no sampler: answer extraction and grading (timeouts on
-and off the main thread), validated reading and atomic writing, the metrics logger, the
-command line, bad-input handling, padding, log-probabilities and prompts."""
+"""Unit tests of the shared modules (utils.py, training.py, sampling.py) that need no
+engine: answer extraction and grading (timeouts on and off the main thread), validated
+reading and atomic writing, the metrics logger, the command line, bad-input handling,
+padding, log-probabilities and prompts."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
+import sampling
+import training
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -268,9 +271,9 @@ def test_derive_seed():
 
 
 def test_lr_lambda():
-    f = utils.lr_lambda(warmup=2, total=6)
+    f = training.lr_lambda(warmup=2, total=6)
     assert [round(f(s), 4) for s in range(7)] == [0.5, 1.0, 1.0, 0.8536, 0.5, 0.1464, 0.0]
-    assert [utils.lr_lambda(1, 4, "constant")(s) for s in range(4)] == [1.0, 1.0, 1.0, 1.0]
+    assert [training.lr_lambda(1, 4, "constant")(s) for s in range(4)] == [1.0, 1.0, 1.0, 1.0]
 
 
 def test_model_format(tmp_path):
@@ -512,8 +515,8 @@ def test_parse_args_class_defined_in_a_function(capsys):
 
 def test_missing_model_path_is_a_user_error(tmp_path):
     missing = str(tmp_path / "no-such-model")
-    for load in (utils.load_model, utils.load_tokenizer, utils.Sampler,
-                 lambda p: utils.Sampler(p, backend="hf")):
+    for load in (utils.load_model, utils.load_tokenizer, sampling.Sampler,
+                 lambda p: sampling.Sampler(p, backend="hf")):
         with pytest.raises(utils.UserError) as e:
             load(missing)
         assert str(e.value) == f"model path does not exist: {missing}"
@@ -533,6 +536,8 @@ def test_cli_bad_jsonl_exits_2_with_one_line(tmp_path):
     data = _write(tmp_path / "data.jsonl", '{"problem": "p", "answer": "1"}\n{"problem": "q"}\n')
     out = str(tmp_path / "out.jsonl")
     code = f"""
+import sampling
+import training
 import utils
 
 def main(data, out):
@@ -551,6 +556,8 @@ if __name__ == "__main__":
 def test_cli_error_mid_write_leaves_no_file(tmp_path):
     out = str(tmp_path / "out.jsonl")
     code = f"""
+import sampling
+import training
 import utils
 
 def rows():
@@ -567,7 +574,7 @@ if __name__ == "__main__":
 
 def test_cli_missing_model_exits_2(tmp_path):
     missing = str(tmp_path / "nope")
-    code = f"import utils\nif __name__ == '__main__':\n    utils.run_main(utils.Sampler, {missing!r})\n"
+    code = f"import sampling\nimport utils\nif __name__ == '__main__':\n    utils.run_main(sampling.Sampler, {missing!r})\n"
     r = _run_snippet(code, tmp_path)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"error: model path does not exist: {missing}"]
 
@@ -578,9 +585,9 @@ def test_cli_missing_model_exits_2(tmp_path):
 
 
 def test_pad_sequences():
-    ids, mask = utils.pad_sequences([[5, 6, 7], [8]], pad_id=0)
+    ids, mask = training.pad_sequences([[5, 6, 7], [8]], pad_id=0)
     assert ids.tolist() == [[5, 6, 7], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
-    ids, mask = utils.pad_sequences([[5, 6, 7], [8]], pad_id=9, left=True)
+    ids, mask = training.pad_sequences([[5, 6, 7], [8]], pad_id=9, left=True)
     assert ids.tolist() == [[5, 6, 7], [9, 9, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 1]]
     assert ids.dtype == torch.long and mask.dtype == torch.long
 
@@ -601,8 +608,8 @@ def test_completion_logprobs_by_hand(tiny_model, temperature):
     seqs = [torch.randint(0, 50, (9,)).tolist(), torch.randint(0, 50, (5,)).tolist()]
     ctx, comp = [s[:3] for s in seqs], [s[3:] for s in seqs]  # contexts of 3, completions of 6 and 2
     with torch.no_grad():
-        lp, mask, ent = utils.completion_logprobs(tiny_model, ctx, comp, pad_id=0, temperature=temperature,
-                                                  with_entropy=True)
+        lp, mask, ent = training.completion_logprobs(tiny_model, ctx, comp, pad_id=0, temperature=temperature,
+                                                     with_entropy=True)
     assert lp.shape == ent.shape == mask.shape == (2, 6)
     assert mask.tolist() == [[1.0] * 6, [1.0, 1.0, 0, 0, 0, 0]]
     for b, s in enumerate(seqs):

@@ -178,7 +178,7 @@ def test_completion_loss_ignores_prompt_logits():
 
 
 def test_completion_nll_sum_equals_cross_entropy():
-    """The chunked loss (utils.sampled_logprobs) is the masked cross-entropy sum, value and
+    """The chunked loss (training.sampled_logprobs) is the masked cross-entropy sum, value and
     gradient, in place or not; logits may run one position past the targets."""
     torch.manual_seed(0)
     logits = torch.randn(2, 6, 11)  # (B, T, V): T - 1 = 5 targets

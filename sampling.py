@@ -1,0 +1,277 @@
+"""sampling.py: one sampling interface for every stage, and in-place weight sync.
+
+`Sampler` wraps vLLM when it is installed (CPU or GPU; one engine in this process per
+torchrun rank) and `transformers.generate` otherwise, behind one `generate` call that returns
+`Sample`s (text, token ids, sampled log-probabilities). `Sampler.sync_weights` pushes a trainer's
+weights (plain or FSDP2-sharded, see training.py) into the engine in place; `update_asleep`
+frees the engine's GPU memory during an update (vLLM sleep mode, CUDA only); `engine_length`
+sizes an engine from what a run needs, never from the model's whole context.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import training
+import utils
+
+# vLLM runs its engine in this process: weight sync passes tensors, not pickles, and one
+# engine per torchrun rank shares the rank's process group.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+
+def prompt_seed(seed: int | Sequence[int], i: int, n: int) -> int:
+    """The sampling seed of the i-th prompt of a generate call: seed[i] when a list is given,
+    else one derived from the call's seed and the prompt's position."""
+    return int(seed[i]) if isinstance(seed, Sequence) else seed * 1_000_003 + i * n
+
+
+@dataclass
+class Sample:
+    """One sampled completion. `token_ids` are the generated ids (EOS included when the
+    model stopped on it), `num_tokens` their count, `logprobs` the sampled tokens'
+    log-probabilities under the sampling distribution (temperature applied)."""
+
+    text: str
+    token_ids: list[int]
+    num_tokens: int
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    logprobs: list[float] | None
+    prompt_tokens: int
+
+
+class Sampler:
+    """One sampling interface for every stage: vLLM when installed (CPU or GPU), else
+    `transformers.generate`. Prefix caching is on, so n samples of one prompt and prompts
+    that share a long context pay its prefill once.
+
+    Under torchrun each rank builds its own engine on its own prompts (vLLM's
+    "external_launcher" backend: the engine lives in this process and uses its device).
+    Engines of different ranks get different seeds (seed + rank), so unseeded requests do
+    not repeat each other's samples; a `generate(..., seed=s)` call is reproducible as is.
+    Keep one vLLM engine alive per process: vLLM 0.32 tears down its process-wide parallel
+    state whenever an engine shuts down, which breaks any other engine still in use."""
+
+    def __init__(self, model: str, *, backend: str = "auto", dtype: str = "auto", seed: int = 0,
+                 max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
+                 sleep_mode: str | bool = "auto", enable_prefix_caching: bool = True, **engine_kwargs):
+        """max_model_len: tokens one sequence may hold (prompt + generation); callers pass
+        what their run needs (`engine_length`), never the model's whole context.
+        gpu_memory_utilization: the share of GPU memory vLLM may take (weights + KV cache).
+        sleep_mode: "auto" (on with vLLM on CUDA, off elsewhere: vLLM 0.32's CPU build has
+        none), "on"/"off" or a bool; with it, `sleep()` frees the engine's GPU memory while
+        the trainer updates (see `update_asleep`). An engine that cannot start (e.g. its KV
+        cache cannot hold one sequence) is a one-line UserError."""
+        self.model_path, self.dtype = model, dtype
+        utils.check_model_path(model)
+        self.sleep_mode, self.asleep = False, False
+        self.tokenizer = utils.load_tokenizer(model)
+        if backend == "auto":
+            backend = os.environ.get("MRT_SAMPLER", "auto")  # "hf": transformers.generate even with vLLM installed
+        if backend == "auto":
+            try:
+                import vllm  # noqa: F401
+
+                backend = "vllm"
+            except ImportError:
+                backend = "hf"
+        self.backend = backend
+        if backend == "vllm":
+            from vllm import LLM
+
+            self.sleep_mode = resolve_sleep_mode(sleep_mode)
+
+            engine_seed = seed + utils.rank() // engine_kwargs.get("tensor_parallel_size", 1)  # TP ranks share one
+            vllm_dtype = str(utils.torch_dtype(dtype, utils.default_device())).removeprefix("torch.")  # bf16 -> bfloat16
+            kwargs = dict(seed=engine_seed, dtype=vllm_dtype,
+                          enable_prefix_caching=enable_prefix_caching, logprobs_mode="processed_logprobs",
+                          gpu_memory_utilization=gpu_memory_utilization)
+            if max_model_len:
+                kwargs["max_model_len"] = max_model_len
+            if not utils.has_cuda() and "OMP_NUM_THREADS" not in os.environ:
+                # vLLM means to serve with one torch thread on CPU (its spinning OpenMP
+                # workers cost far more than they give on a shared CPU), but 0.32 blocks its
+                # own set_num_threads call: set it first.
+                import torch
+
+                torch.set_num_threads(1)
+            if not utils.has_cuda():
+                # vLLM 0.32 on CPU fails on seeded requests that are prefilled in chunks
+                # ("CPU Generator does not use offset"): prefill each prompt whole.
+                kwargs["enable_chunked_prefill"] = False
+            if os.environ.get("MRT_VLLM_EAGER") == "1":  # faster start, slower decode (tests)
+                kwargs["enforce_eager"] = True
+            if utils.is_distributed():
+                kwargs["distributed_executor_backend"] = "external_launcher"
+            if self.sleep_mode:
+                kwargs["enable_sleep_mode"] = True
+            kwargs.update(engine_kwargs)
+            try:
+                self.llm = LLM(model, **kwargs)
+            except (ValueError, RuntimeError, MemoryError) as e:  # vLLM's reasons: too little memory, bad sizes
+                reason = " ".join(str(e).split()) or type(e).__name__
+                raise utils.UserError(f"vLLM engine for {model} could not start: {reason}; lower the run's --max-* lengths "
+                                f"(max_model_len {kwargs.get('max_model_len', 'the model')}), or raise VLLM_CPU_KVCACHE_SPACE (CPU) / "
+                                f"--gpu-memory-utilization (GPU)", every_rank=True) from e
+        else:
+            self.model = utils.load_model(model, dtype)
+            self.model.eval()
+
+    # -- generation --------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str | list[int]], n: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, max_tokens: int = 256, stop: list[str] | None = None,
+                 seed: int | Sequence[int] | None = None, logprobs: bool = True,
+                 use_tqdm: bool = False) -> list[list[Sample]]:
+        """n samples for each prompt (a string, or token ids used as they are). Returns one
+        list of n Samples per prompt, in order. With a seed, results are reproducible: an int
+        seeds each prompt by its position in this call; a list gives each prompt its own seed
+        (so a prompt's samples do not depend on which other prompts share the call or rank)."""
+        if not prompts:
+            return []
+        if self.backend == "vllm":
+            return self._generate_vllm(prompts, n, temperature, top_p, max_tokens, stop, seed, logprobs, use_tqdm)
+        return self._generate_hf(prompts, n, temperature, top_p, max_tokens, stop, seed, logprobs)
+
+    def _generate_vllm(self, prompts, n, temperature, top_p, max_tokens, stop, seed, logprobs, use_tqdm):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        inputs = [TokensPrompt(prompt_token_ids=list(p)) if not isinstance(p, str) else p for p in prompts]
+        if seed is None:
+            params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                    stop=stop, logprobs=0 if logprobs else None)
+        else:  # a seed per prompt, so results do not depend on how prompts are batched
+            params = [SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop,
+                                     seed=prompt_seed(seed, i, n), logprobs=0 if logprobs else None)
+                      for i in range(len(prompts))]
+        outs = self.llm.generate(inputs, params, use_tqdm=use_tqdm)
+        result = []
+        for out in outs:
+            group = []
+            for c in out.outputs:
+                lps = None
+                if logprobs and c.logprobs is not None:
+                    lps = [step[tok].logprob for step, tok in zip(c.logprobs, c.token_ids)]
+                group.append(Sample(c.text, list(c.token_ids), len(c.token_ids),
+                                    "length" if c.finish_reason == "length" else "stop", lps,
+                                    len(out.prompt_token_ids)))
+            result.append(group)
+        return result
+
+    def _generate_hf(self, prompts, n, temperature, top_p, max_tokens, stop, seed, logprobs):
+        import torch
+
+        tok, model = self.tokenizer, self.model
+        eos = tok.eos_token_id
+        result = []
+        for i, p in enumerate(prompts):
+            ids = tok(p, return_tensors="pt")["input_ids"] if isinstance(p, str) else torch.tensor([list(p)])
+            ids = ids.to(model.device)
+            if seed is not None:
+                torch.manual_seed(prompt_seed(seed, i, n))
+            with torch.no_grad():
+                gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=temperature > 0,
+                                     temperature=temperature if temperature > 0 else None,
+                                     top_p=top_p if temperature > 0 else None, top_k=0 if temperature > 0 else None,
+                                     max_new_tokens=max_tokens, num_return_sequences=n,
+                                     stop_strings=stop, tokenizer=tok, pad_token_id=tok.pad_token_id,
+                                     output_scores=logprobs, return_dict_in_generate=True)
+            seqs = gen.sequences[:, ids.shape[1]:]  # (n, T)
+            group = []
+            for j in range(n):
+                toks = seqs[j].tolist()
+                if eos in toks:
+                    toks = toks[: toks.index(eos) + 1]
+                elif tok.pad_token_id != eos:  # a sequence stopped by a stop string is padded
+                    while toks and toks[-1] == tok.pad_token_id:
+                        toks.pop()
+                text = tok.decode(toks, skip_special_tokens=True)
+                cut = [text.index(s) for s in stop or () if s in text]
+                text = text[: min(cut)] if cut else text
+                finish = "stop" if (eos in toks or cut or len(toks) < max_tokens) else "length"
+                lps = None
+                if logprobs:
+                    lps = [torch.log_softmax(gen.scores[t][j].float(), -1)[toks[t]].item() for t in range(len(toks))]
+                group.append(Sample(text, toks, len(toks), finish, lps, ids.shape[1]))
+            result.append(group)
+        return result
+
+    # -- sleep mode (vLLM on CUDA) ------------------------------------------------------
+
+    def sleep(self) -> None:
+        """Level-1 sleep: the engine's weights go to CPU memory and its KV cache is freed, so
+        a training step has the GPU. No-op without sleep mode."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        """Back on the GPU (weights and KV cache); call before sync_weights and sampling."""
+        if self.sleep_mode and self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+
+    # -- weights -----------------------------------------------------------------------
+
+    def sync_weights(self, model) -> None:
+        """Push a trainer model's current weights (plain or FSDP2-sharded) into this
+        sampler in place: no restart, no disk round trip. Then reset the prefix cache, since
+        KV blocks computed with the old weights would otherwise be reused. Under torchrun,
+        every rank must call this (shards are gathered parameter by parameter)."""
+        if self.backend == "vllm":
+            weights = training.iter_full_params(model, utils.torch_dtype(self.dtype, utils.default_device()))  # in the engine's dtype
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            if not self.llm.reset_prefix_cache():
+                raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
+        else:
+            self.model.load_state_dict(dict(training.iter_full_params(model)))
+
+
+def update_asleep(sampler: Sampler, update: Callable[[], Any], model=None):
+    """One training update with the engine asleep: sampler.sleep(), update(), wake_up(),
+    then the new weights of `model` (default: what update() returns) go into the engine.
+    Returns update()'s result. The engine wakes up even if the update raises. A sampler
+    without sleep mode (or a stand-in without sleep/wake_up) is only synced."""
+    sleeps = getattr(sampler, "sleep_mode", False)
+    if sleeps:
+        sampler.sleep()
+    try:
+        result = update()
+    finally:
+        if sleeps:
+            sampler.wake_up()
+    sampler.sync_weights(result if model is None else model)
+    return result
+
+
+def resolve_sleep_mode(value: str | bool) -> bool:
+    """--sleep-mode auto|on|off (or a bool) -> whether the vLLM engine runs with sleep mode:
+    auto is on with CUDA, off without (vLLM 0.32's CPU build rejects it)."""
+    if isinstance(value, bool):
+        on = value
+    elif str(value).lower() in ("auto", "on", "off", "true", "false"):
+        v = str(value).lower()
+        on = utils.has_cuda() if v == "auto" else v in ("on", "true")
+    else:
+        raise utils.UserError(f"--sleep-mode must be auto, on or off, got {value!r}")
+    if on and not utils.has_cuda():
+        raise utils.UserError("--sleep-mode on needs vLLM on CUDA: vLLM's CPU build has no sleep mode (use auto or off)")
+    return on
+
+
+def engine_length(model: str, need: int) -> int:
+    """max_model_len for an engine on `model` whose sequences hold at most `need` tokens:
+    `need`, capped at the model's max_position_embeddings (vLLM refuses more). Never the
+    model's whole context when the run needs less (a 1M-position config would ask the KV
+    cache for 1M tokens per sequence)."""
+    from transformers import AutoConfig
+
+    with utils.loading_errors(model):
+        cfg = AutoConfig.from_pretrained(model)
+    limit = getattr(cfg, "max_position_embeddings", None) or need
+    return int(max(1, min(need, limit)))
+

@@ -1,0 +1,619 @@
+"""training.py: the trainer's model under FSDP2, shared by warmstart.py, star.py and grpo.py.
+
+Sections: the model (`load_trainer`: fp32 master weights sharded with `fully_shard` per decoder
+layer, read from disk once by rank 0 and scattered row by row; `shard_model`; mixed
+precision); export (`save_pretrained`: gathered to rank 0 a tensor at a time, written as
+safetensors files with an index); resumable checkpoints (`save_checkpoint` / `load_checkpoint`:
+torch.distributed.checkpoint shards, RNG states, atomic `latest`); the learning-rate schedule;
+log-probabilities of completions under the trainer model (`completion_logprobs`,
+`sampled_logprobs`: chunked, no fp32 (B, T, V) tensor). Under plain `python` the same calls
+run unsharded in one process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import math
+import os
+import random
+import re
+import shutil
+import warnings
+from typing import Callable, Sequence
+
+import utils
+
+
+def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
+    """LambdaLR factor: linear warmup over `warmup` steps, then cosine to 0 at `total`
+    (or constant 1 with schedule="constant")."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return f
+
+
+def decoder_layers(model):
+    """The list of decoder blocks of a Hugging Face causal LM."""
+    for attr in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj = model
+        with contextlib.suppress(AttributeError):
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+            return obj
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def shard_model(model, activation_checkpointing: bool = False, compute_dtype=None):
+    """FSDP2: `fully_shard` each decoder layer, then the root. With one process (no
+    process group) the model is not sharded. Activation checkpointing wraps each layer first
+    (recompute in backward, to trade compute for memory).
+
+    Mixed precision, when `compute_dtype` is set and differs from the parameters' dtype (the
+    parameters are the fp32 master weights the optimizer updates): under torchrun FSDP2's
+    MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=float32) (each unsharded
+    layer is cast for compute; gradients are reduced and kept in fp32); in one process the
+    model's forward runs under torch.autocast(compute_dtype), which casts weights and
+    activations per op and leaves parameters and gradients in fp32. (Autocast rather than
+    fully_shard on a world of one: a plain `python` run has no process group to shard over.)"""
+    import torch
+
+    if activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    param_dtype = next(model.parameters()).dtype
+    mixed = compute_dtype is not None and compute_dtype != param_dtype
+    if not utils.is_distributed():
+        if mixed:
+            device_type = next(model.parameters()).device.type
+            model.forward = torch.autocast(device_type, dtype=compute_dtype)(model.forward)
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = {"mp_policy": MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)} if mixed else {}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def load_trainer(path: str, dtype: str = "auto", device: str | None = None, gradient_checkpointing: bool = False,
+                 reference: bool = False):
+    """The model a trainer updates: fp32 master weights (the optimizer's state is fp32
+    too), computing in `dtype` ('auto': bf16 on GPU, fp32 on CPU; see shard_model), sharded
+    with FSDP2 under torchrun. With reference=True also a frozen copy (eval mode, no
+    gradients) built from the same read, for a KL term; else None. Returns (model, reference).
+    `model.save_dtype` is the dtype its config file names: save_pretrained writes that.
+
+    The weights are read from disk once: in one process, by this process (the reference is a
+    copy); under torchrun, by rank 0 only (`_weights_of`: rows read from the safetensors
+    files when needed), while every rank builds the model on the meta device and shards it;
+    rank 0 sends each rank its rows of each tensor, cast to fp32, a piece at a time
+    (`_scatter_from_rank0`). No rank ever holds a full copy, not even of one tensor: each
+    holds its shards, rank 0 also one piece in flight."""
+    import copy
+
+    import torch
+    from transformers import AutoConfig
+
+    utils.check_model_path(path)
+    device = device or utils.default_device()
+    compute = utils.torch_dtype(dtype, device)
+    with utils.loading_errors(path):
+        cfg = AutoConfig.from_pretrained(path)
+    save_dtype = getattr(cfg, "dtype", None) or torch.float32
+    save_dtype = utils.torch_dtype(save_dtype, "cpu") if isinstance(save_dtype, str) else save_dtype
+    if not utils.is_distributed():
+        model = utils.load_model(path, "fp32", device)
+        ref = copy.deepcopy(model) if reference else None
+        models = [shard_model(model, gradient_checkpointing, compute)]
+        if ref is not None:
+            models.append(shard_model(ref, False, compute))
+    else:
+        models = [_sharded_on_meta(path, cfg, device, gradient_checkpointing and k == 0, compute)
+                  for k in range(2 if reference else 1)]
+        entries = [dict(_state_entries(m)) for m in models]
+        weights = _weights_of(path, list(entries[0])) if utils.is_main() else None
+        for name in entries[0]:
+            full = weights(name) if weights is not None else None  # rank 0: the whole tensor, from disk
+            for e in entries:
+                _scatter_from_rank0(e[name], full)
+            del full
+    for m in models:
+        m.save_dtype = save_dtype
+    model, ref = models[0], (models[1].eval().requires_grad_(False) if reference else None)
+    return model, ref
+
+
+def _sharded_on_meta(path: str, cfg, device: str, activation_checkpointing: bool, compute_dtype):
+    """The model built on the meta device (no memory), sharded with FSDP2, then given
+    uninitialized storage for its shards on `device`. Its non-persistent buffers (the rotary
+    frequencies, computed from the config, never in a checkpoint) are computed here by
+    transformers' own initializer of the module that holds them; the parameters and persistent
+    buffers are left for load_trainer to fill."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    with contextlib.suppress(OSError):
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    shard_model(model, activation_checkpointing, compute_dtype)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for module in model.modules():
+            if module._non_persistent_buffers_set:
+                model._init_weights(module)
+    return model
+
+
+def _state_entries(model):
+    """(name, tensor) of the model's state dict, each tensor once (tied weights are one
+    object: the first name stands for both)."""
+    seen = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            yield name, t
+
+
+class _DiskTensor:
+    """One tensor of a safetensors file whose rows are read when indexed (`t[a:b]`); the file
+    is mapped for that read only, so no page of it stays resident."""
+
+    def __init__(self, file: str, name: str):
+        self.file, self.name = file, name
+
+    def __getitem__(self, index):
+        from safetensors import safe_open
+
+        with safe_open(self.file, framework="pt") as f:
+            return f.get_slice(self.name)[index]
+
+
+def _weights_of(path: str, names: list[str]) -> Callable:
+    """Rank 0's reader of a checkpoint: name -> the tensor as a _DiskTensor, whose rows are
+    read from disk when indexed (`full[a:b]`), so no whole tensor need be resident. A hub name is
+    first resolved to its local snapshot (`huggingface_hub.snapshot_download`, the files
+    transformers would fetch; not run here, no hub). When the files do not hold every one of
+    `names` (the model's state-dict names) under that name (an architecture whose checkpoint
+    keys transformers converts while loading, or .bin weights), the model is loaded whole by
+    transformers instead and its tensors are handed out (indexed the same way) and dropped
+    one by one."""
+    from safetensors import safe_open
+
+    folder = os.path.expanduser(path)
+    if not os.path.isdir(folder):
+        from huggingface_hub import snapshot_download
+
+        with utils.loading_errors(path):
+            folder = snapshot_download(path, allow_patterns=["*.json", "*.safetensors"])
+    index = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = {k: os.path.join(folder, f) for k, f in json.load(open(index))["weight_map"].items()}
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        with safe_open(os.path.join(folder, "model.safetensors"), framework="pt") as f:
+            files = dict.fromkeys(f.keys(), os.path.join(folder, "model.safetensors"))
+    else:
+        files = {}
+    if files and all(n in files for n in names):
+        return lambda name: _DiskTensor(files[name], name)
+    utils.print0(f"load: {path}: weights not in safetensors under the model's own names; rank 0 loads the model whole")
+    whole = utils.load_model(path, "fp32", "cpu").state_dict()
+    return whole.pop
+
+
+MOVE_CHUNK_BYTES = 16 * 2**20
+"""Load and export move a tensor between ranks in pieces of rows of about this many bytes."""
+
+
+def _dim0_rows(t) -> list[tuple[int, int]]:
+    """(first row, rows) of each rank's dim-0 shard of DTensor `t` as FSDP2 lays them out
+    (torch.chunk: ceil(n / world) rows per rank, the last ranks fewer or none); checked
+    against this rank's own shard."""
+    from torch.distributed.tensor import Shard
+
+    if t.device_mesh.ndim != 1 or tuple(t.placements) != (Shard(0),):
+        raise RuntimeError(f"expected FSDP2's dim-0 shards on one mesh dimension, got {t.placements}")
+    n, world = t.shape[0], utils.world_size()
+    c = -(-n // world)
+    rows = [(k * c, max(0, min(c, n - k * c))) for k in range(world)]
+    if t.to_local().shape[0] != rows[utils.rank()][1]:
+        raise RuntimeError(f"shard of {t.to_local().shape[0]} rows on rank {utils.rank()}, expected {rows[utils.rank()][1]}")
+    return rows
+
+
+def _pieces(start: int, count: int, t) -> list[tuple[int, int]]:
+    """(first row, rows) of rows [start, start + count) of DTensor `t` in pieces of about
+    MOVE_CHUNK_BYTES (the same on every rank: from the global shape and dtype)."""
+    row_bytes = math.prod(t.shape[1:]) * t.dtype.itemsize
+    step = max(1, MOVE_CHUNK_BYTES // max(1, row_bytes))
+    return [(a, min(step, start + count - a)) for a in range(start, start + count, step)]
+
+
+def _scatter_from_rank0(target, full) -> None:
+    """Fill `target` (this rank's entry of a sharded state dict: a DTensor sharded on dim 0 by
+    FSDP2, or a replicated plain tensor) from rank 0's `full` (None on the other ranks): a
+    tensor, or a _DiskTensor that reads rows from disk when indexed. Rank 0 sends each
+    rank its own rows, read and cast to the target's dtype a piece (_pieces) at a time; each
+    rank receives into its shard. No rank holds a full copy of the tensor; rank 0 holds its
+    shard plus one piece in flight."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(target, DTensor):
+        if full is not None:
+            target.data.copy_(full[:] if target.dim() else full)
+        dist.broadcast(target.data, src=0)
+        return
+    local = target.to_local().data  # this rank's rows, a view of its shard
+    if not local.is_contiguous():
+        raise RuntimeError("expected a contiguous FSDP2 shard")
+    for k, (start, count) in enumerate(_dim0_rows(target)):
+        if k != utils.rank() and not utils.is_main():
+            continue
+        for a, m in _pieces(start, count, target):
+            mine = local[a - start:a - start + m]  # (m, ...) rows a.. of the full tensor, in rank k's shard
+            if utils.is_main():
+                piece = full[a:a + m].to(local.device, target.dtype)  # (m, ...)
+                if k == 0:
+                    mine.copy_(piece)
+                else:
+                    dist.send(piece.contiguous(), dst=k)
+                del piece
+            else:
+                dist.recv(mine, src=0)
+
+
+def _gather_to_rank0(t, dtype=None):
+    """The full tensor of a state-dict entry on rank 0, in `dtype` (default: its own), None
+    elsewhere: each rank sends its dim-0 rows (as in _scatter_from_rank0) to rank 0 only, a
+    piece at a time, which casts each into place: no other rank holds more than its shard;
+    rank 0 holds the full tensor in `dtype` plus one piece."""
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.tensor import DTensor
+
+    local = t.to_local().detach() if isinstance(t, DTensor) else t.detach()
+    dtype = dtype if dtype is not None and t.is_floating_point() else t.dtype
+    if not isinstance(t, DTensor):
+        return local.to("cpu", dtype, copy=True) if utils.is_main() else None
+    full = torch.empty(t.shape, dtype=dtype, device="cpu") if utils.is_main() else None  # (n, ...)
+    for k, (start, count) in enumerate(_dim0_rows(t)):
+        if k != utils.rank() and not utils.is_main():
+            continue
+        for a, m in _pieces(start, count, t):
+            if not utils.is_main():
+                dist.send(local[a - start:a - start + m].contiguous(), dst=0)
+            elif k == 0:
+                full[a:a + m] = local[a - start:a - start + m].to("cpu", dtype)
+            else:
+                piece = torch.empty((m, *t.shape[1:]), dtype=t.dtype, device=local.device)  # (m, ...)
+                dist.recv(piece, src=k)
+                full[a:a + m] = piece.to("cpu", dtype)
+                del piece
+    return full
+
+
+def iter_full_params(model, dtype=None):
+    """(name, full tensor) for each entry of the model's state dict, gathering FSDP2
+    shards one parameter at a time (every rank must iterate, in the same order); floating
+    tensors cast to `dtype` when given (e.g. fp32 master weights into a bf16 engine)."""
+    from torch.distributed.tensor import DTensor
+
+    for name, t in model.state_dict().items():
+        t = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
+        yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+
+
+def full_state_dict(model, cpu: bool = True) -> dict:
+    """The full (unsharded) model state dict, on every rank. With cpu=True, a copy: later
+    training steps do not change it (with or without FSDP)."""
+    return {k: (v.to("cpu", copy=True) if cpu else v) for k, v in iter_full_params(model)}
+
+
+EXPORT_SHARD_BYTES = 5 * 2**30
+"""save_pretrained writes the weights in safetensors files of at most this many bytes each
+(one larger tensor gets a file of its own): rank 0 holds one file's worth at a time."""
+
+
+def save_pretrained(model, tokenizer, path: str, shard_bytes: int | None = None) -> None:
+    """Save a Hugging Face checkpoint atomically (config, generation config, tokenizer,
+    safetensors weights; loadable by transformers and vLLM), weights in the dtype the model's
+    config file named when it was loaded (`model.save_dtype`, set by load_trainer; else the
+    parameters' dtype). Every rank must call it.
+
+    Memory: the weights are gathered to rank 0 one tensor at a time (`_gather_to_rank0`: the
+    other ranks never hold more than their own shards), cast to the saved dtype, and written in
+    files of at most `shard_bytes` (default EXPORT_SHARD_BYTES) as each fills, with the
+    `model.safetensors.index.json` transformers writes for sharded checkpoints: rank 0 holds
+    one file's worth, never the whole model. Tied weights are written once, under their first
+    name (transformers ties them again from the config when it loads)."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    shard_bytes = shard_bytes or EXPORT_SHARD_BYTES
+    save_dtype = getattr(model, "save_dtype", None) or next(model.parameters()).dtype
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(utils.atomic_dir(path)) if utils.is_main() else None
+        files, shard, size, total = [], {}, 0, 0
+
+        def flush():
+            files.append((f"part-{len(files)}.safetensors", list(shard)))
+            save_file(shard, os.path.join(tmp, files[-1][0]), metadata={"format": "pt"})
+            shard.clear()
+
+        for name, t in _state_entries(model):
+            full = _gather_to_rank0(t, save_dtype)  # on rank 0, in the saved dtype; None elsewhere
+            if full is None:
+                continue
+            if shard and size + full.nbytes > shard_bytes:
+                flush()
+                size = 0
+            shard[name], size, total = full, size + full.nbytes, total + full.nbytes
+            del full
+        if utils.is_main():
+            if shard:
+                flush()
+            names = ["model.safetensors"] if len(files) == 1 else \
+                [f"model-{k + 1:05d}-of-{len(files):05d}.safetensors" for k in range(len(files))]
+            for (old, _), new in zip(files, names):
+                os.rename(os.path.join(tmp, old), os.path.join(tmp, new))
+            if len(files) > 1:
+                weight_map = {k: new for (_, keys), new in zip(files, names) for k in keys}
+                utils.write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                           {"metadata": {"total_size": total}, "weight_map": weight_map})
+            cfg = copy.deepcopy(model.config)  # the parameters are fp32 masters: name the saved dtype
+            cfg.dtype = save_dtype
+            cfg.save_pretrained(tmp)
+            if getattr(model, "generation_config", None) is not None:
+                model.generation_config.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    utils.barrier()
+
+
+def rng_state() -> dict:
+    import numpy as np
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if utils.has_cuda():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and utils.has_cuda():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _latest_checkpoint(path: str) -> str | None:
+    """The folder of the last complete save under a checkpoint folder (named by its
+    `latest` file), or None when there is none."""
+    latest = os.path.join(path, "latest")
+    if not os.path.isfile(latest):
+        return None
+    name = open(latest).read().strip()
+    return os.path.join(path, name) if name and os.path.isdir(os.path.join(path, name)) else None
+
+
+def has_checkpoint(path: str) -> bool:
+    """True when `path` holds a complete checkpoint written by save_checkpoint."""
+    return _latest_checkpoint(path) is not None
+
+
+def save_checkpoint(path: str, model, optimizer=None, scheduler=None, **extra) -> None:
+    """A sharded checkpoint into the folder `path`: model and optimizer states with
+    torch.distributed.checkpoint (DCP; each rank writes its own shards, nothing is gathered),
+    every rank's RNG states (rng-<rank>.pt), and the scheduler state, world size and `extra`
+    (step, data position, ...) from rank 0 (state.pt). Every rank must call it.
+
+    Atomic: a save fills <path>/.tmp-<n>, is renamed to <path>/save-<n> once every rank has
+    written, and only then does <path>/latest name it; the previous save is deleted after
+    that. A process killed at any point leaves the last complete save in use."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])  # sharded (DTensors under FSDP2)
+    n = [0]
+    if utils.is_main():
+        os.makedirs(path, exist_ok=True)
+        done = [int(f[5:]) for f in os.listdir(path) if re.fullmatch(r"save-\d+", f)]
+        n = [max(done, default=0) + 1]
+        tmp = os.path.join(path, f".tmp-{n[0]}")
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+    if utils.is_distributed():
+        dist.broadcast_object_list(n, src=0)
+    tmp, final = os.path.join(path, f".tmp-{n[0]}"), os.path.join(path, f"save-{n[0]}")
+    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
+    with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save(state, checkpoint_id=tmp, no_dist=not dist.is_initialized())
+    torch.save(rng_state(), os.path.join(tmp, f"rng-{utils.rank()}.pt"))
+    if utils.is_main():
+        torch.save({"scheduler": scheduler.state_dict() if scheduler else None, "world_size": utils.world_size(),
+                    "extra": extra}, os.path.join(tmp, "state.pt"))
+    utils.barrier()
+    if utils.is_main():
+        os.replace(tmp, final)
+        with utils.atomic_path(os.path.join(path, "latest")) as t, open(t, "w") as f:
+            f.write(os.path.basename(final) + "\n")
+        for f in os.listdir(path):  # older saves and leftovers of killed ones
+            if f not in ("latest", os.path.basename(final)) and (f.startswith("save-") or f.startswith(".tmp-")):
+                shutil.rmtree(os.path.join(path, f), ignore_errors=True)
+    utils.barrier()
+
+
+def checkpoint_extra(path: str) -> dict:
+    """The `extra` fields and world size of the last complete checkpoint under `path`."""
+    import torch
+
+    d = _latest_checkpoint(path)
+    if d is None:
+        raise utils.UserError(f"{path}: no complete checkpoint")
+    meta = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    return {**meta["extra"], "world_size": meta["world_size"]}
+
+
+def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
+    """Restore what save_checkpoint wrote (into a plain or FSDP2 model of the same shape;
+    each rank reads the shards it needs) and return the extra fields with the world size.
+    RNG states are restored per rank when the world size matches."""
+    import torch
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    d = _latest_checkpoint(path)
+    if d is None:
+        raise utils.UserError(f"{path}: no complete checkpoint")
+    msd, osd = get_state_dict(model, optimizer if optimizer is not None else [])  # the shapes to fill
+    state = {"model": msd} if optimizer is None else {"model": msd, "optimizer": osd}
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=d, no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer if optimizer is not None else [], model_state_dict=state["model"],
+                   optim_state_dict=state.get("optimizer", {}))
+    meta = torch.load(os.path.join(d, "state.pt"), weights_only=False)
+    if scheduler is not None and meta["scheduler"] is not None:
+        scheduler.load_state_dict(meta["scheduler"])
+    if meta["world_size"] == utils.world_size():
+        set_rng_state(torch.load(os.path.join(d, f"rng-{utils.rank()}.pt"), weights_only=False))
+    return {**meta["extra"], "world_size": meta["world_size"]}
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], pad_id: int, left: bool = False, dtype=None):
+    """(B, T) tensor of the padded sequences (long ids, or `dtype`, e.g. float per-token
+    values) and the (B, T) long mask of real entries."""
+    import torch
+
+    dtype = dtype or torch.long
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=dtype)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        ids[i, sl] = torch.as_tensor(list(s), dtype=dtype)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+@functools.lru_cache(maxsize=None)
+def _sampled_logprob_fn():
+    """The autograd function behind `sampled_logprobs` (built on first use: this module
+    imports torch late)."""
+    import torch
+
+    class SampledLogprob(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, logits, targets, temperature, chunk, inplace):
+            B, T = targets.shape
+            lse = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
+            out = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
+            for b in range(B):
+                for s in range(0, T, chunk):
+                    e = min(T, s + chunk)
+                    z = logits[b, s:e].float() / temperature  # (c, V), fp32 chunk
+                    lse[b, s:e] = torch.logsumexp(z, -1)  # (c,)
+                    out[b, s:e] = z.gather(-1, targets[b, s:e, None]).squeeze(-1) - lse[b, s:e]
+            ctx.save_for_backward(logits, targets, lse)
+            ctx.temperature, ctx.chunk, ctx.inplace = temperature, chunk, inplace
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):  # d logp / d z = onehot(target) - softmax(z); z = logits / temperature
+            logits, targets, lse = ctx.saved_tensors
+            B, T = targets.shape
+            # In place: each chunk of the logits is read, then overwritten by its gradient. An
+            # autograd node that saved these logits too would fail its version check, loudly.
+            grad = logits if ctx.inplace else torch.empty_like(logits)  # (B, T_logits, V)
+            grad[:, T:] = 0
+            for b in range(B):
+                for s in range(0, T, ctx.chunk):
+                    e = min(T, s + ctx.chunk)
+                    z = logits[b, s:e].float() / ctx.temperature  # (c, V)
+                    g = -(z - lse[b, s:e, None]).exp_()  # (c, V): -softmax
+                    g.scatter_add_(-1, targets[b, s:e, None], torch.ones_like(g[:, :1]))
+                    g *= grad_out[b, s:e, None] / ctx.temperature
+                    grad[b, s:e] = g
+            return grad, None, None, None, None
+
+    return SampledLogprob
+
+
+def sampled_logprobs(logits, targets, temperature: float = 1.0, chunk: int | None = None, inplace: bool = False):
+    """log p(targets[b, t]) under softmax(logits[b, t] / temperature), in fp32: (B, T) for
+    logits (B, T_logits, V) with T_logits >= T (positions past T are ignored). Computed as
+    z[target] - logsumexp(z) over chunks of `chunk` positions (default: about 2^20 logits
+    per chunk, 8 positions at a vocabulary of 128,256), so neither the forward nor
+    the backward pass holds an fp32 (B, T, V) log-softmax: the backward recomputes softmax
+    per chunk from the saved logits and writes the gradient in the logits' dtype. With
+    inplace=True the backward writes that gradient into the logits tensor itself (no second
+    (B, T, V) tensor): only for logits nobody reads after the backward pass."""
+    chunk = chunk or _chunk_positions(logits.shape[-1])
+    return _sampled_logprob_fn().apply(logits, targets, float(temperature), int(chunk), bool(inplace))
+
+
+def _chunk_positions(vocab: int) -> int:
+    """Positions per chunk of the log-prob loops: about 2^20 logits (4 MiB in fp32). Small
+    chunks matter on CPU: the allocator keeps freed chunk buffers, so the peak grows with them."""
+    return max(1, (1 << 20) // vocab)
+
+
+def token_entropy(logits, T: int, temperature: float = 1.0, chunk: int | None = None):
+    """(B, T) entropy of softmax(logits[:, t] / temperature) for t < T, in fp32 chunks of
+    `chunk` positions (default as in sampled_logprobs), without gradient."""
+    import torch
+
+    chunk = chunk or _chunk_positions(logits.shape[-1])
+    B = logits.shape[0]
+    ent = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
+    with torch.no_grad():
+        for b in range(B):
+            for s in range(0, T, chunk):
+                e = min(T, s + chunk)
+                z = logits[b, s:e].float() / temperature  # (c, V)
+                logp = z - torch.logsumexp(z, -1, keepdim=True)  # (c, V)
+                ent[b, s:e] = -(logp.exp() * logp).sum(-1)  # (c,)
+    return ent
+
+
+def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: float = 1.0, with_entropy: bool = False):
+    """The log-probabilities that training uses: (B, Tc) log p of each completion token given
+    its context, logits divided by the sampling temperature, the (B, Tc) completion mask
+    built from the token counts and, if asked, the (B, Tc) entropy (no gradient; else None).
+    Contexts are left-padded and completions right-padded, so logits are computed for the
+    completion positions only; position ids count real tokens, as in the sampler. Memory:
+    the model's logits (B, Tc + 1, V), which the backward pass overwrites with their
+    gradient, plus chunk-sized temporaries (`sampled_logprobs`)."""
+    import torch
+
+    ctx, ctx_mask = pad_sequences(ctx_ids, pad_id, left=True)  # (B, Tp)
+    comp, comp_mask = pad_sequences(comp_ids, pad_id)  # (B, Tc)
+    device = next(model.parameters()).device
+    ids = torch.cat([ctx, comp], 1).to(device)  # (B, Tp + Tc)
+    attn = torch.cat([ctx_mask, comp_mask], 1).to(device)  # (B, Tp + Tc)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)  # (B, Tp + Tc)
+    Tc = comp.shape[1]
+    logits = model(input_ids=ids, attention_mask=attn, position_ids=pos, logits_to_keep=Tc + 1).logits  # (B, Tc + 1, V)
+    comp = comp.to(device)
+    logp = sampled_logprobs(logits, comp, temperature, inplace=True)  # (B, Tc): position t predicts token t
+    entropy = token_entropy(logits.detach(), Tc, temperature) if with_entropy else None  # (B, Tc)
+    return logp, comp_mask.to(device).float(), entropy
