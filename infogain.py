@@ -348,6 +348,12 @@ class Args:
     """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
 
 
+def longest_mu_context(tokenizer, row: dict, instruction: str, suffix: str) -> int:
+    """Tokens of a trace's longest meta-prover context: prompt + z0 + z1 + z2 + suffix."""
+    prompt = utils.build_prompt(tokenizer, row["problem"], instruction)
+    return len(utils.encode(tokenizer, mu_context(episode_contexts(prompt, row["episodes"])[-1], suffix)))
+
+
 def engine_need(path: str, args: Args, problems: list[dict] | None, rows: list[dict]) -> int:
     """Tokens one engine sequence on `path` may hold in this run: the longest meta-prover
     context of the given traces `rows` (prompt + z0 + z1 + z2 + mu's suffix), and when traces
@@ -357,9 +363,7 @@ def engine_need(path: str, args: Args, problems: list[dict] | None, rows: list[d
     it into the engine's max_model_len."""
     tok = utils.load_tokenizer(path)
     suffix = len(utils.encode(tok, args.mu_suffix))
-    need = max((len(utils.encode(tok, mu_context(episode_contexts(utils.build_prompt(tok, r["problem"], args.instruction),
-                                                                   r["episodes"])[-1], args.mu_suffix)))
-                for r in rows), default=0)
+    need = max((longest_mu_context(tok, r, args.instruction, args.mu_suffix) for r in rows), default=0)
     if problems:
         longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
         need = max(need, longest + 2 * args.max_tokens + len(utils.encode(tok, backtrack_cue(""))) + suffix)
@@ -447,11 +451,10 @@ def check_lengths(mu: MetaProver, rows: list[dict], args: Args) -> tuple[list[di
     the engine's context length: an error naming file:line, or skipped with --skip-invalid."""
     if mu.sampler.backend != "vllm":
         return rows, 0
-    limit = mu.sampler.llm.llm_engine.model_config.max_model_len - mu.max_tokens
+    limit = mu.sampler.max_model_len - mu.max_tokens
     tok, kept = mu.sampler.tokenizer, []
     for r in rows:
-        prompt = utils.build_prompt(tok, r["problem"], args.instruction)
-        n = len(utils.encode(tok, mu_context(episode_contexts(prompt, r["episodes"])[-1], mu.suffix)))
+        n = longest_mu_context(tok, r, args.instruction, mu.suffix)
         if n <= limit:
             kept.append(r)
         elif not args.skip_invalid:

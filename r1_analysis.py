@@ -537,15 +537,6 @@ def engine_needs(args: Args, problems: list[dict] | None, split: list[dict] | No
     return needs
 
 
-def context_len(sampler) -> int:
-    """The engine's context length (vLLM's, else the model config's)."""
-    if getattr(sampler, "backend", "") == "vllm":
-        return int(sampler.llm.llm_engine.model_config.max_model_len)
-    from transformers import AutoConfig
-
-    return int(getattr(AutoConfig.from_pretrained(sampler.model_path), "max_position_embeddings", 1 << 30))
-
-
 def sample_traces(sampler, problems: list[dict], args: Args, logger) -> list[dict]:
     """K stems per problem: one generation each (rounds = 1) or a linearized stream of rounds
     (evaluate.run_linearized), cut after the first round whose answer repeats the previous
@@ -566,7 +557,7 @@ def sample_traces(sampler, problems: list[dict], args: Args, logger) -> list[dic
         eargs = evaluate.Args(samples=args.rounds, window=args.window, max_tokens=args.max_tokens,
                               temperature=args.temperature, seed=args.seed, modes=["linearized"])
         recs = [problems[i] for i, _ in reps]
-        rows = evaluate.run_linearized(sampler, [prompt_ids[i] for i, _ in reps], recs, eargs, context_len(sampler),
+        rows = evaluate.run_linearized(sampler, [prompt_ids[i] for i, _ in reps], recs, eargs, sampler.max_model_len,
                                        list(range(len(reps))))
         by = {}
         for r in rows:
@@ -625,7 +616,7 @@ def score_traces(sampler, traces: list[dict], args: Args, logger) -> tuple[list[
     from tqdm import tqdm
 
     tok = sampler.tokenizer
-    limit = context_len(sampler) - args.mu_max_tokens
+    limit = sampler.max_model_len - args.mu_max_tokens
     items, skipped = [], 0
     for t in traces:
         ctx = mu_contexts(tok, t, args)

@@ -53,7 +53,9 @@ class Sampler:
     Engines of different ranks get different seeds (seed + rank), so unseeded requests do
     not repeat each other's samples; a `generate(..., seed=s)` call is reproducible as is.
     Keep one vLLM engine alive per process: vLLM 0.32 tears down its process-wide parallel
-    state whenever an engine shuts down, which breaks any other engine still in use."""
+    state whenever an engine shuts down, which breaks any other engine still in use.
+    `max_model_len` is the most tokens one sequence may hold: the engine's (vLLM), or the
+    model's positions (transformers)."""
 
     def __init__(self, model: str, *, backend: str = "auto", dtype: str = "auto", seed: int = 0,
                  max_model_len: int | None = None, gpu_memory_utilization: float = 0.3,
@@ -113,12 +115,15 @@ class Sampler:
                 self.llm = LLM(model, **kwargs)
             except (ValueError, RuntimeError, MemoryError) as e:  # vLLM's reasons: too little memory, bad sizes
                 reason = " ".join(str(e).split()) or type(e).__name__
-                raise utils.UserError(f"vLLM engine for {model} could not start: {reason}; lower the run's --max-* lengths "
-                                f"(max_model_len {kwargs.get('max_model_len', 'the model')}), or raise VLLM_CPU_KVCACHE_SPACE (CPU) / "
-                                f"--gpu-memory-utilization (GPU)", every_rank=True) from e
+                raise utils.UserError(f"vLLM engine for {model} could not start: {reason}; lower the run's --max-* "
+                                      f"lengths (max_model_len {kwargs.get('max_model_len', 'the model')}), or raise "
+                                      f"VLLM_CPU_KVCACHE_SPACE (CPU) / --gpu-memory-utilization (GPU)",
+                                      every_rank=True) from e
+            self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         else:
             self.model = utils.load_model(model, dtype)
             self.model.eval()
+            self.max_model_len = int(getattr(self.model.config, "max_position_embeddings", None) or 1 << 30)
 
     # -- generation --------------------------------------------------------------------
 

@@ -21,6 +21,15 @@ thing a fresh checkout's session does, nothing else running) uses it; on 2 cores
 about 9 minutes, against about 15 with 1 thread. The built model is the same either way."""
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (`-n`), the controller builds the toy before the workers start (each
+    worker's first toy_paths would otherwise start the same build at once); in one process the
+    toy_paths fixture builds it on first use."""
+    workers = getattr(config.option, "numprocesses", None)
+    if workers and not hasattr(config, "workerinput") and not os.environ.get("MRT_TOY_DIR"):
+        toy.ensure_built(os.path.join(ROOT, "runs", "toy"))
+
+
 @pytest.fixture(scope="session")
 def toy_paths():
     """{'base', 'train', 'test'} of the default toy build under runs/toy (built here if
