@@ -224,12 +224,13 @@ def restart_precision(items: list[dict]) -> dict:
 PRESETS = {
     # name: model sizes and pretraining budget; optional recipe fields (RECIPE_DEFAULTS when absent):
     # warmup (share of steps), min_lr (final lr / peak), bf16 (autocast), mask (attention mask),
-    # pretok (all documents drawn and tokenized once before training)
+    # pretok (all documents drawn and tokenized once before training), balance (pretok's rows
+    # balanced in length: collate)
     "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
     "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=1500, batch=32, lr=2e-3),
     "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
 }
-RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=True, pretok=False)
+RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=True, pretok=False, balance=False)
 """Recipe fields a preset may leave out: the default preset's recipe."""
 
 
@@ -350,13 +351,25 @@ def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: flo
     return ids, attn, loss_mask
 
 
-def collate(docs: list[tuple[list[int], list[int]]], pack: int, pad_id: int):
+def collate(docs: list[tuple[list[int], list[int]]], pack: int, pad_id: int, balance: bool = False):
     """(ids, attention mask, loss mask), each (rows, T), from encoded documents (encode_documents)
-    as encode_batch lays them out: `pack` consecutive documents per row, padded to the longest row."""
+    as encode_batch lays them out: `pack` consecutive documents per row, padded to the longest row.
+    With balance, the same number of rows (len(docs) / pack, rounded up), but each document goes
+    to the row with the fewest tokens so far, longest documents first (rows keep their documents
+    in stream order): rows of about equal length, less padding."""
     import torch
 
-    seqs = [sum((d[0] for d in docs[i:i + pack]), []) for i in range(0, len(docs), pack)]
-    masks = [sum((d[1] for d in docs[i:i + pack]), []) for i in range(0, len(docs), pack)]
+    groups = [list(range(i, min(i + pack, len(docs)))) for i in range(0, len(docs), pack)]
+    if balance:
+        loads = [0] * len(groups)
+        groups = [[] for _ in groups]
+        for i in sorted(range(len(docs)), key=lambda i: -len(docs[i][0])):
+            r = loads.index(min(loads))
+            groups[r].append(i)
+            loads[r] += len(docs[i][0])
+        groups = [sorted(g) for g in groups]
+    seqs = [sum((docs[i][0] for i in g), []) for g in groups]
+    masks = [sum((docs[i][1] for i in g), []) for g in groups]
     T = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(seqs), T), dtype=torch.float)
@@ -493,6 +506,9 @@ class Args:
     pretok: Optional[bool] = None
     """draw and tokenize every pretraining document once before training, in batched
     tokenizer calls, instead of encode_batch every step (unset: the preset's)"""
+    balance: Optional[bool] = None
+    """with pretok: spread each step's documents over its rows by length (toy.collate) instead of
+    `pack` consecutive ones per row, so rows pad less (unset: the preset's)"""
     eval_samples: int = 8
     """samples per test problem for the pass@1 / pass@k report (0 skips it)"""
     threads: int = 0
@@ -507,7 +523,7 @@ def recipe(args: Args) -> dict:
         r[k] = getattr(args, k) or r[k]
     for k in ("warmup", "min_lr"):
         r[k] = r[k] if getattr(args, k) < 0 else getattr(args, k)
-    for k in ("bf16", "mask", "pretok"):
+    for k in ("bf16", "mask", "pretok", "balance"):
         r[k] = r[k] if getattr(args, k) is None else getattr(args, k)
     return r
 
@@ -563,7 +579,8 @@ def build(args: Args) -> dict:
         for step in tqdm(range(steps), desc="toy pretrain", disable=not utils.is_main()):
             if preset["pretok"]:
                 b = preset["batch"]
-                ids, attn, loss_mask = collate(docs[step * b:(step + 1) * b], args.pack, tokenizer.pad_token_id)
+                ids, attn, loss_mask = collate(docs[step * b:(step + 1) * b], args.pack, tokenizer.pad_token_id,
+                                               preset["balance"])
             else:
                 batch = [train[rng.randrange(len(train))] for _ in range(preset["batch"])]
                 ids, attn, loss_mask = encode_batch(tokenizer, batch, rng, args.slip, args.mu_frac, args.note_frac,
