@@ -60,6 +60,7 @@ import random
 import re
 import time
 from dataclasses import dataclass
+from typing import Optional
 
 import sampling
 import utils
@@ -222,11 +223,16 @@ def restart_precision(items: list[dict]) -> dict:
 # --------------------------------------------------------------------------------------
 
 PRESETS = {
-    # name: model sizes and pretraining budget
+    # name: model sizes and pretraining budget; optional recipe fields (RECIPE_DEFAULTS when absent):
+    # warmup (share of steps), min_lr (final lr / peak), bf16 (autocast), mask (attention mask),
+    # pretok (all documents drawn and tokenized once before training), balance (pretok's rows
+    # balanced in length: collate)
     "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
     "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=1500, batch=32, lr=2e-3),
     "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
 }
+RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=True, pretok=False, balance=False)
+"""Recipe fields a preset may leave out: the default preset's recipe."""
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 512):
@@ -346,6 +352,36 @@ def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: flo
     return ids, attn, loss_mask
 
 
+def collate(docs: list[tuple[list[int], list[int]]], pack: int, pad_id: int, balance: bool = False):
+    """(ids, attention mask, loss mask), each (rows, T), from encoded documents (encode_documents)
+    as encode_batch lays them out: `pack` consecutive documents per row, padded to the longest row.
+    With balance, the same number of rows (len(docs) / pack, rounded up), but each document goes
+    to the row with the fewest tokens so far, longest documents first (rows keep their documents
+    in stream order): rows of about equal length, less padding."""
+    import torch
+
+    groups = [list(range(i, min(i + pack, len(docs)))) for i in range(0, len(docs), pack)]
+    if balance:
+        loads = [0] * len(groups)
+        groups = [[] for _ in groups]
+        for i in sorted(range(len(docs)), key=lambda i: -len(docs[i][0])):
+            r = loads.index(min(loads))
+            groups[r].append(i)
+            loads[r] += len(docs[i][0])
+        groups = [sorted(g) for g in groups]
+    seqs = [sum((docs[i][0] for i in g), []) for g in groups]
+    masks = [sum((docs[i][1] for i in g), []) for g in groups]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    loss_mask = torch.zeros((len(seqs), T), dtype=torch.float)
+    attn = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        ids[i, : len(s)] = torch.tensor(s)
+        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
+        attn[i, : len(s)] = 1
+    return ids, attn, loss_mask
+
+
 DRAW = 32
 """Problems drawn at a time by document_texts: each draw is the batch of one step of the old
 per-step encoding (encode_batch), so both see the same documents in the same order."""
@@ -447,10 +483,50 @@ class Args:
     all (README gives bench/restart_steps.py's numbers for several shares)"""
     steps: int = 0
     """optimizer steps (0: the preset's)"""
+    batch: int = 0
+    """pretraining documents per step (0: the preset's)"""
+    lr: float = 0.0
+    """peak learning rate (0: the preset's)"""
+    warmup: float = -1.0
+    """linear warmup as a share of the steps (negative: the preset's)"""
+    min_lr: float = -1.0
+    """final learning rate of the cosine schedule, as a share of the peak (negative: the preset's)"""
+    hidden: int = 0
+    """model width (0: the preset's)"""
+    layers: int = 0
+    """decoder layers (0: the preset's)"""
+    heads: int = 0
+    """attention heads (0: the preset's; hidden / heads must stay >= 32)"""
+    inter: int = 0
+    """MLP width (0: the preset's)"""
+    bf16: Optional[bool] = None
+    """forward under bf16 autocast, fp32 weights and optimizer (unset: the preset's)"""
+    mask: Optional[bool] = None
+    """pass the attention mask; without it causal attention alone keeps real tokens off the
+    pads, which come last in each row: same loss (unset: the preset's)"""
+    pretok: Optional[bool] = None
+    """draw and tokenize every pretraining document once before training, in batched
+    tokenizer calls, instead of encode_batch every step (unset: the preset's)"""
+    balance: Optional[bool] = None
+    """with pretok: spread each step's documents over its rows by length (toy.collate) instead of
+    `pack` consecutive ones per row, so rows pad less (unset: the preset's)"""
     eval_samples: int = 8
     """samples per test problem for the pass@1 / pass@k report (0 skips it)"""
     threads: int = 0
     """torch CPU threads (0: all cores)"""
+
+
+def recipe(args: Args) -> dict:
+    """The build's model sizes and pretraining recipe: the preset's (RECIPE_DEFAULTS for the
+    fields it leaves out) with args' overrides."""
+    r = {**RECIPE_DEFAULTS, **PRESETS[args.preset]}
+    for k in ("steps", "batch", "lr", "hidden", "layers", "heads", "inter"):
+        r[k] = getattr(args, k) or r[k]
+    for k in ("warmup", "min_lr"):
+        r[k] = r[k] if getattr(args, k) < 0 else getattr(args, k)
+    for k in ("bf16", "mask", "pretok", "balance"):
+        r[k] = r[k] if getattr(args, k) is None else getattr(args, k)
+    return r
 
 
 def build(args: Args) -> dict:
@@ -458,8 +534,8 @@ def build(args: Args) -> dict:
     import torch
     from tqdm import tqdm
 
-    preset = dict(PRESETS[args.preset])
-    steps = args.steps or preset["steps"]
+    preset = recipe(args)
+    steps = preset["steps"]
     if args.threads:
         torch.set_num_threads(args.threads)
     utils.seed_everything(args.seed)
@@ -483,25 +559,37 @@ def build(args: Args) -> dict:
     utils.print0(f"toy: {args.preset} model, {n_params / 1e6:.2f}M parameters, {steps} steps")
 
     opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.95), weight_decay=0.1)
-    warmup = max(1, steps // 20)
+    warmup, floor = max(1, int(steps * preset["warmup"] + 1e-9)), preset["min_lr"]
 
-    def lr_at(step):  # linear warmup, cosine to 10%
+    def lr_at(step):  # linear warmup, cosine to min_lr (a share of the peak)
         if step < warmup:
             return (step + 1) / warmup
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    docs = []
+    if preset["pretok"]:  # every step's documents, drawn as encode_batch draws them, tokenized once
+        docs = encode_documents(tokenizer, document_texts(tokenizer, train, rng, steps * preset["batch"], args.slip,
+                                                          args.mu_frac, args.note_frac, args.retry_frac))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     log_path = os.path.join(args.out, "train_log.jsonl")
     os.makedirs(args.out, exist_ok=True)
     model.train()
+    t_train = time.time()
     with open(log_path, "w") as log:
         for step in tqdm(range(steps), desc="toy pretrain", disable=not utils.is_main()):
-            batch = [train[rng.randrange(len(train))] for _ in range(preset["batch"])]
-            ids, attn, loss_mask = encode_batch(tokenizer, batch, rng, args.slip, args.mu_frac, args.note_frac,
-                                                args.pack, args.retry_frac)
-            logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
+            if preset["pretok"]:
+                b = preset["batch"]
+                ids, attn, loss_mask = collate(docs[step * b:(step + 1) * b], args.pack, tokenizer.pad_token_id,
+                                               preset["balance"])
+            else:
+                batch = [train[rng.randrange(len(train))] for _ in range(preset["batch"])]
+                ids, attn, loss_mask = encode_batch(tokenizer, batch, rng, args.slip, args.mu_frac, args.note_frac,
+                                                    args.pack, args.retry_frac)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=preset["bf16"]):
+                logits = model(input_ids=ids, attention_mask=attn if preset["mask"] else None).logits[:, :-1]  # (B, T-1, V)
             nll = torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
+                logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
             ).view_as(loss_mask[:, 1:])  # (B, T-1)
             loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
             opt.zero_grad(set_to_none=True)
@@ -513,13 +601,14 @@ def build(args: Args) -> dict:
                 log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
                 log.flush()
 
+    train_s = time.time() - t_train
     model.eval()
     with utils.atomic_dir(model_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     report = {"fingerprint": fingerprint(args), "preset": args.preset, "seed": args.seed, "params": n_params, "steps": steps,
               "slip": args.slip, "note_frac": args.note_frac, "retry_frac": args.retry_frac, "pack": args.pack,
-              "build_seconds": round(time.time() - t0, 1)}
+              "recipe": preset, "train_seconds": round(train_s, 1), "build_seconds": round(time.time() - t0, 1)}
     if args.eval_samples:
         report.update(evaluate_base(model_dir, os.path.join(data_dir, "test.jsonl"), args.eval_samples, args.seed))
         report["eval_seconds"] = round(time.time() - t0 - report["build_seconds"], 1)

@@ -5,6 +5,7 @@ import random
 import re
 
 import pytest
+import torch
 
 import toy
 import utils
@@ -88,6 +89,29 @@ def test_document_stream_holds_what_the_old_per_step_encoding_did(toy_tokenizer)
         kinds.add("note" if prompt == "" else "mu" if prompt.endswith(utils.MU_SUFFIX) else
                   "retry" if any(line in prompt for line in toy.RETRY_LINES) else "solution")
     assert kinds == {"note", "mu", "retry", "solution"}
+
+
+def test_collate_lays_out_rows_as_encode_batch_and_balances_them(toy_tokenizer):
+    """collate of the encoded document stream gives encode_batch's tensors for the same draw
+    (pack documents per row); with balance, the same rows count and the same documents (each
+    whole, in stream order within its row), and its longest row is no longer."""
+    tok, problems = toy_tokenizer, [toy.make_problem(random.Random(3000 + i)) for i in range(50)]
+    old_rng, new_rng = random.Random(7), random.Random(7)
+    batch = [problems[old_rng.randrange(len(problems))] for _ in range(toy.DRAW)]
+    old = toy.encode_batch(tok, batch, old_rng, DOC_ARGS["slip"], DOC_ARGS["mu_frac"], DOC_ARGS["note_frac"], 3,
+                           DOC_ARGS["retry_frac"])
+    docs = toy.encode_documents(tok, toy.document_texts(tok, problems, new_rng, toy.DRAW, **DOC_ARGS))
+    new = toy.collate(docs, 3, tok.pad_token_id)
+    assert all(torch.equal(x, y) for x, y in zip(old, new))
+    ids, attn, mask = toy.collate(docs, 3, tok.pad_token_id, balance=True)
+    assert ids.shape[0] == new[0].shape[0] and ids.shape[1] <= new[0].shape[1]
+    assert int(attn.sum()) == int(new[1].sum()) and torch.equal(mask.sum(), new[2].sum())
+    got = []
+    for row, a in zip(ids.tolist(), attn.tolist()):
+        row = row[:sum(a)]
+        starts = [i for i, t in enumerate(row) if t == tok.bos_token_id] + [len(row)]
+        got += [row[i:j] for i, j in zip(starts, starts[1:])]
+    assert sorted(got) == sorted(d[0] for d in docs)
 
 
 def test_pack_rows_by_hand():

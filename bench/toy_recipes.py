@@ -1,0 +1,111 @@
+"""bench/toy_recipes.py: time per pretraining step of toy.py recipes, side by side.
+
+Each recipe is toy.py's default preset with overrides (name=value pairs: batch, hidden, layers,
+heads, inter, bf16, mask, pretok, balance). Every recipe trains its own model from the same seed on the
+same document stream, one step of each recipe in turn, so that load from other work on the
+machine falls on every recipe alike. Prints the median ms per step, ms per document, and each
+ratio against the first recipe (the default preset as it is: step time / recipe's step time).
+
+    python bench/toy_recipes.py "" "bf16=1 mask=0" "batch=16 bf16=1 mask=0"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def parse_recipe(text: str) -> dict:
+    """{field: value} from "name=value ..." (ints; bf16, mask, pretok and balance as 0/1)."""
+    out = {}
+    for kv in text.split():
+        k, v = kv.split("=")
+        out[k] = bool(int(v)) if k in ("bf16", "mask", "pretok", "balance") else int(v)
+    return out
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("recipes", nargs="+", help='overrides of the default preset, e.g. "batch=16 bf16=1 mask=0"')
+    p.add_argument("--steps", type=int, default=24, help="timed steps per recipe (taken round robin, one step of each recipe in turn)")
+    a = p.parse_args()
+
+    import torch
+
+    import toy
+    import utils
+
+    args = toy.Args()
+    utils.seed_everything(args.seed)
+    train, _ = toy.make_splits(args.seed, args.n_train, args.n_test)
+    corpus = []
+    for prob in train[:3000]:
+        lines, final = toy.solution_steps(prob["start"], prob["ops"])
+        corpus.append(utils.build_prompt(None, prob["problem"]) + toy.render_solution(lines, final))
+    corpus += [utils.MU_SUFFIX, utils.BACKTRACK_MARKER] * 50
+    tok = toy.train_tokenizer(corpus)
+    n_steps = a.steps + 1
+
+    state = []
+    for text in a.recipes:
+        r = {**toy.RECIPE_DEFAULTS, **toy.PRESETS["default"], **parse_recipe(text)}
+        torch.manual_seed(args.seed)
+        model = toy.make_model(tok, r).train()
+        opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+        t = time.perf_counter()
+        docs = toy.encode_documents(tok, toy.document_texts(tok, train, random.Random(1), n_steps * r["batch"], args.slip,
+                                                            args.mu_frac, args.note_frac, args.retry_frac))
+        pre = time.perf_counter() - t
+        state.append(dict(name=text or "default", r=r, rng=random.Random(1), model=model, opt=opt, docs=docs, pre=pre, i=0, times=[],
+                          params=sum(q.numel() for q in model.parameters())))
+
+    def step(st):  # one optimizer step of a recipe; returns its seconds
+        r, b = st["r"], st["r"]["batch"]
+        t0 = time.perf_counter()
+        if r["pretok"]:
+            ids, attn, m = toy.collate(st["docs"][st["i"] * b:(st["i"] + 1) * b], 3, tok.pad_token_id, r["balance"])
+        else:  # toy.build's per-step encoding
+            batch = [train[st["rng"].randrange(len(train))] for _ in range(b)]
+            ids, attn, m = toy.encode_batch(tok, batch, st["rng"], args.slip, args.mu_frac, args.note_frac, 3,
+                                            args.retry_frac)
+        st["i"] += 1
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r["bf16"]):
+            logits = st["model"](input_ids=ids, attention_mask=attn if r["mask"] else None).logits[:, :-1]  # (B, T-1, V)
+        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
+                                                reduction="none").view_as(m[:, 1:])  # (B, T-1)
+        loss = (nll * m[:, 1:]).sum() / m[:, 1:].sum()
+        st["opt"].zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(st["model"].parameters(), 1.0)
+        st["opt"].step()
+        return time.perf_counter() - t0
+
+    for st in state:  # warm-up
+        step(st)
+    for _ in range(a.steps):  # round robin, one step each, so that load falls on all alike
+        for st in state:
+            st["times"].append(step(st))
+
+    import statistics
+
+    for st in state:
+        st["t"], st["n"] = statistics.median(st["times"]), 1
+    base = state[0]
+    bstep, bdoc = base["t"] / base["n"], base["t"] / base["n"] / base["r"]["batch"]
+    print(f"threads {torch.get_num_threads()}")
+    print(f"{'recipe':40s} {'params':>7s} {'ms/step':>8s} {'ms/doc':>7s} {'x step':>7s} {'x doc':>6s}")
+    for st in state:
+        step = st["t"] / st["n"]
+        doc = step / st["r"]["batch"]
+        print(f"{st['name']:40s} {st['params'] / 1e6:6.2f}M {1000 * step:8.1f} {1000 * doc:7.2f} {bstep / step:7.2f} "
+              f"{bdoc / doc:6.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
