@@ -235,6 +235,17 @@ RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=True, pretok=Fa
 """Recipe fields a preset may leave out: the default preset's recipe."""
 
 
+def toy_tokenizer(train: list[dict]):
+    """The build's tokenizer: train_tokenizer on the clean solutions of the first 3000 training
+    problems (prompt included) and the forced suffix and backtrack marker."""
+    corpus = []
+    for p in train[:3000]:
+        lines, final = solution_steps(p["start"], p["ops"])
+        corpus.append(utils.build_prompt(None, p["problem"]) + render_solution(lines, final))
+    corpus += [utils.MU_SUFFIX, utils.BACKTRACK_MARKER] * 50
+    return train_tokenizer(corpus)
+
+
 def train_tokenizer(texts: list[str], vocab_size: int = 512):
     """Byte-level BPE (any text encodes), digits split one per token, <s> prepended."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -323,10 +334,8 @@ def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: flo
                  pack: int = 1, retry_frac: float = 0.0):
     """(ids, attention mask, loss mask), each (rows, T): one document per problem, `pack`
     consecutive documents concatenated per row (each keeps its own BOS and EOS), padded to the
-    longest row. The per-step encoding build() uses; tests/test_toy.py checks the packed stream
-    of pretraining_rows against it and bench/toy_build.py times the two."""
-    import torch
-
+    longest row (collate). The per-step encoding build() uses; tests/test_toy.py checks the packed
+    stream of pretraining_rows against it and bench/toy_build.py times the two."""
     seqs, masks = [], []
     for p in problems:
         if rng.random() < note_frac:  # a note: BOS, then the text (all of it carries loss)
@@ -339,17 +348,7 @@ def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: flo
         comp_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(prompt_ids + comp_ids)
         masks.append([0] * len(prompt_ids) + [1] * len(comp_ids))
-    seqs = [sum(seqs[i:i + pack], []) for i in range(0, len(seqs), pack)]
-    masks = [sum(masks[i:i + pack], []) for i in range(0, len(masks), pack)]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), tokenizer.pad_token_id, dtype=torch.long)
-    loss_mask = torch.zeros((len(seqs), T), dtype=torch.float)
-    attn = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        ids[i, : len(s)] = torch.tensor(s)
-        loss_mask[i, : len(m)] = torch.tensor(m, dtype=torch.float)
-        attn[i, : len(s)] = 1
-    return ids, attn, loss_mask
+    return collate(list(zip(seqs, masks)), pack, tokenizer.pad_token_id)
 
 
 def collate(docs: list[tuple[list[int], list[int]]], pack: int, pad_id: int, balance: bool = False):
@@ -548,12 +547,7 @@ def build(args: Args) -> dict:
     utils.write_jsonl(os.path.join(data_dir, "test.jsonl"), [{k: p[k] for k in fields} for p in test])
 
     rng = random.Random(args.seed + 1)
-    corpus = []
-    for p in train[:3000]:
-        lines, final = solution_steps(p["start"], p["ops"])
-        corpus.append(utils.build_prompt(None, p["problem"]) + render_solution(lines, final))
-    corpus += [utils.MU_SUFFIX, utils.BACKTRACK_MARKER] * 50
-    tokenizer = train_tokenizer(corpus)
+    tokenizer = toy_tokenizer(train)
     model = make_model(tokenizer, preset)
     n_params = sum(p.numel() for p in model.parameters())
     utils.print0(f"toy: {args.preset} model, {n_params / 1e6:.2f}M parameters, {steps} steps")

@@ -73,12 +73,7 @@ def main():
     preset = toy.PRESETS[a.preset]
     utils.seed_everything(args.seed)
     train, _ = toy.make_splits(args.seed, args.n_train, args.n_test)
-    corpus = []
-    for prob in train[:3000]:
-        lines, final = toy.solution_steps(prob["start"], prob["ops"])
-        corpus.append(utils.build_prompt(None, prob["problem"]) + toy.render_solution(lines, final))
-    corpus += [utils.MU_SUFFIX, utils.BACKTRACK_MARKER] * 50
-    tok = toy.train_tokenizer(corpus)
+    tok = toy.toy_tokenizer(train)
     model0 = toy.make_model(tok, preset)
     n_steps = a.rounds * (a.steps + 1)
     rows = a.rows
