@@ -271,3 +271,20 @@ def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
         assert (tmp_path / f"rank{rank}.txt").read_text() == "RANKS [0, 1] BUILT True", rank
     assert r.stdout.count("toy: building") == 1  # rank 0 built it, once
     assert {k: json.load(open(root / "base" / "build.json"))[k] for k in ("preset", "steps")} == {"preset": "tiny", "steps": 20}
+
+
+def test_bench_solution_fields_by_hand():
+    """bench/solution_fields.py's field split: a token counts for the field its last character
+    falls in, a field is right only if all its tokens are."""
+    fields = load_bench("solution_fields").field_hits
+    sol = "Step 1: 17 + 25 = 42\nThe answer is \\boxed{42}"
+    # tokens: "Step", " 1", ":", " 1", "7", " +", " 2", "5", " =", " 4", "2", rest
+    offsets = [(0, 4), (4, 6), (6, 7), (7, 9), (9, 10), (10, 12), (12, 14), (14, 15), (15, 17), (17, 19), (19, 20),
+               (20, len(sol))]
+    right = [True] * 12
+    right[6] = False  # " 2" of the argument 25
+    assert fields(right, offsets, sol) == {"step": [True], "operand": [True], "op": [True], "arg": [False],
+                                          "result": [True]}
+    right = [True] * 12
+    right[10] = False  # "2" of the result 42
+    assert fields(right, offsets, sol)["result"] == [False] and fields(right, offsets, sol)["arg"] == [True]
