@@ -46,7 +46,7 @@ def by_restart_step(rows: list[dict], z0_correct: dict) -> dict:
             "steps": {k: {"n": len(v), "acc": acc(v)} for k, v in sorted(steps.items(), key=lambda kv: (len(kv[0]), kv[0]))}}
 
 
-STEP_LINE = re.compile(r"Step (\d+): (\d+) ([+*-]) (\d+) = (\d+)")
+STEP_LINE = re.compile(r"Step (\d+): (-?\d+) ([+*-]) (\d+) = (-?\d+)")  # a slipped chain can go below 0
 FIELDS = ("step", "operand", "op", "arg", "result")
 
 

@@ -239,6 +239,11 @@ def test_bench_restart_steps_token_fields():
     assert fields[len(first):] == ["later"] * (len(pieces) - len(first))
     with pytest.raises(ValueError, match="step line"):
         bench.token_fields("lost", [(0, 4)])
+    # a slipped attempt can go below 0 ("Subtract 5" on a value slipped to 4): the sign is the operand's
+    pieces = ["Step", " 3", ":", " -", "1", " +", " 3", " =", " 2"]
+    offsets = [(sum(map(len, pieces[:i])), sum(map(len, pieces[:i + 1]))) for i in range(len(pieces))]
+    assert bench.token_fields("".join(pieces), offsets) == [None, "step", None, "operand", "operand", "op", "arg", None,
+                                                             "result"]
 
 
 def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
