@@ -135,7 +135,10 @@ def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[
 
 _PROBLEM = re.compile(r"Start with (\d+)\.((?: (?:Add|Subtract|Multiply by) \d+\.)+) What is the result\?")
 _OP = re.compile(r" (Add|Subtract|Multiply by) (\d+)\.")
-_STEP = re.compile(r"Step (\d+): (\d+) ([+*-]) (\d+) = (-?\d+)")
+STEP_LINE = re.compile(r"Step (\d+): (-?\d+) ([+*-]) (\d+) = (-?\d+)")
+"""A step line as solution_steps writes it; a slipped chain can go below 0 (operand and result)."""
+STEP_FIELDS = ("step", "operand", "op", "arg", "result")
+"""STEP_LINE's groups, in order."""
 RESTART_CLASSES = ("before", "at", "after", "beyond", "z0-correct")
 """Where a restart step k lies against z0's first wrong step f: before (k < f), at (k == f),
 after (k > f), beyond (k outside 1..number of operations, z0 wrong), z0-correct (no wrong step)."""
@@ -162,7 +165,7 @@ def first_wrong_step(attempt: str, start: int, ops: list) -> int | None:
     steps = [line.strip() for line in attempt.splitlines() if line.strip().startswith("Step")]
     value = start
     for i, (op, arg) in enumerate(ops, 1):
-        m = _STEP.fullmatch(steps[i - 1]) if i <= len(steps) else None
+        m = STEP_LINE.fullmatch(steps[i - 1]) if i <= len(steps) else None
         result = apply_op(value, op, arg)
         if m is None or (int(m.group(1)), int(m.group(2)), m.group(3), int(m.group(4)), int(m.group(5))) \
                 != (i, value, op, arg, result):

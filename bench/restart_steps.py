@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+import toy  # noqa: E402
 
 
 def by_restart_step(rows: list[dict], z0_correct: dict) -> dict:
@@ -46,15 +47,14 @@ def by_restart_step(rows: list[dict], z0_correct: dict) -> dict:
             "steps": {k: {"n": len(v), "acc": acc(v)} for k, v in sorted(steps.items(), key=lambda kv: (len(kv[0]), kv[0]))}}
 
 
-STEP_LINE = re.compile(r"Step (\d+): (-?\d+) ([+*-]) (\d+) = (-?\d+)")  # a slipped chain can go below 0
-FIELDS = ("step", "operand", "op", "arg", "result")
+FIELDS = toy.STEP_FIELDS
 
 
 def token_fields(completion: str, offsets: list[tuple[int, int]]) -> list[str | None]:
     """The field of each token of a completion that opens with a step line, from the token's
     (start, end) character offsets: the FIELDS group its last character falls in, "later" past
     the first line, None for the line's other characters ("Step", ":", " =")."""
-    m = STEP_LINE.match(completion)
+    m = toy.STEP_LINE.match(completion)
     if m is None:
         raise ValueError(f"restart_steps: completion does not open with a step line: {completion[:40]!r}")
     spans = [m.span(i + 1) for i in range(len(FIELDS))]
@@ -73,7 +73,6 @@ def forced_accuracy(model_dir: str, n: int, cue: str, seed: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import toy
     import utils
 
     tok = AutoTokenizer.from_pretrained(model_dir)
@@ -110,7 +109,6 @@ def main():
     import grpo
     import infogain
     import sampling
-    import toy
     import utils
 
     data = a.data or toy.ensure_built()["test"]

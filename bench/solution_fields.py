@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-FIELDS = ("step", "operand", "op", "arg", "result")
-STEP_LINE = re.compile(r"Step (\d+): (\d+) ([+*-]) (\d+) = (\d+)")
+import toy  # noqa: E402
+
+FIELDS = toy.STEP_FIELDS
 
 
 def field_hits(right: list[bool], offsets: list[tuple[int, int]], solution: str) -> dict[str, list[bool]]:
@@ -30,7 +30,7 @@ def field_hits(right: list[bool], offsets: list[tuple[int, int]], solution: str)
     `right` flags and the tokens' character offsets in it (a token belongs to the field its last
     character falls in)."""
     hits: dict[str, list[bool]] = {f: [] for f in FIELDS}
-    for m in STEP_LINE.finditer(solution):
+    for m in toy.STEP_LINE.finditer(solution):
         for i, f in enumerate(FIELDS):
             a, b = m.span(i + 1)
             hits[f].append(all(r for r, (s, e) in zip(right, offsets) if a <= e - 1 < b))
@@ -48,7 +48,6 @@ def main():
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import toy
     import utils
 
     if a.threads:
