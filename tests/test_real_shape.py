@@ -30,10 +30,12 @@ import warmstart
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
 GRPO_FLAGS = ["--preset", "paper", "--steps", "2", "--group-size", "2", "--prompts-per-step", "2",
-              "--micro-batch-size", "2", "--max-tokens", "64", "--eval-problems", "4", "--eval-samples", "2",
+              "--micro-batch-size", "2", "--max-tokens", "64", "--eval-problems", "12", "--eval-samples", "2",
               "--mu-samples", "4", "--lr", "1e-4", "--lr-schedule", "constant", "--save-every", "1", "--seed", "1"]
 """The paper preset (beta 0.04: a reference model; MRT-B: the meta-prover in the same engine;
-max prompt 1500) with small overrides; lr 1e-4 so that two steps visibly move the weights."""
+max prompt 1500) with small overrides; lr 1e-4 so that two steps visibly move the weights;
+56 graded samples in all (8 trained on, 24 at each evaluation), so that on three-step
+problems (`easy`) some are right whatever machine built the toy (see `easy`)."""
 
 
 def _env():
@@ -55,11 +57,32 @@ def real_model(toy_paths, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def grpo_whole(real_model, toy_paths, tmp_path_factory):
+def easy(toy_paths, tmp_path_factory):
+    """{'train', 'test'}: the toy splits' three-step problems. The realistic model is the toy
+    base after a 60-step fit to the chat template, and right less often than the toy base: 10.5%
+    pass@1 on the whole test split, 15.6% on its three-step problems, measured on a toy built on a
+    2-core machine whose base scored 27.1% (evaluate.py, 64 problems x 4 samples). The toy's
+    float results differ between machines (kernels, thread counts), so its quality does too; the
+    tests that need a right sample take them from these problems, with enough samples that none
+    right at 15% happens about once in ten thousand runs."""
+    import toy
+
+    folder = tmp_path_factory.mktemp("easy")
+    out = {}
+    for split in ("train", "test"):
+        rows = [line for line in open(toy_paths[split]) if len(toy.parse_problem(json.loads(line)["problem"])[1]) == 3]
+        out[split] = str(folder / f"{split}.jsonl")
+        with open(out[split], "w") as f:
+            f.writelines(rows)
+    return out
+
+
+@pytest.fixture(scope="session")
+def grpo_whole(real_model, easy, tmp_path_factory):
     """A 2-rank, 2-step paper-preset grpo.py run on the realistic model: (out folder, stdout)."""
     out = tmp_path_factory.mktemp("grpo_whole")
     proc = _run(TORCHRUN + ["--master_port", "29631", "grpo.py", "--model", real_model, "--train-data",
-                            toy_paths["train"], "--test-data", toy_paths["test"], "--out", str(out)] + GRPO_FLAGS)
+                            easy["train"], "--test-data", easy["test"], "--out", str(out)] + GRPO_FLAGS)
     return out, proc.stdout + proc.stderr
 
 
@@ -204,7 +227,7 @@ def test_grpo_paper_preset_two_ranks(grpo_whole):
     assert all(r["kl"] >= 0 for r in rows) and rows[1]["kl"] > 0  # the reference model is there
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     texts = [c["text"] for s in samples for c in s["completions"]]
-    assert all(t.strip() for t in texts) and any("Step" in t for t in texts), texts
+    assert all(t.strip() for t in texts) and any("\\boxed{" in t for t in texts), texts  # solutions that end in an answer
     z0 = [json.loads(line)["z0"] for line in open(out / "z0.jsonl")]
     assert any(t.startswith("Step 1:") for t in z0), z0  # real solutions, decoded text
     evals = json.load(open(out / "eval.json"))
@@ -231,11 +254,11 @@ def kill_tree(pid: int) -> None:
             p.kill()
 
 
-def test_kill_and_resume_matches_uninterrupted_run(grpo_whole, real_model, toy_paths, tmp_path):
+def test_kill_and_resume_matches_uninterrupted_run(grpo_whole, real_model, easy, tmp_path):
     whole, _ = grpo_whole
     cut = tmp_path / "cut"
-    cmd = TORCHRUN + ["--master_port", "29633", "grpo.py", "--model", real_model, "--train-data", toy_paths["train"],
-                      "--test-data", toy_paths["test"], "--out", str(cut)] + GRPO_FLAGS
+    cmd = TORCHRUN + ["--master_port", "29633", "grpo.py", "--model", real_model, "--train-data", easy["train"],
+                      "--test-data", easy["test"], "--out", str(cut)] + GRPO_FLAGS
     err_path = tmp_path / "cut.err"  # a file, not a pipe: a full pipe would stall the run
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=open(err_path, "w"))
     metrics, deadline = cut / "metrics.jsonl", time.time() + 400
@@ -277,18 +300,20 @@ def test_export_loads_in_transformers_and_vllm(grpo_whole, toy_paths, tmp_path):
     assert any(out.rglob("*.json*"))
 
 
-def test_warmstart_and_star_single_process(real_model, toy_paths, tmp_path):
+def test_warmstart_and_star_single_process(real_model, easy, tmp_path):
+    """Both stages in one process each, on three-step problems (`easy`): a trace needs a right
+    leaf, a STaR example a right sample (64 of them)."""
     ws = tmp_path / "ws"
-    _run([sys.executable, "warmstart.py", "--model", real_model, "--data", toy_paths["train"], "--out", str(ws),
+    _run([sys.executable, "warmstart.py", "--model", real_model, "--data", easy["train"], "--out", str(ws),
           "--preset", "toy", "--problems", "8", "--beam-width", "2", "--expansions", "2", "--rollouts", "2",
           "--max-depth", "6", "--attempts", "2", "--search-batch", "8", "--epochs", "1", "--batch-size", "4",
           "--micro-batch-size", "4", "--save-every", "0"])
     summary = json.load(open(ws / "summary.json"))
     assert summary["traces"]["count"] >= 1 and os.path.isfile(ws / "model" / "config.json")
     st = tmp_path / "star"
-    _run([sys.executable, "star.py", "--method", "star", "--model", real_model, "--data", toy_paths["train"],
-          "--test-data", toy_paths["test"], "--out", str(st), "--preset", "toy", "--iterations", "1",
-          "--problems", "8", "--group-size", "2", "--max-tokens", "128", "--eval-problems", "4", "--eval-samples", "1",
+    _run([sys.executable, "star.py", "--method", "star", "--model", real_model, "--data", easy["train"],
+          "--test-data", easy["test"], "--out", str(st), "--preset", "toy", "--iterations", "1",
+          "--problems", "16", "--group-size", "4", "--max-tokens", "128", "--eval-problems", "4", "--eval-samples", "1",
           "--epochs", "1", "--batch-size", "4", "--micro-batch-size", "4"])
     summary = json.load(open(st / "summary.json"))
     assert summary["examples"] >= 1 and os.path.isfile(st / "model" / "config.json"), summary
