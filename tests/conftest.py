@@ -79,33 +79,3 @@ def toy_warmstart(toy_paths, toy_sampler, tmp_path_factory):
     summary = warmstart.main(warmstart.Args(model=toy_paths["base"], data=toy_paths["train"], out=str(out),
                                             **WARMSTART_SMALL), sampler=toy_sampler)
     return {"dir": str(out), "model": str(out / "model"), "summary": summary}
-
-
-@pytest.fixture
-def cli():
-    """run(name, argv, cwd=ROOT) -> subprocess.CompletedProcess: `python <name>.py *argv` run in
-    this process (the script's own `__main__` block through runpy, sys.argv and the working
-    folder set, stdout and stderr captured; SystemExit gives the return code). A bad-input check
-    exits before any engine or model starts, so a fresh Python's ~4 s of imports is all a
-    subprocess would add; tests/test_utils.py runs one such case as a real process."""
-    import contextlib
-    import io
-    import runpy
-    import subprocess
-
-    def run(name: str, argv: list, cwd: str = ROOT) -> subprocess.CompletedProcess:
-        out, err, code = io.StringIO(), io.StringIO(), 0
-        old_argv, old_cwd = sys.argv, os.getcwd()
-        sys.argv = [f"{name}.py", *map(str, argv)]
-        os.chdir(cwd)
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                runpy.run_path(os.path.join(ROOT, f"{name}.py"), run_name="__main__")
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-        finally:
-            sys.argv = old_argv
-            os.chdir(old_cwd)
-        return subprocess.CompletedProcess(sys.argv, code, out.getvalue(), err.getvalue())
-
-    return run

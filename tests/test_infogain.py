@@ -254,7 +254,7 @@ def _cli(args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_cli_bad_input(tmp_path, toy_paths, cli):
+def test_cli_bad_input(tmp_path, toy_paths):
     good = {"problem": "Start with 2. Add 3. What is the result?", "answer": "5", "completion": "Step 1: 2 + 3 = 5\n"
             "The answer is \\boxed{6}\n" + MARK + "\nStep 1: 2 + 3 = 5\nThe answer is \\boxed{5}"}
     cases = {
@@ -269,10 +269,10 @@ def test_cli_bad_input(tmp_path, toy_paths, cli):
         if content is not None:
             path.write_text(content)
         # bad input fails before an engine starts, so these runs are quick
-        r = cli("infogain", ["--model", toy_paths["base"], "--traces", path, "--out", tmp_path / "out"], cwd=tmp_path)
+        r = _cli(["--model", toy_paths["base"], "--traces", str(path), "--out", str(tmp_path / "out")], tmp_path)
         assert r.returncode == 2 and msg in r.stderr, (name, r.stderr[-500:])
         assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
-    r = cli("infogain", ["--model", tmp_path / "nope", "--traces", tmp_path / "nomarker.jsonl"], cwd=tmp_path)
+    r = _cli(["--model", str(tmp_path / "nope"), "--traces", str(tmp_path / "nomarker.jsonl")], tmp_path)
     assert r.returncode == 2 and "model path does not exist" in r.stderr
 
 

@@ -383,15 +383,16 @@ BAD_INPUTS = {  # case: (trace lines, extra flags, expected part of the message)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path, cli):
+def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
     lines, flags, message = BAD_INPUTS[case]
     data = tmp_path / "traces.jsonl"
     if lines:
         data.write_text("\n".join(lines) + "\n")
     model = str(tmp_path / "no-model") if case == "bad_model" else toy_paths["base"]
     out = tmp_path / "out"
-    p = cli("r1_analysis", ["--traces", data, "--model", model, "--preset", "toy", "--direct-model", "none",
-                            "--out", out, *flags])
+    p = subprocess.run([sys.executable, "r1_analysis.py", "--traces", str(data), "--model", model, "--preset", "toy",
+                        "--direct-model", "none", "--out", str(out), *flags],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2, p.stderr
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err

@@ -4,6 +4,7 @@ weights in the engine) with short STaR and RISE runs, and bad input."""
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -316,15 +317,15 @@ def test_real_star_baseline_run(engine, toy_paths, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "malformed", "missing_model"])
-def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path, cli):
+def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
     data = tmp_path / "data.jsonl"
     if case == "malformed":
         data.write_text(json.dumps({"problem": "Start with 2. Add 3. What is the result?", "answer": "5"}) + "\n{oops\n")
-    argv = ["--data", data, "--out", tmp_path / "out"]
+    cmd = [sys.executable, "star.py", "--data", str(data), "--out", str(tmp_path / "out")]
     if case == "missing_model":
-        argv = ["--model", tmp_path / "nope", "--data", toy_paths["train"], "--test-data", toy_paths["test"],
-                "--out", tmp_path / "out"]
-    p = cli("star", argv)
+        cmd = [sys.executable, "star.py", "--model", str(tmp_path / "nope"), "--data", toy_paths["train"],
+               "--test-data", toy_paths["test"], "--out", str(tmp_path / "out")]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert p.returncode == 2, p.stderr[-2000:]
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err

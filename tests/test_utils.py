@@ -459,25 +459,13 @@ SCRIPTS = ("toy", "warmstart", "star", "grpo", "infogain", "evaluate", "r1_analy
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
-def test_every_script_answers_help(name, cli):
+def test_every_script_answers_help(name):
     """`python <script>.py --help` prints every flag (a stray % in a help text used to crash it)."""
-    p = cli(name, ["--help"])
+    p = subprocess.run([sys.executable, f"{name}.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     module = __import__(name)
     for f in dataclasses.fields(module.Args):
         assert f"--{f.name.replace('_', '-')}" in p.stdout, f.name
-
-
-def test_bad_input_in_a_real_process(tmp_path):
-    """The stage scripts' bad-input tests run the `__main__` block in the test process (the
-    `cli` fixture); here one runs as `python evaluate.py` would: one `error:` line, exit 2,
-    nothing written."""
-    out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "evaluate.py", "--data", str(tmp_path / "none.jsonl"), "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(err) == 1 and err[0] == f"error: {tmp_path / 'none.jsonl'}: no such file", err
-    assert not out.exists()
 
 
 def test_one_vocabulary_across_scripts():

@@ -5,6 +5,7 @@ warmstarted model writes the backtrack format on its own."""
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -279,7 +280,7 @@ def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_path
 
 
 @pytest.mark.parametrize("case", ["missing_file", "malformed", "missing_model"])
-def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path, cli):
+def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
     data = tmp_path / "data.jsonl"
     if case == "malformed":
         data.write_text(json.dumps({"problem": "Start with 2. Add 3. What is the result?", "answer": "5"}) + "\n{oops\n")
@@ -287,7 +288,8 @@ def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path, cli):
     if case == "missing_model":
         data = toy_paths["train"]
     out = tmp_path / "out"
-    p = cli("warmstart", ["--model", model, "--data", data, "--out", out])
+    p = subprocess.run([sys.executable, "warmstart.py", "--model", model, "--data", str(data), "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert p.returncode == 2, p.stderr[-2000:]
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
