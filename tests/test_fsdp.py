@@ -54,7 +54,7 @@ def test_fsdp_step_equals_single_process(runs, toy_paths):
     assert t0 != t1 and t0 + t1 == one["tokens"][0]  # unequal loss tokens per rank: normalisation matters
     assert abs(one["loss"] - two["loss"]) < 1e-6 * max(1.0, one["loss"])
     assert abs(one["grad_norm"] - two["grad_norm"]) < 1e-5 * one["grad_norm"]
-    assert one["grad_norm"] > 0.5  # the clip (0.5) acted
+    assert one["grad_norm"] > 0.1  # the clip (0.1) acted
     g_scale = max(v.abs().max().item() for v in one["grads"].values())
     assert max_diff(one["grads"], two["grads"]) < 1e-5 * g_scale
     base = training.full_state_dict(utils.load_model(toy_paths["base"], dtype="float32", device="cpu"))

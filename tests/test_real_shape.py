@@ -224,7 +224,10 @@ def test_grpo_paper_preset_two_ranks(grpo_whole):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["logprob_gap"] < 1e-3 for r in rows), rows  # the engine samples the trainer's weights
-    assert all(r["kl"] >= 0 for r in rows) and rows[1]["kl"] > 0  # the reference model is there
+    # the reference model is there: step 2's policy moved away from it, when step 1 had a group with
+    # signal to move it (every group's two samples alike, all right or all wrong, gives no update:
+    # seen on a toy built with --seed 1, whose realistic model got every three-step problem right)
+    assert all(r["kl"] >= 0 for r in rows) and (rows[1]["kl"] > 0 or rows[0]["zero_std_groups"] == 1), rows
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     texts = [c["text"] for s in samples for c in s["completions"]]
     assert all(t.strip() for t in texts) and any("\\boxed{" in t for t in texts), texts  # solutions that end in an answer
