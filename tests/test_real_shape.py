@@ -62,7 +62,7 @@ def easy(toy_paths, tmp_path_factory):
     base after a 60-step fit to the chat template, and right less often than the toy base: 10.5%
     pass@1 on the whole test split, 15.6% on its three-step problems, measured on a toy built on a
     2-core machine whose base scored 27.1% (evaluate.py, 64 problems x 4 samples). The toy's
-    float results differ between machines (kernels, thread counts), so its quality does too; the
+    float results differ between machines (MKL picks its kernels by CPU), so its quality does too; the
     tests that need a right sample take them from these problems, with enough samples that none
     right at 15% happens about once in ten thousand runs."""
     import toy
