@@ -276,8 +276,8 @@ def test_grpo_rollout_mu_logs_restart_precision(engine, toy_paths, tmp_path):
 def test_star_rollout_mu_is_wired(engine, toy_paths, tmp_path):
     """star.py --mu-mode rollout on the real engine: r = J(mu | q, z0, z1) comes from mu
     continuing the revised attempt (256 mu samples), and some of them end right. (The bound is
-    0, not a measured rate: the toy's quality differs between the machines that build it; 3.5%
-    and above 4% were seen.)"""
+    0, not a measured rate: the toy's quality, and this rate with it, differs between the
+    machines that build it.)"""
     import json
 
     import star
