@@ -675,9 +675,12 @@ def ensure_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 
     script uses). Under torchrun (first use of `torchrun grpo.py` etc.), rank 0 builds in a
     child process (`python toy.py`, all cores) while the other ranks wait for the build: the
     build's own vLLM engine must not live in a torchrun process (closing an engine ends the
-    process group), and a collective barrier could time out during a build of minutes."""
+    process group), and a collective barrier could time out during a build of minutes. With
+    MRT_TOY_NO_BUILD set, a missing or stale build is an error instead."""
     if is_built(root, preset, steps):
         return paths(root)
+    if os.environ.get("MRT_TOY_NO_BUILD"):  # the tests set it when MRT_TOY_DIR names a build to use as it is
+        raise utils.UserError(f"toy: {root} is missing or stale and MRT_TOY_NO_BUILD is set: no build here")
     if not utils.is_distributed():
         build(Args(out=root, preset=preset, steps=steps, eval_samples=eval_samples))
     elif utils.is_main():

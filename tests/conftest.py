@@ -15,10 +15,16 @@ import toy  # noqa: E402
 
 import torch  # noqa: E402
 
+if os.environ.get("MRT_TOY_DIR"):
+    # a build named by MRT_TOY_DIR is used as it is: a stage that would build a toy (its folder
+    # stale to this toy.py, e.g. another seed) fails instead of rebuilding it under the session
+    os.environ["MRT_TOY_NO_BUILD"] = "1"
+
 BUILD_THREADS = torch.get_num_threads()
-"""torch's own thread count, taken before one_torch_thread sets 1: the toy build (the first
-thing a fresh checkout's session does, nothing else running) uses it; on 2 cores it builds in
-about 9 minutes, against about 15 with 1 thread. The built model is the same either way."""
+"""torch's own thread count (all cores), taken before one_torch_thread sets 1: the toy build
+(the first thing a fresh checkout's session does, nothing else running) uses it, as `python
+toy.py` does. The thread count changes the build's float results, so its model too (README,
+"The toy task and base model"): one thread would build another toy, and more slowly."""
 
 
 def pytest_configure(config):

@@ -268,8 +268,9 @@ def read_jsonl(path):
 
 def test_real_toy_run(toy_paths, toy_sampler, tmp_path):
     out = tmp_path / "r1"
-    toy_dir = os.path.dirname(toy_paths["base"])
-    args = Args(toy_dir=toy_dir, problems=3, k=2, rounds=3, p=4, maj=[1, 2, 4], direct_n=4, direct_k=[1, 2, 4],
+    # the toy preset with every path given: no toy build is looked up (MRT_TOY_DIR is used as it is)
+    args = Args(preset="toy", generate=True, model=toy_paths["base"], direct_model=toy_paths["base"],
+                data=toy_paths["test"], problems=3, k=2, rounds=3, p=4, maj=[1, 2, 4], direct_n=4, direct_k=[1, 2, 4],
                 out=str(out), seed=1)
     report = r1_analysis.main(args, samplers={toy_paths["base"]: toy_sampler})
     for name in ("summary.json", "table.md", "accuracy_tokens.png", "episodes_hist.png", "traces.jsonl",
@@ -336,9 +337,9 @@ def test_real_toy_run(toy_paths, toy_sampler, tmp_path):
 def test_torchrun_splits_problems_and_merges(toy_paths, tmp_path):
     """2 ranks: each samples and scores its share on its own engine; rank 0 writes one merged output."""
     out = tmp_path / "r1x2"
-    toy_dir = os.path.dirname(toy_paths["base"])
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        "r1_analysis.py", "--toy-dir", toy_dir, "--problems", "3", "--k", "2", "--rounds", "2",
+                        "r1_analysis.py", "--preset", "toy", "--generate", "--model", toy_paths["base"],
+                        "--direct-model", toy_paths["base"], "--data", toy_paths["test"], "--problems", "3", "--k", "2", "--rounds", "2",
                         "--p", "2", "--maj", "1", "2", "--direct-n", "2", "--direct-k", "1", "2", "--out", str(out)],
                        cwd=ROOT, capture_output=True, text=True, timeout=600, env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert p.returncode == 0, p.stderr[-3000:]

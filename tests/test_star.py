@@ -321,7 +321,8 @@ def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
     data = tmp_path / "data.jsonl"
     if case == "malformed":
         data.write_text(json.dumps({"problem": "Start with 2. Add 3. What is the result?", "answer": "5"}) + "\n{oops\n")
-    cmd = [sys.executable, "star.py", "--data", str(data), "--out", str(tmp_path / "out")]
+    cmd = [sys.executable, "star.py", "--model", toy_paths["base"], "--data", str(data), "--test-data", toy_paths["test"],
+           "--out", str(tmp_path / "out")]
     if case == "missing_model":
         cmd = [sys.executable, "star.py", "--model", str(tmp_path / "nope"), "--data", toy_paths["train"],
                "--test-data", toy_paths["test"], "--out", str(tmp_path / "out")]

@@ -267,7 +267,7 @@ def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
         f"    open(f'{tmp_path}/rank{{rank}}.txt', 'w').write(seen)\n"
         "    import torch.distributed as dist\n"
         "    dist.destroy_process_group()\n")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k != "MRT_TOY_NO_BUILD"}, "VLLM_CPU_KVCACHE_SPACE": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
                        capture_output=True, text=True, timeout=900, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
