@@ -278,6 +278,16 @@ def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
     assert {k: json.load(open(root / "base" / "build.json"))[k] for k in ("preset", "steps")} == {"preset": "tiny", "steps": 20}
 
 
+def test_no_build_guard_fails_instead_of_building(tmp_path, monkeypatch):
+    """Under MRT_TOY_NO_BUILD (the tests set it when MRT_TOY_DIR names a build) a missing or
+    stale toy is a one-line error naming the folder, and nothing is written."""
+    monkeypatch.setenv("MRT_TOY_NO_BUILD", "1")
+    root = tmp_path / "toy"
+    with pytest.raises(utils.UserError, match=re.escape(str(root))):
+        toy.ensure_built(str(root), "tiny", steps=1, eval_samples=0)
+    assert not root.exists()
+
+
 def test_bench_solution_fields_by_hand():
     """bench/solution_fields.py's field split: a token counts for the field its last character
     falls in, a field is right only if all its tokens are."""
