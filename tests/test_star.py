@@ -321,12 +321,11 @@ def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
     data = tmp_path / "data.jsonl"
     if case == "malformed":
         data.write_text(json.dumps({"problem": "Start with 2. Add 3. What is the result?", "answer": "5"}) + "\n{oops\n")
-    cmd = [sys.executable, "star.py", "--model", toy_paths["base"], "--data", str(data), "--test-data", toy_paths["test"],
-           "--out", str(tmp_path / "out")]
+    model = str(tmp_path / "nope") if case == "missing_model" else toy_paths["base"]
     if case == "missing_model":
-        cmd = [sys.executable, "star.py", "--model", str(tmp_path / "nope"), "--data", toy_paths["train"],
-               "--test-data", toy_paths["test"], "--out", str(tmp_path / "out")]
-    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=180)
+        data = toy_paths["train"]
+    p = subprocess.run([sys.executable, "star.py", "--model", model, "--data", str(data), "--test-data", toy_paths["test"],
+                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=180)
     assert p.returncode == 2, p.stderr[-2000:]
     err = p.stderr.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
