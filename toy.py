@@ -74,20 +74,22 @@ DEFAULT_DIR = "runs/toy"
 OP_WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
 
 
-def make_problem(rng: random.Random) -> dict:
-    """One problem: a start value and 3-5 operations, every intermediate value in [0, 99]."""
+def make_problem(rng: random.Random, max_value: int = 99, max_arg: int = 19) -> dict:
+    """One problem: a start value (2 to 60 for max_value 99) and 3-5 operations, every
+    intermediate value in [0, max_value], arguments of + and - at most max_arg, of * 2 to 5."""
     n_ops = rng.randint(3, 5)
-    value = rng.randint(2, 60)
+    value = rng.randint(2, max_value * 60 // 99)
     start, ops = value, []
     for _ in range(n_ops):
-        choices = [op for op, ok in (("+", value < 99), ("-", value > 0), ("*", 1 <= value <= 49)) if ok]
+        choices = [op for op, ok in (("+", value < max_value), ("-", value > 0), ("*", 1 <= value <= max_value // 2))
+                   if ok]
         op = rng.choice(choices)
         if op == "*":
-            arg = rng.randint(2, min(5, 99 // value))
+            arg = rng.randint(2, min(5, max_value // value))
         elif op == "+":
-            arg = rng.randint(1, min(19, 99 - value))
+            arg = rng.randint(1, min(max_arg, max_value - value))
         else:
-            arg = rng.randint(1, min(19, value))
+            arg = rng.randint(1, min(max_arg, value))
         value = apply_op(value, op, arg)
         ops.append((op, arg))
     text = f"Start with {start}. " + " ".join(f"{OP_WORDS[o]} {a}." for o, a in ops)
@@ -117,12 +119,12 @@ def render_solution(lines: list[str], final) -> str:
     return "\n".join(lines) + f"\nThe answer is \\boxed{{{final}}}"
 
 
-def make_splits(seed: int, n_train: int, n_test: int) -> tuple[list[dict], list[dict]]:
+def make_splits(seed: int, n_train: int, n_test: int, max_value: int = 99, max_arg: int = 19) -> tuple[list[dict], list[dict]]:
     """Disjoint train/test problem lists (by problem text), deterministic for a seed."""
     rng = random.Random(seed)
     seen, problems = set(), []
     while len(problems) < n_train + n_test:
-        p = make_problem(rng)
+        p = make_problem(rng, max_value, max_arg)
         if p["problem"] not in seen:
             seen.add(p["problem"])
             problems.append(p)
@@ -229,12 +231,13 @@ PRESETS = {
     # name: model sizes and pretraining budget; optional recipe fields (RECIPE_DEFAULTS when absent):
     # warmup (share of steps), min_lr (final lr / peak), bf16 (autocast), mask (attention mask),
     # pretok (all documents drawn and tokenized once before training), balance (pretok's rows
-    # balanced in length: collate)
+    # balanced in length: collate), optimizer (adamw or muon: optimizers), muon_lr
     "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
     "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=1500, batch=32, lr=2e-3),
     "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
 }
-RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=True, pretok=False, balance=False)
+RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=True, pretok=False, balance=False, optimizer="adamw",
+                       muon_lr=0.02)
 """Recipe fields a preset may leave out: the default preset's recipe."""
 
 
@@ -306,13 +309,16 @@ RETRY_LINES = ("Let me solve it again.", "Let me check this again.", "Let's star
 read in worked solutions. Never the backtrack marker."""
 
 
-def pretraining_example(p: dict, rng: random.Random, slip: float, mu_frac: float, retry_frac: float = 0.0):
+def pretraining_example(p: dict, rng: random.Random, slip: float, mu_frac: float, retry_frac: float = 0.0,
+                        recall_frac: float = 0.0):
     """(head, completion), loss on the completion only. One of: a meta-prover example (a clean
     prefix cut after k steps, the forced suffix, the true answer); a retry example (a slipped
     full attempt and a RETRY_LINES line in the head; as the completion, the attempt redone from
     a random step k, "Step k: ..." on the attempt's value after step k-1, with fresh slips: the
-    layout of a backtrack trace's revised attempt, with no marker and no choice of k); or a
-    (possibly slipped) full solution."""
+    layout of a backtrack trace's revised attempt, with no marker and no choice of k); a recall
+    example (a slipped full attempt and RECALL_LINE in the head; as the completion, RECALL_STEPS
+    of its step labels in random order, each with the operand its line starts from, "Step k: v":
+    the lookup that a restart's first line makes, alone); or a (possibly slipped) full solution."""
     u = rng.random()
     if u < mu_frac:
         lines, final = solution_steps(p["start"], p["ops"])
@@ -325,8 +331,17 @@ def pretraining_example(p: dict, rng: random.Random, slip: float, mu_frac: float
         k = rng.randint(1, len(lines))  # redo from a uniformly random step, on the attempt's value before it
         value = p["start"] if k == 1 else int(lines[k - 2].rsplit("= ", 1)[1])
         return head, render_solution(*solution_steps(value, p["ops"][k - 1:], rng, slip, first=k))
+    if u < mu_frac + retry_frac + recall_frac:
+        lines, final = solution_steps(p["start"], p["ops"], rng, slip)
+        ks = rng.sample(range(1, len(lines) + 1), min(RECALL_STEPS, len(lines)))
+        return (render_solution(lines, final) + "\n" + RECALL_LINE + "\n",
+                "\n".join(f"Step {k}: {STEP_LINE.match(lines[k - 1]).group(2)}" for k in ks))
     lines, final = solution_steps(p["start"], p["ops"], rng, slip)
     return "", render_solution(lines, final)
+
+
+RECALL_LINE, RECALL_STEPS = "Recall:", 3
+"""A recall example's line after the attempt, and how many of its steps it looks up."""
 
 
 NOTE = "Note: " + utils.BACKTRACK_MARKER
@@ -334,7 +349,7 @@ NOTE = "Note: " + utils.BACKTRACK_MARKER
 
 
 def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: float, note_frac: float = 0.0,
-                 pack: int = 1, retry_frac: float = 0.0):
+                 pack: int = 1, retry_frac: float = 0.0, recall_frac: float = 0.0):
     """(ids, attention mask, loss mask), each (rows, T): one document per problem, `pack`
     consecutive documents concatenated per row (each keeps its own BOS and EOS), padded to the
     longest row (collate). The per-step encoding build() uses; tests/test_toy.py checks the packed
@@ -346,7 +361,7 @@ def encode_batch(tokenizer, problems: list[dict], rng, slip: float, mu_frac: flo
             seqs.append(prompt_ids + comp + [tokenizer.eos_token_id])
             masks.append([0] + [1] * (len(comp) + 1))
             continue
-        head, completion = pretraining_example(p, rng, slip, mu_frac, retry_frac)
+        head, completion = pretraining_example(p, rng, slip, mu_frac, retry_frac, recall_frac)
         prompt_ids = tokenizer(utils.build_prompt(tokenizer, p["problem"]) + head)["input_ids"]
         comp_ids = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         seqs.append(prompt_ids + comp_ids)
@@ -390,7 +405,7 @@ per-step encoding (encode_batch), so both see the same documents in the same ord
 
 
 def document_texts(tokenizer, problems: list[dict], rng: random.Random, n_docs: int, slip: float, mu_frac: float,
-                   note_frac: float = 0.0, retry_frac: float = 0.0) -> list[tuple[str, str]]:
+                   note_frac: float = 0.0, retry_frac: float = 0.0, recall_frac: float = 0.0) -> list[tuple[str, str]]:
     """n_docs pretraining documents as (prompt, completion) text, loss on the completion only:
     DRAW problems drawn at a time, then one document each (a note with probability note_frac:
     prompt "", completion NOTE; else pretraining_example, its head after the problem's prompt)."""
@@ -400,7 +415,7 @@ def document_texts(tokenizer, problems: list[dict], rng: random.Random, n_docs: 
             if rng.random() < note_frac:
                 docs.append(("", NOTE))
                 continue
-            head, completion = pretraining_example(p, rng, slip, mu_frac, retry_frac)
+            head, completion = pretraining_example(p, rng, slip, mu_frac, retry_frac, recall_frac)
             docs.append((utils.build_prompt(tokenizer, p["problem"]) + head, completion))
     return docs[:n_docs]
 
@@ -436,7 +451,8 @@ def pack_rows(docs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int
 
 
 def pretraining_rows(tokenizer, problems: list[dict], rng: random.Random, n_rows: int, seq_len: int, slip: float,
-                     mu_frac: float, note_frac: float = 0.0, retry_frac: float = 0.0, chunk: int = 0):
+                     mu_frac: float, note_frac: float = 0.0, retry_frac: float = 0.0, recall_frac: float = 0.0,
+                     chunk: int = 0):
     """All pretraining rows of a build, made once before training: (ids, loss mask), each
     (n_rows, seq_len), from the document stream of document_texts (`chunk` documents at a time,
     0: about enough for the rows at 100 tokens a document; tokenized in batched calls, packed by
@@ -447,7 +463,7 @@ def pretraining_rows(tokenizer, problems: list[dict], rng: random.Random, n_rows
     docs = []
     while True:
         docs += encode_documents(tokenizer, document_texts(tokenizer, problems, rng, chunk, slip, mu_frac, note_frac,
-                                                           retry_frac))
+                                                           retry_frac, recall_frac))
         rows, masks = pack_rows(docs, seq_len, tokenizer.pad_token_id)
         if len(rows) > n_rows:  # a row after the n_rows-th exists, so the first n_rows are complete
             break
@@ -466,6 +482,10 @@ class Args:
     """training problems (used by pretraining and by every later stage)"""
     n_test: int = 256
     """held-out test problems"""
+    max_value: int = 99
+    """largest start or intermediate value of a problem (make_problem)"""
+    max_arg: int = 19
+    """largest argument of an Add or Subtract"""
     slip: float = 0.10
     """per-step probability that a pretraining solution's result is wrong (higher slips push the
     base's pass@1 under the 20 percent the task asks for: README)"""
@@ -483,6 +503,10 @@ class Args:
     and the attempt redone from a random step carrying the loss. A real base model has read
     such revisions; the toy needs them to write a revised attempt after the backtrack cue at
     all (README gives bench/restart_steps.py's numbers for several shares)"""
+    recall_frac: float = 0.0
+    """fraction of pretraining examples that are recalls: a slipped attempt, RECALL_LINE, then
+    some of its step labels each with the operand its line starts from ("Step k: v"), the copy
+    a restart's first line needs (README, issue 19)"""
     steps: int = 0
     """optimizer steps (0: the preset's)"""
     batch: int = 0
@@ -512,6 +536,11 @@ class Args:
     balance: Optional[bool] = None
     """with pretok: spread each step's documents over its rows by length (toy.collate) instead of
     `pack` consecutive ones per row, so rows pad less (unset: the preset's)"""
+    optimizer: str = ""
+    """adamw, or muon: torch.optim.Muon on the decoder layers' weight matrices, AdamW (at --lr)
+    on the embedding (tied to the output head) and the norms ('': the preset's)"""
+    muon_lr: float = 0.0
+    """Muon's peak learning rate, on the same schedule as --lr (0: the preset's)"""
     eval_samples: int = 8
     """samples per test problem for the pass@1 / pass@k report (0 skips it)"""
     threads: int = 0
@@ -522,7 +551,7 @@ def recipe(args: Args) -> dict:
     """The build's model sizes and pretraining recipe: the preset's (RECIPE_DEFAULTS for the
     fields it leaves out) with args' overrides."""
     r = {**RECIPE_DEFAULTS, **PRESETS[args.preset]}
-    for k in ("steps", "batch", "lr", "hidden", "layers", "heads", "inter"):
+    for k in ("steps", "batch", "lr", "hidden", "layers", "heads", "inter", "optimizer", "muon_lr"):
         r[k] = getattr(args, k) or r[k]
     for k in ("warmup", "min_lr"):
         r[k] = r[k] if getattr(args, k) < 0 else getattr(args, k)
@@ -543,7 +572,7 @@ def build(args: Args) -> dict:
     utils.seed_everything(args.seed)
     t0 = time.time()
 
-    train, test = make_splits(args.seed, args.n_train, args.n_test)
+    train, test = make_splits(args.seed, args.n_train, args.n_test, args.max_value, args.max_arg)
     data_dir, model_dir = os.path.join(args.out, "data"), os.path.join(args.out, "base")
     fields = ("problem", "answer")
     utils.write_jsonl(os.path.join(data_dir, "train.jsonl"), [{k: p[k] for k in fields} for p in train])
@@ -555,7 +584,7 @@ def build(args: Args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     utils.print0(f"toy: {args.preset} model, {n_params / 1e6:.2f}M parameters, {steps} steps")
 
-    opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+    opts = optimizers(model, preset)
     warmup, floor = max(1, int(steps * preset["warmup"] + 1e-9)), preset["min_lr"]
 
     def lr_at(step):  # linear warmup, cosine to min_lr (a share of the peak)
@@ -566,9 +595,10 @@ def build(args: Args) -> dict:
     docs = []
     if preset["pretok"]:  # every step's documents, drawn as encode_batch draws them, tokenized once
         docs = encode_documents(tokenizer, document_texts(tokenizer, train, rng, steps * preset["batch"], args.slip,
-                                                          args.mu_frac, args.note_frac, args.retry_frac))
+                                                          args.mu_frac, args.note_frac, args.retry_frac,
+                                                          args.recall_frac))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_at) for opt in opts]
     log_path = os.path.join(args.out, "train_log.jsonl")
     os.makedirs(args.out, exist_ok=True)
     model.train()
@@ -582,20 +612,22 @@ def build(args: Args) -> dict:
             else:
                 batch = [train[rng.randrange(len(train))] for _ in range(preset["batch"])]
                 ids, attn, loss_mask = encode_batch(tokenizer, batch, rng, args.slip, args.mu_frac, args.note_frac,
-                                                    args.pack, args.retry_frac)
+                                                    args.pack, args.retry_frac, args.recall_frac)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=preset["bf16"]):
                 logits = model(input_ids=ids, attention_mask=attn if preset["mask"] else None).logits[:, :-1]  # (B, T-1, V)
             nll = torch.nn.functional.cross_entropy(
                 logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
             ).view_as(loss_mask[:, 1:])  # (B, T-1)
             loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
-            opt.zero_grad(set_to_none=True)
+            for opt in opts:
+                opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
+            for opt, sched in zip(opts, scheds):
+                opt.step()
+                sched.step()
             if step % 25 == 0 or step == steps - 1:
-                log.write(json.dumps({"step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]}) + "\n")
+                log.write(json.dumps({"step": step, "loss": loss.item(), "lr": scheds[0].get_last_lr()[0]}) + "\n")
                 log.flush()
 
     train_s = time.time() - t_train
@@ -604,13 +636,32 @@ def build(args: Args) -> dict:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     report = {"fingerprint": fingerprint(args), "preset": args.preset, "seed": args.seed, "params": n_params, "steps": steps,
-              "slip": args.slip, "note_frac": args.note_frac, "retry_frac": args.retry_frac, "pack": args.pack,
+              "slip": args.slip, "note_frac": args.note_frac, "retry_frac": args.retry_frac,
+              "recall_frac": args.recall_frac, "max_value": args.max_value, "max_arg": args.max_arg, "pack": args.pack,
               "recipe": preset, "train_seconds": round(train_s, 1), "build_seconds": round(time.time() - t0, 1)}
     if args.eval_samples:
         report.update(evaluate_base(model_dir, os.path.join(data_dir, "test.jsonl"), args.eval_samples, args.seed))
         report["eval_seconds"] = round(time.time() - t0 - report["build_seconds"], 1)
     utils.write_json(os.path.join(model_dir, "build.json"), report)
     return report
+
+
+def optimizers(model, recipe: dict) -> list:
+    """The build's optimizers, each stepped on the same lr schedule: AdamW (betas 0.9/0.95, weight
+    decay 0.1) on every parameter; or, with recipe["optimizer"] == "muon", torch.optim.Muon at
+    muon_lr on the decoder layers' 2-D weight matrices (attention and MLP projections) and AdamW
+    on the rest (the embedding, which the output head shares, and the norms)."""
+    import torch
+
+    if recipe["optimizer"] not in ("adamw", "muon"):
+        raise utils.UserError(f"toy: --optimizer must be adamw or muon, got {recipe['optimizer']!r}")
+    matrices = [p for n, p in model.named_parameters() if recipe["optimizer"] == "muon" and p.ndim == 2 and ".layers." in n]
+    ids = {id(p) for p in matrices}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    opts = [torch.optim.AdamW(rest, lr=recipe["lr"], betas=(0.9, 0.95), weight_decay=0.1)]
+    if matrices:
+        opts.append(torch.optim.Muon(matrices, lr=recipe["muon_lr"], weight_decay=0.1))
+    return opts
 
 
 def pretraining_loss(model, ids, loss_mask, bf16: bool = True):
@@ -648,6 +699,17 @@ def evaluate_base(model_dir: str, test_path: str, n: int, seed: int) -> dict:
 def paths(root: str = DEFAULT_DIR) -> dict:
     return {"base": os.path.join(root, "base"), "train": os.path.join(root, "data", "train.jsonl"),
             "test": os.path.join(root, "data", "test.jsonl")}
+
+
+def build_splits(model_dir: str, seed: int = Args.seed) -> tuple[list[dict], list[dict]]:
+    """The (train, test) problems of the toy build that wrote model_dir, from its build.json
+    (seed, value range); for a folder without one (a later stage's model) the default range's
+    problems of `seed`. bench/restart_steps.py and bench/solution_fields.py draw from them."""
+    path = os.path.join(model_dir, "build.json")
+    report = json.load(open(path)) if os.path.exists(path) else {"seed": seed}
+    a = Args()
+    return make_splits(report["seed"], a.n_train, a.n_test, report.get("max_value", a.max_value),
+                       report.get("max_arg", a.max_arg))
 
 
 def fingerprint(args: Args) -> str:

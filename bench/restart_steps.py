@@ -69,7 +69,8 @@ def token_fields(completion: str, offsets: list[tuple[int, int]]) -> list[str | 
 
 def forced_accuracy(model_dir: str, n: int, cue: str, seed: int) -> dict:
     """{field: share of documents whose field the model predicts exactly} over n toy retry
-    documents (test problems) whose cue line is replaced by `cue`; "later" is per token."""
+    documents (the test problems of the model's toy build: toy.build_splits) whose cue line is
+    replaced by `cue`; "later" is per token."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -77,7 +78,7 @@ def forced_accuracy(model_dir: str, n: int, cue: str, seed: int) -> dict:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    _, test = toy.make_splits(toy.Args.seed, toy.Args.n_train, toy.Args.n_test)
+    _, test = toy.build_splits(model_dir)
     rng, hits = random.Random(seed), {f: [] for f in FIELDS + ("later",)}
     for p in (test * (n // len(test) + 1))[:n]:
         head, completion = toy.pretraining_example(p, rng, toy.Args.slip, mu_frac=0.0, retry_frac=1.0)

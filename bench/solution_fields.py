@@ -1,6 +1,7 @@
 """bench/solution_fields.py: which part of a toy solution line a base model gets right, teacher-forced.
 
-For each model folder, the toy's clean solutions of the first --problems test problems are fed
+For each model folder, the toy's clean solutions of the first --problems test problems (of the
+build that wrote the folder: its build.json's seed and value range) are fed
 after their prompts, and for each field of every step line ("Step k: v op a = r": step number,
 operand v, operation, argument a, result r) it prints the share of lines whose field the model
 predicts exactly (argmax at every token of the field). A slow-learning build shows which
@@ -41,7 +42,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="+", help="model folders (toy builds' base/)")
     p.add_argument("--problems", type=int, default=200, help="test problems of the toy split")
-    p.add_argument("--seed", type=int, default=0, help="the toy build's seed (its test split)")
+    p.add_argument("--seed", type=int, default=0, help="the test split's seed for a model folder without a toy build.json")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     a = p.parse_args()
 
@@ -52,11 +53,10 @@ def main():
 
     if a.threads:
         torch.set_num_threads(a.threads)
-    args = toy.Args()
-    _, test = toy.make_splits(a.seed, args.n_train, args.n_test)
     for path in a.models:
         if not os.path.isdir(path):
             raise SystemExit(f"solution_fields: no such model folder: {path}")
+        _, test = toy.build_splits(path, a.seed)
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path).eval()
         hits: dict[str, list[bool]] = {f: [] for f in FIELDS}

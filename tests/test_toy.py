@@ -52,6 +52,65 @@ def test_retry_examples_redo_the_attempt_from_a_random_step():
     assert not any(h.endswith(line + "\n") for h in heads for line in toy.RETRY_LINES)
 
 
+def test_recall_examples_look_up_the_attempts_operands():
+    """A recall example: a full (slipped) attempt and RECALL_LINE in the head; as the completion,
+    RECALL_STEPS distinct step labels of the attempt, each with the operand the attempt's line
+    starts from (the value a restart at that step starts from); recall_frac 0 never makes one."""
+    p = {"start": 10, "ops": [("+", 5), ("*", 2), ("-", 3), ("+", 4)], "problem": "x", "answer": "31"}
+    rng, seen = random.Random(0), set()
+    for _ in range(100):
+        head, completion = toy.pretraining_example(p, rng, slip=0.5, mu_frac=0.0, recall_frac=1.0)
+        *attempt, line, rest = head.split("\n")
+        assert line == toy.RECALL_LINE and rest == "" and attempt[-1].startswith("The answer is")
+        operands = {m.group(1): m.group(2) for m in map(toy.STEP_LINE.match, attempt[:-1])}
+        asked = [re.fullmatch(r"Step (\d+): (-?\d+)", x).groups() for x in completion.split("\n")]
+        assert len(asked) == toy.RECALL_STEPS and len({k for k, _ in asked}) == toy.RECALL_STEPS
+        assert all(operands[k] == v for k, v in asked)
+        seen |= {k for k, _ in asked}
+    assert seen == {"1", "2", "3", "4"}
+    heads = {toy.pretraining_example(p, rng, slip=0.1, mu_frac=0.15, retry_frac=0.3)[0] for _ in range(200)}
+    assert not any(h.endswith(toy.RECALL_LINE + "\n") for h in heads)
+
+
+def test_problem_range_and_the_splits_of_a_build(tmp_path):
+    """make_problem keeps every value in [0, max_value] and + / - arguments at most max_arg (the
+    default range reaches past a smaller one's); build_splits gives the problems of the build
+    named by a folder's build.json (seed, range), the default range's of a seed without one."""
+    def values(p):
+        return [p["start"]] + [int(line.rsplit("= ", 1)[1]) for line in toy.solution_steps(p["start"], p["ops"])[0]]
+
+    for max_value, max_arg in ((99, 19), (49, 9)):
+        problems = [toy.make_problem(random.Random(i), max_value, max_arg) for i in range(300)]
+        assert all(0 <= v <= max_value for p in problems for v in values(p))
+        assert all(a <= max_arg for p in problems for o, a in p["ops"] if o in "+-")
+        if max_value == 99:
+            assert max(max(values(p)) for p in problems) > 49
+        assert max(a for p in problems for o, a in p["ops"] if o in "+-") == max_arg
+    a = toy.Args()
+    (tmp_path / "build.json").write_text('{"seed": 1, "max_value": 49, "max_arg": 9}')
+    assert toy.build_splits(str(tmp_path)) == toy.make_splits(1, a.n_train, a.n_test, 49, 9)
+    assert toy.build_splits(str(tmp_path / "nowhere"), seed=2) == toy.make_splits(2, a.n_train, a.n_test)
+
+
+def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
+    """optimizers: AdamW alone holds every parameter by default; with optimizer muon, Muon holds
+    exactly the decoder layers' 2-D weights and AdamW the embedding (shared with the head) and
+    the norms, each parameter in one optimizer; any other name is a one-line error."""
+    tok = toy.train_tokenizer(["Step 1: 2 + 3 = 5"] * 20)
+    recipe = {**toy.recipe(toy.Args(preset="tiny")), "hidden": 64, "heads": 2, "inter": 96}
+    model = toy.make_model(tok, recipe)
+    names = {id(p): n for n, p in model.named_parameters()}
+    held = [[names[id(p)] for g in o.param_groups for p in g["params"]] for o in toy.optimizers(model, recipe)]
+    assert len(held) == 1 and sorted(held[0]) == sorted(names.values())
+    adamw, muon = [[names[id(p)] for g in o.param_groups for p in g["params"]]
+                   for o in toy.optimizers(model, {**recipe, "optimizer": "muon"})]
+    assert sorted(adamw + muon) == sorted(names.values())
+    assert muon and all(".layers." in n and n.endswith("proj.weight") for n in muon)
+    assert "model.embed_tokens.weight" in adamw and all("norm" in n or "embed" in n for n in adamw)
+    with pytest.raises(utils.UserError, match="--optimizer"):
+        toy.optimizers(model, {**recipe, "optimizer": "sgd"})
+
+
 @pytest.fixture(scope="module")
 def toy_tokenizer():
     """The toy's tokenizer, trained on a small corpus of clean solutions (seconds)."""
@@ -62,7 +121,7 @@ def toy_tokenizer():
     return toy.train_tokenizer(corpus + [utils.MU_SUFFIX, utils.BACKTRACK_MARKER] * 50)
 
 
-DOC_ARGS = dict(slip=0.1, mu_frac=0.15, note_frac=0.05, retry_frac=0.3)
+DOC_ARGS = dict(slip=0.1, mu_frac=0.15, note_frac=0.05, retry_frac=0.3, recall_frac=0.1)
 
 
 def test_document_stream_holds_what_the_old_per_step_encoding_did(toy_tokenizer):
@@ -75,7 +134,7 @@ def test_document_stream_holds_what_the_old_per_step_encoding_did(toy_tokenizer)
     for _ in range(4):
         batch = [problems[old_rng.randrange(len(problems))] for _ in range(toy.DRAW)]
         ids, attn, mask = toy.encode_batch(tok, batch, old_rng, DOC_ARGS["slip"], DOC_ARGS["mu_frac"],
-                                           DOC_ARGS["note_frac"], 1, DOC_ARGS["retry_frac"])
+                                           DOC_ARGS["note_frac"], 1, DOC_ARGS["retry_frac"], DOC_ARGS["recall_frac"])
         old += [(ids[i][attn[i] == 1].tolist(), mask[i][attn[i] == 1].int().tolist()) for i in range(len(ids))]
     texts = toy.document_texts(tok, problems, new_rng, 4 * toy.DRAW, **DOC_ARGS)
     new = toy.encode_documents(tok, texts)
@@ -87,8 +146,9 @@ def test_document_stream_holds_what_the_old_per_step_encoding_did(toy_tokenizer)
         assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
         assert tok.decode(ids[1:n_prompt]) == prompt and tok.decode(ids[n_prompt:-1]) == completion
         kinds.add("note" if prompt == "" else "mu" if prompt.endswith(utils.MU_SUFFIX) else
-                  "retry" if any(line in prompt for line in toy.RETRY_LINES) else "solution")
-    assert kinds == {"note", "mu", "retry", "solution"}
+                  "retry" if any(line in prompt for line in toy.RETRY_LINES) else
+                  "recall" if prompt.endswith(toy.RECALL_LINE + "\n") else "solution")
+    assert kinds == {"note", "mu", "retry", "recall", "solution"}
 
 
 def test_collate_lays_out_rows_as_encode_batch_and_balances_them(toy_tokenizer):
@@ -99,7 +159,7 @@ def test_collate_lays_out_rows_as_encode_batch_and_balances_them(toy_tokenizer):
     old_rng, new_rng = random.Random(7), random.Random(7)
     batch = [problems[old_rng.randrange(len(problems))] for _ in range(toy.DRAW)]
     old = toy.encode_batch(tok, batch, old_rng, DOC_ARGS["slip"], DOC_ARGS["mu_frac"], DOC_ARGS["note_frac"], 3,
-                           DOC_ARGS["retry_frac"])
+                           DOC_ARGS["retry_frac"], DOC_ARGS["recall_frac"])
     docs = toy.encode_documents(tok, toy.document_texts(tok, problems, new_rng, toy.DRAW, **DOC_ARGS))
     new = toy.collate(docs, 3, tok.pad_token_id)
     assert all(torch.equal(x, y) for x, y in zip(old, new))
