@@ -39,7 +39,9 @@ Pretraining rows pack `--pack` documents each, so that the positions of a backtr
 revised attempt (100-250 tokens in) are trained. `python bench/toy_build.py` times this
 per-step encoding against a packed pipeline (rows of whole documents built once before
 training, `pretraining_rows`, optionally under bf16 autocast) that build() does not use: on
-equal steps it gave a worse base model.
+equal steps it gave a worse base model. The recipe options (--bf16, --pretok, --balance,
+--optimizer muon, --recall-frac, --max-value/--max-arg, ...) are issue 19's search for a faster
+build; off by default, README ("The toy task and base model") gives what each measured.
 
 Run:
     python toy.py                       # builds runs/toy (data, tokenizer, base model), prints accuracy

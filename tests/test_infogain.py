@@ -282,8 +282,9 @@ def test_cli_scores_a_traces_file(tmp_path, toy_paths):
     for i, r in enumerate(records):
         start, ops = _parse_problem(r["problem"])
         lines, final = toy.solution_steps(start, ops)
-        bad = lines[:1] + [lines[1].rsplit("=", 1)[0] + "= 1"]
-        z0 = toy.render_solution(bad, 1)
+        w = next(v for v in (1, 2, 3) if v not in (int(lines[1].rsplit("= ", 1)[1]), final))  # a wrong step 2 and answer
+        bad = lines[:1] + [lines[1].rsplit("=", 1)[0] + f"= {w}"]
+        z0 = toy.render_solution(bad, w)
         rows.append({"qid": f"q{i}", "question": r["problem"], "answer": r["answer"],
                      "completion": z0 + "\n" + MARK + "\n" + toy.render_solution(lines[1:], final)})
     rows.append({"qid": "x", "question": records[0]["problem"], "answer": records[0]["answer"], "completion": "no marker"})
@@ -347,8 +348,8 @@ def test_rollout_meta_prover_on_the_toy(toy_paths, toy_sampler):
     J = {k: mu.success_rates(c, golds, seed=utils.derive_seed(0, "rollout-test", k)) for k, c in ctx.items()}
     assert J["full"].mean() > 0.9 and J["wrong_full"].mean() < 0.1, J
     # 256 mu samples each: the binomial noise of the difference is about 0.02-0.04; how far apart
-    # the two are is the toy's skill after the cue, which varies by build (0.086 vs 0.039 on a toy
-    # built with --seed 1, more than 0.2 apart on others)
+    # the two are is the toy's skill after the cue, which varies by build (README: the toy's
+    # quality is a draw of float noise), so the margin is the noise, not a skill level
     assert J["fix"].mean() > J["after"].mean() + 0.04, J
     outs = toy_sampler.generate([utils.encode(tok, p) for p in ctx["prompt"]], n=8, temperature=1.0, max_tokens=160,
                                 seed=utils.derive_seed(0, "pass@1"), logprobs=False)
