@@ -121,7 +121,8 @@ def render_solution(lines: list[str], final) -> str:
     return "\n".join(lines) + f"\nThe answer is \\boxed{{{final}}}"
 
 
-def make_splits(seed: int, n_train: int, n_test: int, max_value: int = 99, max_arg: int = 19) -> tuple[list[dict], list[dict]]:
+def make_splits(seed: int, n_train: int, n_test: int, max_value: int = 99,
+                max_arg: int = 19) -> tuple[list[dict], list[dict]]:
     """Disjoint train/test problem lists (by problem text), deterministic for a seed."""
     rng = random.Random(seed)
     seen, problems = set(), []
@@ -639,7 +640,8 @@ def build(args: Args) -> dict:
         tokenizer.save_pretrained(tmp)
     report = {"fingerprint": fingerprint(args), "preset": args.preset, "seed": args.seed, "params": n_params, "steps": steps,
               "slip": args.slip, "note_frac": args.note_frac, "retry_frac": args.retry_frac,
-              "recall_frac": args.recall_frac, "max_value": args.max_value, "max_arg": args.max_arg, "pack": args.pack,
+              "recall_frac": args.recall_frac, "n_train": args.n_train, "n_test": args.n_test, "max_value": args.max_value,
+              "max_arg": args.max_arg, "pack": args.pack,
               "recipe": preset, "train_seconds": round(train_s, 1), "build_seconds": round(time.time() - t0, 1)}
     if args.eval_samples:
         report.update(evaluate_base(model_dir, os.path.join(data_dir, "test.jsonl"), args.eval_samples, args.seed))
@@ -657,7 +659,9 @@ def optimizers(model, recipe: dict) -> list:
 
     if recipe["optimizer"] not in ("adamw", "muon"):
         raise utils.UserError(f"toy: --optimizer must be adamw or muon, got {recipe['optimizer']!r}")
-    matrices = [p for n, p in model.named_parameters() if recipe["optimizer"] == "muon" and p.ndim == 2 and ".layers." in n]
+    matrices = []  # Muon's: the decoder layers' 2-D weights
+    if recipe["optimizer"] == "muon":
+        matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n]
     ids = {id(p) for p in matrices}
     rest = [p for p in model.parameters() if id(p) not in ids]
     opts = [torch.optim.AdamW(rest, lr=recipe["lr"], betas=(0.9, 0.95), weight_decay=0.1)]
@@ -705,13 +709,12 @@ def paths(root: str = DEFAULT_DIR) -> dict:
 
 def build_splits(model_dir: str, seed: int = Args.seed) -> tuple[list[dict], list[dict]]:
     """The (train, test) problems of the toy build that wrote model_dir, from its build.json
-    (seed, value range); for a folder without one (a later stage's model) the default range's
-    problems of `seed`. bench/restart_steps.py and bench/solution_fields.py draw from them."""
+    (seed, split sizes, value range; a field it lacks, from an older build: Args' default); for a
+    folder without one (a later stage's model) the default problems of `seed`.
+    bench/restart_steps.py and bench/solution_fields.py draw from them."""
     path = os.path.join(model_dir, "build.json")
-    report = json.load(open(path)) if os.path.exists(path) else {"seed": seed}
-    a = Args()
-    return make_splits(report["seed"], a.n_train, a.n_test, report.get("max_value", a.max_value),
-                       report.get("max_arg", a.max_arg))
+    report = {**dataclasses.asdict(Args(seed=seed)), **(json.load(open(path)) if os.path.exists(path) else {})}
+    return make_splits(*(report[k] for k in ("seed", "n_train", "n_test", "max_value", "max_arg")))
 
 
 def fingerprint(args: Args) -> str:

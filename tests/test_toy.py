@@ -75,7 +75,7 @@ def test_recall_examples_look_up_the_attempts_operands():
 def test_problem_range_and_the_splits_of_a_build(tmp_path):
     """make_problem keeps every value in [0, max_value] and + / - arguments at most max_arg (the
     default range reaches past a smaller one's); build_splits gives the problems of the build
-    named by a folder's build.json (seed, range), the default range's of a seed without one."""
+    named by a folder's build.json (seed, range, split sizes), the default problems of a seed without one."""
     def values(p):
         return [p["start"]] + [int(line.rsplit("= ", 1)[1]) for line in toy.solution_steps(p["start"], p["ops"])[0]]
 
@@ -89,6 +89,8 @@ def test_problem_range_and_the_splits_of_a_build(tmp_path):
     a = toy.Args()
     (tmp_path / "build.json").write_text('{"seed": 1, "max_value": 49, "max_arg": 9}')
     assert toy.build_splits(str(tmp_path)) == toy.make_splits(1, a.n_train, a.n_test, 49, 9)
+    (tmp_path / "build.json").write_text('{"seed": 1, "n_train": 50, "n_test": 20, "max_value": 49, "max_arg": 9}')
+    assert toy.build_splits(str(tmp_path)) == toy.make_splits(1, 50, 20, 49, 9)
     assert toy.build_splits(str(tmp_path / "nowhere"), seed=2) == toy.make_splits(2, a.n_train, a.n_test)
 
 
