@@ -3,12 +3,12 @@
 The task: multi-step arithmetic in the paper's solution format. A problem is a start value
 and 3-5 operations; the solution computes one operation per step and boxes the result:
 
-    Problem: Start with 17. Add 25. Multiply by 3. Subtract 48. What is the result?
+    Problem: Start with 17. Add 5. Multiply by 2. Subtract 8. What is the result?
     Solution:
-    Step 1: 17 + 25 = 42
-    Step 2: 42 * 3 = 126
-    Step 3: 126 - 48 = 78
-    The answer is \\boxed{78}
+    Step 1: 17 + 5 = 22
+    Step 2: 22 * 2 = 44
+    Step 3: 44 - 8 = 36
+    The answer is \\boxed{36}
 
 The base model is a tiny Llama (head_dim 64, so vLLM's CPU attention accepts it) with a
 byte-level BPE tokenizer trained here, pretrained here on CPU. It must be imperfect in the
@@ -35,13 +35,17 @@ attempt redone from a random `Step k:` on the attempt's own value after step k-1
 holds the marker and never picks k well (k is uniform), so where to restart is still left to
 warmstart and RL; without it the toy could not write a revised attempt after the backtrack
 cue at all (it found the k-th operation only by following the line above).
+A fourth kind (`--recall-frac`, 20%) is a recall: a slipped attempt, the line "Recall:", then
+some of its step labels each with the operand its line starts from ("Step k: v"), the copy a
+restart's first line makes; without it the base rarely copied the right operand after the cue.
 Pretraining rows pack `--pack` documents each, so that the positions of a backtrack trace's
-revised attempt (100-250 tokens in) are trained. `python bench/toy_build.py` times this
-per-step encoding against a packed pipeline (rows of whole documents built once before
-training, `pretraining_rows`, optionally under bf16 autocast) that build() does not use: on
-equal steps it gave a worse base model. The recipe options (--bf16, --pretok, --balance,
---optimizer muon, --recall-frac, --max-value/--max-arg, ...) are issue 19's search for a faster
-build; off by default, README ("The toy task and base model") gives what each measured.
+revised attempt (100-250 tokens in) are trained. The recipe (RECIPE_DEFAULTS, issue 19) draws and
+tokenizes every step's documents once before training, spreads each step's documents over its
+rows by length (`collate`), runs without an attention mask (pads come last in a row) and trains
+the decoder's matrices with Muon, the rest with AdamW, on problems with values 0-49. Each
+choice is a flag (--pretok, --balance, --mask, --optimizer, --max-value, ...); README ("The toy
+task and base model") gives what each measured, and `python bench/toy_build.py` times the
+pipelines side by side.
 
 Run:
     python toy.py                       # builds runs/toy (data, tokenizer, base model), prints accuracy
@@ -74,10 +78,11 @@ DEFAULT_DIR = "runs/toy"
 # --------------------------------------------------------------------------------------
 
 OP_WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
+MAX_VALUE, MAX_ARG = 49, 9  # the default task's range: values 0-49, + and - arguments 1-9
 
 
-def make_problem(rng: random.Random, max_value: int = 99, max_arg: int = 19) -> dict:
-    """One problem: a start value (2 to 60 for max_value 99) and 3-5 operations, every
+def make_problem(rng: random.Random, max_value: int = MAX_VALUE, max_arg: int = MAX_ARG) -> dict:
+    """One problem: a start value (2 to 0.6 max_value) and 3-5 operations, every
     intermediate value in [0, max_value], arguments of + and - at most max_arg, of * 2 to 5."""
     n_ops = rng.randint(3, 5)
     value = rng.randint(2, max_value * 60 // 99)
@@ -121,8 +126,8 @@ def render_solution(lines: list[str], final) -> str:
     return "\n".join(lines) + f"\nThe answer is \\boxed{{{final}}}"
 
 
-def make_splits(seed: int, n_train: int, n_test: int, max_value: int = 99,
-                max_arg: int = 19) -> tuple[list[dict], list[dict]]:
+def make_splits(seed: int, n_train: int, n_test: int, max_value: int = MAX_VALUE,
+                max_arg: int = MAX_ARG) -> tuple[list[dict], list[dict]]:
     """Disjoint train/test problem lists (by problem text), deterministic for a seed."""
     rng = random.Random(seed)
     seen, problems = set(), []
@@ -236,12 +241,13 @@ PRESETS = {
     # pretok (all documents drawn and tokenized once before training), balance (pretok's rows
     # balanced in length: collate), optimizer (adamw or muon: optimizers), muon_lr
     "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
-    "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=1500, batch=32, lr=2e-3),
+    "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=800, batch=32, lr=2e-3),
     "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
 }
-RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=True, pretok=False, balance=False, optimizer="adamw",
+RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=False, pretok=True, balance=True, optimizer="muon",
                        muon_lr=0.02)
-"""Recipe fields a preset may leave out: the default preset's recipe."""
+"""Recipe fields a preset may leave out: the default preset's recipe (issue 19's; README, "The toy
+task and base model", gives what each field measured)."""
 
 
 def toy_tokenizer(train: list[dict]):
@@ -485,9 +491,9 @@ class Args:
     """training problems (used by pretraining and by every later stage)"""
     n_test: int = 256
     """held-out test problems"""
-    max_value: int = 99
+    max_value: int = MAX_VALUE
     """largest start or intermediate value of a problem (make_problem)"""
-    max_arg: int = 19
+    max_arg: int = MAX_ARG
     """largest argument of an Add or Subtract"""
     slip: float = 0.10
     """per-step probability that a pretraining solution's result is wrong (higher slips push the
@@ -506,7 +512,7 @@ class Args:
     and the attempt redone from a random step carrying the loss. A real base model has read
     such revisions; the toy needs them to write a revised attempt after the backtrack cue at
     all (README gives bench/restart_steps.py's numbers for several shares)"""
-    recall_frac: float = 0.0
+    recall_frac: float = 0.20
     """fraction of pretraining examples that are recalls: a slipped attempt, RECALL_LINE, then
     some of its step labels each with the operand its line starts from ("Step k: v"), the copy
     a restart's first line needs (README, issue 19)"""

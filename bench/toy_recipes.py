@@ -1,12 +1,12 @@
 """bench/toy_recipes.py: time per pretraining step of toy.py recipes, side by side.
 
 Each recipe is toy.py's default preset with overrides (name=value pairs: batch, hidden, layers,
-heads, inter, bf16, mask, pretok, balance). Every recipe trains its own model from the same seed on the
+heads, inter, bf16, mask, pretok, balance, optimizer). Every recipe trains its own model from the same seed on the
 same document stream, one step of each recipe in turn, so that load from other work on the
 machine falls on every recipe alike. Prints the median ms per step, ms per document, and each
 ratio against the first recipe (the default preset as it is: step time / recipe's step time).
 
-    python bench/toy_recipes.py "" "bf16=1 mask=0" "batch=16 bf16=1 mask=0"
+    python bench/toy_recipes.py "" "optimizer=adamw" "pretok=0 balance=0 mask=1 optimizer=adamw"
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ sys.path.insert(0, ROOT)
 
 
 def parse_recipe(text: str) -> dict:
-    """{field: value} from "name=value ..." (ints; bf16, mask, pretok and balance as 0/1)."""
+    """{field: value} from "name=value ..." (ints; bf16, mask, pretok and balance as 0/1; optimizer a name)."""
     out = {}
     for kv in text.split():
         k, v = kv.split("=")
-        out[k] = bool(int(v)) if k in ("bf16", "mask", "pretok", "balance") else int(v)
+        out[k] = bool(int(v)) if k in ("bf16", "mask", "pretok", "balance") else v if k == "optimizer" else int(v)
     return out
 
 
@@ -43,7 +43,7 @@ def main():
 
     args = toy.Args()
     utils.seed_everything(args.seed)
-    train, _ = toy.make_splits(args.seed, args.n_train, args.n_test)
+    train, _ = toy.make_splits(args.seed, args.n_train, args.n_test, args.max_value, args.max_arg)
     tok = toy.toy_tokenizer(train)
     n_steps = a.steps + 1
 
@@ -52,12 +52,13 @@ def main():
         r = {**toy.RECIPE_DEFAULTS, **toy.PRESETS["default"], **parse_recipe(text)}
         torch.manual_seed(args.seed)
         model = toy.make_model(tok, r).train()
-        opt = torch.optim.AdamW(model.parameters(), lr=r["lr"], betas=(0.9, 0.95), weight_decay=0.1)
+        opts = toy.optimizers(model, r)
         t = time.perf_counter()
         docs = toy.encode_documents(tok, toy.document_texts(tok, train, random.Random(1), n_steps * r["batch"], args.slip,
-                                                            args.mu_frac, args.note_frac, args.retry_frac))
+                                                            args.mu_frac, args.note_frac, args.retry_frac,
+                                                            args.recall_frac))
         pre = time.perf_counter() - t
-        state.append(dict(name=text or "default", r=r, rng=random.Random(1), model=model, opt=opt, docs=docs, pre=pre, i=0, times=[],
+        state.append(dict(name=text or "default", r=r, rng=random.Random(1), model=model, opts=opts, docs=docs, pre=pre, i=0, times=[],
                           params=sum(q.numel() for q in model.parameters())))
 
     def step(st):  # one optimizer step of a recipe; returns its seconds
@@ -68,17 +69,19 @@ def main():
         else:  # toy.build's per-step encoding
             batch = [train[st["rng"].randrange(len(train))] for _ in range(b)]
             ids, attn, m = toy.encode_batch(tok, batch, st["rng"], args.slip, args.mu_frac, args.note_frac, 3,
-                                            args.retry_frac)
+                                            args.retry_frac, args.recall_frac)
         st["i"] += 1
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r["bf16"]):
             logits = st["model"](input_ids=ids, attention_mask=attn if r["mask"] else None).logits[:, :-1]  # (B, T-1, V)
         nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
                                                 reduction="none").view_as(m[:, 1:])  # (B, T-1)
         loss = (nll * m[:, 1:]).sum() / m[:, 1:].sum()
-        st["opt"].zero_grad(set_to_none=True)
+        for opt in st["opts"]:
+            opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(st["model"].parameters(), 1.0)
-        st["opt"].step()
+        for opt in st["opts"]:
+            opt.step()
         return time.perf_counter() - t0
 
     for st in state:  # warm-up

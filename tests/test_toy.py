@@ -73,8 +73,8 @@ def test_recall_examples_look_up_the_attempts_operands():
 
 
 def test_problem_range_and_the_splits_of_a_build(tmp_path):
-    """make_problem keeps every value in [0, max_value] and + / - arguments at most max_arg (the
-    default range reaches past a smaller one's); build_splits gives the problems of the build
+    """make_problem keeps every value in [0, max_value] and + / - arguments at most max_arg (a
+    wider range reaches past a smaller one's); build_splits gives the problems of the build
     named by a folder's build.json (seed, range, split sizes), the default problems of a seed without one."""
     def values(p):
         return [p["start"]] + [int(line.rsplit("= ", 1)[1]) for line in toy.solution_steps(p["start"], p["ops"])[0]]
@@ -87,25 +87,26 @@ def test_problem_range_and_the_splits_of_a_build(tmp_path):
             assert max(max(values(p)) for p in problems) > 49
         assert max(a for p in problems for o, a in p["ops"] if o in "+-") == max_arg
     a = toy.Args()
-    (tmp_path / "build.json").write_text('{"seed": 1, "max_value": 49, "max_arg": 9}')
-    assert toy.build_splits(str(tmp_path)) == toy.make_splits(1, a.n_train, a.n_test, 49, 9)
+    (tmp_path / "build.json").write_text('{"seed": 1, "max_value": 99, "max_arg": 19}')
+    assert toy.build_splits(str(tmp_path)) == toy.make_splits(1, a.n_train, a.n_test, 99, 19)
     (tmp_path / "build.json").write_text('{"seed": 1, "n_train": 50, "n_test": 20, "max_value": 49, "max_arg": 9}')
     assert toy.build_splits(str(tmp_path)) == toy.make_splits(1, 50, 20, 49, 9)
     assert toy.build_splits(str(tmp_path / "nowhere"), seed=2) == toy.make_splits(2, a.n_train, a.n_test)
 
 
 def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
-    """optimizers: AdamW alone holds every parameter by default; with optimizer muon, Muon holds
+    """optimizers: with optimizer adamw, AdamW alone holds every parameter; with muon (the default), Muon holds
     exactly the decoder layers' 2-D weights and AdamW the embedding (shared with the head) and
     the norms, each parameter in one optimizer; any other name is a one-line error."""
     tok = toy.train_tokenizer(["Step 1: 2 + 3 = 5"] * 20)
     recipe = {**toy.recipe(toy.Args(preset="tiny")), "hidden": 64, "heads": 2, "inter": 96}
     model = toy.make_model(tok, recipe)
     names = {id(p): n for n, p in model.named_parameters()}
-    held = [[names[id(p)] for g in o.param_groups for p in g["params"]] for o in toy.optimizers(model, recipe)]
+    held = [[names[id(p)] for g in o.param_groups for p in g["params"]]
+            for o in toy.optimizers(model, {**recipe, "optimizer": "adamw"})]
     assert len(held) == 1 and sorted(held[0]) == sorted(names.values())
     adamw, muon = [[names[id(p)] for g in o.param_groups for p in g["params"]]
-                   for o in toy.optimizers(model, {**recipe, "optimizer": "muon"})]
+                   for o in toy.optimizers(model, recipe)]
     assert sorted(adamw + muon) == sorted(names.values())
     assert muon and all(".layers." in n and n.endswith("proj.weight") for n in muon)
     assert "model.embed_tokens.weight" in adamw and all("norm" in n or "embed" in n for n in adamw)
