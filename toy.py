@@ -622,18 +622,8 @@ def build(args: Args) -> dict:
                 batch = [train[rng.randrange(len(train))] for _ in range(preset["batch"])]
                 ids, attn, loss_mask = encode_batch(tokenizer, batch, rng, args.slip, args.mu_frac, args.note_frac,
                                                     args.pack, args.retry_frac, args.recall_frac)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=preset["bf16"]):
-                logits = model(input_ids=ids, attention_mask=attn if preset["mask"] else None).logits[:, :-1]  # (B, T-1, V)
-            nll = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
-            ).view_as(loss_mask[:, 1:])  # (B, T-1)
-            loss = (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
-            for opt in opts:
-                opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            for opt, sched in zip(opts, scheds):
-                opt.step()
+            loss = train_step(model, opts, ids, attn, loss_mask, preset)
+            for sched in scheds:
                 sched.step()
             if step % 25 == 0 or step == steps - 1:
                 log.write(json.dumps({"step": step, "loss": loss.item(), "lr": scheds[0].get_last_lr()[0]}) + "\n")
@@ -676,17 +666,35 @@ def optimizers(model, recipe: dict) -> list:
     return opts
 
 
-def pretraining_loss(model, ids, loss_mask, bf16: bool = True):
-    """Mean next-token NLL over the loss-masked tokens of packed rows (no attention mask:
-    causal attention alone, the row's pad tokens come last), under bf16 autocast if bf16."""
+def pretraining_loss(model, ids, loss_mask, bf16: bool = False, attention_mask=None):
+    """Mean next-token NLL over the loss-masked tokens of a batch of rows (B, T). Without an
+    attention mask causal attention alone keeps every real token off the pads, which come last
+    in each row (same loss); the forward runs under bf16 autocast if bf16, the loss in fp32."""
     import torch
 
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        logits = model(input_ids=ids).logits[:, :-1]  # (B, T-1, V)
+        logits = model(input_ids=ids, attention_mask=attention_mask).logits[:, :-1]  # (B, T-1, V)
     nll = torch.nn.functional.cross_entropy(
         logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1), reduction="none"
     ).view_as(loss_mask[:, 1:])  # (B, T-1)
     return (nll * loss_mask[:, 1:]).sum() / loss_mask[:, 1:].sum()
+
+
+def train_step(model, opts, ids, attn, loss_mask, recipe: dict):
+    """One pretraining step of a recipe (toy.build's, and bench/toy_recipes.py's): the loss of
+    `pretraining_loss` (the attention mask passed only if recipe["mask"]), gradients clipped to
+    norm 1.0, one step of every optimizer (`optimizers`). Returns the loss; the caller steps
+    the learning-rate schedules."""
+    import torch
+
+    loss = pretraining_loss(model, ids, loss_mask, recipe["bf16"], attn if recipe["mask"] else None)
+    for opt in opts:
+        opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    for opt in opts:
+        opt.step()
+    return loss
 
 
 def evaluate_base(model_dir: str, test_path: str, n: int, seed: int) -> dict:

@@ -98,18 +98,11 @@ def main():
                                           args.retry_frac)
             yield time.perf_counter() - t0, x, attn, m
 
-    def old_loss(model, x, attn, m, bf16):  # toy.build's loss before the packed pipeline
-        logits = model(input_ids=x, attention_mask=attn).logits[:, :-1]  # (B, T-1, V)
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
-                                                reduction="none").view_as(m[:, 1:])  # (B, T-1)
-        return (nll * m[:, 1:]).sum() / m[:, 1:].sum()
+    def old_loss(model, x, attn, m, bf16):  # toy.build's loss before the packed pipeline: with the attention mask
+        return toy.pretraining_loss(model, x, m, bf16, attention_mask=attn)
 
     def causal_loss(model, x, attn, m, bf16):  # the old batches without the attention mask: pads come last
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=x).logits[:, :-1]  # (B, T-1, V)
-        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), x[:, 1:].reshape(-1),
-                                                reduction="none").view_as(m[:, 1:])  # (B, T-1)
-        return (nll * m[:, 1:]).sum() / m[:, 1:].sum()
+        return toy.pretraining_loss(model, x, m, bf16)
 
     variants = {"old": (old_batches(), old_loss, False), "old causal": (old_batches(), causal_loss, False),
                 "old causal+bf16": (old_batches(), causal_loss, True),

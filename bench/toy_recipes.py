@@ -71,17 +71,7 @@ def main():
             ids, attn, m = toy.encode_batch(tok, batch, st["rng"], args.slip, args.mu_frac, args.note_frac, 3,
                                             args.retry_frac, args.recall_frac)
         st["i"] += 1
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=r["bf16"]):
-            logits = st["model"](input_ids=ids, attention_mask=attn if r["mask"] else None).logits[:, :-1]  # (B, T-1, V)
-        nll = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1),
-                                                reduction="none").view_as(m[:, 1:])  # (B, T-1)
-        loss = (nll * m[:, 1:]).sum() / m[:, 1:].sum()
-        for opt in st["opts"]:
-            opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(st["model"].parameters(), 1.0)
-        for opt in st["opts"]:
-            opt.step()
+        toy.train_step(st["model"], st["opts"], ids, attn, m, r)
         return time.perf_counter() - t0
 
     for st in state:  # warm-up

@@ -177,6 +177,41 @@ def test_collate_lays_out_rows_as_encode_batch_and_balances_them(toy_tokenizer):
     assert sorted(got) == sorted(d[0] for d in docs)
 
 
+def test_train_step_without_the_attention_mask_is_the_masked_step(toy_tokenizer):
+    """train_step on collated rows (pads last in each row): with and without the attention
+    mask (recipe["mask"]), the same loss, and the same weights after one Muon + AdamW step; the
+    loss is the mean NLL of the loss-masked tokens, recomputed here row by row; the step moves
+    every optimizer's weights."""
+    import copy
+
+    tok, problems = toy_tokenizer, [toy.make_problem(random.Random(4000 + i)) for i in range(20)]
+    docs = toy.encode_documents(tok, toy.document_texts(tok, problems, random.Random(5), 12, **DOC_ARGS))
+    ids, attn, mask = toy.collate(docs, 3, tok.pad_token_id, balance=True)  # (4, T) each
+    assert int(attn.sum()) < attn.numel()  # some pads, so that the mask could matter
+    recipe = {**toy.recipe(toy.Args(preset="tiny")), "hidden": 64, "heads": 2, "inter": 96, "optimizer": "muon"}
+    torch.manual_seed(0)
+    model = toy.make_model(tok, recipe).train()
+    start = copy.deepcopy(model.state_dict())
+    nll, n = 0.0, 0
+    with torch.no_grad():
+        for row, a, m in zip(ids, attn, mask):  # each row alone, cut at its pads
+            k = int(a.sum())
+            logp = torch.log_softmax(model(input_ids=row[None, :k]).logits[0, :-1].double(), -1)  # (k-1, V)
+            picked = logp.gather(1, row[1:k, None])[:, 0]
+            nll -= float((picked * m[1:k]).sum())
+            n += int(m[1:k].sum())
+    runs = {}
+    for masked in (True, False):
+        m = copy.deepcopy(model)
+        loss = toy.train_step(m, toy.optimizers(m, recipe), ids, attn, mask, {**recipe, "mask": masked})
+        runs[masked] = (loss.item(), m.state_dict())
+    assert abs(runs[True][0] - nll / n) < 1e-5 and abs(runs[False][0] - runs[True][0]) < 1e-5
+    for k, w in runs[True][1].items():
+        assert torch.allclose(w, runs[False][1][k], atol=1e-6), k
+    moved = {k for k, w in runs[False][1].items() if not torch.equal(w, start[k])}
+    assert "model.embed_tokens.weight" in moved and "model.layers.0.mlp.up_proj.weight" in moved
+
+
 def test_pack_rows_by_hand():
     """Whole documents in order, a row closed when the next one does not fit, pads (loss 0) at
     the end of each row; a document longer than a row is refused."""
