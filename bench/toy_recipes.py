@@ -4,9 +4,11 @@ Each recipe is toy.py's default preset with overrides (name=value pairs: batch, 
 heads, inter, bf16, mask, pretok, balance, optimizer). Every recipe trains its own model from the same seed on the
 same document stream, one step of each recipe in turn, so that load from other work on the
 machine falls on every recipe alike. Prints the median ms per step, ms per document, and each
-ratio against the first recipe (the default preset as it is: step time / recipe's step time).
+ratio against the first recipe (the default preset as it is: step time / recipe's step time);
+with --profile N, then each recipe's operators by self time over N more steps (torch.profiler).
 
     python bench/toy_recipes.py "" "optimizer=adamw" "pretok=0 balance=0 mask=1 optimizer=adamw"
+    python bench/toy_recipes.py "" "bf16=1" --steps 6 --profile 6   # and each one's top operators
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("recipes", nargs="+", help='overrides of the default preset, e.g. "batch=16 bf16=1 mask=0"')
     p.add_argument("--steps", type=int, default=24, help="timed steps per recipe (taken round robin, one step of each recipe in turn)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="then profile this many more steps of each recipe (torch.profiler) and print its top operators")
     a = p.parse_args()
 
     import torch
@@ -45,7 +49,7 @@ def main():
     utils.seed_everything(args.seed)
     train, _ = toy.make_splits(args.seed, args.n_train, args.n_test, args.max_value, args.max_arg)
     tok = toy.toy_tokenizer(train)
-    n_steps = a.steps + 1
+    n_steps = a.steps + 1 + a.profile
 
     state = []
     for text in a.recipes:
@@ -89,10 +93,20 @@ def main():
     print(f"threads {torch.get_num_threads()}")
     print(f"{'recipe':40s} {'params':>7s} {'ms/step':>8s} {'ms/doc':>7s} {'x step':>7s} {'x doc':>6s}")
     for st in state:
-        step = st["t"] / st["n"]
-        doc = step / st["r"]["batch"]
-        print(f"{st['name']:40s} {st['params'] / 1e6:6.2f}M {1000 * step:8.1f} {1000 * doc:7.2f} {bstep / step:7.2f} "
+        per_step = st["t"] / st["n"]
+        doc = per_step / st["r"]["batch"]
+        print(f"{st['name']:40s} {st['params'] / 1e6:6.2f}M {1000 * per_step:8.1f} {1000 * doc:7.2f} {bstep / per_step:7.2f} "
               f"{bdoc / doc:6.2f}", flush=True)
+
+    if a.profile:  # where a step's time goes, by operator (self time: matrix products, attention, elementwise, optimizer)
+        from torch.profiler import ProfilerActivity, profile
+
+        for st in state:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                for _ in range(a.profile):
+                    step(st)
+            print(f"\n{st['name']}: {a.profile} steps")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=40))
 
 
 if __name__ == "__main__":
