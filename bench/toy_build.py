@@ -98,26 +98,22 @@ def main():
                                           args.retry_frac)
             yield time.perf_counter() - t0, x, attn, m
 
-    def old_loss(model, x, attn, m, bf16):  # toy.build's loss before the packed pipeline: with the attention mask
-        return toy.pretraining_loss(model, x, m, bf16, attention_mask=attn)
-
-    def causal_loss(model, x, attn, m, bf16):  # the old batches without the attention mask: pads come last
-        return toy.pretraining_loss(model, x, m, bf16)
-
-    variants = {"old": (old_batches(), old_loss, False), "old causal": (old_batches(), causal_loss, False),
-                "old causal+bf16": (old_batches(), causal_loss, True),
-                "packed": (packed_batches(), toy.pretraining_loss, False),
-                "packed+bf16": (packed_batches(), toy.pretraining_loss, True)}
+    # name: (batches, attention mask passed, bf16 autocast). "old" is toy.build's loss before the packed
+    # pipeline (with the mask); the others leave it out (pads come last in each row: same loss)
+    variants = {"old": (old_batches(), True, False), "old causal": (old_batches(), False, False),
+                "old causal+bf16": (old_batches(), False, True),
+                "packed": (packed_batches(), False, False),
+                "packed+bf16": (packed_batches(), False, True)}
     if a.compile:
-        variants["old causal+compile"] = (old_batches(), causal_loss, False)
-        variants["packed+bf16+compile"] = (packed_batches(), toy.pretraining_loss, True)
+        variants["old causal+compile"] = (old_batches(), False, False)
+        variants["packed+bf16+compile"] = (packed_batches(), False, True)
     state = {}
-    for name, (batches, loss_fn, bf16) in variants.items():
+    for name, (batches, masked, bf16) in variants.items():
         model = copy.deepcopy(model0).train()
         if name.endswith("compile"):
             model.forward = torch.compile(model.forward)
         opt = torch.optim.AdamW(model.parameters(), lr=preset["lr"], betas=(0.9, 0.95), weight_decay=0.1)
-        state[name] = dict(model=model, opt=opt, batches=batches, loss_fn=loss_fn, bf16=bf16,
+        state[name] = dict(model=model, opt=opt, batches=batches, masked=masked, bf16=bf16,
                            data=0.0, fb=0.0, opt_s=0.0, steps=0, positions=0, real=0, flops=0.0, first=None)
 
     for _ in range(a.rounds):
@@ -125,8 +121,7 @@ def main():
             for i in range(a.steps + 1):
                 data_s, x, attn, m = next(st["batches"])
                 t0 = time.perf_counter()
-                loss = st["loss_fn"](st["model"], x, attn, m, st["bf16"]) if name.startswith("old") else \
-                    st["loss_fn"](st["model"], x, m, st["bf16"])
+                loss = toy.pretraining_loss(st["model"], x, m, st["bf16"], attention_mask=attn if st["masked"] else None)
                 st["opt"].zero_grad(set_to_none=True)
                 loss.backward()
                 t1 = time.perf_counter()

@@ -202,9 +202,9 @@ def test_train_step_without_the_attention_mask_is_the_masked_step(toy_tokenizer)
             n += int(m[1:k].sum())
     runs = {}
     for masked in (True, False):
-        m = copy.deepcopy(model)
-        loss = toy.train_step(m, toy.optimizers(m, recipe), ids, attn, mask, {**recipe, "mask": masked})
-        runs[masked] = (loss.item(), m.state_dict())
+        trained = copy.deepcopy(model)
+        loss = toy.train_step(trained, toy.optimizers(trained, recipe), ids, attn, mask, {**recipe, "mask": masked})
+        runs[masked] = (loss.item(), trained.state_dict())
     assert abs(runs[True][0] - nll / n) < 1e-5 and abs(runs[False][0] - runs[True][0]) < 1e-5
     for k, w in runs[True][1].items():
         assert torch.allclose(w, runs[False][1][k], atol=1e-6), k
