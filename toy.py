@@ -53,7 +53,9 @@ Run:
     python toy.py --preset bench --out runs/toy-bench # ~25M parameters, for bench/
 
 Outputs under --out: data/{train,test}.jsonl (fields problem, answer), base/ (a Hugging Face
-checkpoint with its tokenizer), base/build.json (preset, seed, accuracy), train_log.jsonl.
+checkpoint with its tokenizer), base/build.json (preset, seed, recipe, times; pass@1 and pass@8
+unless --eval-samples 0), train_log.jsonl. A stage's first use builds the same model without
+that evaluation (`ensure_built`): the stage measures its own starting point.
 """
 
 from __future__ import annotations
@@ -750,11 +752,12 @@ def is_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 0) -
     return current and all(os.path.exists(v) for v in p.values())
 
 
-def ensure_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 0, eval_samples: int = 8) -> dict:
+def ensure_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 0, eval_samples: int = 0) -> dict:
     """Build the toy task and base model under root unless an up-to-date build is there;
     return the paths (steps and eval_samples as toy.py's flags; the defaults are the build every
-    script uses). Under torchrun (first use of `torchrun grpo.py` etc.), rank 0 builds in a
-    child process (`python toy.py`, all cores) while the other ranks wait for the build: the
+    script uses, without the base's pass@k measurement, which takes most of a minute on 2 cores
+    and is not what a stage needs: `python toy.py` measures it). Under torchrun (first use of `torchrun grpo.py` etc.), rank 0 builds in a
+    child process (`python toy.py` on every core this process may run on) while the other ranks wait for the build: the
     build's own vLLM engine must not live in a torchrun process (closing an engine ends the
     process group), and a collective barrier could time out during a build of minutes. With
     MRT_TOY_NO_BUILD set, a missing or stale build is an error instead."""
@@ -770,13 +773,13 @@ def ensure_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 
 
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")}
         cmd = [sys.executable, os.path.abspath(__file__), "--out", root, "--preset", preset, "--steps", str(steps),
-               "--eval-samples", str(eval_samples), "--threads", str(os.cpu_count() or 1)]
+               "--eval-samples", str(eval_samples), "--threads", str(len(os.sched_getaffinity(0)))]
         utils.print0(f"toy: building {root} first: {' '.join(cmd)}")
         if subprocess.run(cmd, env=env).returncode != 0:
             raise utils.UserError(f"toy: the build of {root} failed (run `python toy.py --out {root}` to see why)")
     else:
         while not is_built(root, preset, steps):
-            time.sleep(5)
+            time.sleep(1)
     utils.barrier()
     return paths(root)
 

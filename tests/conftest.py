@@ -27,10 +27,27 @@ toy.py` does. The thread count changes the build's float results, so its model t
 "The toy task and base model"): one thread would build another toy, and more slowly."""
 
 
+LONGEST_FIRST = ("test_real_shape.py", "test_grpo.py", "test_evaluate.py", "test_r1_analysis.py", "test_toy.py",
+                 "test_fsdp.py", "test_infogain.py")
+"""Modules run in this order, the rest after them in file order: the longest first (the sums of
+`pytest --durations=0` per module, fresh clone included), so that under `-n auto --dist
+loadscope` the workers take the short modules last and finish together. xdist's own order
+(most tests first) left one worker idle for the last minute and a half on 2 cores. A stale
+order only costs time."""
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within a module
+
+
 def pytest_configure(config):
     """Under pytest-xdist (`-n`), the controller builds the toy before the workers start (each
-    worker's first toy_paths would otherwise start the same build at once); in one process the
+    worker's first toy_paths would otherwise start the same build at once), and hands the modules
+    out in collection order (LONGEST_FIRST) instead of by their number of tests; in one process the
     toy_paths fixture builds it on first use."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
     workers = getattr(config.option, "numprocesses", None)
     if workers and not hasattr(config, "workerinput") and not os.environ.get("MRT_TOY_DIR"):
         toy.ensure_built(os.path.join(ROOT, "runs", "toy"))
