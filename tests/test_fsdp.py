@@ -59,10 +59,22 @@ def test_fsdp_step_equals_single_process(runs, toy_paths):
     assert max_diff(one["grads"], two["grads"]) < 1e-5 * g_scale
     base = training.full_state_dict(utils.load_model(toy_paths["base"], dtype="float32", device="cpu"))
     assert max_diff(base, one["state"]) > 1e-3  # the step moved the weights (lr 3e-3)
-    # Adam's first update is lr * g / (|g| + eps) per element: where |g| is near eps, the
-    # ranks' different summation order (grads agree to ~1e-8) moves it by up to ~1e-5.
-    assert max_diff(one["state"], two["state"]) < 5e-5  # 1.7% of lr
-    assert max_diff(one["second"], two["second"]) < 1e-4
+    # AdamW's first update is lr * g / (|g| + eps) per element (its moments start at zero), after
+    # the decay w * (1 - lr * wd): each run took exactly that step on its own gradients.
+    lr, wd, eps = 3e-3, 0.1, 1e-8  # tests/fsdp_step.py's optimizer
+    for r in (one, two):
+        for k, g in r["grads"].items():
+            want = base[k] * (1 - lr * wd) - lr * g / (g.abs() + eps)
+            assert (want - r["state"][k]).abs().max().item() < 1e-6, k
+    # Where |g| is near eps, the ranks' different summation order (grads agree to ~1e-8) moves
+    # that update by up to lr itself, by an amount that depends on the model (a 3-layer build of
+    # the toy: 1.2e-4, 3.9% of lr). Wherever the first gradient is clear of eps, the two runs'
+    # weights agree after one step and after the second (taken on the same batch); that is 69-88%
+    # of the entries on the builds tried.
+    clear = {k: torch.maximum(g.abs(), two["grads"][k].abs()) > 1e-4 * g_scale for k, g in one["grads"].items()}
+    assert sum(c.sum().item() for c in clear.values()) > 0.5 * sum(c.numel() for c in clear.values())
+    for key, tol in (("state", 5e-6), ("second", 5e-5)):  # seen: up to 2.6e-7 and 5.6e-6
+        assert max(((one[key][k] - two[key][k]).abs() * c).max().item() for k, c in clear.items()) < tol, key
 
 
 def test_loaded_once_and_scattered(runs, toy_paths):
