@@ -756,11 +756,12 @@ def ensure_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 
     """Build the toy task and base model under root unless an up-to-date build is there;
     return the paths (steps and eval_samples as toy.py's flags; the defaults are the build every
     script uses, without the base's pass@k measurement, which takes most of a minute on 2 cores
-    and is not what a stage needs: `python toy.py` measures it). Under torchrun (first use of `torchrun grpo.py` etc.), rank 0 builds in a
-    child process (`python toy.py` on every core this process may run on) while the other ranks wait for the build: the
-    build's own vLLM engine must not live in a torchrun process (closing an engine ends the
-    process group), and a collective barrier could time out during a build of minutes. With
-    MRT_TOY_NO_BUILD set, a missing or stale build is an error instead."""
+    and is not what a stage needs: `python toy.py` measures it). Under torchrun (first use of
+    `torchrun grpo.py` etc.), rank 0 builds in a child process (`python toy.py` on every core
+    this process may run on) while the other ranks wait for the build: the build's own vLLM
+    engine must not live in a torchrun process (closing an engine ends the process group), and a
+    collective barrier could time out during a build of minutes. With MRT_TOY_NO_BUILD set, a
+    missing or stale build is an error instead."""
     if is_built(root, preset, steps):
         return paths(root)
     if os.environ.get("MRT_TOY_NO_BUILD"):  # the tests set it when MRT_TOY_DIR names a build to use as it is

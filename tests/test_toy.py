@@ -368,8 +368,10 @@ def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
     env = {**{k: v for k, v in os.environ.items() if k != "MRT_TOY_NO_BUILD"}, "VLLM_CPU_KVCACHE_SPACE": "1"}
     # pinned to one core: the ranks only wait, and the child's build takes the thread count from
     # the CPUs it may use, so it builds on one thread beside the other test worker
+    one_core = {min(os.sched_getaffinity(0))}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-                       capture_output=True, text=True, timeout=900, env=env, preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}))
+                       capture_output=True, text=True, timeout=900, env=env,
+                       preexec_fn=lambda: os.sched_setaffinity(0, one_core))
     assert r.returncode == 0, r.stderr[-3000:]
     # each rank writes what it saw to its own file: two ranks' prints interleave on torchrun's stdout
     for rank in (0, 1):
