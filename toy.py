@@ -755,8 +755,8 @@ def is_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 0) -
 def ensure_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 0, eval_samples: int = 0) -> dict:
     """Build the toy task and base model under root unless an up-to-date build is there;
     return the paths (steps and eval_samples as toy.py's flags; the defaults are the build every
-    script uses, without the base's pass@k measurement, which takes most of a minute on 2 cores
-    and is not what a stage needs: `python toy.py` measures it). Under torchrun (first use of
+    script uses, without the base's pass@k measurement, a few thousand samples that no stage
+    reads: `python toy.py` measures it). Under torchrun (first use of
     `torchrun grpo.py` etc.), rank 0 builds in a child process (`python toy.py` on every core
     this process may run on) while the other ranks wait for the build: the build's own vLLM
     engine must not live in a torchrun process (closing an engine ends the process group), and a
