@@ -243,7 +243,7 @@ PRESETS = {
     # pretok (all documents drawn and tokenized once before training), balance (pretok's rows
     # balanced in length: collate), optimizer (adamw or muon: optimizers), muon_lr
     "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
-    "default": dict(hidden=128, layers=4, heads=2, inter=512, steps=800, batch=32, lr=2e-3),
+    "default": dict(hidden=128, layers=3, heads=2, inter=256, steps=800, batch=32, lr=2e-3),
     "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
 }
 RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=False, pretok=True, balance=True, optimizer="muon",
