@@ -782,7 +782,7 @@ def stage_env(args: Args, environ: dict) -> dict:
     that run side by side (unless OMP_NUM_THREADS is set), vLLM eager mode per --eager."""
     env = dict(environ)
     if args.jobs > 1 and "OMP_NUM_THREADS" not in environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.jobs))
+        env["OMP_NUM_THREADS"] = str(max(1, utils.usable_cores() // args.jobs))
     if args.eager == "on" or (args.eager == "auto" and args.quick):
         env["MRT_VLLM_EAGER"] = "1"
     elif args.eager == "off":

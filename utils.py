@@ -587,6 +587,12 @@ def load_model(path: str, dtype: str = "auto", device: str | None = None):
 # --------------------------------------------------------------------------------------
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity: fewer than the machine's under
+    taskset or a cgroup's cpuset), at least 1."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def has_cuda() -> bool:
     import torch
 

@@ -135,6 +135,19 @@ def test_stage_env_threads_and_eager():
         study.main(study.Args(eager="sometimes", aggregate_only=True))
 
 
+def test_stage_threads_follow_the_cpu_affinity():
+    """--jobs stages share the cores this process may use (taskset, a cgroup's cpuset), not the
+    machine's count."""
+    cores = os.sched_getaffinity(0)
+    assert int(study.stage_env(study.Args(jobs=2), {})["OMP_NUM_THREADS"]) == max(1, len(cores) // 2)
+    try:
+        os.sched_setaffinity(0, {min(cores)})
+        assert utils.usable_cores() == 1
+        assert study.stage_env(study.Args(jobs=2), {})["OMP_NUM_THREADS"] == "1"
+    finally:
+        os.sched_setaffinity(0, cores)
+
+
 def _timed_stage(tmp_path, name, after=(), sleep=0.3, fail=False):
     """A stage that records when it started and ended (for the scheduler tests)."""
     done, stamp = tmp_path / f"{name}.done", tmp_path / f"{name}.times"
