@@ -1,7 +1,9 @@
 """Shared fixtures: the toy task and base model (built once, reused while toy.py is
 unchanged), and one vLLM engine on it for the whole session."""
 
+import importlib
 import os
+import subprocess
 import sys
 
 import pytest
@@ -12,6 +14,7 @@ os.environ.setdefault("MRT_VLLM_EAGER", "1")  # engine start ~10 s instead of ~2
 
 import sampling  # noqa: E402
 import toy  # noqa: E402
+import utils  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -78,6 +81,31 @@ def toy_sampler(toy_paths):
     in-process engine: vLLM 0.32 tears down its process-wide parallel state when any engine
     shuts down (EngineCore.shutdown), which breaks every other engine in the process."""
     return sampling.Sampler(toy_paths["base"], seed=0, block_size=ENGINE_BLOCK)
+
+
+@pytest.fixture
+def run_script(capsys):
+    """run_script(name, argv, own_process=False) -> (exit status, stderr lines) of `python
+    name.py argv`. By default its main() runs in this process on the same parsed arguments, as the
+    script's `__main__` block calls it (utils.run_main: a UserError is one stderr line, exit 2);
+    own_process=True starts the script as a user does (about 3 s of imports), which adds only
+    what the process itself prints: each script's bad-input test runs one case that way."""
+
+    def run(name, argv, own_process=False):
+        if own_process:
+            p = subprocess.run([sys.executable, f"{name}.py", *argv], cwd=ROOT, capture_output=True, text=True,
+                               timeout=300)
+            return p.returncode, p.stderr.strip().splitlines()
+        script = importlib.import_module(name)
+        capsys.readouterr()
+        try:
+            utils.run_main(script.main, utils.parse_args(script.Args, argv))
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, capsys.readouterr().err.strip().splitlines()
+
+    return run
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -254,7 +254,7 @@ def _cli(args, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_cli_bad_input(tmp_path, toy_paths):
+def test_cli_bad_input(tmp_path, toy_paths, run_script):
     good = {"problem": "Start with 2. Add 3. What is the result?", "answer": "5", "completion": "Step 1: 2 + 3 = 5\n"
             "The answer is \\boxed{6}\n" + MARK + "\nStep 1: 2 + 3 = 5\nThe answer is \\boxed{5}"}
     cases = {
@@ -268,12 +268,13 @@ def test_cli_bad_input(tmp_path, toy_paths):
         path = tmp_path / name
         if content is not None:
             path.write_text(content)
-        # bad input fails before an engine starts, so these runs are quick
-        r = _cli(["--model", toy_paths["base"], "--traces", str(path), "--out", str(tmp_path / "out")], tmp_path)
-        assert r.returncode == 2 and msg in r.stderr, (name, r.stderr[-500:])
-        assert "Traceback" not in r.stderr and not (tmp_path / "out").exists()
-    r = _cli(["--model", str(tmp_path / "nope"), "--traces", str(tmp_path / "nomarker.jsonl")], tmp_path)
-    assert r.returncode == 2 and "model path does not exist" in r.stderr
+        # bad input fails before an engine starts
+        code, err = run_script("infogain", ["--model", toy_paths["base"], "--traces", str(path), "--out",
+                                            str(tmp_path / "out")], own_process=name == "malformed.jsonl")
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and msg in err[0], (name, err)
+        assert not (tmp_path / "out").exists()
+    code, err = run_script("infogain", ["--model", str(tmp_path / "nope"), "--traces", str(tmp_path / "nomarker.jsonl")])
+    assert code == 2 and len(err) == 1 and "model path does not exist" in err[0], err
 
 
 def test_cli_scores_a_traces_file(tmp_path, toy_paths):

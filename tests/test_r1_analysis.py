@@ -384,17 +384,16 @@ BAD_INPUTS = {  # case: (trace lines, extra flags, expected part of the message)
 
 
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
-def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
+def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path, run_script):
     lines, flags, message = BAD_INPUTS[case]
     data = tmp_path / "traces.jsonl"
     if lines:
         data.write_text("\n".join(lines) + "\n")
     model = str(tmp_path / "no-model") if case == "bad_model" else toy_paths["base"]
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "r1_analysis.py", "--traces", str(data), "--model", model, "--preset", "toy",
-                        "--direct-model", "none", "--out", str(out), *flags],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2, p.stderr
-    err = p.stderr.strip().splitlines()
+    code, err = run_script("r1_analysis", ["--traces", str(data), "--model", model, "--preset", "toy",
+                                           "--direct-model", "none", "--out", str(out), *flags],
+                           own_process=case == "malformed")
+    assert code == 2, err
     assert len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not out.exists()

@@ -4,7 +4,6 @@ weights in the engine) with short STaR and RISE runs, and bad input."""
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -317,17 +316,16 @@ def test_real_star_baseline_run(engine, toy_paths, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_file", "malformed", "missing_model"])
-def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
+def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path, run_script):
     data = tmp_path / "data.jsonl"
     if case == "malformed":
         data.write_text(json.dumps({"problem": "Start with 2. Add 3. What is the result?", "answer": "5"}) + "\n{oops\n")
     model = str(tmp_path / "nope") if case == "missing_model" else toy_paths["base"]
     if case == "missing_model":
         data = toy_paths["train"]
-    p = subprocess.run([sys.executable, "star.py", "--model", model, "--data", str(data), "--test-data", toy_paths["test"],
-                        "--out", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 2, p.stderr[-2000:]
-    err = p.stderr.strip().splitlines()
+    code, err = run_script("star", ["--model", model, "--data", str(data), "--test-data", toy_paths["test"],
+                                    "--out", str(tmp_path / "out")], own_process=case == "malformed")
+    assert code == 2, err
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert {"missing_file": "no such file", "malformed": ":2:", "missing_model": "does not exist"}[case] in err[0]
     assert not (tmp_path / "out").exists()

@@ -5,7 +5,6 @@ warmstarted model writes the backtrack format on its own."""
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -280,7 +279,7 @@ def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_path
 
 
 @pytest.mark.parametrize("case", ["missing_file", "malformed", "missing_model"])
-def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
+def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path, run_script):
     data = tmp_path / "data.jsonl"
     if case == "malformed":
         data.write_text(json.dumps({"problem": "Start with 2. Add 3. What is the result?", "answer": "5"}) + "\n{oops\n")
@@ -288,10 +287,9 @@ def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path):
     if case == "missing_model":
         data = toy_paths["train"]
     out = tmp_path / "out"
-    p = subprocess.run([sys.executable, "warmstart.py", "--model", model, "--data", str(data), "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=180)
-    assert p.returncode == 2, p.stderr[-2000:]
-    err = p.stderr.strip().splitlines()
+    code, err = run_script("warmstart", ["--model", model, "--data", str(data), "--out", str(out)],
+                           own_process=case == "malformed")
+    assert code == 2, err
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert {"missing_file": "no such file", "malformed": ":2:", "missing_model": "does not exist"}[case] in err[0]
     assert not out.exists()
