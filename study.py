@@ -534,6 +534,23 @@ def _mean_over(rows: list[dict], key: str, part: slice) -> float | None:
     return float(np.mean(v)) if v else None
 
 
+RESTART_BINS = ("1", "2", "3", "4", "5+", "none")
+
+
+def restart_step_counts(rows: list[dict]) -> dict[str, int]:
+    """Where the continuations logged in grpo.py's samples.jsonl rows restart: counts per
+    RESTART_BINS (the k of "Step k:" after the marker; none: the continuation does not split into
+    episodes, infogain.split_continuation)."""
+    import infogain
+
+    counts = dict.fromkeys(RESTART_BINS, 0)
+    for row in rows:
+        for c in row["completions"]:
+            ep = infogain.split_continuation(row["z0"], infogain.backtrack_cue(row["z0"]) + c["text"])
+            counts["none" if ep is None else "5+" if ep.restart_step >= 5 else str(ep.restart_step)] += 1
+    return counts
+
+
 def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> list[str]:
     """The "Backtracking against ground truth" section (issue 20) from the truth-* stages'
     outputs that exist: the gain's discrimination per meta-prover, the RL table, the restart
@@ -615,6 +632,16 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
                          f"{fl('restart_fixable')} | {fl('restart_at_first_wrong')} | {fl('z2_acc_z0_wrong')} | "
                          f"{fmt([_mean_over(m, 'completion_len_mean', slice(-q(m), None)) for m in ms], 1, 0)} | "
                          f"{fmt(mu, digits=0, unit='%')} |")
+        steps = {}
+        for name in rl:
+            paths = [p for d in seed_dirs.values() if os.path.exists(p := os.path.join(d, "truth", "grpo", name, "samples.jsonl"))]
+            logged = [sorted(utils.read_records(p, []), key=lambda r: r["step"]) for p in paths]
+            steps[name] = restart_step_counts([r for rows in logged for r in rows[-max(1, len(rows) // 4):]])
+        lines += ["", "Where the continuations logged in the last quarter of the steps restart (samples.jsonl: one group "
+                  "of continuations per step; counts over all seeds; none: no restart line):", "",
+                  "| run | " + " | ".join(f"Step {b}" if b != "none" else b for b in RESTART_BINS) + " |",
+                  "|---|" + "---|" * len(RESTART_BINS),
+                  *(f"| grpo-{name} | " + " | ".join(str(c[b]) for b in RESTART_BINS) + " |" for name, c in steps.items())]
         path = os.path.join(fig_dir, "truth_restart_precision.png")
         plot_restart_precision({f"grpo-{n}": [m for _, m in runs if m] for n, runs in rl.items()}, path)
         lines += ["", f"![restart precision]({rel(path)})", ""]

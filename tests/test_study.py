@@ -220,3 +220,12 @@ def test_every_stage_command_parses(preset, tmp_path):
             utils.parse_args(module.Args, cmd[2:])
         except SystemExit:
             pytest.fail(f"{preset} {st.name}: {script} rejects {' '.join(cmd[2:])}")
+
+
+def test_restart_step_counts():
+    """Counts per restart step of grpo.py's logged continuations (text after "...MARKER\\nStep")."""
+    z0 = "Step 1: 2 + 3 = 6\nStep 2: 6 * 2 = 12\nThe answer is \\boxed{12}"
+    texts = [" 1: 2 + 3 = 5\nStep 2: 5 * 2 = 10\nThe answer is \\boxed{10}", " 2: 6 * 2 = 12\nThe answer is \\boxed{12}",
+             " 1: 2 + 3 = 5", " 7: x\nThe answer is \\boxed{1}", " one: 2 + 3 = 5\n", " 1: 2 + 3 = 5\nStep 2: 5 * 2 = 10"]
+    rows = [{"step": 1, "z0": z0, "completions": [{"text": t} for t in texts]}]
+    assert study.restart_step_counts(rows) == {"1": 2, "2": 1, "3": 0, "4": 0, "5+": 1, "none": 2}
