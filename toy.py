@@ -774,7 +774,7 @@ def ensure_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 
 
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "OMP_NUM_THREADS")}
         cmd = [sys.executable, os.path.abspath(__file__), "--out", root, "--preset", preset, "--steps", str(steps),
-               "--eval-samples", str(eval_samples), "--threads", str(len(os.sched_getaffinity(0)))]
+               "--eval-samples", str(eval_samples), "--threads", str(utils.usable_cores())]
         utils.print0(f"toy: building {root} first: {' '.join(cmd)}")
         if subprocess.run(cmd, env=env).returncode != 0:
             raise utils.UserError(f"toy: the build of {root} failed (run `python toy.py --out {root}` to see why)")

@@ -259,13 +259,35 @@ def model_format(path: str) -> str:
     return fmt
 
 
+def toy_build(path: str) -> str | None:
+    """The toy build a model folder is (the fingerprint in toy.py's build.json); None for any
+    other model."""
+    try:
+        with open(os.path.join(path, "build.json")) as f:
+            return json.load(f).get("fingerprint")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def default_model() -> tuple[str, dict]:
-    """The embedded default of the stages that train: runs/warmstart/model if it exists,
-    else the toy base (built if missing); and the toy's paths (toy.paths)."""
+    """The embedded default of the stages that train: runs/warmstart/model if warmstart.py
+    fine-tuned it from this toy build (its mrt.json's base_build), else the toy base (built if
+    missing; a warmstart model of another build is left alone, with a line saying so); and the
+    toy's paths (toy.paths)."""
     import toy
 
     paths = toy.ensure_built()
-    return ("runs/warmstart/model" if os.path.isdir("runs/warmstart/model") else paths["base"]), paths
+    warm = os.path.join("runs", "warmstart", "model")
+    if os.path.isdir(warm):
+        try:
+            with open(os.path.join(warm, "mrt.json")) as f:
+                built = json.load(f).get("base_build")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            built = None
+        if built is not None and built == toy_build(paths["base"]):
+            return warm, paths
+        print0(f"{warm} was not fine-tuned from this toy build: starting from the toy base {paths['base']}")
+    return paths["base"], paths
 
 
 def derive_seed(seed: int, *parts) -> int:

@@ -675,7 +675,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
 
     # ---- SFT on (prompt, trace) ------------------------------------------------------------
     card = {"stage": "warmstart", "variant": args.scheme, "format": SCHEMES[args.scheme], "base": model_path,
-            "args": dataclasses.asdict(args)}
+            "base_build": utils.toy_build(model_path), "args": dataclasses.asdict(args)}
     t0 = time.time()
     model = sft(model_path, [sft_example(t, args.z0_loss) for t in traces], args, model_dir=os.path.join(out, "model"),
                 log_path=os.path.join(out, "log.jsonl"), ckpt_path=os.path.join(out, "checkpoint"), card=card,

@@ -250,6 +250,7 @@ def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_path
     assert all(r["scheme"] == "backtrack" and r["loss_on"] == "z1+z2, z0 in prompt" for r in log)
     card = json.load(open(out / "model" / "mrt.json"))
     assert card["format"] == "backtrack" and card["stage"] == "warmstart"
+    assert card["base_build"] == json.load(open(os.path.join(toy_paths["base"], "build.json")))["fingerprint"]
     SMALL = WARMSTART_SMALL
 
     # The warmstarted model, from the prompt alone, on held-out problems: how often it writes
