@@ -120,7 +120,7 @@ class Args:
     preset: str = "auto"
     """toy | paper | auto (toy when --model is empty, else paper): defaults of the None fields"""
     model: str = ""
-    """policy to start from ('' : runs/warmstart/model if it exists, else the toy base)"""
+    """policy to start from ('' : runs/warmstart/model if fine-tuned from this toy build, else the toy base)"""
     train_data: str = ""
     """training problems: .jsonl, .parquet or a hub dataset org/name[:split] ('' : the toy train split)"""
     test_data: str = ""

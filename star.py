@@ -37,8 +37,8 @@ Run (the toy task is the default; each command runs in a few minutes on 2 CPU co
     torchrun --nproc_per_node 2 star.py    # 2 ranks: problems split, SFT batches split (FSDP2)
     torchrun --nproc_per_node 8 star.py --model runs/warmstart/model --data train.jsonl \\
         --test-data test.jsonl --preset paper --gradient-checkpointing     # Table 1, 8 GPUs
-The starting model (--model) defaults to runs/warmstart/model when it exists, else the toy
-base (built if missing); the base model (--base: z0 and the start of every SFT) defaults to
+The starting model (--model) defaults to runs/warmstart/model when warmstart.py fine-tuned it
+from the current toy build, else the toy base (built if missing: utils.default_model); the base model (--base: z0 and the start of every SFT) defaults to
 the starting model.
 
 Outputs in <out> (default runs/star/<method>): z0.jsonl (the base's attempts, train and
@@ -122,7 +122,7 @@ class Args:
     preset: str = "auto"
     """toy | paper | auto (toy when --model is empty, else paper): defaults of the None fields"""
     model: str = ""
-    """starting model ('' : runs/warmstart/model if it exists, else the toy base, built if missing)"""
+    """starting model ('' : runs/warmstart/model if fine-tuned from this toy build, else the toy base)"""
     base: str = ""
     """base model: samples z0 and is the start of every SFT ('' : the starting model)"""
     data: str = ""
