@@ -38,8 +38,8 @@ Run (the toy task is the default; each command runs in a few minutes on 2 CPU co
     torchrun --nproc_per_node 8 star.py --model runs/warmstart/model --data train.jsonl \\
         --test-data test.jsonl --preset paper --gradient-checkpointing     # Table 1, 8 GPUs
 The starting model (--model) defaults to runs/warmstart/model when warmstart.py fine-tuned it
-from the current toy build, else the toy base (built if missing: utils.default_model); the base model (--base: z0 and the start of every SFT) defaults to
-the starting model.
+from the current toy build, else the toy base (built if missing: utils.default_model); the
+base model (--base: z0 and the start of every SFT) defaults to the starting model.
 
 Outputs in <out> (default runs/star/<method>): z0.jsonl (the base's attempts, train and
 held-out), data_iter{k}.jsonl (examples kept in iteration k: problem, answer, prompt, z0,

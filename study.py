@@ -634,8 +634,8 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
                          f"{fmt(mu, digits=0, unit='%')} |")
         steps = {}
         for name in rl:
-            paths = [p for d in seed_dirs.values() if os.path.exists(p := os.path.join(d, "truth", "grpo", name, "samples.jsonl"))]
-            logged = [sorted(utils.read_records(p, []), key=lambda r: r["step"]) for p in paths]
+            paths = [os.path.join(d, "truth", "grpo", name, "samples.jsonl") for d in seed_dirs.values()]
+            logged = [sorted(utils.read_records(p, []), key=lambda r: r["step"]) for p in paths if os.path.exists(p)]
             steps[name] = restart_step_counts([r for rows in logged for r in rows[-max(1, len(rows) // 4):]])
         lines += ["", "Where the continuations logged in the last quarter of the steps restart (samples.jsonl: one group "
                   "of continuations per step; counts over all seeds; none: no restart line):", "",
