@@ -88,7 +88,7 @@ def run_script(capsys):
     """run_script(name, argv, own_process=False) -> (exit status, stderr lines) of `python
     name.py argv`. By default its main() runs in this process on the same parsed arguments, as the
     script's `__main__` block calls it (utils.run_main: a UserError is one stderr line, exit 2);
-    own_process=True starts the script as a user does (about 3 s of imports), which adds only
+    own_process=True starts the script as a user does (its imports too), which adds only
     what the process itself prints: each script's bad-input test runs one case that way."""
 
     def run(name, argv, own_process=False):
