@@ -743,12 +743,21 @@ def fingerprint(args: Args) -> str:
     return hashlib.sha1(src + json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def built_fingerprint(model_dir: str) -> str | None:
+    """The fingerprint in model_dir's build.json: the toy build that folder is; None for any
+    other folder (no build.json, or one that is not a build's report)."""
+    try:
+        with open(os.path.join(model_dir, "build.json")) as f:
+            return json.load(f).get("fingerprint")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def is_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 0) -> bool:
     """Whether root holds an up-to-date build (same toy.py source and arguments; steps 0: the
-    preset's)."""
-    p, report = paths(root), os.path.join(paths(root)["base"], "build.json")
-    want = fingerprint(Args(out=root, preset=preset, steps=steps))
-    current = os.path.exists(report) and json.load(open(report)).get("fingerprint") == want
+    preset's). A missing or unreadable build.json is no build."""
+    p = paths(root)
+    current = built_fingerprint(p["base"]) == fingerprint(Args(out=root, preset=preset, steps=steps))
     return current and all(os.path.exists(v) for v in p.values())
 
 

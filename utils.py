@@ -259,16 +259,6 @@ def model_format(path: str) -> str:
     return fmt
 
 
-def toy_build(path: str) -> str | None:
-    """The toy build a model folder is (the fingerprint in toy.py's build.json); None for any
-    other model."""
-    try:
-        with open(os.path.join(path, "build.json")) as f:
-            return json.load(f).get("fingerprint")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
-
-
 def default_model() -> tuple[str, dict]:
     """The embedded default of the stages that train: runs/warmstart/model if warmstart.py
     fine-tuned it from this toy build (its mrt.json's base_build), else the toy base (built if
@@ -284,7 +274,7 @@ def default_model() -> tuple[str, dict]:
                 built = json.load(f).get("base_build")
         except (OSError, json.JSONDecodeError, AttributeError):
             built = None
-        if built is not None and built == toy_build(paths["base"]):
+        if built is not None and built == toy.built_fingerprint(paths["base"]):
             return warm, paths
         print0(f"{warm} was not fine-tuned from this toy build: starting from the toy base {paths['base']}")
     return paths["base"], paths

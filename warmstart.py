@@ -93,6 +93,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import sampling  # noqa: E402
+import toy  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
 from infogain import MetaProver, restart_prefix, sample_attempts, split_continuation  # noqa: E402
@@ -621,8 +622,6 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     out = args.out or ("runs/warmstart" if args.scheme == "backtrack" else f"runs/warmstart-{args.scheme}")
     model_path, data_path = args.model, args.data
     if not model_path or not data_path:
-        import toy
-
         paths = toy.ensure_built()
         model_path, data_path = model_path or paths["base"], data_path or paths["train"]
     problems = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems)
@@ -675,7 +674,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
 
     # ---- SFT on (prompt, trace) ------------------------------------------------------------
     card = {"stage": "warmstart", "variant": args.scheme, "format": SCHEMES[args.scheme], "base": model_path,
-            "base_build": utils.toy_build(model_path), "args": dataclasses.asdict(args)}
+            "base_build": toy.built_fingerprint(model_path), "args": dataclasses.asdict(args)}
     t0 = time.time()
     model = sft(model_path, [sft_example(t, args.z0_loss) for t in traces], args, model_dir=os.path.join(out, "model"),
                 log_path=os.path.join(out, "log.jsonl"), ckpt_path=os.path.join(out, "checkpoint"), card=card,

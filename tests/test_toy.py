@@ -393,6 +393,28 @@ def test_no_build_guard_fails_instead_of_building(tmp_path, monkeypatch):
     assert not root.exists()
 
 
+def test_a_build_is_its_build_json_fingerprint(tmp_path):
+    """built_fingerprint reads build.json's fingerprint (None without one, or for a file that is
+    not a build's report); is_built compares it with this toy.py's, and takes an unreadable
+    build.json for no build (a rebuild) rather than a traceback."""
+    root = tmp_path / "toy"
+    p = toy.paths(str(root))
+    for path in p.values():
+        os.makedirs(os.path.dirname(path) if path.endswith(".jsonl") else path, exist_ok=True)
+        if path.endswith(".jsonl"):
+            open(path, "w").close()
+    report = os.path.join(p["base"], "build.json")
+    assert toy.built_fingerprint(p["base"]) is None and not toy.is_built(str(root), "tiny", 20)
+    want = toy.fingerprint(toy.Args(out=str(root), preset="tiny", steps=20))
+    for text, found in (("{oops", None), ("[1, 2]", None), ('{"preset": "tiny"}', None), ('{"fingerprint": "f0"}', "f0"),
+                        (f'{{"fingerprint": "{want}"}}', want)):
+        open(report, "w").write(text)
+        assert toy.built_fingerprint(p["base"]) == found, text
+        assert toy.is_built(str(root), "tiny", 20) == (found == want), text
+    os.remove(p["test"])  # the report alone is no build
+    assert not toy.is_built(str(root), "tiny", 20)
+
+
 def test_bench_solution_fields_by_hand():
     """bench/solution_fields.py's field split: a token counts for the field its last character
     falls in, a field is right only if all its tokens are."""
