@@ -291,7 +291,8 @@ def make_model(tokenizer, preset: dict, max_positions: int = 2048):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     head_dim = preset["hidden"] // preset["heads"]
-    assert head_dim >= 32, "vLLM's CPU attention needs head_dim >= 32"
+    if head_dim < 32:
+        raise ValueError(f"head_dim {head_dim}: vLLM's CPU attention needs head_dim >= 32")
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=preset["hidden"],
@@ -560,10 +561,20 @@ class Args:
 
 def recipe(args: Args) -> dict:
     """The build's model sizes and pretraining recipe: the preset's (RECIPE_DEFAULTS for the
-    fields it leaves out) with args' overrides."""
+    fields it leaves out) with args' overrides. An unknown preset, a size or rate that is not
+    positive, or heads that vLLM's CPU attention cannot take is a UserError, before anything
+    is written."""
+    if args.preset not in PRESETS:
+        raise utils.UserError(f"toy: --preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
     r = {**RECIPE_DEFAULTS, **PRESETS[args.preset]}
     for k in ("steps", "batch", "lr", "hidden", "layers", "heads", "inter", "optimizer", "muon_lr"):
         r[k] = getattr(args, k) or r[k]
+    for k in ("steps", "batch", "hidden", "layers", "heads", "inter", "lr", "muon_lr"):
+        if r[k] <= 0:
+            raise utils.UserError(f"toy: --{k.replace('_', '-')} must be positive, got {r[k]}")
+    if r["hidden"] % r["heads"] or r["hidden"] // r["heads"] < 32:
+        raise utils.UserError(f"toy: --hidden {r['hidden']} must split into --heads {r['heads']} heads of at least 32 "
+                              "dimensions each (vLLM's CPU attention rejects smaller heads)")
     for k in ("warmup", "min_lr"):
         r[k] = r[k] if getattr(args, k) < 0 else getattr(args, k)
     for k in ("bf16", "mask", "pretok", "balance"):

@@ -3,12 +3,16 @@
 import os
 import random
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import toy
 import utils
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_marker_never_in_a_solution_document():
@@ -252,11 +256,7 @@ def test_pretraining_rows_are_the_packed_document_stream(toy_tokenizer):
 
 
 def test_help_answers():
-    import subprocess
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run([sys.executable, os.path.join(root, "toy.py"), "--help"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "toy.py"), "--help"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "--pack" in out.stdout and "percent" in out.stdout
 
@@ -349,8 +349,6 @@ def test_first_use_under_torchrun_builds_once_and_keeps_the_group(tmp_path):
     rank 1 waits; afterwards both ranks see the build and torchrun's process group still works
     (a vLLM engine closed inside a torchrun process would have ended it)."""
     import json
-    import subprocess
-    import sys
 
     root = tmp_path / "toy"
     script = tmp_path / "first_use.py"
@@ -391,6 +389,30 @@ def test_no_build_guard_fails_instead_of_building(tmp_path, monkeypatch):
     with pytest.raises(utils.UserError, match=re.escape(str(root))):
         toy.ensure_built(str(root), "tiny", steps=1, eval_samples=0)
     assert not root.exists()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--preset", "huge"], "--preset must be one of tiny, default, bench, got 'huge'"),
+    (["--heads", "8"], "--hidden 128 must split into --heads 8 heads of at least 32"),
+    (["--hidden", "100", "--heads", "3"], "--hidden 100 must split into --heads 3"),
+    (["--steps", "-5"], "--steps must be positive, got -5"),
+    (["--muon-lr", "-0.1"], "--muon-lr must be positive"),
+])
+def test_bad_build_flags_are_one_line_before_anything_is_written(flags, words, tmp_path, capsys):
+    out = tmp_path / "toy"
+    with pytest.raises(SystemExit) as e:
+        utils.run_main(toy.build, utils.parse_args(toy.Args, ["--out", str(out)] + flags))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and words in err[0], err
+    assert not out.exists()
+
+
+def test_bad_build_flag_from_the_command_line(tmp_path):
+    """The same as a user meets it: `python toy.py --heads 8` prints one line, exits 2."""
+    p = subprocess.run([sys.executable, "toy.py", "--heads", "8", "--out", str(tmp_path / "toy")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--heads 8" in p.stderr, p.stderr
+    assert not (tmp_path / "toy").exists()
 
 
 def test_a_build_is_its_build_json_fingerprint(tmp_path):
