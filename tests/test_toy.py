@@ -1,4 +1,5 @@
-"""The toy task's pretraining documents and their packing (pure: no model)."""
+"""The toy task: its pretraining documents and their packing (pure), the build's flags and
+fingerprint, its first use under torchrun, and the bench helpers that read toy builds."""
 
 import os
 import random
@@ -430,7 +431,8 @@ def test_a_build_is_its_build_json_fingerprint(tmp_path):
     want = toy.fingerprint(toy.Args(out=str(root), preset="tiny", steps=20))
     for text, found in (("{oops", None), ("[1, 2]", None), ('{"preset": "tiny"}', None), ('{"fingerprint": "f0"}', "f0"),
                         (f'{{"fingerprint": "{want}"}}', want)):
-        open(report, "w").write(text)
+        with open(report, "w") as f:
+            f.write(text)
         assert toy.built_fingerprint(p["base"]) == found, text
         assert toy.is_built(str(root), "tiny", 20) == (found == want), text
     os.remove(p["test"])  # the report alone is no build
