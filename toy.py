@@ -561,9 +561,9 @@ class Args:
 
 def recipe(args: Args) -> dict:
     """The build's model sizes and pretraining recipe: the preset's (RECIPE_DEFAULTS for the
-    fields it leaves out) with args' overrides. An unknown preset, a size or rate that is not
-    positive, or heads that vLLM's CPU attention cannot take is a UserError, before anything
-    is written."""
+    fields it leaves out) with args' overrides. An unknown preset or optimizer, a size or rate
+    that is not positive, or heads that vLLM's CPU attention cannot take is a UserError, before
+    anything is written."""
     if args.preset not in PRESETS:
         raise utils.UserError(f"toy: --preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
     r = {**RECIPE_DEFAULTS, **PRESETS[args.preset]}
@@ -572,6 +572,7 @@ def recipe(args: Args) -> dict:
     for k in ("steps", "batch", "hidden", "layers", "heads", "inter", "lr", "muon_lr"):
         if r[k] <= 0:
             raise utils.UserError(f"toy: --{k.replace('_', '-')} must be positive, got {r[k]}")
+    check_optimizer(r["optimizer"])
     if r["hidden"] % r["heads"] or r["hidden"] // r["heads"] < 32:
         raise utils.UserError(f"toy: --hidden {r['hidden']} must split into --heads {r['heads']} heads of at least 32 "
                               "dimensions each (vLLM's CPU attention rejects smaller heads)")
@@ -659,6 +660,12 @@ def build(args: Args) -> dict:
     return report
 
 
+def check_optimizer(name: str) -> None:
+    """A UserError unless name is one of the build's optimizers (adamw, muon)."""
+    if name not in ("adamw", "muon"):
+        raise utils.UserError(f"toy: --optimizer must be adamw or muon, got {name!r}")
+
+
 def optimizers(model, recipe: dict) -> list:
     """The build's optimizers, each stepped on the same lr schedule: AdamW (betas 0.9/0.95, weight
     decay 0.1) on every parameter; or, with recipe["optimizer"] == "muon", torch.optim.Muon at
@@ -666,8 +673,7 @@ def optimizers(model, recipe: dict) -> list:
     on the rest (the embedding, which the output head shares, and the norms)."""
     import torch
 
-    if recipe["optimizer"] not in ("adamw", "muon"):
-        raise utils.UserError(f"toy: --optimizer must be adamw or muon, got {recipe['optimizer']!r}")
+    check_optimizer(recipe["optimizer"])
     matrices = []  # Muon's: the decoder layers' 2-D weights
     if recipe["optimizer"] == "muon":
         matrices = [p for n, p in model.named_parameters() if p.ndim == 2 and ".layers." in n]
@@ -757,11 +763,7 @@ def fingerprint(args: Args) -> str:
 def built_fingerprint(model_dir: str) -> str | None:
     """The fingerprint in model_dir's build.json: the toy build that folder is; None for any
     other folder (no build.json, or one that is not a build's report)."""
-    try:
-        with open(os.path.join(model_dir, "build.json")) as f:
-            return json.load(f).get("fingerprint")
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None
+    return utils.json_field(os.path.join(model_dir, "build.json"), "fingerprint")
 
 
 def is_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 0) -> bool:

@@ -259,6 +259,17 @@ def model_format(path: str) -> str:
     return fmt
 
 
+def json_field(path: str, key: str):
+    """obj[key] of the JSON object in the file at path; None when the file is missing or
+    unreadable, is not a JSON object, or lacks the key (a file that may or may not be there,
+    read for a hint: toy.built_fingerprint, default_model)."""
+    try:
+        with open(path) as f:
+            return json.load(f).get(key)
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
 def default_model() -> tuple[str, dict]:
     """The embedded default of the stages that train: runs/warmstart/model if warmstart.py
     fine-tuned it from this toy build (its mrt.json's base_build), else the toy base (built if
@@ -269,11 +280,7 @@ def default_model() -> tuple[str, dict]:
     paths = toy.ensure_built()
     warm = os.path.join("runs", "warmstart", "model")
     if os.path.isdir(warm):
-        try:
-            with open(os.path.join(warm, "mrt.json")) as f:
-                built = json.load(f).get("base_build")
-        except (OSError, json.JSONDecodeError, AttributeError):
-            built = None
+        built = json_field(os.path.join(warm, "mrt.json"), "base_build")
         if built is not None and built == toy.built_fingerprint(paths["base"]):
             return warm, paths
         print0(f"{warm} was not fine-tuned from this toy build: starting from the toy base {paths['base']}")

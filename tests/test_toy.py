@@ -398,6 +398,7 @@ def test_no_build_guard_fails_instead_of_building(tmp_path, monkeypatch):
     (["--hidden", "100", "--heads", "3"], "--hidden 100 must split into --heads 3"),
     (["--steps", "-5"], "--steps must be positive, got -5"),
     (["--muon-lr", "-0.1"], "--muon-lr must be positive"),
+    (["--optimizer", "sgd", "--preset", "tiny"], "--optimizer must be adamw or muon, got 'sgd'"),
 ])
 def test_bad_build_flags_are_one_line_before_anything_is_written(flags, words, tmp_path, capsys):
     out = tmp_path / "toy"
@@ -422,10 +423,10 @@ def test_a_build_is_its_build_json_fingerprint(tmp_path):
     build.json for no build (a rebuild) rather than a traceback."""
     root = tmp_path / "toy"
     p = toy.paths(str(root))
-    for path in p.values():
-        os.makedirs(os.path.dirname(path) if path.endswith(".jsonl") else path, exist_ok=True)
-        if path.endswith(".jsonl"):
-            open(path, "w").close()
+    os.makedirs(p["base"])
+    os.makedirs(os.path.dirname(p["train"]))
+    for split in ("train", "test"):
+        open(p[split], "w").close()
     report = os.path.join(p["base"], "build.json")
     assert toy.built_fingerprint(p["base"]) is None and not toy.is_built(str(root), "tiny", 20)
     want = toy.fingerprint(toy.Args(out=str(root), preset="tiny", steps=20))
