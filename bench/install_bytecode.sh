@@ -26,12 +26,13 @@ for mode in pip compileall; do
   "$venv/bin/python" -m pip install -q --upgrade pip
   if [ "$mode" = pip ]; then
     "$venv/bin/python" -m pip install -q -r requirements-cpu.txt
-  else
+    "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+  else  # as install.sh: compiled after the uninstall, so the removed packages are not compiled
     "$venv/bin/python" -m pip install -q --no-compile -r requirements-cpu.txt
+    "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
     "$venv/bin/python" -m compileall -q -j 0 "$site" >/dev/null || true  # as pip: files that do not compile are skipped
   fi
-  "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
   t1=$(now)
   pycs=$(find "$venv" -name "*.pyc" | wc -l)
   "$venv/bin/python" -c "import torch, transformers, vllm; from transformers import LlamaForCausalLM" 2>/dev/null
