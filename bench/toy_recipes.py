@@ -1,14 +1,17 @@
 """bench/toy_recipes.py: time per pretraining step of toy.py recipes, side by side.
 
 Each recipe is toy.py's default preset with overrides (name=value pairs: batch, hidden, layers,
-heads, inter, bf16, mask, pretok, balance, optimizer). Every recipe trains its own model from the same seed on the
+heads, inter, bf16, mask, pretok, balance, optimizer; and compile=1, this bench's own: the
+model's forward under torch.compile with dynamic shapes, which toy.py does not offer). Every recipe trains its own model from the same seed on the
 same document stream, one step of each recipe in turn, so that load from other work on the
 machine falls on every recipe alike. Prints the median ms per step, ms per document, and each
-ratio against the first recipe (the default preset as it is: step time / recipe's step time);
+ratio against the first recipe (the default preset as it is: step time / recipe's step time)
+and the seconds of each recipe's first (warm-up, untimed) step, where a compiled recipe compiles;
 with --profile N, then each recipe's operators by self time over N more steps (torch.profiler).
 
     python bench/toy_recipes.py "" "optimizer=adamw" "pretok=0 balance=0 mask=1 optimizer=adamw"
     python bench/toy_recipes.py "" "bf16=1" --steps 6 --profile 6   # and each one's top operators
+    python bench/toy_recipes.py "" "compile=1" --steps 40            # torch.compile: step and compile time
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ sys.path.insert(0, ROOT)
 
 
 def parse_recipe(text: str) -> dict:
-    """{field: value} from "name=value ..." (ints; bf16, mask, pretok and balance as 0/1; optimizer a name)."""
+    """{field: value} from "name=value ..." (ints; bf16, mask, pretok, balance and compile as 0/1;
+    optimizer a name)."""
     out = {}
     for kv in text.split():
         k, v = kv.split("=")
-        out[k] = bool(int(v)) if k in ("bf16", "mask", "pretok", "balance") else v if k == "optimizer" else int(v)
+        out[k] = bool(int(v)) if k in ("bf16", "mask", "pretok", "balance", "compile") else v if k == "optimizer" else int(v)
     return out
 
 
@@ -57,6 +61,8 @@ def main():
         torch.manual_seed(args.seed)
         model = toy.make_model(tok, r).train()
         opts = toy.optimizers(model, r)
+        if r.get("compile"):
+            model.forward = torch.compile(model.forward, dynamic=True)
         t = time.perf_counter()
         docs = toy.encode_documents(tok, toy.document_texts(tok, train, random.Random(1), n_steps * r["batch"], args.slip,
                                                             args.mu_frac, args.note_frac, args.retry_frac,
@@ -78,8 +84,8 @@ def main():
         toy.train_step(st["model"], st["opts"], ids, attn, m, r)
         return time.perf_counter() - t0
 
-    for st in state:  # warm-up
-        step(st)
+    for st in state:  # warm-up (a compiled recipe compiles here)
+        st["first"] = step(st)
     for _ in range(a.steps):  # round robin, one step each, so that load falls on all alike
         for st in state:
             st["times"].append(step(st))
@@ -91,12 +97,12 @@ def main():
     base = state[0]
     bstep, bdoc = base["t"] / base["n"], base["t"] / base["n"] / base["r"]["batch"]
     print(f"threads {torch.get_num_threads()}")
-    print(f"{'recipe':40s} {'params':>7s} {'ms/step':>8s} {'ms/doc':>7s} {'x step':>7s} {'x doc':>6s}")
+    print(f"{'recipe':40s} {'params':>7s} {'ms/step':>8s} {'ms/doc':>7s} {'x step':>7s} {'x doc':>6s} {'first s':>8s}")
     for st in state:
         per_step = st["t"] / st["n"]
         doc = per_step / st["r"]["batch"]
         print(f"{st['name']:40s} {st['params'] / 1e6:6.2f}M {1000 * per_step:8.1f} {1000 * doc:7.2f} {bstep / per_step:7.2f} "
-              f"{bdoc / doc:6.2f}", flush=True)
+              f"{bdoc / doc:6.2f} {st['first']:8.1f}", flush=True)
 
     if a.profile:  # where a step's time goes, by operator (self time: matrix products, attention, elementwise, optimizer)
         from torch.profiler import ProfilerActivity, profile
