@@ -241,13 +241,14 @@ PRESETS = {
     # name: model sizes and pretraining budget; optional recipe fields (RECIPE_DEFAULTS when absent):
     # warmup (share of steps), min_lr (final lr / peak), bf16 (autocast), mask (attention mask),
     # pretok (all documents drawn and tokenized once before training), balance (pretok's rows
-    # balanced in length: collate), optimizer (adamw or muon: optimizers), muon_lr
+    # balanced in length: collate), optimizer (adamw or muon: optimizers), muon_lr, prompt_weight
+    # (the prompt tokens' weight in the loss: encode_documents)
     "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
     "default": dict(hidden=128, layers=3, heads=2, inter=256, steps=800, batch=32, lr=2e-3),
     "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
 }
 RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=False, pretok=True, balance=True, optimizer="muon",
-                       muon_lr=0.02)
+                       muon_lr=0.02, prompt_weight=0.0)
 """Recipe fields a preset may leave out: the default preset's recipe (issue 19's; README, "The toy
 task and base model", gives what each field measured)."""
 
@@ -432,13 +433,17 @@ def document_texts(tokenizer, problems: list[dict], rng: random.Random, n_docs: 
     return docs[:n_docs]
 
 
-def encode_documents(tokenizer, docs: list[tuple[str, str]]) -> list[tuple[list[int], list[int]]]:
+def encode_documents(tokenizer, docs: list[tuple[str, str]], prompt_weight: float = 0.0) -> list[tuple[list[int], list]]:
     """(token ids, loss mask) per (prompt, completion) document, in two batched tokenizer calls:
     BOS + prompt (the tokenizer prepends BOS; an empty prompt is BOS alone), then completion +
-    EOS, the loss mask 1 on the completion and EOS."""
+    EOS, the loss mask 1 on the completion and EOS, prompt_weight on the prompt after BOS (0 by
+    default: the loss on the completion only)."""
     prompts = tokenizer([p for p, _ in docs])["input_ids"]
     completions = tokenizer([c for _, c in docs], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
+    if prompt_weight:
+        return [(p + c + [eos], [0] + [prompt_weight] * (len(p) - 1) + [1] * (len(c) + 1))
+                for p, c in zip(prompts, completions)]
     return [(p + c + [eos], [0] * len(p) + [1] * (len(c) + 1)) for p, c in zip(prompts, completions)]
 
 
@@ -553,6 +558,9 @@ class Args:
     on the embedding (tied to the output head) and the norms ('': the preset's)"""
     muon_lr: float = 0.0
     """Muon's peak learning rate, on the same schedule as --lr (0: the preset's)"""
+    prompt_weight: float = -1.0
+    """weight of a document's prompt tokens in the pretraining loss, against 1 for its completion's
+    (0: the loss on the completion only; with --pretok only; negative: the preset's)"""
     eval_samples: int = 8
     """samples per test problem for the pass@1 / pass@k report (0 skips it)"""
     threads: int = 0
@@ -576,10 +584,14 @@ def recipe(args: Args) -> dict:
     if r["hidden"] % r["heads"] or r["hidden"] // r["heads"] < 32:
         raise utils.UserError(f"toy: --hidden {r['hidden']} must split into --heads {r['heads']} heads of at least 32 "
                               "dimensions each (vLLM's CPU attention rejects smaller heads)")
-    for k in ("warmup", "min_lr"):
+    for k in ("warmup", "min_lr", "prompt_weight"):
         r[k] = r[k] if getattr(args, k) < 0 else getattr(args, k)
     for k in ("bf16", "mask", "pretok", "balance"):
         r[k] = r[k] if getattr(args, k) is None else getattr(args, k)
+    if r["prompt_weight"] > 1:
+        raise utils.UserError(f"toy: --prompt-weight must be at most 1 (the completion's weight), got {r['prompt_weight']}")
+    if r["prompt_weight"] and not r["pretok"]:
+        raise utils.UserError("toy: --prompt-weight needs --pretok true (the per-step encoding trains on the completion only)")
     return r
 
 
@@ -619,7 +631,7 @@ def build(args: Args) -> dict:
     if preset["pretok"]:  # every step's documents, drawn as encode_batch draws them, tokenized once
         docs = encode_documents(tokenizer, document_texts(tokenizer, train, rng, steps * preset["batch"], args.slip,
                                                           args.mu_frac, args.note_frac, args.retry_frac,
-                                                          args.recall_frac))
+                                                          args.recall_frac), preset["prompt_weight"])
 
     scheds = [torch.optim.lr_scheduler.LambdaLR(opt, lr_at) for opt in opts]
     log_path = os.path.join(args.out, "train_log.jsonl")
@@ -686,7 +698,8 @@ def optimizers(model, recipe: dict) -> list:
 
 
 def pretraining_loss(model, ids, loss_mask, bf16: bool = False, attention_mask=None):
-    """Mean next-token NLL over the loss-masked tokens of a batch of rows (B, T). Without an
+    """Next-token NLL of a batch of rows (B, T), averaged with the loss mask's weights (1 on the
+    trained tokens, 0 elsewhere; `--prompt-weight` puts a weight on the prompts). Without an
     attention mask causal attention alone keeps every real token off the pads, which come last
     in each row (same loss); the forward runs under bf16 autocast if bf16, the loss in fp32."""
     import torch

@@ -159,6 +159,34 @@ def test_document_stream_holds_what_the_old_per_step_encoding_did(toy_tokenizer)
     assert kinds == {"note", "mu", "retry", "recall", "solution"}
 
 
+def test_prompt_weight_weighs_the_prompt_after_bos(toy_tokenizer):
+    """encode_documents with a prompt weight: the same ids, the loss mask 0 on BOS, the weight on
+    the rest of the prompt and 1 on the completion and EOS; pretraining_loss is then the mean
+    NLL weighted so (checked against a hand sum on random logits)."""
+    import torch
+
+    tok, problems = toy_tokenizer, [toy.make_problem(random.Random(2000 + i)) for i in range(8)]
+    texts = toy.document_texts(tok, problems, random.Random(7), 16, **DOC_ARGS)
+    plain, weighted = toy.encode_documents(tok, texts), toy.encode_documents(tok, texts, 0.25)
+    assert [ids for ids, _ in plain] == [ids for ids, _ in weighted]
+    for (ids, m0), (_, m) in zip(plain, weighted):
+        n_prompt = m0.index(1)
+        assert m == [0] + [0.25] * (n_prompt - 1) + [1] * (len(ids) - n_prompt)
+    ids, _, mask = toy.collate(weighted, 3, tok.pad_token_id)  # (rows, T)
+
+    class Logits(torch.nn.Module):  # a stand-in for the model: fixed random logits
+        def forward(self, input_ids, attention_mask=None):
+            g = torch.Generator().manual_seed(0)
+            return type("Out", (), {"logits": torch.randn(*input_ids.shape, len(tok), generator=g)})
+
+    loss = toy.pretraining_loss(Logits(), ids, mask)
+    logp = torch.log_softmax(Logits()(ids).logits[:, :-1], -1)  # (rows, T-1, V)
+    nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (rows, T-1)
+    w = mask[:, 1:]
+    assert set(w.unique().tolist()) == {0.0, 0.25, 1.0}
+    assert torch.allclose(loss, (nll * w).sum() / w.sum())
+
+
 def test_collate_lays_out_rows_as_encode_batch_and_balances_them(toy_tokenizer):
     """collate of the encoded document stream gives encode_batch's tensors for the same draw
     (pack documents per row); with balance, the same rows count and the same documents (each
@@ -399,6 +427,8 @@ def test_no_build_guard_fails_instead_of_building(tmp_path, monkeypatch):
     (["--steps", "-5"], "--steps must be positive, got -5"),
     (["--muon-lr", "-0.1"], "--muon-lr must be positive"),
     (["--optimizer", "sgd", "--preset", "tiny"], "--optimizer must be adamw or muon, got 'sgd'"),
+    (["--prompt-weight", "1.5"], "--prompt-weight must be at most 1 (the completion's weight), got 1.5"),
+    (["--prompt-weight", "0.25", "--pretok", "false"], "--prompt-weight needs --pretok true"),
 ])
 def test_bad_build_flags_are_one_line_before_anything_is_written(flags, words, tmp_path, capsys):
     out = tmp_path / "toy"
