@@ -1,10 +1,10 @@
 """bench/toy_recipes.py: time per pretraining step of toy.py recipes, side by side.
 
 Each recipe is toy.py's default preset with overrides (name=value pairs: batch, hidden, layers,
-heads, inter, bf16, mask, pretok, balance, optimizer; and compile=1, this bench's own: the
-model's forward under torch.compile with dynamic shapes, which toy.py does not offer). Every recipe trains its own model from the same seed on the
-same document stream, one step of each recipe in turn, so that load from other work on the
-machine falls on every recipe alike. Prints the median ms per step, ms per document, and each
+heads, inter, bf16, mask, pretok, balance, optimizer, prompt_weight; and compile=1, this bench's
+own: the model's forward under torch.compile with dynamic shapes, which toy.py does not offer).
+Every recipe trains its own model from the same seed on the same document stream, one step of
+each recipe in turn, so that load from other work on the machine falls on every recipe alike. Prints the median ms per step, ms per document, and each
 ratio against the first recipe (the default preset as it is: step time / recipe's step time)
 and the seconds of each recipe's first (warm-up, untimed) step, where a compiled recipe compiles;
 with --profile N, then each recipe's operators by self time over N more steps (torch.profiler).
@@ -28,11 +28,14 @@ sys.path.insert(0, ROOT)
 
 def parse_recipe(text: str) -> dict:
     """{field: value} from "name=value ..." (ints; bf16, mask, pretok, balance and compile as 0/1;
-    optimizer a name)."""
+    optimizer a name; prompt_weight a number)."""
     out = {}
     for kv in text.split():
         k, v = kv.split("=")
-        out[k] = bool(int(v)) if k in ("bf16", "mask", "pretok", "balance", "compile") else v if k == "optimizer" else int(v)
+        if k in ("bf16", "mask", "pretok", "balance", "compile"):
+            out[k] = bool(int(v))
+        else:
+            out[k] = v if k == "optimizer" else float(v) if k == "prompt_weight" else int(v)
     return out
 
 
@@ -66,7 +69,7 @@ def main():
         t = time.perf_counter()
         docs = toy.encode_documents(tok, toy.document_texts(tok, train, random.Random(1), n_steps * r["batch"], args.slip,
                                                             args.mu_frac, args.note_frac, args.retry_frac,
-                                                            args.recall_frac))
+                                                            args.recall_frac), r["prompt_weight"])
         pre = time.perf_counter() - t
         state.append(dict(name=text or "default", r=r, rng=random.Random(1), model=model, opts=opts, docs=docs, pre=pre, i=0, times=[],
                           params=sum(q.numel() for q in model.parameters())))
