@@ -433,7 +433,7 @@ def document_texts(tokenizer, problems: list[dict], rng: random.Random, n_docs: 
     return docs[:n_docs]
 
 
-def encode_documents(tokenizer, docs: list[tuple[str, str]], prompt_weight: float = 0.0) -> list[tuple[list[int], list]]:
+def encode_documents(tokenizer, docs: list[tuple[str, str]], prompt_weight: float = 0.0) -> list[tuple[list[int], list[float]]]:
     """(token ids, loss mask) per (prompt, completion) document, in two batched tokenizer calls:
     BOS + prompt (the tokenizer prepends BOS; an empty prompt is BOS alone), then completion +
     EOS, the loss mask 1 on the completion and EOS, prompt_weight on the prompt after BOS (0 by
@@ -441,10 +441,8 @@ def encode_documents(tokenizer, docs: list[tuple[str, str]], prompt_weight: floa
     prompts = tokenizer([p for p, _ in docs])["input_ids"]
     completions = tokenizer([c for _, c in docs], add_special_tokens=False)["input_ids"]
     eos = tokenizer.eos_token_id
-    if prompt_weight:
-        return [(p + c + [eos], [0] + [prompt_weight] * (len(p) - 1) + [1] * (len(c) + 1))
-                for p, c in zip(prompts, completions)]
-    return [(p + c + [eos], [0] * len(p) + [1] * (len(c) + 1)) for p, c in zip(prompts, completions)]
+    return [(p + c + [eos], [0] + [prompt_weight] * (len(p) - 1) + [1] * (len(c) + 1))
+            for p, c in zip(prompts, completions)]
 
 
 def pack_rows(docs: list[tuple[list[int], list[int]]], seq_len: int, pad_id: int) -> tuple[list[list[int]], list[list[int]]]:

@@ -4,10 +4,11 @@ Each recipe is toy.py's default preset with overrides (name=value pairs: batch, 
 heads, inter, bf16, mask, pretok, balance, optimizer, prompt_weight; and compile=1, this bench's
 own: the model's forward under torch.compile with dynamic shapes, which toy.py does not offer).
 Every recipe trains its own model from the same seed on the same document stream, one step of
-each recipe in turn, so that load from other work on the machine falls on every recipe alike. Prints the median ms per step, ms per document, and each
-ratio against the first recipe (the default preset as it is: step time / recipe's step time)
-and the seconds of each recipe's first (warm-up, untimed) step, where a compiled recipe compiles;
-with --profile N, then each recipe's operators by self time over N more steps (torch.profiler).
+each recipe in turn, so that load from other work on the machine falls on every recipe alike.
+Prints the median ms per step, ms per document, and each ratio against the first recipe (the
+default preset as it is: step time / recipe's step time) and the seconds of each recipe's first
+(warm-up, untimed) step, where a compiled recipe compiles; with --profile N, then each recipe's
+operators by self time over N more steps (torch.profiler).
 
     python bench/toy_recipes.py "" "optimizer=adamw" "pretok=0 balance=0 mask=1 optimizer=adamw"
     python bench/toy_recipes.py "" "bf16=1" --steps 6 --profile 6   # and each one's top operators
@@ -34,8 +35,12 @@ def parse_recipe(text: str) -> dict:
         k, v = kv.split("=")
         if k in ("bf16", "mask", "pretok", "balance", "compile"):
             out[k] = bool(int(v))
+        elif k == "optimizer":
+            out[k] = v
+        elif k == "prompt_weight":
+            out[k] = float(v)
         else:
-            out[k] = v if k == "optimizer" else float(v) if k == "prompt_weight" else int(v)
+            out[k] = int(v)
     return out
 
 
