@@ -242,13 +242,14 @@ PRESETS = {
     # warmup (share of steps), min_lr (final lr / peak), bf16 (autocast), mask (attention mask),
     # pretok (all documents drawn and tokenized once before training), balance (pretok's rows
     # balanced in length: collate), optimizer (adamw or muon: optimizers), muon_lr, prompt_weight
-    # (the prompt tokens' weight in the loss: encode_documents)
+    # (the prompt tokens' weight in the loss: encode_documents), muon_ns (Muon's Newton-Schulz dtype:
+    # resolve_muon_ns)
     "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
     "default": dict(hidden=128, layers=3, heads=2, inter=256, steps=800, batch=32, lr=2e-3),
     "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
 }
 RECIPE_DEFAULTS = dict(warmup=0.05, min_lr=0.1, bf16=False, mask=False, pretok=True, balance=True, optimizer="muon",
-                       muon_lr=0.02, prompt_weight=0.0)
+                       muon_lr=0.02, prompt_weight=0.0, muon_ns="auto")
 """Recipe fields a preset may leave out: the default preset's recipe (issue 19's; README, "The toy
 task and base model", gives what each field measured)."""
 
@@ -552,13 +553,17 @@ class Args:
     """with pretok: spread each step's documents over its rows by length (toy.collate) instead of
     `pack` consecutive ones per row, so rows pad less (unset: the preset's)"""
     optimizer: str = ""
-    """adamw, or muon: torch.optim.Muon on the decoder layers' weight matrices, AdamW (at --lr)
+    """adamw, or muon: Muon (toy.muon) on the decoder layers' weight matrices, AdamW (at --lr)
     on the embedding (tied to the output head) and the norms ('': the preset's)"""
     muon_lr: float = 0.0
     """Muon's peak learning rate, on the same schedule as --lr (0: the preset's)"""
     prompt_weight: float = -1.0
     """weight of a document's prompt tokens in the pretraining loss, against 1 for its completion's
     (0: the loss on the completion only; with --pretok only; negative: the preset's)"""
+    muon_ns: str = ""
+    """dtype of Muon's Newton-Schulz iteration: bf16 (torch.optim.Muon's), fp32, or auto: bf16 on a
+    CPU with native bf16 matrix products, fp32 elsewhere, where bf16 is emulated and many times
+    slower (toy.native_bf16; '': the preset's)"""
     eval_samples: int = 8
     """samples per test problem for the pass@1 / pass@k report (0 skips it)"""
     threads: int = 0
@@ -573,12 +578,13 @@ def recipe(args: Args) -> dict:
     if args.preset not in PRESETS:
         raise utils.UserError(f"toy: --preset must be one of {', '.join(PRESETS)}, got {args.preset!r}")
     r = {**RECIPE_DEFAULTS, **PRESETS[args.preset]}
-    for k in ("steps", "batch", "lr", "hidden", "layers", "heads", "inter", "optimizer", "muon_lr"):
+    for k in ("steps", "batch", "lr", "hidden", "layers", "heads", "inter", "optimizer", "muon_lr", "muon_ns"):
         r[k] = getattr(args, k) or r[k]
     for k in ("steps", "batch", "hidden", "layers", "heads", "inter", "lr", "muon_lr"):
         if r[k] <= 0:
             raise utils.UserError(f"toy: --{k.replace('_', '-')} must be positive, got {r[k]}")
     check_optimizer(r["optimizer"])
+    resolve_muon_ns(r["muon_ns"])
     if r["hidden"] % r["heads"] or r["hidden"] // r["heads"] < 32:
         raise utils.UserError(f"toy: --hidden {r['hidden']} must split into --heads {r['heads']} heads of at least 32 "
                               "dimensions each (vLLM's CPU attention rejects smaller heads)")
@@ -661,8 +667,9 @@ def build(args: Args) -> dict:
     report = {"fingerprint": fingerprint(args), "preset": args.preset, "seed": args.seed, "params": n_params, "steps": steps,
               "slip": args.slip, "note_frac": args.note_frac, "retry_frac": args.retry_frac,
               "recall_frac": args.recall_frac, "n_train": args.n_train, "n_test": args.n_test, "max_value": args.max_value,
-              "max_arg": args.max_arg, "pack": args.pack,
-              "recipe": preset, "train_seconds": round(train_s, 1), "build_seconds": round(time.time() - t0, 1)}
+              "max_arg": args.max_arg, "pack": args.pack, "recipe": preset,
+              "muon_ns": resolve_muon_ns(preset["muon_ns"]) if preset["optimizer"] == "muon" else None,
+              "train_seconds": round(train_s, 1), "build_seconds": round(time.time() - t0, 1)}
     if args.eval_samples:
         report.update(evaluate_base(model_dir, os.path.join(data_dir, "test.jsonl"), args.eval_samples, args.seed))
         report["eval_seconds"] = round(time.time() - t0 - report["build_seconds"], 1)
@@ -678,9 +685,10 @@ def check_optimizer(name: str) -> None:
 
 def optimizers(model, recipe: dict) -> list:
     """The build's optimizers, each stepped on the same lr schedule: AdamW (betas 0.9/0.95, weight
-    decay 0.1) on every parameter; or, with recipe["optimizer"] == "muon", torch.optim.Muon at
-    muon_lr on the decoder layers' 2-D weight matrices (attention and MLP projections) and AdamW
-    on the rest (the embedding, which the output head shares, and the norms)."""
+    decay 0.1) on every parameter; or, with recipe["optimizer"] == "muon", `muon` at muon_lr (its
+    Newton-Schulz iteration's dtype from recipe["muon_ns"]: `resolve_muon_ns`) on the decoder layers' 2-D
+    weight matrices (attention and MLP projections) and AdamW on the rest (the embedding, which
+    the output head shares, and the norms)."""
     import torch
 
     check_optimizer(recipe["optimizer"])
@@ -691,8 +699,81 @@ def optimizers(model, recipe: dict) -> list:
     rest = [p for p in model.parameters() if id(p) not in ids]
     opts = [torch.optim.AdamW(rest, lr=recipe["lr"], betas=(0.9, 0.95), weight_decay=0.1)]
     if matrices:
-        opts.append(torch.optim.Muon(matrices, lr=recipe["muon_lr"], weight_decay=0.1))
+        opts.append(muon(matrices, lr=recipe["muon_lr"], weight_decay=0.1,
+                         ns_dtype=torch.bfloat16 if resolve_muon_ns(recipe["muon_ns"]) == "bf16" else torch.float32))
     return opts
+
+
+MUON_NS = ("auto", "bf16", "fp32")
+"""Values of the recipe field muon_ns (--muon-ns): the dtype of Muon's Newton-Schulz iteration."""
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware: its flags (Linux /proc/cpuinfo) carry
+    avx512_bf16 or amx_bf16. Elsewhere torch emulates bf16 matrix products, many times slower than
+    fp32 ones (bench/toy_recipes.py "muon_ns=bf16" "muon_ns=fp32"; README). Without
+    /proc/cpuinfo: False."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_muon_ns(name: str) -> str:
+    """The dtype a muon_ns value runs Muon's Newton-Schulz iteration in: "bf16" (torch.optim.Muon's)
+    or "fp32" as given, and for "auto" bf16 where the CPU multiplies bf16 natively (native_bf16),
+    fp32 elsewhere. Anything else is a UserError."""
+    if name not in MUON_NS:
+        raise utils.UserError(f"toy: --muon-ns must be one of {', '.join(MUON_NS)}, got {name!r}")
+    if name == "auto":
+        return "bf16" if native_bf16() else "fp32"
+    return name
+
+
+def newton_schulz(g, dtype, steps: int = 5, eps: float = 1e-7):
+    """Muon's orthogonalization of a 2-D update g (rows <= columns after a transpose), in dtype:
+    g / ||g||_F, then `steps` quintic Newton-Schulz iterations X <- aX + (bA + cA^2)X, A = XX^T,
+    with Keller Jordan's coefficients (a, b, c) = (3.4445, -4.7750, 2.0315). Its singular values
+    end near, not at, 1 (about 0.5-1.5 by design). With dtype bfloat16 it is torch.optim.Muon's
+    iteration, op for op."""
+    import torch
+
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.to(dtype, copy=True)
+    if g.size(0) > g.size(1):
+        x = x.T
+    x.div_(x.norm().clamp(min=eps))
+    for _ in range(steps):
+        gram = x @ x.T  # (r, r)
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # (r, c)
+    return x.T if g.size(0) > g.size(1) else x
+
+
+def muon(params, lr: float, weight_decay: float, ns_dtype, momentum: float = 0.95):
+    """Muon on 2-D parameters as torch.optim.Muon (torch 2.9+) computes it, with the Newton-Schulz
+    iteration's dtype a choice (newton_schulz): per step, buf <- lerp(buf, grad, 1 - momentum), the
+    Nesterov update lerp(grad, buf, momentum) orthogonalized, p <- p (1 - lr wd) - lr
+    sqrt(max(1, rows/cols)) update. With ns_dtype bfloat16 its steps equal torch.optim.Muon's bit
+    for bit (tests/test_toy.py). Why its own: torch.optim.Muon always iterates in bf16, which a
+    CPU without native bf16 products emulates (native_bf16)."""
+    import torch
+
+    class Muon(torch.optim.Optimizer):
+        @torch.no_grad()
+        def step(self, closure=None):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is None:
+                        continue
+                    buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                    buf.lerp_(p.grad, 1 - momentum)
+                    update = newton_schulz(p.grad.lerp(buf, momentum), ns_dtype)
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                    p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))
+
+    return Muon(params, dict(lr=lr, weight_decay=weight_decay))
 
 
 def pretraining_loss(model, ids, loss_mask, bf16: bool = False, attention_mask=None):

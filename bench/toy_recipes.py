@@ -1,7 +1,7 @@
 """bench/toy_recipes.py: time per pretraining step of toy.py recipes, side by side.
 
 Each recipe is toy.py's default preset with overrides (name=value pairs: batch, hidden, layers,
-heads, inter, bf16, mask, pretok, balance, optimizer, prompt_weight; and compile=1, this bench's
+heads, inter, bf16, mask, pretok, balance, optimizer, muon_ns, prompt_weight; and compile=1, this bench's
 own: the model's forward under torch.compile with dynamic shapes, which toy.py does not offer).
 Every recipe trains its own model from the same seed on the same document stream, one step of
 each recipe in turn, so that load from other work on the machine falls on every recipe alike.
@@ -13,6 +13,7 @@ operators by self time over N more steps (torch.profiler).
     python bench/toy_recipes.py "" "optimizer=adamw" "pretok=0 balance=0 mask=1 optimizer=adamw"
     python bench/toy_recipes.py "" "bf16=1" --steps 6 --profile 6   # and each one's top operators
     python bench/toy_recipes.py "" "compile=1" --steps 40            # torch.compile: step and compile time
+    python bench/toy_recipes.py "muon_ns=bf16" "muon_ns=fp32"        # Muon's Newton-Schulz dtype
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ sys.path.insert(0, ROOT)
 
 def parse_recipe(text: str) -> dict:
     """{field: value} from "name=value ..." (ints; bf16, mask, pretok, balance and compile as 0/1;
-    optimizer a name; prompt_weight a number)."""
+    optimizer and muon_ns names; prompt_weight a number)."""
     out = {}
     for kv in text.split():
         k, v = kv.split("=")
         if k in ("bf16", "mask", "pretok", "balance", "compile"):
             out[k] = bool(int(v))
-        elif k == "optimizer":
+        elif k in ("optimizer", "muon_ns"):
             out[k] = v
         elif k == "prompt_weight":
             out[k] = float(v)

@@ -119,6 +119,49 @@ def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
         toy.optimizers(model, {**recipe, "optimizer": "sgd"})
 
 
+def test_muon_in_bf16_is_torch_muon_bit_for_bit():
+    """toy.muon with its Newton-Schulz iteration in bf16 takes the same steps as torch.optim.Muon,
+    bit for bit (so an avx512_bf16 CPU builds the same toy as before toy.muon existed), on a
+    wide and a tall matrix over four steps of momentum and weight decay; in fp32 its update is
+    the same orthogonalization to bf16's precision, and newton_schulz's singular values end in
+    the iteration's band (about 0.5-1.5) whatever the input's scale."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(48, 80), (96, 32)]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [[torch.randn(s, generator=gen) * 10 ** k for s in shapes] for k in range(-2, 2)]  # 4 steps
+
+    def run(make):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = make(params)
+        for step_grads in grads:
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opt.step()
+        return [p.detach() for p in params]
+
+    theirs = run(lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.1))
+    ours = run(lambda ps: toy.muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16))
+    fp32 = run(lambda ps: toy.muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32))
+    for t, o, f, w in zip(theirs, ours, fp32, start):
+        assert torch.equal(t, o)
+        assert not torch.equal(f, o) and (f - o).abs().max() < 0.05 * (o - w).abs().max()
+    for s in shapes:
+        sv = torch.linalg.svdvals(toy.newton_schulz(torch.randn(s, generator=gen) * 1e3, torch.float32))
+        assert sv.min() > 0.3 and sv.max() < 1.6, sv
+
+
+def test_muon_ns_resolves_auto_by_the_cpu(monkeypatch):
+    """--muon-ns: bf16 and fp32 as given; auto: bf16 exactly where native_bf16 says the CPU multiplies
+    bf16 in hardware; anything else a one-line UserError, from recipe() before anything is built."""
+    assert toy.resolve_muon_ns("bf16") == "bf16" and toy.resolve_muon_ns("fp32") == "fp32"
+    for native, want in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(toy, "native_bf16", lambda: native)
+        assert toy.resolve_muon_ns("auto") == want
+    with pytest.raises(utils.UserError, match="--muon-ns must be one of auto, bf16, fp32, got 'fp16'"):
+        toy.recipe(toy.Args(muon_ns="fp16"))
+    assert toy.recipe(toy.Args())["muon_ns"] == "auto" and toy.recipe(toy.Args(muon_ns="fp32"))["muon_ns"] == "fp32"
+
+
 @pytest.fixture(scope="module")
 def toy_tokenizer():
     """The toy's tokenizer, trained on a small corpus of clean solutions (seconds)."""
