@@ -686,9 +686,9 @@ def check_optimizer(name: str) -> None:
 def optimizers(model, recipe: dict) -> list:
     """The build's optimizers, each stepped on the same lr schedule: AdamW (betas 0.9/0.95, weight
     decay 0.1) on every parameter; or, with recipe["optimizer"] == "muon", `muon` at muon_lr (its
-    Newton-Schulz iteration's dtype from recipe["muon_ns"]: `resolve_muon_ns`) on the decoder layers' 2-D
-    weight matrices (attention and MLP projections) and AdamW on the rest (the embedding, which
-    the output head shares, and the norms)."""
+    Newton-Schulz iteration's dtype from recipe["muon_ns"]: `resolve_muon_ns`) on the decoder
+    layers' 2-D weight matrices (attention and MLP projections) and AdamW on the rest (the
+    embedding, which the output head shares, and the norms)."""
     import torch
 
     check_optimizer(recipe["optimizer"])
@@ -760,9 +760,13 @@ def muon(params, lr: float, weight_decay: float, ns_dtype, momentum: float = 0.9
     CPU without native bf16 products emulates (native_bf16)."""
     import torch
 
-    class Muon(torch.optim.Optimizer):
+    class Muon(torch.optim.Optimizer):  # defined here: toy.py imports torch only where it trains
         @torch.no_grad()
         def step(self, closure=None):
+            loss = None
+            if closure is not None:
+                with torch.enable_grad():
+                    loss = closure()
             for group in self.param_groups:
                 for p in group["params"]:
                     if p.grad is None:
@@ -772,6 +776,7 @@ def muon(params, lr: float, weight_decay: float, ns_dtype, momentum: float = 0.9
                     update = newton_schulz(p.grad.lerp(buf, momentum), ns_dtype)
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))
+            return loss
 
     return Muon(params, dict(lr=lr, weight_decay=weight_decay))
 
