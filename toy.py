@@ -242,8 +242,8 @@ PRESETS = {
     # warmup (share of steps), min_lr (final lr / peak), bf16 (autocast), mask (attention mask),
     # pretok (all documents drawn and tokenized once before training), balance (pretok's rows
     # balanced in length: collate), optimizer (adamw or muon: optimizers), muon_lr, prompt_weight
-    # (the prompt tokens' weight in the loss: encode_documents), muon_ns (Muon's Newton-Schulz dtype:
-    # resolve_muon_ns)
+    # (the prompt tokens' weight in the loss: encode_documents), muon_ns (the precision of Muon's
+    # Newton-Schulz iteration: resolve_muon_ns)
     "tiny": dict(hidden=128, layers=2, heads=2, inter=384, steps=300, batch=32, lr=3e-3),
     "default": dict(hidden=128, layers=3, heads=2, inter=256, steps=800, batch=32, lr=2e-3),
     "bench": dict(hidden=512, layers=8, heads=8, inter=1376, steps=200, batch=32, lr=1e-3),
@@ -561,9 +561,10 @@ class Args:
     """weight of a document's prompt tokens in the pretraining loss, against 1 for its completion's
     (0: the loss on the completion only; with --pretok only; negative: the preset's)"""
     muon_ns: str = ""
-    """dtype of Muon's Newton-Schulz iteration: bf16 (torch.optim.Muon's), fp32, or auto: bf16 on a
-    CPU with native bf16 matrix products, fp32 elsewhere, where bf16 is emulated and many times
-    slower (toy.native_bf16; '': the preset's)"""
+    """precision of Muon's Newton-Schulz iteration (toy.newton_schulz): bf16 (torch.optim.Muon's),
+    fp32, rounded (fp32 products, each result rounded to bf16), or auto: bf16 on a CPU with native
+    bf16 matrix products, rounded elsewhere, where bf16 products are emulated and many times
+    slower and fp32 built weaker toys (README; '': the preset's)"""
     eval_samples: int = 8
     """samples per test problem for the pass@1 / pass@k report (0 skips it)"""
     threads: int = 0
@@ -686,7 +687,7 @@ def check_optimizer(name: str) -> None:
 def optimizers(model, recipe: dict) -> list:
     """The build's optimizers, each stepped on the same lr schedule: AdamW (betas 0.9/0.95, weight
     decay 0.1) on every parameter; or, with recipe["optimizer"] == "muon", `muon` at muon_lr (its
-    Newton-Schulz iteration's dtype from recipe["muon_ns"]: `resolve_muon_ns`) on the decoder
+    Newton-Schulz iteration's precision from recipe["muon_ns"]: `resolve_muon_ns`) on the decoder
     layers' 2-D weight matrices (attention and MLP projections) and AdamW on the rest (the
     embedding, which the output head shares, and the norms)."""
     import torch
@@ -699,19 +700,18 @@ def optimizers(model, recipe: dict) -> list:
     rest = [p for p in model.parameters() if id(p) not in ids]
     opts = [torch.optim.AdamW(rest, lr=recipe["lr"], betas=(0.9, 0.95), weight_decay=0.1)]
     if matrices:
-        opts.append(muon(matrices, lr=recipe["muon_lr"], weight_decay=0.1,
-                         ns_dtype=torch.bfloat16 if resolve_muon_ns(recipe["muon_ns"]) == "bf16" else torch.float32))
+        opts.append(muon(matrices, lr=recipe["muon_lr"], weight_decay=0.1, ns=resolve_muon_ns(recipe["muon_ns"])))
     return opts
 
 
-MUON_NS = ("auto", "bf16", "fp32")
-"""Values of the recipe field muon_ns (--muon-ns): the dtype of Muon's Newton-Schulz iteration."""
+MUON_NS = ("auto", "bf16", "fp32", "rounded")
+"""Values of the recipe field muon_ns (--muon-ns): the precision of Muon's Newton-Schulz iteration."""
 
 
 def native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware: its flags (Linux /proc/cpuinfo) carry
     avx512_bf16 or amx_bf16. Elsewhere torch emulates bf16 matrix products, many times slower than
-    fp32 ones (bench/toy_recipes.py "muon_ns=bf16" "muon_ns=fp32"; README). Without
+    fp32 ones (bench/toy_recipes.py "muon_ns=bf16" "muon_ns=rounded"; README). Without
     /proc/cpuinfo: False."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -722,42 +722,46 @@ def native_bf16() -> bool:
 
 
 def resolve_muon_ns(name: str) -> str:
-    """The dtype a muon_ns value runs Muon's Newton-Schulz iteration in: "bf16" (torch.optim.Muon's)
-    or "fp32" as given, and for "auto" bf16 where the CPU multiplies bf16 natively (native_bf16),
-    fp32 elsewhere. Anything else is a UserError."""
+    """The precision a muon_ns value runs Muon's Newton-Schulz iteration in (newton_schulz's ns):
+    "bf16", "fp32" or "rounded" as given, and for "auto" bf16 where the CPU multiplies bf16
+    natively (native_bf16), "rounded" elsewhere: bf16's precision at about fp32's speed (plain
+    fp32 built toys that restart worse: README). Anything else is a UserError."""
     if name not in MUON_NS:
         raise utils.UserError(f"toy: --muon-ns must be one of {', '.join(MUON_NS)}, got {name!r}")
     if name == "auto":
-        return "bf16" if native_bf16() else "fp32"
+        return "bf16" if native_bf16() else "rounded"
     return name
 
 
-def newton_schulz(g, dtype, steps: int = 5, eps: float = 1e-7):
-    """Muon's orthogonalization of a 2-D update g (rows <= columns after a transpose), in dtype:
-    g / ||g||_F, then `steps` quintic Newton-Schulz iterations X <- aX + (bA + cA^2)X, A = XX^T,
-    with Keller Jordan's coefficients (a, b, c) = (3.4445, -4.7750, 2.0315). Its singular values
-    end near, not at, 1 (about 0.5-1.5 by design). With dtype bfloat16 it is torch.optim.Muon's
-    iteration, op for op."""
+def newton_schulz(g, ns: str = "bf16", steps: int = 5, eps: float = 1e-7):
+    """Muon's orthogonalization of a 2-D update g (rows <= columns after a transpose): g / ||g||_F,
+    then `steps` quintic Newton-Schulz iterations X <- aX + (bA + cA^2)X, A = XX^T, with Keller
+    Jordan's coefficients (a, b, c) = (3.4445, -4.7750, 2.0315). Its singular values end near, not
+    at, 1 (about 0.5-1.5 by design). ns: "bf16" computes in bf16, torch.optim.Muon's iteration op
+    for op; "fp32" in fp32; "rounded" in fp32 with every result rounded to bf16 (bf16's storage
+    precision at fp32's speed on a CPU that emulates bf16 products)."""
     import torch
 
+    dtype = torch.bfloat16 if ns == "bf16" else torch.float32
+    rnd = (lambda t: t.bfloat16().float()) if ns == "rounded" else (lambda t: t)
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.to(dtype, copy=True)
+    x = rnd(g.to(dtype, copy=True))
     if g.size(0) > g.size(1):
         x = x.T
-    x.div_(x.norm().clamp(min=eps))
+    x = rnd(x / rnd(x.norm()).clamp(min=eps))
     for _ in range(steps):
-        gram = x @ x.T  # (r, r)
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)  # (r, c)
+        gram = rnd(x @ x.T)  # (r, r)
+        x = rnd(torch.addmm(x, rnd(torch.addmm(gram, gram, gram, beta=b, alpha=c)), x, beta=a))  # (r, c)
     return x.T if g.size(0) > g.size(1) else x
 
 
-def muon(params, lr: float, weight_decay: float, ns_dtype, momentum: float = 0.95):
+def muon(params, lr: float, weight_decay: float, ns: str = "bf16", momentum: float = 0.95):
     """Muon on 2-D parameters as torch.optim.Muon (torch 2.9+) computes it, with the Newton-Schulz
-    iteration's dtype a choice (newton_schulz): per step, buf <- lerp(buf, grad, 1 - momentum), the
-    Nesterov update lerp(grad, buf, momentum) orthogonalized, p <- p (1 - lr wd) - lr
-    sqrt(max(1, rows/cols)) update. With ns_dtype bfloat16 its steps equal torch.optim.Muon's bit
-    for bit (tests/test_toy.py). Why its own: torch.optim.Muon always iterates in bf16, which a
-    CPU without native bf16 products emulates (native_bf16)."""
+    iteration's precision a choice (newton_schulz's ns): per step, buf <- lerp(buf, grad, 1 -
+    momentum), the Nesterov update lerp(grad, buf, momentum) orthogonalized, p <- p (1 - lr wd) -
+    lr sqrt(max(1, rows/cols)) update. With ns "bf16" its steps equal torch.optim.Muon's bit for
+    bit (tests/test_toy.py). Why its own: torch.optim.Muon always iterates in bf16, which a CPU
+    without native bf16 products emulates (native_bf16)."""
     import torch
 
     class Muon(torch.optim.Optimizer):  # defined here: toy.py imports torch only where it trains
@@ -773,7 +777,7 @@ def muon(params, lr: float, weight_decay: float, ns_dtype, momentum: float = 0.9
                         continue
                     buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
                     buf.lerp_(p.grad, 1 - momentum)
-                    update = newton_schulz(p.grad.lerp(buf, momentum), ns_dtype)
+                    update = newton_schulz(p.grad.lerp(buf, momentum), ns)
                     p.mul_(1 - group["lr"] * group["weight_decay"])
                     p.add_(update, alpha=-group["lr"] * math.sqrt(max(1, p.size(0) / p.size(1))))
             return loss

@@ -13,7 +13,7 @@ operators by self time over N more steps (torch.profiler).
     python bench/toy_recipes.py "" "optimizer=adamw" "pretok=0 balance=0 mask=1 optimizer=adamw"
     python bench/toy_recipes.py "" "bf16=1" --steps 6 --profile 6   # and each one's top operators
     python bench/toy_recipes.py "" "compile=1" --steps 40            # torch.compile: step and compile time
-    python bench/toy_recipes.py "muon_ns=bf16" "muon_ns=fp32"        # Muon's Newton-Schulz dtype
+    python bench/toy_recipes.py "muon_ns=bf16" "muon_ns=fp32" "muon_ns=rounded"   # Muon's Newton-Schulz precision
 """
 
 from __future__ import annotations

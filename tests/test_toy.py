@@ -123,8 +123,9 @@ def test_muon_in_bf16_is_torch_muon_bit_for_bit():
     """toy.muon with its Newton-Schulz iteration in bf16 takes the same steps as torch.optim.Muon,
     bit for bit (so an avx512_bf16 CPU builds the same toy as before toy.muon existed), on a
     wide and a tall matrix over four steps of momentum and weight decay; in fp32 its update is
-    the same orthogonalization to bf16's precision, and newton_schulz's singular values end in
-    the iteration's band (about 0.5-1.5) whatever the input's scale."""
+    the same orthogonalization to bf16's precision, and so in fp32 rounded to bf16 after every
+    product; newton_schulz's singular values end in the iteration's band (about 0.5-1.5) whatever
+    the input's scale, and "rounded" holds bf16 values only."""
     gen = torch.Generator().manual_seed(0)
     shapes = [(48, 80), (96, 32)]
     start = [torch.randn(s, generator=gen) for s in shapes]
@@ -140,24 +141,30 @@ def test_muon_in_bf16_is_torch_muon_bit_for_bit():
         return [p.detach() for p in params]
 
     theirs = run(lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.1))
-    ours = run(lambda ps: toy.muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.bfloat16))
-    fp32 = run(lambda ps: toy.muon(ps, lr=0.02, weight_decay=0.1, ns_dtype=torch.float32))
-    for t, o, f, w in zip(theirs, ours, fp32, start):
+    ours, fp32, rounded = (run(lambda ps: toy.muon(ps, lr=0.02, weight_decay=0.1, ns=ns))
+                           for ns in ("bf16", "fp32", "rounded"))
+    for t, o, f, r, w in zip(theirs, ours, fp32, rounded, start):
         assert torch.equal(t, o)
-        assert not torch.equal(f, o) and (f - o).abs().max() < 0.05 * (o - w).abs().max()
+        for other in (f, r):
+            assert not torch.equal(other, o) and (other - o).abs().max() < 0.05 * (o - w).abs().max()
     for s in shapes:
-        sv = torch.linalg.svdvals(toy.newton_schulz(torch.randn(s, generator=gen) * 1e3, torch.float32))
-        assert sv.min() > 0.3 and sv.max() < 1.6, sv
+        g = torch.randn(s, generator=gen) * 1e3
+        for ns in ("fp32", "rounded"):
+            x = toy.newton_schulz(g, ns)
+            sv = torch.linalg.svdvals(x)
+            assert x.dtype == torch.float32 and sv.min() > 0.3 and sv.max() < 1.6, (ns, sv)
+            assert torch.equal(x, x.bfloat16().float()) == (ns == "rounded")  # rounded: every entry a bf16 value
 
 
 def test_muon_ns_resolves_auto_by_the_cpu(monkeypatch):
-    """--muon-ns: bf16 and fp32 as given; auto: bf16 exactly where native_bf16 says the CPU multiplies
-    bf16 in hardware; anything else a one-line UserError, from recipe() before anything is built."""
-    assert toy.resolve_muon_ns("bf16") == "bf16" and toy.resolve_muon_ns("fp32") == "fp32"
-    for native, want in ((True, "bf16"), (False, "fp32")):
+    """--muon-ns: bf16, fp32 and rounded as given; auto: bf16 exactly where native_bf16 says the CPU
+    multiplies bf16 in hardware, rounded elsewhere; anything else a one-line UserError, from
+    recipe() before anything is built."""
+    assert [toy.resolve_muon_ns(ns) for ns in ("bf16", "fp32", "rounded")] == ["bf16", "fp32", "rounded"]
+    for native, want in ((True, "bf16"), (False, "rounded")):
         monkeypatch.setattr(toy, "native_bf16", lambda: native)
         assert toy.resolve_muon_ns("auto") == want
-    with pytest.raises(utils.UserError, match="--muon-ns must be one of auto, bf16, fp32, got 'fp16'"):
+    with pytest.raises(utils.UserError, match="--muon-ns must be one of auto, bf16, fp32, rounded, got 'fp16'"):
         toy.recipe(toy.Args(muon_ns="fp16"))
     assert toy.recipe(toy.Args())["muon_ns"] == "auto" and toy.recipe(toy.Args(muon_ns="fp32"))["muon_ns"] == "fp32"
 
