@@ -104,8 +104,7 @@ class Sampler:
                 # vLLM 0.32 on CPU fails on seeded requests that are prefilled in chunks
                 # ("CPU Generator does not use offset"): prefill each prompt whole.
                 kwargs["enable_chunked_prefill"] = False
-            if os.environ.get("MRT_VLLM_EAGER") == "1":  # faster start, slower decode (tests)
-                kwargs["enforce_eager"] = True
+            kwargs["enforce_eager"] = resolve_eager(os.environ.get("MRT_VLLM_EAGER"), utils.has_cuda())
             if utils.is_distributed():
                 kwargs["distributed_executor_backend"] = "external_launcher"
             if self.sleep_mode:
@@ -251,6 +250,18 @@ def update_asleep(sampler: Sampler, update: Callable[[], Any], model=None):
             sampler.wake_up()
     sampler.sync_weights(result if model is None else model)
     return result
+
+
+def resolve_eager(value: str | None, cuda: bool) -> bool:
+    """MRT_VLLM_EAGER ("1": vLLM without torch.compile, "0": with it, unset or "": eager on CPU
+    and compiled on CUDA) -> vLLM's enforce_eager. On CUDA compilation and CUDA graphs pay for
+    their start; on CPU the compile adds seconds to every engine start and, on the toy, decodes
+    no faster (`python bench/vllm_eager.py`, README "Tests and benchmarks")."""
+    if value in (None, ""):
+        return not cuda
+    if value not in ("0", "1"):
+        raise utils.UserError(f"MRT_VLLM_EAGER must be 0 or 1 (or unset), got {value!r}")
+    return value == "1"
 
 
 def resolve_sleep_mode(value: str | bool) -> bool:

@@ -115,7 +115,7 @@ class Args:
     """skip every stage and only (re)write RESULTS.md from the outputs that exist"""
     eager: str = "auto"
     """vLLM without torch.compile in every stage (MRT_VLLM_EAGER=1): on | off | auto (on for
-    --quick, whose ~30 engine starts on tiny inputs cost more than the slower decoding)"""
+    --quick, else the sampler's default: eager on CPU, compiled on CUDA)"""
 
 
 # --------------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def main(args: Args) -> dict:
     tok = utils.load_tokenizer(args.model)
     prompts = [utils.build_prompt(tok, r["problem"]) for r in records]
     utils.print0(f"{len(prompts)} prompts x n={args.n} x max_tokens={args.max_tokens}, T={args.temperature}, "
-                 f"model {args.model}, eager={os.environ.get('MRT_VLLM_EAGER', '0')}")
+                 f"model {args.model}, vLLM eager={sampling.resolve_eager(os.environ.get('MRT_VLLM_EAGER'), utils.has_cuda())}")
     import torch
 
     threads = torch.get_num_threads()

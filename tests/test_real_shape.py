@@ -214,6 +214,15 @@ def test_sleep_mode_flag():
         sampling.resolve_sleep_mode("sometimes")
 
 
+def test_eager_flag():
+    """MRT_VLLM_EAGER: unset -> eager on CPU, compiled on CUDA; "0"/"1" as set; else one line."""
+    assert sampling.resolve_eager(None, cuda=False) is True and sampling.resolve_eager("", cuda=False) is True
+    assert sampling.resolve_eager(None, cuda=True) is False
+    assert sampling.resolve_eager("0", cuda=False) is False and sampling.resolve_eager("1", cuda=True) is True
+    with pytest.raises(utils.UserError, match="MRT_VLLM_EAGER must be 0 or 1"):
+        sampling.resolve_eager("yes", cuda=False)
+
+
 # --------------------------------------------------------------------------------------
 # End to end (subprocesses)
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ for a prompt whose KV blocks were cached under the old ones.
 It uses the session engine (`toy_sampler`, small KV blocks so a prompt spans several) and
 syncs the base weights back after changing them."""
 
+import os
 import random
 
 import pytest
@@ -137,6 +138,12 @@ def test_seeded_reproducibility(engine, hf_sampler, prompts):
     h1 = ids(hf_sampler.generate([a, b], n=2, temperature=1.0, max_tokens=40, seed=7))
     assert ids(hf_sampler.generate([a, b], n=2, temperature=1.0, max_tokens=40, seed=7)) == h1
     assert ids(hf_sampler.generate([a, b], n=2, temperature=1.0, max_tokens=40, seed=8)) != h1
+
+
+def test_engine_mode_follows_the_eager_setting(engine):
+    """The session engine starts in the mode MRT_VLLM_EAGER asks (conftest sets "1")."""
+    cfg = engine.llm.llm_engine.vllm_config.model_config
+    assert cfg.enforce_eager is sampling.resolve_eager(os.environ.get("MRT_VLLM_EAGER"), torch.cuda.is_available())
 
 
 def test_engine_leaves_the_process_single(engine, toy_paths):
