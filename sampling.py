@@ -255,8 +255,9 @@ def update_asleep(sampler: Sampler, update: Callable[[], Any], model=None):
 def resolve_eager(value: str | None, cuda: bool) -> bool:
     """MRT_VLLM_EAGER ("1": vLLM without torch.compile, "0": with it, unset or "": eager on CPU
     and compiled on CUDA) -> vLLM's enforce_eager. On CUDA compilation and CUDA graphs pay for
-    their start; on CPU the compile adds seconds to every engine start and, on the toy, decodes
-    no faster (`python bench/vllm_eager.py`, README "Tests and benchmarks")."""
+    their start; on CPU the compile adds seconds to every engine start, which the toy's runs
+    (many engines, small calls) do not win back from its faster decoding; a long CPU job of
+    large calls may (`python bench/vllm_eager.py`, README "Tests and benchmarks")."""
     if value in (None, ""):
         return not cuda
     if value not in ("0", "1"):
