@@ -80,7 +80,8 @@ def main(args: Args) -> dict:
         cmd = [sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--worker", mode]
         p = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if p.returncode != 0:
-            raise utils.UserError(f"bench/vllm_eager.py: mode MRT_VLLM_EAGER={mode} failed: {p.stderr.strip().splitlines()[-1:]}")
+            last = (p.stderr.strip().splitlines() or ["no error output"])[-1]
+            raise utils.UserError(f"bench/vllm_eager.py: mode MRT_VLLM_EAGER={mode} failed: {last}")
         res[mode] = json.loads(p.stdout.strip().splitlines()[-1])
     name = {"0": "compiled", "1": "eager"}
     for mode, r in res.items():
