@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# bench/install_bytecode.sh: where install.sh's time goes in compiling bytecode, side by side.
+# bench/install_bytecode.sh: where install.sh's pip path (MRT_INSTALLER=pip, or no uv) spends its time
+# compiling bytecode, side by side.
 #
 # Installs requirements-cpu.txt (as install.sh does on a machine without a GPU) into two fresh
 # virtual environments under a temporary folder, one after the other:
@@ -14,6 +15,10 @@
 #
 #     bash bench/install_bytecode.sh [python3]
 set -euo pipefail
+if [ "${1:-}" = -h ] || [ "${1:-}" = --help ]; then  # the header above, without the '# '
+  sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
+  exit 0
+fi
 cd "$(dirname "$0")/.."
 PY=${1:-python3}
 tmp=$(mktemp -d)
@@ -27,7 +32,7 @@ for mode in pip compileall; do
   if [ "$mode" = pip ]; then
     "$venv/bin/python" -m pip install -q -r requirements-cpu.txt
     "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-  else  # as install.sh: compiled after the uninstall, so the removed packages are not compiled
+  else  # as install.sh's pip path: compiled after the uninstall, so the removed packages are not compiled
     "$venv/bin/python" -m pip install -q --no-compile -r requirements-cpu.txt
     "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
     site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
