@@ -32,7 +32,8 @@ install_uv() {
   [ "$MRT_INSTALLER" = uv ] || return 1
   .venv/bin/python -m pip install -q "uv==$UV_VERSION" || return 1
   # uv reads no pip configuration: hand it the settings that choose the files (pip.conf, PIP_*),
-  # so that both installers take the same ones (here: the CPU torch wheel from pip's find-links)
+  # so that both installers take the same ones (here: the CPU torch wheel from pip's find-links);
+  # tests/test_install.py runs this script, found by its EOF2 markers
   local flags extra=()
   mapfile -t flags < <(.venv/bin/python - <<'EOF2'
 import subprocess, sys
