@@ -29,7 +29,6 @@ stamp=.venv/.installed-$(cat requirements.txt "$req" | sha1sum | cut -c1-12)
 unwanted=(torchvision torchaudio torchcodec)
 
 install_uv() {
-  [ "$MRT_INSTALLER" = uv ] || return 1
   .venv/bin/python -m pip install -q "uv==$UV_VERSION" || return 1
   # uv reads no pip configuration: hand it the settings that choose the files (pip.conf, PIP_*),
   # so that both installers take the same ones (here: the CPU torch wheel from pip's find-links);
@@ -70,8 +69,10 @@ install_pip() {
   .venv/bin/python -m compileall -q -j 0 "$site" >/dev/null || true  # as pip: files that do not compile are skipped
 }
 
-if ! install_uv; then
-  [ "$MRT_INSTALLER" = uv ] && echo "install.sh: uv is not available or failed (above); installing with pip" >&2
+if [ "$MRT_INSTALLER" = pip ]; then
+  install_pip
+elif ! install_uv; then
+  echo "install.sh: uv is not available or failed (above); installing with pip" >&2
   install_pip
 fi
 touch "$stamp"
