@@ -6,8 +6,9 @@
 # virtual environments under a temporary folder, one after the other:
 #   pip      `pip install -r ...`: pip writes every installed module's .pyc itself, one file
 #            at a time on one core
-#   compileall  `pip install --no-compile -r ...`, then `python -m compileall -j 0` over
-#            site-packages: the same .pyc files, written on every core
+#   compileall  `MRT_INSTALLER=pip bash install.sh` in a copy: `pip install --no-compile -r ...`,
+#            the uninstall, then `python -m compileall -j 0` over site-packages: the same .pyc
+#            files, written on every core
 # and prints each one's install seconds, its .pyc count, and the seconds of a first import of
 # torch, transformers (LlamaForCausalLM) and vllm in it (a .pyc missing there would show up as a
 # slower import: processes here run with PYTHONDONTWRITEBYTECODE=1, so nothing is compiled
@@ -25,18 +26,18 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 now() { date +%s.%N; }
 for mode in pip compileall; do
-  venv=$tmp/$mode
+  dir=$tmp/$mode
+  venv=$dir/.venv
+  mkdir -p "$dir"
   t0=$(now)
-  "$PY" -m venv "$venv"
-  "$venv/bin/python" -m pip install -q --upgrade pip
   if [ "$mode" = pip ]; then
+    "$PY" -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --upgrade pip
     "$venv/bin/python" -m pip install -q -r requirements-cpu.txt
     "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-  else  # as install.sh's pip path: compiled after the uninstall, so the removed packages are not compiled
-    "$venv/bin/python" -m pip install -q --no-compile -r requirements-cpu.txt
-    "$venv/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-    site=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
-    "$venv/bin/python" -m compileall -q -j 0 "$site" >/dev/null || true  # as pip: files that do not compile are skipped
+  else  # install.sh's pip path itself, run in a copy (on a machine without a GPU: requirements-cpu.txt)
+    cp install.sh requirements*.txt "$dir/"
+    MRT_INSTALLER=pip PYTHON="$PY" bash "$dir/install.sh"
   fi
   t1=$(now)
   pycs=$(find "$venv" -name "*.pyc" | wc -l)
