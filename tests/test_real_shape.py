@@ -3,8 +3,9 @@
 vLLM KV budget: every engine must be sized from its run's own lengths (a 1M-token sequence
 needs 4 GiB of KV cache at this model's shape, so an engine sized from the config cannot
 start). Stages run as subprocesses (one engine per process; the session's in-process toy
-engine stays alone): grpo.py under `torchrun --nproc_per_node 2` with the paper preset, kill
-after the step-1 checkpoint and resume (same weights as the uninterrupted run), the export
+engine stays alone): grpo.py under `torchrun --nproc_per_node 2` with the paper preset, its
+folder as a kill after the step-1 checkpoint leaves it resumed (same weights as the
+uninterrupted run), the export
 loaded by transformers and by vLLM (evaluate.py on it), warmstart.py and star.py in one
 process. Also: the sleep-mode call order (a recording engine), the engine sizes, and the
 one-line error of an engine that cannot start."""
@@ -13,6 +14,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -79,11 +81,34 @@ def easy(toy_paths, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def grpo_whole(real_model, easy, tmp_path_factory):
-    """A 2-rank, 2-step paper-preset grpo.py run on the realistic model: (out folder, stdout)."""
+    """A 2-rank, 2-step paper-preset grpo.py run on the realistic model: (out folder, stdout and
+    stderr, a copy of the out folder as it stood once step 1 was logged and checkpointed). The
+    copy is what a run killed right after its step-1 checkpoint leaves on disk (its checkpoint
+    save hard-linked: a finished save is never written again, only deleted by the next one), so
+    that the resume test needs no second run up to step 1."""
     out = tmp_path_factory.mktemp("grpo_whole")
-    proc = _run(TORCHRUN + ["--master_port", "29631", "grpo.py", "--model", real_model, "--train-data",
-                            easy["train"], "--test-data", easy["test"], "--out", str(out)] + GRPO_FLAGS)
-    return out, proc.stdout + proc.stderr
+    snap = tmp_path_factory.mktemp("grpo_step1") / "run"
+    log = out.parent / (out.name + ".log")  # a file, not a pipe: a full pipe would stall the run
+    cmd = TORCHRUN + ["--master_port", "29631", "grpo.py", "--model", real_model, "--train-data", easy["train"],
+                      "--test-data", easy["test"], "--out", str(out)] + GRPO_FLAGS
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT)
+    ckpt, metrics, deadline = out / "checkpoint", out / "metrics.jsonl", time.time() + 500
+    while proc.poll() is None and time.time() < deadline and not snap.exists():
+        if metrics.exists() and '"step": 1' in metrics.read_text() and training.has_checkpoint(str(ckpt)):
+            save = (ckpt / "latest").read_text().strip()
+            shutil.copytree(out, snap, ignore=shutil.ignore_patterns("checkpoint", ".tmp-*"))
+            shutil.copytree(ckpt / save, snap / "checkpoint" / save, copy_function=os.link)
+            (snap / "checkpoint" / "latest").write_text(save + "\n")
+        time.sleep(0.05)
+    try:
+        proc.wait(timeout=max(1.0, deadline - time.time()))
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    return out, text, snap
 
 
 # --------------------------------------------------------------------------------------
@@ -229,7 +254,7 @@ def test_eager_flag():
 
 
 def test_grpo_paper_preset_two_ranks(grpo_whole):
-    out, log = grpo_whole
+    out, log, _ = grpo_whole
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["logprob_gap"] < 1e-3 for r in rows), rows  # the engine samples the trainer's weights
@@ -266,27 +291,18 @@ def kill_tree(pid: int) -> None:
             p.kill()
 
 
-def test_kill_and_resume_matches_uninterrupted_run(grpo_whole, real_model, easy, tmp_path):
-    whole, _ = grpo_whole
-    cut = tmp_path / "cut"
-    cmd = TORCHRUN + ["--master_port", "29633", "grpo.py", "--model", real_model, "--train-data", easy["train"],
-                      "--test-data", easy["test"], "--out", str(cut)] + GRPO_FLAGS
-    err_path = tmp_path / "cut.err"  # a file, not a pipe: a full pipe would stall the run
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=open(err_path, "w"))
-    metrics, deadline = cut / "metrics.jsonl", time.time() + 400
-
-    def checkpointed():  # step 1 logged and its checkpoint complete (the `latest` pointer is written last)
-        return metrics.exists() and '"step": 1' in metrics.read_text() and training.has_checkpoint(str(cut / "checkpoint"))
-
-    while not checkpointed() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.5)  # the checkpoint's barrier: every rank is past the write
-    kill_tree(proc.pid)
-    proc.wait()
-    assert checkpointed(), err_path.read_text()[-3000:]
-    assert '"step": 2' not in metrics.read_text() and not (cut / "model").exists()
-
-    _run(cmd[:-len(GRPO_FLAGS)] + GRPO_FLAGS + ["--resume"])
+def test_resume_after_step_1_matches_uninterrupted_run(grpo_whole, real_model, easy):
+    """The uninterrupted run's folder as it stood after its step-1 checkpoint (grpo_whole's copy:
+    what a kill at that moment leaves) resumed under torchrun ends at the uninterrupted run's
+    weights. A real SIGKILL of a run, then its resume, is tests/test_grpo.py's kill-and-resume
+    test (one process, the toy)."""
+    whole, _, snap = grpo_whole
+    assert snap.exists(), "no copy: the run ended before its step-1 checkpoint was seen"
+    assert training.checkpoint_extra(str(snap / "checkpoint"))["step"] == 1
+    assert '"step": 2' not in (snap / "metrics.jsonl").read_text() and not (snap / "model").exists()
+    cut = snap  # resumed in place: no other test reads the copy
+    _run(TORCHRUN + ["--master_port", "29633", "grpo.py", "--model", real_model, "--train-data", easy["train"],
+                     "--test-data", easy["test"], "--out", str(cut)] + GRPO_FLAGS + ["--resume"])
     from safetensors.torch import load_file
 
     a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(cut / "model" / "model.safetensors"))
@@ -301,7 +317,7 @@ def test_kill_and_resume_matches_uninterrupted_run(grpo_whole, real_model, easy,
 def test_export_loads_in_transformers_and_vllm(grpo_whole, toy_paths, tmp_path):
     """The exported model in transformers (here) and in vLLM: evaluate.py on it, sized from
     its own lengths."""
-    whole, _ = grpo_whole
+    whole, _, _ = grpo_whole
     model_dir = str(whole / "model")
     _export_checks(model_dir)
     tok = utils.load_tokenizer(model_dir)
