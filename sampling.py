@@ -5,7 +5,8 @@ torchrun rank) and `transformers.generate` otherwise, behind one `generate` call
 `Sample`s (text, token ids, sampled log-probabilities). `Sampler.sync_weights` pushes a trainer's
 weights (plain or FSDP2-sharded, see training.py) into the engine in place; `update_asleep`
 frees the engine's GPU memory during an update (vLLM sleep mode, CUDA only); `engine_length`
-sizes an engine from what a run needs, never from the model's whole context.
+sizes an engine from what a run needs, never from the model's whole context; on CPU its KV
+cache is sized from the same lengths (`model_kv_cache_bytes`, unless VLLM_CPU_KVCACHE_SPACE is set).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import utils
 # vLLM runs its engine in this process: weight sync passes tensors, not pickles, and one
 # engine per torchrun rank shares the rank's process group.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+CPU_KV_CAP = 2 << 30
+"""The most KV cache (bytes) a CPU engine takes when VLLM_CPU_KVCACHE_SPACE (GiB) is unset; below
+it, what the run's lengths need (`cpu_kv_cache_bytes`)."""
+CPU_BLOCK = 128
+"""vLLM's KV block size on CPU unless an engine is given another (`block_size`), in tokens."""
+CPU_MAX_SEQS = 256
+"""vLLM's most sequences in flight for an offline engine on CPU unless given `max_num_seqs`."""
 
 
 def prompt_seed(seed: int | Sequence[int], i: int, n: int) -> int:
@@ -100,6 +108,12 @@ class Sampler:
                 import torch
 
                 torch.set_num_threads(1)
+            if not utils.has_cuda() and not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+                # the KV cache the run's lengths need (vLLM's CPU engine is told its size; the
+                # memory is touched at start, so a bigger one only costs start time and memory)
+                kwargs["kv_cache_memory_bytes"] = model_kv_cache_bytes(
+                    model, max_model_len, vllm_dtype, engine_kwargs.get("max_num_seqs") or CPU_MAX_SEQS,
+                    engine_kwargs.get("block_size") or CPU_BLOCK)
             if not utils.has_cuda():
                 # vLLM 0.32 on CPU fails on seeded requests that are prefilled in chunks
                 # ("CPU Generator does not use offset"): prefill each prompt whole.
@@ -116,7 +130,7 @@ class Sampler:
                 reason = " ".join(str(e).split()) or type(e).__name__
                 raise utils.UserError(f"vLLM engine for {model} could not start: {reason}; lower the run's --max-* "
                                       f"lengths (max_model_len {kwargs.get('max_model_len', 'the model')}), or raise "
-                                      f"VLLM_CPU_KVCACHE_SPACE (CPU) / --gpu-memory-utilization (GPU)",
+                                      f"VLLM_CPU_KVCACHE_SPACE (CPU, GiB) / --gpu-memory-utilization (GPU)",
                                       every_rank=True) from e
             self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         else:
@@ -257,7 +271,7 @@ def resolve_eager(value: str | None, cuda: bool) -> bool:
     and compiled on CUDA) -> vLLM's enforce_eager. On CUDA compilation and CUDA graphs pay for
     their start; on CPU the compile adds seconds to every engine start, which the toy's runs
     (many engines, small calls) do not win back from its faster decoding; a long CPU job of
-    large calls may (`python bench/vllm_eager.py`, README "Tests and benchmarks")."""
+    large calls may (`python bench/vllm_engine.py`, README "Tests and benchmarks")."""
     if value in (None, ""):
         return not cuda
     if value not in ("0", "1"):
@@ -292,3 +306,36 @@ def engine_length(model: str, need: int) -> int:
     limit = getattr(cfg, "max_position_embeddings", None) or need
     return int(max(1, min(need, limit)))
 
+
+def cpu_kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, max_model_len: int,
+                       max_num_seqs: int = CPU_MAX_SEQS, block_size: int = CPU_BLOCK, cap: int = CPU_KV_CAP) -> int:
+    """KV-cache bytes of a CPU engine: room for `max_num_seqs` sequences of `max_model_len`
+    tokens at once (each in whole blocks of `block_size`, plus one), so that vLLM never has to
+    preempt a sequence for lack of blocks; at most `cap`. A token holds K and V in every layer:
+    2 x layers x kv_heads x head_dim x dtype_bytes."""
+    per_token = 2 * layers * kv_heads * head_dim * dtype_bytes
+    blocks = -(-max_model_len // block_size) + 1  # ceil, and one more
+    return int(min(cap, max_num_seqs * blocks * block_size * per_token))
+
+
+def model_kv_cache_bytes(model: str, max_model_len: int | None, dtype: str, max_num_seqs: int = CPU_MAX_SEQS,
+                         block_size: int = CPU_BLOCK) -> int:
+    """`cpu_kv_cache_bytes` for a model folder's config (its text config for a multimodal one)
+    and an engine of `max_model_len` tokens (None: the model's max_position_embeddings, as vLLM
+    takes) in `dtype` ("float32", "bfloat16", ...). A config without the attention sizes gets
+    CPU_KV_CAP."""
+    import torch
+    from transformers import AutoConfig
+
+    with utils.loading_errors(model):
+        cfg = AutoConfig.from_pretrained(model)
+    cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    heads = getattr(cfg, "num_attention_heads", None)
+    layers, hidden = getattr(cfg, "num_hidden_layers", None), getattr(cfg, "hidden_size", None)
+    length = max_model_len or getattr(cfg, "max_position_embeddings", None)
+    if not (heads and layers and hidden and length):
+        return CPU_KV_CAP
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return cpu_kv_cache_bytes(layers, kv_heads, head_dim, getattr(torch, dtype).itemsize, length, max_num_seqs,
+                              block_size)

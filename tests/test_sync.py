@@ -146,6 +146,31 @@ def test_engine_mode_follows_the_eager_setting(engine):
     assert cfg.enforce_eager is sampling.resolve_eager(os.environ.get("MRT_VLLM_EAGER"), torch.cuda.is_available())
 
 
+def test_cpu_kv_cache_bytes_hand_computed():
+    """K and V of every layer for max_num_seqs sequences of whole blocks (one more each), capped."""
+    # the toy's shape: 3 layers, 2 KV heads of 64, fp32: 3,072 bytes a token; 276 tokens -> 3 + 1 blocks of 128
+    assert sampling.cpu_kv_cache_bytes(3, 2, 64, 4, 276) == 256 * 4 * 128 * 3072
+    assert sampling.cpu_kv_cache_bytes(3, 2, 64, 4, 256, max_num_seqs=8, block_size=32) == 8 * 9 * 32 * 3072
+    # Llama-3.1-8B in bf16 (32 layers, 8 KV heads of 128): 131,072 bytes a token, over the cap at 4,096 tokens
+    assert sampling.cpu_kv_cache_bytes(32, 8, 128, 2, 4096) == sampling.CPU_KV_CAP == 2 << 30
+    assert sampling.cpu_kv_cache_bytes(32, 8, 128, 2, 64, max_num_seqs=1, cap=1 << 40) == 2 * 128 * 131072
+
+
+def test_engine_kv_cache_is_sized_from_its_length(engine, toy_paths):
+    """Without VLLM_CPU_KVCACHE_SPACE a CPU engine is given the KV cache its length needs (the
+    session engine: the model's positions, blocks of 32), not a fixed size."""
+    if torch.cuda.is_available() or os.environ.get("VLLM_CPU_KVCACHE_SPACE"):
+        pytest.skip("the KV cache is sized from the run only on CPU without VLLM_CPU_KVCACHE_SPACE")
+    import json
+
+    cfg = json.load(open(os.path.join(toy_paths["base"], "config.json")))
+    per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * cfg["head_dim"] * 4  # fp32 on CPU
+    blocks = -(-engine.max_model_len // BLOCK) + 1
+    want = 256 * blocks * BLOCK * per_token
+    assert engine.llm.llm_engine.vllm_config.cache_config.kv_cache_memory_bytes == want < sampling.CPU_KV_CAP
+    assert sampling.model_kv_cache_bytes(toy_paths["base"], engine.max_model_len, "float32", block_size=BLOCK) == want
+
+
 def test_engine_leaves_the_process_single(engine, toy_paths):
     """vLLM starts a process group of one in a plain process; that must not turn on
     distributed training (FSDP, external_launcher for the next engine, collectives)."""
