@@ -1,8 +1,8 @@
 """The real path on a realistic-shape model (tests/realistic.py: Llama-3 vocabulary 128,256,
-1,048,576 positions in its config, bf16 config, Llama-3 chat template), on CPU inside a 1 GiB
-vLLM KV budget: every engine must be sized from its run's own lengths (a 1M-token sequence
-needs 4 GiB of KV cache at this model's shape, so an engine sized from the config cannot
-start). Stages run as subprocesses (one engine per process; the session's in-process toy
+1,048,576 positions in its config, bf16 config, Llama-3 chat template), on CPU, where an engine's
+KV cache is sized from its length and is at most 2 GiB (sampling.model_kv_cache_bytes): every
+engine must be sized from its run's own lengths (a 1M-token sequence needs 4 GiB of KV cache at
+this model's shape, so an engine sized from the config cannot start). Stages run as subprocesses (one engine per process; the session's in-process toy
 engine stays alone): grpo.py under `torchrun --nproc_per_node 2` with the paper preset, its
 folder as a kill after the step-1 checkpoint leaves it resumed (same weights as the
 uninterrupted run), the export
@@ -41,7 +41,8 @@ problems (`easy`) some are right whatever machine built the toy (see `easy`)."""
 
 
 def _env():
-    return dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="1", MRT_VLLM_EAGER="1",
+    return dict({k: v for k, v in os.environ.items() if k != "VLLM_CPU_KVCACHE_SPACE"}, OMP_NUM_THREADS="1",
+                MRT_VLLM_EAGER="1",
                 PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
 
 
@@ -349,18 +350,21 @@ def test_warmstart_and_star_single_process(real_model, easy, tmp_path):
 
 def test_engine_that_cannot_start_is_one_line(real_model, toy_paths, tmp_path):
     """An engine asked for the config's whole 1,048,576-token context in a 1 GiB KV budget
-    (--max-prompt-length and --max-tokens that large): one `error:` line from
-    rank 0 naming the model and vLLM's reason, no traceback from the ranks."""
+    (--max-tokens that large; VLLM_CPU_KVCACHE_SPACE=1, the user's setting, which vLLM takes
+    over the run's own size): one `error:` line from rank 0 naming the model and vLLM's reason,
+    no traceback from the ranks."""
     out = subprocess.run(TORCHRUN + ["--master_port", "29635", "grpo.py", "--model", real_model, "--variant", "direct",
                                      "--train-data", toy_paths["train"], "--test-data", toy_paths["test"],
                                      "--out", str(tmp_path / "g"), "--max-tokens", "1048576",
                                      "--steps", "1", "--group-size", "2", "--prompts-per-step", "1",
                                      "--micro-batch-size", "2"],
-                         capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=600)
+                         capture_output=True, text=True, env=dict(_env(), VLLM_CPU_KVCACHE_SPACE="1"), cwd=ROOT,
+                         timeout=600)
     assert out.returncode != 0 and re.search(r"exitcode\s*:\s*2\b", out.stderr), out.stderr[-4000:]  # the ranks exit 2
     errors = [l for l in out.stderr.splitlines() if "error: " in l and "could not start" in l]
     assert len(errors) == 1, out.stderr[-4000:]
     assert real_model in errors[0] and "KV cache" in errors[0] and "VLLM_CPU_KVCACHE_SPACE" in errors[0], errors
+    assert "(1.0 GiB)" in errors[0], errors  # the budget the variable set
     assert "[rank0]: Traceback" not in out.stderr and "[rank1]: Traceback" not in out.stderr, out.stderr[-4000:]
     assert not (tmp_path / "g" / "model").exists()
 
