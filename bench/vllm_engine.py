@@ -13,10 +13,11 @@ engine starts; --cold drops the page cache before each setting (root only), as o
 first run.
 
 Each setting runs in processes of its own (one vLLM engine per process), --rounds of them, in
-turn (a b, b a, ...; the times printed are their means): a process imports `sampling`, starts a `Sampler` sized from this run's lengths (its longest
-prompt + --max-tokens, as the stages size theirs; timed from the process's first line), then
-makes --repeats seeded `generate` calls on the same prompts (timed; the first call includes
-whatever the engine still compiles lazily). The samples' token ids are compared call by call.
+turn (a b, b a, ...; the times printed are their means): a process imports `sampling`, starts
+a `Sampler` sized from this run's lengths (its longest prompt + --max-tokens, as the stages
+size theirs; timed from the process's first line), then makes --repeats seeded `generate`
+calls on the same prompts (timed; the first call includes whatever the engine still compiles
+lazily). The samples' token ids are compared call by call.
     python bench/vllm_engine.py                      # --compare eager, the default toy
     python bench/vllm_engine.py --compare kv [--cold]
     python bench/vllm_engine.py --model <dir> --data <jsonl>

@@ -2,10 +2,10 @@
 1,048,576 positions in its config, bf16 config, Llama-3 chat template), on CPU, where an engine's
 KV cache is sized from its length and is at most 2 GiB (sampling.model_kv_cache_bytes): every
 engine must be sized from its run's own lengths (a 1M-token sequence needs 4 GiB of KV cache at
-this model's shape, so an engine sized from the config cannot start). Stages run as subprocesses (one engine per process; the session's in-process toy
-engine stays alone): grpo.py under `torchrun --nproc_per_node 2` with the paper preset, its
-folder as a kill after the step-1 checkpoint leaves it resumed (same weights as the
-uninterrupted run), the export
+this model's shape, so an engine sized from the config cannot start). Stages run as
+subprocesses (one engine per process; the session's in-process toy engine stays alone):
+grpo.py under `torchrun --nproc_per_node 2` with the paper preset, its folder as a kill after
+the step-1 checkpoint leaves it resumed (same weights as the uninterrupted run), the export
 loaded by transformers and by vLLM (evaluate.py on it), warmstart.py and star.py in one
 process. Also: the sleep-mode call order (a recording engine), the engine sizes, and the
 one-line error of an engine that cannot start."""
@@ -301,18 +301,18 @@ def test_resume_after_step_1_matches_uninterrupted_run(grpo_whole, real_model, e
     assert snap.exists(), "no copy: the run ended before its step-1 checkpoint was seen"
     assert training.checkpoint_extra(str(snap / "checkpoint"))["step"] == 1
     assert '"step": 2' not in (snap / "metrics.jsonl").read_text() and not (snap / "model").exists()
-    cut = snap  # resumed in place: no other test reads the copy
+    # resumed in place: no other test reads the copy
     _run(TORCHRUN + ["--master_port", "29633", "grpo.py", "--model", real_model, "--train-data", easy["train"],
-                     "--test-data", easy["test"], "--out", str(cut)] + GRPO_FLAGS + ["--resume"])
+                     "--test-data", easy["test"], "--out", str(snap)] + GRPO_FLAGS + ["--resume"])
     from safetensors.torch import load_file
 
-    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(cut / "model" / "model.safetensors"))
+    a, b = load_file(str(whole / "model" / "model.safetensors")), load_file(str(snap / "model" / "model.safetensors"))
     start = load_file(os.path.join(real_model, "model.safetensors"))
     assert a.keys() == b.keys() and set(start) <= set(a)  # the export may write the tied lm_head too
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=0), k
     assert any(not torch.equal(a[k].float(), start[k].float()) for k in start), "nothing trained: the test proves nothing"
-    assert [json.loads(line)["step"] for line in open(cut / "metrics.jsonl")] == [1, 2]
+    assert [json.loads(line)["step"] for line in open(snap / "metrics.jsonl")] == [1, 2]
 
 
 def test_export_loads_in_transformers_and_vllm(grpo_whole, toy_paths, tmp_path):
