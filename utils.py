@@ -615,7 +615,58 @@ def usable_cores() -> int:
 def has_cuda() -> bool:
     import torch
 
-    return torch.cuda.is_available()
+    if torch.cuda.is_available():
+        return True
+    check_gpu_visibility()
+    return False
+
+
+def check_gpu_visibility(smi_probe: Callable[[], str] | None = None,
+                         torch_probe: Callable[[], tuple[int, str | None]] | None = None) -> None:
+    """Raise a UserError (one line, every rank alike) when `nvidia-smi` lists GPUs but torch sees
+    none, so that a GPU machine never trains silently on the CPU (gloo, fp32). The usual causes:
+    an NVIDIA driver older than torch's CUDA build needs (PyPI's torch 2.13 is a CUDA 13 build:
+    driver >= 580), or a CPU build of torch. Nothing is checked under MRT_ALLOW_CPU=1 (a CPU run
+    on purpose) or with CUDA_VISIBLE_DEVICES empty or -1 (GPUs hidden on purpose).
+    `smi_probe` returns `nvidia-smi --query-gpu=name,driver_version --format=csv,noheader`'s
+    output ("" where the command is missing or fails); `torch_probe` returns torch's device
+    count and `torch.version.cuda` (None for a CPU build). Both default to the real ones."""
+    if os.environ.get("MRT_ALLOW_CPU", "0") not in ("", "0"):
+        return
+    if os.environ.get("CUDA_VISIBLE_DEVICES") in ("", "-1"):
+        return
+    if smi_probe is None:
+        def smi_probe() -> str:
+            import subprocess
+
+            cmd = ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"]
+            if shutil.which(cmd[0]) is None:
+                return ""
+            try:
+                return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=True).stdout
+            except (OSError, subprocess.SubprocessError):  # no driver loaded, hung: no GPU to miss
+                return ""
+    if torch_probe is None:
+        def torch_probe() -> tuple[int, str | None]:
+            import torch
+
+            return torch.cuda.device_count(), torch.version.cuda
+    gpus = [line.rsplit(",", 1) for line in smi_probe().splitlines() if line.strip()]  # [name, driver]
+    if not gpus:
+        return
+    count, cuda = torch_probe()
+    if count > 0:
+        return
+    driver = gpus[0][-1].strip() if len(gpus[0]) == 2 else "unknown"
+    if cuda is None:
+        why = ("torch is a CPU build: remove .venv and run bash install.sh again (it then takes "
+               "requirements-gpu.txt)")
+    else:
+        need = {"12": "525", "13": "580"}.get(cuda.split(".")[0])
+        why = (f"torch is a CUDA {cuda} build{f', which needs driver >= {need}' if need else ''}: update the "
+               f"driver, or install torch and vLLM built for its CUDA (requirements-gpu.txt names the pins)")
+    raise UserError(f"nvidia-smi lists {len(gpus)} GPU(s) (driver {driver}) but torch sees none; {why}; "
+                    f"MRT_ALLOW_CPU=1 runs on the CPU anyway", every_rank=True)
 
 
 def is_distributed() -> bool:

@@ -658,3 +658,70 @@ def test_build_prompt_plain_and_chat(toy_paths):
     assert utils.build_prompt(tok, "What is 2+2?") == (
         f"<|user|>What is 2+2?\n\n{utils.DEFAULT_INSTRUCTION}\n<|assistant|>")
     assert utils.build_prompt(tok, "What is 2+2?", instruction="") == "<|user|>What is 2+2?\n<|assistant|>"
+
+
+H100 = "NVIDIA H100 80GB HBM3, 570.124.06\n"  # a line of `nvidia-smi --query-gpu=name,driver_version ...`
+
+
+def _never():
+    raise AssertionError("probe called")
+
+
+def test_gpu_visibility_stops_when_nvidia_smi_lists_gpus_torch_does_not(monkeypatch):
+    monkeypatch.delenv("MRT_ALLOW_CPU", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with pytest.raises(utils.UserError) as e:  # a CUDA 13 torch under a 570 driver
+        utils.check_gpu_visibility(lambda: H100 * 8, lambda: (0, "13.0"))
+    assert str(e.value) == (
+        "nvidia-smi lists 8 GPU(s) (driver 570.124.06) but torch sees none; torch is a CUDA 13.0 build, which "
+        "needs driver >= 580: update the driver, or install torch and vLLM built for its CUDA "
+        "(requirements-gpu.txt names the pins); MRT_ALLOW_CPU=1 runs on the CPU anyway")
+    assert e.value.every_rank
+    with pytest.raises(utils.UserError, match=r"^nvidia-smi lists 1 GPU\(s\) \(driver 570.124.06\) but torch sees "
+                                              r"none; torch is a CPU build: remove \.venv and run bash install\.sh"):
+        utils.check_gpu_visibility(lambda: H100, lambda: (0, None))
+    with pytest.raises(utils.UserError, match=r"CUDA 14\.1 build: update the driver"):  # no known minimum
+        utils.check_gpu_visibility(lambda: H100, lambda: (0, "14.1"))
+    monkeypatch.setenv("MRT_ALLOW_CPU", "0")  # 0 is not a yes
+    with pytest.raises(utils.UserError):
+        utils.check_gpu_visibility(lambda: H100, lambda: (0, "13.0"))
+    # torch sees them, or nvidia-smi lists none (no GPU; command missing or failing): nothing to say
+    utils.check_gpu_visibility(lambda: H100, lambda: (1, "13.0"))
+    utils.check_gpu_visibility(lambda: "", _never)
+    utils.check_gpu_visibility(lambda: "\n", _never)
+    # a CPU run on purpose: nothing is probed
+    monkeypatch.setenv("MRT_ALLOW_CPU", "1")
+    utils.check_gpu_visibility(_never, _never)
+    monkeypatch.delenv("MRT_ALLOW_CPU")
+    for hidden in ("", "-1"):
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        utils.check_gpu_visibility(_never, _never)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch that sees no GPU")
+def test_has_cuda_runs_the_visibility_check(tmp_path):
+    """has_cuda() with the real probes on this CPU torch: an `nvidia-smi` on PATH that lists a GPU stops
+    a script (under run_main: one line, exit 2); one that fails, or MRT_ALLOW_CPU=1, gives the CPU."""
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(f'#!/bin/sh\n[ "$*" = "--query-gpu=name,driver_version --format=csv,noheader" ] '
+                   f'&& printf "{H100.strip()}\\n" && exit 0\nexit 7\n')
+    smi.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MRT_ALLOW_CPU", "CUDA_VISIBLE_DEVICES", "RANK")}
+    env["PATH"] = f"{tmp_path}{os.pathsep}{env['PATH']}"
+    code = "import utils; print(utils.run_main(utils.has_cuda))"
+
+    def run(**extra):
+        return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**env, **extra},
+                              capture_output=True, text=True, timeout=300)
+
+    r = run()
+    assert r.returncode == 2 and r.stdout == "", r.stderr
+    assert r.stderr.splitlines() == [
+        "error: nvidia-smi lists 1 GPU(s) (driver 570.124.06) but torch sees none; torch is a CPU build: remove "
+        ".venv and run bash install.sh again (it then takes requirements-gpu.txt); MRT_ALLOW_CPU=1 runs on the "
+        "CPU anyway"]
+    r = run(MRT_ALLOW_CPU="1")
+    assert (r.returncode, r.stdout) == (0, "False\n"), r.stderr
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver'\nexit 9\n")
+    r = run()
+    assert (r.returncode, r.stdout) == (0, "False\n"), r.stderr
