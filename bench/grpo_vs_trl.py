@@ -34,14 +34,23 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 
+def toy_args(bench_dir: str):
+    """toy.py's arguments for the bench model: the ~25M-parameter `bench` preset, 20 steps of
+    pretraining (enough for throughput; its answers do not matter), no pass@k evaluation.
+    tests/test_bench.py builds them, so a renamed toy.py flag fails the suite."""
+    import toy
+
+    return toy.Args(out=bench_dir, preset="bench", eval_samples=0, steps=20)
+
+
 def prepare_model(bench_dir: str) -> tuple[str, str]:
-    """Build the bench toy if missing (a short pretraining is enough for throughput) and
-    make a copy whose EOS is <pad>, so every completion runs to the length limit."""
+    """Build the bench toy if missing (toy_args) and make a copy whose EOS is <pad>, so every
+    completion runs to the length limit."""
     import toy
 
     base = os.path.join(bench_dir, "base")
     if not os.path.exists(os.path.join(base, "config.json")):
-        toy.build(toy.Args(out=bench_dir, preset="bench", eval_samples=0, steps=20))
+        toy.build(toy_args(bench_dir))
     noeos = os.path.join(bench_dir, "base-noeos")
     if not os.path.exists(os.path.join(noeos, "config.json")):
         tmp = noeos + ".tmp"
@@ -66,14 +75,36 @@ def prepare_model(bench_dir: str) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------
 
 
+def grpo_args(a):
+    """grpo.py's arguments for one side of the bench (a: this script's parsed flags): plain GRPO
+    (--variant direct) with the sizes above: no warmup, no KL term, no held-out evaluation, no
+    checkpoint. tests/test_bench.py builds and resolves them, so a renamed grpo.py flag fails the
+    suite, not the next measurement."""
+    import grpo
+
+    return grpo.Args(variant="direct", preset="toy", model=a.model, train_data=a.data, test_data=a.data,
+                     out=os.path.join(a.work, "grpo"), steps=a.steps, prompts_per_step=a.prompts,
+                     group_size=a.group, micro_batch_size=a.micro, lr=1e-5, warmup_ratio=0.0, temperature=1.0,
+                     max_tokens=a.length, loss_type="dapo", beta=0.0, eval_problems=0, save_every=10**9)
+
+
+def trl_config_kwargs(a) -> dict:
+    """TRL GRPOConfig's arguments for the same run (TRL's own names: its max_completion_length is
+    grpo.py's --max-tokens). tests/test_bench.py builds a GRPOConfig from them where trl is
+    installed."""
+    return dict(output_dir=os.path.join(a.work, "trl"), use_cpu=True, bf16=False, report_to="none",
+                max_steps=a.steps, per_device_train_batch_size=a.micro,
+                gradient_accumulation_steps=a.prompts * a.group // a.micro, num_generations=a.group,
+                max_completion_length=a.length, temperature=1.0, learning_rate=1e-5, beta=0.0,
+                loss_type="dapo", logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0,
+                lr_scheduler_type="constant", shuffle_dataset=False)
+
+
 def run_grpo(a) -> dict:
     import grpo
 
-    out = os.path.join(a.work, "grpo")
-    args = grpo.Args(variant="direct", preset="toy", model=a.model, train_data=a.data, test_data=a.data, out=out,
-                     steps=a.steps, prompts_per_step=a.prompts, group_size=a.group, micro_batch_size=a.micro,
-                     lr=1e-5, warmup_ratio=0.0, temperature=1.0, max_completion_length=a.length, loss_type="dapo",
-                     beta=0.0, eval_problems=0, save_every=10**9)
+    args = grpo_args(a)
+    out = args.out
     grpo.main(args)
     rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     return {"step_times": [r["time_step"] for r in rows], "tokens": [r["completion_len_mean"] * a.prompts * a.group for r in rows],
@@ -104,12 +135,7 @@ def run_trl(a) -> dict:
         def on_step_end(self, args, state, control, **kw):
             times.append(time.time() - self.t)
 
-    cfg = GRPOConfig(output_dir=os.path.join(a.work, "trl"), use_cpu=True, bf16=False, report_to="none",
-                     max_steps=a.steps, per_device_train_batch_size=a.micro,
-                     gradient_accumulation_steps=a.prompts * a.group // a.micro, num_generations=a.group,
-                     max_completion_length=a.length, temperature=1.0, learning_rate=1e-5, beta=0.0,
-                     loss_type="dapo", logging_steps=1, save_strategy="no", seed=0, dataloader_num_workers=0,
-                     lr_scheduler_type="constant", shuffle_dataset=False)
+    cfg = GRPOConfig(**trl_config_kwargs(a))
     trainer = GRPOTrainer(model=a.model, reward_funcs=[correctness], args=cfg, train_dataset=ds, processing_class=tok,
                           callbacks=[Clock()])
     gen_times, generate = [], trainer.model.generate
@@ -135,7 +161,7 @@ def run_trl(a) -> dict:
 # --------------------------------------------------------------------------------------
 
 
-def main():
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--bench-dir", default="runs/toy-bench", help="toy bench build (made if missing)")
     p.add_argument("--work", default="runs/bench/grpo_vs_trl", help="scratch output folder")
@@ -149,7 +175,14 @@ def main():
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    return p
+
+
+def main():
+    p = parser()
     a = p.parse_args()
+    if a.prompts * a.group % a.micro:
+        p.error(f"--micro {a.micro} must divide --prompts x --group = {a.prompts * a.group}")
     if a.side:  # child: one side, result to a JSON file
         res = run_grpo(a) if a.side == "grpo" else run_trl(a)
         json.dump(res, open(a.result, "w"))

@@ -30,6 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import toy  # noqa: E402
+import utils  # noqa: E402
 
 
 def by_restart_step(rows: list[dict], z0_correct: dict) -> dict:
@@ -74,8 +75,6 @@ def forced_accuracy(model_dir: str, n: int, cue: str, seed: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import utils
-
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     _, test = toy.build_splits(model_dir)
@@ -96,6 +95,17 @@ def forced_accuracy(model_dir: str, n: int, cue: str, seed: int) -> dict:
     return {f: round(sum(v) / len(v), 4) for f, v in hits.items() if v}
 
 
+def grpo_args(model: str, samples: int):
+    """grpo.py's resolved arguments for sampling z0 and continuations as grpo.py does (toy preset,
+    --variant outcome: no meta-prover), `samples` continuations per problem; the micro-batch, unused
+    here (nothing trains), is one group so that any --samples resolves. tests/test_bench.py builds
+    them, so a renamed grpo.py flag fails the suite."""
+    import grpo
+
+    return grpo.resolve_args(grpo.Args(preset="toy", model=model, variant="outcome", group_size=samples,
+                                       micro_batch_size=samples), 1)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="+", help="backtrack-format model folders")
@@ -110,14 +120,14 @@ def main():
     import grpo
     import infogain
     import sampling
-    import utils
 
+    for model in a.models:  # every argument checked before any work
+        if not os.path.isdir(model):
+            raise utils.UserError(f"restart_steps: no such model folder: {model}")
+    resolved = {model: grpo_args(model, a.samples) for model in a.models}
     data = a.data or toy.ensure_built()["test"]
     report = {}
-    for model in a.models:
-        if not os.path.isdir(model):
-            raise SystemExit(f"restart_steps: no such model folder: {model}")
-        args = grpo.resolve_args(grpo.Args(preset="toy", model=model, variant="outcome", group_size=a.samples), 1)
+    for model, args in resolved.items():
         sampler = sampling.Sampler(model, seed=a.seed)
         problems = utils.load_problems(data, limit=a.problems, tokenizer=sampler.tokenizer,
                                        max_prompt_tokens=args.max_prompt_length)
@@ -140,4 +150,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    utils.run_main(main)  # a grpo.py argument error (e.g. --samples 1) is one line, exit 2

@@ -77,7 +77,7 @@ def build_oracle(a) -> str:
     paths = toy.ensure_built()
     torch.manual_seed(a.seed)
     rng = random.Random(a.seed)
-    train = toy.make_splits(toy.Args().seed, toy.Args().n_train, toy.Args().n_test)[0][: a.traces]
+    train = toy.build_splits(paths["base"])[0][: a.traces]  # the built toy's own training problems
     sampler = sampling.Sampler(paths["base"], seed=a.seed)
     tok = sampler.tokenizer
     prompts = [utils.build_prompt(tok, p["problem"]) for p in train]
@@ -116,6 +116,13 @@ def build_oracle(a) -> str:
     return out
 
 
+def grpo_argv(variant: str, model: str, paths: dict, out: str, seed: int) -> list[str]:
+    """grpo.py's command-line flags for one start model (toy preset, the toy's data). tests/test_bench.py
+    parses them with grpo.py's own parser, so a renamed grpo.py flag fails the suite."""
+    return ["--preset", "toy", "--variant", variant, "--model", model, "--train-data", paths["train"],
+            "--test-data", paths["test"], "--out", out, "--seed", str(seed)]
+
+
 def run_grpo(a, name: str, model: str) -> dict:
     """grpo.py (toy preset, the toy's data) from `model`; held-out start/end from its log."""
     import toy
@@ -123,8 +130,7 @@ def run_grpo(a, name: str, model: str) -> dict:
     paths = toy.ensure_built()
     out = os.path.join(a.work, f"grpo-{name}")
     shutil.rmtree(out, ignore_errors=True)  # a fresh run each time (the oracle model is reused)
-    cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), "--preset", "toy", "--variant", a.variant, "--model", model,
-           "--train-data", paths["train"], "--test-data", paths["test"], "--out", out, "--seed", str(a.seed)]
+    cmd = [sys.executable, os.path.join(ROOT, "grpo.py"), *grpo_argv(a.variant, model, paths, out, a.seed)]
     t0 = time.time()
     subprocess.run(cmd, check=True, cwd=ROOT)
     evals = json.load(open(os.path.join(out, "eval.json")))
@@ -146,7 +152,8 @@ def main():
     import toy
 
     starts = [s for s in a.starts.split(",") if s]
-    assert set(starts) <= {"base", "oracle"}, f"--starts takes base and/or oracle, not {a.starts}"
+    if not starts or not set(starts) <= {"base", "oracle"}:
+        p.error(f"--starts takes base and/or oracle, comma-separated, not {a.starts!r}")
     os.makedirs(a.work, exist_ok=True)
     results = {}
     for name in starts:
