@@ -318,7 +318,8 @@ yields): one all-gather per bucket; a larger tensor is a bucket of its own."""
 def iter_full_params(model, dtype=None, bucket_bytes: int | None = None):
     """(name, full tensor) for each entry of the model's state dict, in its order; floating
     tensors in `dtype` when given (e.g. fp32 master weights into a bf16 engine). Tied weights are
-    gathered once and yielded under each of their names.
+    gathered once and yielded under each of their names, one after the other, at the first
+    name's place.
 
     Under FSDP2 every rank must iterate to the end, in the same order: each rank casts its
     shards to `dtype` first (a bf16 engine moves half the bytes of fp32), and the shards are
@@ -373,7 +374,7 @@ def _gather_bucket(bucket: list, dtype):
         mine = t.to_local().detach()  # (rows of this rank, ...)
         local[off:off + mine.numel()] = mine.reshape(-1)
     gathered = torch.empty(world * length, dtype=dtype, device=device)  # (world * L,): rank k's buffer at k * L
-    dist.all_gather_into_tensor(gathered, local, group=bucket[0][0].device_mesh.get_group())
+    dist.all_gather_single(gathered, local, group=bucket[0][0].device_mesh.get_group())
     del local
     if len(layout) == 1 and all(count == layout[0][2][0][1] for _, count in layout[0][2]):
         fulls = [gathered.view(layout[0][0].shape)]  # one tensor in equal shards: the buffer is the tensor
