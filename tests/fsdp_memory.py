@@ -133,7 +133,8 @@ def run(base: str, out: str) -> None:
     ctx, comp = fsdp_step.batch(tok)
     mine = list(range(rank, fsdp_step.N_SEQS, world))
     ctx, comp = [ctx[i] for i in mine], [comp[i] for i in mine]
-    result = {"world": world, "iter": check_iter_full_params(base), "grads": check_gradient_sync(base, tok, ctx, comp),
+    result = {"world": world, "iter": check_iter_full_params(base),
+              "grads": check_gradient_sync(base, tok, ctx, comp),
               "reference": check_reference(base, tok, ctx, comp), "hf_sync": check_hf_sync(base)}
     result["reference"] = utils.all_gather(result["reference"])
     result["hf_sync"] = utils.all_gather(result["hf_sync"])

@@ -151,7 +151,8 @@ def old_grpo_loss_metrics(logp, old_logp, ref_logp, advantages, mask, eps_low=0.
     high = ((ratio > 1 + eps_high) & (adv > 0)).float()
     return {"clip_low": mean(low), "clip_high": mean(high), "clip_region": mean(torch.maximum(low, high)),
             "ratio": mean(ratio), "ratio_max": (ratio * mask).max().item(), "tokens": mask.sum().item(),
-            "kl": mean(kl) if kl is not None else 0.0, "is_weight": mean(is_weight) if is_weight is not None else 1.0}
+            "kl": mean(kl) if kl is not None else 0.0,
+            "is_weight": mean(is_weight) if is_weight is not None else 1.0}
 
 
 def test_grpo_loss_metrics_are_device_tensors_equal_to_the_old_reads():
@@ -208,7 +209,7 @@ def test_policy_update_reads_the_device_once_and_syncs_gradients_on_the_last_mic
     start = copy.deepcopy(model.inner)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-    reads = {"item": 0, "tolist": 0, "__float__": 0}  # by the project's code (torch's AdamW reads its CPU step counts)
+    reads = {"item": 0, "tolist": 0, "__float__": 0}  # by the project's code (AdamW reads its CPU step counts)
     ours = {os.path.abspath(m.__file__) for m in (grpo, training, utils)}
     for name in reads:
         def counted(self, *a, _f=getattr(torch.Tensor, name), _n=name, **k):
