@@ -328,7 +328,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", e
                batch over all ranks and accumulation steps (default: mask.sum())
     Accumulation, as TRL: the caller divides grpo/bnpo/dr_grpo losses by the number of
     micro-batches; `dapo` needs no division. Across ranks whose gradients are averaged
-    (FSDP), the caller multiplies the `dapo` loss by the world size."""
+    (FSDP), the caller multiplies the `dapo` loss by the world size. The metrics are 0-d
+    tensors on the loss's device (`read_metrics` reads them to floats)."""
     mask = mask.float()
     adv = advantages if advantages.dim() == 2 else advantages[:, None]  # (B, T) or (B, 1)
     ratio = torch.exp(logp - old_logp)  # (B, T)
@@ -354,16 +355,27 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", e
     else:
         raise ValueError(f"unknown loss_type {loss_type!r}")
 
-    with torch.no_grad():
+    with torch.no_grad():  # 0-d tensors, not read here: a host read waits for the device (read_metrics)
         ntok = mask.sum().clamp(min=1.0)
-        mean = lambda x: ((x * mask).sum() / ntok).item()  # noqa: E731
+        mean = lambda x: (x * mask).sum() / ntok  # noqa: E731
         low = ((ratio < 1 - eps_low) & (adv < 0)).float()
         high = ((ratio > 1 + eps_high) & (adv > 0)).float()
+        zero = mask.new_zeros(())
         metrics = {"clip_low": mean(low), "clip_high": mean(high), "clip_region": mean(torch.maximum(low, high)),
-                   "ratio": mean(ratio), "ratio_max": (ratio * mask).max().item(), "tokens": mask.sum().item(),
-                   "kl": mean(kl) if kl is not None else 0.0,
-                   "is_weight": mean(is_weight) if is_weight is not None else 1.0}
+                   "ratio": mean(ratio), "ratio_max": (ratio * mask).max(), "tokens": mask.sum(),
+                   "kl": mean(kl) if kl is not None else zero,
+                   "is_weight": mean(is_weight) if is_weight is not None else zero + 1.0}
     return loss, metrics
+
+
+def read_metrics(metrics: list[dict]) -> list[dict]:
+    """The same dicts with every value a float: their 0-d tensors (on one device) read to the
+    host with one transfer, so a step waits for the device once, not once per value."""
+    flat = [v for m in metrics for v in m.values()]
+    device = next((v.device for v in flat if torch.is_tensor(v)), "cpu")
+    values = iter(torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in flat]).tolist()
+                  if flat else [])
+    return [{k: next(values) for k in m} for m in metrics]
 
 
 # --------------------------------------------------------------------------------------
@@ -535,7 +547,9 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
     """Loss and update on one generation batch: micro-batches with gradient accumulation,
     --num-iterations optimizer steps; old (and reference) log-probs come from the first pass,
     before any update of this batch. `advantages`: (B,) for the `final` assignment, or an
-    Episode. Returns the per-micro-batch metrics (first pass first) and the last gradient norm."""
+    Episode. Returns the per-micro-batch metrics (first pass first) and the last gradient norm,
+    read from the device once at the end. Under FSDP2 the gradients are reduced over the ranks
+    once per optimizer step, in the backward of its last micro-batch (`training.gradient_sync`)."""
     M, world = args.micro_batch_size, utils.world_size()
     n_micro = len(rows) // M
     num_items = torch.tensor(float(sum(r["num_tokens"] for r in rows)))  # dapo: tokens of the whole batch
@@ -563,18 +577,22 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
                                 loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
                                 num_items=num_items, max_completion_length=args.max_tokens,
                                 sampler_logp=samp if args.is_correction else None, is_cap=args.is_cap)
+            training.gradient_sync(model, k == n_micro - 1)  # FSDP2 reduces the gradients once, after the last
             (loss * micro_batch_scale(args.loss_type, n_micro, world)).backward()
             if it == 0:  # the proof that weights synced: the engine's and the trainer's log-probs agree
-                m["entropy"] = ((ent * mask).sum() / mask.sum().clamp(min=1)).item()
-                m["logprob_gap"] = ((samp - logp.detach()).abs() * mask).sum().item() / max(1.0, mask.sum().item())
-            m["loss"] = loss.item()
+                m["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
+                m["logprob_gap"] = ((samp - logp.detach()).abs() * mask).sum()  # / tokens, once read
+            m["loss"] = loss.detach()
             stats.append(m)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    return stats, float(grad_norm)
+    *stats, last = read_metrics([*stats, {"grad_norm": grad_norm}])  # one host read per generation batch
+    for m in stats[:n_micro]:
+        m["logprob_gap"] /= max(1.0, m["tokens"])
+    return stats, last["grad_norm"]
 
 
 def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], grad_norm: float, lr: float,

@@ -77,7 +77,7 @@ class Sampler:
         cache cannot hold one sequence) is a one-line UserError."""
         self.model_path, self.dtype = model, dtype
         utils.check_model_path(model)
-        self.sleep_mode, self.asleep = False, False
+        self.sleep_mode, self.asleep, self.asleep_parts, self.weights_dropped = False, False, set(), False
         self.tokenizer = utils.load_tokenizer(model)
         if backend == "auto":
             backend = os.environ.get("MRT_SAMPLER", "auto")  # "hf": transformers.generate even with vLLM installed
@@ -150,6 +150,9 @@ class Sampler:
         (so a prompt's samples do not depend on which other prompts share the call or rank)."""
         if not prompts:
             return []
+        if getattr(self, "weights_dropped", False):
+            raise RuntimeError("the engine's weights were dropped in its sleep and not synced since: "
+                               "sync_weights before sampling")
         if self.backend == "vllm":
             return self._generate_vllm(prompts, n, temperature, top_p, max_tokens, stop, seed, logprobs, use_tqdm)
         return self._generate_hf(prompts, n, temperature, top_p, max_tokens, stop, seed, logprobs)
@@ -220,50 +223,93 @@ class Sampler:
 
     # -- sleep mode (vLLM on CUDA) ------------------------------------------------------
 
-    def sleep(self) -> None:
-        """Level-1 sleep: the engine's weights go to CPU memory and its KV cache is freed, so
-        a training step has the GPU. No-op without sleep mode."""
+    def sleep(self, keep_weights: bool = True) -> None:
+        """Frees the engine's GPU memory for a training step: the KV cache is dropped, and the
+        weights go to CPU memory (keep_weights: vLLM's level 1; wake_up brings them back) or
+        are dropped too (level 2: for weights about to be overwritten, which then need no copy
+        to the host and back; see update_asleep). An engine whose weights were dropped refuses
+        to sample until sync_weights has given it new ones. No-op without sleep mode."""
         if self.sleep_mode and not self.asleep:
-            self.llm.sleep(level=1)
-            self.asleep = True
+            self.llm.sleep(level=1 if keep_weights else 2)
+            self.asleep, self.asleep_parts, self.weights_dropped = True, {"weights", "kv_cache"}, not keep_weights
 
-    def wake_up(self) -> None:
-        """Back on the GPU (weights and KV cache); call before sync_weights and sampling."""
+    def wake_up(self, tags: list[str] | None = None) -> None:
+        """Back on the GPU: all of the engine (tags None), or the parts named by vLLM's tags
+        ("weights", "kv_cache"), e.g. the weights alone, to load new ones into before the KV
+        cache takes its memory again. Call before sync_weights and sampling."""
         if self.sleep_mode and self.asleep:
-            self.llm.wake_up()
-            self.asleep = False
+            woken = self.asleep_parts if tags is None else self.asleep_parts & set(tags)
+            if woken:
+                self.llm.wake_up(tags=None if tags is None else sorted(woken))
+            self.asleep_parts = self.asleep_parts - woken
+            self.asleep = bool(self.asleep_parts)
 
     # -- weights -----------------------------------------------------------------------
 
     def sync_weights(self, model) -> None:
         """Push a trainer model's current weights (plain or FSDP2-sharded) into this
-        sampler in place: no restart, no disk round trip. Then reset the prefix cache, since
-        KV blocks computed with the old weights would otherwise be reused. Under torchrun,
-        every rank must call this (shards are gathered parameter by parameter)."""
+        sampler in place: no restart, no disk round trip, tensor by tensor (no full copy of the
+        model is made), in the sampler's own dtype (`training.iter_full_params`: shards cast
+        first, gathered in buckets). vLLM then resets its prefix cache, since KV blocks computed
+        with the old weights would otherwise be reused. Under torchrun, every rank must call
+        this (the shards are gathered collectively)."""
+        import torch
+
         if self.backend == "vllm":
-            weights = training.iter_full_params(model, utils.torch_dtype(self.dtype, utils.default_device()))  # in the engine's dtype
+            dtype = utils.torch_dtype(self.dtype, utils.default_device())  # the engine's
+            weights = training.iter_full_params(model, dtype)
             self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
             if not self.llm.reset_prefix_cache():
                 raise RuntimeError("vLLM could not reset its prefix cache after a weight sync")
         else:
-            self.model.load_state_dict(dict(training.iter_full_params(model)))
+            own = self.model.state_dict()  # views of this model's tensors: copied into in place
+            seen, unknown = set(), []
+            with torch.no_grad():
+                for name, t in training.iter_full_params(model, next(self.model.parameters()).dtype):
+                    if name in own:
+                        own[name].copy_(t)
+                        seen.add(name)
+                    else:  # raised after the loop: under torchrun every rank must finish the gathers
+                        unknown.append(name)
+            missing = sorted(set(own) - seen)
+            if unknown or missing:
+                raise RuntimeError(f"sync_weights: the trainer's weights do not match the sampler's model "
+                                   f"(not in it: {unknown[:3]}, missing: {missing[:3]})")
+        self.weights_dropped = False
 
 
 def update_asleep(sampler: Sampler, update: Callable[[], Any], model=None):
-    """One training update with the engine asleep: sampler.sleep(), update(), wake_up(),
-    then the new weights of `model` (default: what update() returns) go into the engine.
-    Returns update()'s result. The engine wakes up even if the update raises. A sampler
-    without sleep mode (or a stand-in without sleep/wake_up) is only synced."""
+    """One training update with the engine asleep, then its new weights in the engine: with
+    sleep mode, sampler.sleep(keep_weights=False) (vLLM's level 2: weights and KV cache dropped,
+    nothing copied to the host), update(), wake_up(["weights"]), sync_weights(model) into the
+    woken weights' memory, then wake_up(["kv_cache"]). `model` defaults to what update()
+    returns; update()'s result is returned. If the update raises, the engine wakes up whole,
+    its weights undefined: it refuses to sample until synced. A sampler without sleep mode
+    (or a stand-in without sleep/wake_up) is only synced."""
     sleeps = getattr(sampler, "sleep_mode", False)
     if sleeps:
-        sampler.sleep()
+        sampler.sleep(keep_weights=False)
     try:
         result = update()
-    finally:
+    except BaseException:
         if sleeps:
             sampler.wake_up()
-    sampler.sync_weights(result if model is None else model)
+        raise
+    try:
+        if sleeps:
+            sampler.wake_up(["weights"])
+        sampler.sync_weights(result if model is None else model)
+    finally:
+        if sleeps:
+            sampler.wake_up(["kv_cache"])
     return result
+
+
+def load_on_host(path: str, dtype: str = "auto"):
+    """A model folder's weights for `Sampler.sync_weights`, loaded on the CPU in the dtype an
+    engine of `dtype` runs in on this process's device ('auto': bf16 on a GPU): no second copy
+    of the model on the GPU that the engine shares, and no fp32 copy on the host."""
+    return utils.load_model(path, utils.torch_dtype(dtype, utils.default_device()), "cpu")
 
 
 def resolve_eager(value: str | None, cuda: bool) -> bool:

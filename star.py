@@ -458,8 +458,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
                      max_model_len=args.max_model_len or sampling.engine_length(base_path, longest + budget))
     if sampler is None:
         sampler = sampling.Sampler(base_path, sleep_mode=args.sleep_mode, **engine_kw)
-    else:  # it may hold other weights: z0 must come from the base
-        sampler.sync_weights(utils.load_model(base_path, args.dtype))
+    else:  # it may hold other weights: z0 must come from the base (read on the CPU: the engine has the GPU)
+        sampler.sync_weights(sampling.load_on_host(base_path, args.dtype))
     train_z0, test_z0 = {}, {}
     if fmt == "backtrack":
         z0_kw = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
@@ -473,7 +473,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
                      f"in {time.time() - t0:.0f}s (train accuracy "
                      f"{np.mean([utils.grade(train_z0[p['id']], p['answer']) for p in train]):.3f})")
     if model_path != base_path:
-        sampler.sync_weights(utils.load_model(model_path, args.dtype))
+        sampler.sync_weights(sampling.load_on_host(model_path, args.dtype))
     if fmt == "backtrack" and utils.model_format(model_path) != "backtrack":
         utils.print0(f"warning: the starting model {model_path} has no mrt.json with format 'backtrack' (not "
                      f"warmstarted): expect few parsable, correct continuations; run warmstart.py first")

@@ -92,10 +92,16 @@ def load_trainer(path: str, dtype: str = "auto", device: str | None = None, grad
     gradients) built from the same read, for a KL term; else None. Returns (model, reference).
     `model.save_dtype` is the dtype its config file names: save_pretrained writes that.
 
+    The reference, under torchrun: its parameters are sharded and held in the compute dtype
+    (no fp32 copy): FSDP2's mixed precision casts the policy's fp32 masters to that dtype for
+    each forward, so the two compute the same log-probabilities from the same weights. In one
+    process it is an fp32 copy run under the same autocast as the policy: a copy stored in the
+    compute dtype would compute differently there (autocast keeps the residual stream fp32).
+
     The weights are read from disk once: in one process, by this process (the reference is a
     copy); under torchrun, by rank 0 only (`_weights_of`: rows read from the safetensors
     files when needed), while every rank builds the model on the meta device and shards it;
-    rank 0 sends each rank its rows of each tensor, cast to fp32, a piece at a time
+    rank 0 sends each rank its rows of each tensor, cast to the shard's dtype, a piece at a time
     (`_scatter_from_rank0`). No rank ever holds a full copy, not even of one tensor: each
     holds its shards, rank 0 also one piece in flight."""
     import copy
@@ -116,8 +122,9 @@ def load_trainer(path: str, dtype: str = "auto", device: str | None = None, grad
         models = [shard_model(model, gradient_checkpointing, compute)]
         if ref is not None:
             models.append(shard_model(ref, False, compute))
-    else:
-        models = [_sharded_on_meta(path, cfg, device, gradient_checkpointing and k == 0, compute)
+    else:  # the reference's parameters in the compute dtype: what the policy's forward computes with
+        models = [_sharded_on_meta(path, cfg, device, gradient_checkpointing and k == 0, compute,
+                                   param_dtype=compute if k == 1 else None)
                   for k in range(2 if reference else 1)]
         entries = [dict(_state_entries(m)) for m in models]
         weights = _weights_of(path, list(entries[0])) if utils.is_main() else None
@@ -132,7 +139,8 @@ def load_trainer(path: str, dtype: str = "auto", device: str | None = None, grad
     return model, ref
 
 
-def _sharded_on_meta(path: str, cfg, device: str, activation_checkpointing: bool, compute_dtype):
+def _sharded_on_meta(path: str, cfg, device: str, activation_checkpointing: bool, compute_dtype,
+                     param_dtype=None):
     """The model built on the meta device (no memory), sharded with FSDP2, then given
     uninitialized storage for its shards on `device`. Its non-persistent buffers (the rotary
     frequencies, computed from the config, never in a checkpoint) are computed here by
@@ -142,7 +150,7 @@ def _sharded_on_meta(path: str, cfg, device: str, activation_checkpointing: bool
     from transformers import AutoModelForCausalLM, GenerationConfig
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=param_dtype or torch.float32)
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(path)
     shard_model(model, activation_checkpointing, compute_dtype)
@@ -302,15 +310,87 @@ def _gather_to_rank0(t, dtype=None):
     return full
 
 
-def iter_full_params(model, dtype=None):
-    """(name, full tensor) for each entry of the model's state dict, gathering FSDP2
-    shards one parameter at a time (every rank must iterate, in the same order); floating
-    tensors cast to `dtype` when given (e.g. fp32 master weights into a bf16 engine)."""
+SYNC_BUCKET_BYTES = 256 * 2**20
+"""iter_full_params gathers FSDP2 shards in buckets of about this many bytes (in the dtype it
+yields): one all-gather per bucket; a larger tensor is a bucket of its own."""
+
+
+def iter_full_params(model, dtype=None, bucket_bytes: int | None = None):
+    """(name, full tensor) for each entry of the model's state dict, in its order; floating
+    tensors in `dtype` when given (e.g. fp32 master weights into a bf16 engine). Tied weights are
+    gathered once and yielded under each of their names, one after the other, at the first
+    name's place.
+
+    Under FSDP2 every rank must iterate to the end, in the same order: each rank casts its
+    shards to `dtype` first (a bf16 engine moves half the bytes of fp32), and the shards are
+    gathered in buckets of about `bucket_bytes` (default SYNC_BUCKET_BYTES), one all-gather per
+    bucket (`_gather_bucket`). Memory: one bucket's full tensors at a time (twice that while it
+    is unpacked), plus whatever the consumer keeps of what was yielded."""
     from torch.distributed.tensor import DTensor
 
-    for name, t in model.state_dict().items():
-        t = (t.full_tensor() if isinstance(t, DTensor) else t).detach()
-        yield name, (t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+    bucket_bytes = bucket_bytes or SYNC_BUCKET_BYTES
+    entries = {}  # id -> (tensor, its names): tied weights are one object under several names
+    for name, t in model.state_dict(keep_vars=True).items():
+        entries.setdefault(id(t), (t, []))[1].append(name)
+    bucket, size, bucket_dtype = [], 0, None
+    for t, names in entries.values():
+        out = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        if not isinstance(t, DTensor):
+            yield from _gather_bucket(bucket, bucket_dtype)
+            bucket, size = [], 0
+            full = t.detach().to(out)
+            for name in names:
+                yield name, full
+            continue
+        nbytes = t.numel() * out.itemsize
+        if bucket and (size + nbytes > bucket_bytes or out != bucket_dtype):
+            yield from _gather_bucket(bucket, bucket_dtype)
+            bucket, size = [], 0
+        bucket.append((t, names))
+        size, bucket_dtype = size + nbytes, out
+    yield from _gather_bucket(bucket, bucket_dtype)
+
+
+def _gather_bucket(bucket: list, dtype):
+    """(name, full tensor in `dtype`) for each (DTensor, names) of a bucket of FSDP2 dim-0
+    shards, gathered with one all-gather: each rank packs its rows of every tensor, cast to
+    `dtype`, into one flat buffer padded to ceil(rows / world) rows per tensor (_dim0_rows'
+    layout, the same size on every rank), and the full tensors are cut from the gathered
+    buffers. Every rank must call it with the same bucket."""
+    import torch
+    import torch.distributed as dist
+
+    if not bucket:
+        return
+    world = utils.world_size()
+    layout, length = [], 0  # (tensor, names, rows of each rank, elements per row, offset in a rank's buffer)
+    for t, names in bucket:
+        rows, per_row = _dim0_rows(t), math.prod(t.shape[1:])
+        layout.append((t, names, rows, per_row, length))
+        length += -(-t.shape[0] // world) * per_row
+    device = bucket[0][0].to_local().device
+    local = torch.zeros(length, dtype=dtype, device=device)  # (L,): this rank's rows, padded
+    for t, _, rows, per_row, off in layout:
+        mine = t.to_local().detach()  # (rows of this rank, ...)
+        local[off:off + mine.numel()] = mine.reshape(-1)
+    gathered = torch.empty(world * length, dtype=dtype, device=device)  # (world * L,): rank k's buffer at k * L
+    dist.all_gather_single(gathered, local, group=bucket[0][0].device_mesh.get_group())
+    del local
+    if len(layout) == 1 and all(count == layout[0][2][0][1] for _, count in layout[0][2]):
+        fulls = [gathered.view(layout[0][0].shape)]  # one tensor in equal shards: the buffer is the tensor
+    else:
+        fulls = []
+        for t, _, rows, per_row, off in layout:
+            full = torch.empty(t.shape, dtype=dtype, device=device)  # (n, ...)
+            flat = full.view(-1)
+            for k, (start, count) in enumerate(rows):
+                src = k * length + off  # rank k's rows of this tensor in the gathered buffer
+                flat[start * per_row:(start + count) * per_row] = gathered[src:src + count * per_row]
+            fulls.append(full)
+    del gathered
+    for (_, names, *_), full in zip(layout, fulls):
+        for name in names:
+            yield name, full
 
 
 def full_state_dict(model, cpu: bool = True) -> dict:
@@ -378,6 +458,18 @@ def save_pretrained(model, tokenizer, path: str, shard_bytes: int | None = None)
                 model.generation_config.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
     utils.barrier()
+
+
+def gradient_sync(model, on: bool) -> None:
+    """Whether the next backward passes of an FSDP2 model reduce-scatter its gradients over the
+    ranks (on) or add them up unreduced on each rank (off). In an accumulation, off for every
+    micro-batch but the last: the last backward reduces the sum once, instead of every
+    micro-batch's share (the same gradient, up to the order of the additions). The cost: between
+    syncs each rank holds the model's full gradient in FSDP2's reduce dtype (fp32 with mixed
+    precision). A model that is not FSDP2-sharded (one process) is left as it is."""
+    setter = getattr(model, "set_requires_gradient_sync", None)
+    if setter is not None:
+        setter(on)
 
 
 def rng_state() -> dict:
@@ -561,20 +653,50 @@ def _sampled_logprob_fn():
 def sampled_logprobs(logits, targets, temperature: float = 1.0, chunk: int | None = None, inplace: bool = False):
     """log p(targets[b, t]) under softmax(logits[b, t] / temperature), in fp32: (B, T) for
     logits (B, T_logits, V) with T_logits >= T (positions past T are ignored). Computed as
-    z[target] - logsumexp(z) over chunks of `chunk` positions (default: about 2^20 logits
-    per chunk, 8 positions at a vocabulary of 128,256), so neither the forward nor
-    the backward pass holds an fp32 (B, T, V) log-softmax: the backward recomputes softmax
-    per chunk from the saved logits and writes the gradient in the logits' dtype. With
+    z[target] - logsumexp(z) over chunks of `chunk` positions (default `_chunk_positions`: on
+    CPU about 2^20 logits, 8 positions at a vocabulary of 128,256; on CUDA sized by the device's
+    free memory), so neither the forward nor the backward pass holds an fp32 (B, T, V)
+    log-softmax: the backward recomputes softmax per chunk from the saved logits and writes
+    the gradient in the logits' dtype. With
     inplace=True the backward writes that gradient into the logits tensor itself (no second
     (B, T, V) tensor): only for logits nobody reads after the backward pass."""
-    chunk = chunk or _chunk_positions(logits.shape[-1])
+    chunk = chunk or _chunk_positions(logits.shape[-1], free_device_bytes(logits.device))
     return _sampled_logprob_fn().apply(logits, targets, float(temperature), int(chunk), bool(inplace))
 
 
-def _chunk_positions(vocab: int) -> int:
-    """Positions per chunk of the log-prob loops: about 2^20 logits (4 MiB in fp32). Small
-    chunks matter on CPU: the allocator keeps freed chunk buffers, so the peak grows with them."""
-    return max(1, (1 << 20) // vocab)
+CHUNK_TEMPORARIES = 4
+"""fp32 (positions, vocabulary) temporaries a chunk of the log-prob loops holds at once, at most
+(token_entropy: z, log p, p, p log p)."""
+CHUNK_FREE_SHARE = 8
+"""On CUDA a chunk's temporaries take at most 1/CHUNK_FREE_SHARE of the device's free memory."""
+CHUNK_MAX_LOGITS = 1 << 26
+"""The most logits per chunk (256 MiB in fp32): past this, bigger chunks only take memory."""
+
+
+def _chunk_positions(vocab: int, free_bytes: int | None = None) -> int:
+    """Positions per chunk of the log-prob loops. Without `free_bytes` (CPU): about 2^20 logits
+    (4 MiB in fp32): small chunks matter on CPU, where the allocator keeps freed chunk buffers, so
+    the peak grows with them. With the device's free bytes (CUDA): as many positions as keep the
+    chunk's CHUNK_TEMPORARIES fp32 rows within 1/CHUNK_FREE_SHARE of them, at most
+    CHUNK_MAX_LOGITS logits and never fewer positions than on CPU: a few large kernels per
+    sequence instead of one small launch per handful of positions at a 128k vocabulary."""
+    floor = max(1, (1 << 20) // vocab)
+    if free_bytes is None:
+        return floor
+    fits = free_bytes // (CHUNK_FREE_SHARE * CHUNK_TEMPORARIES * 4 * vocab)
+    return int(max(floor, min(fits, CHUNK_MAX_LOGITS // vocab)))
+
+
+def free_device_bytes(device) -> int | None:
+    """Bytes a CUDA device can still allocate: free in the driver plus what torch's caching
+    allocator holds unused. None for any other device."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
 def token_entropy(logits, T: int, temperature: float = 1.0, chunk: int | None = None):
@@ -582,7 +704,7 @@ def token_entropy(logits, T: int, temperature: float = 1.0, chunk: int | None = 
     `chunk` positions (default as in sampled_logprobs), without gradient."""
     import torch
 
-    chunk = chunk or _chunk_positions(logits.shape[-1])
+    chunk = chunk or _chunk_positions(logits.shape[-1], free_device_bytes(logits.device))
     B = logits.shape[0]
     ent = torch.empty(B, T, dtype=torch.float32, device=logits.device)  # (B, T)
     with torch.no_grad():

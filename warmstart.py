@@ -486,9 +486,11 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
             ids, attn, loss_mask = ids.to(device), attn.to(device), loss_mask.to(device)
             logits = model(input_ids=ids, attention_mask=attn).logits  # (M, T, V)
             nll = completion_nll_sum(logits, ids[:, 1:], loss_mask, inplace=True)
+            training.gradient_sync(model, k + M >= per_rank)  # FSDP2 reduces the gradients once, after the last
             # token mean over the global batch; FSDP averages gradients over ranks, hence * world
             (nll / n_items * world).backward()
-            nll_local += nll.item()
+            nll_local = nll_local + nll.detach().double()  # as the float sum was; read once per step, below
+        nll_local = float(nll_local)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
         opt.step()
         sched.step()

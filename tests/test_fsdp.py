@@ -162,3 +162,58 @@ def test_rank0_reader_of_safetensors_and_of_bin_weights(toy_paths, tmp_path, cap
     assert "loads the model whole" in capsys.readouterr().out
     for n in names:
         assert torch.equal(read(n)[:], disk.state_dict()[n])
+
+
+# --------------------------------------------------------------------------------------
+# Memory and speed on FSDP2 shards (worker: tests/fsdp_memory.py, its own torchrun)
+# --------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def memory_run(toy_paths, tmp_path_factory):
+    out = tmp_path_factory.mktemp("memory")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(HERE, "fsdp_memory.py"), "--base", toy_paths["base"], "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"},
+                       capture_output=True, text=True, timeout=500)
+    assert p.returncode == 0, f"{' '.join(cmd)} failed:\n{(p.stdout + p.stderr)[-4000:]}"
+    return torch.load(os.path.join(out, "memory.pt"), weights_only=False)
+
+
+def test_weight_sync_source_in_buckets_in_the_engine_dtype(memory_run):
+    """iter_full_params: shards cast to the engine's dtype and gathered in buckets give exactly the
+    tensors of each entry gathered whole in fp32 and cast after (tied weights gathered once, uneven
+    shards included); one all-gather per bucket."""
+    it = memory_run["iter"]
+    entries = it["entries"]  # distinct tensors of the toy's state dict (the tied pair once)
+    for dtype in ("None", "torch.bfloat16"):
+        assert all(it[(dtype, b)]["same"] for b in (1, 64 * 1024, None)), dtype
+        assert it[(dtype, 1)]["gathers"] == entries and it[(dtype, None)]["gathers"] == 1
+        assert 1 < it[(dtype, 64 * 1024)]["gathers"] < entries
+    assert it[("torch.bfloat16", 64 * 1024)]["gathers"] < it[("None", 64 * 1024)]["gathers"]  # half the bytes
+    assert it["tied_once"]
+    assert it["uneven"]["same"] and it["uneven"]["gathers"] == 1 and it["uneven"]["rows"] == [3, 3, 1, 1]
+
+
+def test_gradients_reduced_once_per_accumulation(memory_run):
+    """gradient_sync off for the first of two micro-batches: no gradient is reduced after it, and
+    the gradient reduced once after the second equals the one reduced after each."""
+    g = memory_run["grads"]
+    assert g["skipped"]
+    scale = max(v.abs().max().item() for v in g["each"].values())
+    assert scale > 0.1 and max_diff(g["each"], g["once"]) < 1e-6 * scale
+
+
+def test_reference_sharded_in_the_compute_dtype(memory_run):
+    """load_trainer(..., reference=True) with bf16 compute under torchrun: the reference's shards
+    are bf16 (the policy's stay fp32 masters), and both compute the same log-probabilities,
+    exactly: FSDP2 casts the policy's weights to bf16 for its forward."""
+    for r in memory_run["reference"]:
+        assert r["ref_dtypes"] == ["torch.bfloat16"] and r["policy_dtypes"] == ["torch.float32"]
+        assert r["ref_sharded"] and r["equal"] and r["tokens"] > 100
+
+
+def test_hf_sampler_sync_copies_into_its_own_tensors(memory_run):
+    """The transformers fallback takes the sharded trainer's weights tensor by tensor into its
+    own storage (no state dict of the whole model is built), on every rank."""
+    assert memory_run["hf_sync"] == [{"equal": True, "in_place": True}] * 2

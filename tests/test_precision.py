@@ -2,7 +2,9 @@
 (values and gradients), and bf16 compute keeps fp32 master weights that move at lr 1e-6
 where pure-bf16 parameters would not."""
 
+import os
 import random
+import sys
 
 import pytest
 import torch
@@ -128,3 +130,126 @@ def test_bf16_compute_moves_fp32_master_weights_at_lr_1e6(toy_paths):
     share_pure = (adamw_deltas(pure, tok)[0] > 0).float().mean().item()
     assert share_pure < 0.2, share_pure
     print(f"entries changed after 3 AdamW steps at lr 1e-6: fp32 master {share_master:.2%}, pure bf16 {share_pure:.2%}")
+
+
+# --------------------------------------------------------------------------------------
+# Host reads: grpo_loss's metrics stay on the device; policy_update reads them once
+# --------------------------------------------------------------------------------------
+
+
+def old_grpo_loss_metrics(logp, old_logp, ref_logp, advantages, mask, eps_low=0.2, eps_high=0.2, beta=0.0,
+                          sampler_logp=None, is_cap=3.0):
+    """grpo_loss's metrics as grpo.py computed them before: one `.item()` per value."""
+    mask = mask.float()
+    adv = advantages if advantages.dim() == 2 else advantages[:, None]
+    ratio = torch.exp(logp - old_logp)
+    is_weight = torch.clamp(torch.exp(old_logp - sampler_logp), max=is_cap) if sampler_logp is not None else None
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1 if beta != 0.0 else None
+    ntok = mask.sum().clamp(min=1.0)
+    mean = lambda x: ((x * mask).sum() / ntok).item()  # noqa: E731
+    low = ((ratio < 1 - eps_low) & (adv < 0)).float()
+    high = ((ratio > 1 + eps_high) & (adv > 0)).float()
+    return {"clip_low": mean(low), "clip_high": mean(high), "clip_region": mean(torch.maximum(low, high)),
+            "ratio": mean(ratio), "ratio_max": (ratio * mask).max().item(), "tokens": mask.sum().item(),
+            "kl": mean(kl) if kl is not None else 0.0,
+            "is_weight": mean(is_weight) if is_weight is not None else 1.0}
+
+
+def test_grpo_loss_metrics_are_device_tensors_equal_to_the_old_reads():
+    import grpo
+
+    g = torch.Generator().manual_seed(0)
+    logp = -torch.rand(4, 9, generator=g) * 3  # (B, T)
+    old = logp + 0.4 * torch.randn(4, 9, generator=g)  # ratios away from 1: some clipped either way
+    ref, samp = logp + 0.3 * torch.randn(4, 9, generator=g), old + 0.5 * torch.randn(4, 9, generator=g)
+    mask = (torch.arange(9)[None] < torch.tensor([9, 3, 6, 1])[:, None]).float()  # (B, T)
+    for adv, kw in ((torch.tensor([1.0, -0.5, 2.0, -1.0]), {}),
+                    (torch.randn(4, 9, generator=g), dict(beta=0.04, sampler_logp=samp, eps_high=0.28))):
+        _, m = grpo.grpo_loss(logp, old, ref, adv, mask, **kw)
+        assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())  # nothing read to the host
+        want = old_grpo_loss_metrics(logp, old, ref, adv, mask, **kw)
+        (got,) = grpo.read_metrics([m])
+        assert got == want  # exactly: the same fp32 values, read at once
+        assert 0 < want["clip_low"] < 1 and 0 < want["clip_high"] < 1 and want["tokens"] == 19.0
+
+
+class RecordingSync(torch.nn.Module):
+    """The toy model, plus FSDP2's `set_requires_gradient_sync` recorded (one process has none)."""
+
+    def __init__(self, model, calls):
+        super().__init__()
+        self.inner, self.calls = model, calls
+
+    def forward(self, **kw):
+        return self.inner(**kw)
+
+    def set_requires_gradient_sync(self, on):
+        self.calls.append(on)
+
+
+def test_policy_update_reads_the_device_once_and_syncs_gradients_on_the_last_micro_batch(toy_paths, monkeypatch):
+    """grpo.policy_update on the toy, 3 micro-batches x 2 passes: its metrics equal the per-value reads
+    of before (computed here from the model as it was), the device is read once (one `tolist`, no
+    `item`), and gradient sync is off for every micro-batch but the last of each optimizer step."""
+    import copy
+    import dataclasses
+
+    import grpo
+
+    tok = utils.load_tokenizer(toy_paths["base"])
+    ctx, comp = toy_batch(tok, n=6)
+    g = torch.Generator().manual_seed(1)
+    rows = [{"ctx_ids": c, "token_ids": t, "num_tokens": len(t),
+             "sampler_logp": (-torch.rand(len(t), generator=g)).tolist()} for c, t in zip(ctx, comp)]
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5, 2.0, 0.0])
+    args = dataclasses.replace(grpo.Args(), micro_batch_size=2, num_iterations=2, temperature=1.0, beta=0.0,
+                               max_tokens=64)
+    calls = []
+    model = RecordingSync(utils.load_model(toy_paths["base"], "fp32", "cpu"), calls)
+    start = copy.deepcopy(model.inner)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    reads = {"item": 0, "tolist": 0, "__float__": 0}  # by the project's code (AdamW reads its CPU step counts)
+    ours = {os.path.abspath(m.__file__) for m in (grpo, training, utils)}
+    for name in reads:
+        def counted(self, *a, _f=getattr(torch.Tensor, name), _n=name, **k):
+            reads[_n] += os.path.abspath(sys._getframe(1).f_code.co_filename) in ours
+            return _f(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    stats, grad_norm = grpo.policy_update(model, None, opt, sched, rows, adv, args, tok.pad_token_id)
+    monkeypatch.undo()
+    assert reads == {"item": 0, "tolist": 1, "__float__": 0}
+    assert calls == [False, False, True] * 2 and len(stats) == 6 and grad_norm > 0
+    for k in range(3):  # the first pass, from the starting weights: the reads of before
+        mb = rows[2 * k:2 * k + 2]
+        c, t = [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb]
+        logp, mask, ent = training.completion_logprobs(start, c, t, tok.pad_token_id, 1.0, with_entropy=True)
+        samp = training.pad_sequences([r["sampler_logp"] for r in mb], 0, dtype=torch.float)[0]
+        loss, _ = grpo.grpo_loss(logp, logp.detach(), None, adv[2 * k:2 * k + 2], mask, max_completion_length=64,
+                                 num_items=float(sum(r["num_tokens"] for r in rows)))
+        want = {**old_grpo_loss_metrics(logp, logp.detach(), None, adv[2 * k:2 * k + 2], mask),
+                "entropy": ((ent * mask).sum() / mask.sum().clamp(min=1)).item(),
+                "logprob_gap": ((samp - logp.detach()).abs() * mask).sum().item() / max(1.0, mask.sum().item()),
+                "loss": loss.item()}
+        assert stats[k] == want, k
+
+
+def test_chunk_positions_by_device_memory():
+    """Positions per log-prob chunk: on CPU (no free bytes) 2^20 logits, as before; on CUDA as many
+    as keep 4 fp32 rows within 1/8 of the free bytes, capped at 2^26 logits, never below the CPU's."""
+    V = 128_256
+    assert training._chunk_positions(V) == 8 and training._chunk_positions(50) == 20_971  # 2^20 // V
+    assert training._chunk_positions(V, 2**30) == 65  # 2^30 // (8 * 4 * 4 * V) = 1073741824 // 16416768
+    assert training._chunk_positions(V, 16 * 2**30) == 523  # 1046 fit; the cap: 2^26 // V
+    assert training._chunk_positions(V, 100 * 2**20) == 8 and training._chunk_positions(V, 0) == 8  # the floor
+    assert training._chunk_positions(32_000, 2**30) == 262  # 1073741824 // (128 * 32000)
+    assert training.free_device_bytes("cpu") is None
+
+
+def test_free_device_bytes_counts_the_allocators_cache(monkeypatch):
+    """Free on a CUDA device: the driver's free bytes plus what torch's allocator reserved and does
+    not use (the calls mocked: no GPU here)."""
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (5 << 30, 80 << 30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda d: 3 << 30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda d: 1 << 30)
+    assert training.free_device_bytes("cuda:0") == 7 << 30

@@ -213,17 +213,23 @@ def test_sleep_mode_call_order():
     s, calls = _recording_sampler(True)
     out = sampling.update_asleep(s, lambda: calls.append(("update",)) or "stats", model)
     assert out == "stats"
-    assert calls == [("sleep", 1), ("update",), ("wake_up", None), ("collective_rpc", "reload_weights", ["bias", "weight"]),
-                     ("reset_prefix_cache",)]
+    # level 2 (the weights are not copied to the host), the weights woken and overwritten, then the KV cache
+    assert calls == [("sleep", 2), ("update",), ("wake_up", ["weights"]),
+                     ("collective_rpc", "reload_weights", ["bias", "weight"]), ("reset_prefix_cache",),
+                     ("wake_up", ["kv_cache"])] and not s.asleep
     # the model to sync may be what the update returns (star: the SFT's new model)
     calls.clear()
     sampling.update_asleep(s, lambda: model)
-    assert [c[0] for c in calls] == ["sleep", "wake_up", "collective_rpc", "reset_prefix_cache"]
-    # a failing update still wakes the engine (and syncs nothing)
+    assert [c[0] for c in calls] == ["sleep", "wake_up", "collective_rpc", "reset_prefix_cache", "wake_up"]
+    # a failing update still wakes the engine (and syncs nothing); its weights were dropped: no sampling
     calls.clear()
     with pytest.raises(ZeroDivisionError):
         sampling.update_asleep(s, lambda: 1 / 0, model)
-    assert calls == [("sleep", 1), ("wake_up", None)] and not s.asleep
+    assert calls == [("sleep", 2), ("wake_up", None)] and not s.asleep
+    with pytest.raises(RuntimeError, match="weights were dropped"):
+        s.generate(["x"])
+    sampling.update_asleep(s, lambda: None, model)  # synced again: it samples (and sleeps) as before
+    assert not s.weights_dropped
     # without sleep mode (CPU): no sleep, no wake-up, the sync alone
     s, calls = _recording_sampler(False)
     sampling.update_asleep(s, lambda: None, model)

@@ -253,3 +253,51 @@ def test_sync_weights_resets_stale_prefix_cache(engine, hf_sampler, toy_paths):
         engine.sync_weights(base)
         hf_sampler.sync_weights(base)
     assert engine.generate([prompt], temperature=0.0, max_tokens=60)[0][0].token_ids == before.token_ids
+
+
+def test_hf_fallback_sync_copies_in_place_and_checks_names(hf_sampler, toy_paths):
+    """The transformers fallback copies a trainer's weights tensor by tensor into its own storage
+    (no full state dict is built), in its own dtype; weights that do not match its model are an
+    error naming them, raised once every tensor went by (under torchrun every rank gathers all)."""
+    import weakref
+
+    trainer = utils.load_model(toy_paths["base"], "fp32", "cpu")
+    ptrs = {n: t.data_ptr() for n, t in hf_sampler.model.state_dict().items()}
+    real, alive = training.iter_full_params, []
+
+    def watched(*a, **k):  # how many of the tensors handed out before are still held, at each next one
+        refs = []
+        for name, t in real(*a, **k):
+            alive.append(len({id(r()) for r in refs if r() is not None}))  # a tied pair is one tensor
+            refs.append(weakref.ref(t))
+            yield name, t
+            del t
+
+    try:
+        with torch.no_grad():
+            trainer.model.norm.weight.mul_(1.5)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(training, "iter_full_params", watched)
+            hf_sampler.sync_weights(trainer)
+        assert len(alive) == len(trainer.state_dict()) and max(alive) <= 1  # one tensor at a time
+        own = hf_sampler.model.state_dict()
+        assert {n: t.data_ptr() for n, t in own.items()} == ptrs
+        assert torch.equal(own["model.norm.weight"], trainer.model.norm.weight)
+        other = torch.nn.Linear(2, 2)
+        with pytest.raises(RuntimeError, match=r"do not match .*not in it: \['weight', 'bias'\]"):
+            hf_sampler.sync_weights(other)
+    finally:
+        hf_sampler.sync_weights(utils.load_model(toy_paths["base"], "fp32", "cpu"))
+    assert torch.equal(hf_sampler.model.model.norm.weight, utils.load_model(toy_paths["base"]).model.norm.weight)
+
+
+def test_model_to_sync_is_read_on_the_host_in_the_engine_dtype(toy_paths, monkeypatch):
+    """sampling.load_on_host (star.py's start and base weights): on the CPU, in the dtype the
+    engine runs in on this process's device: bf16 for 'auto' when there is a GPU (mocked here),
+    fp32 on a CPU-only machine, as asked otherwise."""
+    m = sampling.load_on_host(toy_paths["base"])
+    assert m.device.type == "cpu" and {p.dtype for p in m.parameters()} == {torch.float32}
+    assert {p.dtype for p in sampling.load_on_host(toy_paths["base"], "bf16").parameters()} == {torch.bfloat16}
+    monkeypatch.setattr(utils, "has_cuda", lambda: True)
+    m = sampling.load_on_host(toy_paths["base"])
+    assert m.device.type == "cpu" and {p.dtype for p in m.parameters()} == {torch.bfloat16}
