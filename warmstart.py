@@ -650,7 +650,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
 
     # ---- search: trees with rollout values, plain attempts ---------------------------------
     search_path = os.path.join(out, "search.jsonl")
-    t0 = time.time()
+    t0, engine = time.time(), None
     if args.search_from or (args.resume and os.path.exists(search_path)):
         src = args.search_from or search_path
         records = utils.read_records(src, ["problem", "answer", "nodes", "attempts"])
@@ -661,6 +661,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         if utils.is_main():
             utils.write_jsonl(search_path, records)
     summary = {"search": search_summary(records), "search_seconds": round(time.time() - t0, 1)}
+    if engine is not None:
+        summary["search_engine"] = {"backend": engine.backend, "sleep_mode": engine.sleep_mode}
     utils.print0("search: " + json.dumps(summary["search"]))
 
     # ---- traces ----------------------------------------------------------------------------
