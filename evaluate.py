@@ -643,14 +643,14 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     mine = list(range(rank, len(records), world))  # this rank's problems (indices into records)
     logger = utils.JsonlLogger(os.path.join(args.out, "metrics.jsonl"))
     held = engines_held(runs, samplers, world)
-    share = utils.engine_memory_share(args.gpu_memory_utilization, held)
+    gpu_share = utils.engine_memory_share(args.gpu_memory_utilization, held)
     if held > 1 and not args.gpu_memory_utilization:
-        utils.print0(f"gpu_memory_utilization {share} per engine: {held} engines stay up side by side under torchrun")
+        utils.print0(f"gpu_memory_utilization {gpu_share} per engine: {held} engines stay up side by side under torchrun")
     instruction = args.instruction
 
     results = {}
     for name, path in runs.items():
-        args = replace(args, instruction=utils.stage_instruction(instruction, path), gpu_memory_utilization=share)
+        args = replace(args, instruction=utils.stage_instruction(instruction, path), gpu_memory_utilization=gpu_share)
         results[name] = {"path": path, "format": formats[name], "instruction": args.instruction, "modes": {}}
         sampler = None
         for mode in args.modes:
