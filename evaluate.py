@@ -645,7 +645,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     held = engines_held(runs, samplers, world)
     gpu_share = utils.engine_memory_share(args.gpu_memory_utilization, held)
     if held > 1 and not args.gpu_memory_utilization:
-        utils.print0(f"gpu_memory_utilization {gpu_share} per engine: {held} engines stay up side by side under torchrun")
+        utils.print0(f"gpu_memory_utilization {gpu_share} per engine: {held} engines stay up side by side "
+                     f"under torchrun")
     instruction = args.instruction
 
     results = {}

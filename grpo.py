@@ -541,7 +541,7 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
     Episode. Returns the per-micro-batch metrics (first pass first) and the last gradient norm."""
     M, world = args.micro_batch_size, utils.world_size()
     n_micro = len(rows) // M
-    num_items = utils.all_reduce(torch.tensor(float(sum(r["num_tokens"] for r in rows))))  # dapo: tokens of the whole batch
+    num_items = utils.all_reduce(torch.tensor(float(sum(r["num_tokens"] for r in rows))))  # dapo: the whole batch's tokens
     old_logp, ref_logp, stats = {}, {}, []
     for it in range(args.num_iterations):
         for k in range(n_micro):
@@ -635,7 +635,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     given_engine = sampler is not None
     tok = sampler.tokenizer if given_engine else utils.load_tokenizer(model_path)
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
-                instruction=args.instruction, max_prompt_tokens=args.max_prompt_length, too_long="raise --max-prompt-length")
+                instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
+                too_long="raise --max-prompt-length")
     train = utils.load_problems(args.train_data or toy_paths["train"], **data)
     test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
 

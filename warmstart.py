@@ -198,7 +198,8 @@ class Args:
     gpu_memory_utilization: float = 0.3
     """share of GPU memory the search's vLLM engine may take (its weights and KV cache)"""
     sleep_mode: str = "auto"
-    """auto | on | off: vLLM sleep mode, the search engine's weights and KV cache leave the GPU during SFT (auto: on with CUDA; vLLM's CPU build has none)"""
+    """auto | on | off: vLLM sleep mode, the search engine's weights and KV cache leave the GPU
+    during SFT (auto: on with CUDA; vLLM's CPU build has none)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False
@@ -479,7 +480,7 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
     bar = tqdm(range(start, total), desc="sft", disable=not utils.is_main(), initial=start, total=total)
     for step in bar:
         mine = [data[i] for i in batch_indices(step)]  # per_rank examples
-        n_items = utils.all_reduce(torch.tensor(float(sum(len(s) - p for s, p in mine)), device=device))  # of the global batch
+        n_items = utils.all_reduce(torch.tensor(float(sum(len(s) - p for s, p in mine)), device=device))  # global batch
         nll_local = 0.0
         for k in range(0, per_rank, M):
             ids, attn, loss_mask = sft_batch(mine[k:k + M], tok.pad_token_id)
@@ -584,9 +585,9 @@ def search_engine(args: Args, model_path: str, problems: list[dict], seed: int) 
     --sleep-mode; kept in ENGINES."""
     tok = utils.load_tokenizer(model_path)
     longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
-    sampler = sampling.Sampler(model_path, seed=seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-                               max_model_len=sampling.engine_length(model_path, search_need(args, longest)),
-                               sleep_mode=args.sleep_mode)
+    sampler = sampling.Sampler(model_path, seed=seed, dtype=args.dtype, sleep_mode=args.sleep_mode,
+                               gpu_memory_utilization=args.gpu_memory_utilization,
+                               max_model_len=sampling.engine_length(model_path, search_need(args, longest)))
     ENGINES.append(sampler)
     return sampler
 

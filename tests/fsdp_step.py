@@ -7,9 +7,9 @@ for tests/test_fsdp.py, which runs it both ways and compares what it saves.
 Rank 0 saves to --out/result.pt: the weights as loaded (training.load_trainer, with its frozen
 reference copy), every rank's buffers of both, and whether the embeddings are still tied, the
 loss and gradient norm of the step, the full gradients, the full updated weights, and the
-weights after a second step taken by a model restored from the checkpoint written after the first (training.save_checkpoint/load_checkpoint). It also saves
-the updated model with training.save_pretrained under --out/hf. With --sample, every rank builds
-its own vLLM engine, samples its own prompt before and after `sync_weights` from the sharded
+weights after a second step taken by a model restored from the checkpoint written after the
+first (training.save_checkpoint/load_checkpoint). It also saves the updated model with
+training.save_pretrained under --out/hf. With --sample, every rank builds its own vLLM engine, samples its own prompt before and after `sync_weights` from the sharded
 model, and writes --out/sample_<rank>.json with the engine's results next to transformers'
 (and its first unseeded samples of a prompt shared by all ranks).
 """
