@@ -206,7 +206,8 @@ class Args:
     """B: tokens mu writes per sample in --mu-mode rollout"""
     # system
     dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32; weights and optimizer state stay fp32"""
+    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
+    weights and optimizer state stay fp32"""
     gpu_memory_utilization: float = 0.3
     """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
     sleep_mode: str = "auto"

@@ -198,7 +198,8 @@ class Args:
     report_to: str = "none"
     """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32; weights and optimizer state stay fp32"""
+    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
+    weights and optimizer state stay fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False
