@@ -64,7 +64,7 @@ import math
 import os
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
@@ -107,8 +107,9 @@ class Args:
     max_model_len: int = 0
     """engine context length (0: what the longest prompt + max_tokens, plus window + cue in
     linearized mode, need, capped at the model's max_position_embeddings)"""
-    instruction: str = utils.DEFAULT_INSTRUCTION
-    """instruction added to the user turn when the model has a chat template"""
+    instruction: str | None = None
+    """instruction added to the user turn when the model has a chat template (default: the one
+    in each model's mrt.json when this project wrote it, else the standard one)"""
     seed: int = 0
     """sampling seed"""
     out: str = "runs/eval"
@@ -119,8 +120,10 @@ class Args:
     """reuse per-sample files whose recorded settings match this call (resume)"""
     dtype: str = "auto"
     """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
-    gpu_memory_utilization: float = 0.85
-    """fraction of GPU memory the engine may take (evaluation runs alone)"""
+    gpu_memory_utilization: float = 0.0
+    """fraction of GPU memory each engine may take (0: 0.85 split over the engines this process
+    holds at once: one in a plain run, which frees each before the next; under torchrun, where
+    every model's engine stays up, one per model)"""
 
 
 # --------------------------------------------------------------------------------------
@@ -602,6 +605,13 @@ def close_engine(sampler, had_group: bool) -> None:
         cleanup_dist_env_and_memory()
 
 
+def engines_held(runs: dict, ready: dict | None, world: int) -> int:
+    """The engines a process holds at once, which share the GPU: one in a plain run (each is
+    freed before the next), one per model it builds under torchrun (none is freed: closing a
+    vLLM engine ends torchrun's process group)."""
+    return len({p for p in runs.values() if p not in (ready or {})}) if world > 1 else 1
+
+
 def rss_gib() -> float | None:
     """Resident memory of this process (Linux), to check that engines are freed."""
     try:
@@ -632,10 +642,17 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                  f"{world} rank(s)")
     mine = list(range(rank, len(records), world))  # this rank's problems (indices into records)
     logger = utils.JsonlLogger(os.path.join(args.out, "metrics.jsonl"))
+    held = engines_held(runs, samplers, world)
+    gpu_share = utils.engine_memory_share(args.gpu_memory_utilization, held)
+    if held > 1 and not args.gpu_memory_utilization:
+        utils.print0(f"gpu_memory_utilization {gpu_share} per engine: {held} engines stay up side by side "
+                     f"under torchrun")
+    instruction = args.instruction
 
     results = {}
     for name, path in runs.items():
-        results[name] = {"path": path, "format": formats[name], "modes": {}}
+        args = replace(args, instruction=utils.stage_instruction(instruction, path), gpu_memory_utilization=gpu_share)
+        results[name] = {"path": path, "format": formats[name], "instruction": args.instruction, "modes": {}}
         sampler = None
         for mode in args.modes:
             stem = os.path.join(args.out, "samples", re.sub(r"[^\w.-]", "_", name) + "." + mode)

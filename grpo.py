@@ -129,6 +129,9 @@ class Args:
     """field of a data record holding the problem text"""
     answer_field: str = "answer"
     """field of a data record holding the gold answer"""
+    instruction: str | None = None
+    """instruction in the user turn for models with a chat template (default: the one in the
+    starting model's mrt.json when this project wrote it, else the standard one)"""
     out: str = ""
     """run folder ('' : runs/grpo/<variant>)"""
     resume: bool = False
@@ -203,7 +206,8 @@ class Args:
     """B: tokens mu writes per sample in --mu-mode rollout"""
     # system
     dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
+    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
+    weights and optimizer state stay fp32"""
     gpu_memory_utilization: float = 0.3
     """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
     sleep_mode: str = "auto"
@@ -552,9 +556,7 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
     once per optimizer step, in the backward of its last micro-batch (`training.gradient_sync`)."""
     M, world = args.micro_batch_size, utils.world_size()
     n_micro = len(rows) // M
-    num_items = torch.tensor(float(sum(r["num_tokens"] for r in rows)))  # dapo: tokens of the whole batch
-    if utils.is_distributed():
-        torch.distributed.all_reduce(num_items)
+    num_items = utils.all_reduce(torch.tensor(float(sum(r["num_tokens"] for r in rows))))  # dapo: the whole batch's tokens
     old_logp, ref_logp, stats = {}, {}, []
     for it in range(args.num_iterations):
         for k in range(n_micro):
@@ -643,6 +645,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     if not (args.model and args.train_data and args.test_data):
         default_path, toy_paths = utils.default_model()
         model_path = model_path or default_path
+    args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
     utils.seed_everything(args.seed)
     utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world {world}, "
                  f"{args.prompts_per_step} prompts x {args.group_size} per rank per step, {args.steps} steps")
@@ -651,7 +654,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     given_engine = sampler is not None
     tok = sampler.tokenizer if given_engine else utils.load_tokenizer(model_path)
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
-                max_prompt_tokens=args.max_prompt_length, too_long="raise --max-prompt-length")
+                instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
+                too_long="raise --max-prompt-length")
     train = utils.load_problems(args.train_data or toy_paths["train"], **data)
     test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
 

@@ -70,7 +70,7 @@ import json
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -334,8 +334,9 @@ class Args:
     """sampling temperature of sampled traces"""
     max_tokens: int = 160
     """token limit of z0 and of the continuation when sampling traces"""
-    instruction: str = utils.DEFAULT_INSTRUCTION
-    """instruction in the user turn for models with a chat template"""
+    instruction: str | None = None
+    """instruction in the user turn for models with a chat template (default: the one in each
+    model's mrt.json when this project wrote it, else the standard one)"""
     toy_dir: str = toy.DEFAULT_DIR
     """toy build used when --model is empty"""
     seed: int = 0
@@ -608,21 +609,24 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     if args.mu_model and not os.path.isdir(args.mu_model) and not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", args.mu_model):
         raise utils.UserError(f"--mu-model: model path does not exist: {args.mu_model}")
     given = [r for rows, _ in traces.values() for r in rows]
+    instructions = {name: utils.stage_instruction(args.instruction, path) for name, path in runs.items()}
 
-    def new_sampler(path):  # an engine sized from this run's lengths (--max-model-len overrides)
+    def new_sampler(path, names):  # an engine sized from the lengths of these runs (--max-model-len overrides)
         if path in samplers:
             return samplers[path]
-        max_len = args.max_model_len or sampling.engine_length(path, engine_need(path, args, problems, given))
+        need = max(engine_need(path, replace(args, instruction=instructions[n]), problems, given) for n in names)
+        max_len = args.max_model_len or sampling.engine_length(path, need)
         return make_sampler(path, seed=args.seed, dtype=args.dtype, max_model_len=max_len)
 
-    shared_mu = new_sampler(args.mu_model) if args.mu_model else None
+    shared_mu = new_sampler(args.mu_model, runs) if args.mu_model else None
 
     results, summary = {}, {}
     logger = utils.JsonlLogger(os.path.join(args.out, "progress.jsonl"))
     for name, path in runs.items():
+        args = replace(args, instruction=instructions[name])  # this model's prompt
         sampler = None
         if name not in traces:
-            sampler = new_sampler(path)
+            sampler = new_sampler(path, [name])
             utils.print0(f"{name}: sampling backtrack traces on {len(problems)} problems")
             traces[name] = sample_traces(sampler, problems, args)
             utils.write_jsonl(os.path.join(args.out, f"traces_{name}.jsonl"),
@@ -634,7 +638,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             del sampler
             gc.collect()
             continue
-        mu_sampler = shared_mu or sampler or new_sampler(path)
+        mu_sampler = shared_mu or sampler or new_sampler(path, [name])
         mu = MetaProver(mu_sampler, args.mu_suffix, args.mu_samples, args.mu_temperature, args.mu_max_tokens,
                         mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens)
         rows, too_long = check_lengths(mu, rows, args)
@@ -652,7 +656,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         raise utils.UserError("no model produced a backtrack trace (every attempt or continuation was cut or unparsable)")
     utils.write_jsonl(os.path.join(args.out, "gains.jsonl"),
                       [{"model": name, **s} for name, scored in results.items() for s in scored])
-    settings = {**vars(args), "model": runs}
+    settings = {**vars(args), "model": runs, "instruction": instructions}
     report = {"settings": settings, "models": summary}
     utils.write_json(os.path.join(args.out, "summary.json"), report)
     plot_hist(results, os.path.join(args.out, "infogain_hist.png"), args.mu_samples)

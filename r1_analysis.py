@@ -378,8 +378,9 @@ class Args:
     """token limit of a direct sample (default: --max-tokens; toy: 96)"""
     j_star: float | None = None
     """comparator success rate J* of the regret (default: the best [maj@p]_j observed per bin)"""
-    instruction: str = utils.DEFAULT_INSTRUCTION
-    """instruction in the user turn for models with a chat template"""
+    instruction: str | None = None
+    """instruction in the user turn for models with a chat template (default: the one in the
+    --model's mrt.json when this project wrote it, else the standard one)"""
     batch: int = 64
     """traces per meta-prover call (progress granularity)"""
     seed: int = 0
@@ -392,8 +393,9 @@ class Args:
     """engine context length (0: what this run needs, see engine_needs; never the model's whole context)"""
     dtype: str = "auto"
     """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
-    gpu_memory_utilization: float = 0.85
-    """fraction of GPU memory an engine may take (one engine at a time)"""
+    gpu_memory_utilization: float = 0.0
+    """fraction of GPU memory each engine may take (0: 0.85 split over the engines this process
+    holds at once: one in a plain run, one per model under torchrun, where every engine stays up)"""
 
 
 def resolve(args: Args) -> tuple[Args, bool]:
@@ -484,6 +486,8 @@ class Engines:
 
     def __init__(self, args: Args, ready: dict | None = None, needs: dict | None = None):
         self.args, self.ready, self.owned, self.needs = args, dict(ready or {}), {}, dict(needs or {})
+        held = len(set(self.needs) - set(self.ready)) if utils.is_distributed() else 1  # engines up at once
+        self.share = utils.engine_memory_share(args.gpu_memory_utilization, held)
 
     def get(self, path: str) -> sampling.Sampler:
         if path in self.ready:
@@ -494,7 +498,7 @@ class Engines:
             had_group = evaluate.group_exists()
             max_len = self.args.max_model_len or sampling.engine_length(path, self.needs[path])
             s = infogain.make_sampler(path, seed=self.args.seed, dtype=self.args.dtype, max_model_len=max_len,
-                                      gpu_memory_utilization=self.args.gpu_memory_utilization)
+                                      gpu_memory_utilization=self.share)
             self.owned[path] = (s, had_group)
         return self.owned[path][0]
 
@@ -808,6 +812,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                        ("--direct-model", args.direct_model if args.direct_model.lower() != "none" else "")):
         if path and path not in (samplers or {}):
             check_model(path, flag)
+    args = replace(args, instruction=utils.stage_instruction(args.instruction, args.model))
     traces = read_traces(args) if args.traces else None
     all_split = split_traces(traces, args)[0] if traces is not None else None  # fails on a trace without thinking text
     problems = None

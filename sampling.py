@@ -128,10 +128,9 @@ class Sampler:
                 self.llm = LLM(model, **kwargs)
             except (ValueError, RuntimeError, MemoryError) as e:  # vLLM's reasons: too little memory, bad sizes
                 reason = " ".join(str(e).split()) or type(e).__name__
-                raise utils.UserError(f"vLLM engine for {model} could not start: {reason}; lower the run's --max-* "
-                                      f"lengths (max_model_len {kwargs.get('max_model_len', 'the model')}), or raise "
-                                      f"VLLM_CPU_KVCACHE_SPACE (CPU, GiB) / --gpu-memory-utilization (GPU)",
-                                      every_rank=True) from e
+                # not every_rank: one rank may fail alone (its GPU busy); run_main names the rank
+                raise utils.UserError(f"vLLM engine for {model} could not start: {reason}; "
+                                      f"{engine_start_hint(reason, kwargs.get('max_model_len'))}") from e
             self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         else:
             self.model = utils.load_model(model, dtype)
@@ -310,6 +309,18 @@ def load_on_host(path: str, dtype: str = "auto"):
     engine of `dtype` runs in on this process's device ('auto': bf16 on a GPU): no second copy
     of the model on the GPU that the engine shares, and no fp32 copy on the host."""
     return utils.load_model(path, utils.torch_dtype(dtype, utils.default_device()), "cpu")
+
+
+def engine_start_hint(reason: str, max_model_len: int | None) -> str:
+    """What to change when a vLLM engine does not start, from vLLM's reason: when the GPU has
+    less free memory than --gpu-memory-utilization asks for (other engines or processes hold
+    it), lower that share; otherwise (the KV cache cannot hold one sequence, ...) lower the
+    run's lengths or give the cache more room."""
+    if "Free memory on device" in reason or "less than desired GPU memory utilization" in reason:
+        return ("lower --gpu-memory-utilization: this GPU has less free memory than the share asks for "
+                "(other engines or processes hold the rest)")
+    return (f"lower the run's --max-* lengths (max_model_len {max_model_len or 'the model'}), or raise "
+            f"VLLM_CPU_KVCACHE_SPACE (CPU, GiB) / --gpu-memory-utilization (GPU, while memory is free)")
 
 
 def resolve_eager(value: str | None, cuda: bool) -> bool:

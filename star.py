@@ -133,8 +133,9 @@ class Args:
     """field of a data record holding the problem text"""
     answer_field: str = "answer"
     """field of a data record holding the gold answer"""
-    instruction: str = utils.DEFAULT_INSTRUCTION
-    """instruction in the user turn for models with a chat template"""
+    instruction: str | None = None
+    """instruction in the user turn for models with a chat template (default: the one in the
+    model's mrt.json when this project wrote it, else the standard one)"""
     out: str = ""
     """run folder ('' : runs/star/<method>)"""
     seed: int = 0
@@ -197,7 +198,8 @@ class Args:
     report_to: str = "none"
     """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
+    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
+    weights and optimizer state stay fp32"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False
@@ -437,6 +439,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         default_path, toy_paths = utils.default_model()
         model_path = model_path or default_path
     base_path = base_path or model_path
+    args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
     for path in dict.fromkeys(p for p in (model_path, base_path, args.mu_model) if p):
         utils.load_tokenizer(path)  # a missing or unloadable model is a one-line error
     tok = utils.load_tokenizer(base_path)

@@ -141,25 +141,48 @@ def load_trainer(path: str, dtype: str = "auto", device: str | None = None, grad
 
 def _sharded_on_meta(path: str, cfg, device: str, activation_checkpointing: bool, compute_dtype,
                      param_dtype=None):
-    """The model built on the meta device (no memory), sharded with FSDP2, then given
-    uninitialized storage for its shards on `device`. Its non-persistent buffers (the rotary
-    frequencies, computed from the config, never in a checkpoint) are computed here by
-    transformers' own initializer of the module that holds them; the parameters and persistent
+    """The model built with its parameters on the meta device (no memory), sharded with FSDP2,
+    then given uninitialized storage for its shards on `device`. Its buffers are real from the
+    start: each module's own constructor computes them on the CPU (the rotary frequencies,
+    computed from the config and never in a checkpoint, as the model built by from_pretrained
+    has them), and they are copied into the storage on `device`. The parameters and persistent
     buffers are left for load_trainer to fill."""
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    with torch.device("meta"):
+    with _parameters_on_meta():
         model = AutoModelForCausalLM.from_config(cfg, dtype=param_dtype or torch.float32)
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}  # small: frequencies, ids
     with contextlib.suppress(OSError):
         model.generation_config = GenerationConfig.from_pretrained(path)
     shard_model(model, activation_checkpointing, compute_dtype)
     model.to_empty(device=device)
     with torch.no_grad():
-        for module in model.modules():
-            if module._non_persistent_buffers_set:
-                model._init_weights(module)
+        for name, b in buffers.items():
+            model.get_buffer(name).copy_(b)
     return model
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Inside the block, every parameter a module registers is moved to the meta device (no
+    memory; a parameter already there, e.g. a tied one, is kept as it is), while buffers stay
+    where their module's code puts them."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(self, name, param):
+        register(self, name, param)
+        p = self._parameters[name]
+        if p is not None and p.device.type != "meta":
+            self._parameters[name] = torch.nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
 
 
 def _state_entries(model):
@@ -253,13 +276,12 @@ def _scatter_from_rank0(target, full) -> None:
     rank its own rows, read and cast to the target's dtype a piece (_pieces) at a time; each
     rank receives into its shard. No rank holds a full copy of the tensor; rank 0 holds its
     shard plus one piece in flight."""
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     if not isinstance(target, DTensor):
         if full is not None:
             target.data.copy_(full[:] if target.dim() else full)
-        dist.broadcast(target.data, src=0)
+        utils.broadcast_(target.data, src=0)
         return
     local = target.to_local().data  # this rank's rows, a view of its shard
     if not local.is_contiguous():
@@ -274,10 +296,10 @@ def _scatter_from_rank0(target, full) -> None:
                 if k == 0:
                     mine.copy_(piece)
                 else:
-                    dist.send(piece.contiguous(), dst=k)
+                    utils.send(piece, dst=k)
                 del piece
             else:
-                dist.recv(mine, src=0)
+                utils.recv_(mine, src=0)
 
 
 def _gather_to_rank0(t, dtype=None):
@@ -286,7 +308,6 @@ def _gather_to_rank0(t, dtype=None):
     piece at a time, which casts each into place: no other rank holds more than its shard;
     rank 0 holds the full tensor in `dtype` plus one piece."""
     import torch
-    import torch.distributed as dist
     from torch.distributed.tensor import DTensor
 
     local = t.to_local().detach() if isinstance(t, DTensor) else t.detach()
@@ -299,12 +320,12 @@ def _gather_to_rank0(t, dtype=None):
             continue
         for a, m in _pieces(start, count, t):
             if not utils.is_main():
-                dist.send(local[a - start:a - start + m].contiguous(), dst=0)
+                utils.send(local[a - start:a - start + m], dst=0)
             elif k == 0:
                 full[a:a + m] = local[a - start:a - start + m].to("cpu", dtype)
             else:
                 piece = torch.empty((m, *t.shape[1:]), dtype=t.dtype, device=local.device)  # (m, ...)
-                dist.recv(piece, src=k)
+                utils.recv_(piece, src=k)
                 full[a:a + m] = piece.to("cpu", dtype)
                 del piece
     return full
@@ -358,7 +379,6 @@ def _gather_bucket(bucket: list, dtype):
     layout, the same size on every rank), and the full tensors are cut from the gathered
     buffers. Every rank must call it with the same bucket."""
     import torch
-    import torch.distributed as dist
 
     if not bucket:
         return
@@ -374,7 +394,7 @@ def _gather_bucket(bucket: list, dtype):
         mine = t.to_local().detach()  # (rows of this rank, ...)
         local[off:off + mine.numel()] = mine.reshape(-1)
     gathered = torch.empty(world * length, dtype=dtype, device=device)  # (world * L,): rank k's buffer at k * L
-    dist.all_gather_single(gathered, local, group=bucket[0][0].device_mesh.get_group())
+    utils.all_gather_into(gathered, local, group=bucket[0][0].device_mesh.get_group())
     del local
     if len(layout) == 1 and all(count == layout[0][2][0][1] for _, count in layout[0][2]):
         fulls = [gathered.view(layout[0][0].shape)]  # one tensor in equal shards: the buffer is the tensor

@@ -52,10 +52,12 @@ model is pretrained to answer after it; `--mu-suffix` replaces it for other mode
 DEFAULT_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 
 
-def build_prompt(tokenizer, problem: str, instruction: str = DEFAULT_INSTRUCTION) -> str:
+def build_prompt(tokenizer, problem: str, instruction: str | None = DEFAULT_INSTRUCTION) -> str:
     """The prompt for a problem: the tokenizer's chat template (one user turn holding the
-    problem and the instruction, generation prompt added) or, for tokenizers without one
-    (base models, the toy model), the plain form "Problem: ...\\nSolution:\\n"."""
+    problem and the instruction, DEFAULT_INSTRUCTION when None; generation prompt added) or,
+    for tokenizers without one (base models, the toy model), the plain form
+    "Problem: ...\\nSolution:\\n"."""
+    instruction = DEFAULT_INSTRUCTION if instruction is None else instruction
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
         content = f"{problem}\n\n{instruction}" if instruction else problem
         return tokenizer.apply_chat_template(
@@ -110,13 +112,40 @@ def parse_args(cls, argv: Sequence[str] | None = None):
 
 
 def run_main(fn: Callable, *args, **kwargs):
-    """Call fn; a UserError becomes one line on stderr and exit status 2."""
+    """Call fn; a UserError becomes one line on stderr and exit status 2. Under torchrun, an
+    error marked every_rank is said by rank 0 only; any other names the rank that met it
+    ("error: rank 3: ..."), so that a failure of one rank is never hidden behind rank 0."""
     try:
         return fn(*args, **kwargs)
     except UserError as e:
         if is_main() or not getattr(e, "every_rank", False):  # the same error on every rank: rank 0 says it
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {error_line(e)}", file=sys.stderr)
         sys.exit(2)
+
+
+def error_line(e: UserError) -> str:
+    """What run_main prints after "error: ": the message, after "rank k: " when the process
+    is one of several torchrun ranks and the error is not one every rank meets alike."""
+    return f"rank {rank()}: {e}" if is_distributed() and not getattr(e, "every_rank", False) else str(e)
+
+
+def stage_instruction(given: str | None, model_path: str) -> str:
+    """The instruction of a stage's prompts: --instruction when given; else the one the model
+    was trained with when this project wrote it (its mrt.json's args.instruction), said in one
+    line; else DEFAULT_INSTRUCTION. So a model fine-tuned with one instruction is trained and
+    evaluated on the same prompt by the stages after it."""
+    if given is not None:
+        return given
+    if not model_path:
+        return DEFAULT_INSTRUCTION
+    card = os.path.join(str(model_path), "mrt.json")
+    args = json_field(card, "args") if os.path.isfile(card) else None
+    used = args.get("instruction") if isinstance(args, dict) else None
+    if isinstance(used, str):
+        if used != DEFAULT_INSTRUCTION:
+            print0(f"instruction: {used!r}, the one {card} was trained with (--instruction to change it)")
+        return used
+    return DEFAULT_INSTRUCTION
 
 
 # --------------------------------------------------------------------------------------
@@ -574,14 +603,27 @@ def load_tokenizer(path: str):
     return tok
 
 
+_SAID: set[str] = set()
+
+
 def torch_dtype(name: str, device: str):
-    """'auto' is bfloat16 on GPU, float32 on CPU."""
+    """'auto' is bfloat16 on a GPU that supports it (torch.cuda.is_bf16_supported: Ampere and
+    later), float16 on an older GPU (V100, T4; vLLM refuses bf16 there), said in one line, and
+    float32 on CPU. float16 compute in the trainer has no loss scaling (gradients are reduced
+    and kept in fp32): where its gradients underflow, --dtype fp32."""
     import torch
 
     if isinstance(name, torch.dtype):
         return name
     if name == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        if not str(device).startswith("cuda"):
+            return torch.float32
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if "fp16" not in _SAID:
+            _SAID.add("fp16")
+            print0(f"--dtype auto: float16, since this GPU ({device}) has no bfloat16 (--dtype fp32 for full precision)")
+        return torch.float16
     names = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
              "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
     if name not in names:
@@ -591,7 +633,7 @@ def torch_dtype(name: str, device: str):
 
 def load_model(path: str, dtype: str = "auto", device: str | None = None):
     """Any Hugging Face causal LM by local path or hub name, on `device` (default: this
-    rank's device), in `dtype` ('auto': bf16 on GPU, fp32 on CPU)."""
+    rank's device), in `dtype` ('auto': see torch_dtype)."""
     from transformers import AutoModelForCausalLM
 
     check_model_path(path)
@@ -599,6 +641,21 @@ def load_model(path: str, dtype: str = "auto", device: str | None = None):
     with loading_errors(path):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype, device))
     return model.to(device)
+
+
+GPU_MEMORY_SHARE = 0.85
+"""The share of GPU memory the sampling engines of an evaluation process (evaluate.py,
+r1_analysis.py) take together by default: each engine gets its part (engine_memory_share)."""
+
+
+def engine_memory_share(given: float, engines: int, total: float = GPU_MEMORY_SHARE) -> float:
+    """--gpu-memory-utilization of each engine of a process that holds `engines` of them at
+    once: `given` when set (> 0; then the user sizes them), else `total` split evenly. vLLM
+    checks at start that the share is still free on the GPU, so N engines at 0.85 each cannot
+    all start."""
+    if given < 0 or given > 1:
+        raise UserError(f"--gpu-memory-utilization must be in (0, 1] (0: {total} over the engines), got {given}")
+    return given if given > 0 else round(total / max(1, engines), 4)
 
 
 # --------------------------------------------------------------------------------------
@@ -704,17 +761,107 @@ def default_device() -> str:
     return "cpu"
 
 
+DIST_TIMEOUT_HOURS = 8
+"""How long a rank waits in a collective before the process group gives up (torch's default is
+10 minutes under NCCL). Ranks wait that long on purpose: in object collectives while other
+ranks finish their share of sampling (evaluate.py, r1_analysis.py, warmstart.py's search), and
+while rank 0 reads and scatters a large model (training.load_trainer)."""
+
+
 def init_distributed() -> tuple[int, int, str]:
-    """Start the process group when run under torchrun (nccl on GPU, gloo on CPU).
+    """Start the process group when run under torchrun: nccl on GPU (bound to this rank's
+    device, `device_id`), gloo on CPU, both with a timeout of DIST_TIMEOUT_HOURS.
     Returns (rank, world_size, device); a plain `python` run is rank 0 of 1."""
+    import datetime
+
     import torch
     import torch.distributed as dist
 
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and not dist.is_initialized():
+        kwargs = {"timeout": datetime.timedelta(hours=DIST_TIMEOUT_HOURS)}
         if has_cuda():
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        dist.init_process_group("nccl" if has_cuda() else "gloo")
+            local = int(os.environ["LOCAL_RANK"])
+            torch.cuda.set_device(local)  # object collectives under NCCL use the current device
+            kwargs["device_id"] = torch.device("cuda", local)
+        dist.init_process_group("nccl" if has_cuda() else "gloo", **kwargs)
     return rank(), world_size(), default_device()
+
+
+def collective_device(group=None):
+    """The device a tensor must be on for a collective of `group` (default: the world): this
+    rank's CUDA device under NCCL (which takes no CPU tensor), the CPU under any other backend
+    (gloo; a "cpu:gloo,cuda:nccl" group takes CPU tensors through gloo). Every tensor
+    collective of the project goes through the helpers below, which put tensors there."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def has_group() -> bool:
+    """Whether a torch.distributed group exists (torchrun's, of any world size, or the one of
+    a vLLM engine in a plain process). The tensor helpers use it whenever it exists, so that
+    `torchrun --nproc_per_node 1` on one GPU puts every collective through NCCL."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce(tensor, op: str = "sum"):
+    """A new tensor: `tensor` reduced ("sum" or "max") over the ranks, on `tensor`'s device and
+    dtype; moved to the group's device for the collective (collective_device). Without a
+    process group, a copy."""
+    import torch.distributed as dist
+
+    if not has_group():
+        return tensor.clone()
+    ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+    t = tensor.to(collective_device(), copy=True)
+    dist.all_reduce(t, op=ops[op])
+    return t.to(tensor.device)
+
+
+def broadcast_(tensor, src: int = 0) -> None:
+    """Fill `tensor` in place with rank `src`'s (through the group's device)."""
+    import torch.distributed as dist
+
+    dev = collective_device()
+    t = tensor if tensor.device == dev else tensor.to(dev)
+    dist.broadcast(t, src=src)
+    if t is not tensor:
+        tensor.copy_(t)
+
+
+def all_gather_into(output, tensor, group=None) -> None:
+    """Fill `output` (world x `tensor`'s elements, concatenated in rank order) with every rank's
+    `tensor`, through the group's device (FSDP2 shards already live there: no copy then)."""
+    import torch.distributed as dist
+
+    dev = collective_device(group)
+    out = output if output.device == dev else output.new_empty(output.shape, device=dev)
+    dist.all_gather_into_tensor(out, tensor.to(dev).contiguous(), group=group)
+    if out is not output:
+        output.copy_(out)
+
+
+def send(tensor, dst: int) -> None:
+    """Send `tensor` to rank `dst` (point to point, through the group's device)."""
+    import torch.distributed as dist
+
+    dist.send(tensor.to(collective_device()).contiguous(), dst=dst)
+
+
+def recv_(tensor, src: int) -> None:
+    """Fill `tensor` in place with what rank `src` sends (through the group's device)."""
+    import torch.distributed as dist
+
+    dev = collective_device()
+    t = tensor if tensor.device == dev and tensor.is_contiguous() else tensor.new_empty(tensor.shape, device=dev)
+    dist.recv(t, src=src)
+    if t is not tensor:
+        tensor.copy_(t)
 
 
 def all_gather(obj) -> list:

@@ -77,7 +77,6 @@ from __future__ import annotations
 
 import codecs
 import dataclasses
-import gc
 import json
 import math
 import os
@@ -129,8 +128,9 @@ class Args:
     """field of a data record holding the problem text"""
     answer_field: str = "answer"
     """field of a data record holding the gold answer"""
-    instruction: str = utils.DEFAULT_INSTRUCTION
-    """instruction in the user turn for models with a chat template (ask for "Step k:" labels)"""
+    instruction: str | None = None
+    """instruction in the user turn for models with a chat template (ask for "Step k:" labels;
+    default: the one in the model's mrt.json when this project wrote it, else the standard one)"""
     out: str = ""
     """run folder ('' : runs/warmstart for backtrack, runs/warmstart-<scheme> otherwise)"""
     search_from: str = ""
@@ -194,9 +194,13 @@ class Args:
     report_to: str = "none"
     """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32; weights and optimizer state stay fp32"""
+    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
+    weights and optimizer state stay fp32"""
     gpu_memory_utilization: float = 0.3
     """share of GPU memory the search's vLLM engine may take (its weights and KV cache)"""
+    sleep_mode: str = "auto"
+    """auto | on | off: vLLM sleep mode, the search engine's weights and KV cache leave the GPU
+    during SFT (auto: on with CUDA; vLLM's CPU build has none)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     z0_loss: bool = False
@@ -477,9 +481,7 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
     bar = tqdm(range(start, total), desc="sft", disable=not utils.is_main(), initial=start, total=total)
     for step in bar:
         mine = [data[i] for i in batch_indices(step)]  # per_rank examples
-        n_items = torch.tensor(float(sum(len(s) - p for s, p in mine)), device=device)  # completion tokens
-        if utils.is_distributed():
-            torch.distributed.all_reduce(n_items)  # of the global batch
+        n_items = utils.all_reduce(torch.tensor(float(sum(len(s) - p for s, p in mine)), device=device))  # global batch
         nll_local = 0.0
         for k in range(0, per_rank, M):
             ids, attn, loss_mask = sft_batch(mine[k:k + M], tok.pad_token_id)
@@ -575,16 +577,30 @@ def search_need(args: Args, prompt_tokens: int) -> int:
     return prompt_tokens + args.max_depth * (args.max_step_tokens + 2) + max(args.max_tokens, args.max_step_tokens) + 16
 
 
-def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler=None) -> list[dict]:
+ENGINES: list = []
+"""The search engines this process built: referenced for its whole life. Freeing one would
+end vLLM's process-wide state and, under torchrun, the process group with it (vLLM's shutdown
+calls cleanup_dist_env_and_memory), so that SFT would run unsharded on every rank."""
+
+
+def search_engine(args: Args, model_path: str, problems: list[dict], seed: int) -> sampling.Sampler:
+    """The search's vLLM engine (or transformers sampler), sized from the run's lengths, with
+    --sleep-mode; kept in ENGINES."""
+    tok = utils.load_tokenizer(model_path)
+    longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
+    sampler = sampling.Sampler(model_path, seed=seed, dtype=args.dtype, sleep_mode=args.sleep_mode,
+                               gpu_memory_utilization=args.gpu_memory_utilization,
+                               max_model_len=sampling.engine_length(model_path, search_need(args, longest)))
+    ENGINES.append(sampler)
+    return sampler
+
+
+def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler: sampling.Sampler) -> list[dict]:
     """Trees and plain attempts for every problem: problems split over ranks, gathered on all."""
     from tqdm import tqdm
 
     rank, world = utils.rank(), utils.world_size()
-    tok = sampler.tokenizer if sampler is not None else utils.load_tokenizer(model_path)
-    if sampler is None:
-        longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
-        sampler = sampling.Sampler(model_path, seed=seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-                                   max_model_len=sampling.engine_length(model_path, search_need(args, longest)))
+    tok = sampler.tokenizer
     mine = problems[rank::world]
     n_batches = math.ceil(len(problems) / (world * args.search_batch))  # the same on every rank
     records = []
@@ -615,7 +631,8 @@ def search_summary(records: list[dict]) -> dict:
 
 def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     """Search, build traces, fine-tune; returns the summary. `sampler`: a ready engine on the
-    model (tests); it is left holding the original weights."""
+    model (tests); it is left holding the original weights, awake. An engine built here stays
+    referenced for the process's life (ENGINES) and sleeps through SFT (--sleep-mode)."""
     if args.plot:
         plot_losses(args.plot, args.plot_out)
         return {"plot": args.plot_out}
@@ -626,6 +643,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     if not model_path or not data_path:
         paths = toy.ensure_built()
         model_path, data_path = model_path or paths["base"], data_path or paths["train"]
+    args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
     problems = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems)
     for path in (args.search_from,) if args.search_from else ():
         if not os.path.isfile(path):
@@ -636,17 +654,19 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
 
     # ---- search: trees with rollout values, plain attempts ---------------------------------
     search_path = os.path.join(out, "search.jsonl")
-    t0 = time.time()
+    t0, engine = time.time(), None
     if args.search_from or (args.resume and os.path.exists(search_path)):
         src = args.search_from or search_path
         records = utils.read_records(src, ["problem", "answer", "nodes", "attempts"])
         utils.print0(f"reusing the search of {src} ({len(records)} problems)")
     else:
-        records = search(args, model_path, problems, args.seed, sampler)
-        gc.collect()  # an engine built by `search` is gone: its memory goes back before training
+        engine = sampler if sampler is not None else search_engine(args, model_path, problems, args.seed)
+        records = search(args, model_path, problems, args.seed, engine)
         if utils.is_main():
             utils.write_jsonl(search_path, records)
     summary = {"search": search_summary(records), "search_seconds": round(time.time() - t0, 1)}
+    if engine is not None:
+        summary["search_engine"] = {"backend": engine.backend, "sleep_mode": engine.sleep_mode}
     utils.print0("search: " + json.dumps(summary["search"]))
 
     # ---- traces ----------------------------------------------------------------------------
@@ -678,6 +698,9 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     card = {"stage": "warmstart", "variant": args.scheme, "format": SCHEMES[args.scheme], "base": model_path,
             "base_build": toy.built_fingerprint(model_path), "args": dataclasses.asdict(args)}
     t0 = time.time()
+    for engine in ENGINES:  # the search engine (if any) sleeps through SFT; it stays referenced
+        engine.sleep()
+    summary["sft_world"] = utils.world_size()  # the trainer's ranks: FSDP2 shards over them
     model = sft(model_path, [sft_example(t, args.z0_loss) for t in traces], args, model_dir=os.path.join(out, "model"),
                 log_path=os.path.join(out, "log.jsonl"), ckpt_path=os.path.join(out, "checkpoint"), card=card,
                 resume=args.resume, report_to=args.report_to,

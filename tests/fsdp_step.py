@@ -5,11 +5,11 @@ for tests/test_fsdp.py, which runs it both ways and compares what it saves.
     torchrun --standalone --nproc_per_node 2 tests/fsdp_step.py --base /work/toy-dev/base --out /tmp/two --sample
 
 Rank 0 saves to --out/result.pt: the weights as loaded (training.load_trainer, with its frozen
-reference copy) and whether the embeddings are still tied, the loss and gradient norm of the step, the full gradients,
-the full updated weights, and the weights after a second step taken by a model restored from
-the checkpoint written after the first (training.save_checkpoint/load_checkpoint). It also saves
-the updated model with training.save_pretrained under --out/hf. With --sample, every rank builds
-its own vLLM engine, samples its own prompt before and after `sync_weights` from the sharded
+reference copy), every rank's buffers of both, and whether the embeddings are still tied, the
+loss and gradient norm of the step, the full gradients, the full updated weights, and the
+weights after a second step taken by a model restored from the checkpoint written after the
+first (training.save_checkpoint/load_checkpoint). It also saves the updated model with
+training.save_pretrained under --out/hf. With --sample, every rank builds its own vLLM engine, samples its own prompt before and after `sync_weights` from the sharded
 model, and writes --out/sample_<rank>.json with the engine's results next to transformers'
 (and its first unseeded samples of a prompt shared by all ranks).
 """
@@ -48,21 +48,15 @@ def batch(tokenizer):
 def step(model, opt, ctx, comp, world, pad_id):
     """Token-mean cross-entropy over the whole (all-rank) batch, one clipped AdamW step.
     FSDP2 averages gradients over ranks, so each rank's sum is scaled by world / N_total."""
-    import torch.distributed as dist
-
     nll, mask, _ = training.completion_logprobs(model, ctx, comp, pad_id)  # (b, Tc)
     nll = -nll
     n_local = mask.sum()
-    n_total = n_local.clone()
-    if world > 1:
-        dist.all_reduce(n_total)
+    n_total = utils.all_reduce(n_local)
     local_sum = (nll * mask).sum()
     (local_sum * world / n_total).backward()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)  # active: the norm was 0.2-0.7 on toy builds
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    loss = local_sum.detach().clone()
-    if world > 1:
-        dist.all_reduce(loss)
+    loss = utils.all_reduce(local_sum.detach())
     grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
              for n, p in model.named_parameters()}
     opt.step()
@@ -71,8 +65,9 @@ def step(model, opt, ctx, comp, world, pad_id):
 
 
 def new_model_and_opt(base, reference=False):
-    """training.load_trainer: read by rank 0 only, each rank sent its own rows, under torchrun."""
-    model, ref = training.load_trainer(base, dtype="fp32", device="cpu", reference=reference)
+    """training.load_trainer: read by rank 0 only, each rank sent its own rows, under torchrun;
+    on this rank's device (the CPU under gloo, its GPU under NCCL)."""
+    model, ref = training.load_trainer(base, dtype="fp32", device=utils.default_device(), reference=reference)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.1)
     return (model, opt, ref) if reference else (model, opt)
 
@@ -138,6 +133,9 @@ def run(base: str, out: str, sample: bool = False) -> None:
 
     model, opt, ref_model = new_model_and_opt(base, reference=True)
     loaded, ref_state = training.full_state_dict(model), training.full_state_dict(ref_model)
+    # every buffer, non-persistent ones (rotary frequencies) included, on every rank
+    buffers = utils.all_gather({f"{k}{n}": b.detach().cpu().clone() for k, m in (("", model), ("ref.", ref_model))
+                                for n, b in m.named_buffers()})
     tied = model.lm_head.weight is model.model.embed_tokens.weight  # the toy ties them
     del ref_model
     loss, grad_norm, grads, n_local = step(model, opt, ctx, comp, world, tok.pad_token_id)
@@ -153,15 +151,12 @@ def run(base: str, out: str, sample: bool = False) -> None:
     step(model2, opt2, ctx, comp, world, tok.pad_token_id)
     second, second_restored = training.full_state_dict(model), training.full_state_dict(model2)
 
-    counts = [None] * world
-    if world > 1:
-        torch.distributed.all_gather_object(counts, n_local)
-    else:
-        counts = [n_local]
+    counts = utils.all_gather(n_local)
     if utils.is_main():
         torch.save({"loss": loss, "grad_norm": grad_norm, "grads": grads, "state": state, "restored": restored,
                     "extra": extra, "second": second, "second_restored": second_restored, "tokens": counts,
-                    "world": world, "loaded": loaded, "ref_state": ref_state, "tied": tied}, os.path.join(out, "result.pt"))
+                    "world": world, "loaded": loaded, "ref_state": ref_state, "tied": tied, "buffers": buffers},
+                   os.path.join(out, "result.pt"))
     training.save_pretrained(model, tok, os.path.join(out, "hf"))  # the model after two steps
     training.save_pretrained(model, tok, os.path.join(out, "hf_parts"), shard_bytes=1 << 20)  # in several files
     if world > 1:

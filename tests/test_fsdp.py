@@ -217,3 +217,36 @@ def test_hf_sampler_sync_copies_into_its_own_tensors(memory_run):
     """The transformers fallback takes the sharded trainer's weights tensor by tensor into its
     own storage (no state dict of the whole model is built), on every rank."""
     assert memory_run["hf_sync"] == [{"equal": True, "in_place": True}] * 2
+
+
+def test_every_buffer_as_from_pretrained(runs, toy_paths):
+    """The trainer built on the meta device and sharded under torchrun (policy and reference)
+    holds every buffer of the model from_pretrained builds, the non-persistent rotary
+    frequencies (never in a checkpoint) included, on every rank."""
+    from transformers import AutoModelForCausalLM
+
+    disk = AutoModelForCausalLM.from_pretrained(toy_paths["base"], dtype=torch.float32)
+    want = dict(disk.named_buffers())
+    assert any(n not in disk.state_dict() for n in want)  # a non-persistent buffer is among them
+    for r in (runs["one"], runs["two"]):
+        assert len(r["buffers"]) == r["world"]
+        for got in r["buffers"]:
+            assert sorted(got) == sorted([*want, *("ref." + n for n in want)])
+            for n, b in got.items():
+                assert torch.equal(b, want[n.removeprefix("ref.")]), n
+
+
+def test_meta_build_computes_buffers_without_transformers_initializer(toy_paths, monkeypatch):
+    """training._sharded_on_meta takes the buffers from the modules' own constructors, not from
+    transformers' private `_init_weights` (which other transformers versions may not have fill
+    them): with it made a no-op, the buffers still equal from_pretrained's."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    disk = AutoModelForCausalLM.from_pretrained(toy_paths["base"], dtype=torch.float32)
+    for cls in type(disk).__mro__:
+        if "_init_weights" in cls.__dict__:
+            monkeypatch.setattr(cls, "_init_weights", lambda self, module: None)
+    model = training._sharded_on_meta(toy_paths["base"], AutoConfig.from_pretrained(toy_paths["base"]), "cpu",
+                                      False, None)  # one process: not sharded
+    for n, b in disk.named_buffers():
+        assert torch.equal(model.get_buffer(n), b), n

@@ -5,9 +5,11 @@ padding, log-probabilities and prompts."""
 
 from __future__ import annotations
 
+import ast
 import json
 import multiprocessing as mp
 import os
+import re
 import runpy
 import stat
 import subprocess
@@ -725,3 +727,189 @@ def test_has_cuda_runs_the_visibility_check(tmp_path):
     smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver'\nexit 9\n")
     r = run()
     assert (r.returncode, r.stdout) == (0, "False\n"), r.stderr
+
+
+# --------------------------------------------------------------------------------------
+# The GPU path, decided here with the backend, device count or engine mocked
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend, want", [("nccl", "cuda:1"), ("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu")])
+def test_collective_device_follows_the_backend(backend, want, monkeypatch):
+    """NCCL takes only CUDA tensors (this rank's device); gloo, and a mixed group's CPU side, the CPU."""
+    monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert utils.collective_device() == torch.device(want)
+
+
+COLLECTIVE = re.compile(r"\b(?:dist|torch\.distributed)\.(all_reduce|all_gather|all_gather_into_tensor|all_gather_single|reduce_scatter"
+                        r"|reduce_scatter_tensor|broadcast|reduce|send|recv|isend|irecv|scatter|gather|all_to_all)\(")
+
+
+def test_every_tensor_collective_goes_through_utils():
+    """A guard: outside utils.py's helpers (which put the tensor on the group's device), no
+    script calls a torch.distributed tensor collective itself."""
+    files = [f for f in os.listdir(ROOT) if f.endswith(".py")] + \
+        [os.path.join("bench", f) for f in os.listdir(os.path.join(ROOT, "bench")) if f.endswith(".py")] + \
+        [os.path.join("tests", "fsdp_step.py")]
+    found = []
+    for f in files:
+        for i, line in enumerate(open(os.path.join(ROOT, f)), 1):
+            if COLLECTIVE.search(line):
+                found.append((f, i, line.strip()))
+    helpers = {"all_reduce", "broadcast_", "all_gather_into", "send", "recv_"}
+    tree = ast.parse(open(os.path.join(ROOT, "utils.py")).read())
+    spans = [(n.lineno, n.end_lineno) for n in tree.body if isinstance(n, ast.FunctionDef) and n.name in helpers]
+    outside = [(f, i, s) for f, i, s in found if f != "utils.py" or not any(a <= i <= b for a, b in spans)]
+    assert outside == [], outside
+    assert len(found) == 5  # the five helpers themselves
+
+
+@pytest.mark.parametrize("cuda", [True, False])
+def test_init_distributed_sets_a_long_timeout_and_the_device(cuda, monkeypatch):
+    """Under torchrun: nccl bound to this rank's GPU (device_id, set_device first) or gloo,
+    each with a timeout of hours (NCCL's default of 10 minutes would end ranks that wait for
+    others' sampling or for rank 0's read of a large model)."""
+    calls = {}
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(utils, "has_cuda", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.setdefault("set_device", d))
+    monkeypatch.setattr(torch.distributed, "init_process_group",
+                        lambda backend, **kw: calls.setdefault("init", (backend, kw)))
+    rank, world, device = utils.init_distributed()
+    backend, kw = calls["init"]
+    assert kw["timeout"].total_seconds() >= 3600 * utils.DIST_TIMEOUT_HOURS >= 3600
+    if cuda:
+        assert backend == "nccl" and kw["device_id"] == torch.device("cuda", 1) and calls["set_device"] == 1
+        assert device == "cuda:1"
+    else:
+        assert backend == "gloo" and "device_id" not in kw and "set_device" not in calls and device == "cpu"
+
+
+def test_dtype_auto_is_fp16_on_a_gpu_without_bf16(monkeypatch, capsys):
+    monkeypatch.setattr(utils, "_SAID", set())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert utils.torch_dtype("auto", "cuda:0") is torch.bfloat16
+    assert utils.torch_dtype("auto", "cpu") is torch.float32
+    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)  # V100, T4
+    assert utils.torch_dtype("auto", "cuda:0") is torch.float16
+    assert utils.torch_dtype("auto", "cuda:0") is torch.float16
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and "float16" in out[0] and "bfloat16" in out[0]  # said once
+    assert utils.torch_dtype("bf16", "cuda:0") is torch.bfloat16  # what the user asks for stands
+
+
+def test_engine_memory_share_splits_the_default_over_the_engines(monkeypatch):
+    assert utils.engine_memory_share(0.0, 1) == 0.85
+    assert utils.engine_memory_share(0.0, 2) == 0.425
+    assert utils.engine_memory_share(0.0, 3) == 0.2833
+    assert utils.engine_memory_share(0.4, 3) == 0.4  # the user's share stands
+    with pytest.raises(utils.UserError, match="gpu-memory-utilization"):
+        utils.engine_memory_share(1.5, 1)
+    import evaluate
+    import r1_analysis
+
+    runs = {"a": "m1", "b": "m2", "c": "m1"}
+    assert evaluate.engines_held(runs, None, world=1) == 1  # a plain run frees each engine first
+    assert evaluate.engines_held(runs, None, world=8) == 2  # under torchrun every model's engine stays up
+    assert evaluate.engines_held(runs, {"m1": object()}, world=8) == 1  # a ready engine is not built
+    monkeypatch.setattr(utils, "is_distributed", lambda: True)
+    engines = r1_analysis.Engines(r1_analysis.Args(), {}, {"model": 10, "mu": 20, "direct": 30})
+    assert engines.share == 0.2833
+    assert r1_analysis.Engines(r1_analysis.Args(gpu_memory_utilization=0.5), {}, {"model": 10, "mu": 20}).share == 0.5
+    monkeypatch.setattr(utils, "is_distributed", lambda: False)
+    assert r1_analysis.Engines(r1_analysis.Args(), {}, {"model": 10, "mu": 20}).share == 0.85
+
+
+def test_engine_start_hint_never_says_raise_when_the_gpu_is_full():
+    full = ("Free memory on device cuda:0 (30.1/79.2 GiB) on startup is less than desired GPU memory utilization "
+            "(0.85, 67.3 GiB). Decrease GPU memory utilization or reduce GPU memory used by other processes.")
+    hint = sampling.engine_start_hint(full, 4096)
+    assert "lower --gpu-memory-utilization" in hint and "raise" not in hint
+    kv = ("To serve at least one request with the model's max seq len (1048576), 4.0 GiB KV cache is needed, which "
+          "is larger than the available KV cache memory (1.0 GiB).")
+    hint = sampling.engine_start_hint(kv, 1048576)
+    assert "--max-*" in hint and "1048576" in hint and "raise" in hint
+
+
+def test_run_main_names_the_rank(monkeypatch, capsys):
+    """Under torchrun an error one rank may meet alone (an engine that cannot start on its GPU)
+    names that rank; one every rank meets alike is said by rank 0 only."""
+    def fail(every):
+        raise utils.UserError("engine could not start", every_rank=every)
+
+    monkeypatch.setattr(utils, "is_distributed", lambda: True)
+    monkeypatch.setattr(utils, "rank", lambda: 3)
+    for every, want in ((False, ["error: rank 3: engine could not start"]), (True, [])):
+        with pytest.raises(SystemExit) as e:
+            utils.run_main(fail, every)
+        assert e.value.code == 2 and capsys.readouterr().err.splitlines() == want
+    monkeypatch.setattr(utils, "rank", lambda: 0)
+    with pytest.raises(SystemExit):
+        utils.run_main(fail, True)
+    assert capsys.readouterr().err.splitlines() == ["error: engine could not start"]
+
+
+def test_stage_instruction_from_the_models_card(tmp_path, capsys):
+    model = tmp_path / "model"
+    model.mkdir()
+    assert utils.stage_instruction(None, str(model)) == utils.DEFAULT_INSTRUCTION  # no card: a base or hub model
+    assert utils.stage_instruction(None, "org/name") == utils.DEFAULT_INSTRUCTION
+    (model / "mrt.json").write_text(json.dumps({"stage": "warmstart", "args": {"seed": 0}}))
+    assert utils.stage_instruction(None, str(model)) == utils.DEFAULT_INSTRUCTION  # a card without one
+    capsys.readouterr()
+    own = "Solve it. Label every step as Step k: and box the answer."
+    (model / "mrt.json").write_text(json.dumps({"stage": "warmstart", "args": {"instruction": own}}))
+    assert utils.stage_instruction(None, str(model)) == own
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 1 and own in out[0] and "mrt.json" in out[0]
+    assert utils.stage_instruction("", str(model)) == ""  # given (even empty): it stands
+    assert utils.stage_instruction("Other.", str(model)) == "Other."
+    assert utils.build_prompt(None, "P", None) == "Problem: P\nSolution:\n"
+
+
+@pytest.mark.parametrize("name", ["warmstart", "star", "grpo", "infogain", "evaluate", "r1_analysis"])
+def test_every_stage_takes_instruction_defaulting_to_the_models_card(name):
+    field_ = {f.name: f for f in dataclasses.fields(__import__(name).Args)}["instruction"]
+    assert field_.default is None  # None: utils.stage_instruction decides
+    assert "utils.stage_instruction(" in open(os.path.join(ROOT, f"{name}.py")).read()
+
+
+def test_gpu_plan_hides_gpus_from_the_cpu_suite():
+    import conftest
+
+    plain = conftest.gpu_plan({}, "cpu")
+    assert plain == {"gpu_tests": False, "hide": True, "engine_skip": None}
+    assert conftest.gpu_plan({}, None)["engine_skip"] is None  # no vLLM: transformers samples on CPU
+    assert "CPU build" in conftest.gpu_plan({"MRT_TEST_GPUS": "0"}, "cuda")["engine_skip"]
+    assert conftest.gpu_plan({"MRT_TEST_GPUS": "1"}, "cuda") == {"gpu_tests": True, "hide": False, "engine_skip": None}
+    gpu = pytest.mark.gpu(2).mark
+    assert conftest.gpu_skip(None, False, 0) is None  # a CPU test in a CPU session
+    assert conftest.gpu_skip(gpu, False, 8) is not None  # GPU tests run only when asked for
+    assert "2 GPU" in conftest.gpu_skip(gpu, True, 1) and conftest.gpu_skip(gpu, True, 2) is None
+    assert conftest.gpu_skip(None, True, 2) is not None  # asked for GPU tests: the CPU ones skip
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+
+
+@pytest.mark.gpu(1)
+def test_tensor_collectives_on_a_real_nccl_group(tmp_path):
+    """torchrun --nproc_per_node 1 on one GPU: an NCCL group of one. Every helper takes a CPU
+    tensor (as grpo.py's token count is) and gives back a CPU tensor."""
+    code = ("import torch, utils\n"
+            "utils.init_distributed()\n"
+            "assert torch.distributed.get_backend() == 'nccl'\n"
+            "n = utils.all_reduce(torch.tensor(5.0))\n"
+            "assert n.device.type == 'cpu' and n.item() == 5.0\n"
+            "t = torch.zeros(3)\n"
+            "utils.broadcast_(t, src=0)\n"
+            "print('ok', utils.collective_device())\n")
+    script = tmp_path / "nccl_one.py"
+    script.write_text(code)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                        str(script)], cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "ok cuda:0" in r.stdout, r.stderr[-3000:]

@@ -5,6 +5,7 @@ warmstarted model writes the backtrack format on its own."""
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -294,3 +295,61 @@ def test_bad_input_one_line_exit_2(case, toy_paths, tmp_path, run_script):
     assert len(err) == 1 and err[0].startswith("error: "), err
     assert {"missing_file": "no such file", "malformed": ":2:", "missing_model": "does not exist"}[case] in err[0]
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------
+# The search engine through SFT; torchrun and --resume
+# --------------------------------------------------------------------------------------
+
+
+def test_search_engine_sleeps_through_sft_and_stays_referenced(engine, toy_paths, tmp_path, monkeypatch):
+    """An engine that main builds for the search is asleep when SFT starts (vLLM sleep mode
+    frees its GPU memory; CPU vLLM has none, so its sleep call is recorded here) and stays
+    referenced after main returns: freeing it would end vLLM's process-wide state and
+    torchrun's group with it."""
+    events = []
+    monkeypatch.setattr(warmstart, "ENGINES", [])
+
+    def built(args, model_path, problems, seed):  # the real engine (the session's), as search_engine keeps it
+        warmstart.ENGINES.append(engine)
+        return engine
+
+    sft = warmstart.sft
+    monkeypatch.setattr(warmstart, "search_engine", built)
+    monkeypatch.setattr(engine, "sleep", lambda: events.append("sleep"), raising=False)
+    monkeypatch.setattr(warmstart, "sft", lambda *a, **k: (events.append("sft"), sft(*a, **k))[1])
+    summary = warmstart.main(warmstart.Args(model=toy_paths["base"], data=toy_paths["train"], out=str(tmp_path / "w"),
+                                            **dict(WARMSTART_SMALL, problems=12, epochs=1)))
+    assert events == ["sleep", "sft"]
+    assert warmstart.ENGINES == [engine] and summary["sft_world"] == 1
+
+
+def test_torchrun_search_then_sharded_sft_and_resume(toy_paths, tmp_path):
+    """torchrun --nproc_per_node 2: the search's engines (one per rank) stay up, so SFT runs
+    with the process group of 2 (FSDP2 shards); --resume then reuses search.jsonl and continues
+    SFT from the checkpoint (here for a second epoch), its log steps following on."""
+    out = tmp_path / "w"
+    base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "warmstart.py",
+            "--model", toy_paths["base"], "--data", toy_paths["train"], "--out", str(out), "--preset", "toy",
+            "--problems", "16", "--beam-width", "2", "--expansions", "2", "--rollouts", "2", "--attempts", "2",
+            "--search-batch", "8", "--batch-size", "4", "--micro-batch-size", "2", "--save-every", "0"]
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+
+    def run(*extra):
+        p = subprocess.run(base + list(extra), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+        return p.stdout + p.stderr
+
+    run("--epochs", "1")
+    first = json.load(open(out / "summary.json"))
+    steps = [json.loads(x)["step"] for x in open(out / "log.jsonl")]
+    assert first["sft_world"] == 2 and steps == list(range(1, len(steps) + 1))
+    search = (out / "search.jsonl").read_bytes()
+    log = run("--epochs", "2", "--resume")
+    assert "reusing the search" in log and f"resumed {out / 'checkpoint'} at step {len(steps)}/{2 * len(steps)}" in log
+    assert (out / "search.jsonl").read_bytes() == search
+    again = [json.loads(x) for x in open(out / "log.jsonl")]
+    assert [r["step"] for r in again] == list(range(1, 2 * len(steps) + 1))
+    assert all(b["tokens"] > a["tokens"] for a, b in zip(again, again[1:]))
+    assert json.load(open(out / "summary.json"))["sft_world"] == 2
+    assert json.load(open(out / "model" / "mrt.json"))["args"]["epochs"] == 2
