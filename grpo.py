@@ -22,6 +22,7 @@ Variants (flags; a variant only sets defaults, explicit flags win):
   --variant length   backtrack format, alpha = 0, reward r - lambda * num_tokens / max_tokens
                      (the paper's Fig. 9 length-penalty comparison; lambda = --length-penalty, 0.1)
   --variant direct   plain GRPO on the prompt: no z0, no backtrack, reward grade(completion)
+                     (0 when cut at --max-tokens)
 
 Advantage assignment (--assign): `final` gives every token of z_{1:2} the group-normalized
 combined reward R (as the paper ran); `episode` is per-episode reward-to-go (episode_advantages):
@@ -34,9 +35,10 @@ prefixes), never by re-tokenizing text; the token that straddles the boundary co
 A continuation that does not parse into episodes (infogain.split_continuation: no restart
 line, a restart line with a box or a second step, or no step and no box after it) has no
 backtrack episode: r = 0 and J after it = 0, so its gain is -J(mu | x, z0) (mu is not asked
-about it) and R = -alpha * J(mu | x, z0), never above a parsed continuation of its group
-(whose J after is >= 0): breaking the format never pays. In `episode` mode all its tokens
-are z1's and get the advantage of R. metrics.jsonl logs the share of such continuations per
+about it) and r + alpha * I = -alpha * J(mu | x, z0), never above a parsed continuation's of
+its group (whose J after is >= 0): breaking the format never pays (the length variant's
+penalty still ranks shorter continuations above longer ones). In `episode` mode all its
+tokens are z1's and get the advantage of R. metrics.jsonl logs the share of such continuations per
 step (unparsed_share).
 
 Batch semantics: every rank samples --prompts-per-step problems x --group-size continuations
@@ -56,8 +58,9 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
     (several nodes: torchrun --nnodes N --node-rank R --master-addr H ... grpo.py ...)
     python grpo.py --resume                          # continue <out> from its checkpoint
 
-Outputs in <out> (default runs/grpo/<variant>): z0.jsonl, metrics.jsonl (one line per step; on
-toy problems also the restart precision against the ground truth, toy.restart_precision:
+Outputs in <out> (default runs/grpo/<variant>): z0.jsonl (the dropped problems marked "dropped",
+with their last try), metrics.jsonl (one line per step; backtrack variants log unparsed_share;
+on toy problems also the restart precision against the ground truth, toy.restart_precision:
 restart_fixable, restart_at_first_wrong, z2_acc_z0_wrong; time_mu is mu's part of time_sample),
 samples.jsonl (one group of completions with their rewards per step), eval.json (held-out
 accuracy at the start and the end), checkpoint/ (sharded, training.save_checkpoint), model/ with mrt.json.
@@ -503,7 +506,8 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
 
 def heldout_accuracy(sampler, problems, z0s, args: Args, seed: int) -> float:
     """Mean accuracy of --eval-samples continuations per held-out problem (graded on z2 for
-    backtrack variants), problems split over the ranks, same seed at start and end."""
+    backtrack variants; a continuation cut at --max-tokens scores 0, as in training), problems
+    split over the ranks, same seed at start and end."""
     rank, world = utils.rank(), utils.world_size()
     eval_args = dataclasses.replace(args, group_size=args.eval_samples)
     rows = rollout(sampler, problems[rank::world], z0s, eval_args, utils.derive_seed(seed, rank)) if problems[rank::world] else []
