@@ -502,6 +502,9 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         z0_kw = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
         train_z0, train_lost = sample_z0(sampler, train, **z0_kw, seed_parts=(args.seed, "z0", "train"))
         test_z0, test_lost = sample_z0(sampler, test, **z0_kw, seed_parts=(args.seed, "z0", "test"))
+        if not train_z0:
+            raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at --max-tokens "
+                                  f"{args.max_tokens} or without a box in {Z0_TRIES} tries): raise --max-tokens")
         if utils.is_main():
             utils.write_jsonl(os.path.join(out, "z0.jsonl"),
                               [{"split": s, "id": p["id"], "problem": p["problem"], "answer": p["answer"],
@@ -510,9 +513,6 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
                                                       ("test", test, test_z0, test_lost)) for p in ps])
         z0_dropped = {"train": len(train_lost), "test": len(test_lost)}
         train, test = [p for p in train if p["id"] in train_z0], [p for p in test if p["id"] in test_z0]
-        if not train:
-            raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at --max-tokens "
-                                  f"{args.max_tokens} or without a box in {Z0_TRIES} tries): raise --max-tokens")
         utils.print0(f"sampled z0 of the base for {len(train)} train and {len(test)} held-out problems "
                      f"in {time.time() - t0:.0f}s (train accuracy "
                      f"{np.mean([utils.grade(train_z0[p['id']], p['answer']) for p in train]):.3f}); dropped "
