@@ -328,23 +328,15 @@ def cumulative_regret(j_values, j_star: float | None = None, running: bool = Fal
 # --------------------------------------------------------------------------------------
 
 
-def last_episode(text: str) -> str:
-    """The last episode of a generation: the text after the last backtrack marker (the
-    restart line and z2 of a backtrack trace), or all of it when there is no marker. Its last
-    box is the graded answer, so z0's box is never credited."""
-    cut = text.rfind(utils.BACKTRACK_MARKER)
-    return text if cut < 0 else text[cut + len(utils.BACKTRACK_MARKER):]
-
-
 def final_answer(text: str) -> str | None:
     """Extracted answer of a generation (last box of its last episode); None if unparsable."""
-    return utils.extract_boxed(last_episode(text)) or None
+    return utils.extract_boxed(utils.last_episode(text)) or None
 
 
 def graded(text: str, gold: str) -> dict:
     """Per-sample fields of one generation: its answer, 0/1 grade (utils.grade on the last
     episode) and the number of backtrack markers it wrote."""
-    return {"answer": final_answer(text), "correct": utils.grade(last_episode(text), gold),
+    return {"answer": final_answer(text), "correct": utils.grade(utils.last_episode(text), gold),
             "backtracks": text.count(utils.BACKTRACK_MARKER)}
 
 

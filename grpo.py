@@ -1,12 +1,16 @@
 """grpo.py: MRT-B reinforcement learning on GRPO (paper Alg. 2), and its baselines.
 
 One step of Alg. 2, on every rank, for P problems x of the training set:
-  sample   z0 ~ pi_base(. | x)  once per problem, before any update (stored in <out>/z0.jsonl);
+  sample   z0 ~ pi_base(. | x)  once per problem, before any update (stored in <out>/z0.jsonl;
+           an attempt cut at --max-tokens or without a box is resampled, and a problem with
+           none usable in infogain.Z0_TRIES tries is dropped, counted and left out of the run:
+           infogain.sample_z0, prepare_z0);
            G continuations z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER + "\\nStep") from the current
            policy: the policy names the restart step (" k: ...") and writes the revised attempt.
-  reward   r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited);
+  reward   r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited),
+           0 when the continuation was cut at --max-tokens (infogain.sample_outcome);
            I_i = J(mu | x, z0, z1_i) - J(mu | x, z0), the information gain of the backtrack
-           episode (Def. 5.1, infogain.py); R_i = r_i + alpha * I_i.
+           episode (Def. 5.1, infogain.backtrack_gain); R_i = r_i + alpha * I_i.
   advantage  A_i = (R_i - mean_group) / (std_group + 1e-4)        (group_advantages)
   loss     token-level clipped ratio objective, k3 KL to the reference (grpo_loss)
   update   AdamW over micro-batches with gradient accumulation, FSDP2 across ranks
@@ -18,6 +22,7 @@ Variants (flags; a variant only sets defaults, explicit flags win):
   --variant length   backtrack format, alpha = 0, reward r - lambda * num_tokens / max_tokens
                      (the paper's Fig. 9 length-penalty comparison; lambda = --length-penalty, 0.1)
   --variant direct   plain GRPO on the prompt: no z0, no backtrack, reward grade(completion)
+                     (0 when cut at --max-tokens)
 
 Advantage assignment (--assign): `final` gives every token of z_{1:2} the group-normalized
 combined reward R (as the paper ran); `episode` is per-episode reward-to-go (episode_advantages):
@@ -28,8 +33,13 @@ length penalty). With reward-to-go the two assignments have the same expected po
 each applies to its own reward. The z1/z2 boundary is found on the sampled token ids (decoded
 prefixes), never by re-tokenizing text; the token that straddles the boundary counts as z1.
 A continuation that does not parse into episodes (infogain.split_continuation: no restart
-line, no line break after it, or a split whose z0 is not the sampled z0) gets r = 0 and gain
-0 (mu is not asked about it), and in `episode` mode all its tokens get the z2 advantage.
+line, a restart line with a box or a second step, or no step and no box after it) has no
+backtrack episode: r = 0 and J after it = 0, so its gain is -J(mu | x, z0) (mu is not asked
+about it) and r + alpha * I = -alpha * J(mu | x, z0), never above a parsed continuation's of
+its group (whose J after is >= 0): breaking the format never pays (the length variant's
+penalty still ranks shorter continuations above longer ones). In `episode` mode all its
+tokens are z1's and get the advantage of R. metrics.jsonl logs the share of such continuations per
+step (unparsed_share).
 
 Batch semantics: every rank samples --prompts-per-step problems x --group-size continuations
 per step (the generation batch, B = P * G sequences per rank), cut into micro-batches of
@@ -48,8 +58,9 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
     (several nodes: torchrun --nnodes N --node-rank R --master-addr H ... grpo.py ...)
     python grpo.py --resume                          # continue <out> from its checkpoint
 
-Outputs in <out> (default runs/grpo/<variant>): z0.jsonl, metrics.jsonl (one line per step; on
-toy problems also the restart precision against the ground truth, toy.restart_precision:
+Outputs in <out> (default runs/grpo/<variant>): z0.jsonl (the dropped problems marked "dropped",
+with their last try), metrics.jsonl (one line per step; backtrack variants log unparsed_share;
+on toy problems also the restart precision against the ground truth, toy.restart_precision:
 restart_fixable, restart_at_first_wrong, z2_acc_z0_wrong; time_mu is mu's part of time_sample),
 samples.jsonl (one group of completions with their rewards per step), eval.json (held-out
 accuracy at the start and the end), checkpoint/ (sharded, training.save_checkpoint), model/ with mrt.json.
@@ -69,6 +80,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import json
 import os
 import time
@@ -87,7 +99,8 @@ import sampling  # noqa: E402
 import toy  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
-from infogain import MU_MODES, MetaProver, backtrack_cue, information_gain, sample_z0, split_continuation  # noqa: E402
+from infogain import (MU_MODES, Z0_TRIES, MetaProver, backtrack_cue, backtrack_gain, sample_outcome,  # noqa: E402
+                      sample_z0, split_continuation)
 
 # --------------------------------------------------------------------------------------
 # Arguments, presets, variants
@@ -427,22 +440,32 @@ def engine_need(args: Args, tokenizer, prompt_tokens: int, mu_in_engine: bool) -
     return need
 
 
-def problem_index(position: int, n: int, seed: int) -> int:
-    """The problem at a position of the endless data stream: a fresh permutation per epoch."""
-    epoch, i = divmod(position, n)
-    return int(_permutation(n, seed, epoch)[i])
+def problem_index(position: int, n: int, seed: int, gone: frozenset = frozenset()) -> int:
+    """The problem at a position of the endless data stream: a fresh permutation of the n
+    problems per epoch, the indices in `gone` left out (the others keep their order, so
+    leaving a problem out shifts the stream by one place instead of reshuffling it)."""
+    epoch, i = divmod(position, n - len(gone))
+    return int(_order(n, seed, epoch, gone)[i])
 
 
-def step_problems(train: list[dict], position: int, args: Args, rank: int) -> list[dict]:
+def step_problems(train: list[dict], position: int, args: Args, rank: int, skip: frozenset = frozenset()) -> list[dict]:
     """The P problems of one rank in the step that starts at `position` of the data stream
-    (each step takes P x world consecutive positions; rank r takes the r-th share)."""
+    (each step takes P x world consecutive positions; rank r takes the r-th share). `skip`:
+    ids of problems left out of the stream (no usable z0, prepare_z0)."""
     P = args.prompts_per_step
-    return [train[problem_index(position + rank * P + j, len(train), args.seed)] for j in range(P)]
+    gone = frozenset(i for i, p in enumerate(train) if p["id"] in skip) if skip else frozenset()
+    return [train[problem_index(position + rank * P + j, len(train), args.seed, gone)] for j in range(P)]
 
 
 @functools.lru_cache(maxsize=4)
 def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.RandomState(utils.derive_seed(seed, "data order", epoch)).permutation(n)
+
+
+@functools.lru_cache(maxsize=4)
+def _order(n: int, seed: int, epoch: int, gone: frozenset) -> np.ndarray:
+    perm = _permutation(n, seed, epoch)  # (n,)
+    return perm[~np.isin(perm, list(gone))] if gone else perm
 
 
 # --------------------------------------------------------------------------------------
@@ -452,7 +475,11 @@ def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
 
 def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     """G continuations per problem with their rewards. Returns one dict per continuation,
-    group by group: ctx_ids, token_ids, sampler_logp, outcome, gain, z1_tokens, text."""
+    group by group: ctx_ids, token_ids, sampler_logp, outcome, gain, z1_tokens, text,
+    truncated, and (backtrack format) episodes. The outcome is infogain.sample_outcome (0 for
+    a sample cut at --max-tokens); the gain is infogain.backtrack_gain (an unparsed
+    continuation: -J(mu | x, z0)), 0 without a meta-prover; z1_tokens is the sampled tokens of
+    z1 (all of them for an unparsed continuation, which has no z2)."""
     fmt = variant_format(args.variant)
     tok = sampler.tokenizer
     tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
@@ -465,25 +492,26 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
             row = dict(problem=p, group=gi, ctx_ids=ids, token_ids=s.token_ids, sampler_logp=s.logprobs, text=s.text,
                        num_tokens=s.num_tokens, truncated=s.finish_reason == "length", gain=0.0, z1_tokens=0)
             if fmt == "direct":
-                row["outcome"] = utils.grade(s.text, p["answer"])
+                row["outcome"] = sample_outcome(s.text, p["answer"], s.finish_reason)
             else:
                 ep = split_continuation(z0s[p["id"]], tail + s.text)
-                row["outcome"] = utils.grade(ep.z2, p["answer"]) if ep else 0.0
+                row["outcome"] = sample_outcome(ep.z2, p["answer"], s.finish_reason) if ep else 0.0
                 row["episodes"] = ep
-                if ep:  # z1 ends where z2 begins: len(text) - len(z2) characters into the continuation
-                    row["z1_tokens"] = tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2))
+                # z1 ends where z2 begins: len(text) - len(z2) characters into the continuation; no episodes: all z1
+                row["z1_tokens"] = tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2)) if ep else s.num_tokens
             rows.append(row)
         if meta_prover is not None:
             before_ctx.append(p["prompt"] + z0s[p["id"]])
             golds_b.append(p["answer"])
     if meta_prover is not None:  # I_i = J(mu | x, z0, z1_i) - J(mu | x, z0)  (Def. 5.1)
-        # an unparsed continuation has no episode z1: gain 0, and mu is not asked about it
-        parsed = [r for r in rows if r["episodes"]]
-        after_ctx = [r["problem"]["prompt"] + r["episodes"].z0 + r["episodes"].z1 for r in parsed]
-        golds_a = [r["problem"]["answer"] for r in parsed]
+        # an unparsed continuation has no episode z1: J after it is 0 (mu is not asked), gain -J(mu | x, z0)
+        parsed = [i for i, r in enumerate(rows) if r["episodes"]]
+        after_ctx = [rows[i]["problem"]["prompt"] + rows[i]["episodes"].z0 + rows[i]["episodes"].z1 for i in parsed]
+        golds_a = [rows[i]["problem"]["answer"] for i in parsed]
         J = meta_prover.success_rates(before_ctx + after_ctx, golds_b + golds_a, seed=utils.derive_seed(seed, "meta-prover"))
-        for r, j_after in zip(parsed, J[len(problems):]):
-            r["gain"] = information_gain(j_after, J[r["group"]])
+        after = dict(zip(parsed, J[len(problems):]))
+        for i, r in enumerate(rows):
+            r["gain"] = backtrack_gain(J[r["group"]], after.get(i))
     return rows
 
 
@@ -494,7 +522,8 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
 
 def heldout_accuracy(sampler, problems, z0s, args: Args, seed: int) -> float:
     """Mean accuracy of --eval-samples continuations per held-out problem (graded on z2 for
-    backtrack variants), problems split over the ranks, same seed at start and end."""
+    backtrack variants; a continuation cut at --max-tokens scores 0, as in training), problems
+    split over the ranks, same seed at start and end."""
     rank, world = utils.rank(), utils.world_size()
     eval_args = dataclasses.replace(args, group_size=args.eval_samples)
     rows = rollout(sampler, problems[rank::world], z0s, eval_args, utils.derive_seed(seed, rank)) if problems[rank::world] else []
@@ -513,29 +542,54 @@ def micro_batch_scale(loss_type: str, n_micro: int, world: int) -> float:
     return float(world) if loss_type == "dapo" else 1.0 / n_micro
 
 
-def prepare_z0(sampler, train_used: list[dict], test: list[dict], path: str, args: Args, reuse: bool) -> tuple[dict, dict]:
-    """z0 for every training problem the run will use and every held-out problem (Alg. 2: the
-    initial attempt of the frozen base). Sampled now, while the engine still holds the base
-    weights, in shares over the ranks; stored in `path`, which a resumed run reuses."""
-    z0s = {}
+def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Args, reuse: bool,
+               positions: list[int], world: int) -> tuple[frozenset, list[dict], dict, dict]:
+    """z0 for every training problem the run will use (the steps that start at `positions` of
+    the data stream, every rank's share) and every held-out problem (Alg. 2: the initial
+    attempt of the frozen base). Sampled now, while the engine still holds the base weights, in
+    shares over the ranks (infogain.sample_z0: a cut or box-less attempt is resampled, then its
+    problem dropped). A dropped training problem leaves the data stream and the problems after
+    it move up, so those that newly enter the run get their z0 too (rounds until none is
+    missing); a dropped held-out problem leaves the held-out set. Everything, the dropped
+    problems included (with their last try and "dropped": true), is stored in `path`, which a
+    resumed run reuses. Returns (skip: the dropped training ids, for step_problems; the kept
+    held-out problems; {id: z0} of train; {id: z0} of test)."""
+    z0s, lost = {}, {}  # (split, id) -> z0, or the last try of a dropped problem
     if reuse and os.path.exists(path):
-        z0s = {(r["split"], r["id"]): r["z0"] for r in utils.read_records(path, ["split", "id", "z0"])}
-    todo = {"train": [p for p in train_used if ("train", p["id"]) not in z0s],
-            "test": [p for p in test if ("test", p["id"]) not in z0s]}
-    if todo["train"] or todo["test"]:
+        for r in utils.read_records(path, ["split", "id", "z0"]):
+            (lost if r.get("dropped") else z0s)[(r["split"], r["id"])] = r["z0"]
+    skip = lambda: frozenset(i for s, i in lost if s == "train")  # noqa: E731
+    t0, sampled = time.time(), {"train": 0, "test": 0}
+    for rnd in itertools.count():  # a round that drops nothing covers every problem the run uses
+        if len(skip()) == len(train):
+            raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at --max-tokens "
+                                  f"{args.max_tokens} or without a box in {Z0_TRIES} tries): raise --max-tokens")
+        want = {p["id"] for pos in positions for r in range(world) for p in step_problems(train, pos, args, r, skip())}
+        todo = {"train": [p for p in train if p["id"] in want and ("train", p["id"]) not in z0s],
+                "test": [p for p in test if ("test", p["id"]) not in z0s and ("test", p["id"]) not in lost]}
+        if not (todo["train"] or todo["test"]):
+            break
         if reuse:
             raise utils.UserError(f"{path}: attempts missing for a resumed run (the base weights are gone)")
-        t0 = time.time()
         for split, probs in todo.items():
-            z0 = sample_z0(sampler, probs, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
-                           seed_parts=(args.seed, "z0", split))
-            z0s.update({(split, i): z for i, z in z0.items()})
+            parts = (args.seed, "z0", split, *([rnd] if rnd else []))  # round 0 seeded as before drops existed
+            kept, dropped = sample_z0(sampler, probs, temperature=args.temperature, top_p=args.top_p,
+                                      max_tokens=args.max_tokens, seed_parts=parts)
+            z0s.update({(split, i): z for i, z in kept.items()})
+            lost.update({(split, i): z for i, z in dropped.items()})
+            sampled[split] += len(probs)
+    if sampled["train"] or sampled["test"]:
         if utils.is_main():
-            utils.write_jsonl(path, [{"split": s, "id": i, "z0": z} for (s, i), z in sorted(z0s.items())])
-        utils.print0(f"sampled z0 for {len(todo['train'])} train and {len(todo['test'])} held-out problems "
-                     f"in {time.time() - t0:.0f}s")
+            utils.write_jsonl(path, [{"split": s, "id": i, "z0": z, "dropped": (s, i) in lost}
+                                     for (s, i), z in sorted({**z0s, **lost}.items())])
+        utils.print0(f"sampled z0 for {sampled['train']} train and {sampled['test']} held-out problems in "
+                     f"{time.time() - t0:.0f}s")
+    n_lost = {name: sum(s == name for s, _ in lost) for name in ("train", "test")}
+    if n_lost["train"] or n_lost["test"]:
+        utils.print0(f"dropped {n_lost['train']} train and {n_lost['test']} held-out problems: no usable attempt z0 "
+                     f"in {Z0_TRIES} tries (cut at --max-tokens or no box); stored in {path}")
     split = lambda name: {i: z for (s, i), z in z0s.items() if s == name}  # noqa: E731
-    return split("train"), split("test")
+    return skip(), [p for p in test if ("test", p["id"]) not in lost], split("train"), split("test")
 
 
 class Episode(NamedTuple):
@@ -601,7 +655,8 @@ def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], g
                 times: dict, args: Args) -> dict:
     """One metrics line. `rewards`: outcome, gain, reward, tokens, each (B * world,) over all
     ranks; `stats`: this rank's per-micro-batch loss metrics (first pass first), token-weighted
-    here, then averaged over ranks; `times`: this rank's seconds, the slowest rank's reported."""
+    here, then averaged over ranks; `times`: this rank's seconds, the slowest rank's reported.
+    Backtrack format: unparsed_share, the share of continuations with no episodes."""
     n_micro = len(rows) // args.micro_batch_size
     first = stats[:n_micro]  # entropy and the engine/trainer gap are taken on the first pass
 
@@ -611,6 +666,7 @@ def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], g
     keys = ("clip_low", "clip_high", "clip_region", "ratio", "kl", "is_weight")
     local = {"entropy": wmean("entropy", first), "logprob_gap": wmean("logprob_gap", first),
              **{k: wmean(k, stats) for k in keys}, "truncated": sum(r["truncated"] for r in rows),
+             "unparsed": sum("episodes" in r and r["episodes"] is None for r in rows),
              "ratio_max": max(s["ratio_max"] for s in stats), **times}
     ranks = utils.all_gather(local)
     mean = {k: float(np.mean([r[k] for r in ranks])) for k in ("entropy", "logprob_gap", *keys)}
@@ -621,6 +677,8 @@ def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], g
             "zero_std_groups": (reward.view(-1, args.group_size).std(1) == 0).float().mean().item(),
             "completion_len_mean": ntok.mean().item(), "completion_len_max": ntok.max().item(),
             "truncated_share": sum(r["truncated"] for r in ranks) / len(ntok),
+            **({"unparsed_share": sum(r["unparsed"] for r in ranks) / len(ntok)}
+               if variant_format(args.variant) == "backtrack" else {}),
             "entropy": mean["entropy"], "logprob_gap": mean["logprob_gap"], "clip_low": mean["clip_low"],
             "clip_high": mean["clip_high"], "clip_region": mean["clip_region"], "kl": mean["kl"],
             "is_weight": mean["is_weight"], "ratio_mean": mean["ratio"],
@@ -703,11 +761,10 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         return data_pos + (step - start) * per_step
 
     # -- z0 from the frozen base for every problem the run will use (Alg. 2) --------------
-    train_z0, test_z0 = {}, {}
+    train_z0, test_z0, skip = {}, {}, frozenset()
     if fmt == "backtrack":
-        used = {p["id"] for s in range(start, args.steps) for r in range(world) for p in step_problems(train, position(s), args, r)}
-        train_z0, test_z0 = prepare_z0(sampler, [train[i] for i in sorted(used)], test, os.path.join(out, "z0.jsonl"),
-                                       args, reuse=args.resume)
+        skip, test, train_z0, test_z0 = prepare_z0(sampler, train, test, os.path.join(out, "z0.jsonl"), args,
+                                                   args.resume, [position(s) for s in range(start, args.steps)], world)
     evals = json.load(open(eval_path)) if args.resume and os.path.exists(eval_path) else {}
     eval_seed = utils.derive_seed(args.seed, "held-out")
     if test and "start" not in evals:
@@ -727,7 +784,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         t_step = time.time()
 
         # ---- sample: G continuations per problem from the current policy (seeded per step and rank)
-        problems = step_problems(train, position(step), args, rank)
+        problems = step_problems(train, position(step), args, rank, skip)
         mu_seconds = meta_prover.seconds if meta_prover else 0.0
         rows = rollout(sampler, problems, train_z0, args, utils.derive_seed(args.seed, "rollout", step, rank), meta_prover)
         t_sample = time.time() - t_step

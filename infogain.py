@@ -7,9 +7,10 @@ forced suffix (default utils.MU_SUFFIX, "\\nTime is up. The answer is \\boxed{")
 the context. J(mu | c) is mu's success rate from context c, estimated by m sampled answers
 graded 0/1. The information gain of episode z_j is J(mu | c, z_j) - J(mu | c) (Def. 5.1).
 With --mu-mode rollout, mu instead continues the context in the trace's own format for up to
---mu-rollout-tokens and its last boxed answer is graded (J: a Monte-Carlo value of the context);
-the paper allows any mu, and this is our choice for small models that cannot answer without
-writing the steps (MetaProver).
+--mu-rollout-tokens and the last boxed answer of the last episode (after the last backtrack
+marker, if any) is graded (J: a Monte-Carlo value of the context); the paper allows any mu,
+and this is our choice for small models that cannot answer without writing the steps
+(MetaProver).
 grpo.py (the dense reward bonus), star.py and warmstart.py import this module.
 
 Run (CPU, embedded default: samples backtrack traces from the toy base on 64 test problems,
@@ -26,12 +27,14 @@ A real model (one GPU) on its MRT-B traces, mu steered by an instruction in the 
 The same traces under the rollout meta-prover (B = 128 tokens per sample):
     python infogain.py --traces runs/infogain/traces_base.jsonl --mu-mode rollout --out runs/infogain-rollout
 Outputs under --out: gains.jsonl (per trace: id, restart step, the four J values, the three
-per-episode gains, whether z0 and z2 are correct; on toy problems also z0's first wrong step,
-the restart's class against it and whether it can fix z0, toy.restart_truth), summary.json
-(means per model, and on toy problems the discrimination of the gain: per restart class and the
-AUC of fixable over unfixable restarts, `discrimination`), infogain_hist.png (histogram of the
-backtrack episode's gain, split by whether the revised attempt is correct; one panel per model
-in a grid), and traces_<model>.jsonl when traces were sampled.
+per-episode gains, whether z0 and z2 are correct (z2 cut at --max-tokens counts wrong); on toy
+problems also z0's first wrong step, the restart's class against it and whether it can fix z0,
+toy.restart_truth), summary.json (means per model, the problems dropped for want of a usable
+z0 when traces were sampled, `z0_dropped`, and on toy problems the discrimination of the gain:
+per restart class and the AUC of fixable over unfixable restarts, `discrimination`),
+infogain_hist.png (histogram of the backtrack episode's gain, split by whether the revised
+attempt is correct; one panel per model in a grid), and traces_<model>.jsonl when traces were
+sampled (with each sample's finish_reason, which --traces reads back).
 
 Decisions (the paper publishes no code for this):
 - Episode split: at the FIRST marker of the text (a linearized stream with several markers
@@ -39,13 +42,19 @@ Decisions (the paper publishes no code for this):
   its last non-space character; the marker may be followed by any whitespace (CRLF too)
   before "Step k:", and spaces are allowed around k. k must be >= 1. z1 runs through the end
   of the restart line, and a line break must follow it: the revised attempt z2 starts there.
-  A text with no marker, with no "Step k:" right after its first marker, or that ends on its
-  restart line (cut there, or its box written on that line with nothing after) is not a
-  backtrack trace (None): otherwise z1 would hold the answer and z2 be empty, so the box would
-  earn z1 information gain while the outcome, graded on z2, is 0.
-- A continuation sampled after backtrack_cue(z0) (grpo.py, star.py) is split with
-  `split_continuation(z0, completion)`: None also when the split's z0 is not the sampled z0
-  (a marker inside a line of z0 would split there, in the wrong place).
+  The restart line holds one step and no box, and z2 holds a step line or a box. A text with
+  no marker, with no "Step k:" right after its first marker, that ends on its restart line,
+  whose restart line holds a box or a second step, or whose z2 holds neither a step line nor
+  a box is not a backtrack trace (None): otherwise z1 could hold the answer and z2 nothing, so
+  the box would earn z1 information gain while the outcome, graded on z2, is 0.
+- A continuation sampled after backtrack_cue(z0) (grpo.py, star.py, this CLI) is split with
+  `split_continuation(z0, completion)` where the cue was appended, at len(z0), so a marker
+  inside a line of z0 does not move the split.
+- Rules every stage shares (grpo.py, star.py, this CLI): a continuation with no backtrack
+  episode (it does not parse) has J after it = 0, so its gain is -J(mu | x, z0)
+  (backtrack_gain); a sample cut at the token limit scores outcome 0 (sample_outcome); z0 is
+  an attempt that ended by itself with a box, resampled up to Z0_TRIES times, else its
+  problem is dropped and counted (sample_z0).
 - mu's context: `mu_context(context, suffix)`. When the suffix starts with a newline, the
   context's trailing newlines are dropped first, so "...Solution:\\n" + "\\nTime is up" reads
   "...Solution:\\nTime is up" (one line break, as after a step line), never a blank line.
@@ -90,36 +99,49 @@ class Episodes:
     z0: str
     """the attempt (ends with its boxed answer)"""
     z1: str
-    """the backtrack episode: "\\n" + marker + "\\nStep k:" + the rest of that restarted line"""
+    """the backtrack episode: "\\n" + marker + "\\nStep k:" + the rest of that restarted line (one step, no box)"""
     z2: str
-    """the revised attempt: from the line break after the restart line, the remaining steps and the boxed answer"""
+    """the revised attempt: from the line break after the restart line, the remaining steps and the boxed answer
+    (at least a step line or a box)"""
     restart_step: int
     """k, the step the revised attempt restarts from"""
 
 
-_RESTART = re.compile(r"\s*Step[ \t]*(\d+)[ \t]*:[^\n]*(?=\n)")
+_RESTART = re.compile(r"\s*Step[ \t]*(\d+)[ \t]*:([^\n]*)(?=\n)")
+_STEP = re.compile(r"\bStep[ \t]*\d+[ \t]*:")  # a step label anywhere (a second one on the restart line)
+_STEP_LINE = re.compile(r"(?m)^[ \t]*Step[ \t]*\d+[ \t]*:")  # a line that starts a step
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{")  # a box's opening, as utils.extract_boxed finds it
 
 
 def split_backtrack(text: str, marker: str = utils.BACKTRACK_MARKER) -> Episodes | None:
     """Split a backtrack trace at the FIRST marker. None when there is no marker, no
-    "Step k:" (k >= 1) right after it (whitespace, CRLF included, may come between), or no
-    line break after the restart line (z2, which starts with that line break, would be empty)."""
+    "Step k:" (k >= 1) right after it (whitespace, CRLF included, may come between), no line
+    break after the restart line, a restart line that holds a box or a second step, or a z2
+    (from that line break on) with neither a step line nor a box: the restart line holds one
+    step, and what follows it must be a revised attempt, so z1 never holds the answer."""
     i = text.find(marker)
     if i < 0:
         return None
     m = _RESTART.match(text, i + len(marker))
-    if m is None or int(m.group(1)) < 1:
+    if m is None or int(m.group(1)) < 1 or _BOX.search(m.group(2)) or _STEP.search(m.group(2)):
+        return None
+    z2 = text[m.end():]
+    if not (_STEP_LINE.search(z2) or _BOX.search(z2)):
         return None
     start = len(text[:i].rstrip())  # whitespace before the marker opens z1
-    return Episodes(text[:start], text[start:m.end()], text[m.end():], int(m.group(1)))
+    return Episodes(text[:start], text[start:m.end()], z2, int(m.group(1)))
 
 
 def split_continuation(z0: str, completion: str, marker: str = utils.BACKTRACK_MARKER) -> Episodes | None:
     """Episodes of a completion sampled after backtrack_cue(z0) (completion = the cue and the
-    sample): split_backtrack, and None unless the split's z0 is the sampled z0 (a marker
-    inside a line of z0 would otherwise split z0 itself). grpo.py and star.py use it."""
-    ep = split_backtrack(completion, marker)
-    return ep if ep is not None and ep.z0 == z0 else None
+    sample), split where the cue was appended, at len(z0): z0 is the sampled attempt whatever
+    it holds (a marker inside one of its lines too), and the rest must parse by
+    split_backtrack's rules. None when the completion does not start with z0 or the rest does
+    not parse. grpo.py, star.py and warmstart.py use it."""
+    if not completion.startswith(z0):
+        return None
+    ep = split_backtrack(completion[len(z0):], marker)
+    return None if ep is None or ep.z0 else Episodes(z0, ep.z1, ep.z2, ep.restart_step)
 
 
 def join_backtrack(ep: Episodes) -> str:
@@ -152,17 +174,53 @@ def sample_attempts(sampler, prompts: list[str], n: int = 1, *, temperature: flo
                             logprobs=False)
 
 
+Z0_TRIES = 4
+"""Attempts sample_z0 samples per problem at most before it drops the problem."""
+
+
+def usable_z0(sample) -> bool:
+    """Whether a sampled attempt can be z0: it ended by itself (not cut at the token limit;
+    cut at the backtrack marker counts as ended) and holds a complete boxed answer."""
+    return sample.finish_reason != "length" and utils.extract_boxed(sample.text) is not None
+
+
 def sample_z0(sampler, problems: list[dict], *, temperature: float, top_p: float = 1.0, max_tokens: int,
-              seed_parts: tuple) -> dict[int, str]:
-    """{problem id: z0} for every problem (each with its "prompt"): one attempt from the
-    engine's current weights (the base's, in Alg. 1 and 2), in shares over the ranks (rank r's
-    share seeded utils.derive_seed(*seed_parts, r)), gathered on every rank."""
+              seed_parts: tuple, tries: int = Z0_TRIES) -> tuple[dict[int, str], dict[int, str]]:
+    """({problem id: z0}, {problem id: last try}) for problems (each with its "prompt"): one
+    attempt per problem from the engine's current weights (the base's, in Alg. 1 and 2), in
+    shares over the ranks, gathered on every rank. The rule of every stage (grpo.py, star.py,
+    infogain.py's CLI): an attempt that is not usable_z0 (cut at --max-tokens, or no box) is
+    resampled, up to `tries` attempts in all, and a problem whose every try failed is dropped:
+    it is left out of the first dict and its last try (right-stripped) goes to the second, for
+    the caller to count and log. Rank r's first try is seeded utils.derive_seed(*seed_parts, r),
+    its t-th retry utils.derive_seed(*seed_parts, "retry", t, r). z0 is right-stripped."""
     rank, world = utils.rank(), utils.world_size()
-    mine = problems[rank::world]
-    outs = sample_attempts(sampler, [p["prompt"] for p in mine], temperature=temperature, top_p=top_p,
-                           max_tokens=max_tokens, seed=utils.derive_seed(*seed_parts, rank))
-    z0s = {p["id"]: g[0].text.rstrip() for p, g in zip(mine, outs)}
-    return {i: z for part in utils.all_gather(z0s) for i, z in part.items()}
+    kept, last, todo = {}, {}, problems[rank::world]
+    for t in range(tries):
+        if not todo:
+            break
+        seed = utils.derive_seed(*seed_parts, rank) if t == 0 else utils.derive_seed(*seed_parts, "retry", t, rank)
+        outs = sample_attempts(sampler, [p["prompt"] for p in todo], temperature=temperature, top_p=top_p,
+                               max_tokens=max_tokens, seed=seed)
+        failed = []
+        for p, g in zip(todo, outs):
+            if usable_z0(g[0]):
+                kept[p["id"]] = g[0].text.rstrip()
+            else:
+                last[p["id"]] = g[0].text.rstrip()
+                failed.append(p)
+        todo = failed
+    dropped = {p["id"]: last[p["id"]] for p in todo}
+    parts = utils.all_gather((kept, dropped))
+    return ({i: z for k, _ in parts for i, z in k.items()}, {i: z for _, d in parts for i, z in d.items()})
+
+
+def sample_outcome(text: str | None, gold: str, finish_reason: str) -> float:
+    """The 0/1 outcome of a sampled answer (a revised attempt z2, or a direct attempt): the
+    rule of every stage (grpo.py, star.py, infogain.py's CLI) is utils.grade(text, gold), and
+    0 when the sample was cut at the token limit (finish_reason "length"), whatever box it
+    holds: only an attempt that ended by itself is graded."""
+    return 0.0 if finish_reason == "length" or text is None else utils.grade(text, gold)
 
 
 def episode_contexts(prompt: str, ep: Episodes) -> list[str]:
@@ -179,6 +237,15 @@ def information_gain(j_after, j_before):
     """I(z_j; c) = J(mu | c, z_j) - J(mu | c) (Def. 5.1). Floats give a float, arrays an array."""
     d = np.asarray(j_after, dtype=np.float64) - np.asarray(j_before, dtype=np.float64)
     return float(d) if d.ndim == 0 else d
+
+
+def backtrack_gain(j_before, j_after):
+    """The information gain of the backtrack episode of a continuation sampled after the cue
+    (grpo.py's bonus, star.py's selection and logged gains): J(mu | x, z0, z1) - J(mu | x, z0).
+    A continuation with no backtrack episode (it does not parse: j_after None) counts J after
+    it as 0, so its gain is -J(mu | x, z0): never above the gain of a parsed continuation
+    from the same z0, so breaking the format never pays. mu need not be asked about it."""
+    return information_gain(0.0 if j_after is None else j_after, j_before)
 
 
 def episode_gains(j_values) -> list:
@@ -222,10 +289,14 @@ class MetaProver:
              prefix, default utils.MU_SUFFIX) is appended to the context, mu writes up to
              max_tokens, and suffix + completion is graded.
     rollout  mu continues the context as it is, in the trace's own format, for up to
-             rollout_tokens tokens; its answer is the last boxed answer of context + completion
-             (a box it opens and does not close counts as no answer), so J is a Monte-Carlo
-             value of the context: after a finished attempt it is that attempt's answer unless
-             mu goes on to revise it. The suffix is not used. The paper allows any mu ("the
+             rollout_tokens tokens; its answer is the last boxed answer of the last episode
+             of context + completion (utils.last_episode: the text after the last backtrack
+             marker, all of it when there is none; the rule of the GRPO outcome and
+             evaluate.py), and no box there counts as no answer (so does a box it opens and
+             does not close). J is a Monte-Carlo value of the context: after a finished
+             attempt it is that attempt's answer unless mu goes on to revise it; after a
+             backtrack episode only a box mu writes after the marker counts, never the answer
+             the episode abandoned. The suffix is not used. The paper allows any mu ("the
              same LLM", "another LLM told to estimate the answer"); this mode is our choice for
              small models that cannot answer without writing the steps.
 
@@ -252,8 +323,8 @@ class MetaProver:
 
     def correct(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
         """(C, m) 0/1 grades of mu's m answers per context. One request per context with
-        n=m (its prefill is shared); the graded text is suffix + completion (forced) or
-        context + completion (rollout)."""
+        n=m (its prefill is shared); the graded text is suffix + completion (forced) or the
+        last episode of context + completion (rollout)."""
         if len(contexts) != len(golds):
             raise ValueError(f"{len(contexts)} contexts but {len(golds)} gold answers")
         if not contexts:
@@ -263,8 +334,9 @@ class MetaProver:
         prompts = [utils.encode(tok, mu_context(c, self.suffix)) for c in contexts]
         outs = self.sampler.generate(prompts, n=self.m, temperature=self.temperature, top_p=self.top_p,
                                      max_tokens=self.max_tokens, seed=seed, logprobs=False)
-        head = (lambda c: c) if self.mode == "rollout" else (lambda c: self.suffix)  # noqa: E731
-        grades = np.array([[grade_cached(head(c) + s.text, g) for s in group]
+        graded = ((lambda c, s: utils.last_episode(c + s)) if self.mode == "rollout"  # noqa: E731
+                  else (lambda c, s: self.suffix + s))
+        grades = np.array([[grade_cached(graded(c, s.text), g) for s in group]
                            for group, c, g in zip(outs, contexts, golds)], dtype=np.float64)  # (C, m)
         self.seconds += time.time() - t0
         return grades
@@ -398,7 +470,9 @@ def resolve_models(args: Args) -> dict[str, str]:
 
 
 def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
-    """Trace rows {id, problem, answer, completion, episodes, where} and the skipped count."""
+    """Trace rows {id, problem, answer, completion, episodes, where, finish_reason} and the
+    skipped count. A row's optional "finish_reason" ("stop" or "length", as traces_<model>.jsonl
+    writes it; default "stop") says whether its sample was cut at the token limit."""
     rename = {args.problem_field: "problem", args.answer_field: "answer", args.completion_field: "completion"}
     rows, skipped = [], 0
     for line, r in utils.read_records(path, ["problem", "answer", "completion"], rename, with_lines=True):
@@ -406,6 +480,9 @@ def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
         if not isinstance(r["completion"], str) or not isinstance(r["problem"], str):
             raise utils.UserError(f"{where}: fields {args.problem_field!r} and {args.completion_field!r} must be strings")
         answer = utils.check_answer(r["answer"], where)
+        reason = r.get("finish_reason", "stop")
+        if reason not in ("stop", "length"):
+            raise utils.UserError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {reason!r}")
         ep = split_backtrack(r["completion"])
         if ep is None:
             if not args.skip_invalid:
@@ -414,37 +491,40 @@ def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
             skipped += 1
             continue
         rows.append({"id": r.get(args.id_field, line), "problem": r["problem"], "answer": answer,
-                     "completion": r["completion"], "episodes": ep, "where": where})
+                     "completion": r["completion"], "episodes": ep, "where": where, "finish_reason": reason})
     if not rows:
         raise utils.UserError(f"{path}: no backtrack traces")
     return rows, skipped
 
 
-def sample_traces(sampler: sampling.Sampler, records: list[dict], args: Args) -> tuple[list[dict], int]:
-    """Backtrack traces from a model: one attempt z0 per problem (kept if it finished with a
-    box), then `continuations` samples from prompt + z0 + "\\n" + marker + "\\nStep" (the
-    RL/STaR context). Continuations that do not name a restart step are skipped (a model
-    may have none left: main reports it with 0 traces)."""
+def sample_traces(sampler: sampling.Sampler, records: list[dict], args: Args) -> tuple[list[dict], int, int]:
+    """Backtrack traces from a model, the skipped count and the dropped-z0 count: one attempt
+    z0 per problem (sample_z0: a cut or box-less attempt is resampled, then its problem dropped
+    and counted), then `continuations` samples from prompt + z0 + "\\n" + marker + "\\nStep"
+    (the RL/STaR context), split by split_continuation. Continuations that do not parse are
+    skipped (a model may have none left: main reports it with 0 traces); one cut at
+    --max-tokens is kept, and its revised attempt graded 0 (sample_outcome)."""
     tok = sampler.tokenizer
-    prompts = [utils.build_prompt(tok, r["problem"], args.instruction) for r in records]
-    attempts = sampler.generate([utils.encode(tok, p) for p in prompts], n=1, temperature=args.temperature,
-                                max_tokens=args.max_tokens, seed=args.seed, logprobs=False)
-    keep = [(i, g[0].text.rstrip()) for i, g in enumerate(attempts)
-            if g[0].finish_reason == "stop" and utils.extract_boxed(g[0].text) is not None]
-    conts = sampler.generate([utils.encode(tok, prompts[i] + backtrack_cue(z0)) for i, z0 in keep], n=args.continuations,
+    problems = [{"id": i, "prompt": utils.build_prompt(tok, r["problem"], args.instruction)}
+                for i, r in enumerate(records)]
+    z0s, dropped = sample_z0(sampler, problems, temperature=args.temperature, max_tokens=args.max_tokens,
+                             seed_parts=(args.seed, "z0"))
+    keep = [(p["id"], p["prompt"], z0s[p["id"]]) for p in problems if p["id"] in z0s]
+    conts = sampler.generate([utils.encode(tok, x + backtrack_cue(z0)) for _, x, z0 in keep], n=args.continuations,
                              temperature=args.temperature, max_tokens=args.max_tokens, seed=utils.derive_seed(args.seed, "continuations"),
                              logprobs=False)
-    rows, skipped = [], len(records) - len(keep)
-    for (i, z0), group in zip(keep, conts):
+    rows, skipped = [], len(dropped)
+    for (i, _, z0), group in zip(keep, conts):
         for j, s in enumerate(group):
             completion = backtrack_cue(z0) + s.text
-            ep = split_backtrack(completion)
-            if ep is None or s.finish_reason != "stop":
+            ep = split_continuation(z0, completion)
+            if ep is None:
                 skipped += 1
                 continue
             rows.append({"id": f"{i}-{j}", "problem": records[i]["problem"], "answer": records[i]["answer"],
-                         "completion": completion, "episodes": ep, "where": f"sampled {i}-{j}"})
-    return rows, skipped
+                         "completion": completion, "episodes": ep, "where": f"sampled {i}-{j}",
+                         "finish_reason": s.finish_reason})
+    return rows, skipped, len(dropped)
 
 
 def check_lengths(mu: MetaProver, rows: list[dict], args: Args) -> tuple[list[dict], int]:
@@ -484,7 +564,8 @@ def score_traces(mu: MetaProver, rows: list[dict], args: Args, logger: utils.Jso
             out.append({"id": r["id"], "where": r["where"], "restart_step": ep.restart_step,
                         "valid_restart": restart_prefix(ep.z0, ep.restart_step) is not None,
                         "J": [float(v) for v in j], "gains": gains, "backtrack_gain": gains[1],
-                        "z0_correct": utils.grade(ep.z0, r["answer"]), "z2_correct": utils.grade(ep.z2, r["answer"]),
+                        "z0_correct": utils.grade(ep.z0, r["answer"]),
+                        "z2_correct": sample_outcome(ep.z2, r["answer"], r.get("finish_reason", "stop")),
                         "first_wrong": truth.get("first_wrong"), "restart_class": truth.get("class"),
                         "can_fix": truth.get("can_fix")})
         if logger:
@@ -620,7 +701,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
 
     shared_mu = new_sampler(args.mu_model, runs) if args.mu_model else None
 
-    results, summary = {}, {}
+    results, summary, z0_dropped = {}, {}, {}
     logger = utils.JsonlLogger(os.path.join(args.out, "progress.jsonl"))
     for name, path in runs.items():
         args = replace(args, instruction=instructions[name])  # this model's prompt
@@ -628,13 +709,18 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         if name not in traces:
             sampler = new_sampler(path, [name])
             utils.print0(f"{name}: sampling backtrack traces on {len(problems)} problems")
-            traces[name] = sample_traces(sampler, problems, args)
-            utils.write_jsonl(os.path.join(args.out, f"traces_{name}.jsonl"),
-                              [{k: r[k] for k in ("id", "problem", "answer", "completion")} for r in traces[name][0]])
+            rows, skipped, z0_dropped[name] = sample_traces(sampler, problems, args)
+            traces[name] = rows, skipped
+            utils.print0(f"{name}: {z0_dropped[name]} problems dropped: no usable attempt z0 in {Z0_TRIES} tries "
+                         f"(cut at --max-tokens or no box)")
+            keys = ("id", "problem", "answer", "completion", "finish_reason")
+            utils.write_jsonl(os.path.join(args.out, f"traces_{name}.jsonl"), [{k: r[k] for k in keys} for r in rows])
         rows, skipped = traces[name]
         if not rows:  # sampled, and every attempt or continuation was cut or unparsable
             utils.print0(f"{name}: no backtrack trace among its samples ({skipped} skipped); reported with 0 traces")
             summary[name] = summarize([], skipped)
+            if name in z0_dropped:
+                summary[name]["z0_dropped"] = z0_dropped[name]
             del sampler
             gc.collect()
             continue
@@ -648,6 +734,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         utils.print0(f"{name}: {len(rows)} traces ({skipped} skipped), J from {args.mu_samples} mu answers per context")
         results[name] = score_traces(mu, rows, args, logger, name)
         summary[name] = summarize(results[name], skipped)
+        if name in z0_dropped:
+            summary[name]["z0_dropped"] = z0_dropped[name]
         utils.print0(f"{name}: " + json.dumps({k: summary[name][k] for k in ("J_mean", "gain_mean", "z2_accuracy")}))
         del mu, mu_sampler, sampler  # one engine per model at a time (the shared mu stays)
         gc.collect()

@@ -3,7 +3,9 @@
 One iteration k = 1..K of Alg. 1 (--method mrt), for every training problem q:
   z0       one attempt of the BASE model (cut at the backtrack marker if the model writes one).
            All z0 are sampled once, at the start, while the engine holds the base weights
-           (stored in <out>/z0.jsonl); every iteration reuses them.
+           (stored in <out>/z0.jsonl); every iteration reuses them. An attempt cut at
+           --max-tokens or without a box is resampled, and a problem with none usable in
+           infogain.Z0_TRIES tries is dropped and counted (infogain.sample_z0, every stage's rule).
   r0       J(mu | q, z0): the meta-prover's success rate after the attempt (Def. 5.1;
            infogain.MetaProver, mu = the current model in the same engine, or --mu-model).
   sample   G continuations z_{1:2} from the CURRENT model given (q, z0), with grpo.py's
@@ -11,10 +13,13 @@ One iteration k = 1..K of Alg. 1 (--method mrt), for every training problem q:
            the restart step (" k: ...") and writes the revised attempt. Each continuation is
            split into episodes with infogain.split_continuation(z0, cue + continuation).
   reward   r_i = J(mu | q, z0, z1_i), so r_i - r0 is the information gain of the backtrack
-           episode z1_i; z2_i is graded on its own (utils.grade(z2), z0's box never counts).
-  filter   keep (q, z0, z_{1:2}) of select_continuation(r0, r, correct): the continuation with
-           the highest r_i among those whose z2 is correct and whose r_i > r0 (ties: the
-           first); none when no continuation qualifies (Fig. 4).
+           episode z1_i; a continuation that does not parse has no z1 and r_i = 0 (its gain is
+           -r0, infogain.backtrack_gain; mu is not asked about it). z2_i is graded on its own
+           (z0's box never counts), 0 when cut at --max-tokens (infogain.sample_outcome).
+  filter   keep (q, z0, z_{1:2}) of select_continuation(r0, r, correct, --min-gain): the
+           continuation with the highest r_i among those whose z2 is correct and whose gain
+           r_i - r0 > 0 (Alg. 1, the default; --min-gain G: r_i - r0 >= G, and --min-gain 0 is
+           Fig. 4's reading, gain >= 0); ties go to the first; none when no continuation qualifies.
   SFT      fine-tune the BASE model on the examples kept in ALL iterations so far (STaR starts
            every iteration from the base), loss on the continuation z_{1:2} only (z0 is in the
            prompt; --z0-loss trains on it too), with warmstart.sft (the shared SFT loop).
@@ -45,20 +50,26 @@ Outputs in <out> (default runs/star/<method>): z0.jsonl (the base's attempts, tr
 held-out), data_iter{k}.jsonl (examples kept in iteration k: problem, answer, prompt, z0,
 z1, z2, restart step, completion, r0, the r_i and correctness of all G continuations, the
 kept index, its gain), sft_iter{k}.jsonl (SFT loss per step of iteration k), iterations.jsonl
-(per iteration: kept fraction, mean gain r_i - r0 of kept vs discarded continuations,
-held-out accuracy before and after, SFT losses, timings), model/ (the latest fine-tuned model,
-HF checkpoint + mrt.json with "format"), summary.json.
+(per iteration: kept fraction, the fraction each reading of the filter would keep, gain > 0
+and gain >= 0, the share of continuations that parse and that do not, mean gain r_i - r0 of
+kept vs discarded continuations, held-out accuracy before and after, SFT losses, timings),
+model/ (the latest fine-tuned model, HF checkpoint + mrt.json with "format"), summary.json
+(with z0_dropped: the train and held-out problems dropped for want of a usable z0; z0.jsonl
+marks them "dropped" and holds their last try).
 
 Decisions / departures from the paper (it publishes no code for this algorithm):
 - The filter reads "keep the argmax i when r_i > r0 and z2 is correct" as: argmax of r_i over
   the continuations that are correct AND beat r0. An incorrect argmax is skipped in favour of
   the best correct continuation with r_i > r0 (the other reading, "drop the problem when the
   overall argmax is wrong", would throw away correct gains). Ties go to the first.
-- A continuation is a candidate only if it parses (infogain.split_continuation: marker, then
-  "Step k:" and a line break, and split z0 == the sampled z0, the guard grpo.py shares), ended
-  by itself (EOS, not cut at --max-tokens) and its z2 is correct. An unparsed one still gets a
-  logged r_i, from mu reading the whole continuation (grpo.py gives such a one gain 0 instead;
-  here it is never kept, so r_i only enters the logged gain means).
+- A continuation is a candidate only if it parses (infogain.split_continuation, split where
+  the cue was appended: marker, then "Step k:" with one step and no box, a line break, and a
+  z2 with a step line or a box), ended by itself (EOS, not cut at --max-tokens: the rule of
+  every stage, infogain.sample_outcome) and its z2 is correct. An unparsed one is never kept;
+  its logged r_i is 0 and its gain -r0, as grpo.py's bonus gives it (infogain.backtrack_gain).
+- Alg. 1 keeps a continuation with r_i > r0; Fig. 4 writes r_i >= r0. With m mu answers J
+  is a multiple of 1/m, so ties are common: the default is Alg. 1, --min-gain 0 is Fig. 4, and
+  iterations.jsonl reports both readings' keep rates whichever ran.
 - z0 is sampled once per problem at the start (the base never changes); r0 is re-estimated
   every iteration because mu is the current model (fixed with --mu-model).
 - The data set accumulates over iterations (a problem may contribute one example per
@@ -97,8 +108,8 @@ import numpy as np  # noqa: E402
 import sampling  # noqa: E402
 import utils  # noqa: E402
 import warmstart  # noqa: E402
-from infogain import (MU_MODES, MetaProver, backtrack_cue, information_gain, make_sampler, sample_attempts,  # noqa: E402
-                      sample_z0, split_continuation)
+from infogain import (MU_MODES, Z0_TRIES, MetaProver, backtrack_cue, backtrack_gain, make_sampler,  # noqa: E402
+                      sample_attempts, sample_outcome, sample_z0, split_continuation)
 
 METHODS = {"mrt": "backtrack", "star": "direct", "rise": "backtrack"}  # method -> model format
 
@@ -171,6 +182,9 @@ class Args:
     """B: tokens mu writes per sample in --mu-mode rollout"""
     mu_temperature: float = 1.0
     """mu's sampling temperature"""
+    min_gain: float | None = None
+    """--method mrt's filter: keep a correct continuation whose gain r_i - r0 >= MIN_GAIN;
+    unset (default): gain > 0 (Alg. 1); 0: gain >= 0 (Fig. 4's reading)"""
     # held-out accuracy
     eval_problems: int | None = None
     """held-out problems measured before and after each iteration (0: skip)"""
@@ -233,6 +247,12 @@ def resolve_args(args: Args, world: int = 1) -> Args:
         raise utils.UserError("--temperature must be > 0 and 0 < --top-p <= 1")
     if args.mu_mode not in MU_MODES:
         raise utils.UserError(f"--mu-mode must be one of {MU_MODES}, got {args.mu_mode!r}")
+    if args.min_gain is not None and not -1.0 <= args.min_gain <= 1.0:
+        raise utils.UserError(f"--min-gain must be in [-1, 1] (a gain is a difference of two success rates), "
+                              f"got {args.min_gain}")
+    if args.min_gain is not None and args.method != "mrt":
+        raise utils.UserError(f"--min-gain sets --method mrt's filter; --method {args.method} keeps the first "
+                              f"correct sample")
     return args
 
 
@@ -241,15 +261,18 @@ def resolve_args(args: Args, world: int = 1) -> Args:
 # --------------------------------------------------------------------------------------
 
 
-def select_continuation(r0: float, rewards, correct) -> int | None:
+def select_continuation(r0: float, rewards, correct, min_gain: float | None = None) -> int | None:
     """MRT's filter (Alg. 1, Fig. 4): the index i of the highest r_i among the continuations
-    whose revised attempt z2 is correct and whose r_i > r0; ties go to the first. None when
-    no continuation qualifies. An incorrect continuation never counts, however high its r_i."""
+    whose revised attempt z2 is correct and whose gain r_i - r0 passes: r_i > r0 when
+    min_gain is None (Alg. 1, the default), else r_i - r0 >= min_gain (0: Fig. 4's reading,
+    gain >= 0); ties go to the first. None when no continuation qualifies. An incorrect
+    continuation never counts, however high its r_i."""
     if len(rewards) != len(correct):
         raise ValueError(f"{len(rewards)} rewards but {len(correct)} correctness flags")
+    passes = (lambda r: r > r0) if min_gain is None else (lambda r: r - r0 >= min_gain)  # noqa: E731
     best = None
     for i, (r, ok) in enumerate(zip(rewards, correct)):
-        if ok and r > r0 and (best is None or r > rewards[best]):
+        if ok and passes(r) and (best is None or r > rewards[best]):
             best = i
     return best
 
@@ -267,11 +290,12 @@ def continuation_cue(method: str, z0: str) -> str:
 
 def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold: str) -> dict:
     """Episodes and correctness of one continuation: {completion, episodes (or None), correct}.
-    Correct means: it parses into z0/z1/z2 with the sampled z0, it ended by itself (not cut at
-    the token limit), and z2 alone is graded correct."""
+    Correct means: it parses into z0/z1/z2, split where the cue was appended, and z2 alone is
+    graded correct by infogain.sample_outcome (0 when cut at the token limit: the rule of every
+    stage)."""
     completion = continuation_cue(method, z0) + text
-    ep = split_continuation(z0, completion)  # None also when a marker inside z0 would split z0 itself
-    ok = ep is not None and finish_reason == "stop" and utils.grade(ep.z2, gold) == 1.0
+    ep = split_continuation(z0, completion)
+    ok = ep is not None and sample_outcome(ep.z2, gold, finish_reason) == 1.0
     return {"completion": completion, "episodes": ep, "correct": ok}
 
 
@@ -291,7 +315,7 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
                                max_tokens=args.max_tokens, seed=seed)
         records = []
         for p, group in zip(problems, outs):
-            correct = [s.finish_reason == "stop" and utils.grade(s.text, p["answer"]) == 1.0 for s in group]
+            correct = [sample_outcome(s.text, p["answer"], s.finish_reason) == 1.0 for s in group]
             kept = select_first_correct(correct)
             example = None if kept is None else {
                 "id": p["id"], "problem": p["problem"], "answer": p["answer"], "prompt": p["prompt"],
@@ -306,18 +330,21 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
                             logprobs=False)
     parsed = [[parse_continuation(args.method, z0s[p["id"]], s.text, s.finish_reason, p["answer"]) for s in group]
               for p, group in zip(problems, outs)]
-    # J(mu | q, z0) and J(mu | q, z0, z1_i) in one call; an unparsed continuation: mu reads all of it
+    # J(mu | q, z0) and J(mu | q, z0, z1_i) of the parsed continuations in one call; an unparsed
+    # continuation has no backtrack episode: J after it is 0 (infogain.backtrack_gain), mu is not asked
     before = [p["prompt"] + z0s[p["id"]] for p in problems]
-    after = [p["prompt"] + (c["episodes"].z0 + c["episodes"].z1 if c["episodes"] else c["completion"])
-             for p, group in zip(problems, parsed) for c in group]
-    golds = [p["answer"] for p in problems] + [p["answer"] for p in problems for _ in range(G)]
+    where = [(i, j) for i, group in enumerate(parsed) for j, c in enumerate(group) if c["episodes"]]
+    after = [problems[i]["prompt"] + parsed[i][j]["episodes"].z0 + parsed[i][j]["episodes"].z1 for i, j in where]
+    golds = [p["answer"] for p in problems] + [problems[i]["answer"] for i, _ in where]
     J = mu.success_rates(before + after, golds, seed=utils.derive_seed(seed, "meta-prover"))
-    r0s, rs = J[: len(problems)], J[len(problems):].reshape(len(problems), G)  # (P,), (P, G)
+    r0s, rs = J[: len(problems)], np.zeros((len(problems), G))  # (P,), (P, G)
+    for (i, j), x in zip(where, J[len(problems):]):
+        rs[i, j] = x
     records = []
     for p, group, samples, r0, r in zip(problems, parsed, outs, r0s, rs):
         correct = [c["correct"] for c in group]
         rewards = [float(x) for x in r]
-        kept = (select_continuation(float(r0), rewards, correct) if args.method == "mrt"
+        kept = (select_continuation(float(r0), rewards, correct, args.min_gain) if args.method == "mrt"
                 else select_first_correct(correct))
         example = None
         if kept is not None:
@@ -325,11 +352,11 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
             example = {"id": p["id"], "problem": p["problem"], "answer": p["answer"], "prompt": p["prompt"], "z0": ep.z0,
                        "z1": ep.z1, "z2": ep.z2, "restart_step": ep.restart_step,
                        "completion": group[kept]["completion"], "r0": float(r0), "r": rewards[kept],
-                       "gain": information_gain(rewards[kept], float(r0)), "index": kept, "rewards": rewards,
+                       "gain": backtrack_gain(float(r0), rewards[kept]), "index": kept, "rewards": rewards,
                        "correct": correct}
         records.append({"id": p["id"], "r0": float(r0), "kept": kept, "example": example,
                         "samples": [{"text": s.text, "parsed": c["episodes"] is not None, "correct": c["correct"],
-                                     "r": x, "gain": information_gain(x, float(r0))}
+                                     "r": x, "gain": backtrack_gain(float(r0), x if c["episodes"] else None)}
                                     for s, c, x in zip(samples, group, rewards)]})
     return records
 
@@ -352,7 +379,8 @@ def collect(sampler, mu: MetaProver | None, problems: list[dict], z0s: dict, arg
 
 def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed: int) -> float | None:
     """Mean accuracy of --eval-samples samples per held-out problem in the method's format
-    (backtrack: the base's z0, the cue, graded on z2 only; direct: a plain attempt)."""
+    (backtrack: the base's z0, the cue, graded on z2 only; direct: a plain attempt); a sample
+    cut at --max-tokens scores 0 (infogain.sample_outcome)."""
     if not problems:
         return None
     rank, world = utils.rank(), utils.world_size()
@@ -360,7 +388,7 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
     if mine and args.method == "star":
         outs = sample_attempts(sampler, [p["prompt"] for p in mine], args.eval_samples, temperature=args.temperature,
                                top_p=args.top_p, max_tokens=args.max_tokens, seed=utils.derive_seed(seed, rank))
-        scores = [utils.grade(s.text, p["answer"]) for p, g in zip(mine, outs) for s in g]
+        scores = [sample_outcome(s.text, p["answer"], s.finish_reason) for p, g in zip(mine, outs) for s in g]
     elif mine:
         cues = [continuation_cue(args.method, z0s[p["id"]]) for p in mine]
         outs = sampler.generate([utils.encode(sampler.tokenizer, p["prompt"] + c) for p, c in zip(mine, cues)],
@@ -369,7 +397,7 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
         for p, c, g in zip(mine, cues, outs):
             for s in g:
                 ep = split_continuation(z0s[p["id"]], c + s.text)
-                scores.append(utils.grade(ep.z2, p["answer"]) if ep else 0.0)
+                scores.append(sample_outcome(ep.z2, p["answer"], s.finish_reason) if ep else 0.0)
     return float(np.mean([x for part in utils.all_gather(scores) for x in part]))
 
 
@@ -379,8 +407,11 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
 
 
 def iteration_stats(records: list[dict], method: str) -> dict:
-    """Kept fraction, sample accuracy and (backtrack methods) r0, r_i and the mean gain
-    r_i - r0 of the kept continuations vs all the others."""
+    """Kept fraction, sample accuracy and (backtrack methods) the share of continuations that
+    parse and that do not, r0, r_i, the mean gain r_i - r0 of the kept continuations vs all the
+    others, and the fraction of problems MRT's filter keeps under each reading of it
+    (select_continuation): gain > 0 (Alg. 1, kept_fraction_gain_pos) and gain >= 0 (Fig. 4,
+    kept_fraction_gain_nonneg), whatever --min-gain this run used."""
     mean = lambda xs: round(float(np.mean(xs)), 4) if len(xs) else None  # noqa: E731
     kept = [r for r in records if r["kept"] is not None]
     out = {"problems": len(records), "samples": sum(len(r["samples"]) for r in records), "kept": len(kept),
@@ -389,7 +420,13 @@ def iteration_stats(records: list[dict], method: str) -> dict:
     if method != "star":
         g_kept = [r["samples"][r["kept"]]["gain"] for r in kept]
         g_other = [s["gain"] for r in records for i, s in enumerate(r["samples"]) if i != r["kept"]]
+        readings = {name: mean([select_continuation(r["r0"], [s["r"] for s in r["samples"]],
+                                                    [s["correct"] for s in r["samples"]], bar) is not None
+                                for r in records]) for name, bar in (("gain_pos", None), ("gain_nonneg", 0.0))}
         out.update({"parsed_fraction": mean([s["parsed"] for r in records for s in r["samples"]]),
+                    "unparsed_fraction": mean([not s["parsed"] for r in records for s in r["samples"]]),
+                    "kept_fraction_gain_pos": readings["gain_pos"],
+                    "kept_fraction_gain_nonneg": readings["gain_nonneg"],
                     "r0_mean": mean([r["r0"] for r in records]),
                     "r_mean": mean([s["r"] for r in records for s in r["samples"]]),
                     "gain_kept_mean": mean(g_kept), "gain_discarded_mean": mean(g_other),
@@ -463,18 +500,27 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         sampler = sampling.Sampler(base_path, sleep_mode=args.sleep_mode, **engine_kw)
     else:  # it may hold other weights: z0 must come from the base (read on the CPU: the engine has the GPU)
         sampler.sync_weights(sampling.load_on_host(base_path, args.dtype))
-    train_z0, test_z0 = {}, {}
-    if fmt == "backtrack":
+    train_z0, test_z0, z0_dropped = {}, {}, None
+    if fmt == "backtrack":  # a cut or box-less z0 is resampled, then its problem dropped (infogain.sample_z0)
         z0_kw = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-        train_z0 = sample_z0(sampler, train, **z0_kw, seed_parts=(args.seed, "z0", "train"))
-        test_z0 = sample_z0(sampler, test, **z0_kw, seed_parts=(args.seed, "z0", "test"))
+        train_z0, train_lost = sample_z0(sampler, train, **z0_kw, seed_parts=(args.seed, "z0", "train"))
+        test_z0, test_lost = sample_z0(sampler, test, **z0_kw, seed_parts=(args.seed, "z0", "test"))
+        if not train_z0:
+            raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at --max-tokens "
+                                  f"{args.max_tokens} or without a box in {Z0_TRIES} tries): raise --max-tokens")
         if utils.is_main():
             utils.write_jsonl(os.path.join(out, "z0.jsonl"),
-                              [{"split": s, "id": p["id"], "problem": p["problem"], "answer": p["answer"], "z0": z[p["id"]]}
-                               for s, ps, z in (("train", train, train_z0), ("test", test, test_z0)) for p in ps])
+                              [{"split": s, "id": p["id"], "problem": p["problem"], "answer": p["answer"],
+                                "z0": z[p["id"]] if p["id"] in z else lost[p["id"]], "dropped": p["id"] in lost}
+                               for s, ps, z, lost in (("train", train, train_z0, train_lost),
+                                                      ("test", test, test_z0, test_lost)) for p in ps])
+        z0_dropped = {"train": len(train_lost), "test": len(test_lost)}
+        train, test = [p for p in train if p["id"] in train_z0], [p for p in test if p["id"] in test_z0]
         utils.print0(f"sampled z0 of the base for {len(train)} train and {len(test)} held-out problems "
                      f"in {time.time() - t0:.0f}s (train accuracy "
-                     f"{np.mean([utils.grade(train_z0[p['id']], p['answer']) for p in train]):.3f})")
+                     f"{np.mean([utils.grade(train_z0[p['id']], p['answer']) for p in train]):.3f}); dropped "
+                     f"{z0_dropped['train']} train and {z0_dropped['test']} held-out problems with no usable z0 in "
+                     f"{Z0_TRIES} tries (cut at --max-tokens or no box)")
     if model_path != base_path:
         sampler.sync_weights(sampling.load_on_host(model_path, args.dtype))
     if fmt == "backtrack" and utils.model_format(model_path) != "backtrack":
@@ -539,7 +585,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         history.append(rec)
 
     summary = {"method": args.method, "format": fmt, "model": model_path, "base": base_path,
-               "problems": len(train), "heldout_problems": len(test), "accuracy": accuracy,
+               "problems": len(train), "heldout_problems": len(test), "z0_dropped": z0_dropped, "accuracy": accuracy,
                "examples": len(accumulated), "model_dir": os.path.join(out, "model") if model_saved else None,
                "iterations": history, "args": dataclasses.asdict(args)}
     if utils.is_main():

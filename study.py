@@ -435,32 +435,42 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
         sums = [load_json(os.path.join(d, "star", m, "summary.json")) for d in seed_dirs.values()]
         sums = [x for x in sums if x]
         if sums:
-            kept = " / ".join(fmt([x["iterations"][i]["kept_fraction"] for x in sums if len(x["iterations"]) > i])
-                              for i in range(len(sums[0]["iterations"])))
+            per_it = lambda key: " / ".join(  # noqa: E731  (one cell: the iterations in order)
+                fmt([x["iterations"][i].get(key) for x in sums if len(x["iterations"]) > i])
+                for i in range(len(sums[0]["iterations"])))
             no_model = sum(x["model_dir"] is None for x in sums)
-            star_rows.append(f"| star-{m} | {kept} | {fmt([x['accuracy'][0] for x in sums])} | "
+            star_rows.append(f"| star-{m} | {per_it('kept_fraction')} | {per_it('kept_fraction_gain_pos')} | "
+                             f"{per_it('kept_fraction_gain_nonneg')} | {fmt([x['accuracy'][0] for x in sums])} | "
                              f"{fmt([x['accuracy'][-1] for x in sums])} | "
                              + (f"kept nothing in {no_model}/{len(sums)} seeds: no model, no evaluation row |"
                                 if no_model else "|"))
     if star_rows:
         lines += ["## MRT-B (STaR) and baselines (Alg. 1)", "",
-                  "Fraction of training problems kept per iteration, and held-out accuracy (%) in the method's own "
-                  "format (backtrack: the base's z0, the cue, z2 graded) before the first and after the last iteration.",
-                  "", "| run | kept per iteration (%) | held-out start | held-out end | note |", "|---|---|---|---|---|",
-                  *star_rows, ""]
+                  "Fraction of training problems kept per iteration, the fraction MRT's filter keeps under each "
+                  "reading of it on the same samples (a correct continuation with gain > 0, Alg. 1, star.py's "
+                  "default; with gain >= 0, Fig. 4: with m forced answers ties are common), and held-out accuracy "
+                  "(%) in the method's own format (backtrack: the base's z0, the cue, z2 graded) before the first "
+                  "and after the last iteration.", "",
+                  "| run | kept per iteration (%) | gain > 0 would keep | gain >= 0 would keep | held-out start | "
+                  "held-out end | note |", "|---|---|---|---|---|---|---|", *star_rows, ""]
 
     # ---- RL training: held-out accuracy start -> end ---------------------------------------
     grpo_rows = []
     for v in GRPO_VARIANTS:
         ev = [load_json(os.path.join(d, "grpo", v, "eval.json")) for d in seed_dirs.values()]
         ev = [e for e in ev if e]
+        paths = [os.path.join(d, "grpo", v, "metrics.jsonl") for d in seed_dirs.values()]
+        ms = [utils.read_records(p, []) for p in paths if os.path.exists(p)]
         if ev:
-            grpo_rows.append(f"| grpo-{v} | {fmt([e.get('start') for e in ev])} | {fmt([e.get('end') for e in ev])} |")
+            grpo_rows.append(f"| grpo-{v} | {fmt([e.get('start') for e in ev])} | {fmt([e.get('end') for e in ev])} | "
+                             f"{first_last(ms, 'unparsed_share')} |")
     if grpo_rows:
         lines += ["## MRT-B (RL) and baselines: held-out accuracy during training", "",
                   "Accuracy (%) of the revised attempt on held-out problems (each variant's own format, the same "
-                  "z0), before and after RL from the warmstart model.", "",
-                  "| run | start | end |", "|---|---|---|", *grpo_rows, ""]
+                  "z0), before and after RL from the warmstart model; unparsed: the share (%) of training "
+                  "continuations that do not split into episodes (no restart line, a box on it, or no step and no "
+                  "box after it), in the first / last quarter of the steps.", "",
+                  "| run | start | end | unparsed first / last |", "|---|---|---|---|", *grpo_rows, ""]
         plot_training(seed_dirs, os.path.join(fig_dir, "fig9_rl_training.png"))
         lines += [f"![rl]({rel(os.path.join(fig_dir, 'fig9_rl_training.png'))})", ""]
 
@@ -532,6 +542,14 @@ def _mean_over(rows: list[dict], key: str, part: slice) -> float | None:
     """Mean of `key` over a slice of a run's metrics rows (rows without it left out)."""
     v = [r[key] for r in rows[part] if r.get(key) is not None]
     return float(np.mean(v)) if v else None
+
+
+def first_last(runs: list[list[dict]], key: str) -> str:
+    """'first / last' cell: `key`'s mean over the first and over the last quarter of each
+    run's metrics rows (at least one row each), then over the runs (fmt)."""
+    q = lambda m: max(1, len(m) // 4)  # noqa: E731
+    return " / ".join(fmt([_mean_over(m, key, part(m)) for m in runs])
+                      for part in (lambda m: slice(0, q(m)), lambda m: slice(-q(m), None)))
 
 
 RESTART_BINS = ("1", "2", "3", "4", "5+", "none")
@@ -617,19 +635,21 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
                   "grpo.py from the toy base (not the warmstart), toy preset. Held-out: accuracy (%) of the revised "
                   "attempt at the start and the end. Restart precision over training (training continuations after a "
                   "wrong z0): fixable = share whose restart step can fix z0, at f = share restarting exactly at the "
-                  "first wrong step, z2 after wrong z0 = their accuracy; first / last quarter of the steps. Tokens: mean "
-                  "completion tokens in the last quarter; mu time: the meta-prover's share of step time.", "",
+                  "first wrong step, z2 after wrong z0 = their accuracy; unparsed = share of continuations that do "
+                  "not split into episodes; first / last quarter of the steps. Tokens: mean completion tokens in the "
+                  "last quarter; mu time: the meta-prover's share of step time.", "",
                   "| run | held-out start | held-out end | fixable first / last | at f first / last | "
-                  "z2 after wrong z0 first / last | tokens | mu time |", "|---|---|---|---|---|---|---|---|"]
+                  "z2 after wrong z0 first / last | unparsed first / last | tokens | mu time |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, runs in rl.items():
             ev = [e or {} for e, _ in runs]
             ms = [m for _, m in runs if m]
             q = lambda m: max(1, len(m) // 4)  # noqa: E731
-            fl = lambda key: " / ".join(fmt([_mean_over(m, key, part(m)) for m in ms])  # noqa: E731
-                                        for part in (lambda m: slice(0, q(m)), lambda m: slice(-q(m), None)))
+            fl = lambda key: first_last(ms, key)  # noqa: E731
             mu = [sum(r.get("time_mu", 0.0) for r in m) / max(1e-9, sum(r["time_step"] for r in m)) for m in ms]
             lines.append(f"| grpo-{name} | {fmt([e.get('start') for e in ev])} | {fmt([e.get('end') for e in ev])} | "
                          f"{fl('restart_fixable')} | {fl('restart_at_first_wrong')} | {fl('z2_acc_z0_wrong')} | "
+                         f"{fl('unparsed_share')} | "
                          f"{fmt([_mean_over(m, 'completion_len_mean', slice(-q(m), None)) for m in ms], 1, 0)} | "
                          f"{fmt(mu, digits=0, unit='%')} |")
         steps = {}

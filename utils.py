@@ -469,6 +469,14 @@ def extract_boxed(text: str | None) -> str | None:
     return None
 
 
+def last_episode(text: str) -> str:
+    """The last episode of a generation: the text after the last backtrack marker (the
+    restart line and z2 of a backtrack trace), or all of it when there is no marker. Its last
+    box is the graded answer, so z0's box is never credited (evaluate.py, infogain.py)."""
+    cut = text.rfind(BACKTRACK_MARKER)
+    return text if cut < 0 else text[cut + len(BACKTRACK_MARKER):]
+
+
 _GOLD_WARNED: set[str] = set()
 _GRADE_POOL = None
 _GRADE_POOL_LOCK = threading.Lock()

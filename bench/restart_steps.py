@@ -131,8 +131,9 @@ def main():
         sampler = sampling.Sampler(model, seed=a.seed)
         problems = utils.load_problems(data, limit=a.problems, tokenizer=sampler.tokenizer,
                                        max_prompt_tokens=args.max_prompt_length)
-        z0s = infogain.sample_z0(sampler, problems, temperature=args.temperature, top_p=args.top_p,
-                                 max_tokens=args.max_tokens, seed_parts=(a.seed, "z0", "test"))  # as grpo.py
+        z0s, _ = infogain.sample_z0(sampler, problems, temperature=args.temperature, top_p=args.top_p,
+                                    max_tokens=args.max_tokens, seed_parts=(a.seed, "z0", "test"))  # as grpo.py
+        problems = [p for p in problems if p["id"] in z0s]  # those with no usable z0 are dropped, as in grpo.py
         z0_correct = {p["id"]: utils.grade(z0s[p["id"]], p["answer"]) for p in problems}
         rows = grpo.rollout(sampler, problems, z0s, args, utils.derive_seed(a.seed, "rollout"))
         report[model] = {"z0_acc": round(sum(z0_correct.values()) / len(problems), 4), **by_restart_step(rows, z0_correct)}

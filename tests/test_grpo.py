@@ -257,7 +257,8 @@ def test_episode_advantages_are_reward_to_go():
 
 class ScriptedSampler:
     """The sampler interface rollout uses (tokenizer, generate), returning fixed continuations
-    per prompt; records the prompts it was asked."""
+    per prompt, each a text (ended by itself) or (text, finish_reason); records the prompts it
+    was asked."""
 
     def __init__(self, tok, continuations: dict):
         self.tokenizer, self.continuations, self.prompts = tok, continuations, []
@@ -271,9 +272,11 @@ class ScriptedSampler:
             assert len(texts) == n
             group = []
             for t in texts:
-                ids_t = self.tokenizer(t, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+                t, reason = (t, "stop") if isinstance(t, str) else t
+                ids_t = self.tokenizer(t, add_special_tokens=False)["input_ids"]
+                ids_t += [self.tokenizer.eos_token_id] if reason == "stop" else []  # a cut sample has no EOS
                 assert self.tokenizer.decode(ids_t, skip_special_tokens=True) == t
-                group.append(sampling.Sample(t, ids_t, len(ids_t), "stop", [-0.5] * len(ids_t), len(ids)))
+                group.append(sampling.Sample(t, ids_t, len(ids_t), reason, [-0.5] * len(ids_t), len(ids)))
             out.append(group)
         return out
 
@@ -293,9 +296,12 @@ class ScriptedMetaProver:
 
 def test_rollout_gain_wiring_with_a_scripted_sampler_and_meta_prover(toy_paths):
     """Per-sample information gain: J(x, z0, z1_i) - J(x, z0) of its own group for a parsed
-    continuation; 0 for one that does not parse (malformed restart line, a restart line with
-    nothing after it, a z0 with a marker inside a line), and mu is asked only the contexts
-    [x + z0 per problem] + [x + z0 + z1_i per parsed continuation]."""
+    continuation; -J(x, z0) for one that does not parse (malformed restart line, a restart
+    line that holds the box with only a line break after it, no restart at all): J after a
+    continuation with no episode is 0, so breaking the format never ranks above an honest
+    backtrack. mu is asked only [x + z0 per problem] + [x + z0 + z1_i per parsed continuation].
+    A z0 with the marker inside a line is split where the cue was appended. A revised attempt
+    cut at the token limit scores 0 (infogain.sample_outcome), its gain stands."""
     from infogain import backtrack_cue
 
     tok = utils.load_tokenizer(toy_paths["base"])
@@ -311,17 +317,18 @@ def test_rollout_gain_wiring_with_a_scripted_sampler_and_meta_prover(toy_paths):
     conts = {0: [" 2: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}",  # parsed, right
                  " 3: 127 - 48 = 80\nThe answer is \\boxed{80}",  # parsed, wrong
                  " two: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}",  # malformed restart, right box
-                 " 2: 42 * 3 = 126, 126 - 48 = 78, \\boxed{78}"],  # the box on the restart line, nothing after
+                 " 2: 42 * 3 = 126, 126 - 48 = 78, \\boxed{78}\n"],  # the box on the restart line, then a line break
              1: [" 2: 5 * 4 = 20\nThe answer is \\boxed{20}", " lost", " 1: 2 + 3 = 6\nThe answer is \\boxed{24}",
-                 " 2: 5 * 4 = 20\nThe answer is \\boxed{20}"],
-             2: [" 2: 7 * 2 = 14\nThe answer is \\boxed{14}"] * 4}
+                 (" 2: 5 * 4 = 20\nThe answer is \\boxed{20}", "length")],  # right, but cut at the token limit
+             2: [" 2: 7 * 2 = 14\nThe answer is \\boxed{14}"] * 3 + [" 2: 7 * 2 = 15\nThe answer is \\boxed{15}"]}
     tails = {i: backtrack_cue(z0s[i]) for i in z0s}
     sampler = ScriptedSampler(tok, {probs[i]["prompt"] + tails[i]: conts[i] for i in z0s})
     x = [p["prompt"] for p in probs]
     z1 = lambda i, line: x[i] + z0s[i] + "\n" + mark + "\nStep" + line  # noqa: E731
     table = {x[0] + z0s[0]: 0.25, x[1] + z0s[1]: 0.5, x[2] + z0s[2]: 0.125,
              z1(0, " 2: 42 * 3 = 126"): 0.75, z1(0, " 3: 127 - 48 = 80"): 0.0,
-             z1(1, " 2: 5 * 4 = 20"): 0.875, z1(1, " 1: 2 + 3 = 6"): 0.25}
+             z1(1, " 2: 5 * 4 = 20"): 0.875, z1(1, " 1: 2 + 3 = 6"): 0.25,
+             z1(2, " 2: 7 * 2 = 14"): 0.625, z1(2, " 2: 7 * 2 = 15"): 0.0}
     mu = ScriptedMetaProver(table)
     args = grpo.Args(variant="mrt", group_size=4, temperature=1.0, max_tokens=128)
     rows = grpo.rollout(sampler, probs, z0s, args, seed=7, meta_prover=mu)
@@ -331,18 +338,127 @@ def test_rollout_gain_wiring_with_a_scripted_sampler_and_meta_prover(toy_paths):
     contexts, golds = mu.asked[0]
     assert contexts == [x[0] + z0s[0], x[1] + z0s[1], x[2] + z0s[2],
                         z1(0, " 2: 42 * 3 = 126"), z1(0, " 3: 127 - 48 = 80"),
-                        z1(1, " 2: 5 * 4 = 20"), z1(1, " 1: 2 + 3 = 6"), z1(1, " 2: 5 * 4 = 20")]
-    assert golds == ["78", "20", "14", "78", "78", "20", "20", "20"]
+                        z1(1, " 2: 5 * 4 = 20"), z1(1, " 1: 2 + 3 = 6"), z1(1, " 2: 5 * 4 = 20"),
+                        z1(2, " 2: 7 * 2 = 14"), z1(2, " 2: 7 * 2 = 14"), z1(2, " 2: 7 * 2 = 14"), z1(2, " 2: 7 * 2 = 15")]
+    assert golds == ["78", "20", "14", "78", "78", "20", "20", "20", "14", "14", "14", "14"]
     assert [r["group"] for r in rows] == [0] * 4 + [1] * 4 + [2] * 4
-    assert [r["outcome"] for r in rows] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 1.0] + [0.0] * 4
-    assert [r["gain"] for r in rows] == [0.5, -0.25, 0.0, 0.0, 0.375, 0.0, -0.25, 0.375] + [0.0] * 4
-    assert [r["episodes"] is not None for r in rows] == [True, True, False, False, True, False, True, True] + [False] * 4
-    # z1 ends on the sampled ids: the first tokens covering the restart line; unparsed: 0
+    assert [r["outcome"] for r in rows] == [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0]
+    assert [r["gain"] for r in rows] == [0.5, -0.25, -0.25, -0.25, 0.375, -0.5, -0.25, 0.375, 0.5, 0.5, 0.5, -0.125]
+    assert [r["episodes"] is not None for r in rows] == [True, True, False, False, True, False, True, True] + [True] * 4
+    assert [r["truncated"] for r in rows] == [False] * 7 + [True] + [False] * 4
+    assert rows[8]["episodes"].z0 == z0s[2] and rows[8]["episodes"].restart_step == 2
+    # group 0 under R = r + I: right 1.5 > wrong -0.25 >= malformed -0.25, box-on-restart-line -0.25
+    R = grpo.combine_rewards(torch.tensor([r["outcome"] for r in rows]), torch.tensor([r["gain"] for r in rows]), 1.0)
+    assert R[:4].tolist() == [1.5, -0.25, -0.25, -0.25] and R[4] > R[6] > R[5]
+    # z1 ends on the sampled ids: the first tokens covering the restart line; a continuation
+    # with no episodes is all z1 (the `episode` assignment gives every token R's advantage)
     first = rows[0]
     n = first["z1_tokens"]
     assert tok.decode(first["token_ids"][:n]).startswith(" 2: 42 * 3 = 126")
     assert len(tok.decode(first["token_ids"][:n - 1])) < len(" 2: 42 * 3 = 126")
-    assert [r["z1_tokens"] for r in rows[2:4]] == [0, 0] and all(r["z1_tokens"] == 0 for r in rows[8:])
+    assert [r["z1_tokens"] for r in (rows[2], rows[3], rows[5])] == [r["num_tokens"] for r in (rows[2], rows[3], rows[5])]
+    assert all(0 < r["z1_tokens"] < r["num_tokens"] for r in rows if r["episodes"])
+
+
+def test_unparsed_continuations_never_rank_above_parsed_ones():
+    """R = r + alpha * I with the backtrack gain of rollout (infogain.backtrack_gain): for every
+    J value on the m = 8 grid and alpha in (0, 1], parsed right >= parsed wrong >= unparsed and
+    parsed right > unparsed; parsed right > parsed wrong when alpha < 1 (at alpha = 1 a right z2
+    after a useless z1, J 0, ties a wrong one after a perfect z1, J 1). Both assignments keep
+    the order: `final` normalizes R; `episode` gives an unparsed continuation's tokens the
+    advantage of R (all z1) and a parsed one's z1 tokens the same."""
+    from infogain import backtrack_gain
+
+    grid = [k / 8 for k in range(9)]
+    for alpha in (0.25, 0.5, 1.0):
+        for before in grid:
+            unparsed = grpo.combine_rewards(0.0, backtrack_gain(before, None), alpha)
+            for a_right in grid:
+                right = grpo.combine_rewards(1.0, backtrack_gain(before, a_right), alpha)
+                for a_wrong in grid:
+                    wrong = grpo.combine_rewards(0.0, backtrack_gain(before, a_wrong), alpha)
+                    assert right >= wrong >= unparsed and right > unparsed, (alpha, before, a_right, a_wrong)
+                    assert alpha == 1.0 or right > wrong, (alpha, before, a_right, a_wrong)
+    # one group, episode assignment: right, wrong (J after 0: the lowest a parsed one gets), unparsed
+    outcome, before = torch.tensor([1.0, 0.0, 0.0]), 0.75
+    gain = torch.tensor([backtrack_gain(before, 0.125), backtrack_gain(before, 0.0), backtrack_gain(before, None)])
+    adv_z1, adv_z2 = grpo.episode_advantages(outcome, gain, torch.full((3,), 10.0), 3, alpha=1.0)
+    a = grpo.assign_advantages(adv_z1, adv_z2, torch.tensor([4, 4, 10]), 10)  # (3, 10): the unparsed one is all z1
+    assert a[0, 0] > a[1, 0] >= a[2].max() and adv_z1[1] == adv_z1[2]
+
+
+def test_step_record_logs_the_unparsed_share():
+    args = grpo.resolve_args(grpo.Args(variant="mrt", prompts_per_step=2, group_size=2, micro_batch_size=2), 1)
+    ep = object()  # any parsed continuation's episodes
+    rows = [{"truncated": False, "episodes": e} for e in (ep, None, None, ep)]
+    stat = dict(entropy=1.0, logprob_gap=0.0, clip_low=0.0, clip_high=0.0, clip_region=0.0, ratio=1.0, kl=0.0,
+                is_weight=1.0, tokens=5.0, ratio_max=1.0, loss=0.1)
+    rewards = {k: torch.tensor([1.0, 0.0, 0.0, 1.0]) for k in ("outcome", "gain", "reward", "tokens")}
+    times = {"time_sample": 1.0, "time_train": 1.0, "time_step": 2.0}
+    rec = grpo.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args)
+    assert rec["unparsed_share"] == 0.5
+    direct = grpo.resolve_args(grpo.Args(variant="direct", prompts_per_step=2, group_size=2, micro_batch_size=2), 1)
+    rec = grpo.step_record(1, rewards, [{"truncated": False}] * 4, [stat, stat], 0.5, 1e-4, times, direct)
+    assert "unparsed_share" not in rec  # no episodes in the direct format
+
+
+def test_direct_rollout_grades_a_cut_attempt_zero(toy_paths):
+    tok = utils.load_tokenizer(toy_paths["base"])
+    p = {"id": 0, "problem": "Start with 2. Add 3. What is the result?", "answer": "5"}
+    p["prompt"] = utils.build_prompt(tok, p["problem"])
+    done = "Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}"
+    sampler = ScriptedSampler(tok, {p["prompt"]: [done, (done, "length")]})
+    rows = grpo.rollout(sampler, [p], {}, grpo.Args(variant="direct", group_size=2, temperature=1.0, max_tokens=32), seed=0)
+    assert [r["outcome"] for r in rows] == [1.0, 0.0] and [r["truncated"] for r in rows] == [False, True]
+
+
+def test_data_stream_leaves_out_dropped_problems_in_order():
+    """Problems without a usable z0 leave the data stream; the others keep their order, so the
+    stream shifts by the dropped ones instead of being reshuffled (and nothing dropped: as before)."""
+    n, seed = 10, 3
+    full = [grpo.problem_index(i, n, seed) for i in range(2 * n)]
+    assert [grpo.problem_index(i, n, seed, frozenset()) for i in range(2 * n)] == full
+    gone = frozenset({2, 7})
+    kept = [grpo.problem_index(i, n, seed, gone) for i in range(2 * (n - 2))]
+    assert kept == [i for i in full if i not in gone]
+    train = [{"id": 100 + i} for i in range(n)]
+    args = grpo.resolve_args(grpo.Args(variant="mrt", prompts_per_step=4, group_size=2, micro_batch_size=8, seed=seed), 1)
+    ids = [p["id"] for pos in (0, 4) for p in grpo.step_problems(train, pos, args, 0, skip=frozenset({102, 107}))]
+    assert ids == [100 + i for i in kept[:8]]
+
+
+def test_prepare_z0_resamples_drops_and_resumes(toy_paths, tmp_path):
+    """z0 for the problems the run will use: a cut or box-less attempt is resampled, a problem
+    whose tries all fail is dropped (stored as dropped in z0.jsonl, left out of the data
+    stream and of the held-out set), and the next problems of the stream take its place; a
+    resumed run reads the same choice back without sampling."""
+    from test_infogain import AttemptScript
+
+    tok = utils.load_tokenizer(toy_paths["base"])
+    train = [{"id": i, "prompt": utils.build_prompt(tok, f"Start with {i}. Add 1. What is the result?")} for i in range(8)]
+    test = [{"id": i, "prompt": utils.build_prompt(tok, f"Start with {i}. Add 2. What is the result?")} for i in range(2)]
+    done = lambda v: (f"Step 1: {v} + 1 = {v + 1}\nThe answer is \\boxed{{{v + 1}}}", "stop")  # noqa: E731
+    script = {p["prompt"]: [done(p["id"])] * 4 for p in train + test}
+    args = grpo.resolve_args(grpo.Args(variant="mrt", prompts_per_step=2, group_size=2, micro_batch_size=4, steps=2), 1)
+    positions = [0, 2]
+    first = {p["id"] for pos in positions for p in grpo.step_problems(train, pos, args, 0)}
+    bad, late = sorted(first)[:2]
+    script[train[bad]["prompt"]] = [("Step 1: no end", "length")] * 4  # always cut: dropped
+    script[train[late]["prompt"]] = [("Step 1: no box", "stop"), done(late)]  # box-less once, then usable
+    script[test[1]["prompt"]] = [("Step 1", "length")] * 4
+    path = str(tmp_path / "z0.jsonl")
+    sampler = AttemptScript(tok, script)
+    skip, kept_test, train_z0, test_z0 = grpo.prepare_z0(sampler, train, test, path, args, False, positions, 1)
+    assert skip == {bad} and [p["id"] for p in kept_test] == [0] and test_z0 == {0: done(0)[0]}
+    used = {p["id"] for pos in positions for p in grpo.step_problems(train, pos, args, 0, skip)}
+    assert len(used) == 4 and bad not in used and set(train_z0) == used
+    assert train_z0[late] == done(late)[0] and all(train_z0[i] == done(i)[0] for i in used)
+    rows = utils.read_records(path, ["split", "id", "z0", "dropped"])
+    assert sorted((r["split"], r["id"]) for r in rows if r["dropped"]) == [("test", 1), ("train", bad)]
+    again = grpo.prepare_z0(AttemptScript(tok, {}), train, test, path, args, True, positions, 1)  # no sampling
+    assert again == (skip, kept_test, train_z0, test_z0)
+    with pytest.raises(utils.UserError, match="attempts missing"):
+        grpo.prepare_z0(AttemptScript(tok, {}), train, test, path, args, True, [0, 2, 4, 6], 1)
 
 
 def test_tokens_covering_uses_sampled_ids(toy_paths):

@@ -45,7 +45,7 @@ def test_split_edge_cases():
     assert ep.restart_step == 1 and ep.z1.endswith("Step 1: 17 + 25 = 42") and ep.z2 == "\nStep 2: 42 * 3 = 126"
     assert restart_prefix(ep.z0, 1) == ""
     # double-digit steps
-    assert split_backtrack(Z0 + "\n" + MARK + "\nStep 12: x\ny").restart_step == 12
+    assert split_backtrack(Z0 + "\n" + MARK + "\nStep 12: x\nStep 13: y").restart_step == 12
 
 
 def test_split_needs_a_line_break_after_the_restart_line():
@@ -54,22 +54,45 @@ def test_split_needs_a_line_break_after_the_restart_line():
     assert split_backtrack(Z0 + Z1) is None
     assert split_backtrack(Z0 + Z1 + " = 78, so \\boxed{78}") is None
     assert split_backtrack(Z0 + "\n" + MARK + "\nStep 12: x") is None
-    # a line break after it, even with nothing more: z2 is that line break (graded 0)
-    ep = split_backtrack(Z0 + Z1 + "\n")
-    assert (ep.z1, ep.z2, ep.restart_step) == (Z1, "\n", 2) and utils.grade(ep.z2, "78") == 0.0
-    ep = split_backtrack(Z0 + Z1 + "\r\n")
-    assert ep.z1 == Z1 + "\r" and ep.z2 == "\n"
 
 
-def test_split_continuation_guards_the_sampled_z0():
+def test_restart_line_holds_one_step_and_no_box_and_z2_holds_a_step_or_a_box():
+    """A restart line holds one step and no box; a z2 with neither a step line nor a box is no
+    revised attempt: such texts do not parse, so z1 never earns gain for the answer."""
+    # the box on the restart line, then only a line break (z1 would hold the answer, z2 = "\n")
+    boxed = infogain.backtrack_cue(Z0) + " 2: 42 * 3 = 126, 126 - 48 = 78, \\boxed{78}\n"
+    assert split_backtrack(boxed) is None
+    assert split_backtrack(Z0 + Z1 + ", \\boxed{78}\nThe answer is \\boxed{78}") is None  # a box there, whatever follows
+    assert split_backtrack(Z0 + Z1 + ", \\fbox{78}" + Z2) is None
+    assert split_backtrack(Z0 + Z1 + " Step 3: 126 - 48 = 78" + Z2) is None  # two steps on the restart line
+    # a z2 of only line breaks or of text with no step and no box
+    for z2 in ("\n", "\r\n", "\n\n", "\nso it goes", "\n126 - 48 = 78"):
+        assert split_backtrack(Z0 + Z1 + z2) is None, z2
+    # a z2 with a step line (unfinished: graded 0) or with only the answer line (restart at the last step) parses
+    ep = split_backtrack(Z0 + Z1 + "\nStep 3: 126 - 48 = 78")
+    assert (ep.z1, ep.z2, ep.restart_step) == (Z1, "\nStep 3: 126 - 48 = 78", 2) and utils.grade(ep.z2, "78") == 0.0
+    last = "\n" + MARK + "\nStep 3: 126 - 48 = 78"
+    ep = split_backtrack(Z0 + last + "\nThe answer is \\boxed{78}")
+    assert (ep.z1, ep.z2, ep.restart_step) == (last, "\nThe answer is \\boxed{78}", 3)
+    ep = split_backtrack(Z0 + Z1 + "\r\nThe answer is \\boxed{78}")
+    assert ep.z1 == Z1 + "\r" and ep.z2 == "\nThe answer is \\boxed{78}"
+
+
+def test_split_continuation_splits_at_the_cue():
     cue = infogain.backtrack_cue(Z0)
     assert infogain.split_continuation(Z0, cue + " 2: 42 * 3 = 126" + Z2) == Episodes(Z0, Z1, Z2, 2)
     assert infogain.split_continuation(Z0, cue + " two: 42 * 3 = 126" + Z2) is None
-    # a marker inside a line of z0, with a step line after it: split_backtrack splits z0 itself
+    # a marker inside a line of z0, with a step line after it: split_backtrack splits z0 itself,
+    # split_continuation splits where the cue was appended, at len(z0)
     z0 = "Step 1: 17 + 25 = 42 " + MARK + "\nStep 2: 42 * 3 = 127\nThe answer is \\boxed{127}"
     text = infogain.backtrack_cue(z0) + " 2: 42 * 3 = 126" + Z2
     assert split_backtrack(text).z0 == "Step 1: 17 + 25 = 42"
-    assert infogain.split_continuation(z0, text) is None
+    assert infogain.split_continuation(z0, text) == Episodes(z0, Z1, Z2, 2)
+    # the cue's own rules still hold after the split point
+    assert infogain.split_continuation(z0, infogain.backtrack_cue(z0) + " 2: 42 * 3 = 126\n") is None
+    assert infogain.split_continuation(z0, infogain.backtrack_cue(z0) + " lost") is None
+    # a completion that does not start with z0 was not sampled after its cue
+    assert infogain.split_continuation(Z0, infogain.backtrack_cue(z0) + " 2: 42 * 3 = 126" + Z2) is None
 
 
 def test_split_whitespace_variants_round_trip():
@@ -358,3 +381,115 @@ def test_rollout_meta_prover_on_the_toy(toy_paths, toy_sampler):
     # same quantity, independent samples: 256 each, the binomial noise of the difference is about 0.04
     assert abs(J["prompt"].mean() - pass1) < 0.15, (J["prompt"].mean(), pass1)
     assert mu.seconds > 0
+
+
+# --------------------------------------------------------------------------------------
+# The rollout meta-prover grades the last episode; gains of unparsed continuations; the
+# truncation rule; z0's guards
+# --------------------------------------------------------------------------------------
+
+
+class ScriptedMu:
+    """Stands in for mu's engine where a test needs mu to write one known text (the real toy
+    cannot be made to write nothing, or a given answer, on demand): every sample of every
+    prompt is `text`, ended by itself. Records the prompts it was asked."""
+
+    def __init__(self, tokenizer, text: str):
+        self.tokenizer, self.text, self.prompts = tokenizer, text, []
+
+    def generate(self, prompts, n=1, **kw):
+        self.prompts += [self.tokenizer.decode(p, skip_special_tokens=True) for p in prompts]
+        return [[sampling.Sample(self.text, [], 0, "stop", None, len(p))] * n for p in prompts]
+
+
+RIGHT_Z0 = "Step 1: 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 48 = 78\nThe answer is \\boxed{78}"
+PROBLEM = "Start with 17. Add 25. Multiply by 3. Subtract 48. What is the result?"
+
+
+def test_rollout_meta_prover_grades_only_the_last_episode(toy_paths):
+    """After a backtrack episode, mu's rollout is graded on what follows the last marker (the
+    rule of the GRPO outcome and utils.last_episode); before any backtrack on the whole text.
+    A right z0 and a mu that writes nothing within its budget: J before z1 = 1 (z0's box),
+    J after z1 = 0 (the answer z1 abandons is not credited), after a right z2 1, a wrong z2 0."""
+    tok = utils.load_tokenizer(toy_paths["base"])
+    x = utils.build_prompt(tok, PROBLEM)
+    right = Episodes(RIGHT_Z0, Z1, Z2, 2)
+    wrong = Episodes(RIGHT_Z0, "\n" + MARK + "\nStep 3: 126 - 48 = 77", "\nThe answer is \\boxed{77}", 3)
+    silent = ScriptedMu(tok, "")
+    mu = MetaProver(silent, m=4, mode="rollout", rollout_tokens=8)
+    J = infogain.trace_values(mu, [x, x], [right, wrong], ["78", "78"])  # (2, 4)
+    assert J.tolist() == [[0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
+    assert silent.prompts[:4] == infogain.episode_contexts(x, right)  # rollout mode appends no suffix
+    # mu writes the answer after the restart line: that box counts; after its own second
+    # backtrack only what follows its marker counts
+    answers = MetaProver(ScriptedMu(tok, "\nThe answer is \\boxed{78}"), m=2, mode="rollout")
+    assert answers.success_rates([x + RIGHT_Z0 + Z1, x + RIGHT_Z0], ["78", "77"]).tolist() == [1.0, 0.0]
+    again = MetaProver(ScriptedMu(tok, "\n" + MARK + "\nStep 3: 126 - 48 = 79"), m=2, mode="rollout")
+    assert again.success_rates([x + RIGHT_Z0 + Z1 + Z2, x + RIGHT_Z0], ["78", "78"]).tolist() == [0.0, 0.0]
+    # the forced mode is unchanged: suffix + completion graded, the context never
+    forced = MetaProver(ScriptedMu(tok, "78}"), m=2)
+    assert forced.success_rates([x + RIGHT_Z0 + Z1, x], ["78", "78"]).tolist() == [1.0, 1.0]
+    assert MetaProver(ScriptedMu(tok, ""), m=2).success_rates([x + RIGHT_Z0], ["78"]).tolist() == [0.0]
+
+
+def test_backtrack_gain_of_a_continuation_with_no_episode():
+    """No backtrack episode (the continuation does not parse): J after it counts as 0, so its
+    gain is -J(mu | x, z0), at most any parsed continuation's gain from the same z0."""
+    assert infogain.backtrack_gain(0.25, 0.75) == 0.5 and infogain.backtrack_gain(0.25, None) == -0.25
+    assert infogain.backtrack_gain(0.0, None) == 0.0 and infogain.backtrack_gain(1.0, None) == -1.0
+    grid = [k / 8 for k in range(9)]
+    assert all(infogain.backtrack_gain(b, None) <= infogain.backtrack_gain(b, a) for b in grid for a in grid)
+
+
+def test_sample_outcome_a_truncated_sample_scores_zero():
+    boxed = "Step 3: 126 - 48 = 78\nThe answer is \\boxed{78}"
+    assert infogain.sample_outcome(boxed, "78", "stop") == 1.0
+    assert infogain.sample_outcome(boxed, "78", "length") == 0.0  # cut at the token limit, box or not
+    assert infogain.sample_outcome(boxed, "77", "stop") == 0.0 and infogain.sample_outcome(None, "78", "stop") == 0.0
+
+
+class AttemptScript:
+    """Stands in for the engine where a test needs attempts that are cut or box-less on demand:
+    the k-th request for a prompt gets script[prompt][k] = (text, finish_reason). Records
+    (prompt, seed) per request."""
+
+    def __init__(self, tokenizer, script: dict):
+        self.tokenizer, self.script, self.calls = tokenizer, script, []
+
+    def generate(self, prompts, n=1, seed=None, **kw):
+        out = []
+        for ids in prompts:
+            prompt = self.tokenizer.decode(ids, skip_special_tokens=True)
+            k = sum(p == prompt for p, _ in self.calls)
+            self.calls.append((prompt, seed))
+            text, reason = self.script[prompt][k]
+            out.append([sampling.Sample(text, [1], 1, reason, None, len(ids))] * n)
+        return out
+
+
+def test_sample_z0_resamples_cut_or_boxless_attempts_then_drops(toy_paths):
+    tok = utils.load_tokenizer(toy_paths["base"])
+    good = "Step 1: 2 + 3 = 5\nThe answer is \\boxed{5}"
+    probs = [{"id": i, "prompt": utils.build_prompt(tok, f"Start with {i}. Add 3. What is the result?")} for i in (4, 7, 9)]
+    script = {probs[0]["prompt"]: [(good, "stop")],
+              probs[1]["prompt"]: [("Step 1: 2 + 3", "length"), ("Step 1: 2 + 3 = 5", "stop"), (good + "\n\n", "stop")],
+              probs[2]["prompt"]: [(good, "length")] * 3 + [("Step 1: 2 +", "length")]}
+    sampler = AttemptScript(tok, script)
+    kept, dropped = infogain.sample_z0(sampler, probs, temperature=1.0, max_tokens=32, seed_parts=(0, "z0"), tries=4)
+    assert kept == {4: good, 7: good} and dropped == {9: "Step 1: 2 +"}
+    asked = [p for p, _ in sampler.calls]
+    assert [asked.count(p["prompt"]) for p in probs] == [1, 3, 4]  # resampled until usable, at most `tries` in all
+    seeds = [s for p, s in sampler.calls if p == probs[2]["prompt"]]
+    assert len(set(seeds)) == 4 and seeds[0] == utils.derive_seed(0, "z0", 0)  # a new seed per try; the first as before
+    assert infogain.usable_z0(sampling.Sample(good, [1], 1, "stop", None, 0))
+    assert not infogain.usable_z0(sampling.Sample(good, [1], 1, "length", None, 0))
+    assert not infogain.usable_z0(sampling.Sample("Step 1: 2 + 3 = 5\nThe answer is \\boxed{5", [1], 1, "stop", None, 0))
+
+
+def test_sample_z0_on_the_toy_keeps_only_finished_boxed_attempts(toy_paths, toy_sampler):
+    problems = utils.load_problems(toy_paths["test"], limit=16, tokenizer=toy_sampler.tokenizer)
+    kept, dropped = infogain.sample_z0(toy_sampler, problems, temperature=1.0, max_tokens=4, seed_parts=(0, "z0"))
+    assert kept == {} and sorted(dropped) == [p["id"] for p in problems]  # 4 tokens: every try is cut
+    kept, dropped = infogain.sample_z0(toy_sampler, problems, temperature=1.0, max_tokens=160, seed_parts=(0, "z0"))
+    assert len(kept) + len(dropped) == 16 and len(kept) >= 12
+    assert all(utils.extract_boxed(z) is not None and z == z.rstrip() for z in kept.values())

@@ -46,6 +46,19 @@ def test_select_continuation_hand_made(r0, rewards, correct, want):
     assert star.select_continuation(r0, rewards, correct) == want
 
 
+@pytest.mark.parametrize("r0, rewards, correct, min_gain, want", [
+    (0.5, [0.5, 0.25, 0.0], [True, True, True], None, None),     # Alg. 1 (default): gain > 0, a tie is out
+    (0.5, [0.5, 0.25, 0.0], [True, True, True], 0.0, 0),         # Fig. 4's reading: gain >= 0 keeps the tie
+    (0.25, [0.25, 0.5], [True, False], 0.0, 0),
+    (0.25, [0.375, 0.75, 0.5], [True, True, True], 0.5, 1),      # a higher bar: gain >= 0.5
+    (0.25, [0.5, 0.625], [True, True], 0.5, None),
+    (0.5, [0.25, 0.0], [True, True], -0.25, 0),                  # a negative bar admits a loss
+    (0.0, [1.0], [False], -1.0, None),                           # never an incorrect continuation
+])
+def test_select_continuation_min_gain(r0, rewards, correct, min_gain, want):
+    assert star.select_continuation(r0, rewards, correct, min_gain) == want
+
+
 def test_select_continuation_checks_lengths_and_first_correct():
     with pytest.raises(ValueError):
         star.select_continuation(0.0, [0.5, 0.5], [True])
@@ -66,17 +79,59 @@ def test_parse_continuation_grades_z2_only():
     assert star.parse_continuation("mrt", z0_right, BAD, "stop", "80")["correct"]
     bad = star.parse_continuation("mrt", Z0, " two: start over", "stop", "78")
     assert bad["episodes"] is None and not bad["correct"]
-    # a marker inside a line of z0 would split z0 itself: not parsed (infogain.split_continuation)
+    # a marker inside a line of z0: split where the cue was appended (infogain.split_continuation)
     z0_marked = Z0.replace("= 42\n", "= 42 " + MARK + "\n")
     assert split_backtrack(backtrack_cue(z0_marked) + GOOD).z0 != z0_marked
     marked = star.parse_continuation("mrt", z0_marked, GOOD, "stop", "78")
-    assert marked["episodes"] is None and not marked["correct"]
-    # the restart line with nothing after it is not a trace (no z2)
+    assert marked["episodes"].z0 == z0_marked and marked["episodes"].restart_step == 2 and marked["correct"]
+    # the restart line with nothing after it, or with the box and only a line break, is not a trace
     assert star.parse_continuation("mrt", Z0, " 2: 42 * 3 = 126 so \\boxed{78}", "stop", "78")["episodes"] is None
+    assert star.parse_continuation("mrt", Z0, " 2: 42 * 3 = 126, 126 - 48 = 78, \\boxed{78}\n", "stop",
+                                   "78")["episodes"] is None
     # rise: the restart at step 1 is forced by the cue
     rise = star.parse_continuation("rise", Z0, " 17 + 25 = 42\nStep 2: 42 * 3 = 126\nStep 3: 126 - 48 = 78\n"
                                                "The answer is \\boxed{78}", "stop", "78")
     assert rise["correct"] and rise["episodes"].restart_step == 1 and star.continuation_cue("rise", Z0).endswith("Step 1:")
+
+
+def test_iteration_stats_keep_rates_of_both_readings_and_the_unparsed_share():
+    def sample(r, gain, correct, parsed=True):
+        return {"r": r, "gain": gain, "correct": correct, "parsed": parsed}
+
+    records = [  # r0, samples: a tie only; a positive gain; a positive gain but wrong
+        {"r0": 0.5, "kept": None, "example": None,
+         "samples": [sample(0.5, 0.0, True), sample(0.0, -0.5, False, parsed=False)]},
+        {"r0": 0.25, "kept": 0, "example": {"restart_step": 2},
+         "samples": [sample(0.75, 0.5, True), sample(0.25, 0.0, True)]},
+        {"r0": 0.0, "kept": None, "example": None,
+         "samples": [sample(0.5, 0.5, False), sample(0.0, 0.0, False, parsed=False)]}]
+    st = star.iteration_stats(records, "mrt")
+    assert st["kept_fraction"] == round(1 / 3, 4) and st["kept_fraction_gain_pos"] == round(1 / 3, 4)
+    assert st["kept_fraction_gain_nonneg"] == round(2 / 3, 4)  # the tie counts under Fig. 4's reading
+    assert st["unparsed_fraction"] == round(2 / 6, 4) and st["parsed_fraction"] == round(4 / 6, 4)
+
+
+class FixedSampler:
+    """Stands in for the engine where a test needs samples cut at the token limit on demand:
+    every prompt gets `texts` with their finish reasons, in order."""
+
+    def __init__(self, tokenizer, samples: list):
+        self.tokenizer, self.samples = tokenizer, samples
+
+    def generate(self, prompts, n=1, **kw):
+        assert n == len(self.samples)
+        return [[sampling.Sample(t, [1], 1, reason, None, len(p)) for t, reason in self.samples] for p in prompts]
+
+
+def test_heldout_accuracy_grades_a_cut_sample_zero(toy_paths):
+    tok = utils.load_tokenizer(toy_paths["base"])
+    problems = [{"id": 0, "prompt": utils.build_prompt(tok, "Start with 17. Add 25. Multiply by 3. Subtract 48. "
+                                                             "What is the result?"), "answer": "78"}]
+    right = Z0.replace("127", "126").replace("79", "78")
+    for method, text in (("mrt", GOOD), ("star", right)):
+        args = star.resolve_args(star.Args(method=method, eval_samples=2))
+        fake = FixedSampler(tok, [(text, "stop"), (text, "length")])
+        assert star.heldout_accuracy(fake, problems, {0: Z0}, args, seed=0) == 0.5, method
 
 
 def test_presets_and_bad_arguments():
@@ -91,6 +146,10 @@ def test_presets_and_bad_arguments():
         star.resolve_args(star.Args(batch_size=12, micro_batch_size=8))
     with pytest.raises(utils.UserError, match="group-size"):
         star.resolve_args(star.Args(group_size=0))
+    with pytest.raises(utils.UserError, match="min-gain"):
+        star.resolve_args(star.Args(min_gain=1.5))
+    with pytest.raises(utils.UserError, match="min-gain"):
+        star.resolve_args(star.Args(method="rise", min_gain=0.0))
 
 
 # --------------------------------------------------------------------------------------
@@ -130,8 +189,9 @@ class ScriptedSampler:
     RATES = [1.0, 0.25, 0.75, 0.5]
     HARD = [1.0, 0.25, 0.25, 0.0]
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, cut=()):
         self.tokenizer, self.backend, self.events, self.rates, self.synced = tokenizer, "scripted", [], {}, None
+        self.cut = set(cut)  # problems whose every attempt z0 is cut at the token limit
 
     def generate(self, prompts, n=1, temperature=1.0, top_p=1.0, max_tokens=256, stop=None, seed=None,
                  logprobs=True, use_tqdm=False):
@@ -153,7 +213,8 @@ class ScriptedSampler:
                 self.events.append("z0")
                 assert stop == ["\n" + MARK]
                 texts = [self.z0(problem)] * n
-            out.append([sampling.Sample(t, [1], 1, "stop", None, len(ids)) for t in texts])
+            reason = "length" if self.events[-1] == "z0" and problem in self.cut else "stop"
+            out.append([sampling.Sample(t, [1], 1, reason, None, len(ids)) for t in texts])
         return out
 
     @staticmethod
@@ -211,6 +272,9 @@ def test_scripted_mrt_run_keeps_exactly_the_filtered_continuations(toy_paths, tm
     its = _jsonl(out / "iterations.jsonl")
     n = len(want)
     assert [(r["kept"], r["accumulated"]) for r in its] == [(n, n), (n, 2 * n)]
+    # both readings of the filter: the HARD problems' best correct continuations tie r0
+    assert its[0]["kept_fraction_gain_pos"] == round(n / 12, 4) and its[0]["kept_fraction_gain_nonneg"] == 1.0
+    assert its[0]["unparsed_fraction"] == 0.0
     assert its[0]["kept_fraction"] == round(n / 12, 4) and its[0]["gain_kept_mean"] == 0.5
     # discarded: samples 0, 1, 3 of kept problems (+0.75, 0, +0.25), all four of the others (+0.75, 0, 0, -0.25)
     assert its[0]["gain_discarded_mean"] == pytest.approx(((0.75 + 0 + 0.25) * n + 0.5 * (12 - n)) / (3 * n + 4 * (12 - n)),
@@ -241,6 +305,56 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return torch.equal(a, b)
+
+
+def test_scripted_min_gain_zero_keeps_ties_and_cut_z0_are_dropped(toy_paths, tmp_path):
+    """--min-gain 0 (Fig. 4's reading, gain >= 0): the HARD problems keep their first correct
+    continuation that ties r0 (sample 1). A z0 cut at the token limit in every try drops its
+    problem (train and held-out), counted in summary.json and stored in z0.jsonl."""
+    tok = utils.load_tokenizer(toy_paths["base"])
+    train = utils.read_records(toy_paths["train"])[:12]
+    test = utils.read_records(toy_paths["test"])[:4]
+    fake, out = ScriptedSampler(tok, cut=[train[0]["problem"], test[0]["problem"]]), tmp_path / "mrt0"
+    summary = star.main(_args(toy_paths, out, iterations=1, epochs=1, min_gain=0.0), sampler=fake)
+    assert summary["z0_dropped"] == {"train": 1, "test": 1}
+    assert fake.events.count("z0") == 12 + 4 + 2 * (infogain.Z0_TRIES - 1)  # one try each, the cut ones' retries
+    kept = _jsonl(out / "data_iter1.jsonl")
+    assert [e["id"] for e in kept] == list(range(1, 12))
+    hard = [e for e in kept if int(solve(e["problem"])[0][0].split()[2]) % 3 == 0]
+    assert hard and all(e["index"] == 1 and e["gain"] == 0.0 for e in hard)
+    (it,) = _jsonl(out / "iterations.jsonl")
+    assert it["problems"] == 11 and it["kept_fraction"] == it["kept_fraction_gain_nonneg"] == 1.0
+    z0 = _jsonl(out / "z0.jsonl")
+    assert [(r["split"], r["id"]) for r in z0 if r["dropped"]] == [("train", 0), ("test", 0)] and len(z0) == 16
+
+
+class MalformedLast(ScriptedSampler):
+    """ScriptedSampler whose 4th continuation names no restart step (" three: ..."); mu reads an
+    answer it sees in an unknown context as right (rate 1), as a real mu copies a visible box."""
+
+    def __init__(self, tokenizer):
+        super().__init__(tokenizer)
+        self.rates = __import__("collections").defaultdict(lambda: 1.0)
+
+    def continuation(self, problem, rise, i):
+        text = super().continuation(problem, rise, i)
+        return " three" + text[text.index(":"):] if i == 3 else text
+
+
+def test_unparsed_continuation_has_j_zero_and_mu_is_not_asked(toy_paths):
+    """No backtrack episode: J after the continuation counts as 0, so r = 0 and its logged gain
+    is -r0 (infogain.backtrack_gain); mu is asked only r0 and the parsed continuations."""
+    tok = utils.load_tokenizer(toy_paths["base"])
+    fake = MalformedLast(tok)
+    args = star.resolve_args(_args(toy_paths, "unused"))
+    problems = utils.load_problems(toy_paths["train"], limit=3, tokenizer=tok)
+    z0s = {p["id"]: ScriptedSampler.z0(p["problem"]) for p in problems}
+    records = star.rollout_chunk(fake, infogain.MetaProver(fake, m=4), problems, z0s, args, seed=0)
+    assert fake.events.count("mu") == 3 + 3 * 3  # r0 per problem, then the three parsed continuations each
+    for r in records:
+        last = r["samples"][3]
+        assert (last["parsed"], last["correct"], last["r"], last["gain"]) == (False, False, 0.0, -0.25)
+        assert r["samples"][2]["r"] in (0.75, 0.25)  # the parsed ones keep their J
 
 
 def test_scripted_rise_run_keeps_the_first_correct_restart_from_step_1(toy_paths, tmp_path):
@@ -277,12 +391,12 @@ def test_real_mrt_run_on_the_toy_base(engine, toy_paths, tmp_path):
     resolved = star.resolve_args(args)
     train = utils.load_problems(toy_paths["train"], limit=resolved.problems, tokenizer=engine.tokenizer)
     engine.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
-    again = infogain.sample_z0(engine, train, temperature=resolved.temperature, top_p=resolved.top_p,
-                              max_tokens=resolved.max_tokens, seed_parts=(resolved.seed, "z0", "train"))
-    assert again == {i: z for (s, i), z in z0.items() if s == "train"} and len(again) == 16
-    assert sum(utils.grade(z, r["answer"]) for z, r in zip(again.values(), train)) > 0  # real attempts, some right
+    again, lost = infogain.sample_z0(engine, train, temperature=resolved.temperature, top_p=resolved.top_p,
+                                     max_tokens=resolved.max_tokens, seed_parts=(resolved.seed, "z0", "train"))
+    assert {**again, **lost} == {i: z for (s, i), z in z0.items() if s == "train"} and len(again) + len(lost) == 16
+    assert sum(utils.grade(again[r["id"]], r["answer"]) for r in train if r["id"] in again) > 0  # real attempts, some right
     (it,) = _jsonl(out / "iterations.jsonl")
-    assert it["samples"] == 32 and 0 <= it["r0_mean"] <= 1 and 0 <= it["r_mean"] <= 1 and it["parsed_fraction"] > 0.5
+    assert it["samples"] == 2 * len(again) and 0 <= it["r0_mean"] <= 1 and 0 <= it["r_mean"] <= 1 and it["parsed_fraction"] > 0.5
     for e in _jsonl(out / "data_iter1.jsonl"):
         assert e["r"] > e["r0"] and e["index"] == star.select_continuation(e["r0"], e["rewards"], e["correct"])
         assert e["z0"] == z0[("train", e["id"])] and utils.grade(split_backtrack(e["completion"]).z2, e["answer"]) == 1.0

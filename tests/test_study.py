@@ -229,3 +229,23 @@ def test_restart_step_counts():
              " 1: 2 + 3 = 5", " 7: x\nThe answer is \\boxed{1}", " one: 2 + 3 = 5\n", " 1: 2 + 3 = 5\nStep 2: 5 * 2 = 10"]
     rows = [{"step": 1, "z0": z0, "completions": [{"text": t} for t in texts]}]
     assert study.restart_step_counts(rows) == {"1": 2, "2": 1, "3": 0, "4": 0, "5+": 1, "none": 2}
+
+
+def test_tables_report_both_filter_readings_and_the_unparsed_share(tmp_path):
+    """The STaR table gives the keep rate of each reading of MRT's filter (gain > 0, Alg. 1;
+    gain >= 0, Fig. 4) per iteration; the RL table the share of continuations that do not parse
+    into episodes, in the first and the last quarter of the steps."""
+    seed = tmp_path / "seed0"
+    os.makedirs(seed / "star" / "mrt")
+    its = [{"kept_fraction": 0.25, "kept_fraction_gain_pos": 0.25, "kept_fraction_gain_nonneg": 0.5},
+           {"kept_fraction": 0.5, "kept_fraction_gain_pos": 0.5, "kept_fraction_gain_nonneg": 0.75}]
+    json.dump({"iterations": its, "accuracy": [0.1, 0.2, 0.3], "model_dir": "x"},
+              open(seed / "star" / "mrt" / "summary.json", "w"))
+    os.makedirs(seed / "grpo" / "mrt")
+    json.dump({"start": 0.2, "end": 0.4}, open(seed / "grpo" / "mrt" / "eval.json", "w"))
+    with open(seed / "grpo" / "mrt" / "metrics.jsonl", "w") as f:
+        for i, u in enumerate([0.5, 0.25, 0.0, 0.125]):
+            f.write(json.dumps({"step": i + 1, "accuracy": 0.5, "completion_len_mean": 40.0, "unparsed_share": u}) + "\n")
+    text = study.aggregate(str(tmp_path), [0], str(tmp_path / "RESULTS.md"), str(tmp_path / "fig"))
+    assert "| star-mrt | 25.0 / 50.0 | 25.0 / 50.0 | 50.0 / 75.0 | 10.0 | 30.0 | |" in text
+    assert "| grpo-mrt | 20.0 | 40.0 | 50.0 / 12.5 |" in text
