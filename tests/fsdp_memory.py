@@ -49,18 +49,18 @@ def same_entries(want, got) -> bool:
 
 
 def counting_gathers(fn):
-    """fn()'s result and the number of all_gather_single calls it made."""
-    real, count = dist.all_gather_single, [0]
+    """fn()'s result and the number of all_gather_into_tensor calls it made."""
+    real, count = dist.all_gather_into_tensor, [0]
 
     def counted(*a, **k):
         count[0] += 1
         return real(*a, **k)
 
-    dist.all_gather_single = counted
+    dist.all_gather_into_tensor = counted
     try:
         return fn(), count[0]
     finally:
-        dist.all_gather_single = real
+        dist.all_gather_into_tensor = real
 
 
 def check_iter_full_params(base: str) -> dict:
