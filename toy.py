@@ -908,6 +908,21 @@ def ensure_built(root: str = DEFAULT_DIR, preset: str = "default", steps: int = 
     return paths(root)
 
 
+
+def default_model() -> tuple[str, dict]:
+    """The embedded default of the stages that train: runs/warmstart/model if warmstart.py
+    fine-tuned it from this toy build (its mrt.json's base_build), else the toy base (built if
+    missing; a warmstart model of another build is left alone, with a line saying so); and the
+    toy's paths (paths)."""
+    toy_paths = ensure_built()
+    warm = os.path.join("runs", "warmstart", "model")
+    if os.path.isdir(warm):
+        built = utils.json_field(os.path.join(warm, "mrt.json"), "base_build")
+        if built is not None and built == built_fingerprint(toy_paths["base"]):
+            return warm, toy_paths
+        utils.print0(f"{warm} was not fine-tuned from this toy build: starting from the toy base {toy_paths['base']}")
+    return toy_paths["base"], toy_paths
+
 if __name__ == "__main__":
     args = utils.parse_args(Args)
     report = utils.run_main(build, args)

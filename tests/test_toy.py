@@ -1,6 +1,7 @@
 """The toy task: its pretraining documents and their packing (pure), the build's flags and
 fingerprint, its first use under torchrun, and the bench helpers that read toy builds."""
 
+import json
 import os
 import random
 import re
@@ -521,6 +522,65 @@ def test_a_build_is_its_build_json_fingerprint(tmp_path):
         assert toy.is_built(str(root), "tiny", 20) == (found == want), text
     os.remove(p["test"])  # the report alone is no build
     assert not toy.is_built(str(root), "tiny", 20)
+
+
+def test_default_model_takes_a_warmstart_of_this_toy_build_only(tmp_path, monkeypatch, capsys):
+    base = tmp_path / "toy" / "base"
+    base.mkdir(parents=True)
+    (base / "build.json").write_text(json.dumps({"fingerprint": "f1"}))
+    monkeypatch.setattr(toy, "ensure_built", lambda *a, **k: {"base": str(base)})
+    monkeypatch.chdir(tmp_path)
+    assert toy.default_model()[0] == str(base)  # no warmstart model
+    warm = tmp_path / "runs" / "warmstart" / "model"
+    warm.mkdir(parents=True)
+    for card in (None, "{oops", {"stage": "warmstart"}, {"base_build": "f0"}):  # none, malformed, old, another build
+        if card is not None:
+            (warm / "mrt.json").write_text(card if isinstance(card, str) else json.dumps(card))
+        capsys.readouterr()
+        assert toy.default_model()[0] == str(base), card
+        assert "not fine-tuned from this toy build" in capsys.readouterr().out
+    (warm / "mrt.json").write_text(json.dumps({"base_build": "f1"}))
+    assert toy.default_model()[0] == os.path.join("runs", "warmstart", "model")
+
+
+def project_imports() -> dict[str, set[str]]:
+    """{module: the project modules it imports} for every top-level .py file of the project, from
+    every import statement in it (at the top or inside a function)."""
+    import ast
+    import glob
+
+    modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    graph = {}
+    for m in modules:
+        found = set()
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, m + ".py")).read())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+        graph[m] = (found & modules) - {m}
+    return graph
+
+
+def test_the_import_graph_has_no_circle():
+    """utils.py imports no project module; no module reaches
+    itself through imports, counting those inside functions (a depth-first search)."""
+    graph = project_imports()
+    assert {"utils", "toy", "grpo"} <= set(graph)
+    assert graph["utils"] == set()
+
+    def reach(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        return seen
+
+    assert [m for m in sorted(graph) if m in reach(m)] == []
+    graph["utils"].add("grpo")  # the check can fail: a circle through utils
+    assert "utils" in reach("utils")
 
 
 def test_bench_solution_fields_by_hand():
