@@ -41,7 +41,7 @@ def prepare_model(bench_dir: str) -> tuple[str, str]:
 
     base = os.path.join(bench_dir, "base")
     if not os.path.exists(os.path.join(base, "config.json")):
-        toy.build(toy.Args(out=bench_dir, preset="bench", eval_samples=0, steps=20))
+        toy.ensure_built(bench_dir, "bench", steps=20)
     noeos = os.path.join(bench_dir, "base-noeos")
     if not os.path.exists(os.path.join(noeos, "config.json")):
         tmp = noeos + ".tmp"
