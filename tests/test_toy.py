@@ -1,5 +1,5 @@
 """The toy task and its build: the pretraining documents and their packing (pure), the optimizers,
-the build's flags and fingerprint, first use under torchrun, the import graph,
+the build's flags and fingerprint, the shipped build, first use under torchrun, the import graph,
 and the bench helpers that read toy builds or time its recipes."""
 
 import json
@@ -505,6 +505,44 @@ def test_build_code_is_the_recipe_and_the_task_code_it_uses():
     assert toy.build_code(task.replace("x + A", "x - A"), recipe) != code
     assert toy.build_code(task.replace("A = 1", "A = 2"), recipe) != code
     assert toy.build_code(task, recipe.replace("toy.C().n", "toy.C().n + 1")) != code
+
+
+def test_the_shipped_toy_is_this_codes_build():
+    """The shipped build (assets/toy) carries the fingerprint of this code's default build: a change
+    to toy_pretrain.py's code, to the task code it uses, or to a default build flag fails here until
+    the shipped files are rebuilt (`python toy.py --out assets/toy`, with the study regenerated on
+    them). It holds both splits and the weights, and the default toy (paths, ensure_built) is it,
+    with no build."""
+    base = os.path.join(toy.SHIPPED_DIR, "base")
+    assert toy.built_fingerprint(base) == toy.fingerprint(toy.Args()), \
+        "assets/toy is stale for this code: rebuild it with `python toy.py --out assets/toy`"
+    assert toy.is_built(toy.SHIPPED_DIR)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "build.json"):
+        assert os.path.isfile(os.path.join(base, name)), name
+    report = json.load(open(os.path.join(base, "build.json")))
+    assert {k: report[k] for k in ("preset", "seed", "steps")} == {"preset": "default", "seed": 0, "steps": 800}
+    train, test = toy.build_splits(base)
+    assert [json.loads(line)["problem"] for line in open(toy.paths()["test"])] == [p["problem"] for p in test]
+    assert sum(1 for _ in open(toy.paths()["train"])) == len(train)
+    want = toy.files(toy.SHIPPED_DIR)
+    assert toy.paths() == want and toy.paths(os.path.join(ROOT, "runs", "toy")) == want
+    assert toy.ensure_built() == want and toy.default_model()[1] == want
+    assert toy.paths("runs/toy-other") == toy.files("runs/toy-other")
+
+
+def test_a_stale_shipped_toy_is_left_for_a_build(tmp_path, monkeypatch):
+    """When the shipped files are not this code's build (here: a folder without them), the default
+    toy is runs/toy again, built on first use (here MRT_TOY_NO_BUILD turns the build into its
+    one-line error naming runs/toy); a non-default preset never reads the shipped build."""
+    monkeypatch.setattr(toy, "SHIPPED_DIR", str(tmp_path / "shipped"))
+    monkeypatch.setenv("MRT_TOY_NO_BUILD", "1")
+    assert toy.paths() == toy.files(toy.DEFAULT_DIR)
+    with pytest.raises(utils.UserError, match="toy: runs/toy is missing or stale"):
+        toy.ensure_built()
+    monkeypatch.undo()
+    monkeypatch.setenv("MRT_TOY_NO_BUILD", "1")
+    with pytest.raises(utils.UserError, match="toy: runs/toy is missing or stale"):
+        toy.ensure_built(preset="tiny")
 
 
 def test_bench_toy_recipes_runs_every_alternative(tmp_path):
