@@ -701,7 +701,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     fmt = variant_format(args.variant)
     model_path, toy_paths = args.model, None
     if not (args.model and args.train_data and args.test_data):
-        default_path, toy_paths = utils.default_model()
+        default_path, toy_paths = toy.default_model()
         model_path = model_path or default_path
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
     utils.seed_everything(args.seed)

@@ -43,7 +43,7 @@ Run (the toy task is the default; each command runs in a few minutes on 2 CPU co
     torchrun --nproc_per_node 8 star.py --model runs/warmstart/model --data train.jsonl \\
         --test-data test.jsonl --preset paper --gradient-checkpointing     # Table 1, 8 GPUs
 The starting model (--model) defaults to runs/warmstart/model when warmstart.py fine-tuned it
-from the current toy build, else the toy base (built if missing: utils.default_model); the
+from the current toy build, else the toy base (built if missing: toy.default_model); the
 base model (--base: z0 and the start of every SFT) defaults to the starting model.
 
 Outputs in <out> (default runs/star/<method>): z0.jsonl (the base's attempts, train and
@@ -106,6 +106,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 import sampling  # noqa: E402
+import toy  # noqa: E402
 import utils  # noqa: E402
 import warmstart  # noqa: E402
 from infogain import (MU_MODES, Z0_TRIES, MetaProver, backtrack_cue, backtrack_gain, make_sampler,  # noqa: E402
@@ -473,7 +474,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
             raise utils.UserError(f"{flag}: no such file: {path}")
     model_path, base_path, toy_paths = args.model, args.base, None
     if not (args.model and args.data and args.test_data):
-        default_path, toy_paths = utils.default_model()
+        default_path, toy_paths = toy.default_model()
         model_path = model_path or default_path
     base_path = base_path or model_path
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))

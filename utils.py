@@ -4,8 +4,8 @@ Sections: constants and prompts; command line and errors; data I/O (records, pro
 atomic writes, metrics logs); answer grading; model and tokenizer loading; the process group
 (torchrun ranks, rank-0 printing, gathering objects, seeds).
 
-The module graph, on purpose: utils.py imports nothing of the project (toy.py only inside
-`default_model`). Two shared modules sit on it, one per seam a stage script crosses:
+The module graph, on purpose: utils.py imports nothing of the project, not even inside a
+function. Two shared modules sit on it, one per seam a stage script crosses:
 sampling.py (the vLLM Sampler and in-place weight sync) and training.py (the FSDP2 trainer
 model: sharded load and export, checkpoints, log-probabilities), used by the stages that
 train. toy.py (the embedded task and model) imports utils and sampling. A stage script
@@ -297,23 +297,6 @@ def json_field(path: str, key: str):
             return json.load(f).get(key)
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
-
-
-def default_model() -> tuple[str, dict]:
-    """The embedded default of the stages that train: runs/warmstart/model if warmstart.py
-    fine-tuned it from this toy build (its mrt.json's base_build), else the toy base (built if
-    missing; a warmstart model of another build is left alone, with a line saying so); and the
-    toy's paths (toy.paths)."""
-    import toy
-
-    paths = toy.ensure_built()
-    warm = os.path.join("runs", "warmstart", "model")
-    if os.path.isdir(warm):
-        built = json_field(os.path.join(warm, "mrt.json"), "base_build")
-        if built is not None and built == toy.built_fingerprint(paths["base"]):
-            return warm, paths
-        print0(f"{warm} was not fine-tuned from this toy build: starting from the toy base {paths['base']}")
-    return paths["base"], paths
 
 
 def derive_seed(seed: int, *parts) -> int:

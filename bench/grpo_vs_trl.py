@@ -50,7 +50,8 @@ def prepare_model(bench_dir: str) -> tuple[str, str]:
 
     base = os.path.join(bench_dir, "base")
     if not os.path.exists(os.path.join(base, "config.json")):
-        toy.build(toy_args(bench_dir))
+        a = toy_args(bench_dir)
+        toy.ensure_built(a.out, a.preset, steps=a.steps, eval_samples=a.eval_samples)
     noeos = os.path.join(bench_dir, "base-noeos")
     if not os.path.exists(os.path.join(noeos, "config.json")):
         tmp = noeos + ".tmp"

@@ -11,9 +11,9 @@ which ones pay, e.g. whether RL has moved the restarts to "Step 1" (a fresh seco
     python bench/restart_steps.py M --problems 128 --samples 4 --seed 0
     python bench/restart_steps.py runs/toy/base --forced 256   # and the teacher-forced check
 
-`--forced N` adds a teacher-forced check on N toy documents (toy.py's retry layout: a slipped
+`--forced N` adds a teacher-forced check on N toy documents (toy_pretrain's retry layout: a slipped
 attempt, a cue line, the attempt redone from a random Step k on the attempt's value after step
-k-1), once with the backtrack marker as the cue line and once with a toy.RETRY_LINES line: for
+k-1), once with the backtrack marker as the cue line and once with a toy_pretrain.RETRY_LINES line: for
 each field of the redone first line ("Step k: v op a = r") and for the lines after it, the
 share the model predicts exactly (argmax). It tells which part of a restart a model cannot
 write even when told where to restart (k itself is random, so its own share is chance).
@@ -31,6 +31,7 @@ sys.path.insert(0, ROOT)
 
 import toy  # noqa: E402
 import utils  # noqa: E402
+import toy_pretrain  # noqa: E402
 
 
 def by_restart_step(rows: list[dict], z0_correct: dict) -> dict:
@@ -80,7 +81,7 @@ def forced_accuracy(model_dir: str, n: int, cue: str, seed: int) -> dict:
     _, test = toy.build_splits(model_dir)
     rng, hits = random.Random(seed), {f: [] for f in FIELDS + ("later",)}
     for p in (test * (n // len(test) + 1))[:n]:
-        head, completion = toy.pretraining_example(p, rng, toy.Args.slip, mu_frac=0.0, retry_frac=1.0)
+        head, completion = toy_pretrain.pretraining_example(p, rng, toy.Args.slip, mu_frac=0.0, retry_frac=1.0)
         head = head[: head.rstrip("\n").rfind("\n") + 1] + cue + "\n"  # swap the retry line for the cue
         ctx = tok(utils.build_prompt(tok, p["problem"]) + head)["input_ids"]
         enc = tok(completion, add_special_tokens=False, return_offsets_mapping=True)
@@ -141,7 +142,7 @@ def main():
         r = report[model]
         if a.forced:
             r["forced"] = {name: forced_accuracy(model, a.forced, cue, a.seed)
-                           for name, cue in (("marker", utils.BACKTRACK_MARKER), ("retry", toy.RETRY_LINES[0]))}
+                           for name, cue in (("marker", utils.BACKTRACK_MARKER), ("retry", toy_pretrain.RETRY_LINES[0]))}
             for name, acc in r["forced"].items():
                 print(f"{model}: teacher-forced after the {name} line: " + ", ".join(f"{k} {v}" for k, v in acc.items()))
         print(f"{model}: z0 {r['z0_acc']:.3f}  z2 {r['all']:.3f}  z2 | z0 wrong {r['z0_wrong']}  by restart step "

@@ -1,5 +1,5 @@
-"""Shared fixtures: the toy task and base model (built once, reused while toy.py is
-unchanged), and one vLLM engine on it for the whole session.
+"""Shared fixtures: the toy task and base model (the shipped build, or one built once and reused
+while the build's code is unchanged), and one vLLM engine on it for the whole session.
 
 GPUs: the suite is a CPU suite (gloo process groups, fp32 thresholds, two-rank torchruns, an
 engine per xdist worker). On a machine with GPUs they are hidden from it and from every process
@@ -61,13 +61,6 @@ if os.environ.get("MRT_TOY_DIR"):
     # stale to this toy.py, e.g. another seed) fails instead of rebuilding it under the session
     os.environ["MRT_TOY_NO_BUILD"] = "1"
 
-BUILD_THREADS = torch.get_num_threads()
-"""torch's own thread count (all cores), taken before one_torch_thread sets 1: the toy build
-(the first thing a fresh checkout's session does, nothing else running) uses it, as `python
-toy.py` does. The thread count changes the build's float results, so its model too (README,
-"The toy task and base model"): one thread would build another toy, and more slowly."""
-
-
 LONGEST_FIRST = ("test_real_shape.py", "test_grpo.py", "test_evaluate.py", "test_r1_analysis.py", "test_toy.py",
                  "test_fsdp.py", "test_infogain.py")
 """Modules run in this order, the rest after them in file order: the longest first (per-module
@@ -106,7 +99,7 @@ def _configure(config):
     """Under pytest-xdist (`-n`), the controller builds the toy before the workers start (each
     worker's first toy_paths would otherwise start the same build at once), and hands the modules
     out in collection order (LONGEST_FIRST) instead of by their number of tests; in one process the
-    toy_paths fixture builds it on first use."""
+    toy_paths fixture builds it on first use. Neither builds while the shipped toy is current."""
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
     workers = getattr(config.option, "numprocesses", None)
@@ -114,17 +107,24 @@ def _configure(config):
         toy.ensure_built(os.path.join(ROOT, "runs", "toy"))
 
 
+def shipped_state() -> dict:
+    """{path: (size, mtime in ns)} of every file under the shipped toy (toy.SHIPPED_DIR)."""
+    return {os.path.join(d, f): (os.stat(os.path.join(d, f)).st_size, os.stat(os.path.join(d, f)).st_mtime_ns)
+            for d, _, names in os.walk(toy.SHIPPED_DIR) for f in names}
+
+
 @pytest.fixture(scope="session")
 def toy_paths():
-    """{'base', 'train', 'test'} of the default toy build under runs/toy (built here if
-    missing or stale). MRT_TOY_DIR names a prebuilt toy folder to use as it is."""
+    """{'base', 'train', 'test'} of the default toy: the shipped build while it is this code's (no
+    build at all), else runs/toy of this checkout, built here if missing or stale (toy.ensure_built).
+    MRT_TOY_DIR names a prebuilt toy folder to use as it is. The shipped folder is read only: a
+    session whose tests changed a file in it fails at its end."""
     if os.environ.get("MRT_TOY_DIR"):
-        return toy.paths(os.environ["MRT_TOY_DIR"])
-    torch.set_num_threads(BUILD_THREADS)
-    try:
-        return toy.ensure_built(os.path.join(ROOT, "runs", "toy"))
-    finally:
-        torch.set_num_threads(1)
+        yield toy.files(os.environ["MRT_TOY_DIR"])
+        return
+    before = shipped_state()
+    yield toy.ensure_built(os.path.join(ROOT, "runs", "toy"))
+    assert shipped_state() == before, f"tests wrote into the shipped toy {toy.SHIPPED_DIR}: it is read only"
 
 
 ENGINE_BLOCK = 32

@@ -120,7 +120,7 @@ def make_model(base_model, base_tok, tok, vocab_size: int):
 
 def fit(model, tok, steps: int, batch: int, lr: float, seed: int):
     """`steps` AdamW steps on toy pretraining documents rendered through the chat template
-    (toy.encode_batch: solutions with slips, meta-prover and retry examples), on the small
+    (toy_pretrain.encode_batch: solutions with slips, meta-prover and retry examples), on the small
     model whose rows are the tokenizer's ids plus one row standing for all unused ids. Those
     are equal rows in the full model (and the embedding is tied, so they only ever act as
     output rows): the full 128,256-way softmax is this (len(tok) + 1)-way one with log(number
@@ -132,6 +132,7 @@ def fit(model, tok, steps: int, batch: int, lr: float, seed: int):
     import torch
 
     import toy
+    import toy_pretrain
 
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -143,7 +144,7 @@ def fit(model, tok, steps: int, batch: int, lr: float, seed: int):
     losses, unused = [], []
     for step in range(steps):
         problems = [toy.make_problem(rng) for _ in range(batch)]
-        ids, attn, loss_mask = toy.encode_batch(tok, problems, rng, slip=0.1, mu_frac=0.15, retry_frac=0.3)  # (B, T)
+        ids, attn, loss_mask = toy_pretrain.encode_batch(tok, problems, rng, slip=0.1, mu_frac=0.15, retry_frac=0.3)  # (B, T)
         logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1] + shift  # (B, T-1, n_ids + 1)
         keep = loss_mask[:, 1:] > 0  # (B, T-1)
         loss = torch.nn.functional.cross_entropy(logits[keep], ids[:, 1:][keep])

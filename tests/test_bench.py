@@ -16,6 +16,7 @@ import pytest
 
 import grpo
 import toy
+import toy_pretrain  # noqa: E402
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,9 +85,9 @@ def test_grpo_vs_trl_bad_micro_batch(monkeypatch, capsys):
 def test_grpo_vs_trl_toy_args():
     bench = load("grpo_vs_trl")
     args = bench.toy_args("runs/toy-bench")
-    recipe = toy.recipe(args)
+    recipe = toy_pretrain.recipe(args)
     assert (args.out, args.eval_samples, recipe["steps"]) == ("runs/toy-bench", 0, 20)
-    assert recipe["hidden"] > toy.recipe(toy.Args())["hidden"]  # the bench preset is the larger model
+    assert recipe["hidden"] > toy_pretrain.recipe(toy.Args())["hidden"]  # the bench preset is the larger model
 
 
 def test_grpo_vs_trl_trl_config():

@@ -1,6 +1,8 @@
-"""The toy task: its pretraining documents and their packing (pure), the build's flags and
-fingerprint, its first use under torchrun, and the bench helpers that read toy builds."""
+"""The toy task and its build: the pretraining documents and their packing (pure), the optimizers,
+the build's flags and fingerprint, the shipped build, first use under torchrun, the import graph,
+and the bench helpers that read toy builds or time its recipes."""
 
+import json
 import os
 import random
 import re
@@ -11,6 +13,7 @@ import pytest
 import torch
 
 import toy
+import toy_pretrain
 import utils
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,16 +23,16 @@ def test_marker_never_in_a_solution_document():
     """The base model must never see the backtrack marker after an attempt (only in notes)."""
     rng = random.Random(2)
     for i in range(2000):
-        context, completion = toy.pretraining_example(toy.make_problem(random.Random(i)), rng, slip=0.2, mu_frac=0.15,
-                                                      retry_frac=0.2)
+        context, completion = toy_pretrain.pretraining_example(toy.make_problem(random.Random(i)), rng, slip=0.2,
+                                                               mu_frac=0.15, retry_frac=0.2)
         assert utils.BACKTRACK_MARKER not in context + completion
-    assert utils.BACKTRACK_MARKER in toy.NOTE
+    assert utils.BACKTRACK_MARKER in toy_pretrain.NOTE
 
 
 def test_meta_prover_examples_score_the_answer_only():
     rng, p = random.Random(0), toy.make_problem(random.Random(7))
     for _ in range(50):
-        context, completion = toy.pretraining_example(p, rng, slip=0.0, mu_frac=1.0)
+        context, completion = toy_pretrain.pretraining_example(p, rng, slip=0.0, mu_frac=1.0)
         assert context.endswith(utils.MU_SUFFIX) and completion == p["answer"] + "}"
 
 
@@ -41,9 +44,9 @@ def test_retry_examples_redo_the_attempt_from_a_random_step():
     p = {"start": 10, "ops": [("+", 5), ("*", 2), ("-", 3)], "problem": "x", "answer": "27"}
     rng, seen = random.Random(0), set()
     for _ in range(200):
-        head, completion = toy.pretraining_example(p, rng, slip=0.5, mu_frac=0.0, retry_frac=1.0)
+        head, completion = toy_pretrain.pretraining_example(p, rng, slip=0.5, mu_frac=0.0, retry_frac=1.0)
         *attempt, line, rest = head.split("\n")
-        assert line in toy.RETRY_LINES and rest == "" and attempt[-1].startswith("The answer is")
+        assert line in toy_pretrain.RETRY_LINES and rest == "" and attempt[-1].startswith("The answer is")
         k = int(completion.split(":")[0].removeprefix("Step "))
         value = 10 if k == 1 else int(attempt[k - 2].rsplit("= ", 1)[1])
         redo = completion.split("\n")
@@ -51,10 +54,11 @@ def test_retry_examples_redo_the_attempt_from_a_random_step():
         assert len(redo) == 3 - k + 2 and redo[-2].startswith("Step 3: ") and redo[-1].startswith("The answer is")
         seen.add(k)
     assert seen == {1, 2, 3}
-    head, completion = toy.pretraining_example(p, random.Random(1), slip=0.0, mu_frac=0.0, retry_frac=1.0)
+    head, completion = toy_pretrain.pretraining_example(p, random.Random(1), slip=0.0, mu_frac=0.0,
+                                                        retry_frac=1.0)
     assert completion.endswith("\\boxed{27}") and head.split("\n")[-3] == "The answer is \\boxed{27}"
-    heads = {toy.pretraining_example(p, rng, slip=0.1, mu_frac=0.15)[0] for _ in range(200)}
-    assert not any(h.endswith(line + "\n") for h in heads for line in toy.RETRY_LINES)
+    heads = {toy_pretrain.pretraining_example(p, rng, slip=0.1, mu_frac=0.15)[0] for _ in range(200)}
+    assert not any(h.endswith(line + "\n") for h in heads for line in toy_pretrain.RETRY_LINES)
 
 
 def test_recall_examples_look_up_the_attempts_operands():
@@ -64,17 +68,18 @@ def test_recall_examples_look_up_the_attempts_operands():
     p = {"start": 10, "ops": [("+", 5), ("*", 2), ("-", 3), ("+", 4)], "problem": "x", "answer": "31"}
     rng, seen = random.Random(0), set()
     for _ in range(100):
-        head, completion = toy.pretraining_example(p, rng, slip=0.5, mu_frac=0.0, recall_frac=1.0)
+        head, completion = toy_pretrain.pretraining_example(p, rng, slip=0.5, mu_frac=0.0, recall_frac=1.0)
         *attempt, line, rest = head.split("\n")
-        assert line == toy.RECALL_LINE and rest == "" and attempt[-1].startswith("The answer is")
+        assert line == toy_pretrain.RECALL_LINE and rest == "" and attempt[-1].startswith("The answer is")
         operands = {m.group(1): m.group(2) for m in map(toy.STEP_LINE.match, attempt[:-1])}
         asked = [re.fullmatch(r"Step (\d+): (-?\d+)", x).groups() for x in completion.split("\n")]
-        assert len(asked) == toy.RECALL_STEPS and len({k for k, _ in asked}) == toy.RECALL_STEPS
+        assert len(asked) == len({k for k, _ in asked}) == toy_pretrain.RECALL_STEPS
         assert all(operands[k] == v for k, v in asked)
         seen |= {k for k, _ in asked}
     assert seen == {"1", "2", "3", "4"}
-    heads = {toy.pretraining_example(p, rng, slip=0.1, mu_frac=0.15, retry_frac=0.3)[0] for _ in range(200)}
-    assert not any(h.endswith(toy.RECALL_LINE + "\n") for h in heads)
+    heads = {toy_pretrain.pretraining_example(p, rng, slip=0.1, mu_frac=0.15, retry_frac=0.3)[0]
+             for _ in range(200)}
+    assert not any(h.endswith(toy_pretrain.RECALL_LINE + "\n") for h in heads)
 
 
 def test_problem_range_and_the_splits_of_a_build(tmp_path):
@@ -100,34 +105,42 @@ def test_problem_range_and_the_splits_of_a_build(tmp_path):
 
 
 def test_muon_takes_the_decoder_matrices_and_adamw_the_rest():
-    """optimizers: with optimizer adamw, AdamW alone holds every parameter; with muon (the default), Muon holds
-    exactly the decoder layers' 2-D weights and AdamW the embedding (shared with the head) and
-    the norms, each parameter in one optimizer; any other name is a one-line error."""
-    tok = toy.train_tokenizer(["Step 1: 2 + 3 = 5"] * 20)
-    recipe = {**toy.recipe(toy.Args(preset="tiny")), "hidden": 64, "heads": 2, "inter": 96}
-    model = toy.make_model(tok, recipe)
+    """optimizers: [AdamW, torch.optim.Muon]; Muon holds exactly the decoder layers' 2-D weights,
+    AdamW the embedding (shared with the head) and the norms, each parameter in one optimizer, at
+    the recipe's two rates. The bench's adamw recipe puts every parameter in one AdamW, and its
+    other Muon precisions swap in its own Muon on the same matrices."""
+    tok = toy_pretrain.train_tokenizer(["Step 1: 2 + 3 = 5"] * 20)
+    recipe = {**toy_pretrain.recipe(toy.Args(preset="tiny")), "hidden": 64, "heads": 2, "inter": 96}
+    model = toy_pretrain.make_model(tok, recipe)
     names = {id(p): n for n, p in model.named_parameters()}
-    held = [[names[id(p)] for g in o.param_groups for p in g["params"]]
-            for o in toy.optimizers(model, {**recipe, "optimizer": "adamw"})]
-    assert len(held) == 1 and sorted(held[0]) == sorted(names.values())
-    adamw, muon = [[names[id(p)] for g in o.param_groups for p in g["params"]]
-                   for o in toy.optimizers(model, recipe)]
+
+    def held(opts):
+        return [[names[id(p)] for g in o.param_groups for p in g["params"]] for o in opts]
+
+    opts = toy_pretrain.optimizers(model, recipe)
+    assert [type(o) for o in opts] == [torch.optim.AdamW, torch.optim.Muon]
+    assert [o.param_groups[0]["lr"] for o in opts] == [3e-3, 0.02]
+    adamw, muon = held(opts)
     assert sorted(adamw + muon) == sorted(names.values())
     assert muon and all(".layers." in n and n.endswith("proj.weight") for n in muon)
     assert "model.embed_tokens.weight" in adamw and all("norm" in n or "embed" in n for n in adamw)
-    with pytest.raises(utils.UserError, match="--optimizer"):
-        toy.optimizers(model, {**recipe, "optimizer": "sgd"})
+    bench = load_bench("toy_recipes")
+    alone = held(bench.optimizers(model, {**recipe, "optimizer": "adamw", "muon_ns": "bf16"}))
+    assert len(alone) == 1 and sorted(alone[0]) == sorted(names.values())
+    rounded = bench.optimizers(model, {**recipe, "optimizer": "muon", "muon_ns": "rounded"})
+    assert held(rounded) == [adamw, muon] and type(rounded[1]) is not torch.optim.Muon
 
 
 def test_muon_in_bf16_is_torch_muon_bit_for_bit():
-    """toy.muon with its Newton-Schulz iteration in bf16 takes the same steps as torch.optim.Muon,
-    bit for bit (so an avx512_bf16 CPU builds the same toy as before toy.muon existed), on a
-    wide and a tall matrix over four steps of momentum and weight decay; in fp32 its update is
-    another (more precise) orthogonalization, the same to bf16's precision, and so in fp32 rounded
-    to bf16 after every product, which may equal bf16's bit for bit: a CPU whose bf16 products
-    accumulate in fp32 and round once computes what "rounded" does (a Xeon of CPU model 207 did
-    so for the wide matrix); newton_schulz's singular values end in the iteration's band (about 0.5-1.5) whatever
-    the input's scale, and "rounded" holds bf16 values only."""
+    """bench/toy_recipes.py's Muon with its Newton-Schulz iteration in bf16 takes the same steps as
+    torch.optim.Muon (the build's), bit for bit, on a wide and a tall matrix over four steps of
+    momentum and weight decay, so its other precisions differ from the build's in the iteration
+    alone; in fp32 its update is another (more precise) orthogonalization, the same to bf16's
+    precision, and so in fp32 rounded to bf16 after every product, which may equal bf16's bit for
+    bit: a CPU whose bf16 products accumulate in fp32 and round once computes what "rounded" does (a
+    Xeon of CPU model 207 did so for the wide matrix); newton_schulz's singular values end in the
+    iteration's band (about 0.5-1.5) whatever the input's scale, and "rounded" holds bf16 values only."""
+    bench = load_bench("toy_recipes")
     gen = torch.Generator().manual_seed(0)
     shapes = [(48, 80), (96, 32)]
     start = [torch.randn(s, generator=gen) for s in shapes]
@@ -143,7 +156,7 @@ def test_muon_in_bf16_is_torch_muon_bit_for_bit():
         return [p.detach() for p in params]
 
     theirs = run(lambda ps: torch.optim.Muon(ps, lr=0.02, weight_decay=0.1))
-    ours, fp32, rounded = (run(lambda ps: toy.muon(ps, lr=0.02, weight_decay=0.1, ns=ns))
+    ours, fp32, rounded = (run(lambda ps: bench.muon(ps, lr=0.02, weight_decay=0.1, ns=ns))
                            for ns in ("bf16", "fp32", "rounded"))
     for t, o, f, r, w in zip(theirs, ours, fp32, rounded, start):
         assert torch.equal(t, o)
@@ -153,23 +166,10 @@ def test_muon_in_bf16_is_torch_muon_bit_for_bit():
     for s in shapes:
         g = torch.randn(s, generator=gen) * 1e3
         for ns in ("fp32", "rounded"):
-            x = toy.newton_schulz(g, ns)
+            x = bench.newton_schulz(g, ns)
             sv = torch.linalg.svdvals(x)
             assert x.dtype == torch.float32 and sv.min() > 0.3 and sv.max() < 1.6, (ns, sv)
             assert torch.equal(x, x.bfloat16().float()) == (ns == "rounded")  # rounded: every entry a bf16 value
-
-
-def test_muon_ns_resolves_auto_by_the_cpu(monkeypatch):
-    """--muon-ns: bf16, fp32 and rounded as given; auto: bf16 exactly where native_bf16 says the CPU
-    multiplies bf16 in hardware, rounded elsewhere; anything else a one-line UserError, from
-    recipe() before anything is built."""
-    assert [toy.resolve_muon_ns(ns) for ns in ("bf16", "fp32", "rounded")] == ["bf16", "fp32", "rounded"]
-    for native, want in ((True, "bf16"), (False, "rounded")):
-        monkeypatch.setattr(toy, "native_bf16", lambda: native)
-        assert toy.resolve_muon_ns("auto") == want
-    with pytest.raises(utils.UserError, match="--muon-ns must be one of auto, bf16, fp32, rounded, got 'fp16'"):
-        toy.recipe(toy.Args(muon_ns="fp16"))
-    assert toy.recipe(toy.Args())["muon_ns"] == "auto" and toy.recipe(toy.Args(muon_ns="fp32"))["muon_ns"] == "fp32"
 
 
 @pytest.fixture(scope="module")
@@ -179,60 +179,63 @@ def toy_tokenizer():
     for i in range(300):
         p = toy.make_problem(random.Random(i))
         corpus.append(utils.build_prompt(None, p["problem"]) + toy.render_solution(*toy.solution_steps(p["start"], p["ops"])))
-    return toy.train_tokenizer(corpus + [utils.MU_SUFFIX, utils.BACKTRACK_MARKER] * 50)
+    return toy_pretrain.train_tokenizer(corpus + [utils.MU_SUFFIX, utils.BACKTRACK_MARKER] * 50)
 
 
 DOC_ARGS = dict(slip=0.1, mu_frac=0.15, note_frac=0.05, retry_frac=0.3, recall_frac=0.1)
 
 
-def test_document_stream_holds_what_the_old_per_step_encoding_did(toy_tokenizer):
+def test_document_stream_is_the_per_step_batches_tokenized_one_by_one(toy_tokenizer):
     """document_texts + encode_documents (batched tokenizer calls) give, document for document,
-    the token ids and loss masks of the old per-step encode_batch (one document per row, DRAW
-    problems per step) from the same seed: BOS first, EOS last, loss on the completion and EOS
-    only; every kind of document occurs."""
+    the token ids and loss masks of per-document tokenizer calls, and the documents of per-step
+    batches (encode_batch, one document per row) of DRAW problems drawn from the same seed: BOS
+    first, EOS last, loss on the completion and EOS only; every kind of document occurs."""
     tok, problems = toy_tokenizer, [toy.make_problem(random.Random(1000 + i)) for i in range(50)]
     old_rng, new_rng, old = random.Random(5), random.Random(5), []
     for _ in range(4):
-        batch = [problems[old_rng.randrange(len(problems))] for _ in range(toy.DRAW)]
-        ids, attn, mask = toy.encode_batch(tok, batch, old_rng, DOC_ARGS["slip"], DOC_ARGS["mu_frac"],
-                                           DOC_ARGS["note_frac"], 1, DOC_ARGS["retry_frac"], DOC_ARGS["recall_frac"])
+        batch = [problems[old_rng.randrange(len(problems))] for _ in range(toy_pretrain.DRAW)]
+        ids, attn, mask = toy_pretrain.encode_batch(tok, batch, old_rng, DOC_ARGS["slip"], DOC_ARGS["mu_frac"],
+                                                    DOC_ARGS["note_frac"], 1, DOC_ARGS["retry_frac"],
+                                                    DOC_ARGS["recall_frac"])
         old += [(ids[i][attn[i] == 1].tolist(), mask[i][attn[i] == 1].int().tolist()) for i in range(len(ids))]
-    texts = toy.document_texts(tok, problems, new_rng, 4 * toy.DRAW, **DOC_ARGS)
-    new = toy.encode_documents(tok, texts)
+    texts = toy_pretrain.document_texts(tok, problems, new_rng, 4 * toy_pretrain.DRAW, **DOC_ARGS)
+    new = toy_pretrain.encode_documents(tok, texts)
     assert new == old
     kinds = set()
     for (prompt, completion), (ids, mask) in zip(texts, new):
+        one = tok(prompt)["input_ids"] + tok(completion, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        assert ids == one
         n_prompt = mask.index(1)
         assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id and ids.count(tok.bos_token_id) == 1
         assert mask == [0] * n_prompt + [1] * (len(ids) - n_prompt)
         assert tok.decode(ids[1:n_prompt]) == prompt and tok.decode(ids[n_prompt:-1]) == completion
         kinds.add("note" if prompt == "" else "mu" if prompt.endswith(utils.MU_SUFFIX) else
-                  "retry" if any(line in prompt for line in toy.RETRY_LINES) else
-                  "recall" if prompt.endswith(toy.RECALL_LINE + "\n") else "solution")
+                  "retry" if any(line in prompt for line in toy_pretrain.RETRY_LINES) else
+                  "recall" if prompt.endswith(toy_pretrain.RECALL_LINE + "\n") else "solution")
     assert kinds == {"note", "mu", "retry", "recall", "solution"}
 
 
 def test_prompt_weight_weighs_the_prompt_after_bos(toy_tokenizer):
-    """encode_documents with a prompt weight: the same ids, the loss mask 0 on BOS, the weight on
+    """bench/toy_recipes.py's prompt weight: the same ids, the loss mask 0 on BOS, the weight on
     the rest of the prompt and 1 on the completion and EOS; pretraining_loss is then the mean
     NLL weighted so (checked against a hand sum on random logits)."""
-    import torch
-
+    weigh_prompts = load_bench("toy_recipes").weigh_prompts
     tok, problems = toy_tokenizer, [toy.make_problem(random.Random(2000 + i)) for i in range(8)]
-    texts = toy.document_texts(tok, problems, random.Random(7), 16, **DOC_ARGS)
-    plain, weighted = toy.encode_documents(tok, texts), toy.encode_documents(tok, texts, 0.25)
+    texts = toy_pretrain.document_texts(tok, problems, random.Random(7), 16, **DOC_ARGS)
+    plain = toy_pretrain.encode_documents(tok, texts)
+    weighted = weigh_prompts(plain, 0.25)
     assert [ids for ids, _ in plain] == [ids for ids, _ in weighted]
     for (ids, m0), (_, m) in zip(plain, weighted):
         n_prompt = m0.index(1)
         assert m == [0] + [0.25] * (n_prompt - 1) + [1] * (len(ids) - n_prompt)
-    ids, _, mask = toy.collate(weighted, 3, tok.pad_token_id)  # (rows, T)
+    ids, _, mask = toy_pretrain.collate(weighted, 3, tok.pad_token_id)  # (rows, T)
 
     class Logits(torch.nn.Module):  # a stand-in for the model: fixed random logits
         def forward(self, input_ids, attention_mask=None):
             g = torch.Generator().manual_seed(0)
             return type("Out", (), {"logits": torch.randn(*input_ids.shape, len(tok), generator=g)})
 
-    loss = toy.pretraining_loss(Logits(), ids, mask)
+    loss = toy_pretrain.pretraining_loss(Logits(), ids, mask)
     logp = torch.log_softmax(Logits()(ids).logits[:, :-1], -1)  # (rows, T-1, V)
     nll = -logp.gather(-1, ids[:, 1:, None])[..., 0]  # (rows, T-1)
     w = mask[:, 1:]
@@ -246,13 +249,14 @@ def test_collate_lays_out_rows_as_encode_batch_and_balances_them(toy_tokenizer):
     whole, in stream order within its row), and its longest row is no longer."""
     tok, problems = toy_tokenizer, [toy.make_problem(random.Random(3000 + i)) for i in range(50)]
     old_rng, new_rng = random.Random(7), random.Random(7)
-    batch = [problems[old_rng.randrange(len(problems))] for _ in range(toy.DRAW)]
-    old = toy.encode_batch(tok, batch, old_rng, DOC_ARGS["slip"], DOC_ARGS["mu_frac"], DOC_ARGS["note_frac"], 3,
-                           DOC_ARGS["retry_frac"], DOC_ARGS["recall_frac"])
-    docs = toy.encode_documents(tok, toy.document_texts(tok, problems, new_rng, toy.DRAW, **DOC_ARGS))
-    new = toy.collate(docs, 3, tok.pad_token_id)
+    batch = [problems[old_rng.randrange(len(problems))] for _ in range(toy_pretrain.DRAW)]
+    old = toy_pretrain.encode_batch(tok, batch, old_rng, DOC_ARGS["slip"], DOC_ARGS["mu_frac"], DOC_ARGS["note_frac"],
+                                    3, DOC_ARGS["retry_frac"], DOC_ARGS["recall_frac"])
+    texts = toy_pretrain.document_texts(tok, problems, new_rng, toy_pretrain.DRAW, **DOC_ARGS)
+    docs = toy_pretrain.encode_documents(tok, texts)
+    new = toy_pretrain.collate(docs, 3, tok.pad_token_id)
     assert all(torch.equal(x, y) for x, y in zip(old, new))
-    ids, attn, mask = toy.collate(docs, 3, tok.pad_token_id, balance=True)
+    ids, attn, mask = toy_pretrain.collate(docs, 3, tok.pad_token_id, balance=True)
     assert ids.shape[0] == new[0].shape[0] and ids.shape[1] <= new[0].shape[1]
     assert int(attn.sum()) == int(new[1].sum()) and torch.equal(mask.sum(), new[2].sum())
     got = []
@@ -263,20 +267,21 @@ def test_collate_lays_out_rows_as_encode_batch_and_balances_them(toy_tokenizer):
     assert sorted(got) == sorted(d[0] for d in docs)
 
 
-def test_train_step_without_the_attention_mask_is_the_masked_step(toy_tokenizer):
-    """train_step on collated rows (pads last in each row): with and without the attention
-    mask (recipe["mask"]), the same loss, and the same weights after one Muon + AdamW step; the
-    loss is the mean NLL of the loss-masked tokens, recomputed here row by row; the step moves
-    every optimizer's weights."""
+def test_the_loss_without_the_attention_mask_is_the_masked_loss(toy_tokenizer):
+    """pretraining_loss on collated rows (pads last in each row): with and without the attention
+    mask, the same loss and the same gradients; the loss is the mean NLL of the loss-masked
+    tokens, recomputed here row by row; train_step (the build's, no mask) returns that loss and
+    moves both optimizers' weights."""
     import copy
 
     tok, problems = toy_tokenizer, [toy.make_problem(random.Random(4000 + i)) for i in range(20)]
-    docs = toy.encode_documents(tok, toy.document_texts(tok, problems, random.Random(5), 12, **DOC_ARGS))
-    ids, attn, mask = toy.collate(docs, 3, tok.pad_token_id, balance=True)  # (4, T) each
+    texts = toy_pretrain.document_texts(tok, problems, random.Random(5), 12, **DOC_ARGS)
+    docs = toy_pretrain.encode_documents(tok, texts)
+    ids, attn, mask = toy_pretrain.collate(docs, 3, tok.pad_token_id, balance=True)  # (4, T) each
     assert int(attn.sum()) < attn.numel()  # some pads, so that the mask could matter
-    recipe = {**toy.recipe(toy.Args(preset="tiny")), "hidden": 64, "heads": 2, "inter": 96, "optimizer": "muon"}
+    recipe = {**toy_pretrain.recipe(toy.Args(preset="tiny")), "hidden": 64, "heads": 2, "inter": 96}
     torch.manual_seed(0)
-    model = toy.make_model(tok, recipe).train()
+    model = toy_pretrain.make_model(tok, recipe).train()
     start = copy.deepcopy(model.state_dict())
     nll, n = 0.0, 0
     with torch.no_grad():
@@ -288,53 +293,18 @@ def test_train_step_without_the_attention_mask_is_the_masked_step(toy_tokenizer)
             n += int(m[1:k].sum())
     runs = {}
     for masked in (True, False):
-        trained = copy.deepcopy(model)
-        loss = toy.train_step(trained, toy.optimizers(trained, recipe), ids, attn, mask, {**recipe, "mask": masked})
-        runs[masked] = (loss.item(), trained.state_dict())
+        copied = copy.deepcopy(model)
+        loss = toy_pretrain.pretraining_loss(copied, ids, mask, attn if masked else None)
+        loss.backward()
+        runs[masked] = (loss.item(), {k: p.grad for k, p in copied.named_parameters()})
     assert abs(runs[True][0] - nll / n) < 1e-5 and abs(runs[False][0] - runs[True][0]) < 1e-5
-    for k, w in runs[True][1].items():
-        assert torch.allclose(w, runs[False][1][k], atol=1e-6), k
-    moved = {k for k, w in runs[False][1].items() if not torch.equal(w, start[k])}
+    for k, g in runs[True][1].items():
+        assert torch.allclose(g, runs[False][1][k], atol=1e-6), k
+    trained = copy.deepcopy(model)
+    loss = toy_pretrain.train_step(trained, toy_pretrain.optimizers(trained, recipe), ids, mask)
+    assert loss.item() == runs[False][0]
+    moved = {k for k, w in trained.state_dict().items() if not torch.equal(w, start[k])}
     assert "model.embed_tokens.weight" in moved and "model.layers.0.mlp.up_proj.weight" in moved
-
-
-def test_pack_rows_by_hand():
-    """Whole documents in order, a row closed when the next one does not fit, pads (loss 0) at
-    the end of each row; a document longer than a row is refused."""
-    docs = [([1, 5, 2], [0, 1, 1]), ([1, 6], [0, 1]), ([1, 7, 7, 2], [0, 0, 1, 1]), ([1], [0])]
-    rows, masks = toy.pack_rows(docs, 5, pad_id=0)
-    assert rows == [[1, 5, 2, 1, 6], [1, 7, 7, 2, 1]]
-    assert masks == [[0, 1, 1, 0, 1], [0, 0, 1, 1, 0]]
-    rows, masks = toy.pack_rows(docs, 6, pad_id=0)
-    assert rows == [[1, 5, 2, 1, 6, 0], [1, 7, 7, 2, 1, 0]] and masks[1] == [0, 0, 1, 1, 0, 0]
-    assert toy.pack_rows(docs[:1], 4, pad_id=9) == ([[1, 5, 2, 9]], [[0, 1, 1, 0]])
-    with pytest.raises(ValueError, match="does not fit"):
-        toy.pack_rows(docs, 3, pad_id=0)
-
-
-def test_pretraining_rows_are_the_packed_document_stream(toy_tokenizer):
-    """pretraining_rows (here in several chunks) holds the document stream of one seed, packed
-    in order without a gap: rows without their trailing pads, concatenated, are the stream's
-    first documents; the same seed gives the same rows, another seed others."""
-    tok, problems = toy_tokenizer, [toy.make_problem(random.Random(2000 + i)) for i in range(50)]
-    ids, mask = toy.pretraining_rows(tok, problems, random.Random(3), 12, 256, chunk=40, **DOC_ARGS)  # (12, 256) each
-    assert ids.shape == mask.shape == (12, 256)
-    docs = toy.encode_documents(tok, toy.document_texts(tok, problems, random.Random(3), 400, **DOC_ARGS))
-    flat_ids, flat_mask = sum((d[0] for d in docs), []), sum((d[1] for d in docs), [])
-    got_ids, got_mask = [], []
-    for row, m in zip(ids.tolist(), mask.int().tolist()):
-        n = len(row)
-        while row[n - 1] == tok.pad_token_id:
-            n -= 1
-        assert row[0] == tok.bos_token_id and row[n - 1] == tok.eos_token_id
-        assert set(m[n:]) <= {0}
-        got_ids += row[:n]
-        got_mask += m[:n]
-    assert got_ids == flat_ids[:len(got_ids)] and got_mask == flat_mask[:len(got_mask)]
-    again = toy.pretraining_rows(tok, problems, random.Random(3), 12, 256, **DOC_ARGS)
-    assert all((x == y).all() for x, y in zip(again, (ids, mask)))
-    other = toy.pretraining_rows(tok, problems, random.Random(4), 12, 256, **DOC_ARGS)
-    assert not (other[0] == ids).all()
 
 
 def test_help_answers():
@@ -475,28 +445,22 @@ def test_no_build_guard_fails_instead_of_building(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("flags, words", [
     (["--preset", "huge"], "--preset must be one of tiny, default, bench, got 'huge'"),
-    (["--heads", "8"], "--hidden 128 must split into --heads 8 heads of at least 32"),
-    (["--hidden", "100", "--heads", "3"], "--hidden 100 must split into --heads 3"),
     (["--steps", "-5"], "--steps must be positive, got -5"),
-    (["--muon-lr", "-0.1"], "--muon-lr must be positive"),
-    (["--optimizer", "sgd", "--preset", "tiny"], "--optimizer must be adamw or muon, got 'sgd'"),
-    (["--prompt-weight", "1.5"], "--prompt-weight must be at most 1 (the completion's weight), got 1.5"),
-    (["--prompt-weight", "0.25", "--pretok", "false"], "--prompt-weight needs --pretok true"),
 ])
 def test_bad_build_flags_are_one_line_before_anything_is_written(flags, words, tmp_path, capsys):
     out = tmp_path / "toy"
     with pytest.raises(SystemExit) as e:
-        utils.run_main(toy.build, utils.parse_args(toy.Args, ["--out", str(out)] + flags))
+        utils.run_main(toy_pretrain.build, utils.parse_args(toy.Args, ["--out", str(out)] + flags))
     err = capsys.readouterr().err.strip().splitlines()
     assert e.value.code == 2 and len(err) == 1 and words in err[0], err
     assert not out.exists()
 
 
 def test_bad_build_flag_from_the_command_line(tmp_path):
-    """The same as a user meets it: `python toy.py --heads 8` prints one line, exits 2."""
-    p = subprocess.run([sys.executable, "toy.py", "--heads", "8", "--out", str(tmp_path / "toy")], cwd=ROOT,
+    """The same as a user meets it: `python toy.py --preset huge` prints one line, exits 2."""
+    p = subprocess.run([sys.executable, "toy.py", "--preset", "huge", "--out", str(tmp_path / "toy")], cwd=ROOT,
                        capture_output=True, text=True, timeout=120)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "--heads 8" in p.stderr, p.stderr
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "'huge'" in p.stderr, p.stderr
     assert not (tmp_path / "toy").exists()
 
 
@@ -521,6 +485,141 @@ def test_a_build_is_its_build_json_fingerprint(tmp_path):
         assert toy.is_built(str(root), "tiny", 20) == (found == want), text
     os.remove(p["test"])  # the report alone is no build
     assert not toy.is_built(str(root), "tiny", 20)
+
+
+def test_build_code_is_the_recipe_and_the_task_code_it_uses():
+    """build_code by hand on two small sources: the recipe's code and the task definitions it names
+    as toy.<name>, with those they name in turn (not the rest), docstrings (and string statements)
+    cut out; a docstring or an unused definition changes nothing, a code change does."""
+    task = ('"""Module doc."""\n\nA = 1  # A\n"""A\'s doc."""\n\n\ndef f(x):\n    """f\'s doc."""\n    return x + A\n\n\n'
+            'def g():\n    return 2\n\n\n@dataclass\nclass C:\n    n: int = A\n    """n\'s doc."""\n')
+    recipe = '"""Recipe doc."""\nimport toy\n\n\ndef build():\n    """doc"""\n    return toy.f(toy.C().n)  # café\n'
+    code = toy.build_code(task, recipe)
+    assert code.decode() == ("\nimport toy\n"  # the module docstring, cut: an empty statement
+                             "def build():\n    \n    return toy.f(toy.C().n)\n"
+                             "A = 1\n"
+                             "def f(x):\n    \n    return x + A\n"
+                             "@dataclass\nclass C:\n    n: int = A\n    \n")
+    assert toy.build_code(task.replace("f\'s doc", "f\'s new doc").replace("return 2", "return 3"), recipe) == code
+    assert toy.build_code(task, recipe.replace("Recipe doc", "Other doc")) == code
+    assert toy.build_code(task.replace("x + A", "x - A"), recipe) != code
+    assert toy.build_code(task.replace("A = 1", "A = 2"), recipe) != code
+    assert toy.build_code(task, recipe.replace("toy.C().n", "toy.C().n + 1")) != code
+
+
+def test_the_shipped_toy_is_this_codes_build():
+    """The shipped build (assets/toy) carries the fingerprint of this code's default build: a change
+    to toy_pretrain.py's code, to the task code it uses, or to a default build flag fails here until
+    the shipped files are rebuilt (`python toy.py --out assets/toy`, with the study regenerated on
+    them). It holds both splits and the weights, and the default toy (paths, ensure_built) is it,
+    with no build."""
+    base = os.path.join(toy.SHIPPED_DIR, "base")
+    assert toy.built_fingerprint(base) == toy.fingerprint(toy.Args()), \
+        "assets/toy is stale for this code: rebuild it with `python toy.py --out assets/toy`"
+    assert toy.is_built(toy.SHIPPED_DIR)
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "build.json"):
+        assert os.path.isfile(os.path.join(base, name)), name
+    report = json.load(open(os.path.join(base, "build.json")))
+    assert {k: report[k] for k in ("preset", "seed", "steps")} == {"preset": "default", "seed": 0, "steps": 800}
+    train, test = toy.build_splits(base)
+    assert [json.loads(line)["problem"] for line in open(toy.paths()["test"])] == [p["problem"] for p in test]
+    assert sum(1 for _ in open(toy.paths()["train"])) == len(train)
+    want = toy.files(toy.SHIPPED_DIR)
+    assert toy.paths() == want and toy.paths(os.path.join(ROOT, "runs", "toy")) == want
+    assert toy.ensure_built() == want and toy.default_model()[1] == want
+    assert toy.paths("runs/toy-other") == toy.files("runs/toy-other")
+
+
+def test_a_stale_shipped_toy_is_left_for_a_build(tmp_path, monkeypatch):
+    """When the shipped files are not this code's build (here: a folder without them), the default
+    toy is runs/toy again, built on first use (here MRT_TOY_NO_BUILD turns the build into its
+    one-line error naming runs/toy); a non-default preset never reads the shipped build."""
+    monkeypatch.setattr(toy, "SHIPPED_DIR", str(tmp_path / "shipped"))
+    monkeypatch.setenv("MRT_TOY_NO_BUILD", "1")
+    assert toy.paths() == toy.files(toy.DEFAULT_DIR)
+    with pytest.raises(utils.UserError, match="toy: runs/toy is missing or stale"):
+        toy.ensure_built()
+    monkeypatch.undo()
+    monkeypatch.setenv("MRT_TOY_NO_BUILD", "1")
+    with pytest.raises(utils.UserError, match="toy: runs/toy is missing or stale"):
+        toy.ensure_built(preset="tiny")
+
+
+def test_bench_toy_recipes_runs_every_alternative(tmp_path):
+    """bench/toy_recipes.py at its smallest: one timed step of the build's recipe and of recipes
+    that switch every alternative (per-step encoding, unbalanced rows, the attention mask, bf16,
+    AdamW alone, Muon's other precisions, the prompt weight), each a table row; a bad field is one
+    line naming it."""
+    recipes = ["batch=4", "batch=4 pretok=0 balance=0 mask=1 bf16=1 optimizer=adamw",
+               "batch=4 muon_ns=rounded prompt_weight=0.25", "batch=4 muon_ns=fp32 lr=0.001 muon_lr=0.01"]
+    p = subprocess.run([sys.executable, "bench/toy_recipes.py", *recipes, "--steps", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = [line for line in p.stdout.splitlines() if line.startswith("batch=4")]
+    assert len(rows) == len(recipes) and all(" 0.54M " in r or "M " in r for r in rows), p.stdout
+    p = subprocess.run([sys.executable, "bench/toy_recipes.py", "muon_ns=fp16"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and "bad field 'muon_ns=fp16'" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_default_model_takes_a_warmstart_of_this_toy_build_only(tmp_path, monkeypatch, capsys):
+    base = tmp_path / "toy" / "base"
+    base.mkdir(parents=True)
+    (base / "build.json").write_text(json.dumps({"fingerprint": "f1"}))
+    monkeypatch.setattr(toy, "ensure_built", lambda *a, **k: {"base": str(base)})
+    monkeypatch.chdir(tmp_path)
+    assert toy.default_model()[0] == str(base)  # no warmstart model
+    warm = tmp_path / "runs" / "warmstart" / "model"
+    warm.mkdir(parents=True)
+    for card in (None, "{oops", {"stage": "warmstart"}, {"base_build": "f0"}):  # none, malformed, old, another build
+        if card is not None:
+            (warm / "mrt.json").write_text(card if isinstance(card, str) else json.dumps(card))
+        capsys.readouterr()
+        assert toy.default_model()[0] == str(base), card
+        assert "not fine-tuned from this toy build" in capsys.readouterr().out
+    (warm / "mrt.json").write_text(json.dumps({"base_build": "f1"}))
+    assert toy.default_model()[0] == os.path.join("runs", "warmstart", "model")
+
+
+def project_imports() -> dict[str, set[str]]:
+    """{module: the project modules it imports} for every top-level .py file of the project, from
+    every import statement in it (at the top or inside a function)."""
+    import ast
+    import glob
+
+    modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py"))}
+    graph = {}
+    for m in modules:
+        found = set()
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, m + ".py")).read())):
+            if isinstance(node, ast.Import):
+                found |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                found.add(node.module.split(".")[0])
+        graph[m] = (found & modules) - {m}
+    return graph
+
+
+def test_the_import_graph_has_no_circle():
+    """utils.py imports no project module, toy.py (the task) utils alone, toy_pretrain.py (its build)
+    toy, sampling and utils; no module reaches itself through imports, counting those inside
+    functions (a depth-first search)."""
+    graph = project_imports()
+    assert graph["utils"] == set() and graph["toy"] == {"utils"}
+    assert graph["toy_pretrain"] == {"toy", "sampling", "utils"} and "grpo" in graph
+
+    def reach(start):
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+        return seen
+
+    assert [m for m in sorted(graph) if m in reach(m)] == []
+    graph["utils"].add("grpo")  # the check can fail: a circle through utils
+    assert "utils" in reach("utils")
 
 
 def test_bench_solution_fields_by_hand():

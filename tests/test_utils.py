@@ -534,27 +534,6 @@ def test_missing_model_path_is_a_user_error(tmp_path):
         utils.load_tokenizer(os.path.relpath(missing))
 
 
-def test_default_model_takes_a_warmstart_of_this_toy_build_only(tmp_path, monkeypatch, capsys):
-    import toy
-
-    base = tmp_path / "toy" / "base"
-    base.mkdir(parents=True)
-    (base / "build.json").write_text(json.dumps({"fingerprint": "f1"}))
-    monkeypatch.setattr(toy, "ensure_built", lambda *a, **k: {"base": str(base)})
-    monkeypatch.chdir(tmp_path)
-    assert utils.default_model()[0] == str(base)  # no warmstart model
-    warm = tmp_path / "runs" / "warmstart" / "model"
-    warm.mkdir(parents=True)
-    for card in (None, "{oops", {"stage": "warmstart"}, {"base_build": "f0"}):  # none, malformed, old, another build
-        if card is not None:
-            (warm / "mrt.json").write_text(card if isinstance(card, str) else json.dumps(card))
-        capsys.readouterr()
-        assert utils.default_model()[0] == str(base), card
-        assert "not fine-tuned from this toy build" in capsys.readouterr().out
-    (warm / "mrt.json").write_text(json.dumps({"base_build": "f1"}))
-    assert utils.default_model()[0] == os.path.join("runs", "warmstart", "model")
-
-
 def _run_snippet(code: str, tmp_path):
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": ROOT})
