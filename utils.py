@@ -8,8 +8,8 @@ The module graph, on purpose: utils.py imports nothing of the project, not even 
 function. Two shared modules sit on it, one per seam a stage script crosses:
 sampling.py (the vLLM Sampler and in-place weight sync) and training.py (the FSDP2 trainer
 model: sharded load and export, checkpoints, log-probabilities), used by the stages that
-train. toy.py (the embedded task and model) imports utils and sampling. A stage script
-imports those it uses, plus the stages whose algorithm it builds on: warmstart.py, star.py and
+train. toy.py (the embedded task) imports utils; toy_pretrain.py (its build) imports toy,
+sampling and utils. A stage script imports those it uses, plus the stages whose algorithm it builds on: warmstart.py, star.py and
 grpo.py import infogain.py (episodes, the meta-prover, information gain: the method's core),
 star.py imports warmstart.py (the SFT loop it reruns each iteration), r1_analysis.py imports
 evaluate.py and infogain.py (pass@k/maj@k and episode values); study.py runs them all as
