@@ -301,7 +301,10 @@ def test_grpo_paper_preset_two_ranks(grpo_whole):
     # the reference model is there: step 2's policy moved away from it, when step 1 had a group with
     # signal to move it (every group's two samples alike, all right or all wrong, gives no update:
     # seen on a toy built with --seed 1, whose realistic model got every three-step problem right)
-    assert all(r["kl"] >= 0 for r in rows) and (rows[1]["kl"] > 0 or rows[0]["zero_std_groups"] == 1), rows
+    assert rows[1]["kl"] > 0 or rows[0]["zero_std_groups"] == 1, rows
+    # one pass per batch: the old policy is the policy (ratio exactly 1, nothing clipped), and at
+    # step 1 the policy is the reference (the same computation on the same weights: kl 0)
+    assert all(r["ratio_mean"] == 1.0 and r["clip_region"] == 0.0 for r in rows) and rows[0]["kl"] < 1e-9, rows
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     texts = [c["text"] for s in samples for c in s["completions"]]
     assert all(t.strip() for t in texts) and any("\\boxed{" in t for t in texts), texts  # solutions that end in an answer
@@ -354,18 +357,43 @@ def test_resume_after_step_1_matches_uninterrupted_run(grpo_whole, real_model, e
     assert [json.loads(line)["step"] for line in open(snap / "metrics.jsonl")] == [1, 2]
 
 
-def test_export_loads_in_transformers_and_vllm(grpo_whole, toy_paths, tmp_path):
-    """The exported model in transformers (here) and in vLLM: evaluate.py on it, sized from
-    its own lengths."""
+def test_export_loads_in_transformers_and_vllm(grpo_whole, real_model, toy_paths, tmp_path):
+    """The export is the trainer's final weights: loaded by transformers, each of its tensors
+    equals the run's last checkpoint (the fp32 master weights after step 2, restored here into a
+    fresh trainer model) rounded to the config's bf16, tensor by tensor, and the weights moved
+    from the start. Then vLLM: evaluate.py on the export, sized from its own lengths, its 4 x 2
+    samples graded again from their text."""
+    from transformers import AutoModelForCausalLM
+
+    import evaluate
+
     whole, _, _ = grpo_whole
     model_dir = str(whole / "model")
     _export_checks(model_dir)
+    assert training.checkpoint_extra(str(whole / "checkpoint"))["step"] == 2  # saved at the last step
+    trainer, _ = training.load_trainer(real_model, "auto", "cpu")
+    training.load_checkpoint(str(whole / "checkpoint"), trainer)
+    masters = trainer.state_dict()
+    export = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.bfloat16).state_dict()
+    assert masters.keys() == export.keys() == start.keys()
+    for k, w in masters.items():
+        assert w.dtype == torch.float32 and export[k].dtype == torch.bfloat16, k
+        assert torch.equal(w.to(torch.bfloat16), export[k]), k
+    assert any(not torch.equal(export[k], start[k]) for k in start), "nothing trained: the test proves nothing"
     tok = utils.load_tokenizer(model_dir)
     assert tok.chat_template and tok.eos_token == "<|eot_id|>"
     out = tmp_path / "eval"
-    _run([sys.executable, "evaluate.py", "--models", model_dir, "--data", toy_paths["test"], "--problems", "4",
-          "--samples", "2", "--max-tokens", "64", "--modes", "parallel", "--out", str(out)])
-    assert any(out.rglob("*.json*"))
+    _run([sys.executable, "evaluate.py", "--models", f"grpo={model_dir}", "--data", toy_paths["test"], "--problems",
+          "4", "--samples", "2", "--max-tokens", "64", "--modes", "parallel", "--out", str(out)])
+    rows = [json.loads(line) for line in open(out / "samples" / "grpo.parallel.jsonl")]
+    golds = [json.loads(line)["answer"] for line in open(toy_paths["test"])][:4]
+    assert [(r["problem"], r["sample"]) for r in rows] == [(i, j) for i in range(4) for j in range(2)]
+    for r in rows:
+        assert r["gold"] == golds[r["problem"]] and 1 <= r["gen_tokens"] <= 64
+        assert r["correct"] == utils.grade(evaluate.last_episode(r["text"]), r["gold"]), r
+    curve = json.load(open(out / "curves.json"))["runs"]["grpo"]["modes"]["parallel"]
+    assert curve["pass"][0] == pytest.approx(sum(r["correct"] for r in rows) / 8)  # 2 samples of each problem
 
 
 def test_warmstart_and_star_single_process(real_model, easy, tmp_path):
