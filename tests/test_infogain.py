@@ -283,8 +283,8 @@ def test_toy_meta_prover_reads_the_context(toy_paths, toy_sampler):
     # an empty suffix: mu completes the solution (a rollout value); after all the steps it
     # only has to write the answer line, from the prompt it cannot finish in 24 tokens
     roll = MetaProver(toy_sampler, suffix="", m=4, max_tokens=24)
-    _assert_gap(roll.correct(ctx["steps"][:64], golds[:64], seed=0), roll.correct(ctx["prompt"][:64], golds[:64], seed=0),
-                "a rollout finishes written steps")
+    _assert_gap(roll.correct(ctx["steps"][:64], golds[:64], seed=0),
+                roll.correct(ctx["prompt"][:64], golds[:64], seed=0), "a rollout finishes written steps")
 
 
 def _parse_problem(text: str):

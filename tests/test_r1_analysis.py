@@ -226,14 +226,16 @@ def test_maj_values_hand_table():
 
 def test_maj_values_exact_at_the_rounding_edge():
     """Tables where a float DP (a sum of exp(log C - log C) terms) rounded past 1 or off the
-    exact value (maj@2 of 5, 5, 5, None above 1, its maj@1 above 3/4). By hand: maj@1 is the share of correct answers; every pair or triple of
-    5, 5, 5, None holds a 5 and None never votes, so maj@2 = maj@3 = 1. Of the 6 pairs of
-    5, 5, None, None only {None, None} loses: maj@2 = 5/6. 5, 5, 5, 7: 3 pairs {5, 5} win, 3
-    pairs {5, 7} tie (credit 1/2), every triple has two 5s: maj@2 = 4.5/6 = 0.75. Each value is
-    the float nearest the exact fraction, so == holds."""
-    assert r1_analysis.maj_values(["5", "5", "5", None], "5", [1, 2, 3, 4]) == {1: 0.75, 2: 1.0, 3: 1.0, 4: 1.0}
-    assert r1_analysis.maj_values(["5", "5", None, None], "5", [1, 2, 3, 4]) == {1: 0.5, 2: 5 / 6, 3: 1.0, 4: 1.0}
-    assert r1_analysis.maj_values(["5", "5", "5", "7"], "5", [1, 2, 3, 4]) == {1: 0.75, 2: 0.75, 3: 1.0, 4: 1.0}
+    exact value (maj@2 of 5, 5, 5, None above 1, its maj@1 above 3/4). By hand: maj@1 is the
+    share of correct answers; every pair or triple of 5, 5, 5, None holds a 5 and None never
+    votes, so maj@2 = maj@3 = 1. Of the 6 pairs of 5, 5, None, None only {None, None} loses:
+    maj@2 = 5/6. 5, 5, 5, 7: 3 pairs {5, 5} win, 3 pairs {5, 7} tie (credit 1/2), every triple
+    has two 5s: maj@2 = 4.5/6 = 0.75. Each value is the float nearest the exact fraction, so
+    == holds."""
+    ps = [1, 2, 3, 4]
+    assert r1_analysis.maj_values(["5", "5", "5", None], "5", ps) == {1: 0.75, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert r1_analysis.maj_values(["5", "5", None, None], "5", ps) == {1: 0.5, 2: 5 / 6, 3: 1.0, 4: 1.0}
+    assert r1_analysis.maj_values(["5", "5", "5", "7"], "5", ps) == {1: 0.75, 2: 0.75, 3: 1.0, 4: 1.0}
     assert [evaluate.maj_at_k(["5", "5", "5", None], "5", k) for k in (1, 2, 3)] == [0.75, 1.0, 1.0]
     # one correct cluster of c among n answers (the rest unparsable or one wrong cluster of 1):
     # maj@1 is exactly c / n and no k leaves [0, 1]; a correct cluster that no k-subset can

@@ -166,10 +166,12 @@ def test_engine_sizes_come_from_the_run(real_model):
     assert args.mu_max_tokens == 16 and args.mu_mode == "forced"
     # backtrack, mu elsewhere: the continuation after prompt + z0 + cue
     _fits(grpo.engine_need(args, tok, P, mu_in_engine=False), len(utils.encode(tok, ctx)) + 64)
-    # mu in the same engine: its context x + z0 + z1 (at most the whole continuation), the suffix, 16 answer tokens
+    # mu in the same engine: its context x + z0 + z1 (z1 at most the whole continuation), the
+    # suffix, 16 answer tokens
     mu_longest = len(utils.encode(tok, mu_context(ctx + cont, utils.MU_SUFFIX))) + 16
     _fits(grpo.engine_need(args, tok, P, mu_in_engine=True), mu_longest)
-    rollout = grpo.resolve_args(grpo.Args(model=real_model, max_tokens=64, mu_mode="rollout", mu_rollout_tokens=100), 1)
+    rollout = grpo.resolve_args(grpo.Args(model=real_model, max_tokens=64, mu_mode="rollout",
+                                          mu_rollout_tokens=100), 1)
     _fits(grpo.engine_need(rollout, tok, P, mu_in_engine=True), len(utils.encode(tok, ctx + cont)) + 100)
     direct = grpo.resolve_args(grpo.Args(model=real_model, variant="direct", max_tokens=64), 1)
     _fits(grpo.engine_need(direct, tok, P, mu_in_engine=True), P + 64)
@@ -195,7 +197,8 @@ def test_infogain_and_r1_engines_are_sized_from_the_run(real_model, toy_paths):
     prompts = [utils.build_prompt(tok, p["problem"]) for p in problems]
     prompt = max(prompts, key=lambda x: len(utils.encode(tok, x)))
     z0, cont = _text_of(tok, 64), _text_of(tok, 64)
-    mu_ctx = infogain.mu_context(prompt + infogain.backtrack_cue(z0) + cont, utils.MU_SUFFIX)  # after the longest z1
+    # mu's context after the longest z1 (at most the whole continuation)
+    mu_ctx = infogain.mu_context(prompt + infogain.backtrack_cue(z0) + cont, utils.MU_SUFFIX)
     a = infogain.Args(model=[real_model], max_tokens=64, mu_max_tokens=16)
     _fits(infogain.engine_need(real_model, a, problems, []), len(utils.encode(tok, mu_ctx)) + 16)
     rollout = infogain.Args(model=[real_model], max_tokens=64, mu_mode="rollout", mu_rollout_tokens=100)

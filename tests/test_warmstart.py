@@ -219,7 +219,8 @@ def test_sft_loss_target_names_what_each_scheme_trains_on():
 
 def test_search_summary_hand_table():
     def rec(nodes, attempts):
-        return {"nodes": [{"correct": c, "value": v} for c, v in nodes], "attempts": [{"correct": c} for c in attempts]}
+        return {"nodes": [{"correct": c, "value": v} for c, v in nodes],
+                "attempts": [{"correct": c} for c in attempts]}
 
     records = [rec([(False, 0.5), (True, 1.0)], [False, False]),  # found where the attempts missed
                rec([(False, 0.25)], [False, False]),  # missed by both
