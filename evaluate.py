@@ -55,6 +55,7 @@ Decisions and departures from the paper (which does not publish its evaluation c
 
 from __future__ import annotations
 
+import fractions
 import functools
 import gc
 import glob
@@ -181,10 +182,6 @@ def cluster_answers(answers, gold) -> tuple[list[int], list[bool], int]:
     return sizes, correct, n_none
 
 
-def _log_factorials(n: int) -> np.ndarray:
-    return np.concatenate([[0.0], np.cumsum(np.log(np.arange(1, n + 1, dtype=np.float64)))])
-
-
 def majority_curve(counts, correct, n_none: int = 0) -> np.ndarray:
     """Exact expected accuracy of a majority vote over k answers drawn without replacement,
     for every k = 1..n (n = sum(counts) + n_none). Clusters are the grader-equal answer groups
@@ -192,19 +189,17 @@ def majority_curve(counts, correct, n_none: int = 0) -> np.ndarray:
     The cluster(s) with most votes win; a tie splits the credit evenly among the tied
     clusters; a draw of only unparsable answers earns 0.
 
-    For each correct cluster g and each vote count v it gets (hypergeometric probability),
-    a DP over the other clusters gives the probability that the other k - v drawn answers put
-    no cluster above v and exactly t clusters at v (credit 1 / (1 + t)). The DP runs on
-    conditional probabilities of s-subsets (each factor a hypergeometric term <= 1), so it is
-    stable for any n, and it serves every k at once: O(N^2 (N + clusters)) vector operations."""
+    For each correct cluster g and each vote count v it gets, a DP over the other clusters
+    counts the s-subsets of the other answers that put no cluster above v and exactly t
+    clusters at v (credit 1 / (1 + t)); it serves every k at once. Everything is counted in
+    Python integers (credits scaled by L = lcm(1..n)), and each value is one exact fraction
+    (favourable credit) / (L C(n, k)) rounded once to float, so a value is the float nearest
+    the true expectation: never outside [0, 1], exactly 1.0 when every k-subset wins and
+    exactly c / n at k = 1."""
     counts = [int(c) for c in counts]
     n = sum(counts) + int(n_none)
-    lf = _log_factorials(n)
-
-    def logC(a, b):  # log C(a, b) for arrays with 0 <= b <= a
-        return lf[a] - lf[b] - lf[a - b]
-
-    acc = np.zeros(n + 1)  # acc[k], k = 0..n
+    L = math.lcm(*range(1, n + 2))
+    num = [0] * (n + 1)  # num[k]: L x (sum over k-subsets of the credit to correct clusters)
     for g, (cg, ok) in enumerate(zip(counts, correct)):
         if not ok or cg == 0:
             continue
@@ -212,23 +207,21 @@ def majority_curve(counts, correct, n_none: int = 0) -> np.ndarray:
         S = n - cg
         for v in range(1, cg + 1):
             T = S // v  # most other clusters that can tie at v
-            P = np.zeros((1, T + 1))  # P[s, t]: pool so far, s drawn from it
-            P[0, 0] = 1.0
+            W = np.zeros((1, T + 1), dtype=object)  # W[s, t]: s-subsets of the pool so far
+            W[0, 0] = 1
             M = 0
             for c, votes in others:
-                new = np.zeros((M + c + 1, T + 1))
-                sv = np.arange(M + 1)  # s - x
+                new = np.zeros((M + c + 1, T + 1), dtype=object)  # (M+c+1, T+1)
                 for x in range(min(c, v) + 1 if votes else c + 1):
-                    w = np.exp(logC(c, x) + logC(M, sv) - logC(M + c, sv + x))[:, None]  # (M+1, 1)
                     if votes and x == v:
-                        new[x:x + M + 1, 1:] += w * P[:, :-1]
+                        new[x:x + M + 1, 1:] += math.comb(c, x) * W[:, :-1]
                     else:
-                        new[x:x + M + 1] += w * P
-                P, M = new, M + c
-            share = P @ (1.0 / (1.0 + np.arange(T + 1)))  # (S+1,) expected credit given s
-            k = np.arange(v, min(n, v + S) + 1)
-            acc[k] += np.exp(logC(cg, v) + logC(S, k - v) - logC(n, k)) * share[k - v]
-    return acc[1:]
+                        new[x:x + M + 1] += math.comb(c, x) * W
+                W, M = new, M + c
+            share = W @ np.array([L // (1 + t) for t in range(T + 1)], dtype=object)  # (S+1,) L x credit
+            for s in range(S + 1):
+                num[v + s] += math.comb(cg, v) * int(share[s])
+    return np.array([float(fractions.Fraction(num[k], L * math.comb(n, k))) for k in range(1, n + 1)])
 
 
 def maj_at_k(answers, gold, k: int) -> float:

@@ -253,35 +253,73 @@ def engine(toy_sampler, toy_paths):
     toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
 
 
-def test_grpo_rollout_mu_logs_restart_precision(engine, toy_paths, tmp_path):
+def test_grpo_rollout_mu_logs_restart_precision(engine, toy_paths, tmp_path, monkeypatch):
+    """grpo.py MRT-B with the rollout meta-prover on the real engine: each step's restart
+    precision in metrics.jsonl equals the one recomputed by hand from that step's continuations
+    (read from the real rollout as the run made them) and the run's z0.jsonl: the first wrong
+    step f of each z0 (toy.first_wrong_step), the restart step k each continuation names."""
     import json
 
     import grpo
 
+    steps, rollout = [], grpo.rollout
+
+    def recorded(*a, **kw):  # the real function; its rows are also kept here
+        steps.append(rollout(*a, **kw))
+        return steps[-1]
+
+    monkeypatch.setattr(grpo, "rollout", recorded)
+    G = 2
     args = grpo.Args(model=toy_paths["base"], train_data=toy_paths["train"], test_data=toy_paths["test"], preset="toy",
                      out=str(tmp_path), eval_problems=0, variant="mrt", mu_mode="rollout", mu_rollout_tokens=64,
-                     mu_samples=2, steps=2, prompts_per_step=8, group_size=2, micro_batch_size=16)
+                     mu_samples=2, steps=2, prompts_per_step=8, group_size=G, micro_batch_size=16)
     grpo.main(args, sampler=engine)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
-    assert len(rows) == 2 and all(0 < r["time_mu"] < r["time_sample"] for r in rows)
-    with_truth = [r for r in rows if "restart_fixable" in r]
-    assert with_truth, rows  # 8 toy problems a step: some z0 is wrong (base pass@1 is far below 1)
-    for r in with_truth:
-        assert 0 <= r["restart_fixable"] <= 1 and 0 <= r["restart_at_first_wrong"] <= r["restart_fixable"]
-        assert 0 <= r["z2_acc_z0_wrong"] <= 1 and r["z0_wrong_continuations"] % 2 == 0  # whole groups
+    assert len(rows) == 2 and len(steps) == 2 and all(len(s) == 8 * G for s in steps)
+    assert all(0 < r["time_mu"] < r["time_sample"] for r in rows)
+    z0 = {x["id"]: x["z0"] for x in map(json.loads, open(tmp_path / "z0.jsonl")) if x["split"] == "train"}
+    wrong_in_all = 0
+    for r, conts in zip(rows, steps):
+        wrong = []  # (f, k, number of operations, outcome) of each continuation after a wrong z0
+        for c in conts:
+            start, ops = toy.parse_problem(c["problem"]["problem"])
+            f = toy.first_wrong_step(z0[c["problem"]["id"]], start, ops)
+            if f is not None:
+                wrong.append((f, c["episodes"].restart_step if c["episodes"] else None, len(ops), c["outcome"]))
+        wrong_in_all += len(wrong)
+        if not wrong:
+            assert "restart_fixable" not in r, r
+            continue
+        share = lambda xs: sum(xs) / len(wrong)  # noqa: E731
+        assert r["z0_wrong_continuations"] == len(wrong) and len(wrong) % G == 0  # whole groups share a z0
+        # fixable: the restart keeps only right steps (k <= f) and names a step of the problem
+        assert r["restart_fixable"] == pytest.approx(share([k is not None and 1 <= k <= n and k <= f
+                                                            for f, k, n, _ in wrong]), abs=1e-4)
+        assert r["restart_at_first_wrong"] == pytest.approx(share([k == f for f, k, _, _ in wrong]), abs=1e-4)
+        assert r["z2_acc_z0_wrong"] == pytest.approx(share([o for _, _, _, o in wrong]), abs=1e-4)
+    assert wrong_in_all > 0  # 8 toy problems a step: some z0 is wrong (base pass@1 is far below 1)
     card = json.load(open(tmp_path / "model" / "mrt.json"))
     assert card["args"]["mu_mode"] == "rollout" and card["args"]["mu_rollout_tokens"] == 64
 
 
-def test_star_rollout_mu_is_wired(engine, toy_paths, tmp_path):
+def test_star_rollout_mu_is_wired(engine, toy_paths, tmp_path, monkeypatch):
     """star.py --mu-mode rollout on the real engine: r = J(mu | q, z0, z1) comes from mu
-    continuing the revised attempt (256 mu samples), and some of them end right. (The bound is
-    0, not a measured rate: the toy's quality, and this rate with it, differs between the
-    machines that build it.)"""
+    continuing the revised attempt (8 mu samples each, so every J is a multiple of 1/8), the
+    iteration's means are those of the run's own 16 r0 and 32 r_i (read from the real
+    rollout_chunk as the run made them), and some of mu's 256 samples after z1 end right. (The
+    bound is 0, not a measured rate: the toy's quality, and this rate with it, differs between
+    the machines that build it.)"""
     import json
 
     import star
 
+    chunks, rollout_chunk = [], star.rollout_chunk
+
+    def recorded(*a, **kw):  # the real function; its records are also kept here
+        chunks.append(rollout_chunk(*a, **kw))
+        return chunks[-1]
+
+    monkeypatch.setattr(star, "rollout_chunk", recorded)
     args = star.Args(model=toy_paths["base"], data=toy_paths["train"], test_data=toy_paths["test"], out=str(tmp_path),
                      preset="toy", method="mrt", iterations=1, problems=16, group_size=2, mu_samples=8, max_tokens=128,
                      sample_batch=16, eval_problems=0, mu_mode="rollout", mu_rollout_tokens=128, epochs=1, batch_size=4,
@@ -289,4 +327,11 @@ def test_star_rollout_mu_is_wired(engine, toy_paths, tmp_path):
     summary = star.main(args, sampler=engine)
     (it,) = [json.loads(x) for x in open(tmp_path / "iterations.jsonl")]
     assert summary["args"]["mu_mode"] == "rollout" and it["samples"] == 32
-    assert 0 < it["r_mean"] <= 1 and 0 <= it["r0_mean"] <= 1, it  # 256 mu samples after z1
+    records = [r for c in chunks for r in c]
+    r0 = [r["r0"] for r in records]
+    ri = [s["r"] for r in records for s in r["samples"]]
+    assert len(r0) == 16 and len(ri) == 32
+    assert all(x * 8 == round(x * 8) for x in r0 + ri), (r0, ri)
+    assert it["r0_mean"] == pytest.approx(sum(r0) / 16, abs=1e-4)
+    assert it["r_mean"] == pytest.approx(sum(ri) / 32, abs=1e-4)
+    assert sum(ri) > 0, it  # some of the 256 mu samples after z1 end right

@@ -2,6 +2,7 @@
 (micro-batches, ranks, on-policy = policy gradient), the MRT reward pieces, and real runs on
 the toy model (reward improves; single process and 2-rank FSDP; kill and resume)."""
 
+import dataclasses
 import math
 import os
 import subprocess
@@ -18,6 +19,7 @@ sys.path.insert(0, ROOT)
 
 import grpo  # noqa: E402
 import sampling  # noqa: E402
+import toy  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
 
@@ -534,7 +536,7 @@ def _metrics(out) -> list[dict]:
 # earlier base in one step. One run, under torchrun with two ranks (the main job's path): the
 # single-process loop is the same code at world size 1 (test_gradient_whole_equals_two_ranks;
 # test_kill_and_resume_matches_uninterrupted_run trains in one process).
-IMPROVE = dict(variant="direct", steps=15, prompts_per_step=16, group_size=8, micro_batch_size=64, lr=2e-4,
+IMPROVE = dict(variant="direct", steps=15, prompts_per_step=16, group_size=8, micro_batch_size=64, lr=1e-4,
                warmup_ratio=0.0, seed=1)
 
 
@@ -610,5 +612,68 @@ def test_kill_and_resume_matches_uninterrupted_run(engine, toy_paths, toy_warmst
     assert [r["step"] for r in _metrics(cut)] == [1, 2, 3, 4]
     rows = _metrics(whole)
     assert any(r["zero_std_groups"] < 1 for r in rows), rows
-    assert all("info_gain_mean" in r and r["kl"] >= 0 for r in rows)
-    assert any(r["kl"] > 0 for r in rows[1:]) and any(r["clip_region"] >= 0 for r in rows)
+    assert all("info_gain_mean" in r for r in rows)
+    assert any(r["kl"] > 0 for r in rows[1:])  # the reference is used (values by hand: the test below)
+
+
+def _hand_logprobs(model, ctx_ids, comp_ids, temperature):
+    """(tokens,) log p of each completion token, one unpadded sequence at a time, with plain
+    torch.log_softmax: an independent path to what training.completion_logprobs computes."""
+    out = []
+    with torch.no_grad():
+        for ctx, comp in zip(ctx_ids, comp_ids):
+            ids = torch.tensor([ctx + comp])  # (1, Tp + Tc)
+            logits = model(input_ids=ids).logits[0, len(ctx) - 1:-1].double() / temperature  # (Tc, V)
+            out.append(torch.log_softmax(logits, -1).gather(1, torch.tensor(comp)[:, None])[:, 0])  # (Tc,)
+    return torch.cat(out)
+
+
+def test_policy_update_kl_and_clip_metrics_by_hand(toy_paths):
+    """policy_update on the toy model, 2 passes over one batch with a KL reference: on the first
+    pass the policy is the reference and the old policy, so kl and clip_region are exactly 0
+    and the ratio exactly 1; on the second pass, after one optimizer step, kl, ratio and
+    clip_region equal the k3 KL and clip counts recomputed by hand from the weights after that
+    step (a replica run with one pass), and are above 0."""
+    import copy
+
+    tok = utils.load_tokenizer(toy_paths["base"])
+    records = utils.read_records(toy_paths["train"], ["problem", "answer"])[:4]
+    rows = []
+    for r in records:
+        ctx = utils.encode(tok, utils.build_prompt(tok, r["problem"]))
+        start_value, ops = toy.parse_problem(r["problem"])
+        comp = tok(toy.render_solution(*toy.solution_steps(start_value, ops)), add_special_tokens=False)["input_ids"]
+        rows.append({"ctx_ids": ctx, "token_ids": comp, "sampler_logp": None, "num_tokens": len(comp)})
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0])
+    args = grpo.Args(micro_batch_size=2, num_iterations=2, beta=0.04, temperature=1.0, max_tokens=64, lr=1e-4,
+                     eps_low=0.02, eps_high=0.02, loss_type="dapo")  # a narrow band: some tokens clip
+    model, ref = training.load_trainer(toy_paths["base"], "auto", "cpu", reference=True)
+    model.train()
+    start = copy.deepcopy(model)
+    replica = copy.deepcopy(model)
+
+    def optimizer(m):
+        opt = torch.optim.AdamW(m.parameters(), lr=args.lr, weight_decay=0.0)
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+    stats, _ = grpo.policy_update(model, ref, *optimizer(model), rows, adv, args, tok.pad_token_id)
+    assert len(stats) == 4  # 2 micro-batches x 2 passes
+    for m in stats[:2]:
+        assert m["kl"] == 0.0 and m["clip_region"] == 0.0 and m["ratio"] == 1.0, m
+    # the weights after the first optimizer step: the same update, one pass only
+    grpo.policy_update(replica, ref, *optimizer(replica), rows, adv, dataclasses.replace(args, num_iterations=1),
+                       tok.pad_token_id)
+    for k in range(2):
+        mb = rows[2 * k:2 * k + 2]
+        ctx, comp = [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb]
+        old = _hand_logprobs(start, ctx, comp, 1.0)  # the reference and the old policy: the start
+        new = _hand_logprobs(replica, ctx, comp, 1.0)
+        a = torch.cat([torch.full((len(c),), float(adv[2 * k + i])) for i, c in enumerate(comp)])  # (tokens,)
+        kl = torch.exp(old - new) - (old - new) - 1  # (tokens,) k3
+        ratio = torch.exp(new - old)  # (tokens,)
+        clip = ((ratio < 1 - args.eps_low) & (a < 0)) | ((ratio > 1 + args.eps_high) & (a > 0))  # (tokens,)
+        m = stats[2 + k]
+        assert kl.mean().item() > 0 and m["kl"] == pytest.approx(kl.mean().item(), rel=1e-3), (m, kl.mean())
+        assert m["ratio"] == pytest.approx(ratio.mean().item(), rel=1e-4)
+        assert m["clip_region"] == pytest.approx(clip.double().mean().item(), abs=1.01 / len(a)), (m, clip)
+    assert any(m["clip_region"] > 0 for m in stats[2:]), stats

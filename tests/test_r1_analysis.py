@@ -1,6 +1,7 @@
 """r1_analysis.py: the episode splitter on hand-written R1-style traces, the Fig. 12 prompt,
 [maj@p]_j / regret / bins / baseline on hand-made tables, a tiny real run on the toy, bad input."""
 
+import itertools
 import json
 import os
 import subprocess
@@ -223,6 +224,33 @@ def test_maj_values_hand_table():
         r1_analysis.maj_values(["5"], "5", [2])
 
 
+def test_maj_values_exact_at_the_rounding_edge():
+    """Tables where a float DP (a sum of exp(log C - log C) terms) rounded past 1 or off the
+    exact value (maj@2 of 5, 5, 5, None above 1, its maj@1 above 3/4). By hand: maj@1 is the
+    share of correct answers; every pair or triple of 5, 5, 5, None holds a 5 and None never
+    votes, so maj@2 = maj@3 = 1. Of the 6 pairs of 5, 5, None, None only {None, None} loses:
+    maj@2 = 5/6. 5, 5, 5, 7: 3 pairs {5, 5} win, 3 pairs {5, 7} tie (credit 1/2), every triple
+    has two 5s: maj@2 = 4.5/6 = 0.75. Each value is the float nearest the exact fraction, so
+    == holds."""
+    ps = [1, 2, 3, 4]
+    assert r1_analysis.maj_values(["5", "5", "5", None], "5", ps) == {1: 0.75, 2: 1.0, 3: 1.0, 4: 1.0}
+    assert r1_analysis.maj_values(["5", "5", None, None], "5", ps) == {1: 0.5, 2: 5 / 6, 3: 1.0, 4: 1.0}
+    assert r1_analysis.maj_values(["5", "5", "5", "7"], "5", ps) == {1: 0.75, 2: 0.75, 3: 1.0, 4: 1.0}
+    assert [evaluate.maj_at_k(["5", "5", "5", None], "5", k) for k in (1, 2, 3)] == [0.75, 1.0, 1.0]
+    # one correct cluster of c among n answers (the rest unparsable or one wrong cluster of 1):
+    # maj@1 is exactly c / n and no k leaves [0, 1]; a correct cluster that no k-subset can
+    # outvote wins with certainty (exactly 1.0) once it must be drawn
+    for n in range(1, 13):
+        for c in range(1, n + 1):
+            for counts, n_none in (([c], n - c), ([c, 1], n - c - 1)):
+                if n_none < 0:
+                    continue
+                curve = evaluate.majority_curve(counts, [True] + [False] * (len(counts) - 1), n_none)
+                assert curve[0] == c / n and 0.0 <= curve.min() and curve.max() <= 1.0, (counts, n_none)
+                if len(counts) == 1:
+                    assert all(curve[k - 1] == 1.0 for k in range(n - c + 1, n + 1)), (counts, n_none)
+
+
 def point(prefix, ans, m1, m2):
     return {"prefix_tokens": prefix, "answer_tokens": ans, "maj": {"1": m1, "2": m2}}
 
@@ -305,9 +333,15 @@ def test_real_toy_run(toy_paths, toy_sampler, tmp_path):
             assert len(q["answers"]) == 4 and q["answer_tokens"] >= 1
             assert all(0.0 <= v <= 1.0 for v in q["maj"].values())
             graded = [0.0 if x is None else utils.grade("\\boxed{" + x + "}", t["answer"]) for x in q["answers"]]
-            assert q["maj"]["1"] == pytest.approx(sum(graded) / 4)  # [maj@1]_j is the mean grade
-            assert q["maj"]["4"] == pytest.approx(evaluate.maj_at_k(q["answers"], t["answer"], 4))
-        assert t["regret"]["total"] >= -1e-12
+            assert q["maj"]["1"] == sum(graded) / 4  # [maj@1]_j is the mean grade, exactly
+            for p in (2, 4):
+                assert q["maj"][str(p)] == evaluate.maj_at_k(q["answers"], t["answer"], p)
+        # regret by hand from the logged J values: J* the best [maj@p]_j of the trace, then the
+        # partial sums of J* - [maj@1]_j
+        star = max(v for q in t["points"] for v in q["maj"].values())
+        running = list(itertools.accumulate(star - q["maj"]["1"] for q in t["points"]))
+        assert t["regret"]["j_star"] == star and t["regret"]["running"] == pytest.approx(running, abs=1e-12)
+        assert t["regret"]["total"] == pytest.approx(running[-1], abs=1e-12)
     for label, b in a["bins"].items():
         c = b["curve"]
         for p in ("1", "2", "4"):
@@ -315,7 +349,8 @@ def test_real_toy_run(toy_paths, toy_sampler, tmp_path):
             assert c["tokens"][p] == sorted(c["tokens"][p]) or min(c["n"]) < max(c["n"])
         assert all(x1 < x2 < x4 for x1, x2, x4 in zip(c["tokens"]["1"], c["tokens"]["2"], c["tokens"]["4"]))
         assert b["regret"]["j_star"] == max(max(v) for v in c["maj"].values())
-        assert len(b["regret"]["running"]) == len(c["j"])
+        bin_running = list(itertools.accumulate(b["regret"]["j_star"] - v for v in c["maj"]["1"]))
+        assert b["regret"]["running"] == pytest.approx(bin_running, abs=1e-12) and len(bin_running) == len(c["j"])
         d = b["direct"]
         assert d["k"] == [1, 2, 4] and d["pass"] == sorted(d["pass"]) and all(0 <= v <= 1 for v in d["pass"])
         assert f"## {label} episodes" in (out / "table.md").read_text()

@@ -132,43 +132,85 @@ def test_realistic_model_shape(real_model, toy_paths):
     assert build["unused_mass_last"] < 0.01, build  # samples stay inside the tokenizer's ids
 
 
+def _text_of(tok, n: int, line: str = "Step {i}: {i} + 4 = {j}\n") -> str:
+    """A completion of n tokens of this tokenizer (toy steps, cut at n tokens), as the engine
+    would have sampled it."""
+    ids = tok("".join(line.format(i=i, j=i + 4) for i in range(1, 4000)), add_special_tokens=False)["input_ids"]
+    assert len(ids) >= n
+    return tok.decode(ids[:n])
+
+
+FIT_ROOM, FIT_SLACK = 8, 32
+"""An engine sized from its run holds the run's longest sequence with at least FIT_ROOM tokens
+of room (text re-encoded from sampled tokens, as z0 and z1 are, may take a few more tokens than
+were sampled) and at most FIT_SLACK to spare; sized from the realistic model's config it would
+be 1,048,576 tokens."""
+
+
+def _fits(need: int, longest: int):
+    assert longest + FIT_ROOM <= need <= longest + FIT_SLACK, (need, longest)
+
+
 def test_engine_sizes_come_from_the_run(real_model):
+    """grpo.py's and warmstart.py's engine sizes against the longest sequence each run sends its
+    engine, built here as text from this tokenizer's own tokens: the engine holds it (need >=
+    longest) and is sized from it, not from the config (need <= longest + FIT_SLACK)."""
+    from infogain import backtrack_cue, mu_context
+
     tok = utils.load_tokenizer(real_model)
+    prompt = utils.build_prompt(tok, "Start with 3. Add 4. Multiply by 2. Subtract 5. What is the result?")
+    P = len(utils.encode(tok, prompt))
+    z0, cont = _text_of(tok, 64), _text_of(tok, 64)  # z0 and a continuation of --max-tokens 64 each
+    ctx = prompt + backtrack_cue(z0)  # what a continuation is sampled from
     args = grpo.resolve_args(grpo.Args(model=real_model, max_tokens=64), 1)
-    cue = len(tok("\n" + utils.BACKTRACK_MARKER + "\nStep", add_special_tokens=False)["input_ids"])
-    suffix = len(tok(utils.MU_SUFFIX, add_special_tokens=False)["input_ids"])
-    slack = grpo.ENGINE_SLACK
-    assert grpo.engine_need(args, tok, 50, mu_in_engine=False) == 50 + 64 + cue + 64 + slack
-    assert grpo.engine_need(args, tok, 50, mu_in_engine=True) == 50 + 64 + cue + 64 + suffix + 16 + slack
+    assert args.mu_max_tokens == 16 and args.mu_mode == "forced"
+    # backtrack, mu elsewhere: the continuation after prompt + z0 + cue
+    _fits(grpo.engine_need(args, tok, P, mu_in_engine=False), len(utils.encode(tok, ctx)) + 64)
+    # mu in the same engine: its context x + z0 + z1 (z1 at most the whole continuation), the
+    # suffix, 16 answer tokens
+    mu_longest = len(utils.encode(tok, mu_context(ctx + cont, utils.MU_SUFFIX))) + 16
+    _fits(grpo.engine_need(args, tok, P, mu_in_engine=True), mu_longest)
+    rollout = grpo.resolve_args(grpo.Args(model=real_model, max_tokens=64, mu_mode="rollout",
+                                          mu_rollout_tokens=100), 1)
+    _fits(grpo.engine_need(rollout, tok, P, mu_in_engine=True), len(utils.encode(tok, ctx + cont)) + 100)
     direct = grpo.resolve_args(grpo.Args(model=real_model, variant="direct", max_tokens=64), 1)
-    assert grpo.engine_need(direct, tok, 50, mu_in_engine=True) == 50 + 64 + slack
+    _fits(grpo.engine_need(direct, tok, P, mu_in_engine=True), P + 64)
     assert sampling.engine_length(real_model, 300) == 300  # never the config's 1,048,576
     assert sampling.engine_length(real_model, 5_000_000) == 1048576  # capped at the model's positions
-    w = warmstart.resolve_args(warmstart.Args(model=real_model, data="x"), 1)
-    assert warmstart.search_need(w, 40) == 40 + w.max_depth * (w.max_step_tokens + 2) + max(w.max_tokens, w.max_step_tokens) + 16
+    # warmstart's search: a node of --max-depth steps of --max-step-tokens each, then a rollout or an attempt
+    w = warmstart.resolve_args(warmstart.Args(model=real_model, data="x", max_depth=6, max_step_tokens=40,
+                                              max_tokens=300), 1)
+    step = _text_of(tok, 40, line="{i} + 4 = {j}, ")
+    node = prompt + "".join(step + w.step_delimiter for _ in range(6))
+    _fits(warmstart.search_need(w, P), len(utils.encode(tok, node)) + 300)
 
 
 def test_infogain_and_r1_engines_are_sized_from_the_run(real_model, toy_paths):
     """infogain.py and r1_analysis.py size their engines from what the run holds (prompts,
-    sampled or given traces, mu's tokens), never the realistic model's 1,048,576 positions."""
+    sampled or given traces, mu's tokens), never the realistic model's 1,048,576 positions:
+    each holds the run's longest sequence, built here as text, as `_fits` asks."""
     import infogain
     import r1_analysis
 
     tok = utils.load_tokenizer(real_model)
     problems = utils.load_problems(toy_paths["test"], limit=4)
-    prompt = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"]))) for p in problems)
-    cue = len(utils.encode(tok, infogain.backtrack_cue("")))
-    suffix = len(utils.encode(tok, utils.MU_SUFFIX))
+    prompts = [utils.build_prompt(tok, p["problem"]) for p in problems]
+    prompt = max(prompts, key=lambda x: len(utils.encode(tok, x)))
+    z0, cont = _text_of(tok, 64), _text_of(tok, 64)
+    # mu's context after the longest z1 (at most the whole continuation)
+    mu_ctx = infogain.mu_context(prompt + infogain.backtrack_cue(z0) + cont, utils.MU_SUFFIX)
     a = infogain.Args(model=[real_model], max_tokens=64, mu_max_tokens=16)
-    assert infogain.engine_need(real_model, a, problems, []) == prompt + 2 * 64 + cue + suffix + 16 + 16
+    _fits(infogain.engine_need(real_model, a, problems, []), len(utils.encode(tok, mu_ctx)) + 16)
     rollout = infogain.Args(model=[real_model], max_tokens=64, mu_mode="rollout", mu_rollout_tokens=100)
-    assert infogain.engine_need(real_model, rollout, problems, []) == prompt + 2 * 64 + cue + suffix + 100 + 16
+    _fits(infogain.engine_need(real_model, rollout, problems, []), len(utils.encode(tok, mu_ctx)) + 100)
+    # given traces: mu's longest context is the last episode's
     z0 = "Step 1: 3 + 4 = 7\nThe answer is \\boxed{7}."
     trace = {"problem": problems[0]["problem"], "episodes": infogain.split_backtrack(
         infogain.backtrack_cue(z0) + " 1: 3 + 4 = 7\nThe answer is \\boxed{7}." * 20)}
-    longest = len(utils.encode(tok, infogain.mu_context(infogain.episode_contexts(
-        utils.build_prompt(tok, trace["problem"]), trace["episodes"])[-1], utils.MU_SUFFIX)))
-    assert infogain.engine_need(real_model, a, None, [trace]) == longest + 16 + 16 > prompt + 200
+    last = infogain.episode_contexts(utils.build_prompt(tok, trace["problem"]), trace["episodes"])[-1]
+    longest = len(utils.encode(tok, infogain.mu_context(last, utils.MU_SUFFIX))) + 16
+    assert longest > len(utils.encode(tok, prompt)) + 200  # the trace, not the prompts, sets the size
+    _fits(infogain.engine_need(real_model, a, None, [trace]), longest)
 
     r, _ = r1_analysis.resolve(r1_analysis.Args(model=real_model, direct_model=real_model, generate=True, preset="toy"))
     needs = r1_analysis.engine_needs(r, problems, None, real_model, real_model)
@@ -268,7 +310,10 @@ def test_grpo_paper_preset_two_ranks(grpo_whole):
     # the reference model is there: step 2's policy moved away from it, when step 1 had a group with
     # signal to move it (every group's two samples alike, all right or all wrong, gives no update:
     # seen on a toy built with --seed 1, whose realistic model got every three-step problem right)
-    assert all(r["kl"] >= 0 for r in rows) and (rows[1]["kl"] > 0 or rows[0]["zero_std_groups"] == 1), rows
+    assert rows[1]["kl"] > 0 or rows[0]["zero_std_groups"] == 1, rows
+    # one pass per batch: the old policy is the policy (ratio exactly 1, nothing clipped), and at
+    # step 1 the policy is the reference (the same computation on the same weights: kl 0)
+    assert all(r["ratio_mean"] == 1.0 and r["clip_region"] == 0.0 for r in rows) and rows[0]["kl"] < 1e-9, rows
     samples = [json.loads(line) for line in open(out / "samples.jsonl")]
     texts = [c["text"] for s in samples for c in s["completions"]]
     assert all(t.strip() for t in texts) and any("\\boxed{" in t for t in texts), texts  # solutions that end in an answer
@@ -321,18 +366,43 @@ def test_resume_after_step_1_matches_uninterrupted_run(grpo_whole, real_model, e
     assert [json.loads(line)["step"] for line in open(snap / "metrics.jsonl")] == [1, 2]
 
 
-def test_export_loads_in_transformers_and_vllm(grpo_whole, toy_paths, tmp_path):
-    """The exported model in transformers (here) and in vLLM: evaluate.py on it, sized from
-    its own lengths."""
+def test_export_loads_in_transformers_and_vllm(grpo_whole, real_model, toy_paths, tmp_path):
+    """The export is the trainer's final weights: loaded by transformers, each of its tensors
+    equals the run's last checkpoint (the fp32 master weights after step 2, restored here into a
+    fresh trainer model) rounded to the config's bf16, tensor by tensor, and the weights moved
+    from the start. Then vLLM: evaluate.py on the export, sized from its own lengths, its 4 x 2
+    samples graded again from their text."""
+    from transformers import AutoModelForCausalLM
+
+    import evaluate
+
     whole, _, _ = grpo_whole
     model_dir = str(whole / "model")
     _export_checks(model_dir)
+    assert training.checkpoint_extra(str(whole / "checkpoint"))["step"] == 2  # saved at the last step
+    trainer, _ = training.load_trainer(real_model, "auto", "cpu")
+    training.load_checkpoint(str(whole / "checkpoint"), trainer)
+    masters = trainer.state_dict()
+    export = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).state_dict()
+    start = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.bfloat16).state_dict()
+    assert masters.keys() == export.keys() == start.keys()
+    for k, w in masters.items():
+        assert w.dtype == torch.float32 and export[k].dtype == torch.bfloat16, k
+        assert torch.equal(w.to(torch.bfloat16), export[k]), k
+    assert any(not torch.equal(export[k], start[k]) for k in start), "nothing trained: the test proves nothing"
     tok = utils.load_tokenizer(model_dir)
     assert tok.chat_template and tok.eos_token == "<|eot_id|>"
     out = tmp_path / "eval"
-    _run([sys.executable, "evaluate.py", "--models", model_dir, "--data", toy_paths["test"], "--problems", "4",
-          "--samples", "2", "--max-tokens", "64", "--modes", "parallel", "--out", str(out)])
-    assert any(out.rglob("*.json*"))
+    _run([sys.executable, "evaluate.py", "--models", f"grpo={model_dir}", "--data", toy_paths["test"], "--problems",
+          "4", "--samples", "2", "--max-tokens", "64", "--modes", "parallel", "--out", str(out)])
+    rows = [json.loads(line) for line in open(out / "samples" / "grpo.parallel.jsonl")]
+    golds = [json.loads(line)["answer"] for line in open(toy_paths["test"])][:4]
+    assert [(r["problem"], r["sample"]) for r in rows] == [(i, j) for i in range(4) for j in range(2)]
+    for r in rows:
+        assert r["gold"] == golds[r["problem"]] and 1 <= r["gen_tokens"] <= 64
+        assert r["correct"] == utils.grade(evaluate.last_episode(r["text"]), r["gold"]), r
+    curve = json.load(open(out / "curves.json"))["runs"]["grpo"]["modes"]["parallel"]
+    assert curve["pass"][0] == pytest.approx(sum(r["correct"] for r in rows) / 8)  # 2 samples of each problem
 
 
 def test_warmstart_and_star_single_process(real_model, easy, tmp_path):

@@ -380,12 +380,20 @@ def engine(toy_sampler, toy_paths):
     toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
 
 
-def test_real_mrt_run_on_the_toy_base(engine, toy_paths, tmp_path):
+def test_real_mrt_run_on_the_toy_base(engine, toy_paths, tmp_path, monkeypatch):
     """MRT on the real engine: z0 are the base's own attempts (resampled with the same seed),
-    r0 and r_i are J estimates, and whatever is kept obeys the filter. (The toy base was never
-    trained on texts as long as z0 + z1 + z2, so it keeps little or nothing here.)"""
+    r0 and r_i are J estimates, and the filter holds on every problem's sampled continuations
+    (read from the real rollout_chunk's records as the run made them), kept or not. (The toy
+    base was never trained on texts as long as z0 + z1 + z2, so it keeps little or nothing.)"""
     out = tmp_path / "mrt"
     args = _args(toy_paths, out, iterations=1, problems=16, group_size=2, mu_samples=4, max_tokens=96, eval_problems=8)
+    chunks, rollout_chunk = [], star.rollout_chunk
+
+    def recorded(*a, **kw):  # the real function; its records are also kept here
+        chunks.append(rollout_chunk(*a, **kw))
+        return chunks[-1]
+
+    monkeypatch.setattr(star, "rollout_chunk", recorded)
     summary = star.main(args, sampler=engine)
     z0 = {(r["split"], r["id"]): r["z0"] for r in _jsonl(out / "z0.jsonl")}
     resolved = star.resolve_args(args)
@@ -396,8 +404,30 @@ def test_real_mrt_run_on_the_toy_base(engine, toy_paths, tmp_path):
     assert {**again, **lost} == {i: z for (s, i), z in z0.items() if s == "train"} and len(again) + len(lost) == 16
     assert sum(utils.grade(again[r["id"]], r["answer"]) for r in train if r["id"] in again) > 0  # real attempts, some right
     (it,) = _jsonl(out / "iterations.jsonl")
-    assert it["samples"] == 2 * len(again) and 0 <= it["r0_mean"] <= 1 and 0 <= it["r_mean"] <= 1 and it["parsed_fraction"] > 0.5
-    for e in _jsonl(out / "data_iter1.jsonl"):
+    records = sorted((r for c in chunks for r in c), key=lambda r: r["id"])
+    n = len(again)  # problems with a usable z0 (the others dropped: infogain.sample_z0)
+    assert len(records) == n and all(len(r["samples"]) == 2 for r in records)
+    samples = [s for r in records for s in r["samples"]]
+    assert it["samples"] == 2 * n and it["parsed_fraction"] > 0.5
+    assert it["parsed_fraction"] == pytest.approx(sum(s["parsed"] for s in samples) / (2 * n), abs=1e-4)
+    assert it["r0_mean"] == pytest.approx(sum(r["r0"] for r in records) / n, abs=1e-4)
+    assert it["r_mean"] == pytest.approx(sum(s["r"] for s in samples) / (2 * n), abs=1e-4)
+    mu_m = args.mu_samples  # each J is a share of mu's m answers
+    assert all(round(x * mu_m) == x * mu_m for x in [r["r0"] for r in records] + [s["r"] for s in samples])
+    for r in records:  # the filter (Alg. 1) on each problem's continuations, kept or not, by hand:
+        # the highest r_i (the first on ties) among the correct ones with r_i > r0, else none
+        rewards, correct = [s["r"] for s in r["samples"]], [s["correct"] for s in r["samples"]]
+        qualify = [i for i, (x, ok) in enumerate(zip(rewards, correct)) if ok and x > r["r0"]]
+        assert r["kept"] == (max(qualify, key=lambda i: (rewards[i], -i)) if qualify else None), r
+        for s in r["samples"]:
+            assert s["gain"] == pytest.approx(s["r"] - r["r0"])
+            assert not s["correct"] or s["parsed"], s  # only a parsed continuation can be right
+    kept = _jsonl(out / "data_iter1.jsonl")
+    assert it["kept"] == len(kept) == sum(r["kept"] is not None for r in records)
+    by_id = {r["id"]: r for r in records}
+    for e in kept:
+        r = by_id[e["id"]]
+        assert e["index"] == r["kept"] and e["r0"] == r["r0"] and e["rewards"] == [s["r"] for s in r["samples"]]
         assert e["r"] > e["r0"] and e["index"] == star.select_continuation(e["r0"], e["rewards"], e["correct"])
         assert e["z0"] == z0[("train", e["id"])] and utils.grade(split_backtrack(e["completion"]).z2, e["answer"]) == 1.0
     assert summary["accuracy"][0] is not None and (out / "summary.json").exists()

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import WARMSTART_SMALL
@@ -217,6 +218,21 @@ def test_sft_loss_target_names_what_each_scheme_trains_on():
     assert warmstart.sft_example(t, False)[1] == "\nB" and warmstart.sft_example(t, True)[1] == "A\nB"
 
 
+def test_search_summary_hand_table():
+    def rec(nodes, attempts):
+        return {"nodes": [{"correct": c, "value": v} for c, v in nodes],
+                "attempts": [{"correct": c} for c in attempts]}
+
+    records = [rec([(False, 0.5), (True, 1.0)], [False, False]),  # found where the attempts missed
+               rec([(False, 0.25)], [False, False]),  # missed by both
+               rec([(False, 0.75), (False, 0.0), (True, 1.0)], [True, False])]  # found, one attempt right
+    s = warmstart.search_summary(records)
+    assert s == {"problems": 3, "nodes_mean": 2.0, "search_solved": 2 / 3, "attempt_pass@1": 1 / 6,
+                 "attempt_pass@2": 1 / 3, "search_solved_where_attempts_missed": 1 / 2, "root_value_mean": 0.5}
+    # every problem has a right attempt: no problem where the attempts missed
+    assert warmstart.search_summary(records[2:])["search_solved_where_attempts_missed"] is None
+
+
 # --------------------------------------------------------------------------------------
 # Real runs on the toy model
 # --------------------------------------------------------------------------------------
@@ -234,7 +250,22 @@ def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_path
     s = toy_warmstart["summary"]["search"]
     # the search finds correct solutions more often than single samples do
     assert s["search_solved"] > s["attempt_pass@1"] + 0.1, s
-    assert s["search_solved_where_attempts_missed"] is None or s["search_solved_where_attempts_missed"] >= 0
+    # the summary recomputed from search.jsonl, each node and attempt graded again from its text
+    records = utils.read_records(str(out / "search.jsonl"), ["problem", "answer", "nodes", "attempts"])
+    assert s["problems"] == len(records) == WARMSTART_SMALL["problems"]
+    found, att = [], []
+    for r in records:
+        for n in r["nodes"]:
+            assert n["correct"] == (n["complete"] and utils.grade(n["text"], r["answer"]) == 1.0), n
+        assert len(r["attempts"]) == WARMSTART_SMALL["attempts"]
+        for a in r["attempts"]:
+            assert a["correct"] == (utils.grade(a["text"], r["answer"]) == 1.0), a
+        found.append(any(n["correct"] for n in r["nodes"]))
+        att.append([a["correct"] for a in r["attempts"]])
+    missed = [f for f, a in zip(found, att) if not any(a)]
+    assert s["search_solved"] == pytest.approx(np.mean(found))
+    assert s["attempt_pass@1"] == pytest.approx(np.mean(att))
+    assert s["search_solved_where_attempts_missed"] == (pytest.approx(np.mean(missed)) if missed else None)
 
     traces = utils.read_records(str(out / "traces.jsonl"), ["problem", "answer", "z0", "z1", "z2", "completion"])
     assert len(traces) >= 8 and toy_warmstart["summary"]["traces"]["count"] == len(traces)
