@@ -88,8 +88,8 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 # One OpenMP thread unless told otherwise: vLLM's engine and the trainer share this process, and
-# with more threads OpenMP spin-waits make every CPU op many times slower on a shared CPU (README,
-# "Tests and benchmarks"; torchrun sets the same default for several processes). Must precede `import torch`.
+# with more threads OpenMP spin-waits make every CPU op many times slower on a shared CPU (bench/README.md;
+# torchrun sets the same default for several processes). Must precede `import torch`.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402

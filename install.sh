@@ -4,7 +4,7 @@
 #
 # The installer is uv (pinned below; installed into .venv by pip), which downloads, unpacks and
 # compiles the packages on every core: the same packages at the same versions as pip, in less
-# time (`bash bench/installer.sh` runs both; README "Tests and benchmarks"). Where uv cannot be
+# time (`bash bench/installer.sh` runs both; bench/README.md). Where uv cannot be
 # installed (an offline machine whose package index lacks it) or fails, pip installs them.
 # MRT_INSTALLER=pip skips uv.
 set -euo pipefail

@@ -328,7 +328,7 @@ def resolve_eager(value: str | None, cuda: bool) -> bool:
     and compiled on CUDA) -> vLLM's enforce_eager. On CUDA compilation and CUDA graphs pay for
     their start; on CPU the compile adds seconds to every engine start, which the toy's runs
     (many engines, small calls) do not win back from its faster decoding; a long CPU job of
-    large calls may (`python bench/vllm_engine.py`, README "Tests and benchmarks")."""
+    large calls may (`python bench/vllm_engine.py`, bench/README.md)."""
     if value in (None, ""):
         return not cuda
     if value not in ("0", "1"):

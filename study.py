@@ -19,7 +19,7 @@ then the seeds are aggregated into RESULTS.md (mean and spread over seeds): pass
 matched token budgets, the token efficiency of MRT-B against each baseline (the paper's
 "30% / 38%" figures), information-gain means, regret, and the figures.
 
-Run (CPU, no network; builds the toy base model first if missing; README gives measured times):
+Run (CPU, no network; builds the toy base model first if missing; bench/README.md gives measured times):
     python study.py             # full: 3 seeds -> RESULTS.md, results/
     python study.py --quick     # 1 seed, smaller sizes -> runs/study/quick/RESULTS.md
     python study.py --seeds 0   # one seed
@@ -176,7 +176,7 @@ def stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
 
 
 def truth_stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
-    """The "Backtracking against ground truth" stages of one seed (issue 20):
+    """The "Backtracking against ground truth" stages of one seed:
       truth-forced   infogain.py on the base's and the warmstart's own backtrack traces, mu forced
       truth-rollout  the same traces (the files truth-forced wrote), mu rolling out (--mu-mode rollout)
       truth-grpo-*   grpo.py from the toy base: mrt with either meta-prover, and outcome-only
@@ -570,7 +570,7 @@ def restart_step_counts(rows: list[dict]) -> dict[str, int]:
 
 
 def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> list[str]:
-    """The "Backtracking against ground truth" section (issue 20) from the truth-* stages'
+    """The "Backtracking against ground truth" section from the truth-* stages'
     outputs that exist: the gain's discrimination per meta-prover, the RL table, the restart
     precision figure, the token-efficiency curves. [] when none exists."""
     lines = []

@@ -66,7 +66,7 @@ LONGEST_FIRST = ("test_real_shape.py", "test_grpo.py", "test_evaluate.py", "test
 """Modules run in this order, the rest after them in file order: the longest first (per-module
 sums of `pytest --durations=0`), so that under `-n auto --dist loadscope` the workers take the
 short modules last and finish together. xdist's own order (most tests first) sent the longest
-module out 11th of 14 (README, "Tests and benchmarks", has the times). A stale order only costs
+module out 11th of 14 (bench/README.md has the times). A stale order only costs
 time."""
 
 

@@ -531,8 +531,7 @@ def _metrics(out) -> list[dict]:
 # the loop must raise its own objective (training reward), the quantity a short run can show
 # above sampling noise. (Held-out accuracy after longer runs is measured by study.py: on fresh
 # problems each step, 24 steps at lr 1e-4 moved it less than its noise, about 0.035 per step.)
-# On a base that starts near 0.4 the reward rises for about 20 steps at lr 2e-4 (README, "Tests
-# and benchmarks"); 10 steps were too few for the first-3 / last-3 margin; lr 1e-3 collapsed an
+# On a base that starts near 0.4 the reward rises for about 20 steps at lr 2e-4 (bench/README.md); 10 steps were too few for the first-3 / last-3 margin; lr 1e-3 collapsed an
 # earlier base in one step. One run, under torchrun with two ranks (the main job's path): the
 # single-process loop is the same code at world size 1 (test_gradient_whole_equals_two_ranks;
 # test_kill_and_resume_matches_uninterrupted_run trains in one process).

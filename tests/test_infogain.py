@@ -424,7 +424,7 @@ def test_rollout_meta_prover_on_the_toy(toy_paths, toy_sampler):
     J = {k: mu.success_rates(c, golds, seed=utils.derive_seed(0, "rollout-test", k)) for k, c in ctx.items()}
     assert J["full"].mean() > 0.9 and J["wrong_full"].mean() < 0.1, J
     # 256 mu samples each: the binomial noise of the difference is about 0.02-0.04; how far apart
-    # the two are is the toy's skill after the cue, which varies by build (README: the toy's
+    # the two are is the toy's skill after the cue, which varies by build (docs/toy.md: the toy's
     # quality is a draw of float noise), so the margin is the noise, not a skill level
     assert J["fix"].mean() > J["after"].mean() + 0.04, J
     outs = toy_sampler.generate([utils.encode(tok, p) for p in ctx["prompt"]], n=8, temperature=1.0, max_tokens=160,

@@ -63,7 +63,7 @@ def real_model(toy_paths, tmp_path_factory):
 def easy(toy_paths, tmp_path_factory):
     """{'train', 'test'}: the toy splits' three-step problems. The realistic model is the toy
     base after a short fit to the chat template, right less often than the toy base and more
-    often on three-step problems (README, "What has run where"). The toy's float results differ
+    often on three-step problems (docs/scaling.md). The toy's float results differ
     between machines (MKL picks its kernels by CPU and splits the products by thread), so its
     quality does too; the tests that need a right sample take them from these problems, with
     enough samples (56 in the GRPO run, 64 in STaR) that none right is rare at the lowest rate

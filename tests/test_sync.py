@@ -1,6 +1,6 @@
 """sampling.Sampler on the toy model with the real vLLM engine (CPU) and the transformers
 fallback: agreement of the two backends, stop strings, n samples, seeded reproducibility,
-and the key proof of issue 2: after `sync_weights`, vLLM samples from the new weights, even
+and the key proof of the in-place sync: after `sync_weights`, vLLM samples from the new weights, even
 for a prompt whose KV blocks were cached under the old ones.
 
 It uses the session engine (`toy_sampler`, small KV blocks so a prompt spans several) and
