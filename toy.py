@@ -412,5 +412,7 @@ def default_model() -> tuple[str, dict]:
     return toy_paths["base"], toy_paths
 
 
-if __name__ == "__main__":
-    os.execv(sys.executable, [sys.executable, BUILD_FILE, *sys.argv[1:]])
+if __name__ == "__main__":  # the build is toy_pretrain.py's, run here as its own __main__ (it imports toy)
+    import runpy
+
+    runpy.run_path(BUILD_FILE, run_name="__main__")

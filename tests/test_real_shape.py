@@ -400,7 +400,7 @@ def test_export_loads_in_transformers_and_vllm(grpo_whole, real_model, toy_paths
     assert [(r["problem"], r["sample"]) for r in rows] == [(i, j) for i in range(4) for j in range(2)]
     for r in rows:
         assert r["gold"] == golds[r["problem"]] and 1 <= r["gen_tokens"] <= 64
-        assert r["correct"] == utils.grade(evaluate.last_episode(r["text"]), r["gold"]), r
+        assert r["correct"] == utils.grade(utils.last_episode(r["text"]), r["gold"]), r
     curve = json.load(open(out / "curves.json"))["runs"]["grpo"]["modes"]["parallel"]
     assert curve["pass"][0] == pytest.approx(sum(r["correct"] for r in rows) / 8)  # 2 samples of each problem
 

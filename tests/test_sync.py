@@ -299,5 +299,6 @@ def test_model_to_sync_is_read_on_the_host_in_the_engine_dtype(toy_paths, monkey
     assert m.device.type == "cpu" and {p.dtype for p in m.parameters()} == {torch.float32}
     assert {p.dtype for p in sampling.load_on_host(toy_paths["base"], "bf16").parameters()} == {torch.bfloat16}
     monkeypatch.setattr(utils, "has_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # an Ampere or newer GPU
     m = sampling.load_on_host(toy_paths["base"])
     assert m.device.type == "cpu" and {p.dtype for p in m.parameters()} == {torch.bfloat16}
