@@ -224,6 +224,13 @@ class Args:
     """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
     sleep_mode: str = "auto"
     """auto | on | off: vLLM sleep mode, the engine's weights and KV cache leave the GPU during each SFT (auto: on with CUDA; vLLM's CPU build has none)"""
+    reward: str = ""
+    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
+    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
+    grading site, the meta-prover's included (empty: utils.grade)"""
+    answer_from: str = ""
+    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
+    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
 
 
 def resolve_args(args: Args, world: int = 1) -> Args:
@@ -288,14 +295,15 @@ def continuation_cue(method: str, z0: str) -> str:
     return backtrack_cue(z0) + (" 1:" if method == "rise" else "")
 
 
-def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold: str) -> dict:
+def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold: str, reward: str = "",
+                       record: dict | None = None) -> dict:
     """Episodes and correctness of one continuation: {completion, episodes (or None), correct}.
     Correct means: it parses into z0/z1/z2, split where the cue was appended, and z2 alone is
     graded correct by infogain.sample_outcome (0 when cut at the token limit: the rule of every
-    stage)."""
+    stage; `reward` and `record` as sample_outcome's)."""
     completion = continuation_cue(method, z0) + text
     ep = split_continuation(z0, completion)
-    ok = ep is not None and sample_outcome(ep.z2, gold, finish_reason) == 1.0
+    ok = ep is not None and sample_outcome(ep.z2, gold, finish_reason, reward, record) == 1.0
     return {"completion": completion, "episodes": ep, "correct": ok}
 
 
@@ -315,7 +323,7 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
                                max_tokens=args.max_tokens, seed=seed)
         records = []
         for p, group in zip(problems, outs):
-            correct = [sample_outcome(s.text, p["answer"], s.finish_reason) == 1.0 for s in group]
+            correct = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record")) == 1.0 for s in group]
             kept = select_first_correct(correct)
             example = None if kept is None else {
                 "id": p["id"], "problem": p["problem"], "answer": p["answer"], "prompt": p["prompt"],
@@ -328,7 +336,8 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
     outs = sampler.generate([utils.encode(tok, p["prompt"] + c) for p, c in zip(problems, cues)], n=G,
                             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed,
                             logprobs=False)
-    parsed = [[parse_continuation(args.method, z0s[p["id"]], s.text, s.finish_reason, p["answer"]) for s in group]
+    parsed = [[parse_continuation(args.method, z0s[p["id"]], s.text, s.finish_reason, p["answer"],
+                                  args.reward, p.get("record")) for s in group]
               for p, group in zip(problems, outs)]
     # J(mu | q, z0) and J(mu | q, z0, z1_i) of the parsed continuations in one call; an unparsed
     # continuation has no backtrack episode: J after it is 0 (infogain.backtrack_gain), mu is not asked
@@ -388,7 +397,7 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
     if mine and args.method == "star":
         outs = sample_attempts(sampler, [p["prompt"] for p in mine], args.eval_samples, temperature=args.temperature,
                                top_p=args.top_p, max_tokens=args.max_tokens, seed=utils.derive_seed(seed, rank))
-        scores = [sample_outcome(s.text, p["answer"], s.finish_reason) for p, g in zip(mine, outs) for s in g]
+        scores = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record")) for p, g in zip(mine, outs) for s in g]
     elif mine:
         cues = [continuation_cue(args.method, z0s[p["id"]]) for p in mine]
         outs = sampler.generate([utils.encode(sampler.tokenizer, p["prompt"] + c) for p, c in zip(mine, cues)],
@@ -397,7 +406,7 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
         for p, c, g in zip(mine, cues, outs):
             for s in g:
                 ep = split_continuation(z0s[p["id"]], c + s.text)
-                scores.append(sample_outcome(ep.z2, p["answer"], s.finish_reason) if ep else 0.0)
+                scores.append(sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record")) if ep else 0.0)
     return float(np.mean([x for part in utils.all_gather(scores) for x in part]))
 
 
@@ -484,7 +493,9 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     budget = args.max_tokens + (args.max_tokens + 64 + mu_tokens if fmt == "backtrack" else 0)
     room = context_length(base_path, args) - budget
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
-                instruction=args.instruction, max_prompt_tokens=room, too_long="lower --max-tokens or raise --max-model-len")
+                instruction=args.instruction, max_prompt_tokens=room, too_long="lower --max-tokens or raise --max-model-len",
+                answer_from=args.answer_from, keep_record=bool(args.reward))
+    grade = utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     train = utils.load_problems(args.data or toy_paths["train"], limit=args.problems, **data)
     test = utils.load_problems(args.test_data or toy_paths["test"], limit=args.eval_problems, **data) if args.eval_problems else []
     utils.seed_everything(args.seed)
@@ -518,7 +529,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         train, test = [p for p in train if p["id"] in train_z0], [p for p in test if p["id"] in test_z0]
         utils.print0(f"sampled z0 of the base for {len(train)} train and {len(test)} held-out problems "
                      f"in {time.time() - t0:.0f}s (train accuracy "
-                     f"{np.mean([utils.grade(train_z0[p['id']], p['answer']) for p in train]):.3f}); dropped "
+                     f"{np.mean([grade(train_z0[p['id']], p['answer'], p.get('record')) for p in train]):.3f}); dropped "
                      f"{z0_dropped['train']} train and {z0_dropped['test']} held-out problems with no usable z0 in "
                      f"{Z0_TRIES} tries (cut at --max-tokens or no box)")
     if model_path != base_path:
@@ -530,7 +541,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     if fmt == "backtrack":
         mu_sampler = make_sampler(args.mu_model, **dict(engine_kw, sleep_mode="off")) if args.mu_model else sampler
         mu = MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, temperature=args.mu_temperature,
-                        max_tokens=args.mu_max_tokens, mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens)
+                        max_tokens=args.mu_max_tokens, mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens,
+                        reward=args.reward)
 
     eval_seed = utils.derive_seed(args.seed, "held-out")
     accuracy = [heldout_accuracy(sampler, test, test_z0, args, eval_seed)]
