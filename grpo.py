@@ -247,6 +247,12 @@ class Args:
     (they stay in their group's reward statistics)"""
 
 
+RESUME_FREE = ("out", "resume", "steps", "save_every", "report_to", "dtype", "gpu_memory_utilization", "sleep_mode",
+               "gradient_checkpointing")
+"""Arguments a --resume may change (--steps only upwards); any other differing from the
+checkpoint's is refused (training.check_resume_args): it would change what the run computes."""
+
+
 def resolve_args(args: Args, world: int) -> Args:
     """Fill the None fields from the preset and the variant; check and derive sizes."""
     if args.variant not in VARIANTS:
@@ -727,6 +733,10 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         default_path, toy_paths = utils.default_model()
         model_path = model_path or default_path
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
+    if args.resume:  # refused before anything loads when the arguments change the run's meaning
+        done = training.check_resume_args(os.path.join(out, "checkpoint"), args, RESUME_FREE)["step"]
+        if args.steps < done:
+            raise utils.UserError(f"--resume: --steps {args.steps} is below the checkpoint's step {done}", every_rank=True)
     utils.seed_everything(args.seed)
     utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world {world}, "
                  f"{args.prompts_per_step} prompts x {args.group_size} per rank per step, {args.steps} steps")
@@ -860,7 +870,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}", gap=f"{rec['logprob_gap']:.1e}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, data_position=position(step + 1),
-                                     args=dataclasses.asdict(args))
+                                     args=dataclasses.asdict(args),
+                                     card={"stage": "grpo", "variant": args.variant, "format": fmt, "base": model_path})
 
     # -- end: held-out accuracy, final model with its card --------------------------------------
     if test:

@@ -214,6 +214,12 @@ class Args:
     NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
 
 
+RESUME_FREE = ("out", "resume", "search_from", "plot", "plot_out", "save_every", "report_to", "dtype",
+               "gpu_memory_utilization", "sleep_mode", "gradient_checkpointing")
+"""Arguments a --resume may change; any other differing from the SFT checkpoint's is refused
+(training.check_resume_args): it would change what the run computes."""
+
+
 def resolve_args(args: Args, world: int = 1) -> Args:
     """Fill the None fields from the preset, check them, derive sizes."""
     if args.scheme not in SCHEMES:
@@ -520,7 +526,8 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
         logger.log(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total:
-            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, tokens=tokens_seen)
+            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, tokens=tokens_seen,
+                                     args=dataclasses.asdict(args), card=card)
     model.eval()
     training.save_pretrained(model, tok, model_dir)
     if utils.is_main():
@@ -661,6 +668,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         paths = toy.ensure_built()
         model_path, data_path = model_path or paths["base"], data_path or paths["train"]
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
+    if args.resume and training.has_checkpoint(os.path.join(out, "checkpoint")):  # before the search reruns
+        training.check_resume_args(os.path.join(out, "checkpoint"), args, RESUME_FREE)
     problems = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems,
                                    answer_from=args.answer_from, keep_record=bool(args.reward))
     utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
