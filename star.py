@@ -85,14 +85,19 @@ Decisions / departures from the paper (it publishes no code for this algorithm):
   correct and r_i > r0, and a backtrack episode's mean gain there is negative (RESULTS.md,
   from `python study.py`, has the kept fractions and accuracies of every method).
   tests/test_star.py also checks the filter end to end with scripted samples.
-- No resume: an interrupted run starts again (each iteration's SFT checkpoint is deleted
-  once its model is saved).
+- --resume continues at an iteration boundary: the iterations logged in iterations.jsonl
+  (with their data_iter<k>.jsonl) are skipped, their kept examples reread, and the engine
+  loads model/ (the last finished iteration's SFT, redone from the same data and seed when a
+  kill left model/ from another iteration); z0 is resampled from the base with the same seeds.
+  An iteration interrupted midway starts again (its SFT checkpoint is deleted once its model
+  is saved). With the same arguments it ends as an uninterrupted run does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import math
 import os
 import shutil
@@ -106,6 +111,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 import sampling  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
 import warmstart  # noqa: E402
 from infogain import (MU_MODES, Z0_TRIES, MetaProver, backtrack_cue, backtrack_gain, make_sampler,  # noqa: E402
@@ -231,6 +237,8 @@ class Args:
     answer_from: str = ""
     """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
     NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
+    resume: bool = False
+    """continue the run in --out after its last finished iteration (same arguments; --iterations may be raised)"""
 
 
 def resolve_args(args: Args, world: int = 1) -> Args:
@@ -266,6 +274,27 @@ def resolve_args(args: Args, world: int = 1) -> Args:
 # --------------------------------------------------------------------------------------
 # The filter (pure functions)
 # --------------------------------------------------------------------------------------
+
+
+RESUME_FREE = ("out", "resume", "iterations", "save_every", "report_to", "dtype", "gpu_memory_utilization", "sleep_mode",
+               "gradient_checkpointing", "max_model_len")
+"""Arguments a --resume may change (--iterations may be raised); any other differing from the
+run's <out>/args.json is refused (training.resume_mismatch): it would change what the run computes."""
+
+
+def finished_iterations(out: str) -> tuple[list[dict], list[dict]]:
+    """(records, kept examples) of the iterations a run in `out` finished: the records of
+    iterations.jsonl numbered 1, 2, ... in order whose data_iter<k>.jsonl exists, and the
+    examples of those files in iteration order (the accumulated SFT data)."""
+    path = os.path.join(out, "iterations.jsonl")
+    history, examples = [], []
+    for rec in utils.read_records(path) if os.path.isfile(path) else []:
+        data = os.path.join(out, f"data_iter{len(history) + 1}.jsonl")
+        if rec.get("iteration") != len(history) + 1 or not os.path.isfile(data):
+            break
+        history.append(rec)
+        examples += utils.read_records(data)
+    return history, examples
 
 
 def select_continuation(r0: float, rewards, correct, min_gain: float | None = None) -> int | None:
@@ -488,6 +517,13 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
     for path in dict.fromkeys(p for p in (model_path, base_path, args.mu_model) if p):
         utils.load_tokenizer(path)  # a missing or unloadable model is a one-line error
+    args_path, own_args = os.path.join(out, "args.json"), json.loads(json.dumps(dataclasses.asdict(args)))
+    history, accumulated = finished_iterations(out) if args.resume else ([], [])
+    if args.resume and os.path.isfile(args_path):
+        diff = training.resume_mismatch(json.load(open(args_path)), own_args, RESUME_FREE)
+        if diff:
+            raise utils.UserError(f"--resume: {out} was run with other arguments: {', '.join(diff)}; "
+                                  f"give the run's values or a new --out", every_rank=True)
     tok = utils.load_tokenizer(base_path)
     mu_tokens = args.mu_rollout_tokens if args.mu_mode == "rollout" else args.mu_max_tokens
     budget = args.max_tokens + (args.max_tokens + 64 + mu_tokens if fmt == "backtrack" else 0)
@@ -545,15 +581,46 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
                         reward=args.reward)
 
     eval_seed = utils.derive_seed(args.seed, "held-out")
-    accuracy = [heldout_accuracy(sampler, test, test_z0, args, eval_seed)]
+    accuracy = [history[0]["accuracy_before"] if history else heldout_accuracy(sampler, test, test_z0, args, eval_seed)]
     if test:
         utils.print0(f"held-out accuracy of the starting model: {accuracy[0]:.4f} ({len(test)} x {args.eval_samples})")
+    if utils.is_main():
+        utils.write_json(args_path, own_args)
+
+    def finetune(k: int, rec: dict) -> None:  # SFT of the base on everything kept so far; the engine gets it
+        log_path = os.path.join(out, f"sft_iter{k}.jsonl")
+        card = {"stage": "star", "method": args.method, "variant": args.method, "format": fmt, "base": base_path,
+                "start": model_path, "iteration": k, "examples": len(accumulated), "args": dataclasses.asdict(args)}
+        ckpt = os.path.join(out, f".sft_iter{k}")
+        # the engine sleeps through the SFT (--sleep-mode); the next iteration (and mu) sample from the new model
+        sampling.update_asleep(sampler, lambda: warmstart.sft(
+            base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
+            dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
+            log_path=log_path, ckpt_path=ckpt, card=card, log_extra={"method": args.method, "iteration": k}))
+        gc.collect()
+        if utils.is_main() and os.path.exists(ckpt):
+            shutil.rmtree(ckpt)
+        if utils.is_main():
+            losses = [r["loss"] for r in utils.read_records(log_path, ["loss"])]
+            rec.update(sft_steps=len(losses), sft_loss_first=losses[0], sft_loss_last=losses[-1])
+
+    # ---- resume: the finished iterations' model in the engine (their data is `accumulated`) ---
+    done, model_saved = len(history), bool(history) and bool(accumulated)
+    accuracy += [r["accuracy_after"] for r in history]
+    if model_saved:
+        card_path = os.path.join(out, "model", "mrt.json")
+        card = json.load(open(card_path)) if os.path.isfile(card_path) else {}
+        if card.get("iteration") == done and card.get("examples") == len(accumulated):
+            sampler.sync_weights(sampling.load_on_host(os.path.join(out, "model"), args.dtype))
+        else:  # killed after the next iteration's SFT wrote model/: iteration `done`'s SFT again (same data, seed)
+            finetune(done, {})
+    if done:
+        utils.print0(f"resumed {out} after iteration {done} ({len(accumulated)} examples kept so far)")
 
     # ---- iterations: sample -> filter -> SFT the base on everything kept -> sync ------------
-    logger = utils.JsonlLogger(os.path.join(out, "iterations.jsonl"), report_to=args.report_to,
-                               config=dataclasses.asdict(args))
-    accumulated, history, model_saved = [], [], False
-    for k in range(1, args.iterations + 1):
+    logger = utils.JsonlLogger(os.path.join(out, "iterations.jsonl"), resume_step=done if args.resume else None,
+                               report_to=args.report_to, config=dataclasses.asdict(args))
+    for k in range(done + 1, args.iterations + 1):
         t0 = time.time()
         records = collect(sampler, mu, train, train_z0, args, k)
         kept = [dict(r["example"], iteration=k) for r in records if r["example"] is not None]
@@ -567,23 +634,9 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
                       if fmt == "backtrack" else "") + f", {len(accumulated)} examples in all")
 
         t0 = time.time()
-        log_path = os.path.join(out, f"sft_iter{k}.jsonl")
         if accumulated:
-            card = {"stage": "star", "method": args.method, "variant": args.method, "format": fmt, "base": base_path,
-                    "start": model_path, "iteration": k, "examples": len(accumulated), "args": dataclasses.asdict(args)}
-            ckpt = os.path.join(out, f".sft_iter{k}")
-            # the engine sleeps through the SFT (--sleep-mode); the next iteration (and mu) sample from the new model
-            sampling.update_asleep(sampler, lambda: warmstart.sft(
-                base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
-                dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
-                log_path=log_path, ckpt_path=ckpt, card=card, log_extra={"method": args.method, "iteration": k}))
-            gc.collect()
+            finetune(k, rec)
             model_saved = True
-            if utils.is_main() and os.path.exists(ckpt):
-                shutil.rmtree(ckpt)
-            if utils.is_main():
-                losses = [r["loss"] for r in utils.read_records(log_path, ["loss"])]
-                rec.update(sft_steps=len(losses), sft_loss_first=losses[0], sft_loss_last=losses[-1])
         else:
             utils.print0(f"iteration {k}: nothing kept so far, no fine-tuning (the model stays as it is)")
         rec["seconds_sft"] = round(time.time() - t0, 1)
