@@ -24,18 +24,20 @@ import utils  # noqa: E402
 import warmstart  # noqa: E402
 from conftest import WARMSTART_SMALL  # noqa: E402
 
-REWARDS = textwrap.dedent('''
+REWARDS = textwrap.dedent(r'''
     import re
 
     def exact(text, gold, record):
         """1 when the last box holds exactly the gold string (no math equivalence)."""
-        boxes = re.findall(r"\\\\boxed\\{([^{}]*)\\}", text)
+        boxes = re.findall(r"\\boxed\{([^{}]*)\}", text)
         return 1.0 if boxes and boxes[-1] == gold else 0.0
 
     def parity(text, gold, record):
-        """1 for an even-length completion; fails on a record without the data file's fields."""
+        """1 for an even number in the last box, right or wrong; fails on a record without the
+        data file's fields."""
         assert "problem" in record and "answer" in record, record
-        return float(len(text) % 2 == 0)
+        boxes = re.findall(r"\\boxed\{(-?\d+)\}", text)
+        return float(bool(boxes) and int(boxes[-1]) % 2 == 0)
 
     def word(text, gold, record):
         return "yes"
@@ -99,9 +101,9 @@ def test_reward_value_must_be_a_number_in_0_1(name, shown, reward_file):
 def test_sample_outcome_uses_the_reward_and_still_zeroes_a_cut_sample(reward_file):
     spec = f"{reward_file}:parity"
     record = {"problem": "p", "answer": "3"}
-    assert infogain.sample_outcome("ab", "3", "stop", spec, record) == 1.0
-    assert infogain.sample_outcome("abc", "3", "stop", spec, record) == 0.0
-    assert infogain.sample_outcome("ab", "3", "length", spec, record) == 0.0
+    assert infogain.sample_outcome("\\boxed{4}", "3", "stop", spec, record) == 1.0
+    assert infogain.sample_outcome("\\boxed{3}", "3", "stop", spec, record) == 0.0
+    assert infogain.sample_outcome("\\boxed{4}", "3", "length", spec, record) == 0.0
     assert infogain.sample_outcome("\\boxed{3}", "3", "stop") == 1.0  # default grader
 
 
@@ -231,7 +233,9 @@ def reward_run(toy_sampler, toy_paths, tmp_path_factory):
 def test_grpo_trains_on_the_custom_reward(reward_run):
     samples = [json.loads(line) for line in open(reward_run["out"] / "samples.jsonl")]
     done = [(c["text"], c["outcome"]) for s in samples for c in s["completions"]]
-    assert done and all(o == 0.0 for t, o in done if len(t) % 2)  # odd length: parity gives 0
+    last = [re.findall(r"\\boxed\{(-?\d+)\}", t)[-1:] for t, _ in done]
+    even = [float(bool(b) and int(b[0]) % 2 == 0) for b in last]
+    assert done and all(o in (e, 0.0) for (_, o), e in zip(done, even))  # 0 also when cut at --max-tokens
     assert any(o == 1.0 for _, o in done)
     math = [utils.grade(c["text"], s["gold"]) for s in samples for c in s["completions"]]
     assert [o for _, o in done] != math, "the math grader would give the same outcomes: the test proves nothing"
