@@ -298,34 +298,42 @@ def test_warmstart_resume_refuses_other_arguments(toy_warmstart, toy_paths):
 # --------------------------------------------------------------------------------------
 
 
-def test_star_resume_after_an_iteration_equals_the_whole_run(toy_sampler, toy_paths, tmp_path):
+def test_star_resume_after_an_iteration_equals_the_whole_run(toy_sampler, toy_paths, tmp_path, capsys):
     """STaR at its smallest real size: 2 iterations in one go vs 1 iteration, then --resume with
-    --iterations 2 (the first iteration is skipped, its model reloaded). Same data, model, log."""
+    --iterations 2 (the first iteration skipped, its model reloaded). Same data, model, log. Then
+    a kill between iteration 2's SFT and its log line (model/ is iteration 2's, the log ends at
+    1): the resume redoes iteration 1's SFT and ends the same again."""
     from safetensors.torch import load_file
 
     cfg = dict(model=toy_paths["base"], data=toy_paths["train"], test_data=toy_paths["test"], preset="toy",
                method="star", problems=24, group_size=2, max_tokens=96, eval_problems=8, eval_samples=2, epochs=3,
                batch_size=4, micro_batch_size=4, lr=1e-3, seed=2)
     whole, cut = tmp_path / "whole", tmp_path / "cut"
+    timeless = lambda p: [{k: v for k, v in json.loads(line).items() if not k.startswith("seconds")}  # noqa: E731
+                          for line in open(p)]
+
+    def same_as_whole(b):
+        assert a["examples"] > 0 and a["examples"] == b["examples"] and a["accuracy"] == b["accuracy"]
+        for k in (1, 2):
+            assert open(whole / f"data_iter{k}.jsonl").read() == open(cut / f"data_iter{k}.jsonl").read()
+        assert timeless(whole / "iterations.jsonl") == timeless(cut / "iterations.jsonl")
+        wa, wb = load_file(whole / "model" / "model.safetensors"), load_file(cut / "model" / "model.safetensors")
+        assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
     try:
         a = star.main(star.Args(out=str(whole), iterations=2, **cfg), sampler=toy_sampler)
         star.main(star.Args(out=str(cut), iterations=1, **cfg), sampler=toy_sampler)
         with pytest.raises(utils.UserError, match=r"--resume: .* other arguments: --lr 0\.002 \(checkpoint: 0\.001\)"):
             star.main(star.Args(out=str(cut), iterations=2, resume=True, **dict(cfg, lr=2e-3)), sampler=toy_sampler)
         toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))  # as a fresh process holds
-        b = star.main(star.Args(out=str(cut), iterations=2, resume=True, **cfg), sampler=toy_sampler)
+        capsys.readouterr()
+        same_as_whole(star.main(star.Args(out=str(cut), iterations=2, resume=True, **cfg), sampler=toy_sampler))
+        assert f"resumed {cut} after iteration 1" in capsys.readouterr().out
+
+        lines = open(cut / "iterations.jsonl").readlines()
+        (cut / "iterations.jsonl").write_text(lines[0])
+        history, kept = star.finished_iterations(str(cut))
+        assert len(history) == 1 and len(kept) == len(open(cut / "data_iter1.jsonl").readlines())
+        same_as_whole(star.main(star.Args(out=str(cut), iterations=2, resume=True, **cfg), sampler=toy_sampler))
     finally:
         toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
-    assert a["examples"] > 0 and a["examples"] == b["examples"] and a["accuracy"] == b["accuracy"]
-    for k in (1, 2):
-        assert open(whole / f"data_iter{k}.jsonl").read() == open(cut / f"data_iter{k}.jsonl").read()
-    timeless = lambda p: [{k: v for k, v in json.loads(line).items() if not k.startswith("seconds")}  # noqa: E731
-                          for line in open(p)]
-    assert timeless(whole / "iterations.jsonl") == timeless(cut / "iterations.jsonl")
-    wa, wb = load_file(whole / "model" / "model.safetensors"), load_file(cut / "model" / "model.safetensors")
-    assert all(torch.equal(wa[k], wb[k]) for k in wa)
-    # a kill between iteration 2's SFT and its log line: model/ is iteration 2's, the log ends at 1
-    lines = open(cut / "iterations.jsonl").readlines()
-    (cut / "iterations.jsonl").write_text(lines[0])
-    history, kept = star.finished_iterations(str(cut))
-    assert len(history) == 1 and len(kept) == len(open(cut / "data_iter1.jsonl").readlines())
