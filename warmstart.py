@@ -214,10 +214,11 @@ class Args:
     NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
 
 
-RESUME_FREE = ("out", "resume", "search_from", "plot", "plot_out", "save_every", "report_to", "dtype",
+RESUME_FREE = ("out", "resume", "search_from", "plot", "plot_out", "epochs", "save_every", "report_to", "dtype",
                "gpu_memory_utilization", "sleep_mode", "gradient_checkpointing")
-"""Arguments a --resume may change; any other differing from the SFT checkpoint's is refused
-(training.check_resume_args): it would change what the run computes."""
+"""Arguments a --resume may change (--epochs to train on for more epochs); any other differing
+from the SFT checkpoint's is refused (training.check_resume_args): it would change what the run
+computes."""
 
 
 def resolve_args(args: Args, world: int = 1) -> Args:

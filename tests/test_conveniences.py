@@ -287,9 +287,9 @@ def test_resume_mismatch_by_hand():
 
 def test_warmstart_resume_refuses_other_arguments(toy_warmstart, toy_paths):
     args = warmstart.Args(model=toy_paths["base"], data=toy_paths["train"], out=toy_warmstart["dir"], resume=True,
-                          **dict(WARMSTART_SMALL, lr=5e-4, epochs=7))
+                          **dict(WARMSTART_SMALL, lr=5e-4, beam_width=3, epochs=7))  # more epochs: allowed
     with pytest.raises(utils.UserError, match=r"^--resume: .*checkpoint was written with other arguments: "
-                                              r"--lr 0\.0005 \(checkpoint: 0\.001\), --epochs 7 \(checkpoint: 6\); "):
+                                              r"--beam-width 3 \(checkpoint: 2\), --lr 0\.0005 \(checkpoint: 0\.001\); "):
         warmstart.main(args)
 
 
