@@ -381,7 +381,8 @@ def run_parallel(sampler, prompt_ids, records, args: Args, ids: list[int]) -> li
     rows = []
     for i, group, rec in zip(ids, outs, records):
         for j, s in enumerate(group):
-            rows.append({"problem": i, "sample": j, "gold": rec["answer"], **graded(s.text, rec["answer"], args.reward, rec.get("record")),
+            rows.append({"problem": i, "sample": j, "gold": rec["answer"],
+                         **graded(s.text, rec["answer"], args.reward, rec.get("record")),
                          "gen_tokens": s.num_tokens, "context_tokens": s.prompt_tokens,
                          "finish_reason": s.finish_reason, "text": s.text})
     return rows
@@ -412,7 +413,8 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int, ids: 
             s = group[0]
             new = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
             transcripts[k] += (cue if r else []) + list(new)
-            rows.append({"problem": i, "round": r + 1, "gold": rec["answer"], **graded(s.text, rec["answer"], args.reward, rec.get("record")),
+            rows.append({"problem": i, "round": r + 1, "gold": rec["answer"],
+                         **graded(s.text, rec["answer"], args.reward, rec.get("record")),
                          "gen_tokens": s.num_tokens, "context_tokens": len(ctx),
                          "window_tokens": len(ctx) - len(prompt_ids[k]) - (len(cue) if r else 0),
                          "finish_reason": s.finish_reason, "text": s.text})

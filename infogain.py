@@ -541,7 +541,8 @@ def sample_traces(sampler: sampling.Sampler, records: list[dict], args: Args) ->
                 continue
             rows.append({"id": f"{i}-{j}", "problem": records[i]["problem"], "answer": records[i]["answer"],
                          "completion": completion, "episodes": ep, "where": f"sampled {i}-{j}",
-                         "finish_reason": s.finish_reason, **({"record": records[i]["record"]} if "record" in records[i] else {})})
+                         "finish_reason": s.finish_reason,
+                         **({"record": records[i]["record"]} if "record" in records[i] else {})})
     return rows, skipped, len(dropped)
 
 

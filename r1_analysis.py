@@ -464,7 +464,8 @@ def read_traces(args: Args) -> list[dict]:
         problem, answer, trace = (r[names[k]] for k in ("problem", "answer", "trace"))
         if not isinstance(problem, str) or not isinstance(trace, str):
             raise utils.UserError(f"{where}: fields {args.problem_field!r} and {args.trace_field!r} must be strings")
-        rows.append({"id": r.get(args.id_field, line), "problem": problem, "answer": utils.gold_answer(r, args.answer_field, args.answer_from, where),
+        rows.append({"id": r.get(args.id_field, line), "problem": problem,
+                     "answer": utils.gold_answer(r, args.answer_field, args.answer_from, where),
                      "trace": trace, "where": where})
     rows = rows[: args.problems] if args.problems else rows
     if not rows:

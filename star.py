@@ -352,7 +352,8 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
                                max_tokens=args.max_tokens, seed=seed)
         records = []
         for p, group in zip(problems, outs):
-            correct = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record")) == 1.0 for s in group]
+            correct = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record")) == 1.0
+                       for s in group]
             kept = select_first_correct(correct)
             example = None if kept is None else {
                 "id": p["id"], "problem": p["problem"], "answer": p["answer"], "prompt": p["prompt"],
@@ -426,7 +427,8 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
     if mine and args.method == "star":
         outs = sample_attempts(sampler, [p["prompt"] for p in mine], args.eval_samples, temperature=args.temperature,
                                top_p=args.top_p, max_tokens=args.max_tokens, seed=utils.derive_seed(seed, rank))
-        scores = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record")) for p, g in zip(mine, outs) for s in g]
+        scores = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                  for p, g in zip(mine, outs) for s in g]
     elif mine:
         cues = [continuation_cue(args.method, z0s[p["id"]]) for p in mine]
         outs = sampler.generate([utils.encode(sampler.tokenizer, p["prompt"] + c) for p, c in zip(mine, cues)],
@@ -435,7 +437,8 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
         for p, c, g in zip(mine, cues, outs):
             for s in g:
                 ep = split_continuation(z0s[p["id"]], c + s.text)
-                scores.append(sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record")) if ep else 0.0)
+                scores.append(sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                              if ep else 0.0)
     return float(np.mean([x for part in utils.all_gather(scores) for x in part]))
 
 

@@ -701,8 +701,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     # ---- traces ----------------------------------------------------------------------------
     traces, mixed = [], []
     for i, r in enumerate(records):
-        own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter, utils.derive_seed(args.seed, "traces", i),
-                           args.reward)
+        own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter,
+                           utils.derive_seed(args.seed, "traces", i), args.reward)
         traces += own
         if args.scheme != "rejection" and args.direct_mix > 0:
             mixed += direct_mixin(r, len(own), args.direct_mix, args.step_delimiter, utils.derive_seed(args.seed, "traces", i))

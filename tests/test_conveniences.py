@@ -149,8 +149,9 @@ def test_answer_from_takes_the_last_box_of_the_solution(tmp_path):
 @pytest.mark.parametrize("solution", ["no box at all", "cut \\boxed{12", ""])
 def test_answer_from_without_a_box_names_file_and_line(tmp_path, solution):
     path = _jsonl(tmp_path / "numina.jsonl", [NUMINA[0], {"problem": "q", "solution": solution}])
-    with pytest.raises(utils.UserError, match=rf"^{re.escape(str(tmp_path))}/numina\.jsonl:2: field 'solution' holds no complete "
-                                              rf"\\boxed\{{\}} answer \(--answer-from\)$"):
+    where = re.escape(str(tmp_path / "numina.jsonl"))
+    with pytest.raises(utils.UserError, match=rf"^{where}:2: field 'solution' holds no complete \\boxed\{{\}} answer "
+                                              rf"\(--answer-from\)$"):
         utils.load_problems(path, answer_from="solution")
     with pytest.raises(utils.UserError, match=r"numina\.jsonl:1: missing field 'sol'$"):
         utils.load_problems(path, answer_from="sol")
@@ -249,7 +250,8 @@ def test_export_of_the_checkpoint_equals_the_runs_model(reward_run, toy_paths, t
     card = training.export_checkpoint(str(reward_run["out"] / "checkpoint"), toy_paths["base"], str(out))
     a, b = load_file(out / "model.safetensors"), load_file(reward_run["out"] / "model" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert not all(torch.equal(a[k], v) for k, v in load_file(os.path.join(toy_paths["base"], "model.safetensors")).items())
+    base = load_file(os.path.join(toy_paths["base"], "model.safetensors"))
+    assert not all(torch.equal(a[k], v) for k, v in base.items())  # the run trained: the comparison means something
     assert card["step"] == 2 and card["format"] == "direct" and card["args"]["reward"].endswith(":parity")
     assert json.load(open(out / "mrt.json")) == card
     assert os.path.exists(out / "tokenizer.json") or os.path.exists(out / "tokenizer_config.json")
