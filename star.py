@@ -40,6 +40,7 @@ Run (the toy task is the default; each command runs in a few minutes on 2 CPU co
     python star.py --method star           # plain STaR  -> runs/star/star
     python star.py --method rise           # RISE        -> runs/star/rise
     torchrun --nproc_per_node 2 star.py    # 2 ranks: problems split, SFT batches split (FSDP2)
+    python star.py --resume --iterations 3 # continue runs/star/mrt after its last finished iteration
     torchrun --nproc_per_node 8 star.py --model runs/warmstart/model --data train.jsonl \\
         --test-data test.jsonl --preset paper --gradient-checkpointing     # Table 1, 8 GPUs
 The starting model (--model) defaults to runs/warmstart/model when warmstart.py fine-tuned it
@@ -53,8 +54,8 @@ kept index, its gain), sft_iter{k}.jsonl (SFT loss per step of iteration k), ite
 (per iteration: kept fraction, the fraction each reading of the filter would keep, gain > 0
 and gain >= 0, the share of continuations that parse and that do not, mean gain r_i - r0 of
 kept vs discarded continuations, held-out accuracy before and after, SFT losses, timings),
-model/ (the latest fine-tuned model, HF checkpoint + mrt.json with "format"), summary.json
-(with z0_dropped: the train and held-out problems dropped for want of a usable z0; z0.jsonl
+model/ (the latest fine-tuned model, HF checkpoint + mrt.json with "format"), args.json (the
+run's arguments, checked by --resume), summary.json (with z0_dropped: the train and held-out problems dropped for want of a usable z0; z0.jsonl
 marks them "dropped" and holds their last try).
 
 Decisions / departures from the paper (it publishes no code for this algorithm):
