@@ -112,7 +112,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 import sampling  # noqa: E402
-import training  # noqa: E402
 import utils  # noqa: E402
 import warmstart  # noqa: E402
 from infogain import (MU_MODES, Z0_TRIES, MetaProver, backtrack_cue, backtrack_gain, make_sampler,  # noqa: E402
@@ -280,7 +279,7 @@ def resolve_args(args: Args, world: int = 1) -> Args:
 RESUME_FREE = ("out", "resume", "iterations", "save_every", "report_to", "dtype", "gpu_memory_utilization", "sleep_mode",
                "gradient_checkpointing", "max_model_len")
 """Arguments a --resume may change (--iterations may be raised); any other differing from the
-run's <out>/args.json is refused (training.resume_mismatch): it would change what the run computes."""
+run's <out>/args.json is refused (utils.resume_mismatch): it would change what the run computes."""
 
 
 def finished_iterations(out: str) -> tuple[list[dict], list[dict]]:
@@ -524,7 +523,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     args_path, own_args = os.path.join(out, "args.json"), json.loads(json.dumps(dataclasses.asdict(args)))
     history, accumulated = finished_iterations(out) if args.resume else ([], [])
     if args.resume and os.path.isfile(args_path):
-        diff = training.resume_mismatch(json.load(open(args_path)), own_args, RESUME_FREE)
+        diff = utils.resume_mismatch(json.load(open(args_path)), own_args, RESUME_FREE)
         if diff:
             raise utils.UserError(f"--resume: {out} was run with other arguments: {', '.join(diff)}; "
                                   f"give the run's values or a new --out", every_rank=True)

@@ -587,24 +587,14 @@ def checkpoint_extra(path: str) -> dict:
     return {**meta["extra"], "world_size": meta["world_size"]}
 
 
-def resume_mismatch(saved: dict, current: dict, free: Sequence[str] = ()) -> list[str]:
-    """The flags whose values differ between a checkpoint's arguments (`saved`, the run's
-    dataclasses.asdict as save_checkpoint stored it under "args") and this call's, as
-    "--flag-name <now> (checkpoint: <then>)", in field order; fields in `free` (those that
-    do not change what the run computes: output folder, logging, memory settings, ...) and
-    fields the checkpoint does not know are left out."""
-    return [f"--{k.replace('_', '-')} {v!r} (checkpoint: {saved[k]!r})" for k, v in current.items()
-            if k not in free and k in saved and saved[k] != v]
-
-
 def check_resume_args(path: str, args, free: Sequence[str] = ()) -> dict:
     """Refuse, in one line naming the differing flags, to resume the checkpoint under `path`
-    with arguments that change the run's meaning (resume_mismatch on its stored "args"; a
+    with arguments that change the run's meaning (utils.resume_mismatch on its stored "args"; a
     checkpoint written without them is not checked). Returns the checkpoint's extra fields."""
     import dataclasses
 
     extra = checkpoint_extra(path)
-    diff = resume_mismatch(extra.get("args") or {}, dataclasses.asdict(args), free)
+    diff = utils.resume_mismatch(extra.get("args") or {}, dataclasses.asdict(args), free)
     if diff:
         raise utils.UserError(f"--resume: {path} was written with other arguments: {', '.join(diff)}; "
                               f"give the checkpoint's values or a new --out", every_rank=True)

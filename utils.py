@@ -152,6 +152,16 @@ def stage_instruction(given: str | None, model_path: str) -> str:
     return DEFAULT_INSTRUCTION
 
 
+def resume_mismatch(saved: dict, current: dict, free: Sequence[str] = ()) -> list[str]:
+    """The flags whose values differ between a run's stored arguments (`saved`: its
+    dataclasses.asdict, e.g. under "args" in training.save_checkpoint's extra) and this call's, as
+    "--flag-name <now> (checkpoint: <then>)", in field order; fields in `free` (those that
+    do not change what the run computes: output folder, logging, memory settings, ...) and
+    fields the checkpoint does not know are left out."""
+    return [f"--{k.replace('_', '-')} {v!r} (checkpoint: {saved[k]!r})" for k, v in current.items()
+            if k not in free and k in saved and saved[k] != v]
+
+
 # --------------------------------------------------------------------------------------
 # Data I/O: validated reading, atomic writing
 # --------------------------------------------------------------------------------------

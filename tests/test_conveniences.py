@@ -283,7 +283,7 @@ def test_grpo_resume_refuses_other_arguments(reward_run):
 
 def test_resume_mismatch_by_hand():
     saved = {"model": "a", "lr": 1e-3, "out": "x", "steps": 4}
-    assert training.resume_mismatch(saved, {"model": "b", "lr": 1e-3, "out": "y", "steps": 9, "new": 1},
+    assert utils.resume_mismatch(saved, {"model": "b", "lr": 1e-3, "out": "y", "steps": 9, "new": 1},
                                     free=("out", "steps")) == ["--model 'b' (checkpoint: 'a')"]
 
 
