@@ -125,6 +125,13 @@ class Args:
     """fraction of GPU memory each engine may take (0: 0.85 split over the engines this process
     holds at once: one in a plain run, which frees each before the next; under torchrun, where
     every model's engine stays up, one per model)"""
+    reward: str = ""
+    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
+    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
+    grading site, the meta-prover's included (empty: utils.grade)"""
+    answer_from: str = ""
+    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
+    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
 
 
 # --------------------------------------------------------------------------------------
@@ -150,7 +157,7 @@ def _equal(pred: str, gold: str) -> bool:
     return utils.grade("\\boxed{" + pred + "}", gold) == 1.0
 
 
-def cluster_answers(answers, gold) -> tuple[list[int], list[bool], int]:
+def cluster_answers(answers, gold, right: set | None = None) -> tuple[list[int], list[bool], int]:
     """Group answers that the grader calls equal. Returns (cluster sizes, cluster correct
     flags, number of unparsable answers).
 
@@ -160,15 +167,18 @@ def cluster_answers(answers, gold) -> tuple[list[int], list[bool], int]:
     are grouped greedily: distinct strings in order of (count descending, string), each joins
     the first cluster whose representative it equals under `utils.grade` in either direction
     ("\\frac{1}{2}" and "0.5" are one answer), else it starts a cluster. The order depends only
-    on the multiset of answers, so the result never depends on sample order."""
+    on the multiset of answers, so the result never depends on sample order. With `right` (the
+    answers whose samples a custom --reward graded 1), the correct cluster is those answers
+    instead of the ones `utils.grade` accepts against gold."""
     n_none = sum(1 for a in answers if a is None or not str(a).strip())
     counts = Counter(str(a).strip() for a in answers if a is not None and str(a).strip())
     order = sorted(counts, key=lambda a: (-counts[a], a))
     gold = str(gold).strip()
-    n_correct = sum(counts[a] for a in order if _equal(a, gold))
+    is_right = (lambda a: _equal(a, gold)) if right is None else (lambda a: a in right)  # noqa: E731
+    n_correct = sum(counts[a] for a in order if is_right(a))
     reps, sizes = [], []
     for a in order:
-        if _equal(a, gold):
+        if is_right(a):
             continue
         for i, r in enumerate(reps):
             if _equal(a, r) or _equal(r, a):
@@ -224,14 +234,14 @@ def majority_curve(counts, correct, n_none: int = 0) -> np.ndarray:
     return np.array([float(fractions.Fraction(num[k], L * math.comb(n, k))) for k in range(1, n + 1)])
 
 
-def maj_at_k(answers, gold, k: int) -> float:
+def maj_at_k(answers, gold, k: int, right: set | None = None) -> float:
     """Expected accuracy of a majority vote over k answers drawn without replacement from
     `answers` (extracted answers; None = unparsable, never wins), grader-equal answers counted
-    as one (see cluster_answers), ties splitting the credit evenly. Independent of order."""
+    as one (see cluster_answers, and its `right`), ties splitting the credit evenly. Independent of order."""
     n = len(answers)
     if not 1 <= k <= n:
         raise ValueError(f"maj_at_k: need 1 <= k <= n, got k={k}, n={n}")
-    counts, correct, n_none = cluster_answers(answers, gold)
+    counts, correct, n_none = cluster_answers(answers, gold, right)
     if k == n:  # the vote of all answers: deterministic
         if not counts:
             return 0.0
@@ -326,10 +336,13 @@ def final_answer(text: str) -> str | None:
     return utils.extract_boxed(utils.last_episode(text)) or None
 
 
-def graded(text: str, gold: str) -> dict:
-    """Per-sample fields of one generation: its answer, 0/1 grade (utils.grade on the last
-    episode) and the number of backtrack markers it wrote."""
-    return {"answer": final_answer(text), "correct": utils.grade(utils.last_episode(text), gold),
+def graded(text: str, gold: str, reward: str = "", record: dict | None = None) -> dict:
+    """Per-sample fields of one generation: its answer, 0/1 grade (the run's grader,
+    utils.make_grader(reward), on the last episode; a custom reward's value counts as correct
+    only when it is 1, since pass@k and maj@k need 0/1 outcomes) and the number of backtrack
+    markers it wrote."""
+    value = utils.make_grader(reward)(utils.last_episode(text), gold, record)
+    return {"answer": final_answer(text), "correct": value if not reward else float(value == 1.0),
             "backtracks": text.count(utils.BACKTRACK_MARKER)}
 
 
@@ -361,7 +374,8 @@ def run_parallel(sampler, prompt_ids, records, args: Args, ids: list[int]) -> li
     rows = []
     for i, group, rec in zip(ids, outs, records):
         for j, s in enumerate(group):
-            rows.append({"problem": i, "sample": j, "gold": rec["answer"], **graded(s.text, rec["answer"]),
+            rows.append({"problem": i, "sample": j, "gold": rec["answer"],
+                         **graded(s.text, rec["answer"], args.reward, rec.get("record")),
                          "gen_tokens": s.num_tokens, "context_tokens": s.prompt_tokens,
                          "finish_reason": s.finish_reason, "text": s.text})
     return rows
@@ -392,7 +406,8 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int, ids: 
             s = group[0]
             new = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
             transcripts[k] += (cue if r else []) + list(new)
-            rows.append({"problem": i, "round": r + 1, "gold": rec["answer"], **graded(s.text, rec["answer"]),
+            rows.append({"problem": i, "round": r + 1, "gold": rec["answer"],
+                         **graded(s.text, rec["answer"], args.reward, rec.get("record")),
                          "gen_tokens": s.num_tokens, "context_tokens": len(ctx),
                          "window_tokens": len(ctx) - len(prompt_ids[k]) - (len(cue) if r else 0),
                          "finish_reason": s.finish_reason, "text": s.text})
@@ -404,8 +419,10 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int, ids: 
 # --------------------------------------------------------------------------------------
 
 
-def curves(rows: list[dict], mode: str, n: int) -> dict:
+def curves(rows: list[dict], mode: str, n: int, custom: bool = False) -> dict:
     """pass@k and maj@k for k = 1..n (mean and standard error over problems) against tokens.
+    `custom`: the rows were graded by a custom --reward, so maj@k's correct answers are those
+    of the samples graded correct (cluster_answers' `right`).
     parallel: tokens(k) = k x mean generated tokens per trace; linearized: mean cumulative
     generated tokens of rounds 1..k. context_tokens is the same for the tokens read."""
     by_problem: dict[int, list[dict]] = {}
@@ -417,12 +434,13 @@ def curves(rows: list[dict], mode: str, n: int) -> dict:
         group.sort(key=lambda r: r.get("round", r.get("sample")))
         answers, gold = [r["answer"] for r in group], group[0]["gold"]
         correct = np.array([r["correct"] for r in group])
+        right = {r["answer"] for r in group if r["correct"] and r["answer"]} if custom else None
         if mode == "parallel":
             pass_k.append([pass_at_k(n, int(correct.sum()), k) for k in ks])
-            maj_k.append(majority_curve(*cluster_answers(answers, gold)))
+            maj_k.append(majority_curve(*cluster_answers(answers, gold, right)))
         else:
             pass_k.append([float(correct[:k].max()) for k in ks])
-            maj_k.append([maj_at_k(answers[:k], gold, k) for k in ks])
+            maj_k.append([maj_at_k(answers[:k], gold, k, right) for k in ks])
         gen.append([r["gen_tokens"] for r in group])
         ctx.append([r["context_tokens"] for r in group])
     pass_k, maj_k = np.array(pass_k), np.array(maj_k)  # (P, n)
@@ -620,7 +638,9 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         toy.ensure_built(args.toy_dir)
     runs = resolve_runs(args)
     data_path = args.data or toy.paths(args.toy_dir)["test"]
-    records = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems)
+    records = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems,
+                                  answer_from=args.answer_from, keep_record=bool(args.reward))
+    utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     formats = {name: utils.model_format(path) for name, path in runs.items()}
     data_hash = hashlib.sha1(json.dumps([[r["problem"], r["answer"]] for r in records]).encode()).hexdigest()[:16]
     utils.print0(f"evaluate: {len(runs)} runs x {len(records)} problems x N={args.samples} ({', '.join(args.modes)}), "
@@ -644,7 +664,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             meta = {"model": path, "model_fingerprint": fingerprint(path), "mode": mode, "data": data_hash,
                     "format": formats[name], **{k: v for k, v in asdict(args).items()
                                                 if k in ("samples", "temperature", "top_p", "max_tokens", "seed",
-                                                         "instruction", "max_model_len")}}
+                                                         "instruction", "max_model_len", "reward")
+                                                if k != "reward" or v}}
             if mode == "linearized":
                 meta["window"] = args.window
             if args.reuse and os.path.isfile(stem + ".meta.json") and json.load(open(stem + ".meta.json")) == meta:
@@ -668,7 +689,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                     utils.write_jsonl(stem + ".jsonl", [{"run": name, "mode": mode, **r} for r in rows])
                     utils.write_json(stem + ".meta.json", meta)
                 utils.barrier()
-            c = curves(rows, mode, args.samples)
+            c = curves(rows, mode, args.samples, bool(args.reward))
             results[name]["modes"][mode] = c
             logger.log({"run": name, "mode": mode, "pass@1": c["pass"][0], f"pass@{args.samples}": c["pass"][-1],
                         f"maj@{args.samples}": c["maj"][-1], "tokens@1": c["tokens"][0], "rss_gib": rss_gib()})

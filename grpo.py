@@ -235,6 +235,22 @@ class Args:
     """held-out problems for the start/end accuracy (0: skip)"""
     eval_samples: int = 4
     """samples per held-out problem"""
+    reward: str = ""
+    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
+    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
+    grading site, the meta-prover's included (empty: utils.grade)"""
+    answer_from: str = ""
+    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
+    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
+    mask_truncated: bool = False
+    """DAPO's overlong filtering: completions cut at --max-tokens add no tokens to the loss
+    (they stay in their group's reward statistics)"""
+
+
+RESUME_FREE = ("out", "resume", "steps", "save_every", "report_to", "dtype", "gpu_memory_utilization", "sleep_mode",
+               "gradient_checkpointing")
+"""Arguments a --resume may change (--steps only upwards); any other differing from the
+checkpoint's is refused (training.check_resume_args): it would change what the run computes."""
 
 
 def resolve_args(args: Args, world: int) -> Args:
@@ -385,6 +401,13 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", e
     return loss, metrics
 
 
+def overlong_mask(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
+    """DAPO's overlong filtering: the (B, T) completion mask with the rows of completions cut
+    at the token limit (`truncated`, (B,) bool) zeroed, so they add no token to the loss (their
+    rewards still enter their group's statistics, which are computed before)."""
+    return mask * (~truncated.to(device=mask.device, dtype=torch.bool))[:, None].to(mask.dtype)  # (B, T)
+
+
 def read_metrics(metrics: list[dict]) -> list[dict]:
     """The same dicts with every value a float: their 0-d tensors (on one device) read to the
     host with one transfer, so a step waits for the device once, not once per value."""
@@ -492,10 +515,11 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
             row = dict(problem=p, group=gi, ctx_ids=ids, token_ids=s.token_ids, sampler_logp=s.logprobs, text=s.text,
                        num_tokens=s.num_tokens, truncated=s.finish_reason == "length", gain=0.0, z1_tokens=0)
             if fmt == "direct":
-                row["outcome"] = sample_outcome(s.text, p["answer"], s.finish_reason)
+                row["outcome"] = sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record"))
             else:
                 ep = split_continuation(z0s[p["id"]], tail + s.text)
-                row["outcome"] = sample_outcome(ep.z2, p["answer"], s.finish_reason) if ep else 0.0
+                row["outcome"] = (sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                                  if ep else 0.0)
                 row["episodes"] = ep
                 # z1 ends where z2 begins: len(text) - len(z2) characters into the continuation; no episodes: all z1
                 row["z1_tokens"] = tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2)) if ep else s.num_tokens
@@ -607,16 +631,21 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
     before any update of this batch. `advantages`: (B,) for the `final` assignment, or an
     Episode. Returns the per-micro-batch metrics (first pass first) and the last gradient norm,
     read from the device once at the end. Under FSDP2 the gradients are reduced over the ranks
-    once per optimizer step, in the backward of its last micro-batch (`training.gradient_sync`)."""
+    once per optimizer step, in the backward of its last micro-batch (`training.gradient_sync`).
+    With --mask-truncated, completions cut at --max-tokens add no tokens (overlong_mask), and
+    dapo's token count leaves them out."""
     M, world = args.micro_batch_size, utils.world_size()
     n_micro = len(rows) // M
-    num_items = utils.all_reduce(torch.tensor(float(sum(r["num_tokens"] for r in rows))))  # dapo: the whole batch's tokens
+    trained = [r for r in rows if not (args.mask_truncated and r["truncated"])]  # --mask-truncated drops cut ones
+    num_items = utils.all_reduce(torch.tensor(float(sum(r["num_tokens"] for r in trained))))  # dapo: the batch's tokens
     old_logp, ref_logp, stats = {}, {}, []
     for it in range(args.num_iterations):
         for k in range(n_micro):
             mb, sl = rows[k * M:(k + 1) * M], slice(k * M, (k + 1) * M)
             ctx, comp = [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb]
             logp, mask, ent = training.completion_logprobs(model, ctx, comp, pad_id, args.temperature, with_entropy=it == 0)  # (M, T)
+            if args.mask_truncated:  # entropy, gap and loss over the trained tokens only
+                mask = overlong_mask(mask, torch.tensor([r["truncated"] for r in mb]))  # (M, T)
             samp = training.pad_sequences([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in mb], 0,
                                           dtype=torch.float)[0].to(logp.device)  # (M, T)
             if it == 0:
@@ -704,6 +733,10 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         default_path, toy_paths = toy.default_model()
         model_path = model_path or default_path
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
+    if args.resume:  # refused before anything loads when the arguments change the run's meaning
+        done = training.check_resume_args(os.path.join(out, "checkpoint"), args, RESUME_FREE)["step"]
+        if args.steps < done:
+            raise utils.UserError(f"--resume: --steps {args.steps} is below the checkpoint's step {done}", every_rank=True)
     utils.seed_everything(args.seed)
     utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world {world}, "
                  f"{args.prompts_per_step} prompts x {args.group_size} per rank per step, {args.steps} steps")
@@ -713,7 +746,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     tok = sampler.tokenizer if given_engine else utils.load_tokenizer(model_path)
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
                 instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
-                too_long="raise --max-prompt-length")
+                too_long="raise --max-prompt-length", answer_from=args.answer_from, keep_record=bool(args.reward))
+    utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     train = utils.load_problems(args.train_data or toy_paths["train"], **data)
     test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
 
@@ -742,7 +776,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
             mu = sampling.Sampler(args.mu_model, max_model_len=sampling.engine_length(args.mu_model, need),
                                   **dict(engine_kw, sleep_mode="off"))
         meta_prover = MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens,
-                                 mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens)
+                                 mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens, reward=args.reward)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps * args.num_iterations  # optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(int(args.warmup_ratio * total), total, args.lr_schedule))
@@ -836,7 +870,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}", gap=f"{rec['logprob_gap']:.1e}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
             training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, data_position=position(step + 1),
-                                     args=dataclasses.asdict(args))
+                                     args=dataclasses.asdict(args),
+                                     card={"stage": "grpo", "variant": args.variant, "format": fmt, "base": model_path})
 
     # -- end: held-out accuracy, final model with its card --------------------------------------
     if test:

@@ -215,12 +215,14 @@ def sample_z0(sampler, problems: list[dict], *, temperature: float, top_p: float
     return ({i: z for k, _ in parts for i, z in k.items()}, {i: z for _, d in parts for i, z in d.items()})
 
 
-def sample_outcome(text: str | None, gold: str, finish_reason: str) -> float:
-    """The 0/1 outcome of a sampled answer (a revised attempt z2, or a direct attempt): the
-    rule of every stage (grpo.py, star.py, infogain.py's CLI) is utils.grade(text, gold), and
-    0 when the sample was cut at the token limit (finish_reason "length"), whatever box it
-    holds: only an attempt that ended by itself is graded."""
-    return 0.0 if finish_reason == "length" or text is None else utils.grade(text, gold)
+def sample_outcome(text: str | None, gold: str, finish_reason: str, reward: str = "",
+                   record: dict | None = None) -> float:
+    """The outcome of a sampled answer (a revised attempt z2, or a direct attempt): the rule
+    of every stage (grpo.py, star.py, infogain.py's CLI) is the run's grader
+    (utils.make_grader(reward): utils.grade, 0/1, by default; a custom --reward gets the
+    problem's `record`), and 0 when the sample was cut at the token limit (finish_reason
+    "length"), whatever box it holds: only an attempt that ended by itself is graded."""
+    return 0.0 if finish_reason == "length" or text is None else utils.make_grader(reward)(text, gold, record)
 
 
 def episode_contexts(prompt: str, ep: Episodes) -> list[str]:
@@ -304,11 +306,16 @@ class MetaProver:
     weight syncs) or one built on another model. With suffix "" the forced mode completes
     the solution from the context too (warmstart's value estimate), but grades only the
     completion. In both modes the m samples of one context come from one request with n=m
-    (its prefill is shared). `seconds` accumulates the time spent in mu's calls."""
+    (its prefill is shared). `seconds` accumulates the time spent in mu's calls.
+
+    `reward` (a --reward spec; "" the math-verify grader) grades mu's answers too: J is the
+    success rate under the task's reward, so a custom reward is the meta-prover's as well. It
+    is handed the record {"answer": gold} (mu sees contexts and gold answers only), and a
+    non-binary reward makes J a mean reward rather than a success rate."""
 
     def __init__(self, sampler: sampling.Sampler, suffix: str = utils.MU_SUFFIX, m: int = 8,
                  temperature: float = 1.0, max_tokens: int = 16, top_p: float = 1.0,
-                 mode: str = "forced", rollout_tokens: int = 128):
+                 mode: str = "forced", rollout_tokens: int = 128, reward: str = ""):
         if mode not in MU_MODES:
             raise ValueError(f"MetaProver mode must be one of {MU_MODES}, got {mode!r}")
         if m < 1 or max_tokens < 1 or rollout_tokens < 1:
@@ -320,6 +327,8 @@ class MetaProver:
         self.max_tokens = max_tokens if mode == "forced" else rollout_tokens
         """tokens mu writes per sample (the forced answer's limit, or B in rollout mode)"""
         self.seconds = 0.0
+        self.grade = grade_cached if not reward else (lambda t, g: utils.make_grader(reward)(t, g, None))  # noqa: E731
+        """grade(text, gold) of one mu sample (cached math-verify, or the custom reward)"""
 
     def correct(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
         """(C, m) 0/1 grades of mu's m answers per context. One request per context with
@@ -336,7 +345,7 @@ class MetaProver:
                                      max_tokens=self.max_tokens, seed=seed, logprobs=False)
         graded = ((lambda c, s: utils.last_episode(c + s)) if self.mode == "rollout"  # noqa: E731
                   else (lambda c, s: self.suffix + s))
-        grades = np.array([[grade_cached(graded(c, s.text), g) for s in group]
+        grades = np.array([[self.grade(graded(c, s.text), g) for s in group]
                            for group, c, g in zip(outs, contexts, golds)], dtype=np.float64)  # (C, m)
         self.seconds += time.time() - t0
         return grades
@@ -419,6 +428,13 @@ class Args:
     """engine context length (0: what this run needs, see engine_need; never the model's whole context)"""
     dtype: str = "auto"
     """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
+    reward: str = ""
+    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
+    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
+    grading site, the meta-prover's included (empty: utils.grade)"""
+    answer_from: str = ""
+    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
+    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
 
 
 def longest_mu_context(tokenizer, row: dict, instruction: str, suffix: str) -> int:
@@ -473,13 +489,14 @@ def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
     """Trace rows {id, problem, answer, completion, episodes, where, finish_reason} and the
     skipped count. A row's optional "finish_reason" ("stop" or "length", as traces_<model>.jsonl
     writes it; default "stop") says whether its sample was cut at the token limit."""
-    rename = {args.problem_field: "problem", args.answer_field: "answer", args.completion_field: "completion"}
+    rename = {args.problem_field: "problem", args.answer_from or args.answer_field: "answer",
+              args.completion_field: "completion"}
     rows, skipped = [], 0
     for line, r in utils.read_records(path, ["problem", "answer", "completion"], rename, with_lines=True):
         where = f"{path}:{line}"
         if not isinstance(r["completion"], str) or not isinstance(r["problem"], str):
             raise utils.UserError(f"{where}: fields {args.problem_field!r} and {args.completion_field!r} must be strings")
-        answer = utils.check_answer(r["answer"], where)
+        answer = utils.gold_answer(r, "answer", "answer" if args.answer_from else "", where)  # --answer-from: its box
         reason = r.get("finish_reason", "stop")
         if reason not in ("stop", "length"):
             raise utils.UserError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {reason!r}")
@@ -491,7 +508,8 @@ def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
             skipped += 1
             continue
         rows.append({"id": r.get(args.id_field, line), "problem": r["problem"], "answer": answer,
-                     "completion": r["completion"], "episodes": ep, "where": where, "finish_reason": reason})
+                     "completion": r["completion"], "episodes": ep, "where": where, "finish_reason": reason,
+                     **({"record": r} if args.reward else {})})
     if not rows:
         raise utils.UserError(f"{path}: no backtrack traces")
     return rows, skipped
@@ -523,7 +541,8 @@ def sample_traces(sampler: sampling.Sampler, records: list[dict], args: Args) ->
                 continue
             rows.append({"id": f"{i}-{j}", "problem": records[i]["problem"], "answer": records[i]["answer"],
                          "completion": completion, "episodes": ep, "where": f"sampled {i}-{j}",
-                         "finish_reason": s.finish_reason})
+                         "finish_reason": s.finish_reason,
+                         **({"record": records[i]["record"]} if "record" in records[i] else {})})
     return rows, skipped, len(dropped)
 
 
@@ -564,8 +583,9 @@ def score_traces(mu: MetaProver, rows: list[dict], args: Args, logger: utils.Jso
             out.append({"id": r["id"], "where": r["where"], "restart_step": ep.restart_step,
                         "valid_restart": restart_prefix(ep.z0, ep.restart_step) is not None,
                         "J": [float(v) for v in j], "gains": gains, "backtrack_gain": gains[1],
-                        "z0_correct": utils.grade(ep.z0, r["answer"]),
-                        "z2_correct": sample_outcome(ep.z2, r["answer"], r.get("finish_reason", "stop")),
+                        "z0_correct": utils.make_grader(args.reward)(ep.z0, r["answer"], r.get("record")),
+                        "z2_correct": sample_outcome(ep.z2, r["answer"], r.get("finish_reason", "stop"), args.reward,
+                                                     r.get("record")),
                         "first_wrong": truth.get("first_wrong"), "restart_class": truth.get("class"),
                         "can_fix": truth.get("can_fix")})
         if logger:
@@ -681,12 +701,14 @@ def main(args: Args, samplers: dict | None = None) -> dict:
     if args.traces:
         for name, path in zip(runs, args.traces * len(runs) if len(args.traces) == 1 else args.traces):
             traces[name] = read_traces(path, args)
+    utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     problems = None
     if not args.traces:
         if not args.data:
             toy.ensure_built(args.toy_dir)
         problems = utils.load_problems(args.data or toy.paths(args.toy_dir)["test"], args.problem_field,
-                                       args.answer_field, args.problems)
+                                       args.answer_field, args.problems, answer_from=args.answer_from,
+                                       keep_record=bool(args.reward))
     if args.mu_model and not os.path.isdir(args.mu_model) and not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", args.mu_model):
         raise utils.UserError(f"--mu-model: model path does not exist: {args.mu_model}")
     given = [r for rows, _ in traces.values() for r in rows]
@@ -726,7 +748,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             continue
         mu_sampler = shared_mu or sampler or new_sampler(path, [name])
         mu = MetaProver(mu_sampler, args.mu_suffix, args.mu_samples, args.mu_temperature, args.mu_max_tokens,
-                        mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens)
+                        mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens, reward=args.reward)
         rows, too_long = check_lengths(mu, rows, args)
         skipped += too_long
         if not rows:

@@ -211,10 +211,11 @@ def meta_prover_prompt(tokenizer, problem: str, prefix: str, suffix: str = FIG12
 # --------------------------------------------------------------------------------------
 
 
-def maj_values(answers, gold, ps) -> dict[int, float]:
+def maj_values(answers, gold, ps, right: set | None = None) -> dict[int, float]:
     """{p: [maj@p]} for one prefix: the exact expected accuracy of a majority vote over p of
-    its sampled answers (extracted answers; None never votes), as evaluate.maj_at_k."""
-    counts, correct, n_none = evaluate.cluster_answers(answers, gold)
+    its sampled answers (extracted answers; None never votes), as evaluate.maj_at_k; `right`:
+    the answers a custom --reward graded 1 (evaluate.cluster_answers)."""
+    counts, correct, n_none = evaluate.cluster_answers(answers, gold, right)
     curve = evaluate.majority_curve(counts, correct, n_none)
     if not counts:
         curve = np.zeros(len(answers))
@@ -396,6 +397,13 @@ class Args:
     gpu_memory_utilization: float = 0.0
     """fraction of GPU memory each engine may take (0: 0.85 split over the engines this process
     holds at once: one in a plain run, one per model under torchrun, where every engine stays up)"""
+    reward: str = ""
+    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
+    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
+    grading site, the meta-prover's included (empty: utils.grade)"""
+    answer_from: str = ""
+    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
+    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
 
 
 def resolve(args: Args) -> tuple[Args, bool]:
@@ -449,14 +457,15 @@ def check_model(path: str, flag: str) -> None:
 
 def read_traces(args: Args) -> list[dict]:
     """Trace rows {id, problem, answer, trace, where} from --traces (first --problems rows)."""
-    names = {"problem": args.problem_field, "answer": args.answer_field, "trace": args.trace_field}
+    names = {"problem": args.problem_field, "answer": args.answer_from or args.answer_field, "trace": args.trace_field}
     rows = []  # errors name the file's fields
     for line, r in utils.read_records(args.traces, list(dict.fromkeys(names.values())), with_lines=True):
         where = f"{args.traces}:{line}"
         problem, answer, trace = (r[names[k]] for k in ("problem", "answer", "trace"))
         if not isinstance(problem, str) or not isinstance(trace, str):
             raise utils.UserError(f"{where}: fields {args.problem_field!r} and {args.trace_field!r} must be strings")
-        rows.append({"id": r.get(args.id_field, line), "problem": problem, "answer": utils.check_answer(answer, where),
+        rows.append({"id": r.get(args.id_field, line), "problem": problem,
+                     "answer": utils.gold_answer(r, args.answer_field, args.answer_from, where),
                      "trace": trace, "where": where})
     rows = rows[: args.problems] if args.problems else rows
     if not rows:
@@ -619,7 +628,7 @@ def score_traces(sampler, traces: list[dict], args: Args, logger) -> tuple[list[
     [maj@p]_j) and regret. Traces whose longest context does not fit fail (or are skipped)."""
     from tqdm import tqdm
 
-    tok = sampler.tokenizer
+    tok, grade = sampler.tokenizer, utils.make_grader(args.reward)
     limit = sampler.max_model_len - args.mu_max_tokens
     items, skipped = [], 0
     for t in traces:
@@ -644,9 +653,11 @@ def score_traces(sampler, traces: list[dict], args: Args, logger) -> tuple[list[
             for j, (ids, prefix_tokens) in enumerate(ctx, 1):
                 group = next(outs)
                 answers = [utils.extract_boxed(args.mu_suffix + s.text) or None for s in group]
+                right = ({a for a, s in zip(answers, group) if a and grade(args.mu_suffix + s.text, t["answer"]) == 1.0}
+                         if args.reward else None)  # the meta-prover's answers under the custom reward
                 points.append({"j": j, "prefix_tokens": prefix_tokens, "context_tokens": len(ids),
                                "answer_tokens": float(np.mean([s.num_tokens for s in group])), "answers": answers,
-                               "maj": {str(p): v for p, v in maj_values(answers, t["answer"], args.maj).items()}})
+                               "maj": {str(p): v for p, v in maj_values(answers, t["answer"], args.maj, right).items()}})
             curve = {"maj": {str(p): [q["maj"][str(p)] for q in points] for p in args.maj}}
             scored.append({"id": t["id"], "where": t["where"], "problem": t["problem"], "answer": t["answer"],
                            "opened_think": t["opened"], "episodes": len(t["episodes"]), "groups": len(t["groups"]),
@@ -663,7 +674,7 @@ def run_direct(sampler, problems: list[dict], args: Args, logger) -> list[dict]:
     tok = sampler.tokenizer
     prompt_ids = [utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in problems]
     eargs = evaluate.Args(samples=args.direct_n, max_tokens=args.direct_max_tokens, temperature=args.temperature,
-                          seed=utils.derive_seed(args.seed, "direct"), modes=["parallel"])
+                          seed=utils.derive_seed(args.seed, "direct"), modes=["parallel"], reward=args.reward)
     rows = evaluate.run_parallel(sampler, prompt_ids, problems, eargs, list(range(len(problems))))
     logger.log({"stage": "direct", "problems": len(problems), "pass@1": float(np.mean([r["correct"] for r in rows])),
                 "mean_tokens": float(np.mean([r["gen_tokens"] for r in rows]))})
@@ -813,12 +824,14 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         if path and path not in (samplers or {}):
             check_model(path, flag)
     args = replace(args, instruction=utils.stage_instruction(args.instruction, args.model))
+    utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     traces = read_traces(args) if args.traces else None
     all_split = split_traces(traces, args)[0] if traces is not None else None  # fails on a trace without thinking text
     problems = None
     if traces is None:
         problems = utils.load_problems(args.data or toy.paths(args.toy_dir)["test"], args.problem_field,
-                                       args.answer_field, args.problems)
+                                       args.answer_field, args.problems, answer_from=args.answer_from,
+                                       keep_record=bool(args.reward))
     mu_path = args.mu_model or args.model
     direct_path = "" if args.direct_model.lower() == "none" else args.direct_model
     share = dict(traces=traces[rank::world] if traces is not None else None,

@@ -40,6 +40,7 @@ Run (the toy task is the default; each command runs in a few minutes on 2 CPU co
     python star.py --method star           # plain STaR  -> runs/star/star
     python star.py --method rise           # RISE        -> runs/star/rise
     torchrun --nproc_per_node 2 star.py    # 2 ranks: problems split, SFT batches split (FSDP2)
+    python star.py --resume --iterations 3 # continue runs/star/mrt after its last finished iteration
     torchrun --nproc_per_node 8 star.py --model runs/warmstart/model --data train.jsonl \\
         --test-data test.jsonl --preset paper --gradient-checkpointing     # Table 1, 8 GPUs
 The starting model (--model) defaults to runs/warmstart/model when warmstart.py fine-tuned it
@@ -53,8 +54,8 @@ kept index, its gain), sft_iter{k}.jsonl (SFT loss per step of iteration k), ite
 (per iteration: kept fraction, the fraction each reading of the filter would keep, gain > 0
 and gain >= 0, the share of continuations that parse and that do not, mean gain r_i - r0 of
 kept vs discarded continuations, held-out accuracy before and after, SFT losses, timings),
-model/ (the latest fine-tuned model, HF checkpoint + mrt.json with "format"), summary.json
-(with z0_dropped: the train and held-out problems dropped for want of a usable z0; z0.jsonl
+model/ (the latest fine-tuned model, HF checkpoint + mrt.json with "format"), args.json (the
+run's arguments, checked by --resume), summary.json (with z0_dropped: the train and held-out problems dropped for want of a usable z0; z0.jsonl
 marks them "dropped" and holds their last try).
 
 Decisions / departures from the paper (it publishes no code for this algorithm):
@@ -85,14 +86,19 @@ Decisions / departures from the paper (it publishes no code for this algorithm):
   correct and r_i > r0, and a backtrack episode's mean gain there is negative (RESULTS.md,
   from `python study.py`, has the kept fractions and accuracies of every method).
   tests/test_star.py also checks the filter end to end with scripted samples.
-- No resume: an interrupted run starts again (each iteration's SFT checkpoint is deleted
-  once its model is saved).
+- --resume continues at an iteration boundary: the iterations logged in iterations.jsonl
+  (with their data_iter<k>.jsonl) are skipped, their kept examples reread, and the engine
+  loads model/ (the last finished iteration's SFT, redone from the same data and seed when a
+  kill left model/ from another iteration); z0 is resampled from the base with the same seeds.
+  An iteration interrupted midway starts again (its SFT checkpoint is deleted once its model
+  is saved). With the same arguments it ends as an uninterrupted run does.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import math
 import os
 import shutil
@@ -225,6 +231,15 @@ class Args:
     """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
     sleep_mode: str = "auto"
     """auto | on | off: vLLM sleep mode, the engine's weights and KV cache leave the GPU during each SFT (auto: on with CUDA; vLLM's CPU build has none)"""
+    reward: str = ""
+    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
+    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
+    grading site, the meta-prover's included (empty: utils.grade)"""
+    answer_from: str = ""
+    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
+    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
+    resume: bool = False
+    """continue the run in --out after its last finished iteration (same arguments; --iterations may be raised)"""
 
 
 def resolve_args(args: Args, world: int = 1) -> Args:
@@ -262,6 +277,27 @@ def resolve_args(args: Args, world: int = 1) -> Args:
 # --------------------------------------------------------------------------------------
 
 
+RESUME_FREE = ("out", "resume", "iterations", "save_every", "report_to", "dtype", "gpu_memory_utilization", "sleep_mode",
+               "gradient_checkpointing", "max_model_len")
+"""Arguments a --resume may change (--iterations may be raised); any other differing from the
+run's <out>/args.json is refused (utils.resume_mismatch): it would change what the run computes."""
+
+
+def finished_iterations(out: str) -> tuple[list[dict], list[dict]]:
+    """(records, kept examples) of the iterations a run in `out` finished: the records of
+    iterations.jsonl numbered 1, 2, ... in order whose data_iter<k>.jsonl exists, and the
+    examples of those files in iteration order (the accumulated SFT data)."""
+    path = os.path.join(out, "iterations.jsonl")
+    history, examples = [], []
+    for rec in utils.read_records(path) if os.path.isfile(path) else []:
+        data = os.path.join(out, f"data_iter{len(history) + 1}.jsonl")
+        if rec.get("iteration") != len(history) + 1 or not os.path.isfile(data):
+            break
+        history.append(rec)
+        examples += utils.read_records(data)
+    return history, examples
+
+
 def select_continuation(r0: float, rewards, correct, min_gain: float | None = None) -> int | None:
     """MRT's filter (Alg. 1, Fig. 4): the index i of the highest r_i among the continuations
     whose revised attempt z2 is correct and whose gain r_i - r0 passes: r_i > r0 when
@@ -289,14 +325,15 @@ def continuation_cue(method: str, z0: str) -> str:
     return backtrack_cue(z0) + (" 1:" if method == "rise" else "")
 
 
-def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold: str) -> dict:
+def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold: str, reward: str = "",
+                       record: dict | None = None) -> dict:
     """Episodes and correctness of one continuation: {completion, episodes (or None), correct}.
     Correct means: it parses into z0/z1/z2, split where the cue was appended, and z2 alone is
     graded correct by infogain.sample_outcome (0 when cut at the token limit: the rule of every
-    stage)."""
+    stage; `reward` and `record` as sample_outcome's)."""
     completion = continuation_cue(method, z0) + text
     ep = split_continuation(z0, completion)
-    ok = ep is not None and sample_outcome(ep.z2, gold, finish_reason) == 1.0
+    ok = ep is not None and sample_outcome(ep.z2, gold, finish_reason, reward, record) == 1.0
     return {"completion": completion, "episodes": ep, "correct": ok}
 
 
@@ -316,7 +353,8 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
                                max_tokens=args.max_tokens, seed=seed)
         records = []
         for p, group in zip(problems, outs):
-            correct = [sample_outcome(s.text, p["answer"], s.finish_reason) == 1.0 for s in group]
+            correct = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record")) == 1.0
+                       for s in group]
             kept = select_first_correct(correct)
             example = None if kept is None else {
                 "id": p["id"], "problem": p["problem"], "answer": p["answer"], "prompt": p["prompt"],
@@ -329,7 +367,8 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
     outs = sampler.generate([utils.encode(tok, p["prompt"] + c) for p, c in zip(problems, cues)], n=G,
                             temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens, seed=seed,
                             logprobs=False)
-    parsed = [[parse_continuation(args.method, z0s[p["id"]], s.text, s.finish_reason, p["answer"]) for s in group]
+    parsed = [[parse_continuation(args.method, z0s[p["id"]], s.text, s.finish_reason, p["answer"],
+                                  args.reward, p.get("record")) for s in group]
               for p, group in zip(problems, outs)]
     # J(mu | q, z0) and J(mu | q, z0, z1_i) of the parsed continuations in one call; an unparsed
     # continuation has no backtrack episode: J after it is 0 (infogain.backtrack_gain), mu is not asked
@@ -389,7 +428,8 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
     if mine and args.method == "star":
         outs = sample_attempts(sampler, [p["prompt"] for p in mine], args.eval_samples, temperature=args.temperature,
                                top_p=args.top_p, max_tokens=args.max_tokens, seed=utils.derive_seed(seed, rank))
-        scores = [sample_outcome(s.text, p["answer"], s.finish_reason) for p, g in zip(mine, outs) for s in g]
+        scores = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                  for p, g in zip(mine, outs) for s in g]
     elif mine:
         cues = [continuation_cue(args.method, z0s[p["id"]]) for p in mine]
         outs = sampler.generate([utils.encode(sampler.tokenizer, p["prompt"] + c) for p, c in zip(mine, cues)],
@@ -398,7 +438,8 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
         for p, c, g in zip(mine, cues, outs):
             for s in g:
                 ep = split_continuation(z0s[p["id"]], c + s.text)
-                scores.append(sample_outcome(ep.z2, p["answer"], s.finish_reason) if ep else 0.0)
+                scores.append(sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                              if ep else 0.0)
     return float(np.mean([x for part in utils.all_gather(scores) for x in part]))
 
 
@@ -480,12 +521,21 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
     for path in dict.fromkeys(p for p in (model_path, base_path, args.mu_model) if p):
         utils.load_tokenizer(path)  # a missing or unloadable model is a one-line error
+    args_path, own_args = os.path.join(out, "args.json"), json.loads(json.dumps(dataclasses.asdict(args)))
+    history, accumulated = finished_iterations(out) if args.resume else ([], [])
+    if args.resume and os.path.isfile(args_path):
+        diff = utils.resume_mismatch(json.load(open(args_path)), own_args, RESUME_FREE)
+        if diff:
+            raise utils.UserError(f"--resume: {out} was run with other arguments: {', '.join(diff)}; "
+                                  f"give the run's values or a new --out", every_rank=True)
     tok = utils.load_tokenizer(base_path)
     mu_tokens = args.mu_rollout_tokens if args.mu_mode == "rollout" else args.mu_max_tokens
     budget = args.max_tokens + (args.max_tokens + 64 + mu_tokens if fmt == "backtrack" else 0)
     room = context_length(base_path, args) - budget
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
-                instruction=args.instruction, max_prompt_tokens=room, too_long="lower --max-tokens or raise --max-model-len")
+                instruction=args.instruction, max_prompt_tokens=room, too_long="lower --max-tokens or raise --max-model-len",
+                answer_from=args.answer_from, keep_record=bool(args.reward))
+    grade = utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     train = utils.load_problems(args.data or toy_paths["train"], limit=args.problems, **data)
     test = utils.load_problems(args.test_data or toy_paths["test"], limit=args.eval_problems, **data) if args.eval_problems else []
     utils.seed_everything(args.seed)
@@ -519,7 +569,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         train, test = [p for p in train if p["id"] in train_z0], [p for p in test if p["id"] in test_z0]
         utils.print0(f"sampled z0 of the base for {len(train)} train and {len(test)} held-out problems "
                      f"in {time.time() - t0:.0f}s (train accuracy "
-                     f"{np.mean([utils.grade(train_z0[p['id']], p['answer']) for p in train]):.3f}); dropped "
+                     f"{np.mean([grade(train_z0[p['id']], p['answer'], p.get('record')) for p in train]):.3f}); dropped "
                      f"{z0_dropped['train']} train and {z0_dropped['test']} held-out problems with no usable z0 in "
                      f"{Z0_TRIES} tries (cut at --max-tokens or no box)")
     if model_path != base_path:
@@ -531,18 +581,50 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     if fmt == "backtrack":
         mu_sampler = make_sampler(args.mu_model, **dict(engine_kw, sleep_mode="off")) if args.mu_model else sampler
         mu = MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, temperature=args.mu_temperature,
-                        max_tokens=args.mu_max_tokens, mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens)
+                        max_tokens=args.mu_max_tokens, mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens,
+                        reward=args.reward)
 
     eval_seed = utils.derive_seed(args.seed, "held-out")
-    accuracy = [heldout_accuracy(sampler, test, test_z0, args, eval_seed)]
+    accuracy = [history[0]["accuracy_before"] if history else heldout_accuracy(sampler, test, test_z0, args, eval_seed)]
     if test:
         utils.print0(f"held-out accuracy of the starting model: {accuracy[0]:.4f} ({len(test)} x {args.eval_samples})")
+    if utils.is_main():
+        utils.write_json(args_path, own_args)
+
+    def finetune(k: int, rec: dict) -> None:  # SFT of the base on everything kept so far; the engine gets it
+        log_path = os.path.join(out, f"sft_iter{k}.jsonl")
+        card = {"stage": "star", "method": args.method, "variant": args.method, "format": fmt, "base": base_path,
+                "start": model_path, "iteration": k, "examples": len(accumulated), "args": dataclasses.asdict(args)}
+        ckpt = os.path.join(out, f".sft_iter{k}")
+        # the engine sleeps through the SFT (--sleep-mode); the next iteration (and mu) sample from the new model
+        sampling.update_asleep(sampler, lambda: warmstart.sft(
+            base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
+            dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
+            log_path=log_path, ckpt_path=ckpt, card=card, log_extra={"method": args.method, "iteration": k}))
+        gc.collect()
+        if utils.is_main() and os.path.exists(ckpt):
+            shutil.rmtree(ckpt)
+        if utils.is_main():
+            losses = [r["loss"] for r in utils.read_records(log_path, ["loss"])]
+            rec.update(sft_steps=len(losses), sft_loss_first=losses[0], sft_loss_last=losses[-1])
+
+    # ---- resume: the finished iterations' model in the engine (their data is `accumulated`) ---
+    done, model_saved = len(history), bool(history) and bool(accumulated)
+    accuracy += [r["accuracy_after"] for r in history]
+    if model_saved:
+        card_path = os.path.join(out, "model", "mrt.json")
+        card = json.load(open(card_path)) if os.path.isfile(card_path) else {}
+        if card.get("iteration") == done and card.get("examples") == len(accumulated):
+            sampler.sync_weights(sampling.load_on_host(os.path.join(out, "model"), args.dtype))
+        else:  # killed after the next iteration's SFT wrote model/: iteration `done`'s SFT again (same data, seed)
+            finetune(done, {})
+    if done:
+        utils.print0(f"resumed {out} after iteration {done} ({len(accumulated)} examples kept so far)")
 
     # ---- iterations: sample -> filter -> SFT the base on everything kept -> sync ------------
-    logger = utils.JsonlLogger(os.path.join(out, "iterations.jsonl"), report_to=args.report_to,
-                               config=dataclasses.asdict(args))
-    accumulated, history, model_saved = [], [], False
-    for k in range(1, args.iterations + 1):
+    logger = utils.JsonlLogger(os.path.join(out, "iterations.jsonl"), resume_step=done if args.resume else None,
+                               report_to=args.report_to, config=dataclasses.asdict(args))
+    for k in range(done + 1, args.iterations + 1):
         t0 = time.time()
         records = collect(sampler, mu, train, train_z0, args, k)
         kept = [dict(r["example"], iteration=k) for r in records if r["example"] is not None]
@@ -556,23 +638,9 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
                       if fmt == "backtrack" else "") + f", {len(accumulated)} examples in all")
 
         t0 = time.time()
-        log_path = os.path.join(out, f"sft_iter{k}.jsonl")
         if accumulated:
-            card = {"stage": "star", "method": args.method, "variant": args.method, "format": fmt, "base": base_path,
-                    "start": model_path, "iteration": k, "examples": len(accumulated), "args": dataclasses.asdict(args)}
-            ckpt = os.path.join(out, f".sft_iter{k}")
-            # the engine sleeps through the SFT (--sleep-mode); the next iteration (and mu) sample from the new model
-            sampling.update_asleep(sampler, lambda: warmstart.sft(
-                base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
-                dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
-                log_path=log_path, ckpt_path=ckpt, card=card, log_extra={"method": args.method, "iteration": k}))
-            gc.collect()
+            finetune(k, rec)
             model_saved = True
-            if utils.is_main() and os.path.exists(ckpt):
-                shutil.rmtree(ckpt)
-            if utils.is_main():
-                losses = [r["loss"] for r in utils.read_records(log_path, ["loss"])]
-                rec.update(sft_steps=len(losses), sft_loss_first=losses[0], sft_loss_last=losses[-1])
         else:
             utils.print0(f"iteration {k}: nothing kept so far, no fine-tuning (the model stays as it is)")
         rec["seconds_sft"] = round(time.time() - t0, 1)

@@ -7,12 +7,14 @@ safetensors files with an index); resumable checkpoints (`save_checkpoint` / `lo
 torch.distributed.checkpoint shards, RNG states, atomic `latest`); the learning-rate schedule;
 log-probabilities of completions under the trainer model (`completion_logprobs`,
 `sampled_logprobs`: chunked, no fp32 (B, T, V) tensor). Under plain `python` the same calls
-run unsharded in one process.
+run unsharded in one process. Command line: `python training.py export --checkpoint DIR
+--base MODEL --out DIR` writes a checkpoint as a transformers folder (`export_checkpoint`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -20,6 +22,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 from typing import Callable, Sequence
 
@@ -584,6 +587,20 @@ def checkpoint_extra(path: str) -> dict:
     return {**meta["extra"], "world_size": meta["world_size"]}
 
 
+def check_resume_args(path: str, args, free: Sequence[str] = ()) -> dict:
+    """Refuse, in one line naming the differing flags, to resume the checkpoint under `path`
+    with arguments that change the run's meaning (utils.resume_mismatch on its stored "args"; a
+    checkpoint written without them is not checked). Returns the checkpoint's extra fields."""
+    import dataclasses
+
+    extra = checkpoint_extra(path)
+    diff = utils.resume_mismatch(extra.get("args") or {}, dataclasses.asdict(args), free)
+    if diff:
+        raise utils.UserError(f"--resume: {path} was written with other arguments: {', '.join(diff)}; "
+                              f"give the checkpoint's values or a new --out", every_rank=True)
+    return extra
+
+
 def load_checkpoint(path: str, model, optimizer=None, scheduler=None) -> dict:
     """Restore what save_checkpoint wrote (into a plain or FSDP2 model of the same shape;
     each rank reads the shards it needs) and return the extra fields with the world size.
@@ -759,3 +776,63 @@ def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: floa
     logp = sampled_logprobs(logits, comp, temperature, inplace=True)  # (B, Tc): position t predicts token t
     entropy = token_entropy(logits.detach(), Tc, temperature) if with_entropy else None  # (B, Tc)
     return logp, comp_mask.to(device).float(), entropy
+
+
+# --------------------------------------------------------------------------------------
+# Export of a sharded checkpoint: `python training.py export --checkpoint DIR --base MODEL --out DIR`
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ExportArgs:
+    checkpoint: str = ""
+    """checkpoint folder a run wrote (save_checkpoint: <out>/checkpoint of grpo.py, warmstart.py, star.py's SFT)"""
+    base: str = ""
+    """the model the run started from (its config, tokenizer and saved dtype; its weights are replaced)"""
+    out: str = ""
+    """transformers folder to write (config, tokenizer, safetensors, mrt.json)"""
+    dtype: str = "auto"
+    """compute dtype of the model while loading (the weights are written in the base config's dtype)"""
+
+
+def export_checkpoint(checkpoint: str, base: str, out: str, dtype: str = "auto") -> dict:
+    """Convert a sharded checkpoint (save_checkpoint's format) into a transformers folder at
+    `out`, as the run's own end-of-run export writes it: the trainer model is built on `base`
+    (load_trainer), the checkpoint's model state loaded into it (load_checkpoint, no optimizer)
+    and written by save_pretrained, so no rank holds more than that export already needs. The
+    model card (mrt.json) is the one the run stored in the checkpoint ("card"), else the base's,
+    with the checkpoint's step and arguments added. Under torchrun every rank calls it (any
+    world size: DCP reshards). Returns the card."""
+    for flag, value in (("--checkpoint", checkpoint), ("--base", base), ("--out", out)):
+        if not value:
+            raise utils.UserError(f"export needs {flag}", every_rank=True)
+    if not has_checkpoint(checkpoint):
+        raise utils.UserError(f"{checkpoint}: no complete checkpoint", every_rank=True)
+    _, _, device = utils.init_distributed()
+    extra = checkpoint_extra(checkpoint)
+    model, _ = load_trainer(base, dtype, device)
+    load_checkpoint(checkpoint, model)
+    tokenizer = utils.load_tokenizer(base)
+    save_pretrained(model, tokenizer, out)
+    base_card = os.path.join(base, "mrt.json")
+    card = dict(extra.get("card") or (json.load(open(base_card)) if os.path.isfile(base_card) else {}))
+    card.update(checkpoint=os.path.abspath(checkpoint), step=extra.get("step"),
+                **({"args": extra["args"]} if "args" in extra else {}))
+    if utils.is_main():
+        utils.write_json(os.path.join(out, "mrt.json"), card)
+    utils.barrier()
+    return card
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] != "export":
+        raise utils.UserError("usage: python training.py export --checkpoint DIR --base MODEL --out DIR")
+    args = utils.parse_args(ExportArgs, argv[1:])
+    card = export_checkpoint(args.checkpoint, args.base, args.out, args.dtype)
+    utils.print0(f"wrote {args.out} (step {card.get('step')} of {args.checkpoint})")
+    return card
+
+
+if __name__ == "__main__":
+    utils.run_main(main)

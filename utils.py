@@ -23,9 +23,13 @@ import ast
 import atexit
 import contextlib
 import dataclasses
+import functools
+import importlib
+import importlib.util
 import inspect
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -148,6 +152,16 @@ def stage_instruction(given: str | None, model_path: str) -> str:
     return DEFAULT_INSTRUCTION
 
 
+def resume_mismatch(saved: dict, current: dict, free: Sequence[str] = ()) -> list[str]:
+    """The flags whose values differ between a run's stored arguments (`saved`: its
+    dataclasses.asdict, e.g. under "args" in training.save_checkpoint's extra) and this call's, as
+    "--flag-name <now> (checkpoint: <then>)", in field order; fields in `free` (those that
+    do not change what the run computes: output folder, logging, memory settings, ...) and
+    fields the checkpoint does not know are left out."""
+    return [f"--{k.replace('_', '-')} {v!r} (checkpoint: {saved[k]!r})" for k, v in current.items()
+            if k not in free and k in saved and saved[k] != v]
+
+
 # --------------------------------------------------------------------------------------
 # Data I/O: validated reading, atomic writing
 # --------------------------------------------------------------------------------------
@@ -236,20 +250,36 @@ def check_answer(answer, where: str) -> str:
     return answer
 
 
+def gold_answer(record: dict, answer_field: str, answer_from: str, where: str) -> str:
+    """The checked gold answer of a record: its `answer_field` value, or with `answer_from`
+    (a field holding a worked solution, NuminaMath style) the content of that field's last
+    \\boxed{}; a solution without a complete box is a UserError naming `where`."""
+    if not answer_from:
+        return check_answer(record[answer_field], where)
+    boxed = extract_boxed(str(record[answer_from]))
+    if boxed is None:
+        raise UserError(f"{where}: field {answer_from!r} holds no complete \\boxed{{}} answer (--answer-from)")
+    return check_answer(boxed, where)
+
+
 def load_problems(path: str, problem_field: str = "problem", answer_field: str = "answer", limit: int = 0,
                   tokenizer=None, instruction: str = DEFAULT_INSTRUCTION, max_prompt_tokens: int | None = None,
-                  too_long: str = "") -> list[dict]:
+                  too_long: str = "", answer_from: str = "", keep_record: bool = False) -> list[dict]:
     """The problems of a data file as {id, problem, answer} (id: the record's index), the
-    first `limit` of them (0: all); every stage reads its problems here. Answers are checked
-    (check_answer). With a tokenizer, each also gets its `prompt` (build_prompt) and, with
-    `max_prompt_tokens`, problems whose prompt is longer are dropped and counted; `too_long`
-    says in the error what to change when none is left."""
-    rows = read_records(path, [problem_field, answer_field], with_lines=True)
+    first `limit` of them (0: all); every stage reads its problems here. With `keep_record`
+    each also holds its `record`, the file's record as read (what a custom reward is handed:
+    stages keep it when --reward is set). Answers are checked (check_answer); with
+    `answer_from` the answer is the last \\boxed{} of that field (gold_answer) and
+    `answer_field` is not read. With a tokenizer, each also gets its `prompt` (build_prompt)
+    and, with `max_prompt_tokens`, problems whose prompt is longer are dropped and counted;
+    `too_long` says in the error what to change when none is left."""
+    rows = read_records(path, [problem_field, answer_from or answer_field], with_lines=True)
     if not rows:
         raise UserError(f"{path}: holds no problems")
     rows = rows[:limit] if limit else rows
-    out = [{"id": i, "problem": str(r[problem_field]), "answer": check_answer(r[answer_field], f"{path}:{line}")}
-           for i, (line, r) in enumerate(rows)]
+    out = [{"id": i, "problem": str(r[problem_field]),
+            "answer": gold_answer(r, answer_field, answer_from, f"{path}:{line}"),
+            **({"record": r} if keep_record else {})} for i, (line, r) in enumerate(rows)]
     if tokenizer is None:
         return out
     for p in out:
@@ -548,6 +578,70 @@ def grade(text: str | None, gold: str, timeout: float = 5.0) -> float:
     if same is None:
         _warn_gold(gold)
     return 1.0 if same else 0.0
+
+
+def load_reward(spec: str) -> Callable:
+    """The callable a --reward names: "module:function" (imported by module path, as
+    `python -c "import module"` would from the working folder) or "path/to/file.py:function".
+    A spec that is malformed, cannot be imported, lacks the function or names something not
+    callable is a UserError in one line naming the reward."""
+    where, sep, name = spec.rpartition(":")
+    if not sep or not where or not name.isidentifier():
+        raise UserError(f"--reward must be module:function or path/to/file.py:function, got {spec!r}")
+    try:
+        if where.endswith(".py") or os.sep in where or "/" in where:
+            if not os.path.isfile(where):
+                raise UserError(f"--reward {spec}: no such file {where}")
+            loader = importlib.util.spec_from_file_location(f"_mrt_reward_{abs(hash(where))}", where)
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path and "" not in sys.path:
+                sys.path.insert(0, os.getcwd())  # a module beside the run, as `python -c` finds it
+            module = importlib.import_module(where)
+    except UserError:
+        raise
+    except Exception as e:  # ImportError, SyntaxError or any error the module raises while loading
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise UserError(f"--reward {spec}: cannot import {where} ({type(e).__name__}: {first})") from None
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise UserError(f"--reward {spec}: {where} has no {name!r}")
+    if not callable(fn):
+        raise UserError(f"--reward {spec}: {name} is not callable (a {type(fn).__name__})")
+    return fn
+
+
+def reward_value(value, spec: str) -> float:
+    """A custom reward's return value as a float; anything but a real number in [0, 1] (NaN
+    included) is a UserError naming the reward and the value."""
+    if not isinstance(value, numbers.Real) or not 0.0 <= float(value) <= 1.0:
+        raise UserError(f"--reward {spec} returned {value!r}; a reward must be a number in [0, 1]")
+    return float(value)
+
+
+def _default_grade(text: str | None, gold: str, record: dict | None = None) -> float:
+    return grade(text, gold)
+
+
+@functools.lru_cache(maxsize=None)
+def make_grader(spec: str = "") -> Callable[[str | None, str, dict | None], float]:
+    """The grading function of a run, grade(text, gold, record) -> float in [0, 1]: every
+    grading call site of every stage goes through it. spec "" is the math-verify grader
+    (`grade`, the record unused); "module:function" or "file.py:function" is a custom reward
+    called as function(completion_text, gold_answer, problem_record) (load_reward), whose
+    value is checked (reward_value). `text` is what the call site grades (a completion, its
+    last episode, or mu's answer; None becomes ""); `record` is the data file's record of the
+    problem, or {"answer": gold} where the caller holds only the gold answer (the
+    meta-prover). Cached per spec: the module is imported once."""
+    if not spec:
+        return _default_grade
+    fn = load_reward(spec)
+
+    def custom(text: str | None, gold: str, record: dict | None = None) -> float:
+        return reward_value(fn("" if text is None else text, gold, {"answer": gold} if record is None else record), spec)
+
+    return custom
 
 
 def _warn_gold(gold: str) -> None:

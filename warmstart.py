@@ -205,6 +205,20 @@ class Args:
     """recompute activations in backward"""
     z0_loss: bool = False
     """also train on the (wrong) attempt z0; default: z0 is context, loss on z1 + z2 only"""
+    reward: str = ""
+    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
+    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
+    grading site, the meta-prover's included (empty: utils.grade)"""
+    answer_from: str = ""
+    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
+    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
+
+
+RESUME_FREE = ("out", "resume", "search_from", "plot", "plot_out", "epochs", "save_every", "report_to", "dtype",
+               "gpu_memory_utilization", "sleep_mode", "gradient_checkpointing")
+"""Arguments a --resume may change (--epochs to train on for more epochs); any other differing
+from the SFT checkpoint's is refused (training.check_resume_args): it would change what the run
+computes."""
 
 
 def resolve_args(args: Args, world: int = 1) -> Args:
@@ -264,11 +278,16 @@ class Node:
     """kept in the beam at its depth"""
 
 
-def beam_search(sampler: sampling.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int) -> list[list[Node]]:
+def beam_search(sampler: sampling.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int,
+                records: list | None = None) -> list[list[Node]]:
     """One tree per problem, searched together: per depth, one generate call expands every kept
-    node of every problem and one meta-prover call values every new non-terminal child."""
+    node of every problem and one meta-prover call values every new non-terminal child. Complete
+    nodes and mu's rollouts are graded by the run's grader (utils.make_grader(args.reward); a
+    custom reward gets the problem's entry of `records`, the data file's records)."""
     tok, delim = sampler.tokenizer, args.step_delimiter
-    mu = MetaProver(sampler, suffix="", m=args.rollouts, temperature=args.temperature, max_tokens=args.max_tokens)
+    grade, records = utils.make_grader(args.reward), records or [None] * len(prompts)
+    mu = MetaProver(sampler, suffix="", m=args.rollouts, temperature=args.temperature, max_tokens=args.max_tokens,
+                    reward=args.reward)
     trees = [[Node(0, -1, 0, "", kept=True)] for _ in prompts]
     for tree, v in zip(trees, mu.success_rates(prompts, golds, seed=seed)):
         tree[0].value = float(v)
@@ -295,7 +314,7 @@ def beam_search(sampler: sampling.Sampler, prompts: list[str], golds: list[str],
                 seen.add(text)
                 node = Node(len(trees[i]), nid, depth, text, complete=complete)
                 if complete:
-                    node.correct = utils.grade(text, golds[i]) == 1.0
+                    node.correct = grade(text, golds[i], records[i]) == 1.0
                     node.value = float(node.correct)
                 trees[i].append(node)
                 children[i].append(node.id)
@@ -314,13 +333,15 @@ def beam_search(sampler: sampling.Sampler, prompts: list[str], golds: list[str],
     return trees
 
 
-def graded_attempts(sampler: sampling.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int) -> list[list[dict]]:
-    """--attempts plain attempts per problem (infogain.sample_attempts), graded."""
+def graded_attempts(sampler: sampling.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int,
+                    records: list | None = None) -> list[list[dict]]:
+    """--attempts plain attempts per problem (infogain.sample_attempts), graded (as beam_search's nodes)."""
+    grade, records = utils.make_grader(args.reward), records or [None] * len(prompts)
     outs = sample_attempts(sampler, prompts, args.attempts, temperature=args.temperature, max_tokens=args.max_tokens,
                            seed=seed)
-    return [[{"text": s.text.rstrip(), "correct": utils.grade(s.text, g) == 1.0,
+    return [[{"text": s.text.rstrip(), "correct": grade(s.text, g, r) == 1.0,
               "complete": s.finish_reason == "stop" and utils.extract_boxed(s.text) is not None} for s in group]
-            for group, g in zip(outs, golds)]
+            for group, g, r in zip(outs, golds, records)]
 
 
 # --------------------------------------------------------------------------------------
@@ -351,8 +372,10 @@ def best_restart(z0: str, nodes: list[Node], delim: str) -> tuple[Node, Node] | 
     return best
 
 
-def build_traces(record: dict, scheme: str, k: int, delim: str, seed: int) -> list[dict]:
-    """Up to k traces of one problem's search record {problem, answer, nodes, attempts}."""
+def build_traces(record: dict, scheme: str, k: int, delim: str, seed: int, reward: str = "") -> list[dict]:
+    """Up to k traces of one problem's search record {problem, answer, nodes, attempts}; a
+    joined trace's z2 is graded by utils.make_grader(reward) (a custom one gets the record's
+    "record", the data file's record, when the search kept it)."""
     nodes = [n if isinstance(n, Node) else Node(**n) for n in record["nodes"]]
     rng = random.Random(seed)
     correct = list(dict.fromkeys([n.text for n in nodes if n.complete and n.correct] +
@@ -381,7 +404,7 @@ def build_traces(record: dict, scheme: str, k: int, delim: str, seed: int) -> li
             u_value, rest = u.value, leaf.text[len(u.text):]
         completion = z0 + "\n" + utils.BACKTRACK_MARKER + "\n" + rest
         ep = split_continuation(z0, completion)
-        if ep is None or utils.grade(ep.z2, record["answer"]) != 1.0:
+        if ep is None or utils.make_grader(reward)(ep.z2, record["answer"], record.get("record")) != 1.0:
             continue  # not a backtrack trace once joined (a real model's last step can hold its box: no z2 line)
         path = [(n.depth, n.value) for n in nodes if not n.complete and n.value is not None and z0.startswith(n.text)
                 and restart_prefix(z0, n.depth + 1) == n.text]
@@ -504,7 +527,8 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
         logger.log(rec)
         bar.set_postfix(loss=f"{rec['loss']:.4f}")
         if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total:
-            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, tokens=tokens_seen)
+            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, tokens=tokens_seen,
+                                     args=dataclasses.asdict(args), card=card)
     model.eval()
     training.save_pretrained(model, tok, model_dir)
     if utils.is_main():
@@ -609,8 +633,9 @@ def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler
         prompts = [utils.build_prompt(tok, p["problem"], args.instruction) for p in chunk]
         golds = [p["answer"] for p in chunk]
         s = utils.derive_seed(seed, "search", b * world + rank)
-        trees = beam_search(sampler, prompts, golds, args, s)
-        attempts = graded_attempts(sampler, prompts, golds, args, utils.derive_seed(s, "attempts"))
+        own = [p.get("record") for p in chunk]
+        trees = beam_search(sampler, prompts, golds, args, s, own)
+        attempts = graded_attempts(sampler, prompts, golds, args, utils.derive_seed(s, "attempts"), own)
         records += [{**p, "prompt": pr, "nodes": [dataclasses.asdict(n) for n in t], "attempts": a}
                     for p, pr, t, a in zip(chunk, prompts, trees, attempts)]
     merged = [r for part in utils.all_gather(records) for r in part]
@@ -644,7 +669,11 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         paths = toy.ensure_built()
         model_path, data_path = model_path or paths["base"], data_path or paths["train"]
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
-    problems = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems)
+    if args.resume and training.has_checkpoint(os.path.join(out, "checkpoint")):  # before the search reruns
+        training.check_resume_args(os.path.join(out, "checkpoint"), args, RESUME_FREE)
+    problems = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems,
+                                   answer_from=args.answer_from, keep_record=bool(args.reward))
+    utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     for path in (args.search_from,) if args.search_from else ():
         if not os.path.isfile(path):
             raise utils.UserError(f"--search-from: no such file: {path}")
@@ -672,7 +701,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     # ---- traces ----------------------------------------------------------------------------
     traces, mixed = [], []
     for i, r in enumerate(records):
-        own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter, utils.derive_seed(args.seed, "traces", i))
+        own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter,
+                           utils.derive_seed(args.seed, "traces", i), args.reward)
         traces += own
         if args.scheme != "rejection" and args.direct_mix > 0:
             mixed += direct_mixin(r, len(own), args.direct_mix, args.step_delimiter, utils.derive_seed(args.seed, "traces", i))
