@@ -5,7 +5,8 @@ GPUs: the suite is a CPU suite (gloo process groups, fp32 thresholds, two-rank t
 engine per xdist worker). On a machine with GPUs they are hidden from it and from every process
 it starts (CUDA_VISIBLE_DEVICES=""), so it runs there as on a CPU machine; vLLM's CUDA build
 cannot start an engine without a GPU, so there the tests that use the session engine skip
-(vLLM's CPU build runs them). `MRT_TEST_GPUS=1` runs only the tests marked `gpu(n)`, with the
+(vLLM's CPU build runs them) and the stages the tests run sample with transformers
+(MRT_SAMPLER=hf; not yet run on such a machine). `MRT_TEST_GPUS=1` runs only the tests marked `gpu(n)`, with the
 GPUs visible; each skips without n of them."""
 
 import importlib
@@ -30,19 +31,25 @@ def vllm_build() -> str | None:
 def gpu_plan(env: dict, build: str | None) -> dict:
     """What the session does with GPUs: {"gpu_tests": run only the gpu-marked tests (MRT_TEST_GPUS
     set), "hide": set CUDA_VISIBLE_DEVICES="" (every other session), "engine_skip": why the
-    session engine cannot start (GPUs hidden from vLLM's CUDA build), else None}."""
+    session engine cannot start (GPUs hidden from vLLM's CUDA build), else None, "sampler": the
+    MRT_SAMPLER every Sampler of the session and its subprocesses takes ("hf": transformers, where
+    vLLM's CUDA build cannot start with the GPUs hidden; None: as the user set it)}."""
     gpu_tests = env.get("MRT_TEST_GPUS", "") not in ("", "0")
     hide = not gpu_tests
     skip = None
     if hide and build == "cuda":
         skip = ("vLLM's CUDA build cannot start an engine with the GPUs hidden from the CPU suite: run these with "
                 "vLLM's CPU build (requirements-cpu.txt)")
-    return {"gpu_tests": gpu_tests, "hide": hide, "engine_skip": skip}
+    return {"gpu_tests": gpu_tests, "hide": hide, "engine_skip": skip, "sampler": "hf" if skip else None}
 
 
 PLAN = gpu_plan(os.environ, vllm_build())
 if PLAN["hide"]:
     os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported: torch, vLLM and every subprocess see no GPU
+if PLAN["sampler"]:
+    # the stages that tests run (in process or as subprocesses) sample with transformers there; the
+    # tests of vLLM itself (the session engine) skip
+    os.environ["MRT_SAMPLER"] = PLAN["sampler"]
 
 import pytest  # noqa: E402
 

@@ -862,10 +862,12 @@ def test_gpu_plan_hides_gpus_from_the_cpu_suite():
     import conftest
 
     plain = conftest.gpu_plan({}, "cpu")
-    assert plain == {"gpu_tests": False, "hide": True, "engine_skip": None}
+    assert plain == {"gpu_tests": False, "hide": True, "engine_skip": None, "sampler": None}
     assert conftest.gpu_plan({}, None)["engine_skip"] is None  # no vLLM: transformers samples on CPU
-    assert "CPU build" in conftest.gpu_plan({"MRT_TEST_GPUS": "0"}, "cuda")["engine_skip"]
-    assert conftest.gpu_plan({"MRT_TEST_GPUS": "1"}, "cuda") == {"gpu_tests": True, "hide": False, "engine_skip": None}
+    cuda_build = conftest.gpu_plan({"MRT_TEST_GPUS": "0"}, "cuda")  # a GPU machine's install, CPU suite
+    assert "CPU build" in cuda_build["engine_skip"] and cuda_build["sampler"] == "hf"
+    assert conftest.gpu_plan({"MRT_TEST_GPUS": "1"}, "cuda") == {"gpu_tests": True, "hide": False, "engine_skip": None,
+                                                                 "sampler": None}
     gpu = pytest.mark.gpu(2).mark
     assert conftest.gpu_skip(None, False, 0) is None  # a CPU test in a CPU session
     assert conftest.gpu_skip(gpu, False, 8) is not None  # GPU tests run only when asked for
