@@ -6,7 +6,8 @@ outcome, no meta-prover), `forced` (--variant mrt, forced mu) and `rollout` (--v
 weights with the same seed (the bench checks that the three z0.jsonl agree). The arms run one
 after the other, in `--rounds` rounds with the order rotated each round, so that the load of a
 shared machine falls on all of them alike; each run's first step (warm-up) is left out and the
-median step of each arm is compared. Each step is split from grpo.py's metrics.jsonl: policy
+median step of each arm is compared to the outcome arm's, and (steadier on a shared machine) each
+MRT step to itself less mu's time, which is the outcome arm's work under the same load. Each step is split from grpo.py's metrics.jsonl: policy
 sampling (time_sample - time_mu), mu (time_mu), training (time_train less the weight sync,
 timed here around sampler.sync_weights), sync, and the rest; plus mu's decoded tokens per
 problem (mu_tokens_per_problem).
@@ -164,13 +165,17 @@ def run_arms(a) -> None:
     same = len(set(z0.values())) == 1
     print(f"\nz0 identical across arms and rounds: {same}")
     print(f"\nmedian over steps 2..{a.steps} of each run ({a.rounds} round(s)), size {a.size}, m = {a.mu_samples}:")
-    print("  arm        policy      mu   train    sync    step  ratio  mu tok/problem")
+    print("  arm        policy      mu   train    sync    step  ratio  in-step  mu tok/problem")
     base = statistics.median(p["step"] for p in steps["outcome"]) if steps.get("outcome") else None
     for arm in arms:
         med = {k: statistics.median(p[k] for p in steps[arm]) for k in ("policy", "mu", "train", "sync", "step", "mu_tokens")}
         ratio = f"{med['step'] / base:5.2f}x" if base else "   - "
+        inner = statistics.median(p["step"] / (p["step"] - p["mu"]) for p in steps[arm])
         print(f"  {arm:9s} {med['policy']:7.2f} {med['mu']:7.2f} {med['train']:7.2f} {med['sync']:7.2f} "
-              f"{med['step']:7.2f} {ratio} {med['mu_tokens']:15.0f}")
+              f"{med['step']:7.2f} {ratio}  {inner:5.2f}x {med['mu_tokens']:15.0f}")
+    print("ratio: median step / the outcome arm's; in-step: median of step / (step - mu) within each step, the\n"
+          "same step under the same machine load without mu's time (its sampling and training are the outcome\n"
+          "arm's work: same sizes, same engine)")
 
 
 # --------------------------------------------------------------------------------------

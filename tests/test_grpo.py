@@ -612,3 +612,16 @@ def test_kill_and_resume_matches_uninterrupted_run(engine, toy_paths, toy_warmst
     assert any(r["zero_std_groups"] < 1 for r in rows), rows
     assert all("info_gain_mean" in r and r["kl"] >= 0 for r in rows)
     assert any(r["kl"] > 0 for r in rows[1:]) and any(r["clip_region"] >= 0 for r in rows)
+
+
+def test_step_record_logs_mu_tokens_per_problem():
+    """mu's decoded tokens of the step per problem (2 problems x 2 continuations here); no key
+    without a meta-prover."""
+    args = grpo.resolve_args(grpo.Args(variant="mrt", prompts_per_step=2, group_size=2, micro_batch_size=2), 1)
+    rows = [{"truncated": False, "episodes": None}] * 4
+    stat = dict(entropy=1.0, logprob_gap=0.0, clip_low=0.0, clip_high=0.0, clip_region=0.0, ratio=1.0, kl=0.0,
+                is_weight=1.0, tokens=5.0, ratio_max=1.0, loss=0.1)
+    rewards = {k: torch.tensor([1.0, 0.0, 0.0, 1.0]) for k in ("outcome", "gain", "reward", "tokens")}
+    times = {"time_sample": 1.0, "time_mu": 0.5, "time_train": 1.0, "time_step": 2.0}
+    assert grpo.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args, 90)["mu_tokens_per_problem"] == 45
+    assert "mu_tokens_per_problem" not in grpo.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args)
