@@ -479,7 +479,10 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     truncated, and (backtrack format) episodes. The outcome is infogain.sample_outcome (0 for
     a sample cut at --max-tokens); the gain is infogain.backtrack_gain (an unparsed
     continuation: -J(mu | x, z0)), 0 without a meta-prover; z1_tokens is the sampled tokens of
-    z1 (all of them for an unparsed continuation, which has no z2)."""
+    z1 (all of them for an unparsed continuation, which has no z2). mu is asked once per step,
+    after the policy's call (it grades the continuations that call samples): the P contexts
+    x + z0 and every parsed x + z0 + z1_i in one call, where the engine's prefix cache holds
+    x + z0 in whole KV blocks for all of them (sampling.CPU_ENGINE_BLOCK on CPU)."""
     fmt = variant_format(args.variant)
     tok = sampler.tokenizer
     tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]

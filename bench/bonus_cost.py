@@ -65,6 +65,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", default=os.path.join(ROOT, "runs", "bonus_cost"))
     p.add_argument("--toy", default=os.environ.get("MRT_TOY_DIR", ""), help="toy build folder ('' : runs/toy)")
+    p.add_argument("--realistic", default=os.path.join(ROOT, "runs", "realistic"),
+                   help="--size realistic: folder of tests/realistic.py's builds (one is built there if missing)")
     p.add_argument("--no-prefix-cache", action="store_true", help="engine without vLLM's prefix caching")
     p.add_argument("--levers", action="store_true", help="measure mu's levers on one step (see above)")
     p.add_argument("--ref-m", type=int, default=16, help="--levers: answers per context of the reference J")
@@ -97,7 +99,7 @@ def model_and_data(a) -> tuple[str, dict]:
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from realistic import build_realistic
 
-    return build_realistic(os.path.join(ROOT, "runs", "realistic"), base=paths["base"]), paths
+    return build_realistic(a.realistic, base=paths["base"]), paths
 
 
 def make_sampler(a, model: str, data: dict):
