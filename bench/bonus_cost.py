@@ -67,6 +67,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--toy", default=os.environ.get("MRT_TOY_DIR", ""), help="toy build folder ('' : runs/toy)")
     p.add_argument("--realistic", default=os.path.join(ROOT, "runs", "realistic"),
                    help="--size realistic: folder of tests/realistic.py's builds (one is built there if missing)")
+    p.add_argument("--block-size", type=int, default=0,
+                   help="engine KV block size in tokens (0: sampling.Sampler's; vLLM's CPU default is 128)")
     p.add_argument("--no-prefix-cache", action="store_true", help="engine without vLLM's prefix caching")
     p.add_argument("--levers", action="store_true", help="measure mu's levers on one step (see above)")
     p.add_argument("--ref-m", type=int, default=16, help="--levers: answers per context of the reference J")
@@ -116,7 +118,8 @@ def make_sampler(a, model: str, data: dict):
         too_long="raise --max-prompt-length"))
     need = grpo.engine_need(args, tok, longest, mu_in_engine=True)
     return sampling.Sampler(model, seed=a.seed, max_model_len=sampling.engine_length(model, need),
-                            enable_prefix_caching=not a.no_prefix_cache)
+                            enable_prefix_caching=not a.no_prefix_cache,
+                            **({"block_size": a.block_size} if a.block_size else {}))
 
 
 def split(rows: list[dict], syncs: list[float]) -> list[dict]:
