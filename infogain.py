@@ -383,7 +383,10 @@ class MetaProver:
         answer whose box is still open after a brace goes on from prompt + its ids, in rounds."""
         tok = self.sampler.tokenizer
         ids = [[list(s.token_ids) for s in group] for group in outs]
-        text = lambda i, j: tok.decode(ids[i][j], skip_special_tokens=True) if ids[i][j] else outs[i][j].text  # noqa: E731
+
+        def text(i: int, j: int) -> str:
+            return tok.decode(ids[i][j], skip_special_tokens=True) if ids[i][j] else outs[i][j].text
+
         for rnd in itertools.count(1):
             todo = [(i, j) for i, group in enumerate(outs) for j, s in enumerate(group)
                     if s.finish_reason == "stop" and ids[i][j] and len(ids[i][j]) < self.max_tokens

@@ -7,7 +7,8 @@ weights with the same seed (the bench checks that the three z0.jsonl agree). The
 after the other, in `--rounds` rounds with the order rotated each round, so that the load of a
 shared machine falls on all of them alike; each run's first step (warm-up) is left out and the
 median step of each arm is compared to the outcome arm's, and (steadier on a shared machine) each
-MRT step to itself less mu's time, which is the outcome arm's work under the same load. Each step is split from grpo.py's metrics.jsonl: policy
+MRT step to itself less mu's time, which is the outcome arm's work under the same load. Each
+step is split from grpo.py's metrics.jsonl: policy
 sampling (time_sample - time_mu), mu (time_mu), training (time_train less the weight sync,
 timed here around sampler.sync_weights), sync, and the rest; plus mu's decoded tokens per
 problem (mu_tokens_per_problem).
@@ -83,7 +84,8 @@ def grpo_args(a, arm: str, model: str, data: dict, run: int = 0):
     import grpo
 
     size = SIZES[a.size]
-    return grpo.Args(variant="outcome" if arm == "outcome" else "mrt", mu_mode="rollout" if arm == "rollout" else "forced",
+    return grpo.Args(variant="outcome" if arm == "outcome" else "mrt",
+                     mu_mode="rollout" if arm == "rollout" else "forced",
                      preset=size["preset"], model=model, train_data=data["train"], test_data=data["test"],
                      out=os.path.join(a.work, a.size, f"{arm}-{run}"), seed=a.seed, steps=a.steps,
                      prompts_per_step=size["prompts_per_step"], group_size=size["group_size"],
@@ -173,7 +175,8 @@ def run_arms(a) -> None:
     print("  arm        policy      mu   train    sync    step  ratio  in-step  mu tok/problem")
     base = statistics.median(p["step"] for p in steps["outcome"]) if steps.get("outcome") else None
     for arm in arms:
-        med = {k: statistics.median(p[k] for p in steps[arm]) for k in ("policy", "mu", "train", "sync", "step", "mu_tokens")}
+        med = {k: statistics.median(p[k] for p in steps[arm])
+               for k in ("policy", "mu", "train", "sync", "step", "mu_tokens")}
         ratio = f"{med['step'] / base:5.2f}x" if base else "   - "
         inner = statistics.median(p["step"] / (p["step"] - p["mu"]) for p in steps[arm])
         print(f"  {arm:9s} {med['policy']:7.2f} {med['mu']:7.2f} {med['train']:7.2f} {med['sync']:7.2f} "
@@ -231,7 +234,8 @@ def run_levers(a) -> None:
     for m in (4, 8, 16):
         one(f"forced m={m}", infogain.MetaProver(sampler, m=m, **kw))
     for m in (4, 8, 16):
-        one(f"rollout m={m}", infogain.MetaProver(sampler, m=m, mode="rollout", rollout_tokens=args.mu_rollout_tokens))
+        one(f"rollout m={m}", infogain.MetaProver(sampler, m=m, mode="rollout",
+                                                 rollout_tokens=args.mu_rollout_tokens))
 
     # standard error of I = J(after) - J(before) at m answers each, from reference J's at ref_m
     for mode in ("forced", "rollout"):
