@@ -378,20 +378,22 @@ class MetaProver:
         return self._close_boxes(prompts, outs, seed)
 
     def _close_boxes(self, prompts: list[list[int]], outs, seed: int | None) -> list[list[str]]:
-        """suffix + completion of answers stopped at "}": the stop string is left out of the
-        text, so the text is decoded from the sampled ids (the closing token included); an
-        answer whose box is still open after a brace goes on from prompt + its ids, in rounds."""
+        """suffix + completion of answers stopped at "}". vLLM leaves the stop string out of the
+        text, so an answer's text is decoded from its sampled ids (the closing token included)
+        where that decoding extends the text (else the text is taken as it is: a sampler that
+        writes the brace itself); an answer whose box is still open after a brace goes on
+        from prompt + its ids, in rounds."""
         tok = self.sampler.tokenizer
         ids = [[list(s.token_ids) for s in group] for group in outs]
-
-        def text(i: int, j: int) -> str:
-            return tok.decode(ids[i][j], skip_special_tokens=True) if ids[i][j] else outs[i][j].text
-
+        texts = []
+        for group, group_ids in zip(outs, ids):
+            decoded = [tok.decode(i, skip_special_tokens=True) if i else "" for i in group_ids]
+            texts.append([d if i and d.startswith(s.text) else s.text for s, i, d in zip(group, group_ids, decoded)])
         for rnd in itertools.count(1):
             todo = [(i, j) for i, group in enumerate(outs) for j, s in enumerate(group)
                     if s.finish_reason == "stop" and ids[i][j] and len(ids[i][j]) < self.max_tokens
                     and "}" in tok.decode(ids[i][j][-1:], skip_special_tokens=True)
-                    and first_box(self.suffix + text(i, j)) is None]
+                    and first_box(self.suffix + texts[i][j]) is None]
             if not todo:
                 break
             for i, j in todo:  # one request each: their token budgets differ
@@ -401,8 +403,9 @@ class MetaProver:
                                           logprobs=False, stop=["}"])[0][0]
                 ids[i][j] += list(s.token_ids)
                 outs[i][j] = s
+                texts[i][j] = tok.decode(ids[i][j], skip_special_tokens=True)
                 self.tokens += s.num_tokens
-        return [[self.suffix + text(i, j) for j in range(len(group))] for i, group in enumerate(outs)]
+        return [[self.suffix + t for t in group] for group in texts]
 
     def grade(self, answer: str, gold: str) -> float:
         """0/1 grade of one of mu's answer texts (answers): the box the suffix opened when it
