@@ -502,7 +502,10 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     truncated, and (backtrack format) episodes. The outcome is infogain.sample_outcome (0 for
     a sample cut at --max-tokens); the gain is infogain.backtrack_gain (an unparsed
     continuation: -J(mu | x, z0)), 0 without a meta-prover; z1_tokens is the sampled tokens of
-    z1 (all of them for an unparsed continuation, which has no z2)."""
+    z1 (all of them for an unparsed continuation, which has no z2). mu is asked once per step,
+    after the policy's call (it grades the continuations that call samples): the P contexts
+    x + z0 and every parsed x + z0 + z1_i in one call, where the engine's prefix cache holds
+    x + z0 in whole KV blocks for all of them (sampling.CPU_ENGINE_BLOCK on CPU)."""
     fmt = variant_format(args.variant)
     tok = sampler.tokenizer
     tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
@@ -681,11 +684,13 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
 
 
 def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], grad_norm: float, lr: float,
-                times: dict, args: Args) -> dict:
+                times: dict, args: Args, mu_tokens: int | None = None) -> dict:
     """One metrics line. `rewards`: outcome, gain, reward, tokens, each (B * world,) over all
     ranks; `stats`: this rank's per-micro-batch loss metrics (first pass first), token-weighted
     here, then averaged over ranks; `times`: this rank's seconds, the slowest rank's reported.
-    Backtrack format: unparsed_share, the share of continuations with no episodes."""
+    Backtrack format: unparsed_share, the share of continuations with no episodes. With a
+    meta-prover, `mu_tokens` (the tokens it decoded on this rank this step) gives
+    mu_tokens_per_problem, summed over ranks per problem of the step."""
     n_micro = len(rows) // args.micro_batch_size
     first = stats[:n_micro]  # entropy and the engine/trainer gap are taken on the first pass
 
@@ -696,7 +701,7 @@ def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], g
     local = {"entropy": wmean("entropy", first), "logprob_gap": wmean("logprob_gap", first),
              **{k: wmean(k, stats) for k in keys}, "truncated": sum(r["truncated"] for r in rows),
              "unparsed": sum("episodes" in r and r["episodes"] is None for r in rows),
-             "ratio_max": max(s["ratio_max"] for s in stats), **times}
+             "ratio_max": max(s["ratio_max"] for s in stats), "mu_tokens": mu_tokens or 0, **times}
     ranks = utils.all_gather(local)
     mean = {k: float(np.mean([r[k] for r in ranks])) for k in ("entropy", "logprob_gap", *keys)}
     slowest = {k: max(r[k] for r in ranks) for k in times}
@@ -713,7 +718,9 @@ def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], g
             "is_weight": mean["is_weight"], "ratio_mean": mean["ratio"],
             "ratio_max": max(r["ratio_max"] for r in ranks), "grad_norm": grad_norm, "lr": lr,
             "loss": float(np.mean([s["loss"] for s in stats])),
-            "tokens_per_s": ntok.sum().item() / max(1e-9, slowest["time_sample"]), **slowest}
+            "tokens_per_s": ntok.sum().item() / max(1e-9, slowest["time_sample"]),
+            **({"mu_tokens_per_problem": sum(r["mu_tokens"] for r in ranks) * args.group_size / len(ntok)}
+               if mu_tokens is not None else {}), **slowest}
 
 
 # --------------------------------------------------------------------------------------
@@ -819,10 +826,11 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
 
         # ---- sample: G continuations per problem from the current policy (seeded per step and rank)
         problems = step_problems(train, position(step), args, rank, skip)
-        mu_seconds = meta_prover.seconds if meta_prover else 0.0
+        mu_seconds, mu_tokens = (meta_prover.seconds, meta_prover.tokens) if meta_prover else (0.0, 0)
         rows = rollout(sampler, problems, train_z0, args, utils.derive_seed(args.seed, "rollout", step, rank), meta_prover)
         t_sample = time.time() - t_step
         t_mu = (meta_prover.seconds if meta_prover else 0.0) - mu_seconds  # mu's share of the sampling time
+        mu_tokens = meta_prover.tokens - mu_tokens if meta_prover else None  # tokens mu decoded this step
 
         # ---- reward: R = r + alpha * I - lambda * length, gathered over ranks ---------------
         outcome = torch.tensor([r["outcome"] for r in rows])  # (B,)
@@ -852,7 +860,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
 
         # ---- log, checkpoint -------------------------------------------------------------------
         times = {"time_sample": t_sample, "time_mu": t_mu, "time_train": t_train, "time_step": time.time() - t_step}
-        rec = step_record(step + 1, every, rows, stats, grad_norm, sched.get_last_lr()[0], times, args)
+        rec = step_record(step + 1, every, rows, stats, grad_norm, sched.get_last_lr()[0], times, args, mu_tokens)
         if fmt == "backtrack":  # restart precision against the toy's ground truth (toy problems only)
             truth = [{"truth": toy.restart_truth(r["problem"]["problem"], train_z0[r["problem"]["id"]],
                                                  r["episodes"].restart_step if r["episodes"] else None),

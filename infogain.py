@@ -75,6 +75,7 @@ from __future__ import annotations
 
 import functools
 import gc
+import itertools
 import json
 import os
 import re
@@ -282,14 +283,50 @@ def grade_cached(text: str, gold: str) -> float:
 
 
 MU_MODES = ("forced", "rollout")
+BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def opens_box(suffix: str) -> bool:
+    """Whether a forced suffix ends inside a box it opens (utils.MU_SUFFIX: "... \\boxed{")."""
+    return any(m.end() == len(suffix.rstrip(" ")) for m in BOX_OPEN.finditer(suffix))
+
+
+def first_box(text: str) -> str | None:
+    """Content of the first \\boxed{...} (or \\fbox{...}) of text when that box is closed
+    (braces counted, so nested braces stay inside), else None: a first box left open is no
+    answer, whatever boxes follow inside it."""
+    m = BOX_OPEN.search(text)
+    if m is None:
+        return None
+    depth = 1
+    for i in range(m.end(), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[m.end():i].strip()
+    return None
 
 
 class MetaProver:
     """mu: the meta-prover estimating J(mu | c), in one of two modes.
 
     forced   mu is the model steered to stop and answer now: the suffix (a forced answer
-             prefix, default utils.MU_SUFFIX) is appended to the context, mu writes up to
-             max_tokens, and suffix + completion is graded.
+             prefix, default utils.MU_SUFFIX) is appended to the context and mu writes up to
+             max_tokens. When the suffix opens a box (it ends in "\\boxed{"), mu's answer is
+             that box: the first closed box of suffix + completion (first_box), braces
+             counted; it is graded, and whatever mu writes after closing it is not its answer.
+             (Until this rule the last complete box of suffix + completion was graded, so a
+             second box written after the first one replaced it and an unclosed second box
+             voided a closed first one: the rule changes the estimator in those cases only.)
+             With stop_at_box (default) mu stops writing at that box's closing brace: a
+             vLLM stop at "}" ends each answer at its first closing brace, and an answer whose
+             box is still open there (a nested brace, as in \\frac{1}{2}) is continued from its
+             own tokens, one request per such answer, until its box closes or max_tokens are
+             written. The stop changes no grade: an answer with no nested brace is the same
+             tokens as without the stop up to the closing brace (seeded sampling draws token
+             by token), and one continued after a nested brace is drawn from the same
+             distribution (new draws). A suffix that opens no box (e.g. "", warmstart's value
+             estimate, where mu completes the solution) is graded on the last complete box of
+             the completion, with no stop.
     rollout  mu continues the context as it is, in the trace's own format, for up to
              rollout_tokens tokens; its answer is the last boxed answer of the last episode
              of context + completion (utils.last_episode: the text after the last backtrack
@@ -298,24 +335,28 @@ class MetaProver:
              does not close). J is a Monte-Carlo value of the context: after a finished
              attempt it is that attempt's answer unless mu goes on to revise it; after a
              backtrack episode only a box mu writes after the marker counts, never the answer
-             the episode abandoned. The suffix is not used. The paper allows any mu ("the
-             same LLM", "another LLM told to estimate the answer"); this mode is our choice for
-             small models that cannot answer without writing the steps.
+             the episode abandoned. The suffix is not used, and no stop applies (mu may revise
+             after a box). The paper allows any mu ("the same LLM", "another LLM told to
+             estimate the answer"); this mode is our choice for small models that cannot
+             answer without writing the steps.
 
     `sampler` is the policy's own sampling.Sampler (mu = the current policy, so it follows
     weight syncs) or one built on another model. With suffix "" the forced mode completes
     the solution from the context too (warmstart's value estimate), but grades only the
     completion. In both modes the m samples of one context come from one request with n=m
-    (its prefill is shared). `seconds` accumulates the time spent in mu's calls.
+    (its prefill is shared), and all contexts of a call go to the engine together. `seconds`
+    accumulates the time spent in mu's calls, `tokens` the tokens mu decoded.
 
     `reward` (a --reward spec; "" the math-verify grader) grades mu's answers too: J is the
     success rate under the task's reward, so a custom reward is the meta-prover's as well. It
-    is handed the record {"answer": gold} (mu sees contexts and gold answers only), and a
-    non-binary reward makes J a mean reward rather than a success rate."""
+    is handed the answer text (as `answers` gives it) and the record {"answer": gold} (mu sees
+    contexts and gold answers only); a non-binary reward makes J a mean reward rather than a
+    success rate."""
 
     def __init__(self, sampler: sampling.Sampler, suffix: str = utils.MU_SUFFIX, m: int = 8,
                  temperature: float = 1.0, max_tokens: int = 16, top_p: float = 1.0,
-                 mode: str = "forced", rollout_tokens: int = 128, reward: str = ""):
+                 mode: str = "forced", rollout_tokens: int = 128, stop_at_box: bool = True,
+                 reward: str = ""):
         if mode not in MU_MODES:
             raise ValueError(f"MetaProver mode must be one of {MU_MODES}, got {mode!r}")
         if m < 1 or max_tokens < 1 or rollout_tokens < 1:
@@ -326,33 +367,98 @@ class MetaProver:
         self.temperature, self.top_p = temperature, top_p
         self.max_tokens = max_tokens if mode == "forced" else rollout_tokens
         """tokens mu writes per sample (the forced answer's limit, or B in rollout mode)"""
-        self.seconds = 0.0
-        self.grade = grade_cached if not reward else (lambda t, g: utils.make_grader(reward)(t, g, None))  # noqa: E731
-        """grade(text, gold) of one mu sample (cached math-verify, or the custom reward)"""
+        self.boxed = mode == "forced" and opens_box(self.suffix)
+        """the answer is the box the suffix opens (first_box)"""
+        self.stop_at_box = stop_at_box and self.boxed
+        self.seconds, self.tokens = 0.0, 0
+        self.reward = utils.make_grader(reward) if reward else None
+        """the custom reward's grade(text, gold, record), None for the math-verify grader"""
+
+    def answers(self, contexts: list[str], seed: int | None = None) -> list[list[str]]:
+        """(C, m) texts mu's answers are graded on: suffix + completion (forced) or the last
+        episode of context + completion (rollout). Adds the decoded tokens to `tokens`."""
+        tok = self.sampler.tokenizer
+        prompts = [utils.encode(tok, mu_context(c, self.suffix)) for c in contexts]
+        outs = self.sampler.generate(prompts, n=self.m, temperature=self.temperature, top_p=self.top_p,
+                                     max_tokens=self.max_tokens, seed=seed, logprobs=False,
+                                     **({"stop": ["}"]} if self.stop_at_box else {}))
+        self.tokens += sum(s.num_tokens for group in outs for s in group)
+        if self.mode == "rollout":
+            return [[utils.last_episode(c + s.text) for s in group] for group, c in zip(outs, contexts)]
+        if not self.stop_at_box:
+            return [[self.suffix + s.text for s in group] for group in outs]
+        return self._close_boxes(prompts, outs, seed)
+
+    def _close_boxes(self, prompts: list[list[int]], outs, seed: int | None) -> list[list[str]]:
+        """suffix + completion of answers stopped at "}". vLLM leaves the stop string out of the
+        text, so an answer's text is decoded from its sampled ids (the closing token included)
+        where that decoding extends the text (else the text is taken as it is: a sampler that
+        writes the brace itself); an answer whose box is still open after a brace goes on
+        from prompt + its ids, in rounds."""
+        tok = self.sampler.tokenizer
+        ids = [[list(s.token_ids) for s in group] for group in outs]
+        texts = []
+        for group, group_ids in zip(outs, ids):
+            decoded = [tok.decode(i, skip_special_tokens=True) if i else "" for i in group_ids]
+            texts.append([d if i and d.startswith(s.text) else s.text for s, i, d in zip(group, group_ids, decoded)])
+        for rnd in itertools.count(1):
+            todo = [(i, j) for i, group in enumerate(outs) for j, s in enumerate(group)
+                    if s.finish_reason == "stop" and ids[i][j] and len(ids[i][j]) < self.max_tokens
+                    and "}" in tok.decode(ids[i][j][-1:], skip_special_tokens=True)
+                    and first_box(self.suffix + texts[i][j]) is None]
+            if not todo:
+                break
+            for i, j in todo:  # one request each: their token budgets differ
+                s = self.sampler.generate([prompts[i] + ids[i][j]], n=1, temperature=self.temperature,
+                                          top_p=self.top_p, max_tokens=self.max_tokens - len(ids[i][j]),
+                                          seed=None if seed is None else [utils.derive_seed(seed, "box", rnd, i, j)],
+                                          logprobs=False, stop=["}"])[0][0]
+                ids[i][j] += list(s.token_ids)
+                outs[i][j] = s
+                texts[i][j] = tok.decode(ids[i][j], skip_special_tokens=True)
+                self.tokens += s.num_tokens
+        return [[self.suffix + t for t in group] for group in texts]
+
+    def grade(self, answer: str, gold: str) -> float:
+        """0/1 grade of one of mu's answer texts (answers): the box the suffix opened when it
+        opens one, else the last complete box (grade_cached); with a custom reward, its value
+        of the answer text."""
+        if self.reward is not None:
+            return self.reward(answer, gold, {"answer": gold})
+        if self.boxed:
+            pred = first_box(answer)
+            return 0.0 if pred is None else _grade_answer(pred, str(gold))
+        return grade_cached(answer, gold)
 
     def correct(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
-        """(C, m) 0/1 grades of mu's m answers per context. One request per context with
-        n=m (its prefill is shared); the graded text is suffix + completion (forced) or the
-        last episode of context + completion (rollout)."""
+        """(C, m) 0/1 grades of mu's m answers per context (answers, grade)."""
         if len(contexts) != len(golds):
             raise ValueError(f"{len(contexts)} contexts but {len(golds)} gold answers")
         if not contexts:
             return np.zeros((0, self.m))
         t0 = time.time()
-        tok = self.sampler.tokenizer
-        prompts = [utils.encode(tok, mu_context(c, self.suffix)) for c in contexts]
-        outs = self.sampler.generate(prompts, n=self.m, temperature=self.temperature, top_p=self.top_p,
-                                     max_tokens=self.max_tokens, seed=seed, logprobs=False)
-        graded = ((lambda c, s: utils.last_episode(c + s)) if self.mode == "rollout"  # noqa: E731
-                  else (lambda c, s: self.suffix + s))
-        grades = np.array([[self.grade(graded(c, s.text), g) for s in group]
-                           for group, c, g in zip(outs, contexts, golds)], dtype=np.float64)  # (C, m)
+        texts = self.answers(contexts, seed)
+        grades = np.array([[self.grade(a, g) for a in group] for group, g in zip(texts, golds)],
+                          dtype=np.float64)  # (C, m)
         self.seconds += time.time() - t0
         return grades
 
     def success_rates(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
         """(C,) estimates of J(mu | c) for each full-text context (prompt + episodes so far)."""
         return self.correct(contexts, golds, seed).mean(axis=1)
+
+
+def gain_standard_error(j_before, j_after, m: int, ref_m: int | None = None):
+    """Standard error of an information gain I = J(after) - J(before) whose two J are each the
+    mean of m independent 0/1 answers (MetaProver): sqrt((pb (1 - pb) + pa (1 - pa)) / m), at
+    success rates pb, pa (arrays give an array). When pb, pa are themselves means of ref_m
+    answers, each Bernoulli variance is the unbiased ref_m / (ref_m - 1) p (1 - p)."""
+    pb, pa = np.asarray(j_before, dtype=np.float64), np.asarray(j_after, dtype=np.float64)
+    var = pb * (1 - pb) + pa * (1 - pa)
+    if ref_m is not None:
+        var = var * ref_m / (ref_m - 1)
+    se = np.sqrt(var / m)
+    return float(se) if se.ndim == 0 else se
 
 
 def trace_values(mu: MetaProver, prompts: list[str], episodes: list[Episodes], golds: list[str],

@@ -27,6 +27,11 @@ CPU_KV_CAP = 2 << 30
 it, what the run's lengths need (`cpu_kv_cache_bytes`)."""
 CPU_BLOCK = 128
 """vLLM's KV block size on CPU unless an engine is given another (`block_size`), in tokens."""
+CPU_ENGINE_BLOCK = 32
+"""The KV block size of this project's CPU engines unless given another (`block_size`), in
+tokens: vLLM shares a prefix (prefix caching, and the n samples of one request) in whole blocks
+only, and at its CPU default (CPU_BLOCK) a context of a hundred tokens shares nothing, so mu's
+m answers to one context would each prefill it. 32 is the smallest vLLM's CPU attention takes."""
 CPU_MAX_SEQS = 256
 """vLLM's most sequences in flight for an offline engine on CPU unless given `max_num_seqs`."""
 
@@ -113,8 +118,9 @@ class Sampler:
                 # memory is touched at start, so a bigger one only costs start time and memory)
                 kwargs["kv_cache_memory_bytes"] = model_kv_cache_bytes(
                     model, max_model_len, vllm_dtype, engine_kwargs.get("max_num_seqs") or CPU_MAX_SEQS,
-                    engine_kwargs.get("block_size") or CPU_BLOCK)
+                    engine_kwargs.get("block_size") or CPU_ENGINE_BLOCK)
             if not utils.has_cuda():
+                kwargs["block_size"] = CPU_ENGINE_BLOCK  # engine_kwargs may name another
                 # vLLM 0.32 on CPU fails on seeded requests that are prefilled in chunks
                 # ("CPU Generator does not use offset"): prefill each prompt whole.
                 kwargs["enable_chunked_prefill"] = False

@@ -131,3 +131,21 @@ def test_restart_steps_bad_input(tmp_path, monkeypatch, capsys):
     assert run_bench(path, [str(tmp_path), "--samples", "1"], monkeypatch) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --group-size must be at least 2")
+
+
+def test_bonus_cost_grpo_args():
+    """The three arms resolve to the same run but for the bonus: outcome-only, forced mu,
+    rollout mu; the realistic size runs at paper lengths."""
+    bench = load("bonus_cost")
+    a = bench.parser().parse_args(["--work", "w", "--steps", "4", "--mu-samples", "4"])
+    data = {"train": "tr.jsonl", "test": "te.jsonl"}
+    arms = {arm: grpo.resolve_args(bench.grpo_args(a, arm, "m", data, 1), 1) for arm in bench.ARMS}
+    assert [(x.variant, x.alpha, x.mu_mode) for x in arms.values()] == [
+        ("outcome", 0.0, "forced"), ("mrt", 1.0, "forced"), ("mrt", 1.0, "rollout")]
+    for arm, x in arms.items():
+        assert (x.model, x.train_data, x.out) == ("m", "tr.jsonl", os.path.join("w", "toy", f"{arm}-1"))
+        assert (x.steps, x.mu_samples) == (4, 4)
+        assert (x.prompts_per_step, x.group_size, x.max_tokens, x.eval_problems, x.seed) == (16, 8, 128, 0, 0)
+    real = bench.grpo_args(bench.parser().parse_args(["--size", "realistic"]), "rollout", "m", data)
+    real = grpo.resolve_args(real, 1)
+    assert (real.preset, real.max_tokens, real.mu_rollout_tokens, real.group_size) == ("paper", 1024, 1024, 4)

@@ -676,3 +676,16 @@ def test_policy_update_kl_and_clip_metrics_by_hand(toy_paths):
         assert m["ratio"] == pytest.approx(ratio.mean().item(), rel=1e-4)
         assert m["clip_region"] == pytest.approx(clip.double().mean().item(), abs=1.01 / len(a)), (m, clip)
     assert any(m["clip_region"] > 0 for m in stats[2:]), stats
+
+
+def test_step_record_logs_mu_tokens_per_problem():
+    """mu's decoded tokens of the step per problem (2 problems x 2 continuations here); no key
+    without a meta-prover."""
+    args = grpo.resolve_args(grpo.Args(variant="mrt", prompts_per_step=2, group_size=2, micro_batch_size=2), 1)
+    rows = [{"truncated": False, "episodes": None}] * 4
+    stat = dict(entropy=1.0, logprob_gap=0.0, clip_low=0.0, clip_high=0.0, clip_region=0.0, ratio=1.0, kl=0.0,
+                is_weight=1.0, tokens=5.0, ratio_max=1.0, loss=0.1)
+    rewards = {k: torch.tensor([1.0, 0.0, 0.0, 1.0]) for k in ("outcome", "gain", "reward", "tokens")}
+    times = {"time_sample": 1.0, "time_mu": 0.5, "time_train": 1.0, "time_step": 2.0}
+    assert grpo.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args, 90)["mu_tokens_per_problem"] == 45
+    assert "mu_tokens_per_problem" not in grpo.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args)

@@ -545,3 +545,94 @@ def test_sample_z0_on_the_toy_keeps_only_finished_boxed_attempts(toy_paths, toy_
     kept, dropped = infogain.sample_z0(toy_sampler, problems, temperature=1.0, max_tokens=160, seed_parts=(0, "z0"))
     assert len(kept) + len(dropped) == 16 and len(kept) >= 12
     assert all(utils.extract_boxed(z) is not None and z == z.rstrip() for z in kept.values())
+
+
+# --------------------------------------------------------------------------------------
+# The forced answer's box, the stop at its closing brace, the estimator's standard error
+# --------------------------------------------------------------------------------------
+
+
+def test_first_box_and_a_suffix_that_opens_one():
+    assert infogain.first_box("\\boxed{42} then \\boxed{7}") == "42"
+    assert infogain.first_box("x \\boxed{ \\frac{1}{2} } y") == "\\frac{1}{2}"
+    assert infogain.first_box("\\fbox{3}") == "3"
+    assert infogain.first_box("\\boxed{4") is None and infogain.first_box("no box") is None
+    assert infogain.first_box("\\boxed{3 \\boxed{4}") is None  # the first box never closes
+    assert infogain.opens_box(utils.MU_SUFFIX) and infogain.opens_box("Answer: \\boxed{ ")
+    assert not infogain.opens_box("") and not infogain.opens_box("\\boxed{1} done")
+
+
+def test_forced_answer_is_the_box_the_suffix_opens(toy_paths):
+    """What mu writes after closing the suffix's box is not its answer: a second box does not
+    replace the first, an unclosed second box does not void it. A suffix that opens no box
+    keeps the last complete box of the completion (warmstart's value estimate)."""
+    tok = utils.load_tokenizer(toy_paths["base"])
+    x = utils.build_prompt(tok, PROBLEM)
+    assert MetaProver(ScriptedMu(tok, "42} so \\boxed{78}"), m=2).success_rates([x], ["78"]).tolist() == [0.0]
+    assert MetaProver(ScriptedMu(tok, "78} or \\boxed{4"), m=2).success_rates([x], ["78"]).tolist() == [1.0]
+    assert utils.grade(utils.MU_SUFFIX + "78} or \\boxed{4", "78") == 0.0  # the last-box rule it replaces
+    rollout = MetaProver(ScriptedMu(tok, "\\boxed{42} so \\boxed{78}"), suffix="", m=2)
+    assert not rollout.boxed and rollout.success_rates([x], ["78"]).tolist() == [1.0]
+
+
+class BraceMu:
+    """A scripted mu that writes `pieces` one stop at a time: its first answer is pieces[0]
+    and each continuation of it (a prompt that ends with the ids written so far) the next
+    piece, each stopped at a "}" (finish "stop"). Records (prompt count, n, max_tokens, stop)."""
+
+    def __init__(self, tokenizer, pieces: list[str]):
+        self.tokenizer, self.pieces, self.calls = tokenizer, pieces, []
+        self.ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in pieces]
+
+    def generate(self, prompts, n=1, max_tokens=16, stop=None, **kw):
+        self.calls.append((len(prompts), n, max_tokens, stop))
+        out = []
+        for p in prompts:
+            k = next((k for k in range(len(self.ids), 0, -1) if p[len(p) - sum(map(len, self.ids[:k])):]
+                      == [t for ids in self.ids[:k] for t in ids]), 0)
+            ids = self.ids[k]
+            out.append([sampling.Sample(self.pieces[k][:-1], ids, len(ids), "stop", None, len(p))] * n)
+        return out
+
+
+def test_stop_at_box_continues_an_answer_whose_box_is_still_open(toy_paths):
+    """The stop at "}" ends each answer at its first closing brace; the answer is decoded from
+    its ids (vLLM leaves the stop string out of the text), and one whose box is still open (a
+    nested brace) goes on from its own ids with what is left of max_tokens, until it closes."""
+    tok = utils.load_tokenizer(toy_paths["base"])
+    mu = BraceMu(tok, ["\\frac{1}", "{2}", "}"])
+    prover = MetaProver(mu, m=2, max_tokens=16)
+    assert prover.answers(["Problem: x"], seed=3) == [[utils.MU_SUFFIX + "\\frac{1}{2}}"] * 2]
+    used = [len(i) for i in mu.ids]
+    assert mu.calls[0] == (1, 2, 16, ["}"])
+    assert mu.calls[1:] == [(1, 1, 16 - used[0], ["}"])] * 2 + [(1, 1, 16 - used[0] - used[1], ["}"])] * 2
+    assert prover.tokens == 2 * sum(used)
+    assert prover.correct(["Problem: x"], ["\\frac{1}{2}"], seed=3).tolist() == [[1.0, 1.0]]
+    # no stop: one call, the text as written, the same first-box grade
+    free = MetaProver(BraceMu(tok, ["\\frac{1}{2}} and more"]), m=2, stop_at_box=False)
+    assert free.correct(["Problem: x"], ["\\frac{1}{2}"], seed=3).tolist() == [[1.0, 1.0]]
+    assert free.sampler.calls == [(1, 2, 16, None)]
+
+
+def test_stop_at_box_changes_no_grade_on_the_toy(toy_paths, toy_sampler):
+    """The toy's answers are integers (no nested brace): with a fixed seed, the forced mu
+    with the stop gives the same grades as without it, on fewer tokens."""
+    records = utils.read_records(toy_paths["test"], ["problem", "answer"])[:24]
+    contexts, golds = [], []
+    for r in records:
+        start, ops = _parse_problem(r["problem"])
+        lines, _ = toy.solution_steps(start, ops)
+        prompt = utils.build_prompt(toy_sampler.tokenizer, r["problem"])
+        contexts += [prompt, prompt + "\n".join(lines[:2]), prompt + "\n".join(lines)]
+        golds += [r["answer"]] * 3
+    stop, free = MetaProver(toy_sampler, m=8), MetaProver(toy_sampler, m=8, stop_at_box=False)
+    a, b = stop.correct(contexts, golds, seed=5), free.correct(contexts, golds, seed=5)  # (72, 8) each
+    assert np.array_equal(a, b) and 0 < a.mean() < 1
+    assert stop.tokens < free.tokens
+
+
+def test_gain_standard_error():
+    assert infogain.gain_standard_error(0.5, 0.5, 4) == pytest.approx(np.sqrt(0.5 / 4))
+    assert infogain.gain_standard_error(0.5, 0.5, 4, ref_m=2) == pytest.approx(0.5)  # x 2 / (2 - 1)
+    se = infogain.gain_standard_error(np.array([0.0, 0.25]), np.array([1.0, 0.75]), 16)
+    assert se.tolist() == pytest.approx([0.0, np.sqrt(0.375 / 16)])
