@@ -319,6 +319,33 @@ def mean_sd(values) -> tuple[float | None, float | None, int]:
     return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
 
 
+def paired(a: dict, b: dict) -> dict | None:
+    """The paired difference a - b over the seeds both have a value for ({seed: value} each;
+    same seed: same z0 and data order): {"diffs": {seed: a - b}, "mean", "sd", "n", "clear"}.
+    "clear" is the call this study makes: True only when every seed's difference has the same
+    sign (none zero) and |mean| > 2 sd / sqrt(n) (twice the standard error); otherwise the
+    difference is within the seeds' noise. None when no seed has both values."""
+    seeds = [s for s in a if s in b and a[s] is not None and b[s] is not None]
+    if not seeds:
+        return None
+    diffs = {s: float(a[s]) - float(b[s]) for s in seeds}
+    v = np.array(list(diffs.values()))
+    n = len(v)
+    sd = float(v.std(ddof=1)) if n > 1 else 0.0
+    same_sign = bool(np.all(v > 0) or np.all(v < 0))
+    clear = n > 1 and same_sign and abs(float(v.mean())) > 2 * sd / np.sqrt(n)
+    return {"diffs": diffs, "mean": float(v.mean()), "sd": sd, "n": n, "clear": bool(clear)}
+
+
+def paired_cell(p: dict | None, scale: float = 100.0, digits: int = 1) -> str:
+    """'+m ± sd (per seed: x, y, z; call)' for a paired() result, '-' for None."""
+    if p is None:
+        return "-"
+    per = ", ".join(f"{scale * x:+.{digits}f}" for x in p["diffs"].values())
+    call = "a difference" if p["clear"] else "within the noise"
+    return f"{scale * p['mean']:+.{digits}f} ± {scale * p['sd']:.{digits}f} (seeds: {per}; {call})"
+
+
 def fmt(values, scale: float = 100.0, digits: int = 1, sign: bool = False, unit: str = "") -> str:
     """'mean ± sd' over seeds (sd omitted when only one seed has a value; '-' when none has;
     the count of seeds in brackets when some seeds lack a value)."""
@@ -530,6 +557,7 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
                   "loss target for logs written since it was added).", "",
                   f"![fig6]({rel(os.path.join(fig_dir, 'fig6_warmstart_loss.png'))}) (seed {seeds[0]})", ""]
 
+    lines += paired_section(seed_dirs)
     lines += truth_section(seed_dirs, fig_dir, rel)
 
     text = "\n".join(lines) + "\n"
@@ -567,6 +595,60 @@ def restart_step_counts(rows: list[dict]) -> dict[str, int]:
             ep = infogain.split_continuation(row["z0"], infogain.backtrack_cue(row["z0"]) + c["text"])
             counts["none" if ep is None else "5+" if ep.restart_step >= 5 else str(ep.restart_step)] += 1
     return counts
+
+
+def paired_section(seed_dirs: dict) -> list[str]:
+    """The verdict table: MRT-B (forced and rollout mu) against outcome-only GRPO, each as a
+    paired difference per seed (paired): held-out z2 accuracy at the end of RL (from the
+    warmstart, and from the base in the ground-truth runs), the share of fixable restarts in the
+    last quarter of training, and the token saving at the baseline's peak maj@k. [] when no
+    pair of runs exists."""
+    import evaluate
+
+    def end(*parts):
+        return {s: (load_json(os.path.join(d, *parts, "eval.json")) or {}).get("end") for s, d in seed_dirs.items()}
+
+    def last_quarter(key, *parts):
+        out = {}
+        for s, d in seed_dirs.items():
+            p = os.path.join(d, *parts, "metrics.jsonl")
+            rows = utils.read_records(p, []) if os.path.exists(p) else []
+            out[s] = _mean_over(rows, key, slice(-max(1, len(rows) // 4), None)) if rows else None
+        return out
+
+    def saving(a, b, mode):
+        out = {}
+        for s, d in seed_dirs.items():
+            c = load_json(os.path.join(d, "truth", "eval", "curves.json"))
+            runs = (c or {}).get("runs", {})
+            if a in runs and b in runs and mode in runs[a]["modes"] and mode in runs[b]["modes"]:
+                ca, cb = runs[a]["modes"][mode], runs[b]["modes"][mode]
+                out[s] = evaluate.token_efficiency((ca["tokens"], ca["maj"]), (cb["tokens"], cb["maj"]))["saving"]
+        return out
+
+    rows = [("held-out z2, RL from the warmstart (forced mu)", paired(end("grpo", "mrt"), end("grpo", "outcome")))]
+    for mu in TRUTH_MU:
+        name = f"mrt-{mu}"
+        rows += [(f"held-out z2, RL from the base ({mu} mu)",
+                  paired(end("truth", "grpo", name), end("truth", "grpo", "outcome"))),
+                 (f"fixable restarts, last quarter ({mu} mu)",
+                  paired(last_quarter("restart_fixable", "truth", "grpo", name),
+                         last_quarter("restart_fixable", "truth", "grpo", "outcome")))]
+        for mode in evaluate.MODES:
+            sv = saving(f"grpo-{name}", "grpo-outcome", mode)
+            rows.append((f"token saving at outcome-only's peak maj@k, {mode} ({mu} mu)",
+                         paired(sv, {s: 0.0 for s in sv})))
+    rows = [(k, p) for k, p in rows if p is not None]
+    if not rows:
+        return []
+    return ["## MRT-B against outcome-only GRPO, paired by seed", "",
+            "Each row: MRT-B minus outcome-only GRPO in the same seed (the same z0, problems and data order), in "
+            "points (%); mean ± sd over seeds, each seed's difference, and the call: 'a difference' only when "
+            "every seed's difference has the same sign and the mean exceeds twice its standard error, else 'within "
+            "the noise'. Token saving (evaluate.token_efficiency): 1 - MRT-B's tokens / outcome-only's tokens at "
+            "outcome-only's peak maj@k (a seed where MRT-B never reaches that peak has no value).", "",
+            "| comparison | MRT-B - outcome-only |", "|---|---|",
+            *(f"| {k} | {paired_cell(p)} |" for k, p in rows), ""]
 
 
 def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> list[str]:

@@ -249,3 +249,45 @@ def test_tables_report_both_filter_readings_and_the_unparsed_share(tmp_path):
     text = study.aggregate(str(tmp_path), [0], str(tmp_path / "RESULTS.md"), str(tmp_path / "fig"))
     assert "| star-mrt | 25.0 / 50.0 | 25.0 / 50.0 | 50.0 / 75.0 | 10.0 | 30.0 | |" in text
     assert "| grpo-mrt | 20.0 | 40.0 | 50.0 / 12.5 |" in text
+
+
+def test_paired_differences_by_hand():
+    """study.paired: differences per seed, their mean and sd (ddof 1), and the call: a
+    difference only when every seed agrees in sign and |mean| > 2 sd / sqrt(n)."""
+    p = study.paired({0: 0.40, 1: 0.50, 2: 0.45}, {0: 0.30, 1: 0.35, 2: 0.40})
+    assert p["diffs"] == pytest.approx({0: 0.10, 1: 0.15, 2: 0.05})
+    assert p["mean"] == pytest.approx(0.10) and p["sd"] == pytest.approx(0.05) and p["n"] == 3
+    assert p["clear"]  # 0.10 > 2 * 0.05 / sqrt(3) = 0.0577
+    noisy = study.paired({0: 0.40, 1: 0.50, 2: 0.45}, {0: 0.45, 1: 0.35, 2: 0.40})  # -0.05, +0.15, +0.05
+    assert noisy["mean"] == pytest.approx(0.05) and not noisy["clear"]  # signs disagree
+    wide = study.paired({0: 0.9, 1: 0.31, 2: 0.32}, {0: 0.3, 1: 0.30, 2: 0.30})  # +0.6, +0.01, +0.02
+    assert wide["mean"] == pytest.approx(0.21) and not wide["clear"]  # same sign, mean < 2 se (0.3377)
+    assert study.paired({0: None, 1: 0.5}, {0: 0.2, 2: 0.1}) is None  # no seed has both
+    one = study.paired({0: 0.5}, {0: 0.2})
+    assert one["n"] == 1 and one["sd"] == 0.0 and not one["clear"]  # one seed is never a verdict
+    assert study.paired_cell(p) == "+10.0 ± 5.0 (seeds: +10.0, +15.0, +5.0; a difference)"
+    assert study.paired_cell(None) == "-"
+
+
+def test_paired_section_reads_the_runs(tmp_path):
+    """paired_section on hand-written run outputs of two seeds: held-out end from eval.json, the
+    last quarter's restart_fixable from metrics.jsonl, differences MRT-B - outcome-only."""
+    seed_dirs = {}
+    for s, (mrt_end, out_end) in enumerate([(0.40, 0.30), (0.50, 0.35)]):
+        d = tmp_path / f"seed{s}"
+        for parts, e in ((("grpo", "mrt"), mrt_end), (("grpo", "outcome"), out_end),
+                         (("truth", "grpo", "mrt-forced"), mrt_end), (("truth", "grpo", "outcome"), out_end)):
+            run = d.joinpath(*parts)
+            run.mkdir(parents=True)
+            (run / "eval.json").write_text(json.dumps({"start": 0.2, "end": e}))
+            fixable = [0.0, 0.0, 0.0, 0.5 if parts[-1] != "outcome" else 0.25]  # the last quarter: one row
+            (run / "metrics.jsonl").write_text("".join(json.dumps({"step": i + 1, "restart_fixable": f}) + "\n"
+                                                       for i, f in enumerate(fixable)))
+        seed_dirs[s] = str(d)
+    lines = study.paired_section(seed_dirs)
+    table = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| held") or
+             line.startswith("| fixable")}
+    assert "+12.5 ± 3.5 (seeds: +10.0, +15.0; a difference)" in table["held-out z2, RL from the warmstart (forced mu)"]
+    assert "+12.5 ± 3.5" in table["held-out z2, RL from the base (forced mu)"]
+    assert "+25.0 ± 0.0 (seeds: +25.0, +25.0; a difference)" in table["fixable restarts, last quarter (forced mu)"]
+    assert not any("rollout" in k for k in table)  # no rollout runs written: no rows
