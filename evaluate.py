@@ -74,7 +74,7 @@ import toy
 import utils
 
 MODES = ("parallel", "linearized")
-CONTINUE_CUE = "\n" + utils.BACKTRACK_MARKER + "\nStep"
+CONTINUE_CUE = utils.BACKTRACK_CUE
 """Appended after the window in linearized mode (as the authors' RL continuation context)."""
 
 
@@ -581,33 +581,6 @@ def fingerprint(path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def group_exists() -> bool:
-    """Whether a torch.distributed group exists now (torchrun's, or one a live vLLM engine
-    started). Taken before building an engine, it tells close_engine whether to tear down."""
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
-def close_engine(sampler, had_group: bool) -> None:
-    """Free an engine this script built. The engine attribute is dropped explicitly: vLLM
-    0.32 pins the frame of the first Sampler.__init__ in a process (so `del sampler` alone
-    left one 2 GiB KV cache alive). vLLM also starts a one-process torch.distributed group;
-    unless one existed before, tear it down (vLLM's public cleanup_dist_env_and_memory), or
-    the next engine mistakes it for a torchrun group. If a group existed (torchrun's, or one
-    that another live engine uses), it is left alone: tearing it down breaks that engine."""
-    backend = sampler.backend
-    for attr in ("llm", "model"):
-        if hasattr(sampler, attr):
-            delattr(sampler, attr)
-    del sampler
-    gc.collect()
-    if backend == "vllm" and not had_group:
-        from vllm.distributed import cleanup_dist_env_and_memory
-
-        cleanup_dist_env_and_memory()
-
-
 def engines_held(runs: dict, ready: dict | None, world: int) -> int:
     """The engines a process holds at once, which share the GPU: one in a plain run (each is
     freed before the next), one per model it builds under torchrun (none is freed: closing a
@@ -673,7 +646,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                 utils.print0(f"{name} {mode}: reusing {stem}.jsonl")
             else:
                 if sampler is None:
-                    had_group = group_exists()
+                    had_group = sampling.group_exists()
                     sampler, prompt_ids, max_len = open_engine(path, records, args, (samplers or {}).get(path))
                 utils.print0(f"{name} {mode}: sampling")
                 ids, share = [prompt_ids[i] for i in mine], [records[i] for i in mine]
@@ -698,7 +671,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         # one engine at a time: free it before the next one. Not under torchrun: closing a vLLM
         # engine ends vLLM's process-wide state and torchrun's process group with it
         if sampler is not None and sampler is not (samplers or {}).get(path) and world == 1:
-            close_engine(sampler, had_group)
+            sampling.close_engine(sampler, had_group)
         sampler = None
         gc.collect()
         logger.log({"run": name, "rss_gib_after_free": rss_gib()})

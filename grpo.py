@@ -3,12 +3,12 @@
 One step of Alg. 2, on every rank, for P problems x of the training set:
   sample   z0 ~ pi_base(. | x)  once per problem, before any update (stored in <out>/z0.jsonl;
            an attempt cut at --max-tokens or without a box is resampled, and a problem with
-           none usable in infogain.Z0_TRIES tries is dropped, counted and left out of the run:
-           infogain.sample_z0, prepare_z0);
+           none usable in sampling.Z0_TRIES tries is dropped, counted and left out of the run:
+           sampling.sample_z0, prepare_z0);
            G continuations z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER + "\\nStep") from the current
            policy: the policy names the restart step (" k: ...") and writes the revised attempt.
   reward   r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited),
-           0 when the continuation was cut at --max-tokens (infogain.sample_outcome);
+           0 when the continuation was cut at --max-tokens (sampling.sample_outcome);
            I_i = J(mu | x, z0, z1_i) - J(mu | x, z0), the information gain of the backtrack
            episode (Def. 5.1, infogain.backtrack_gain); R_i = r_i + alpha * I_i.
   advantage  A_i = (R_i - mean_group) / (std_group + 1e-4)        (group_advantages)
@@ -51,7 +51,7 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
     python grpo.py                                   # MRT-B on the toy task, 1 process
     torchrun --nproc_per_node 2 grpo.py              # the same with 2 ranks (FSDP2, gloo)
     python grpo.py --variant outcome                 # or length / direct baselines
-    python grpo.py --mu-mode rollout --mu-rollout-tokens 128   # mu continues the trace (infogain.MetaProver)
+    python grpo.py --mu-mode rollout --mu-rollout-tokens 128   # mu continues the trace (sampling.MetaProver)
     torchrun --nproc_per_node 8 grpo.py --model runs/warmstart/model \\
         --train-data data/train.jsonl --problem-field question --answer-field solution \\
         --preset paper --gradient-checkpointing       # a real model on 8 GPUs, paper Table 2
@@ -99,8 +99,7 @@ import sampling  # noqa: E402
 import toy  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
-from infogain import (MU_MODES, Z0_TRIES, MetaProver, backtrack_cue, backtrack_gain, sample_outcome,  # noqa: E402
-                      sample_z0, split_continuation)
+from infogain import backtrack_cue, backtrack_gain, split_continuation  # noqa: E402
 
 # --------------------------------------------------------------------------------------
 # Arguments, presets, variants
@@ -214,7 +213,7 @@ class Args:
     """max tokens of a mu answer"""
     mu_mode: str = "forced"
     """forced: mu answers right after the context and --mu-suffix; rollout: mu continues the
-    context for up to --mu-rollout-tokens, its last boxed answer graded (infogain.MetaProver)"""
+    context for up to --mu-rollout-tokens, its last boxed answer graded (sampling.MetaProver)"""
     mu_rollout_tokens: int = 128
     """B: tokens mu writes per sample in --mu-mode rollout"""
     # system
@@ -270,7 +269,7 @@ def resolve_args(args: Args, world: int) -> Args:
         raise utils.UserError("--variant direct has no episodes: it needs --alpha 0 and --assign final")
     for name, allowed in (("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo")), ("scale_rewards", ("group", "batch", "none")),
                           ("assign", ("final", "episode")), ("lr_schedule", ("cosine", "constant")),
-                          ("mu_mode", MU_MODES)):
+                          ("mu_mode", sampling.MU_MODES)):
         if getattr(args, name) not in allowed:
             raise utils.UserError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
     for name in ("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens", "mu_samples",
@@ -443,26 +442,6 @@ def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
 # --------------------------------------------------------------------------------------
 
 
-ENGINE_SLACK = 16
-"""Extra engine tokens per sequence: contexts re-encoded from text (z0, z1) may take a few
-more tokens than were sampled."""
-
-
-def engine_need(args: Args, tokenizer, prompt_tokens: int, mu_in_engine: bool) -> int:
-    """Tokens one engine sequence may hold in this run: direct, prompt + completion;
-    backtrack, prompt + z0 + cue + continuation (each of z0 and the continuation at most
-    --max-tokens), plus mu's forced suffix and answer when mu samples from this
-    engine (its contexts are x + z0 + z1); plus ENGINE_SLACK."""
-    need = prompt_tokens + args.max_tokens + ENGINE_SLACK
-    if variant_format(args.variant) == "backtrack":
-        need += args.max_tokens + len(tokenizer(backtrack_cue(""), add_special_tokens=False)["input_ids"])
-        if mu_in_engine and args.mu_mode == "rollout":  # mu continues x + z0 + z1 for up to B tokens
-            need += args.mu_rollout_tokens
-        elif mu_in_engine:
-            need += len(tokenizer(args.mu_suffix, add_special_tokens=False)["input_ids"]) + args.mu_max_tokens
-    return need
-
-
 def problem_index(position: int, n: int, seed: int, gone: frozenset = frozenset()) -> int:
     """The problem at a position of the endless data stream: a fresh permutation of the n
     problems per epoch, the indices in `gone` left out (the others keep their order, so
@@ -499,7 +478,7 @@ def _order(n: int, seed: int, epoch: int, gone: frozenset) -> np.ndarray:
 def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     """G continuations per problem with their rewards. Returns one dict per continuation,
     group by group: ctx_ids, token_ids, sampler_logp, outcome, gain, z1_tokens, text,
-    truncated, and (backtrack format) episodes. The outcome is infogain.sample_outcome (0 for
+    truncated, and (backtrack format) episodes. The outcome is sampling.sample_outcome (0 for
     a sample cut at --max-tokens); the gain is infogain.backtrack_gain (an unparsed
     continuation: -J(mu | x, z0)), 0 without a meta-prover; z1_tokens is the sampled tokens of
     z1 (all of them for an unparsed continuation, which has no z2). mu is asked once per step,
@@ -518,10 +497,10 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
             row = dict(problem=p, group=gi, ctx_ids=ids, token_ids=s.token_ids, sampler_logp=s.logprobs, text=s.text,
                        num_tokens=s.num_tokens, truncated=s.finish_reason == "length", gain=0.0, z1_tokens=0)
             if fmt == "direct":
-                row["outcome"] = sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                row["outcome"] = sampling.sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record"))
             else:
                 ep = split_continuation(z0s[p["id"]], tail + s.text)
-                row["outcome"] = (sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                row["outcome"] = (sampling.sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record"))
                                   if ep else 0.0)
                 row["episodes"] = ep
                 # z1 ends where z2 begins: len(text) - len(z2) characters into the continuation; no episodes: all z1
@@ -574,7 +553,7 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Ar
     """z0 for every training problem the run will use (the steps that start at `positions` of
     the data stream, every rank's share) and every held-out problem (Alg. 2: the initial
     attempt of the frozen base). Sampled now, while the engine still holds the base weights, in
-    shares over the ranks (infogain.sample_z0: a cut or box-less attempt is resampled, then its
+    shares over the ranks (sampling.sample_z0: a cut or box-less attempt is resampled, then its
     problem dropped). A dropped training problem leaves the data stream and the problems after
     it move up, so those that newly enter the run get their z0 too (rounds until none is
     missing); a dropped held-out problem leaves the held-out set. Everything, the dropped
@@ -590,7 +569,7 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Ar
     for rnd in itertools.count():  # a round that drops nothing covers every problem the run uses
         if len(skip()) == len(train):
             raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at --max-tokens "
-                                  f"{args.max_tokens} or without a box in {Z0_TRIES} tries): raise --max-tokens")
+                                  f"{args.max_tokens} or without a box in {sampling.Z0_TRIES} tries): raise --max-tokens")
         want = {p["id"] for pos in positions for r in range(world) for p in step_problems(train, pos, args, r, skip())}
         todo = {"train": [p for p in train if p["id"] in want and ("train", p["id"]) not in z0s],
                 "test": [p for p in test if ("test", p["id"]) not in z0s and ("test", p["id"]) not in lost]}
@@ -600,7 +579,7 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Ar
             raise utils.UserError(f"{path}: attempts missing for a resumed run (the base weights are gone)")
         for split, probs in todo.items():
             parts = (args.seed, "z0", split, *([rnd] if rnd else []))  # round 0 seeded as before drops existed
-            kept, dropped = sample_z0(sampler, probs, temperature=args.temperature, top_p=args.top_p,
+            kept, dropped = sampling.sample_z0(sampler, probs, temperature=args.temperature, top_p=args.top_p,
                                       max_tokens=args.max_tokens, seed_parts=parts)
             z0s.update({(split, i): z for i, z in kept.items()})
             lost.update({(split, i): z for i, z in dropped.items()})
@@ -614,7 +593,7 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Ar
     n_lost = {name: sum(s == name for s, _ in lost) for name in ("train", "test")}
     if n_lost["train"] or n_lost["test"]:
         utils.print0(f"dropped {n_lost['train']} train and {n_lost['test']} held-out problems: no usable attempt z0 "
-                     f"in {Z0_TRIES} tries (cut at --max-tokens or no box); stored in {path}")
+                     f"in {sampling.Z0_TRIES} tries (cut at --max-tokens or no box); stored in {path}")
     split = lambda name: {i: z for (s, i), z in z0s.items() if s == name}  # noqa: E731
     return skip(), [p for p in test if ("test", p["id"]) not in lost], split("train"), split("test")
 
@@ -762,10 +741,12 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     # same read of the weights), vLLM engine(s) sized from the run's own lengths ---------------
     uses_mu = args.alpha != 0.0 or args.assign == "episode"
     longest = max(p["prompt_tokens"] for p in train + test)
+    mu_tokens = sampling.mu_need(tok, args.mu_mode, args.mu_suffix, args.mu_max_tokens, args.mu_rollout_tokens)
     engine_kw = dict(seed=args.seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
                      sleep_mode=args.sleep_mode)
     if not given_engine:
-        need = engine_need(args, tok, longest, mu_in_engine=uses_mu and not args.mu_model)
+        need = sampling.trace_need(tok, longest, args.max_tokens, fmt == "backtrack",
+                                   mu_tokens if uses_mu and not args.mu_model else 0)
         max_len = sampling.engine_length(model_path, need)
         sampler = sampling.Sampler(model_path, max_model_len=max_len, **engine_kw)
         utils.print0(f"sampler: {sampler.backend}, max_model_len {max_len} (longest prompt {longest} tokens), "
@@ -779,10 +760,10 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     if uses_mu:
         mu = sampler
         if args.mu_model:
-            need = engine_need(args, tok, longest, mu_in_engine=True)
+            need = sampling.trace_need(tok, longest, args.max_tokens, fmt == "backtrack", mu_tokens)
             mu = sampling.Sampler(args.mu_model, max_model_len=sampling.engine_length(args.mu_model, need),
                                   **dict(engine_kw, sleep_mode="off"))
-        meta_prover = MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens,
+        meta_prover = sampling.MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens,
                                  mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens, reward=args.reward)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps * args.num_iterations  # optimizer steps

@@ -10,7 +10,7 @@ With --mu-mode rollout, mu instead continues the context in the trace's own form
 --mu-rollout-tokens and the last boxed answer of the last episode (after the last backtrack
 marker, if any) is graded (J: a Monte-Carlo value of the context); the paper allows any mu,
 and this is our choice for small models that cannot answer without writing the steps
-(MetaProver).
+(sampling.MetaProver).
 grpo.py (the dense reward bonus), star.py and warmstart.py import this module.
 
 Run (CPU, embedded default: samples backtrack traces from the toy base on 64 test problems,
@@ -52,10 +52,10 @@ Decisions (the paper publishes no code for this):
   inside a line of z0 does not move the split.
 - Rules every stage shares (grpo.py, star.py, this CLI): a continuation with no backtrack
   episode (it does not parse) has J after it = 0, so its gain is -J(mu | x, z0)
-  (backtrack_gain); a sample cut at the token limit scores outcome 0 (sample_outcome); z0 is
-  an attempt that ended by itself with a box, resampled up to Z0_TRIES times, else its
-  problem is dropped and counted (sample_z0).
-- mu's context: `mu_context(context, suffix)`. When the suffix starts with a newline, the
+  (backtrack_gain); a sample cut at the token limit scores outcome 0 (sampling.sample_outcome); z0 is
+  an attempt that ended by itself with a box, resampled up to sampling.Z0_TRIES times, else its
+  problem is dropped and counted (sampling.sample_z0).
+- mu's context: `sampling.mu_context(context, suffix)`. When the suffix starts with a newline, the
   context's trailing newlines are dropped first, so "...Solution:\\n" + "\\nTime is up" reads
   "...Solution:\\nTime is up" (one line break, as after a step line), never a blank line.
 - Steering by instruction instead of a forced answer prefix is done by putting the
@@ -73,13 +73,10 @@ Decisions (the paper publishes no code for this):
 
 from __future__ import annotations
 
-import functools
 import gc
-import itertools
 import json
 import os
 import re
-import time
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -160,70 +157,7 @@ def restart_prefix(z0: str, k: int) -> str | None:
 def backtrack_cue(z0: str, marker: str = utils.BACKTRACK_MARKER) -> str:
     """The continuation context after the prompt in RL and STaR: z0, the marker and
     "Step", so the policy writes " k: ..." (the restart) and the revised attempt."""
-    return z0 + "\n" + marker + "\nStep"
-
-
-def sample_attempts(sampler, prompts: list[str], n: int = 1, *, temperature: float, top_p: float = 1.0,
-                    max_tokens: int, seed) -> list[list]:
-    """n plain attempts per prompt (sampling.Sample lists), cut before the backtrack marker if
-    the model writes one: MRT-B's initial attempt z0 (n = 1, from the base), a warmstart's or
-    STaR's direct attempts."""
-    if not prompts:
-        return []
-    return sampler.generate([utils.encode(sampler.tokenizer, p) for p in prompts], n=n, temperature=temperature,
-                            top_p=top_p, max_tokens=max_tokens, stop=["\n" + utils.BACKTRACK_MARKER], seed=seed,
-                            logprobs=False)
-
-
-Z0_TRIES = 4
-"""Attempts sample_z0 samples per problem at most before it drops the problem."""
-
-
-def usable_z0(sample) -> bool:
-    """Whether a sampled attempt can be z0: it ended by itself (not cut at the token limit;
-    cut at the backtrack marker counts as ended) and holds a complete boxed answer."""
-    return sample.finish_reason != "length" and utils.extract_boxed(sample.text) is not None
-
-
-def sample_z0(sampler, problems: list[dict], *, temperature: float, top_p: float = 1.0, max_tokens: int,
-              seed_parts: tuple, tries: int = Z0_TRIES) -> tuple[dict[int, str], dict[int, str]]:
-    """({problem id: z0}, {problem id: last try}) for problems (each with its "prompt"): one
-    attempt per problem from the engine's current weights (the base's, in Alg. 1 and 2), in
-    shares over the ranks, gathered on every rank. The rule of every stage (grpo.py, star.py,
-    infogain.py's CLI): an attempt that is not usable_z0 (cut at --max-tokens, or no box) is
-    resampled, up to `tries` attempts in all, and a problem whose every try failed is dropped:
-    it is left out of the first dict and its last try (right-stripped) goes to the second, for
-    the caller to count and log. Rank r's first try is seeded utils.derive_seed(*seed_parts, r),
-    its t-th retry utils.derive_seed(*seed_parts, "retry", t, r). z0 is right-stripped."""
-    rank, world = utils.rank(), utils.world_size()
-    kept, last, todo = {}, {}, problems[rank::world]
-    for t in range(tries):
-        if not todo:
-            break
-        seed = utils.derive_seed(*seed_parts, rank) if t == 0 else utils.derive_seed(*seed_parts, "retry", t, rank)
-        outs = sample_attempts(sampler, [p["prompt"] for p in todo], temperature=temperature, top_p=top_p,
-                               max_tokens=max_tokens, seed=seed)
-        failed = []
-        for p, g in zip(todo, outs):
-            if usable_z0(g[0]):
-                kept[p["id"]] = g[0].text.rstrip()
-            else:
-                last[p["id"]] = g[0].text.rstrip()
-                failed.append(p)
-        todo = failed
-    dropped = {p["id"]: last[p["id"]] for p in todo}
-    parts = utils.all_gather((kept, dropped))
-    return ({i: z for k, _ in parts for i, z in k.items()}, {i: z for _, d in parts for i, z in d.items()})
-
-
-def sample_outcome(text: str | None, gold: str, finish_reason: str, reward: str = "",
-                   record: dict | None = None) -> float:
-    """The outcome of a sampled answer (a revised attempt z2, or a direct attempt): the rule
-    of every stage (grpo.py, star.py, infogain.py's CLI) is the run's grader
-    (utils.make_grader(reward): utils.grade, 0/1, by default; a custom --reward gets the
-    problem's `record`), and 0 when the sample was cut at the token limit (finish_reason
-    "length"), whatever box it holds: only an attempt that ended by itself is graded."""
-    return 0.0 if finish_reason == "length" or text is None else utils.make_grader(reward)(text, gold, record)
+    return z0 + "\n" + marker + "\nStep"  # utils.BACKTRACK_CUE with the default marker
 
 
 def episode_contexts(prompt: str, ep: Episodes) -> list[str]:
@@ -262,195 +196,9 @@ def episode_gains(j_values) -> list:
 # --------------------------------------------------------------------------------------
 
 
-def mu_context(context: str, suffix: str) -> str:
-    """The text mu continues: context + suffix, trailing newlines of the context dropped
-    when the suffix starts with one (no blank line before the forced answer)."""
-    if suffix.startswith(("\n", "\r\n")):
-        context = context.rstrip("\r\n")
-    return context + suffix
-
-
-@functools.lru_cache(maxsize=1 << 16)
-def _grade_answer(pred: str, gold: str) -> float:
-    return utils.grade("\\boxed{" + pred + "}", gold)
-
-
-def grade_cached(text: str, gold: str) -> float:
-    """utils.grade(text, gold), cached on (extracted answer, gold): mu's short answers
-    repeat a lot, and a mismatch costs about a millisecond of math-verify."""
-    pred = utils.extract_boxed(text)
-    return 0.0 if pred is None else _grade_answer(pred, str(gold))
-
-
-MU_MODES = ("forced", "rollout")
-BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-
-
-def opens_box(suffix: str) -> bool:
-    """Whether a forced suffix ends inside a box it opens (utils.MU_SUFFIX: "... \\boxed{")."""
-    return any(m.end() == len(suffix.rstrip(" ")) for m in BOX_OPEN.finditer(suffix))
-
-
-def first_box(text: str) -> str | None:
-    """Content of the first \\boxed{...} (or \\fbox{...}) of text when that box is closed
-    (braces counted, so nested braces stay inside), else None: a first box left open is no
-    answer, whatever boxes follow inside it."""
-    m = BOX_OPEN.search(text)
-    if m is None:
-        return None
-    depth = 1
-    for i in range(m.end(), len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return text[m.end():i].strip()
-    return None
-
-
-class MetaProver:
-    """mu: the meta-prover estimating J(mu | c), in one of two modes.
-
-    forced   mu is the model steered to stop and answer now: the suffix (a forced answer
-             prefix, default utils.MU_SUFFIX) is appended to the context and mu writes up to
-             max_tokens. When the suffix opens a box (it ends in "\\boxed{"), mu's answer is
-             that box: the first closed box of suffix + completion (first_box), braces
-             counted; it is graded, and whatever mu writes after closing it is not its answer.
-             (Until this rule the last complete box of suffix + completion was graded, so a
-             second box written after the first one replaced it and an unclosed second box
-             voided a closed first one: the rule changes the estimator in those cases only.)
-             With stop_at_box (default) mu stops writing at that box's closing brace: a
-             vLLM stop at "}" ends each answer at its first closing brace, and an answer whose
-             box is still open there (a nested brace, as in \\frac{1}{2}) is continued from its
-             own tokens, one request per such answer, until its box closes or max_tokens are
-             written. The stop changes no grade: an answer with no nested brace is the same
-             tokens as without the stop up to the closing brace (seeded sampling draws token
-             by token), and one continued after a nested brace is drawn from the same
-             distribution (new draws). A suffix that opens no box (e.g. "", warmstart's value
-             estimate, where mu completes the solution) is graded on the last complete box of
-             the completion, with no stop.
-    rollout  mu continues the context as it is, in the trace's own format, for up to
-             rollout_tokens tokens; its answer is the last boxed answer of the last episode
-             of context + completion (utils.last_episode: the text after the last backtrack
-             marker, all of it when there is none; the rule of the GRPO outcome and
-             evaluate.py), and no box there counts as no answer (so does a box it opens and
-             does not close). J is a Monte-Carlo value of the context: after a finished
-             attempt it is that attempt's answer unless mu goes on to revise it; after a
-             backtrack episode only a box mu writes after the marker counts, never the answer
-             the episode abandoned. The suffix is not used, and no stop applies (mu may revise
-             after a box). The paper allows any mu ("the same LLM", "another LLM told to
-             estimate the answer"); this mode is our choice for small models that cannot
-             answer without writing the steps.
-
-    `sampler` is the policy's own sampling.Sampler (mu = the current policy, so it follows
-    weight syncs) or one built on another model. With suffix "" the forced mode completes
-    the solution from the context too (warmstart's value estimate), but grades only the
-    completion. In both modes the m samples of one context come from one request with n=m
-    (its prefill is shared), and all contexts of a call go to the engine together. `seconds`
-    accumulates the time spent in mu's calls, `tokens` the tokens mu decoded.
-
-    `reward` (a --reward spec; "" the math-verify grader) grades mu's answers too: J is the
-    success rate under the task's reward, so a custom reward is the meta-prover's as well. It
-    is handed the answer text (as `answers` gives it) and the record {"answer": gold} (mu sees
-    contexts and gold answers only); a non-binary reward makes J a mean reward rather than a
-    success rate."""
-
-    def __init__(self, sampler: sampling.Sampler, suffix: str = utils.MU_SUFFIX, m: int = 8,
-                 temperature: float = 1.0, max_tokens: int = 16, top_p: float = 1.0,
-                 mode: str = "forced", rollout_tokens: int = 128, stop_at_box: bool = True,
-                 reward: str = ""):
-        if mode not in MU_MODES:
-            raise ValueError(f"MetaProver mode must be one of {MU_MODES}, got {mode!r}")
-        if m < 1 or max_tokens < 1 or rollout_tokens < 1:
-            raise ValueError(f"MetaProver needs m, max_tokens and rollout_tokens >= 1, got m={m}, "
-                             f"max_tokens={max_tokens}, rollout_tokens={rollout_tokens}")
-        self.sampler, self.m, self.mode = sampler, m, mode
-        self.suffix = suffix if mode == "forced" else ""
-        self.temperature, self.top_p = temperature, top_p
-        self.max_tokens = max_tokens if mode == "forced" else rollout_tokens
-        """tokens mu writes per sample (the forced answer's limit, or B in rollout mode)"""
-        self.boxed = mode == "forced" and opens_box(self.suffix)
-        """the answer is the box the suffix opens (first_box)"""
-        self.stop_at_box = stop_at_box and self.boxed
-        self.seconds, self.tokens = 0.0, 0
-        self.reward = utils.make_grader(reward) if reward else None
-        """the custom reward's grade(text, gold, record), None for the math-verify grader"""
-
-    def answers(self, contexts: list[str], seed: int | None = None) -> list[list[str]]:
-        """(C, m) texts mu's answers are graded on: suffix + completion (forced) or the last
-        episode of context + completion (rollout). Adds the decoded tokens to `tokens`."""
-        tok = self.sampler.tokenizer
-        prompts = [utils.encode(tok, mu_context(c, self.suffix)) for c in contexts]
-        outs = self.sampler.generate(prompts, n=self.m, temperature=self.temperature, top_p=self.top_p,
-                                     max_tokens=self.max_tokens, seed=seed, logprobs=False,
-                                     **({"stop": ["}"]} if self.stop_at_box else {}))
-        self.tokens += sum(s.num_tokens for group in outs for s in group)
-        if self.mode == "rollout":
-            return [[utils.last_episode(c + s.text) for s in group] for group, c in zip(outs, contexts)]
-        if not self.stop_at_box:
-            return [[self.suffix + s.text for s in group] for group in outs]
-        return self._close_boxes(prompts, outs, seed)
-
-    def _close_boxes(self, prompts: list[list[int]], outs, seed: int | None) -> list[list[str]]:
-        """suffix + completion of answers stopped at "}". vLLM leaves the stop string out of the
-        text, so an answer's text is decoded from its sampled ids (the closing token included)
-        where that decoding extends the text (else the text is taken as it is: a sampler that
-        writes the brace itself); an answer whose box is still open after a brace goes on
-        from prompt + its ids, in rounds."""
-        tok = self.sampler.tokenizer
-        ids = [[list(s.token_ids) for s in group] for group in outs]
-        texts = []
-        for group, group_ids in zip(outs, ids):
-            decoded = [tok.decode(i, skip_special_tokens=True) if i else "" for i in group_ids]
-            texts.append([d if i and d.startswith(s.text) else s.text for s, i, d in zip(group, group_ids, decoded)])
-        for rnd in itertools.count(1):
-            todo = [(i, j) for i, group in enumerate(outs) for j, s in enumerate(group)
-                    if s.finish_reason == "stop" and ids[i][j] and len(ids[i][j]) < self.max_tokens
-                    and "}" in tok.decode(ids[i][j][-1:], skip_special_tokens=True)
-                    and first_box(self.suffix + texts[i][j]) is None]
-            if not todo:
-                break
-            for i, j in todo:  # one request each: their token budgets differ
-                s = self.sampler.generate([prompts[i] + ids[i][j]], n=1, temperature=self.temperature,
-                                          top_p=self.top_p, max_tokens=self.max_tokens - len(ids[i][j]),
-                                          seed=None if seed is None else [utils.derive_seed(seed, "box", rnd, i, j)],
-                                          logprobs=False, stop=["}"])[0][0]
-                ids[i][j] += list(s.token_ids)
-                outs[i][j] = s
-                texts[i][j] = tok.decode(ids[i][j], skip_special_tokens=True)
-                self.tokens += s.num_tokens
-        return [[self.suffix + t for t in group] for group in texts]
-
-    def grade(self, answer: str, gold: str) -> float:
-        """0/1 grade of one of mu's answer texts (answers): the box the suffix opened when it
-        opens one, else the last complete box (grade_cached); with a custom reward, its value
-        of the answer text."""
-        if self.reward is not None:
-            return self.reward(answer, gold, {"answer": gold})
-        if self.boxed:
-            pred = first_box(answer)
-            return 0.0 if pred is None else _grade_answer(pred, str(gold))
-        return grade_cached(answer, gold)
-
-    def correct(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
-        """(C, m) 0/1 grades of mu's m answers per context (answers, grade)."""
-        if len(contexts) != len(golds):
-            raise ValueError(f"{len(contexts)} contexts but {len(golds)} gold answers")
-        if not contexts:
-            return np.zeros((0, self.m))
-        t0 = time.time()
-        texts = self.answers(contexts, seed)
-        grades = np.array([[self.grade(a, g) for a in group] for group, g in zip(texts, golds)],
-                          dtype=np.float64)  # (C, m)
-        self.seconds += time.time() - t0
-        return grades
-
-    def success_rates(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
-        """(C,) estimates of J(mu | c) for each full-text context (prompt + episodes so far)."""
-        return self.correct(contexts, golds, seed).mean(axis=1)
-
-
 def gain_standard_error(j_before, j_after, m: int, ref_m: int | None = None):
     """Standard error of an information gain I = J(after) - J(before) whose two J are each the
-    mean of m independent 0/1 answers (MetaProver): sqrt((pb (1 - pb) + pa (1 - pa)) / m), at
+    mean of m independent 0/1 answers (sampling.MetaProver): sqrt((pb (1 - pb) + pa (1 - pa)) / m), at
     success rates pb, pa (arrays give an array). When pb, pa are themselves means of ref_m
     answers, each Bernoulli variance is the unbiased ref_m / (ref_m - 1) p (1 - p)."""
     pb, pa = np.asarray(j_before, dtype=np.float64), np.asarray(j_after, dtype=np.float64)
@@ -461,7 +209,7 @@ def gain_standard_error(j_before, j_after, m: int, ref_m: int | None = None):
     return float(se) if se.ndim == 0 else se
 
 
-def trace_values(mu: MetaProver, prompts: list[str], episodes: list[Episodes], golds: list[str],
+def trace_values(mu: sampling.MetaProver, prompts: list[str], episodes: list[Episodes], golds: list[str],
                  seed: int | None = None) -> np.ndarray:
     """(N, 4) J(mu | x), J(mu | x, z0), J(mu | x, z0, z1), J(mu | x, z0, z1, z2) per trace,
     from one batched call (the four contexts of a trace share their prefix)."""
@@ -546,7 +294,7 @@ class Args:
 def longest_mu_context(tokenizer, row: dict, instruction: str, suffix: str) -> int:
     """Tokens of a trace's longest meta-prover context: prompt + z0 + z1 + z2 + suffix."""
     prompt = utils.build_prompt(tokenizer, row["problem"], instruction)
-    return len(utils.encode(tokenizer, mu_context(episode_contexts(prompt, row["episodes"])[-1], suffix)))
+    return len(utils.encode(tokenizer, sampling.mu_context(episode_contexts(prompt, row["episodes"])[-1], suffix)))
 
 
 def engine_need(path: str, args: Args, problems: list[dict] | None, rows: list[dict]) -> int:
@@ -563,15 +311,6 @@ def engine_need(path: str, args: Args, problems: list[dict] | None, rows: list[d
         longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
         need = max(need, longest + 2 * args.max_tokens + len(utils.encode(tok, backtrack_cue(""))) + suffix)
     return need + (args.mu_rollout_tokens if args.mu_mode == "rollout" else args.mu_max_tokens) + 16
-
-
-def make_sampler(path: str, **kwargs) -> sampling.Sampler:
-    """sampling.Sampler, also as the second engine of a plain (non-torchrun) process: the first
-    vLLM engine leaves its own one-process group behind, which makes utils pick the
-    "external_launcher" executor (it needs torchrun's RANK); such an engine gets "uni"."""
-    if "RANK" not in os.environ and utils.is_distributed():
-        kwargs.setdefault("distributed_executor_backend", "uni")
-    return sampling.Sampler(path, **kwargs)
 
 
 def resolve_models(args: Args) -> dict[str, str]:
@@ -623,15 +362,15 @@ def read_traces(path: str, args: Args) -> tuple[list[dict], int]:
 
 def sample_traces(sampler: sampling.Sampler, records: list[dict], args: Args) -> tuple[list[dict], int, int]:
     """Backtrack traces from a model, the skipped count and the dropped-z0 count: one attempt
-    z0 per problem (sample_z0: a cut or box-less attempt is resampled, then its problem dropped
+    z0 per problem (sampling.sample_z0: a cut or box-less attempt is resampled, then its problem dropped
     and counted), then `continuations` samples from prompt + z0 + "\\n" + marker + "\\nStep"
     (the RL/STaR context), split by split_continuation. Continuations that do not parse are
     skipped (a model may have none left: main reports it with 0 traces); one cut at
-    --max-tokens is kept, and its revised attempt graded 0 (sample_outcome)."""
+    --max-tokens is kept, and its revised attempt graded 0 (sampling.sample_outcome)."""
     tok = sampler.tokenizer
     problems = [{"id": i, "prompt": utils.build_prompt(tok, r["problem"], args.instruction)}
                 for i, r in enumerate(records)]
-    z0s, dropped = sample_z0(sampler, problems, temperature=args.temperature, max_tokens=args.max_tokens,
+    z0s, dropped = sampling.sample_z0(sampler, problems, temperature=args.temperature, max_tokens=args.max_tokens,
                              seed_parts=(args.seed, "z0"))
     keep = [(p["id"], p["prompt"], z0s[p["id"]]) for p in problems if p["id"] in z0s]
     conts = sampler.generate([utils.encode(tok, x + backtrack_cue(z0)) for _, x, z0 in keep], n=args.continuations,
@@ -652,7 +391,7 @@ def sample_traces(sampler: sampling.Sampler, records: list[dict], args: Args) ->
     return rows, skipped, len(dropped)
 
 
-def check_lengths(mu: MetaProver, rows: list[dict], args: Args) -> tuple[list[dict], int]:
+def check_lengths(mu: sampling.MetaProver, rows: list[dict], args: Args) -> tuple[list[dict], int]:
     """Traces whose longest mu context (prompt + z0 + z1 + z2 + suffix) plus mu's answer fits
     the engine's context length: an error naming file:line, or skipped with --skip-invalid."""
     if mu.sampler.backend != "vllm":
@@ -669,7 +408,7 @@ def check_lengths(mu: MetaProver, rows: list[dict], args: Args) -> tuple[list[di
     return kept, len(rows) - len(kept)
 
 
-def score_traces(mu: MetaProver, rows: list[dict], args: Args, logger: utils.JsonlLogger | None = None,
+def score_traces(mu: sampling.MetaProver, rows: list[dict], args: Args, logger: utils.JsonlLogger | None = None,
                  name: str = "") -> list[dict]:
     """J at the four prefixes of every trace, the per-episode gains and the outcomes;
     each batch's mean J values go to <out>/progress.jsonl as it finishes."""
@@ -690,7 +429,7 @@ def score_traces(mu: MetaProver, rows: list[dict], args: Args, logger: utils.Jso
                         "valid_restart": restart_prefix(ep.z0, ep.restart_step) is not None,
                         "J": [float(v) for v in j], "gains": gains, "backtrack_gain": gains[1],
                         "z0_correct": utils.make_grader(args.reward)(ep.z0, r["answer"], r.get("record")),
-                        "z2_correct": sample_outcome(ep.z2, r["answer"], r.get("finish_reason", "stop"), args.reward,
+                        "z2_correct": sampling.sample_outcome(ep.z2, r["answer"], r.get("finish_reason", "stop"), args.reward,
                                                      r.get("record")),
                         "first_wrong": truth.get("first_wrong"), "restart_class": truth.get("class"),
                         "can_fix": truth.get("can_fix")})
@@ -795,8 +534,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             or args.mu_rollout_tokens < 1:
         raise utils.UserError("--mu-samples, --mu-max-tokens, --mu-rollout-tokens, --batch and --continuations must be "
                               ">= 1, --problems >= 0")
-    if args.mu_mode not in MU_MODES:
-        raise utils.UserError(f"--mu-mode must be one of {MU_MODES}, got {args.mu_mode!r}")
+    if args.mu_mode not in sampling.MU_MODES:
+        raise utils.UserError(f"--mu-mode must be one of {sampling.MU_MODES}, got {args.mu_mode!r}")
     runs = resolve_models(args)
     if args.traces and len(args.traces) not in (1, len(runs)):
         raise utils.UserError(f"--traces: give one file or one per model ({len(runs)}), got {len(args.traces)}")
@@ -825,7 +564,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             return samplers[path]
         need = max(engine_need(path, replace(args, instruction=instructions[n]), problems, given) for n in names)
         max_len = args.max_model_len or sampling.engine_length(path, need)
-        return make_sampler(path, seed=args.seed, dtype=args.dtype, max_model_len=max_len)
+        return sampling.make_sampler(path, seed=args.seed, dtype=args.dtype, max_model_len=max_len)
 
     shared_mu = new_sampler(args.mu_model, runs) if args.mu_model else None
 
@@ -839,7 +578,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             utils.print0(f"{name}: sampling backtrack traces on {len(problems)} problems")
             rows, skipped, z0_dropped[name] = sample_traces(sampler, problems, args)
             traces[name] = rows, skipped
-            utils.print0(f"{name}: {z0_dropped[name]} problems dropped: no usable attempt z0 in {Z0_TRIES} tries "
+            utils.print0(f"{name}: {z0_dropped[name]} problems dropped: no usable attempt z0 in {sampling.Z0_TRIES} tries "
                          f"(cut at --max-tokens or no box)")
             keys = ("id", "problem", "answer", "completion", "finish_reason")
             utils.write_jsonl(os.path.join(args.out, f"traces_{name}.jsonl"), [{k: r[k] for k in keys} for r in rows])
@@ -853,7 +592,7 @@ def main(args: Args, samplers: dict | None = None) -> dict:
             gc.collect()
             continue
         mu_sampler = shared_mu or sampler or new_sampler(path, [name])
-        mu = MetaProver(mu_sampler, args.mu_suffix, args.mu_samples, args.mu_temperature, args.mu_max_tokens,
+        mu = sampling.MetaProver(mu_sampler, args.mu_suffix, args.mu_samples, args.mu_temperature, args.mu_max_tokens,
                         mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens, reward=args.reward)
         rows, too_long = check_lengths(mu, rows, args)
         skipped += too_long

@@ -57,7 +57,7 @@ Decisions and departures from the paper (which publishes no code for this study)
   --mu-suffix. The default suffix is Fig. 12's text for real models and utils.MU_SUFFIX
   ("\\nTime is up. The answer is \\\\boxed{") for the toy, which was pretrained to answer
   after it and never saw Fig. 12's text; a suffix starting with a newline replaces the
-  delimiter (infogain.mu_context). mu's graded text is suffix + completion.
+  delimiter (sampling.mu_context). mu's graded text is suffix + completion.
 - Token accounting: prefix tokens are the thinking tokens of the prefix (the tokenizer's count
   of its text; the prompt and the forced suffix are not charged); [maj@p]_j is plotted at
   prefix + p x (mean answer tokens of the p_max answers at that prefix). The baseline is at
@@ -102,7 +102,6 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 import evaluate
-import infogain
 import sampling
 import toy
 import utils
@@ -196,12 +195,12 @@ def meta_prover_prompt(tokenizer, problem: str, prefix: str, suffix: str = FIG12
     ("<think>\\n" for a trace that opened its thinking with it; skipped when the template
     already ends with it), the thinking prefix (trailing whitespace dropped), `sep` (the step
     delimiter; none after an empty prefix), then the suffix. A suffix that starts with a
-    newline replaces the separator (infogain.mu_context: trailing newlines dropped first)."""
+    newline replaces the separator (sampling.mu_context: trailing newlines dropped first)."""
     head = utils.build_prompt(tokenizer, problem, instruction)
     if think_open and not head.rstrip().endswith(think_open.strip()):
         head += think_open
     if suffix.startswith(("\n", "\r\n")):
-        return infogain.mu_context(head + prefix.rstrip(), suffix)
+        return sampling.mu_context(head + prefix.rstrip(), suffix)
     prefix = prefix.rstrip()
     return head + (prefix + sep if prefix.strip() else "") + suffix
 
@@ -504,9 +503,9 @@ class Engines:
         if path not in self.owned:
             if not utils.is_distributed():
                 self.close()
-            had_group = evaluate.group_exists()
+            had_group = sampling.group_exists()
             max_len = self.args.max_model_len or sampling.engine_length(path, self.needs[path])
-            s = infogain.make_sampler(path, seed=self.args.seed, dtype=self.args.dtype, max_model_len=max_len,
+            s = sampling.make_sampler(path, seed=self.args.seed, dtype=self.args.dtype, max_model_len=max_len,
                                       gpu_memory_utilization=self.share)
             self.owned[path] = (s, had_group)
         return self.owned[path][0]
@@ -514,7 +513,7 @@ class Engines:
     def close(self) -> None:
         for path in list(self.owned):
             s, had_group = self.owned.pop(path)
-            evaluate.close_engine(s, had_group)
+            sampling.close_engine(s, had_group)
         gc.collect()
 
 
@@ -537,7 +536,7 @@ def engine_needs(args: Args, problems: list[dict] | None, split: list[dict] | No
     mu_tok = utils.load_tokenizer(mu_path)
     if problems is not None:
         tok = utils.load_tokenizer(args.model)
-        cue = len(utils.encode(tok, evaluate.CONTINUE_CUE))
+        cue = len(utils.encode(tok, utils.BACKTRACK_CUE))
         add(args.model, longest_prompt(tok) + args.max_tokens + (args.window + cue if args.rounds > 1 else 0))
         head = max(len(utils.encode(mu_tok, meta_prover_prompt(mu_tok, r["problem"], "", args.mu_suffix, args.instruction,
                                                                THINK_OPEN + "\n", args.delimiter))) for r in problems)
@@ -584,7 +583,7 @@ def sample_traces(sampler, problems: list[dict], args: Args, logger) -> list[dic
                         keep = r + 1
                         break
             chain = chain[:keep]
-            text = evaluate.CONTINUE_CUE.join(c["text"] for c in chain)
+            text = utils.BACKTRACK_CUE.join(c["text"] for c in chain)
             traces.append({"id": f"{problems[i]['id']}-{s}", "problem": problems[i]["problem"], "answer": problems[i]["answer"],
                            "trace": text, "rounds": keep, "stem_tokens": sum(c["gen_tokens"] for c in chain),
                            "finish_reason": chain[-1]["finish_reason"], "where": f"sampled {problems[i]['id']}-{s}"})

@@ -11,9 +11,17 @@ cache is sized from the same lengths (`model_kv_cache_bytes`, unless VLLM_CPU_KV
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
+import itertools
 import os
+import re
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
+
+import numpy as np
 
 import training
 import utils
@@ -370,6 +378,42 @@ def engine_length(model: str, need: int) -> int:
     return int(max(1, min(need, limit)))
 
 
+
+ENGINE_SLACK = 16
+"""Extra engine tokens per sequence: a context re-encoded from text (z0, z1) may take a few more
+tokens than were sampled."""
+
+
+def mu_need(tokenizer, mode: str, suffix: str, max_tokens: int, rollout_tokens: int) -> int:
+    """Tokens the meta-prover adds to a context: its forced suffix and answer (mode "forced"), or
+    the B tokens it writes (mode "rollout")."""
+    if mode == "rollout":
+        return rollout_tokens
+    return len(tokenizer(suffix, add_special_tokens=False)["input_ids"]) + max_tokens
+
+
+def trace_need(tokenizer, prompt_tokens: int, max_tokens: int, backtrack: bool, mu_tokens: int = 0) -> int:
+    """Tokens one engine sequence may hold when it samples from a prompt of `prompt_tokens`:
+    direct, prompt + completion; backtrack, prompt + z0 + cue + continuation (z0 and the
+    continuation each at most `max_tokens`) plus `mu_tokens` when the meta-prover samples from
+    this engine (its longest context is x + z0 + z1, mu_need); plus ENGINE_SLACK.
+    `engine_length` turns it into the engine's max_model_len."""
+    need = prompt_tokens + max_tokens + ENGINE_SLACK
+    if backtrack:
+        need += max_tokens + len(tokenizer(utils.BACKTRACK_CUE, add_special_tokens=False)["input_ids"]) + mu_tokens
+    return need
+
+
+def model_positions(model: str) -> int:
+    """The most tokens a sequence of `model` may take: its config's max_position_embeddings
+    (2**30 when the config names none)."""
+    from transformers import AutoConfig
+
+    with utils.loading_errors(model):
+        cfg = AutoConfig.from_pretrained(model)
+    return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
+
+
 def cpu_kv_cache_bytes(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int, max_model_len: int,
                        max_num_seqs: int = CPU_MAX_SEQS, block_size: int = CPU_BLOCK, cap: int = CPU_KV_CAP) -> int:
     """KV-cache bytes of a CPU engine: room for `max_num_seqs` sequences of `max_model_len`
@@ -402,3 +446,329 @@ def model_kv_cache_bytes(model: str, max_model_len: int | None, dtype: str, max_
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     return cpu_kv_cache_bytes(layers, kv_heads, head_dim, getattr(torch, dtype).itemsize, length, max_num_seqs,
                               block_size)
+
+
+# --------------------------------------------------------------------------------------
+# Engines: built here or reused, freed, sized from the run's lengths
+# --------------------------------------------------------------------------------------
+
+
+READY: dict = {}
+"""Engines built before a stage runs, by model path, that `engine` hands out instead of building
+one (`ready_engines` fills it; tests do, since an engine takes about 20 s to start). A ready
+engine may hold another checkpoint's weights of the same architecture: a trainer syncs its own
+into it first, and a stage never frees an engine it did not build."""
+
+
+@contextlib.contextmanager
+def ready_engines(engines: dict):
+    """READY holds `engines` ({model path: sampler}) inside the block, and what it held before after it."""
+    saved = dict(READY)
+    READY.update(engines)
+    try:
+        yield
+    finally:
+        READY.clear()
+        READY.update(saved)
+
+
+def engine(path: str, **kwargs) -> Sampler:
+    """The engine of model `path`: READY's when one is there, else make_sampler(path, **kwargs)."""
+    return READY[path] if path in READY else make_sampler(path, **kwargs)
+
+
+def make_sampler(path: str, **kwargs) -> Sampler:
+    """Sampler, also as the second engine of a plain (non-torchrun) process: the first
+    vLLM engine leaves its own one-process group behind, which makes utils pick the
+    "external_launcher" executor (it needs torchrun's RANK); such an engine gets "uni"."""
+    if "RANK" not in os.environ and utils.is_distributed():
+        kwargs.setdefault("distributed_executor_backend", "uni")
+    return Sampler(path, **kwargs)
+
+
+def group_exists() -> bool:
+    """Whether a torch.distributed group exists now (torchrun's, or one a live vLLM engine
+    started). Taken before building an engine, it tells close_engine whether to tear down."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def close_engine(sampler, had_group: bool) -> None:
+    """Free an engine this script built. The engine attribute is dropped explicitly: vLLM
+    0.32 pins the frame of the first Sampler.__init__ in a process (so `del sampler` alone
+    left one 2 GiB KV cache alive). vLLM also starts a one-process torch.distributed group;
+    unless one existed before, tear it down (vLLM's public cleanup_dist_env_and_memory), or
+    the next engine mistakes it for a torchrun group. If a group existed (torchrun's, or one
+    that another live engine uses), it is left alone: tearing it down breaks that engine."""
+    backend = sampler.backend
+    for attr in ("llm", "model"):
+        if hasattr(sampler, attr):
+            delattr(sampler, attr)
+    del sampler
+    gc.collect()
+    if backend == "vllm" and not had_group:
+        from vllm.distributed import cleanup_dist_env_and_memory
+
+        cleanup_dist_env_and_memory()
+
+
+# --------------------------------------------------------------------------------------
+# Attempts z0 and outcomes: the rules every stage shares
+# --------------------------------------------------------------------------------------
+
+
+def sample_attempts(sampler, prompts: list[str], n: int = 1, *, temperature: float, top_p: float = 1.0,
+                    max_tokens: int, seed) -> list[list]:
+    """n plain attempts per prompt (Sample lists), cut before the backtrack marker if
+    the model writes one: MRT-B's initial attempt z0 (n = 1, from the base), a warmstart's or
+    STaR's direct attempts."""
+    if not prompts:
+        return []
+    return sampler.generate([utils.encode(sampler.tokenizer, p) for p in prompts], n=n, temperature=temperature,
+                            top_p=top_p, max_tokens=max_tokens, stop=["\n" + utils.BACKTRACK_MARKER], seed=seed,
+                            logprobs=False)
+
+
+Z0_TRIES = 4
+"""Attempts sample_z0 samples per problem at most before it drops the problem."""
+
+
+def usable_z0(sample) -> bool:
+    """Whether a sampled attempt can be z0: it ended by itself (not cut at the token limit;
+    cut at the backtrack marker counts as ended) and holds a complete boxed answer."""
+    return sample.finish_reason != "length" and utils.extract_boxed(sample.text) is not None
+
+
+def sample_z0(sampler, problems: list[dict], *, temperature: float, top_p: float = 1.0, max_tokens: int,
+              seed_parts: tuple, tries: int = Z0_TRIES) -> tuple[dict[int, str], dict[int, str]]:
+    """({problem id: z0}, {problem id: last try}) for problems (each with its "prompt"): one
+    attempt per problem from the engine's current weights (the base's, in Alg. 1 and 2), in
+    shares over the ranks, gathered on every rank. The rule of every stage (grpo.py, star.py,
+    infogain.py's CLI): an attempt that is not usable_z0 (cut at --max-tokens, or no box) is
+    resampled, up to `tries` attempts in all, and a problem whose every try failed is dropped:
+    it is left out of the first dict and its last try (right-stripped) goes to the second, for
+    the caller to count and log. Rank r's first try is seeded utils.derive_seed(*seed_parts, r),
+    its t-th retry utils.derive_seed(*seed_parts, "retry", t, r). z0 is right-stripped."""
+    rank, world = utils.rank(), utils.world_size()
+    kept, last, todo = {}, {}, problems[rank::world]
+    for t in range(tries):
+        if not todo:
+            break
+        seed = utils.derive_seed(*seed_parts, rank) if t == 0 else utils.derive_seed(*seed_parts, "retry", t, rank)
+        outs = sample_attempts(sampler, [p["prompt"] for p in todo], temperature=temperature, top_p=top_p,
+                               max_tokens=max_tokens, seed=seed)
+        failed = []
+        for p, g in zip(todo, outs):
+            if usable_z0(g[0]):
+                kept[p["id"]] = g[0].text.rstrip()
+            else:
+                last[p["id"]] = g[0].text.rstrip()
+                failed.append(p)
+        todo = failed
+    dropped = {p["id"]: last[p["id"]] for p in todo}
+    parts = utils.all_gather((kept, dropped))
+    return ({i: z for k, _ in parts for i, z in k.items()}, {i: z for _, d in parts for i, z in d.items()})
+
+
+def sample_outcome(text: str | None, gold: str, finish_reason: str, reward: str = "",
+                   record: dict | None = None) -> float:
+    """The outcome of a sampled answer (a revised attempt z2, or a direct attempt): the rule
+    of every stage (grpo.py, star.py, infogain.py's CLI) is the run's grader
+    (utils.make_grader(reward): utils.grade, 0/1, by default; a custom --reward gets the
+    problem's `record`), and 0 when the sample was cut at the token limit (finish_reason
+    "length"), whatever box it holds: only an attempt that ended by itself is graded."""
+    return 0.0 if finish_reason == "length" or text is None else utils.make_grader(reward)(text, gold, record)
+
+
+# --------------------------------------------------------------------------------------
+# The meta-prover mu and J(mu | c) (MRT paper Sec. 5)
+# --------------------------------------------------------------------------------------
+
+
+def mu_context(context: str, suffix: str) -> str:
+    """The text mu continues: context + suffix, trailing newlines of the context dropped
+    when the suffix starts with one (no blank line before the forced answer)."""
+    if suffix.startswith(("\n", "\r\n")):
+        context = context.rstrip("\r\n")
+    return context + suffix
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _grade_answer(pred: str, gold: str) -> float:
+    return utils.grade("\\boxed{" + pred + "}", gold)
+
+
+def grade_cached(text: str, gold: str) -> float:
+    """utils.grade(text, gold), cached on (extracted answer, gold): mu's short answers
+    repeat a lot, and a mismatch costs about a millisecond of math-verify."""
+    pred = utils.extract_boxed(text)
+    return 0.0 if pred is None else _grade_answer(pred, str(gold))
+
+
+MU_MODES = ("forced", "rollout")
+
+
+BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+
+
+def opens_box(suffix: str) -> bool:
+    """Whether a forced suffix ends inside a box it opens (utils.MU_SUFFIX: "... \\boxed{")."""
+    return any(m.end() == len(suffix.rstrip(" ")) for m in BOX_OPEN.finditer(suffix))
+
+
+def first_box(text: str) -> str | None:
+    """Content of the first \\boxed{...} (or \\fbox{...}) of text when that box is closed
+    (braces counted, so nested braces stay inside), else None: a first box left open is no
+    answer, whatever boxes follow inside it."""
+    m = BOX_OPEN.search(text)
+    if m is None:
+        return None
+    depth = 1
+    for i in range(m.end(), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[m.end():i].strip()
+    return None
+
+
+class MetaProver:
+    """mu: the meta-prover estimating J(mu | c), in one of two modes.
+
+    forced   mu is the model steered to stop and answer now: the suffix (a forced answer
+             prefix, default utils.MU_SUFFIX) is appended to the context and mu writes up to
+             max_tokens. When the suffix opens a box (it ends in "\\boxed{"), mu's answer is
+             that box: the first closed box of suffix + completion (first_box), braces
+             counted; it is graded, and whatever mu writes after closing it is not its answer.
+             (Until this rule the last complete box of suffix + completion was graded, so a
+             second box written after the first one replaced it and an unclosed second box
+             voided a closed first one: the rule changes the estimator in those cases only.)
+             With stop_at_box (default) mu stops writing at that box's closing brace: a
+             vLLM stop at "}" ends each answer at its first closing brace, and an answer whose
+             box is still open there (a nested brace, as in \\frac{1}{2}) is continued from its
+             own tokens, one request per such answer, until its box closes or max_tokens are
+             written. The stop changes no grade: an answer with no nested brace is the same
+             tokens as without the stop up to the closing brace (seeded sampling draws token
+             by token), and one continued after a nested brace is drawn from the same
+             distribution (new draws). A suffix that opens no box (e.g. "", warmstart's value
+             estimate, where mu completes the solution) is graded on the last complete box of
+             the completion, with no stop.
+    rollout  mu continues the context as it is, in the trace's own format, for up to
+             rollout_tokens tokens; its answer is the last boxed answer of the last episode
+             of context + completion (utils.last_episode: the text after the last backtrack
+             marker, all of it when there is none; the rule of the GRPO outcome and
+             evaluate.py), and no box there counts as no answer (so does a box it opens and
+             does not close). J is a Monte-Carlo value of the context: after a finished
+             attempt it is that attempt's answer unless mu goes on to revise it; after a
+             backtrack episode only a box mu writes after the marker counts, never the answer
+             the episode abandoned. The suffix is not used, and no stop applies (mu may revise
+             after a box). The paper allows any mu ("the same LLM", "another LLM told to
+             estimate the answer"); this mode is our choice for small models that cannot
+             answer without writing the steps.
+
+    `sampler` is the policy's own Sampler (mu = the current policy, so it follows
+    weight syncs) or one built on another model. With suffix "" the forced mode completes
+    the solution from the context too (warmstart's value estimate), but grades only the
+    completion. In both modes the m samples of one context come from one request with n=m
+    (its prefill is shared), and all contexts of a call go to the engine together. `seconds`
+    accumulates the time spent in mu's calls, `tokens` the tokens mu decoded.
+
+    `reward` (a --reward spec; "" the math-verify grader) grades mu's answers too: J is the
+    success rate under the task's reward, so a custom reward is the meta-prover's as well. It
+    is handed the answer text (as `answers` gives it) and the record {"answer": gold} (mu sees
+    contexts and gold answers only); a non-binary reward makes J a mean reward rather than a
+    success rate."""
+
+    def __init__(self, sampler: Sampler, suffix: str = utils.MU_SUFFIX, m: int = 8,
+                 temperature: float = 1.0, max_tokens: int = 16, top_p: float = 1.0,
+                 mode: str = "forced", rollout_tokens: int = 128, stop_at_box: bool = True,
+                 reward: str = ""):
+        if mode not in MU_MODES:
+            raise ValueError(f"MetaProver mode must be one of {MU_MODES}, got {mode!r}")
+        if m < 1 or max_tokens < 1 or rollout_tokens < 1:
+            raise ValueError(f"MetaProver needs m, max_tokens and rollout_tokens >= 1, got m={m}, "
+                             f"max_tokens={max_tokens}, rollout_tokens={rollout_tokens}")
+        self.sampler, self.m, self.mode = sampler, m, mode
+        self.suffix = suffix if mode == "forced" else ""
+        self.temperature, self.top_p = temperature, top_p
+        self.max_tokens = max_tokens if mode == "forced" else rollout_tokens
+        """tokens mu writes per sample (the forced answer's limit, or B in rollout mode)"""
+        self.boxed = mode == "forced" and opens_box(self.suffix)
+        """the answer is the box the suffix opens (first_box)"""
+        self.stop_at_box = stop_at_box and self.boxed
+        self.seconds, self.tokens = 0.0, 0
+        self.reward = utils.make_grader(reward) if reward else None
+        """the custom reward's grade(text, gold, record), None for the math-verify grader"""
+
+    def answers(self, contexts: list[str], seed: int | None = None) -> list[list[str]]:
+        """(C, m) texts mu's answers are graded on: suffix + completion (forced) or the last
+        episode of context + completion (rollout). Adds the decoded tokens to `tokens`."""
+        tok = self.sampler.tokenizer
+        prompts = [utils.encode(tok, mu_context(c, self.suffix)) for c in contexts]
+        outs = self.sampler.generate(prompts, n=self.m, temperature=self.temperature, top_p=self.top_p,
+                                     max_tokens=self.max_tokens, seed=seed, logprobs=False,
+                                     **({"stop": ["}"]} if self.stop_at_box else {}))
+        self.tokens += sum(s.num_tokens for group in outs for s in group)
+        if self.mode == "rollout":
+            return [[utils.last_episode(c + s.text) for s in group] for group, c in zip(outs, contexts)]
+        if not self.stop_at_box:
+            return [[self.suffix + s.text for s in group] for group in outs]
+        return self._close_boxes(prompts, outs, seed)
+
+    def _close_boxes(self, prompts: list[list[int]], outs, seed: int | None) -> list[list[str]]:
+        """suffix + completion of answers stopped at "}". vLLM leaves the stop string out of the
+        text, so an answer's text is decoded from its sampled ids (the closing token included)
+        where that decoding extends the text (else the text is taken as it is: a sampler that
+        writes the brace itself); an answer whose box is still open after a brace goes on
+        from prompt + its ids, in rounds."""
+        tok = self.sampler.tokenizer
+        ids = [[list(s.token_ids) for s in group] for group in outs]
+        texts = []
+        for group, group_ids in zip(outs, ids):
+            decoded = [tok.decode(i, skip_special_tokens=True) if i else "" for i in group_ids]
+            texts.append([d if i and d.startswith(s.text) else s.text for s, i, d in zip(group, group_ids, decoded)])
+        for rnd in itertools.count(1):
+            todo = [(i, j) for i, group in enumerate(outs) for j, s in enumerate(group)
+                    if s.finish_reason == "stop" and ids[i][j] and len(ids[i][j]) < self.max_tokens
+                    and "}" in tok.decode(ids[i][j][-1:], skip_special_tokens=True)
+                    and first_box(self.suffix + texts[i][j]) is None]
+            if not todo:
+                break
+            for i, j in todo:  # one request each: their token budgets differ
+                s = self.sampler.generate([prompts[i] + ids[i][j]], n=1, temperature=self.temperature,
+                                          top_p=self.top_p, max_tokens=self.max_tokens - len(ids[i][j]),
+                                          seed=None if seed is None else [utils.derive_seed(seed, "box", rnd, i, j)],
+                                          logprobs=False, stop=["}"])[0][0]
+                ids[i][j] += list(s.token_ids)
+                outs[i][j] = s
+                texts[i][j] = tok.decode(ids[i][j], skip_special_tokens=True)
+                self.tokens += s.num_tokens
+        return [[self.suffix + t for t in group] for group in texts]
+
+    def grade(self, answer: str, gold: str) -> float:
+        """0/1 grade of one of mu's answer texts (answers): the box the suffix opened when it
+        opens one, else the last complete box (grade_cached); with a custom reward, its value
+        of the answer text."""
+        if self.reward is not None:
+            return self.reward(answer, gold, {"answer": gold})
+        if self.boxed:
+            pred = first_box(answer)
+            return 0.0 if pred is None else _grade_answer(pred, str(gold))
+        return grade_cached(answer, gold)
+
+    def correct(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
+        """(C, m) 0/1 grades of mu's m answers per context (answers, grade)."""
+        if len(contexts) != len(golds):
+            raise ValueError(f"{len(contexts)} contexts but {len(golds)} gold answers")
+        if not contexts:
+            return np.zeros((0, self.m))
+        t0 = time.time()
+        texts = self.answers(contexts, seed)
+        grades = np.array([[self.grade(a, g) for a in group] for group, g in zip(texts, golds)],
+                          dtype=np.float64)  # (C, m)
+        self.seconds += time.time() - t0
+        return grades
+
+    def success_rates(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
+        """(C,) estimates of J(mu | c) for each full-text context (prompt + episodes so far)."""
+        return self.correct(contexts, golds, seed).mean(axis=1)

@@ -5,9 +5,9 @@ One iteration k = 1..K of Alg. 1 (--method mrt), for every training problem q:
            All z0 are sampled once, at the start, while the engine holds the base weights
            (stored in <out>/z0.jsonl); every iteration reuses them. An attempt cut at
            --max-tokens or without a box is resampled, and a problem with none usable in
-           infogain.Z0_TRIES tries is dropped and counted (infogain.sample_z0, every stage's rule).
+           sampling.Z0_TRIES tries is dropped and counted (sampling.sample_z0, every stage's rule).
   r0       J(mu | q, z0): the meta-prover's success rate after the attempt (Def. 5.1;
-           infogain.MetaProver, mu = the current model in the same engine, or --mu-model).
+           sampling.MetaProver, mu = the current model in the same engine, or --mu-model).
   sample   G continuations z_{1:2} from the CURRENT model given (q, z0), with grpo.py's
            context: z0 + "\\n" + MARKER + "\\nStep" (infogain.backtrack_cue); the model names
            the restart step (" k: ...") and writes the revised attempt. Each continuation is
@@ -15,14 +15,14 @@ One iteration k = 1..K of Alg. 1 (--method mrt), for every training problem q:
   reward   r_i = J(mu | q, z0, z1_i), so r_i - r0 is the information gain of the backtrack
            episode z1_i; a continuation that does not parse has no z1 and r_i = 0 (its gain is
            -r0, infogain.backtrack_gain; mu is not asked about it). z2_i is graded on its own
-           (z0's box never counts), 0 when cut at --max-tokens (infogain.sample_outcome).
+           (z0's box never counts), 0 when cut at --max-tokens (sampling.sample_outcome).
   filter   keep (q, z0, z_{1:2}) of select_continuation(r0, r, correct, --min-gain): the
            continuation with the highest r_i among those whose z2 is correct and whose gain
            r_i - r0 > 0 (Alg. 1, the default; --min-gain G: r_i - r0 >= G, and --min-gain 0 is
            Fig. 4's reading, gain >= 0); ties go to the first; none when no continuation qualifies.
   SFT      fine-tune the BASE model on the examples kept in ALL iterations so far (STaR starts
            every iteration from the base), loss on the continuation z_{1:2} only (z0 is in the
-           prompt; --z0-loss trains on it too), with warmstart.sft (the shared SFT loop).
+           prompt; --z0-loss trains on it too), with training.sft (the shared SFT loop).
   sync     the fine-tuned weights go into the engine in place (sampling.Sampler.sync_weights):
            the next iteration samples continuations, and mu answers, from the new model.
 
@@ -66,7 +66,7 @@ Decisions / departures from the paper (it publishes no code for this algorithm):
 - A continuation is a candidate only if it parses (infogain.split_continuation, split where
   the cue was appended: marker, then "Step k:" with one step and no box, a line break, and a
   z2 with a step line or a box), ended by itself (EOS, not cut at --max-tokens: the rule of
-  every stage, infogain.sample_outcome) and its z2 is correct. An unparsed one is never kept;
+  every stage, sampling.sample_outcome) and its z2 is correct. An unparsed one is never kept;
   its logged r_i is 0 and its gain -r0, as grpo.py's bonus gives it (infogain.backtrack_gain).
 - Alg. 1 keeps a continuation with r_i > r0; Fig. 4 writes r_i >= r0. With m mu answers J
   is a multiple of 1/m, so ties are common: the default is Alg. 1, --min-gain 0 is Fig. 4, and
@@ -113,10 +113,9 @@ import numpy as np  # noqa: E402
 
 import sampling  # noqa: E402
 import toy  # noqa: E402
+import training  # noqa: E402
 import utils  # noqa: E402
-import warmstart  # noqa: E402
-from infogain import (MU_MODES, Z0_TRIES, MetaProver, backtrack_cue, backtrack_gain, make_sampler,  # noqa: E402
-                      sample_attempts, sample_outcome, sample_z0, split_continuation)
+from infogain import backtrack_cue, backtrack_gain, split_continuation  # noqa: E402
 
 METHODS = {"mrt": "backtrack", "star": "direct", "rise": "backtrack"}  # method -> model format
 
@@ -184,7 +183,7 @@ class Args:
     """max tokens of a mu answer"""
     mu_mode: str = "forced"
     """forced: mu answers right after the context and --mu-suffix; rollout: mu continues the
-    context for up to --mu-rollout-tokens, its last boxed answer graded (infogain.MetaProver)"""
+    context for up to --mu-rollout-tokens, its last boxed answer graded (sampling.MetaProver)"""
     mu_rollout_tokens: int = 128
     """B: tokens mu writes per sample in --mu-mode rollout"""
     mu_temperature: float = 1.0
@@ -197,7 +196,7 @@ class Args:
     """held-out problems measured before and after each iteration (0: skip)"""
     eval_samples: int | None = None
     """samples per held-out problem"""
-    # SFT (warmstart.sft)
+    # SFT (training.sft)
     lr: float | None = None
     """peak learning rate (AdamW)"""
     epochs: int | None = None
@@ -251,7 +250,7 @@ def resolve_args(args: Args, world: int = 1) -> Args:
         raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
     fill = {k: v for k, v in PRESETS[preset].items() if getattr(args, k) is None}
     args = dataclasses.replace(args, preset=preset, **fill)
-    warmstart.check_sft_args(args, world)
+    training.check_sft_args(args, world)
     for name in ("iterations", "group_size", "max_tokens", "sample_batch", "mu_samples", "mu_max_tokens",
                  "mu_rollout_tokens", "eval_samples"):
         if getattr(args, name) < 1:
@@ -261,8 +260,8 @@ def resolve_args(args: Args, world: int = 1) -> Args:
             raise utils.UserError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
     if not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise utils.UserError("--temperature must be > 0 and 0 < --top-p <= 1")
-    if args.mu_mode not in MU_MODES:
-        raise utils.UserError(f"--mu-mode must be one of {MU_MODES}, got {args.mu_mode!r}")
+    if args.mu_mode not in sampling.MU_MODES:
+        raise utils.UserError(f"--mu-mode must be one of {sampling.MU_MODES}, got {args.mu_mode!r}")
     if args.min_gain is not None and not -1.0 <= args.min_gain <= 1.0:
         raise utils.UserError(f"--min-gain must be in [-1, 1] (a gain is a difference of two success rates), "
                               f"got {args.min_gain}")
@@ -329,11 +328,11 @@ def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold
                        record: dict | None = None) -> dict:
     """Episodes and correctness of one continuation: {completion, episodes (or None), correct}.
     Correct means: it parses into z0/z1/z2, split where the cue was appended, and z2 alone is
-    graded correct by infogain.sample_outcome (0 when cut at the token limit: the rule of every
-    stage; `reward` and `record` as sample_outcome's)."""
+    graded correct by sampling.sample_outcome (0 when cut at the token limit: the rule of every
+    stage; `reward` and `record` as sampling.sample_outcome's)."""
     completion = continuation_cue(method, z0) + text
     ep = split_continuation(z0, completion)
-    ok = ep is not None and sample_outcome(ep.z2, gold, finish_reason, reward, record) == 1.0
+    ok = ep is not None and sampling.sample_outcome(ep.z2, gold, finish_reason, reward, record) == 1.0
     return {"completion": completion, "episodes": ep, "correct": ok}
 
 
@@ -342,18 +341,18 @@ def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold
 # --------------------------------------------------------------------------------------
 
 
-def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dict, args: Args, seed: int) -> list[dict]:
+def rollout_chunk(sampler, mu: sampling.MetaProver | None, problems: list[dict], z0s: dict, args: Args, seed: int) -> list[dict]:
     """One record per problem: its G samples (text, parsed, correct, r_i), r0 and the kept
     index (None if none), and the kept example."""
     if not problems:
         return []
     tok, G = sampler.tokenizer, args.group_size
     if args.method == "star":
-        outs = sample_attempts(sampler, [p["prompt"] for p in problems], G, temperature=args.temperature, top_p=args.top_p,
+        outs = sampling.sample_attempts(sampler, [p["prompt"] for p in problems], G, temperature=args.temperature, top_p=args.top_p,
                                max_tokens=args.max_tokens, seed=seed)
         records = []
         for p, group in zip(problems, outs):
-            correct = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record")) == 1.0
+            correct = [sampling.sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record")) == 1.0
                        for s in group]
             kept = select_first_correct(correct)
             example = None if kept is None else {
@@ -401,7 +400,7 @@ def rollout_chunk(sampler, mu: MetaProver | None, problems: list[dict], z0s: dic
     return records
 
 
-def collect(sampler, mu: MetaProver | None, problems: list[dict], z0s: dict, args: Args, iteration: int) -> list[dict]:
+def collect(sampler, mu: sampling.MetaProver | None, problems: list[dict], z0s: dict, args: Args, iteration: int) -> list[dict]:
     """rollout_chunk over every training problem: problems split over the ranks, in chunks of
     --sample-batch (the same number of chunks on every rank), gathered in problem order."""
     from tqdm import tqdm
@@ -420,15 +419,15 @@ def collect(sampler, mu: MetaProver | None, problems: list[dict], z0s: dict, arg
 def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed: int) -> float | None:
     """Mean accuracy of --eval-samples samples per held-out problem in the method's format
     (backtrack: the base's z0, the cue, graded on z2 only; direct: a plain attempt); a sample
-    cut at --max-tokens scores 0 (infogain.sample_outcome)."""
+    cut at --max-tokens scores 0 (sampling.sample_outcome)."""
     if not problems:
         return None
     rank, world = utils.rank(), utils.world_size()
     mine, scores = problems[rank::world], []
     if mine and args.method == "star":
-        outs = sample_attempts(sampler, [p["prompt"] for p in mine], args.eval_samples, temperature=args.temperature,
+        outs = sampling.sample_attempts(sampler, [p["prompt"] for p in mine], args.eval_samples, temperature=args.temperature,
                                top_p=args.top_p, max_tokens=args.max_tokens, seed=utils.derive_seed(seed, rank))
-        scores = [sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record"))
+        scores = [sampling.sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record"))
                   for p, g in zip(mine, outs) for s in g]
     elif mine:
         cues = [continuation_cue(args.method, z0s[p["id"]]) for p in mine]
@@ -438,7 +437,7 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
         for p, c, g in zip(mine, cues, outs):
             for s in g:
                 ep = split_continuation(z0s[p["id"]], c + s.text)
-                scores.append(sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                scores.append(sampling.sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record"))
                               if ep else 0.0)
     return float(np.mean([x for part in utils.all_gather(scores) for x in part]))
 
@@ -477,25 +476,6 @@ def iteration_stats(records: list[dict], method: str) -> dict:
 
 
 # --------------------------------------------------------------------------------------
-# Data
-# --------------------------------------------------------------------------------------
-
-
-def context_length(path: str, args: Args) -> int:
-    """The most tokens a sequence may take: --max-model-len, else the model's positions (the
-    engine itself is sized from the run's own lengths, see main)."""
-    if args.max_model_len:
-        return args.max_model_len
-    from transformers import AutoConfig
-
-    try:
-        cfg = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise utils.UserError(f"cannot load model {path}: {str(e).strip().splitlines()[0]}") from e
-    return int(getattr(cfg, "max_position_embeddings", 0) or 1 << 30)
-
-
-# --------------------------------------------------------------------------------------
 # Main: Alg. 1
 # --------------------------------------------------------------------------------------
 
@@ -531,7 +511,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     tok = utils.load_tokenizer(base_path)
     mu_tokens = args.mu_rollout_tokens if args.mu_mode == "rollout" else args.mu_max_tokens
     budget = args.max_tokens + (args.max_tokens + 64 + mu_tokens if fmt == "backtrack" else 0)
-    room = context_length(base_path, args) - budget
+    room = (args.max_model_len or sampling.model_positions(base_path)) - budget
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
                 instruction=args.instruction, max_prompt_tokens=room, too_long="lower --max-tokens or raise --max-model-len",
                 answer_from=args.answer_from, keep_record=bool(args.reward))
@@ -552,13 +532,13 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     else:  # it may hold other weights: z0 must come from the base (read on the CPU: the engine has the GPU)
         sampler.sync_weights(sampling.load_on_host(base_path, args.dtype))
     train_z0, test_z0, z0_dropped = {}, {}, None
-    if fmt == "backtrack":  # a cut or box-less z0 is resampled, then its problem dropped (infogain.sample_z0)
+    if fmt == "backtrack":  # a cut or box-less z0 is resampled, then its problem dropped (sampling.sample_z0)
         z0_kw = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
-        train_z0, train_lost = sample_z0(sampler, train, **z0_kw, seed_parts=(args.seed, "z0", "train"))
-        test_z0, test_lost = sample_z0(sampler, test, **z0_kw, seed_parts=(args.seed, "z0", "test"))
+        train_z0, train_lost = sampling.sample_z0(sampler, train, **z0_kw, seed_parts=(args.seed, "z0", "train"))
+        test_z0, test_lost = sampling.sample_z0(sampler, test, **z0_kw, seed_parts=(args.seed, "z0", "test"))
         if not train_z0:
             raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at --max-tokens "
-                                  f"{args.max_tokens} or without a box in {Z0_TRIES} tries): raise --max-tokens")
+                                  f"{args.max_tokens} or without a box in {sampling.Z0_TRIES} tries): raise --max-tokens")
         if utils.is_main():
             utils.write_jsonl(os.path.join(out, "z0.jsonl"),
                               [{"split": s, "id": p["id"], "problem": p["problem"], "answer": p["answer"],
@@ -571,7 +551,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
                      f"in {time.time() - t0:.0f}s (train accuracy "
                      f"{np.mean([grade(train_z0[p['id']], p['answer'], p.get('record')) for p in train]):.3f}); dropped "
                      f"{z0_dropped['train']} train and {z0_dropped['test']} held-out problems with no usable z0 in "
-                     f"{Z0_TRIES} tries (cut at --max-tokens or no box)")
+                     f"{sampling.Z0_TRIES} tries (cut at --max-tokens or no box)")
     if model_path != base_path:
         sampler.sync_weights(sampling.load_on_host(model_path, args.dtype))
     if fmt == "backtrack" and utils.model_format(model_path) != "backtrack":
@@ -579,8 +559,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
                      f"warmstarted): expect few parsable, correct continuations; run warmstart.py first")
     mu = None
     if fmt == "backtrack":
-        mu_sampler = make_sampler(args.mu_model, **dict(engine_kw, sleep_mode="off")) if args.mu_model else sampler
-        mu = MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, temperature=args.mu_temperature,
+        mu_sampler = sampling.make_sampler(args.mu_model, **dict(engine_kw, sleep_mode="off")) if args.mu_model else sampler
+        mu = sampling.MetaProver(mu_sampler, suffix=args.mu_suffix, m=args.mu_samples, temperature=args.mu_temperature,
                         max_tokens=args.mu_max_tokens, mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens,
                         reward=args.reward)
 
@@ -597,8 +577,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
                 "start": model_path, "iteration": k, "examples": len(accumulated), "args": dataclasses.asdict(args)}
         ckpt = os.path.join(out, f".sft_iter{k}")
         # the engine sleeps through the SFT (--sleep-mode); the next iteration (and mu) sample from the new model
-        sampling.update_asleep(sampler, lambda: warmstart.sft(
-            base_path, [warmstart.sft_example(e, args.z0_loss) for e in accumulated],
+        sampling.update_asleep(sampler, lambda: training.sft(
+            base_path, [training.sft_example(e, args.z0_loss) for e in accumulated],
             dataclasses.replace(args, seed=args.seed + k), model_dir=os.path.join(out, "model"),
             log_path=log_path, ckpt_path=ckpt, card=card, log_extra={"method": args.method, "iteration": k}))
         gc.collect()

@@ -85,7 +85,7 @@ SIZES = {
 STAR_METHODS = ("mrt", "star", "rise")
 GRPO_VARIANTS = ("mrt", "outcome", "length")
 TRUTH_MU = ("forced", "rollout")
-"""meta-provers compared against the toy's ground truth (infogain.MetaProver modes)"""
+"""meta-provers compared against the toy's ground truth (sampling.MetaProver modes)"""
 TRUTH_GRPO = {"mrt-forced": ["--variant", "mrt", "--mu-mode", "forced"],
               "mrt-rollout": ["--variant", "mrt", "--mu-mode", "rollout"],
               "outcome": ["--variant", "outcome"]}

@@ -24,9 +24,12 @@ import re
 import shutil
 import sys
 import warnings
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import utils
+
+if TYPE_CHECKING:
+    import torch
 
 
 def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
@@ -836,3 +839,137 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     utils.run_main(main)
+
+
+# --------------------------------------------------------------------------------------
+# SFT: loss on completion tokens only (warmstart.py, star.py)
+# --------------------------------------------------------------------------------------
+
+
+def check_sft_args(args, world: int) -> None:
+    """The SFT fields shared with star.py: batch_size must split into micro-batches on every rank."""
+    if args.lr <= 0 or args.epochs < 1 or args.max_length < 2 or not 0 <= args.warmup_ratio < 1:
+        raise utils.UserError("--lr > 0, --epochs >= 1, --max-length >= 2 and 0 <= --warmup-ratio < 1 are needed")
+    if args.micro_batch_size < 1 or args.batch_size % (world * args.micro_batch_size):
+        raise utils.UserError(f"--batch-size {args.batch_size} must be a multiple of world size {world} x "
+                              f"--micro-batch-size {args.micro_batch_size}")
+
+
+def tokenize_example(tokenizer, prompt: str, completion: str, max_length: int) -> tuple[list[int], int] | None:
+    """(ids, prompt length): prompt ids as the engine sees them, then the completion and EOS,
+    cut to max_length. None when the prompt alone does not leave room for a completion token."""
+    p = utils.encode(tokenizer, prompt)
+    c = tokenizer(completion, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(p) >= max_length:
+        return None
+    return (p + c)[:max_length], len(p)
+
+
+def sft_batch(examples: list[tuple[list[int], int]], pad_id: int):
+    """(B, T) ids, (B, T) attention mask and (B, T-1) loss mask over next-token targets: target
+    t+1 carries loss iff it is a completion token, i.e. prompt_len <= t+1 < len. Built from the
+    lengths, never from pad ids (pad may equal EOS, and EOS is a completion token)."""
+    import torch
+
+    ids, attn = pad_sequences([s for s, _ in examples], pad_id)  # (B, T)
+    pos = torch.arange(1, ids.shape[1])[None, :]  # (1, T-1) index of each target
+    plen = torch.tensor([p for _, p in examples])[:, None]  # (B, 1)
+    slen = torch.tensor([len(s) for s, _ in examples])[:, None]  # (B, 1)
+    loss_mask = ((pos >= plen) & (pos < slen)).float()  # (B, T-1)
+    return ids, attn, loss_mask
+
+
+def completion_nll_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
+                       inplace: bool = False) -> torch.Tensor:
+    """Sum of -log p(target) over masked positions: logits (B, T_logits, V) with T_logits >=
+    T - 1 (the position t predicts targets[:, t]; later positions are ignored), targets and
+    loss_mask (B, T-1). Computed by sampled_logprobs in chunks (no fp32 (B, T, V)
+    log-softmax at a 128k vocabulary); inplace=True lets the backward pass write the gradient
+    into the logits (for model outputs nobody reads afterwards)."""
+    return -(sampled_logprobs(logits, targets, inplace=inplace) * loss_mask).sum()
+
+
+def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: str, log_path: str, ckpt_path: str,
+        card: dict, resume: bool = False, log_extra: dict | None = None, report_to: str = "none"):
+    """Fine-tune `model_path` on (prompt, completion) pairs; save it (HF checkpoint + mrt.json
+    `card`) to model_dir and return the trained (FSDP2-sharded under torchrun) model.
+
+    `args` carries lr, epochs, batch_size (global), micro_batch_size, max_length, warmup_ratio,
+    weight_decay, max_grad_norm, save_every, dtype, gradient_checkpointing, seed. The loss of
+    an optimizer step is the token mean over the completion tokens of its whole batch (every
+    rank, every micro-batch). Logs {step, epoch, loss, tokens, lr, grad_norm} per step (also
+    to the `report_to` dashboard)."""
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    rank, world, device = utils.rank(), utils.world_size(), utils.default_device()
+    tok = utils.load_tokenizer(model_path)
+    data = [e for e in (tokenize_example(tok, p, c, args.max_length) for p, c in examples) if e is not None]
+    if len(data) < len(examples):
+        utils.print0(f"sft: dropped {len(examples) - len(data)} examples whose prompt fills --max-length")
+    if not data:
+        raise utils.UserError("sft: no training example (every prompt is longer than --max-length, or none was built)")
+    utils.seed_everything(args.seed)
+    model, _ = load_trainer(model_path, args.dtype, device, args.gradient_checkpointing)
+    model.train()
+    B, M = args.batch_size, args.micro_batch_size
+    per_rank, steps_per_epoch = B // world, math.ceil(len(data) / B)
+    total = steps_per_epoch * args.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total), total))
+    start, tokens_seen = 0, 0
+    if resume and has_checkpoint(ckpt_path):
+        extra = load_checkpoint(ckpt_path, model, opt, sched)
+        start, tokens_seen = extra["step"], extra["tokens"]
+        utils.print0(f"sft: resumed {ckpt_path} at step {start}/{total}")
+    logger = utils.JsonlLogger(log_path, resume_step=start if resume else None, report_to=report_to,
+                               config=dataclasses.asdict(args) if report_to != "none" else None)
+
+    def batch_indices(step: int) -> list[int]:  # this rank's share of the global batch of `step`
+        epoch, j = divmod(step, steps_per_epoch)
+        perm = np.random.RandomState(utils.derive_seed(args.seed, "sft order", epoch)).permutation(len(data))
+        perm = np.resize(perm, steps_per_epoch * B)  # wrap around to whole batches
+        return perm[j * B:(j + 1) * B][rank::world].tolist()
+
+    bar = tqdm(range(start, total), desc="sft", disable=not utils.is_main(), initial=start, total=total)
+    for step in bar:
+        mine = [data[i] for i in batch_indices(step)]  # per_rank examples
+        n_items = utils.all_reduce(torch.tensor(float(sum(len(s) - p for s, p in mine)), device=device))  # global batch
+        nll_local = 0.0
+        for k in range(0, per_rank, M):
+            ids, attn, loss_mask = sft_batch(mine[k:k + M], tok.pad_token_id)
+            ids, attn, loss_mask = ids.to(device), attn.to(device), loss_mask.to(device)
+            logits = model(input_ids=ids, attention_mask=attn).logits  # (M, T, V)
+            nll = completion_nll_sum(logits, ids[:, 1:], loss_mask, inplace=True)
+            gradient_sync(model, k + M >= per_rank)  # FSDP2 reduces the gradients once, after the last
+            # token mean over the global batch; FSDP averages gradients over ranks, hence * world
+            (nll / n_items * world).backward()
+            nll_local = nll_local + nll.detach().double()  # as the float sum was; read once per step, below
+        nll_local = float(nll_local)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        tokens_seen += int(n_items.item())
+        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        rec = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": sum(utils.all_gather(nll_local)) / n_items.item(),
+               "tokens": tokens_seen, "lr": sched.get_last_lr()[0], "grad_norm": float(gn), **(log_extra or {})}
+        logger.log(rec)
+        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+        if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == total:
+            save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, tokens=tokens_seen,
+                                     args=dataclasses.asdict(args), card=card)
+    model.eval()
+    save_pretrained(model, tok, model_dir)
+    if utils.is_main():
+        utils.write_json(os.path.join(model_dir, "mrt.json"), card)
+    utils.barrier()
+    return model
+
+
+def sft_example(trace: dict, z0_loss: bool) -> tuple[str, str]:
+    """(prompt, completion) of a trace; without z0_loss the attempt z0 moves into the prompt."""
+    if z0_loss or "z0" not in trace:
+        return trace["prompt"], trace["completion"]
+    return trace["prompt"] + trace["z0"], trace["completion"][len(trace["z0"]):]

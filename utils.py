@@ -49,6 +49,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 BACKTRACK_MARKER = "Wait, this seems off. Let's try something else."
 """Opens the backtrack episode z1 of MRT-B (paper Sec. 6.1, Fig. 4)."""
 
+BACKTRACK_CUE = "\n" + BACKTRACK_MARKER + "\nStep"
+"""What follows an attempt when the policy is to backtrack (RL, STaR, linearized evaluation): the
+marker and "Step", so the model writes " k: ..." (the restart) and the revised attempt."""
+
 MU_SUFFIX = "\nTime is up. The answer is \\boxed{"
 """Default forced suffix that steers the meta-prover mu to stop and answer now. The toy
 model is pretrained to answer after it; `--mu-suffix` replaces it for other models."""

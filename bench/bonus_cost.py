@@ -118,7 +118,8 @@ def make_sampler(a, model: str, data: dict):
     longest = max(p["prompt_tokens"] for p in utils.load_problems(
         data["train"], tokenizer=tok, instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
         too_long="raise --max-prompt-length"))
-    need = grpo.engine_need(args, tok, longest, mu_in_engine=True)
+    mu_tokens = sampling.mu_need(tok, args.mu_mode, args.mu_suffix, args.mu_max_tokens, args.mu_rollout_tokens)
+    need = sampling.trace_need(tok, longest, args.max_tokens, True, mu_tokens)
     return sampling.Sampler(model, seed=a.seed, max_model_len=sampling.engine_length(model, need),
                             enable_prefix_caching=not a.no_prefix_cache,
                             **({"block_size": a.block_size} if a.block_size else {}))
@@ -196,6 +197,7 @@ def run_levers(a) -> None:
 
     import grpo
     import infogain
+    import sampling
     import utils
 
     model, data = model_and_data(a)
@@ -205,14 +207,14 @@ def run_levers(a) -> None:
     train = utils.load_problems(data["train"], tokenizer=sampler.tokenizer, instruction=args.instruction,
                                 max_prompt_tokens=args.max_prompt_length, too_long="raise --max-prompt-length")
     problems = grpo.step_problems(train, 0, args, 0)
-    z0s, _ = infogain.sample_z0(sampler, problems, temperature=args.temperature, max_tokens=args.max_tokens,
+    z0s, _ = sampling.sample_z0(sampler, problems, temperature=args.temperature, max_tokens=args.max_tokens,
                                 seed_parts=(a.seed, "z0", "train"))
     problems = [p for p in problems if p["id"] in z0s]
     seed = utils.derive_seed(a.seed, "rollout", 0, 0)
 
-    class LastBox(infogain.MetaProver):  # the rule before the forced answer was its first box
+    class LastBox(sampling.MetaProver):  # the rule before the forced answer was its first box
         def grade(self, answer, gold):
-            return infogain.grade_cached(answer, gold)
+            return sampling.grade_cached(answer, gold)
 
     def one(name, mu):
         t0 = time.time()
@@ -224,22 +226,22 @@ def run_levers(a) -> None:
 
     print(f"levers on one toy step: {len(problems)} problems x {args.group_size} continuations, seed {a.seed}")
     kw = dict(suffix=args.mu_suffix, max_tokens=args.mu_max_tokens)
-    free = one("forced, no stop", infogain.MetaProver(sampler, m=a.mu_samples, stop_at_box=False, **kw))
-    stop = one("forced, stop at the box", infogain.MetaProver(sampler, m=a.mu_samples, **kw))
+    free = one("forced, no stop", sampling.MetaProver(sampler, m=a.mu_samples, stop_at_box=False, **kw))
+    stop = one("forced, stop at the box", sampling.MetaProver(sampler, m=a.mu_samples, **kw))
     last = one("forced, no stop, last box graded", LastBox(sampler, m=a.mu_samples, stop_at_box=False, **kw))
     print(f"  stop changes no gain: {bool(np.array_equal(free, stop))}")
     moved = np.abs(last - free)
     print(f"  first box vs last box: {np.mean(moved > 0):.1%} of gains moved, mean |dI| {moved.mean():.4f}, "
           f"max {moved.max():.3f}")
     for m in (4, 8, 16):
-        one(f"forced m={m}", infogain.MetaProver(sampler, m=m, **kw))
+        one(f"forced m={m}", sampling.MetaProver(sampler, m=m, **kw))
     for m in (4, 8, 16):
-        one(f"rollout m={m}", infogain.MetaProver(sampler, m=m, mode="rollout",
+        one(f"rollout m={m}", sampling.MetaProver(sampler, m=m, mode="rollout",
                                                  rollout_tokens=args.mu_rollout_tokens))
 
     # standard error of I = J(after) - J(before) at m answers each, from reference J's at ref_m
     for mode in ("forced", "rollout"):
-        mu = infogain.MetaProver(sampler, m=a.ref_m, mode=mode, rollout_tokens=args.mu_rollout_tokens, **kw)
+        mu = sampling.MetaProver(sampler, m=a.ref_m, mode=mode, rollout_tokens=args.mu_rollout_tokens, **kw)
         rows = grpo.rollout(sampler, problems, z0s, args, seed, None)
         before = mu.success_rates([p["prompt"] + z0s[p["id"]] for p in problems], [p["answer"] for p in problems],
                                   seed=utils.derive_seed(seed, "ref-before"))  # (P,)

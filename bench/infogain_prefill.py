@@ -1,5 +1,5 @@
 """bench/infogain_prefill.py: what sharing the prefill saves when the meta-prover estimates
-J(mu | c) from m rollouts of each of C long contexts (infogain.MetaProver), side by side in
+J(mu | c) from m rollouts of each of C long contexts (sampling.MetaProver), side by side in
 one run on the same model, contexts, m and answer length:
 
   (a) shared:   one request per context with n=m, prefix caching on (what MetaProver does);
@@ -34,7 +34,7 @@ from dataclasses import dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import infogain  # noqa: E402
+import sampling  # noqa: E402
 import toy  # noqa: E402
 import utils  # noqa: E402
 
@@ -90,9 +90,9 @@ def prefill_counters(sampler) -> tuple[int, int]:
 def separate_requests(sampler, contexts, golds, m, max_tokens, seed):
     """J(mu | c) with m independent n=1 requests per context (no shared prefill)."""
     tok = sampler.tokenizer
-    prompts = [utils.encode(tok, infogain.mu_context(c, utils.MU_SUFFIX)) for c in contexts for _ in range(m)]
+    prompts = [utils.encode(tok, sampling.mu_context(c, utils.MU_SUFFIX)) for c in contexts for _ in range(m)]
     outs = sampler.generate(prompts, n=1, temperature=1.0, max_tokens=max_tokens, seed=seed, logprobs=False)
-    ok = [infogain.grade_cached(utils.MU_SUFFIX + g[0].text, gold) for g, gold in zip(outs, [x for x in golds for _ in range(m)])]
+    ok = [sampling.grade_cached(utils.MU_SUFFIX + g[0].text, gold) for g, gold in zip(outs, [x for x in golds for _ in range(m)])]
     return [sum(ok[i * m:(i + 1) * m]) / m for i in range(len(contexts))]
 
 
@@ -121,26 +121,26 @@ def main(args: Args) -> dict:
     kw = dict(seed=args.seed, disable_log_stats=False)  # counters for prefilled tokens
     if args.block_size:
         kw["block_size"] = args.block_size
-    shared = infogain.make_sampler(args.model, enable_prefix_caching=True, **kw)
+    shared = sampling.make_sampler(args.model, enable_prefix_caching=True, **kw)
     tok = shared.tokenizer
     contexts, golds = make_contexts(tok, args.contexts, args.context_tokens, args.seed)
     warm = make_contexts(tok, 4, args.context_tokens, args.seed + 1)
-    L = sum(len(utils.encode(tok, infogain.mu_context(c, utils.MU_SUFFIX))) for c in contexts) / len(contexts)
+    L = sum(len(utils.encode(tok, sampling.mu_context(c, utils.MU_SUFFIX))) for c in contexts) / len(contexts)
     block = shared.llm.llm_engine.vllm_config.cache_config.block_size
     utils.print0(f"{args.model}: C={args.contexts} contexts of {L:.0f} tokens (with the suffix), m={args.m}, "
                  f"answers of <= {args.max_tokens} tokens; KV block {block} tokens")
 
-    mu = infogain.MetaProver(shared, m=args.m, max_tokens=args.max_tokens)
+    mu = sampling.MetaProver(shared, m=args.m, max_tokens=args.max_tokens)
     rows = [measure("(a) shared: n=m, prefix caching on", shared,
                     lambda c, g, r=0: mu.success_rates(c, g, seed=args.seed + r), warm, (contexts, golds), args.repeats)]
     del mu, shared
     gc.collect()
 
-    plain = infogain.make_sampler(args.model, enable_prefix_caching=False, **kw)
+    plain = sampling.make_sampler(args.model, enable_prefix_caching=False, **kw)
     rows.append(measure("(b) separate: m requests of n=1, caching off", plain,
                         lambda c, g, r=0: separate_requests(plain, c, g, args.m, args.max_tokens, args.seed + r),
                         warm, (contexts, golds), args.repeats))
-    mu_plain = infogain.MetaProver(plain, m=args.m, max_tokens=args.max_tokens)
+    mu_plain = sampling.MetaProver(plain, m=args.m, max_tokens=args.max_tokens)
     rows.append(measure("(c) n=m, caching off", plain,
                         lambda c, g, r=0: mu_plain.success_rates(c, g, seed=args.seed + r), warm, (contexts, golds),
                         args.repeats))

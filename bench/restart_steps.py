@@ -2,7 +2,7 @@
 
 grpo.py's held-out accuracy is one number; this splits it by the step the continuation
 restarts at (the k of "Step k:" after the cue). It uses grpo.py's own pieces: z0 from the
-model (cut at the marker, `infogain.sample_z0`), then continuations after the backtrack cue
+model (cut at the marker, `sampling.sample_z0`), then continuations after the backtrack cue
 (`grpo.rollout`, outcome = grade of z2). Comparing models side by side (a warmstart start, an
 RL end point, bench/rl_headroom.py's oracle start) shows which restarts a model prefers and
 which ones pay, e.g. whether RL has moved the restarts to "Step 1" (a fresh second attempt).
@@ -119,7 +119,6 @@ def main():
     a = p.parse_args()
 
     import grpo
-    import infogain
     import sampling
 
     for model in a.models:  # every argument checked before any work
@@ -132,7 +131,7 @@ def main():
         sampler = sampling.Sampler(model, seed=a.seed)
         problems = utils.load_problems(data, limit=a.problems, tokenizer=sampler.tokenizer,
                                        max_prompt_tokens=args.max_prompt_length)
-        z0s, _ = infogain.sample_z0(sampler, problems, temperature=args.temperature, top_p=args.top_p,
+        z0s, _ = sampling.sample_z0(sampler, problems, temperature=args.temperature, top_p=args.top_p,
                                     max_tokens=args.max_tokens, seed_parts=(a.seed, "z0", "test"))  # as grpo.py
         problems = [p for p in problems if p["id"] in z0s]  # those with no usable z0 are dropped, as in grpo.py
         z0_correct = {p["id"]: utils.grade(z0s[p["id"]], p["answer"]) for p in problems}

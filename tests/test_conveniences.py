@@ -18,6 +18,7 @@ sys.path.insert(0, ROOT)
 
 import grpo  # noqa: E402
 import infogain  # noqa: E402
+import sampling  # noqa: E402
 import star  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
@@ -101,10 +102,10 @@ def test_reward_value_must_be_a_number_in_0_1(name, shown, reward_file):
 def test_sample_outcome_uses_the_reward_and_still_zeroes_a_cut_sample(reward_file):
     spec = f"{reward_file}:parity"
     record = {"problem": "p", "answer": "3"}
-    assert infogain.sample_outcome("\\boxed{4}", "3", "stop", spec, record) == 1.0
-    assert infogain.sample_outcome("\\boxed{3}", "3", "stop", spec, record) == 0.0
-    assert infogain.sample_outcome("\\boxed{4}", "3", "length", spec, record) == 0.0
-    assert infogain.sample_outcome("\\boxed{3}", "3", "stop") == 1.0  # default grader
+    assert sampling.sample_outcome("\\boxed{4}", "3", "stop", spec, record) == 1.0
+    assert sampling.sample_outcome("\\boxed{3}", "3", "stop", spec, record) == 0.0
+    assert sampling.sample_outcome("\\boxed{4}", "3", "length", spec, record) == 0.0
+    assert sampling.sample_outcome("\\boxed{3}", "3", "stop") == 1.0  # default grader
 
 
 def test_meta_prover_grades_with_the_reward(toy_sampler, toy_paths, reward_file, tmp_path):
@@ -114,7 +115,7 @@ def test_meta_prover_grades_with_the_reward(toy_sampler, toy_paths, reward_file,
     always.write_text("def yes(text, gold, record):\n    return 1.0\n\ndef no(text, gold, record):\n    return 0\n")
     problems = utils.load_problems(toy_paths["test"], limit=4, tokenizer=toy_sampler.tokenizer)
     contexts, golds = [p["prompt"] for p in problems], [p["answer"] for p in problems]
-    j = {r: infogain.MetaProver(toy_sampler, m=4, reward=r).success_rates(contexts, golds, seed=0)
+    j = {r: sampling.MetaProver(toy_sampler, m=4, reward=r).success_rates(contexts, golds, seed=0)
          for r in ("", f"{always}:yes", f"{always}:no")}
     assert j[f"{always}:yes"].tolist() == [1.0] * 4 and j[f"{always}:no"].tolist() == [0.0] * 4
     assert j[""].min() < 1.0, j[""]  # the real grader would not make the first check trivial

@@ -5,6 +5,7 @@ import random
 
 import pytest
 
+import sampling
 import toy
 
 PROBLEM = "Start with 17. Add 25. Multiply by 3. Subtract 48. What is the result?"
@@ -149,10 +150,10 @@ def test_mu_mode_flags_are_checked():
     with pytest.raises(utils.UserError, match="mu-mode"):
         infogain.main(infogain.Args(mu_mode="oracle"))
     with pytest.raises(ValueError, match="mode"):
-        infogain.MetaProver(None, mode="oracle")
-    mu = infogain.MetaProver(None, max_tokens=16, mode="rollout", rollout_tokens=96)
+        sampling.MetaProver(None, mode="oracle")
+    mu = sampling.MetaProver(None, max_tokens=16, mode="rollout", rollout_tokens=96)
     assert mu.max_tokens == 96 and mu.suffix == ""
-    assert infogain.MetaProver(None, max_tokens=16, rollout_tokens=96).max_tokens == 16
+    assert sampling.MetaProver(None, max_tokens=16, rollout_tokens=96).max_tokens == 16
 
 
 # --------------------------------------------------------------------------------------

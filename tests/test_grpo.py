@@ -303,7 +303,7 @@ def test_rollout_gain_wiring_with_a_scripted_sampler_and_meta_prover(toy_paths):
     continuation with no episode is 0, so breaking the format never ranks above an honest
     backtrack. mu is asked only [x + z0 per problem] + [x + z0 + z1_i per parsed continuation].
     A z0 with the marker inside a line is split where the cue was appended. A revised attempt
-    cut at the token limit scores 0 (infogain.sample_outcome), its gain stands."""
+    cut at the token limit scores 0 (sampling.sample_outcome), its gain stands."""
     from infogain import backtrack_cue
 
     tok = utils.load_tokenizer(toy_paths["base"])

@@ -14,7 +14,7 @@ import infogain
 import sampling
 import toy
 import utils
-from infogain import Episodes, MetaProver, episode_gains, information_gain, join_backtrack, restart_prefix, split_backtrack
+from infogain import Episodes, episode_gains, information_gain, join_backtrack, restart_prefix, split_backtrack
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARK = utils.BACKTRACK_MARKER
@@ -168,14 +168,14 @@ def test_grade_cached_matches_grade():
     cases = [("\\boxed{\\frac{1}{2}}", "0.5"), ("x \\boxed{3} y", "3"), ("no box", "3"), ("\\boxed{x=3}", "3"),
              ("\\boxed{4}", "3"), ("\\boxed{3", "3"), (utils.MU_SUFFIX + "12}", "12"), ("\\boxed{\\text{ 7 }}", "7")]
     for text, gold in cases * 2:  # the second round is served from the cache
-        assert infogain.grade_cached(text, gold) == utils.grade(text, gold), (text, gold)
+        assert sampling.grade_cached(text, gold) == utils.grade(text, gold), (text, gold)
 
 
 def test_mu_context_newline_rule():
-    assert infogain.mu_context("Solution:\n", utils.MU_SUFFIX) == "Solution:" + utils.MU_SUFFIX
-    assert infogain.mu_context("= 42", utils.MU_SUFFIX) == "= 42" + utils.MU_SUFFIX
-    assert infogain.mu_context("= 42\n", " Final answer: \\boxed{") == "= 42\n Final answer: \\boxed{"
-    assert infogain.mu_context("= 42\n", "") == "= 42\n"
+    assert sampling.mu_context("Solution:\n", utils.MU_SUFFIX) == "Solution:" + utils.MU_SUFFIX
+    assert sampling.mu_context("= 42", utils.MU_SUFFIX) == "= 42" + utils.MU_SUFFIX
+    assert sampling.mu_context("= 42\n", " Final answer: \\boxed{") == "= 42\n Final answer: \\boxed{"
+    assert sampling.mu_context("= 42\n", "") == "= 42\n"
 
 
 # --------------------------------------------------------------------------------------
@@ -211,7 +211,7 @@ def test_estimator_is_unbiased_and_shares_prefill(toy_paths):
     contexts = ["Problem: a\nSolution:\n", "Problem: b\nSolution:\nStep 1: 3 + 4 = 7", "Problem: c"]
     sampler = BernoulliSampler(tok, rates, gold="7")
     m, reps = 8, 400
-    mu = MetaProver(sampler, m=m)
+    mu = sampling.MetaProver(sampler, m=m)
     est = np.stack([mu.success_rates(contexts, ["7"] * 3) for _ in range(reps)])  # (reps, 3)
     p = np.array([0.125, 0.6, 0.9])
     stderr = np.sqrt(p * (1 - p) / (m * reps))
@@ -297,7 +297,7 @@ def test_toy_meta_prover_reads_the_context(toy_paths, toy_sampler):
         if len(golds) == 128:
             break
     assert len(golds) == 128
-    mu = MetaProver(toy_sampler, m=8)
+    mu = sampling.MetaProver(toy_sampler, m=8)
     C = {k: mu.correct(c, golds, seed=0) for k, c in ctx.items()}  # each (128, 8) of 0/1
     assert C["steps"].shape == (128, 8) and set(np.unique(C["steps"])) <= {0.0, 1.0}
     _assert_gap(C["steps"], C["prompt"], "the steps carry information")
@@ -305,7 +305,7 @@ def test_toy_meta_prover_reads_the_context(toy_paths, toy_sampler):
     _assert_gap(C["full"], C["prompt"], "the full solution carries information")
     # an empty suffix: mu completes the solution (a rollout value); after all the steps it
     # only has to write the answer line, from the prompt it cannot finish in 24 tokens
-    roll = MetaProver(toy_sampler, suffix="", m=4, max_tokens=24)
+    roll = sampling.MetaProver(toy_sampler, suffix="", m=4, max_tokens=24)
     _assert_gap(roll.correct(ctx["steps"][:64], golds[:64], seed=0),
                 roll.correct(ctx["prompt"][:64], golds[:64], seed=0), "a rollout finishes written steps")
 
@@ -420,7 +420,7 @@ def test_rollout_meta_prover_on_the_toy(toy_paths, toy_sampler):
         ctx["fix"].append(prompt + z0 + cue + lines[0])  # restart at f = 1, redone right
         ctx["after"].append(prompt + z0 + cue + bad_lines[1])  # restart at step 2, on z0's wrong value
         golds.append(r["answer"])
-    mu = MetaProver(toy_sampler, m=8, mode="rollout", rollout_tokens=160)
+    mu = sampling.MetaProver(toy_sampler, m=8, mode="rollout", rollout_tokens=160)
     J = {k: mu.success_rates(c, golds, seed=utils.derive_seed(0, "rollout-test", k)) for k, c in ctx.items()}
     assert J["full"].mean() > 0.9 and J["wrong_full"].mean() < 0.1, J
     # 256 mu samples each: the binomial noise of the difference is about 0.02-0.04; how far apart
@@ -468,20 +468,20 @@ def test_rollout_meta_prover_grades_only_the_last_episode(toy_paths):
     right = Episodes(RIGHT_Z0, Z1, Z2, 2)
     wrong = Episodes(RIGHT_Z0, "\n" + MARK + "\nStep 3: 126 - 48 = 77", "\nThe answer is \\boxed{77}", 3)
     silent = ScriptedMu(tok, "")
-    mu = MetaProver(silent, m=4, mode="rollout", rollout_tokens=8)
+    mu = sampling.MetaProver(silent, m=4, mode="rollout", rollout_tokens=8)
     J = infogain.trace_values(mu, [x, x], [right, wrong], ["78", "78"])  # (2, 4)
     assert J.tolist() == [[0.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0]]
     assert silent.prompts[:4] == infogain.episode_contexts(x, right)  # rollout mode appends no suffix
     # mu writes the answer after the restart line: that box counts; after its own second
     # backtrack only what follows its marker counts
-    answers = MetaProver(ScriptedMu(tok, "\nThe answer is \\boxed{78}"), m=2, mode="rollout")
+    answers = sampling.MetaProver(ScriptedMu(tok, "\nThe answer is \\boxed{78}"), m=2, mode="rollout")
     assert answers.success_rates([x + RIGHT_Z0 + Z1, x + RIGHT_Z0], ["78", "77"]).tolist() == [1.0, 0.0]
-    again = MetaProver(ScriptedMu(tok, "\n" + MARK + "\nStep 3: 126 - 48 = 79"), m=2, mode="rollout")
+    again = sampling.MetaProver(ScriptedMu(tok, "\n" + MARK + "\nStep 3: 126 - 48 = 79"), m=2, mode="rollout")
     assert again.success_rates([x + RIGHT_Z0 + Z1 + Z2, x + RIGHT_Z0], ["78", "78"]).tolist() == [0.0, 0.0]
     # the forced mode is unchanged: suffix + completion graded, the context never
-    forced = MetaProver(ScriptedMu(tok, "78}"), m=2)
+    forced = sampling.MetaProver(ScriptedMu(tok, "78}"), m=2)
     assert forced.success_rates([x + RIGHT_Z0 + Z1, x], ["78", "78"]).tolist() == [1.0, 1.0]
-    assert MetaProver(ScriptedMu(tok, ""), m=2).success_rates([x + RIGHT_Z0], ["78"]).tolist() == [0.0]
+    assert sampling.MetaProver(ScriptedMu(tok, ""), m=2).success_rates([x + RIGHT_Z0], ["78"]).tolist() == [0.0]
 
 
 def test_backtrack_gain_of_a_continuation_with_no_episode():
@@ -495,9 +495,9 @@ def test_backtrack_gain_of_a_continuation_with_no_episode():
 
 def test_sample_outcome_a_truncated_sample_scores_zero():
     boxed = "Step 3: 126 - 48 = 78\nThe answer is \\boxed{78}"
-    assert infogain.sample_outcome(boxed, "78", "stop") == 1.0
-    assert infogain.sample_outcome(boxed, "78", "length") == 0.0  # cut at the token limit, box or not
-    assert infogain.sample_outcome(boxed, "77", "stop") == 0.0 and infogain.sample_outcome(None, "78", "stop") == 0.0
+    assert sampling.sample_outcome(boxed, "78", "stop") == 1.0
+    assert sampling.sample_outcome(boxed, "78", "length") == 0.0  # cut at the token limit, box or not
+    assert sampling.sample_outcome(boxed, "77", "stop") == 0.0 and sampling.sample_outcome(None, "78", "stop") == 0.0
 
 
 class AttemptScript:
@@ -527,22 +527,22 @@ def test_sample_z0_resamples_cut_or_boxless_attempts_then_drops(toy_paths):
               probs[1]["prompt"]: [("Step 1: 2 + 3", "length"), ("Step 1: 2 + 3 = 5", "stop"), (good + "\n\n", "stop")],
               probs[2]["prompt"]: [(good, "length")] * 3 + [("Step 1: 2 +", "length")]}
     sampler = AttemptScript(tok, script)
-    kept, dropped = infogain.sample_z0(sampler, probs, temperature=1.0, max_tokens=32, seed_parts=(0, "z0"), tries=4)
+    kept, dropped = sampling.sample_z0(sampler, probs, temperature=1.0, max_tokens=32, seed_parts=(0, "z0"), tries=4)
     assert kept == {4: good, 7: good} and dropped == {9: "Step 1: 2 +"}
     asked = [p for p, _ in sampler.calls]
     assert [asked.count(p["prompt"]) for p in probs] == [1, 3, 4]  # resampled until usable, at most `tries` in all
     seeds = [s for p, s in sampler.calls if p == probs[2]["prompt"]]
     assert len(set(seeds)) == 4 and seeds[0] == utils.derive_seed(0, "z0", 0)  # a new seed per try; the first as before
-    assert infogain.usable_z0(sampling.Sample(good, [1], 1, "stop", None, 0))
-    assert not infogain.usable_z0(sampling.Sample(good, [1], 1, "length", None, 0))
-    assert not infogain.usable_z0(sampling.Sample("Step 1: 2 + 3 = 5\nThe answer is \\boxed{5", [1], 1, "stop", None, 0))
+    assert sampling.usable_z0(sampling.Sample(good, [1], 1, "stop", None, 0))
+    assert not sampling.usable_z0(sampling.Sample(good, [1], 1, "length", None, 0))
+    assert not sampling.usable_z0(sampling.Sample("Step 1: 2 + 3 = 5\nThe answer is \\boxed{5", [1], 1, "stop", None, 0))
 
 
 def test_sample_z0_on_the_toy_keeps_only_finished_boxed_attempts(toy_paths, toy_sampler):
     problems = utils.load_problems(toy_paths["test"], limit=16, tokenizer=toy_sampler.tokenizer)
-    kept, dropped = infogain.sample_z0(toy_sampler, problems, temperature=1.0, max_tokens=4, seed_parts=(0, "z0"))
+    kept, dropped = sampling.sample_z0(toy_sampler, problems, temperature=1.0, max_tokens=4, seed_parts=(0, "z0"))
     assert kept == {} and sorted(dropped) == [p["id"] for p in problems]  # 4 tokens: every try is cut
-    kept, dropped = infogain.sample_z0(toy_sampler, problems, temperature=1.0, max_tokens=160, seed_parts=(0, "z0"))
+    kept, dropped = sampling.sample_z0(toy_sampler, problems, temperature=1.0, max_tokens=160, seed_parts=(0, "z0"))
     assert len(kept) + len(dropped) == 16 and len(kept) >= 12
     assert all(utils.extract_boxed(z) is not None and z == z.rstrip() for z in kept.values())
 
@@ -553,13 +553,13 @@ def test_sample_z0_on_the_toy_keeps_only_finished_boxed_attempts(toy_paths, toy_
 
 
 def test_first_box_and_a_suffix_that_opens_one():
-    assert infogain.first_box("\\boxed{42} then \\boxed{7}") == "42"
-    assert infogain.first_box("x \\boxed{ \\frac{1}{2} } y") == "\\frac{1}{2}"
-    assert infogain.first_box("\\fbox{3}") == "3"
-    assert infogain.first_box("\\boxed{4") is None and infogain.first_box("no box") is None
-    assert infogain.first_box("\\boxed{3 \\boxed{4}") is None  # the first box never closes
-    assert infogain.opens_box(utils.MU_SUFFIX) and infogain.opens_box("Answer: \\boxed{ ")
-    assert not infogain.opens_box("") and not infogain.opens_box("\\boxed{1} done")
+    assert sampling.first_box("\\boxed{42} then \\boxed{7}") == "42"
+    assert sampling.first_box("x \\boxed{ \\frac{1}{2} } y") == "\\frac{1}{2}"
+    assert sampling.first_box("\\fbox{3}") == "3"
+    assert sampling.first_box("\\boxed{4") is None and sampling.first_box("no box") is None
+    assert sampling.first_box("\\boxed{3 \\boxed{4}") is None  # the first box never closes
+    assert sampling.opens_box(utils.MU_SUFFIX) and sampling.opens_box("Answer: \\boxed{ ")
+    assert not sampling.opens_box("") and not sampling.opens_box("\\boxed{1} done")
 
 
 def test_forced_answer_is_the_box_the_suffix_opens(toy_paths):
@@ -568,10 +568,10 @@ def test_forced_answer_is_the_box_the_suffix_opens(toy_paths):
     keeps the last complete box of the completion (warmstart's value estimate)."""
     tok = utils.load_tokenizer(toy_paths["base"])
     x = utils.build_prompt(tok, PROBLEM)
-    assert MetaProver(ScriptedMu(tok, "42} so \\boxed{78}"), m=2).success_rates([x], ["78"]).tolist() == [0.0]
-    assert MetaProver(ScriptedMu(tok, "78} or \\boxed{4"), m=2).success_rates([x], ["78"]).tolist() == [1.0]
+    assert sampling.MetaProver(ScriptedMu(tok, "42} so \\boxed{78}"), m=2).success_rates([x], ["78"]).tolist() == [0.0]
+    assert sampling.MetaProver(ScriptedMu(tok, "78} or \\boxed{4"), m=2).success_rates([x], ["78"]).tolist() == [1.0]
     assert utils.grade(utils.MU_SUFFIX + "78} or \\boxed{4", "78") == 0.0  # the last-box rule it replaces
-    rollout = MetaProver(ScriptedMu(tok, "\\boxed{42} so \\boxed{78}"), suffix="", m=2)
+    rollout = sampling.MetaProver(ScriptedMu(tok, "\\boxed{42} so \\boxed{78}"), suffix="", m=2)
     assert not rollout.boxed and rollout.success_rates([x], ["78"]).tolist() == [1.0]
 
 
@@ -601,7 +601,7 @@ def test_stop_at_box_continues_an_answer_whose_box_is_still_open(toy_paths):
     nested brace) goes on from its own ids with what is left of max_tokens, until it closes."""
     tok = utils.load_tokenizer(toy_paths["base"])
     mu = BraceMu(tok, ["\\frac{1}", "{2}", "}"])
-    prover = MetaProver(mu, m=2, max_tokens=16)
+    prover = sampling.MetaProver(mu, m=2, max_tokens=16)
     assert prover.answers(["Problem: x"], seed=3) == [[utils.MU_SUFFIX + "\\frac{1}{2}}"] * 2]
     used = [len(i) for i in mu.ids]
     assert mu.calls[0] == (1, 2, 16, ["}"])
@@ -609,7 +609,7 @@ def test_stop_at_box_continues_an_answer_whose_box_is_still_open(toy_paths):
     assert prover.tokens == 2 * sum(used)
     assert prover.correct(["Problem: x"], ["\\frac{1}{2}"], seed=3).tolist() == [[1.0, 1.0]]
     # no stop: one call, the text as written, the same first-box grade
-    free = MetaProver(BraceMu(tok, ["\\frac{1}{2}} and more"]), m=2, stop_at_box=False)
+    free = sampling.MetaProver(BraceMu(tok, ["\\frac{1}{2}} and more"]), m=2, stop_at_box=False)
     assert free.correct(["Problem: x"], ["\\frac{1}{2}"], seed=3).tolist() == [[1.0, 1.0]]
     assert free.sampler.calls == [(1, 2, 16, None)]
 
@@ -625,7 +625,7 @@ def test_stop_at_box_changes_no_grade_on_the_toy(toy_paths, toy_sampler):
         prompt = utils.build_prompt(toy_sampler.tokenizer, r["problem"])
         contexts += [prompt, prompt + "\n".join(lines[:2]), prompt + "\n".join(lines)]
         golds += [r["answer"]] * 3
-    stop, free = MetaProver(toy_sampler, m=8), MetaProver(toy_sampler, m=8, stop_at_box=False)
+    stop, free = sampling.MetaProver(toy_sampler, m=8), sampling.MetaProver(toy_sampler, m=8, stop_at_box=False)
     a, b = stop.correct(contexts, golds, seed=5), free.correct(contexts, golds, seed=5)  # (72, 8) each
     assert np.array_equal(a, b) and 0 < a.mean() < 1
     assert stop.tokens < free.tokens

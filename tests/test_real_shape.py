@@ -155,7 +155,12 @@ def test_engine_sizes_come_from_the_run(real_model):
     """grpo.py's and warmstart.py's engine sizes against the longest sequence each run sends its
     engine, built here as text from this tokenizer's own tokens: the engine holds it (need >=
     longest) and is sized from it, not from the config (need <= longest + FIT_SLACK)."""
-    from infogain import backtrack_cue, mu_context
+    from infogain import backtrack_cue
+
+    def grpo_need(a, mu_in_engine: bool) -> int:  # as grpo.main sizes its engine
+        mu = sampling.mu_need(tok, a.mu_mode, a.mu_suffix, a.mu_max_tokens, a.mu_rollout_tokens)
+        return sampling.trace_need(tok, P, a.max_tokens, grpo.variant_format(a.variant) == "backtrack",
+                                   mu if mu_in_engine else 0)
 
     tok = utils.load_tokenizer(real_model)
     prompt = utils.build_prompt(tok, "Start with 3. Add 4. Multiply by 2. Subtract 5. What is the result?")
@@ -165,16 +170,16 @@ def test_engine_sizes_come_from_the_run(real_model):
     args = grpo.resolve_args(grpo.Args(model=real_model, max_tokens=64), 1)
     assert args.mu_max_tokens == 16 and args.mu_mode == "forced"
     # backtrack, mu elsewhere: the continuation after prompt + z0 + cue
-    _fits(grpo.engine_need(args, tok, P, mu_in_engine=False), len(utils.encode(tok, ctx)) + 64)
+    _fits(grpo_need(args, False), len(utils.encode(tok, ctx)) + 64)
     # mu in the same engine: its context x + z0 + z1 (z1 at most the whole continuation), the
     # suffix, 16 answer tokens
-    mu_longest = len(utils.encode(tok, mu_context(ctx + cont, utils.MU_SUFFIX))) + 16
-    _fits(grpo.engine_need(args, tok, P, mu_in_engine=True), mu_longest)
+    mu_longest = len(utils.encode(tok, sampling.mu_context(ctx + cont, utils.MU_SUFFIX))) + 16
+    _fits(grpo_need(args, True), mu_longest)
     rollout = grpo.resolve_args(grpo.Args(model=real_model, max_tokens=64, mu_mode="rollout",
                                           mu_rollout_tokens=100), 1)
-    _fits(grpo.engine_need(rollout, tok, P, mu_in_engine=True), len(utils.encode(tok, ctx + cont)) + 100)
+    _fits(grpo_need(rollout, True), len(utils.encode(tok, ctx + cont)) + 100)
     direct = grpo.resolve_args(grpo.Args(model=real_model, variant="direct", max_tokens=64), 1)
-    _fits(grpo.engine_need(direct, tok, P, mu_in_engine=True), P + 64)
+    _fits(grpo_need(direct, True), P + 64)
     assert sampling.engine_length(real_model, 300) == 300  # never the config's 1,048,576
     assert sampling.engine_length(real_model, 5_000_000) == 1048576  # capped at the model's positions
     # warmstart's search: a node of --max-depth steps of --max-step-tokens each, then a rollout or an attempt
@@ -198,7 +203,7 @@ def test_infogain_and_r1_engines_are_sized_from_the_run(real_model, toy_paths):
     prompt = max(prompts, key=lambda x: len(utils.encode(tok, x)))
     z0, cont = _text_of(tok, 64), _text_of(tok, 64)
     # mu's context after the longest z1 (at most the whole continuation)
-    mu_ctx = infogain.mu_context(prompt + infogain.backtrack_cue(z0) + cont, utils.MU_SUFFIX)
+    mu_ctx = sampling.mu_context(prompt + infogain.backtrack_cue(z0) + cont, utils.MU_SUFFIX)
     a = infogain.Args(model=[real_model], max_tokens=64, mu_max_tokens=16)
     _fits(infogain.engine_need(real_model, a, problems, []), len(utils.encode(tok, mu_ctx)) + 16)
     rollout = infogain.Args(model=[real_model], max_tokens=64, mu_mode="rollout", mu_rollout_tokens=100)
@@ -208,7 +213,7 @@ def test_infogain_and_r1_engines_are_sized_from_the_run(real_model, toy_paths):
     trace = {"problem": problems[0]["problem"], "episodes": infogain.split_backtrack(
         infogain.backtrack_cue(z0) + " 1: 3 + 4 = 7\nThe answer is \\boxed{7}." * 20)}
     last = infogain.episode_contexts(utils.build_prompt(tok, trace["problem"]), trace["episodes"])[-1]
-    longest = len(utils.encode(tok, infogain.mu_context(last, utils.MU_SUFFIX))) + 16
+    longest = len(utils.encode(tok, sampling.mu_context(last, utils.MU_SUFFIX))) + 16
     assert longest > len(utils.encode(tok, prompt)) + 200  # the trace, not the prompts, sets the size
     _fits(infogain.engine_need(real_model, a, None, [trace]), longest)
 
@@ -373,8 +378,6 @@ def test_export_loads_in_transformers_and_vllm(grpo_whole, real_model, toy_paths
     from the start. Then vLLM: evaluate.py on the export, sized from its own lengths, its 4 x 2
     samples graded again from their text."""
     from transformers import AutoModelForCausalLM
-
-    import evaluate
 
     whole, _, _ = grpo_whole
     model_dir = str(whole / "model")

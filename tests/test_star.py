@@ -11,7 +11,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import infogain  # noqa: E402
 import sampling  # noqa: E402
 import star  # noqa: E402
 import utils  # noqa: E402
@@ -317,7 +316,7 @@ def test_scripted_min_gain_zero_keeps_ties_and_cut_z0_are_dropped(toy_paths, tmp
     fake, out = ScriptedSampler(tok, cut=[train[0]["problem"], test[0]["problem"]]), tmp_path / "mrt0"
     summary = star.main(_args(toy_paths, out, iterations=1, epochs=1, min_gain=0.0), sampler=fake)
     assert summary["z0_dropped"] == {"train": 1, "test": 1}
-    assert fake.events.count("z0") == 12 + 4 + 2 * (infogain.Z0_TRIES - 1)  # one try each, the cut ones' retries
+    assert fake.events.count("z0") == 12 + 4 + 2 * (sampling.Z0_TRIES - 1)  # one try each, the cut ones' retries
     kept = _jsonl(out / "data_iter1.jsonl")
     assert [e["id"] for e in kept] == list(range(1, 12))
     hard = [e for e in kept if int(solve(e["problem"])[0][0].split()[2]) % 3 == 0]
@@ -349,7 +348,7 @@ def test_unparsed_continuation_has_j_zero_and_mu_is_not_asked(toy_paths):
     args = star.resolve_args(_args(toy_paths, "unused"))
     problems = utils.load_problems(toy_paths["train"], limit=3, tokenizer=tok)
     z0s = {p["id"]: ScriptedSampler.z0(p["problem"]) for p in problems}
-    records = star.rollout_chunk(fake, infogain.MetaProver(fake, m=4), problems, z0s, args, seed=0)
+    records = star.rollout_chunk(fake, sampling.MetaProver(fake, m=4), problems, z0s, args, seed=0)
     assert fake.events.count("mu") == 3 + 3 * 3  # r0 per problem, then the three parsed continuations each
     for r in records:
         last = r["samples"][3]
@@ -399,13 +398,13 @@ def test_real_mrt_run_on_the_toy_base(engine, toy_paths, tmp_path, monkeypatch):
     resolved = star.resolve_args(args)
     train = utils.load_problems(toy_paths["train"], limit=resolved.problems, tokenizer=engine.tokenizer)
     engine.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
-    again, lost = infogain.sample_z0(engine, train, temperature=resolved.temperature, top_p=resolved.top_p,
+    again, lost = sampling.sample_z0(engine, train, temperature=resolved.temperature, top_p=resolved.top_p,
                                      max_tokens=resolved.max_tokens, seed_parts=(resolved.seed, "z0", "train"))
     assert {**again, **lost} == {i: z for (s, i), z in z0.items() if s == "train"} and len(again) + len(lost) == 16
     assert sum(utils.grade(again[r["id"]], r["answer"]) for r in train if r["id"] in again) > 0  # real attempts, some right
     (it,) = _jsonl(out / "iterations.jsonl")
     records = sorted((r for c in chunks for r in c), key=lambda r: r["id"])
-    n = len(again)  # problems with a usable z0 (the others dropped: infogain.sample_z0)
+    n = len(again)  # problems with a usable z0 (the others dropped: sampling.sample_z0)
     assert len(records) == n and all(len(r["samples"]) == 2 for r in records)
     samples = [s for r in records for s in r["samples"]]
     assert it["samples"] == 2 * n and it["parsed_fraction"] > 0.5

@@ -17,6 +17,7 @@ from conftest import WARMSTART_SMALL
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import training  # noqa: E402
 import utils  # noqa: E402
 import warmstart  # noqa: E402
 from infogain import restart_prefix, split_backtrack  # noqa: E402
@@ -162,7 +163,7 @@ def test_direct_mixin_adds_correct_solutions_of_the_same_search():
 def test_sft_batch_masks_the_prompt_and_keeps_eos():
     eos = 2
     examples = [([1, 5, 6, 7, 8, eos], 3), ([1, 5, 9, eos], 2)]  # (ids, prompt length)
-    ids, attn, loss_mask = warmstart.sft_batch(examples, pad_id=eos)  # pad == eos
+    ids, attn, loss_mask = training.sft_batch(examples, pad_id=eos)  # pad == eos
     assert ids.tolist() == [[1, 5, 6, 7, 8, eos], [1, 5, 9, eos, eos, eos]]
     # targets are ids[:, 1:]; a target at position t+1 carries loss iff plen <= t+1 < len
     assert loss_mask.tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]
@@ -171,9 +172,9 @@ def test_sft_batch_masks_the_prompt_and_keeps_eos():
 
 def test_completion_loss_ignores_prompt_logits():
     torch.manual_seed(0)
-    ids, _, loss_mask = warmstart.sft_batch([([1, 4, 5, 6, 2], 3)], pad_id=0)
+    ids, _, loss_mask = training.sft_batch([([1, 4, 5, 6, 2], 3)], pad_id=0)
     logits = torch.randn(1, 4, 8, requires_grad=True)
-    warmstart.completion_nll_sum(logits, ids[:, 1:], loss_mask).backward()
+    training.completion_nll_sum(logits, ids[:, 1:], loss_mask).backward()
     g = logits.grad.abs().sum(-1)[0]  # (T-1,)
     assert g[:2].tolist() == [0.0, 0.0] and (g[2:] > 0).all()
 
@@ -192,7 +193,7 @@ def test_completion_nll_sum_equals_cross_entropy():
     for inplace in (False, True):
         x = (logits * 1.0).requires_grad_(True)
         y = x * 1.0  # inplace writes the gradient into this non-leaf, as into a model's logits
-        got = warmstart.completion_nll_sum(y, targets, mask, inplace=inplace)
+        got = training.completion_nll_sum(y, targets, mask, inplace=inplace)
         got.backward()
         assert torch.allclose(got, want, atol=1e-5), inplace
         assert torch.allclose(x.grad[:, :-1], ref.grad, atol=1e-6) and x.grad[:, -1].abs().max() == 0, inplace
@@ -200,9 +201,9 @@ def test_completion_nll_sum_equals_cross_entropy():
 
 def test_sft_example_moves_z0_into_the_prompt():
     t = {"prompt": "P\n", "z0": "A", "completion": "A\nB"}
-    assert warmstart.sft_example(t, z0_loss=False) == ("P\nA", "\nB")
-    assert warmstart.sft_example(t, z0_loss=True) == ("P\n", "A\nB")
-    assert warmstart.sft_example({"prompt": "P\n", "completion": "C"}, z0_loss=False) == ("P\n", "C")
+    assert training.sft_example(t, z0_loss=False) == ("P\nA", "\nB")
+    assert training.sft_example(t, z0_loss=True) == ("P\n", "A\nB")
+    assert training.sft_example({"prompt": "P\n", "completion": "C"}, z0_loss=False) == ("P\n", "C")
 
 
 def test_sft_loss_target_names_what_each_scheme_trains_on():
@@ -215,7 +216,7 @@ def test_sft_loss_target_names_what_each_scheme_trains_on():
     assert warmstart.sft_loss_target("backtrack", False, 0.5) == "z1+z2, z0 in prompt, 0.5 direct mix"
     # each target is what sft_example gives the loss: the completion after the prompt
     t = {"prompt": "P\n", "z0": "A", "completion": "A\nB"}
-    assert warmstart.sft_example(t, False)[1] == "\nB" and warmstart.sft_example(t, True)[1] == "A\nB"
+    assert training.sft_example(t, False)[1] == "\nB" and training.sft_example(t, True)[1] == "A\nB"
 
 
 def test_search_summary_hand_table():
@@ -345,7 +346,7 @@ def test_search_engine_sleeps_through_sft_and_stays_referenced(engine, toy_paths
         warmstart.ENGINES.append(engine)
         return engine
 
-    sft = warmstart.sft
+    sft = training.sft
     monkeypatch.setattr(warmstart, "search_engine", built)
     monkeypatch.setattr(engine, "sleep", lambda: events.append("sleep"), raising=False)
     monkeypatch.setattr(warmstart, "sft", lambda *a, **k: (events.append("sft"), sft(*a, **k))[1])
