@@ -349,7 +349,7 @@ def test_search_engine_sleeps_through_sft_and_stays_referenced(engine, toy_paths
     sft = training.sft
     monkeypatch.setattr(warmstart, "search_engine", built)
     monkeypatch.setattr(engine, "sleep", lambda: events.append("sleep"), raising=False)
-    monkeypatch.setattr(warmstart, "sft", lambda *a, **k: (events.append("sft"), sft(*a, **k))[1])
+    monkeypatch.setattr(training, "sft", lambda *a, **k: (events.append("sft"), sft(*a, **k))[1])
     summary = warmstart.main(warmstart.Args(model=toy_paths["base"], data=toy_paths["train"], out=str(tmp_path / "w"),
                                             **dict(WARMSTART_SMALL, problems=12, epochs=1)))
     assert events == ["sleep", "sft"]
