@@ -4,33 +4,28 @@ For each training problem x (gold answer y):
   search   beam search over solution steps with no process reward model. A node is a solution
            prefix ending at a step boundary (--step-delimiter); its value V(node) is the success
            rate of M rollouts to the end from it (sampling.MetaProver with suffix "": mu
-           completes the solution; the M rollouts are one request, so they share the node's
-           prefill). Each kept node is expanded with b sampled next steps (generation stops at
-           the delimiter); the children are scored (a complete child by its 0/1 grade) and the
-           best B by value are kept, through depth D or until every kept node is complete.
-           A few plain attempts of the model (--attempts) are sampled next to the tree.
-  traces   walk the tree (the paper's "Backtrack" scheme): an incorrect attempt z0 (a wrong
-           complete leaf of the tree or a wrong plain attempt); the node u on z0's path with the
-           highest value (ties: the latest) from which the tree holds a correct leaf L whose
-           next step differs from z0's; then the trace
+           completes the solution; the M rollouts are one request sharing the node's prefill).
+           Each kept node is expanded with b sampled next steps (generation stops at the
+           delimiter); the children are scored (a complete child by its 0/1 grade) and the best
+           B by value are kept, through depth D or until every kept node is complete. A few
+           plain attempts of the model (--attempts) are sampled next to the tree.
+  traces   the paper's "Backtrack" scheme: an incorrect attempt z0 (a wrong complete leaf or a
+           wrong plain attempt), the restart node u on z0's path (see Decisions) from which the
+           tree holds a correct leaf L whose next step differs from z0's, and the trace
                z0 + "\\n" + MARKER + "\\n" + (L's text after u)      ("Step k: ...", k = depth(u) + 1)
-           so the restart shares z0's prefix up to step k (steps 1..k-1 stand, step k is redone)
-           and z2 is L's correct completion from u. infogain.split_backtrack parses it back into
-           z0, z1 (marker through the restart line) and z2.
-  sft      fine-tune the model on (prompt, trace) pairs, loss on the completion tokens only
-           (EOS included), FSDP2 under torchrun; training loss and tokens seen per step go to
-           <out>/log.jsonl for Fig. 6.
+           (steps 1..k-1 of z0 stand, step k is redone, z2 is L's correct completion from u),
+           parsed back into z0, z1 (marker through the restart line), z2 by infogain.split_backtrack.
+  sft      fine-tune on (prompt, trace) pairs, loss on the completion tokens only (EOS included),
+           FSDP2 under torchrun; loss and tokens seen per step go to <out>/log.jsonl (Fig. 6).
 
 The comparison schemes of Fig. 6 (--scheme): `rise` stitches the incorrect attempt to an
 unrelated correct solution from the start (restart at Step 1, as RISE's self-correction);
 `rejection` keeps correct direct solutions only (rejection-sampling SFT).
 The three loss curves are not like for like: by default `backtrack` and `rise` put z0 in the
-prompt and take the loss on z1 + z2 only (the marker, the restart line, the revised attempt;
---z0-loss: on the whole trace), while `rejection` takes it on a whole solution from the
-prompt. Backtrack's z2 continues a solution whose steps 1..k-1 stand in z0, so its loss
-covers the marker, the redone step and the later steps, each with more context before it
-than in a whole solution. Each log line names what its loss is taken on (`loss_on`, shown in
-the --plot legend; sft_loss_target).
+prompt and take the loss on z1 + z2 only (--z0-loss: on the whole trace), while `rejection`
+takes it on a whole solution. Backtrack's z2 continues a solution whose steps 1..k-1 stand in
+z0, so each of its tokens has more context before it than in a whole solution. Each log line
+names what its loss is taken on (`loss_on`, shown in the --plot legend; sft_loss_target).
 
 Run (the toy task and base model are the default; a few minutes on 2 CPU cores):
     python warmstart.py                                   # Backtrack scheme -> runs/warmstart/
@@ -47,17 +42,17 @@ Outputs in <out> (default runs/warmstart, runs/warmstart-<scheme> for the other 
 search.jsonl (every tree: nodes with text, depth, value, completeness, grade; the plain
 attempts), traces.jsonl (problem, answer, prompt, z0, restart_step, z1, z2, completion, the
 values of z0's prefix nodes, the restart value, z0's source), log.jsonl (per SFT step: loss,
-tokens, lr, grad norm), checkpoint/ (sharded), summary.json (search and trace counts), model/ with
-mrt.json ("format": "backtrack" for backtrack/rise, "direct" for rejection).
+tokens, lr, grad norm), checkpoint/ (sharded), summary.json (search and trace counts), model/
+with mrt.json ("format": "backtrack" for backtrack/rise, "direct" for rejection).
 
 Decisions (the paper publishes no code for this stage):
-- The restart node is the highest-value node on z0's path that has a correct leaf in the tree
-  branching off z0 right after it; ties go to the latest (deepest) node, so the restart
-  redoes as few steps as the values allow. On the toy task the values grow along a correct
-  prefix, so this is usually the step where z0 slipped.
-- Restarts need step labels: the trace text names "Step k:", so a restart is used only when
-  z0 and L carry "Step k:" at the branching point (the toy always does; for real models ask
-  for labeled steps in --instruction). Unlabeled candidates are skipped and counted.
+- The restart node is the highest-value node on z0's path with a correct leaf branching off
+  z0 right after it; ties go to the deepest, so the restart redoes as few steps as the values
+  allow. On the toy task the values grow along a correct prefix, so this is usually the step
+  where z0 slipped.
+- Restarts need step labels: the trace names "Step k:", so a restart is used only when z0
+  and L carry "Step k:" at the branching point (the toy always does; for real models ask for
+  labeled steps in --instruction). Unlabeled candidates are skipped.
 - Up to --traces-per-problem traces per problem, z0 drawn (seeded) from distinct wrong
   leaves and wrong attempts; `rise` uses the same z0s, `rejection` the same number of
   distinct correct solutions, so the three schemes see the same problems.
@@ -68,9 +63,9 @@ Decisions (the paper publishes no code for this stage):
   accumulation steps). Each epoch is a fresh seeded permutation, wrapped around to a multiple
   of the batch size, so every rank runs the same number of micro-batches.
 - --direct-mix p (not in the paper; 0 by default): each trace brings, with probability p, one
-  correct direct solution of the same problem from the same search into the SFT set (marked
-  kind "direct" in traces.jsonl). Traces alone teach "always backtrack"; the mix keeps some
-  plain solving. Only the model's own searched solutions are used, never the gold steps.
+  correct direct solution of the same problem from the same search into the SFT set (kind
+  "direct" in traces.jsonl). Traces alone teach "always backtrack"; the mix keeps some plain
+  solving. Only the model's own searched solutions are used, never the gold steps.
 """
 
 from __future__ import annotations
@@ -102,14 +97,14 @@ PRESETS = {
     # toy: runs with no arguments on 2 CPU cores in a few minutes; lr 1e-4 as star.py's toy
     # preset (at 1e-3, SFT on the rejection scheme's correct solutions collapsed the toy base)
     "toy": dict(problems=96, beam_width=2, expansions=4, rollouts=4, max_depth=8, step_delimiter="\\n",
-                max_step_tokens=24, max_tokens=160, attempts=4, traces_per_problem=2, direct_mix=0.0, search_batch=48,
-                lr=1e-4, epochs=3, batch_size=16, micro_batch_size=8, max_length=512, warmup_ratio=0.1,
-                weight_decay=0.0, save_every=20),
+                max_step_tokens=24, max_tokens=160, attempts=4, traces_per_problem=2, direct_mix=0.0,
+                search_batch=48, lr=1e-4, epochs=3, batch_size=16, micro_batch_size=8, max_length=512,
+                warmup_ratio=0.1, weight_decay=0.0, save_every=20),
     # paper: Table 1 (lr 1e-6, 3 epochs, batch 256, max length 4096, bf16, warmup 0.1); search sizes assumed
     "paper": dict(problems=0, beam_width=4, expansions=4, rollouts=8, max_depth=24, step_delimiter="\\n\\n",
-                  max_step_tokens=512, max_tokens=4096, attempts=4, traces_per_problem=1, direct_mix=0.0, search_batch=64,
-                  lr=1e-6, epochs=3, batch_size=256, micro_batch_size=4, max_length=4096, warmup_ratio=0.1,
-                  weight_decay=0.0, save_every=50),
+                  max_step_tokens=512, max_tokens=4096, attempts=4, traces_per_problem=1, direct_mix=0.0,
+                  search_batch=64, lr=1e-6, epochs=3, batch_size=256, micro_batch_size=4, max_length=4096,
+                  warmup_ratio=0.1, weight_decay=0.0, save_every=50),
 }
 
 
@@ -144,57 +139,57 @@ class Args:
     """where --plot writes the figure"""
     # search
     problems: int | None = None
-    """training problems to search (0: all)"""
+    """training problems to search, 0: all (toy preset 96; paper preset 0)"""
     beam_width: int | None = None
-    """B: nodes kept per depth"""
+    """B: nodes kept per depth (toy preset 2; paper preset 4)"""
     expansions: int | None = None
-    """b: next steps sampled per kept node"""
+    """b: next steps sampled per kept node (toy preset 4; paper preset 4)"""
     rollouts: int | None = None
-    """M: rollouts to the end that estimate a node's value"""
+    """M: rollouts to the end that estimate a node's value (toy preset 4; paper preset 8)"""
     max_depth: int | None = None
-    """D: most steps a solution may have"""
+    """D: most steps a solution may have (toy preset 8; paper preset 24)"""
     step_delimiter: str | None = None
-    """text that ends a step (escapes such as \\n are read)"""
+    """text that ends a step, escapes such as \\n are read (toy preset \\n; paper preset \\n\\n)"""
     max_step_tokens: int | None = None
-    """token limit of one sampled step (longer steps are dropped)"""
+    """token limit of one sampled step, longer steps are dropped (toy preset 24; paper preset 512)"""
     max_tokens: int | None = None
-    """token limit of a rollout and of a plain attempt"""
+    """token limit of a rollout and of a plain attempt (toy preset 160; paper preset 4096)"""
     temperature: float = 1.0
     """sampling temperature of steps, rollouts and attempts"""
     attempts: int | None = None
-    """plain attempts per problem (z0 candidates, and the single-sample baseline of the search)"""
+    """plain attempts per problem: z0 candidates, and the single-sample baseline of the search
+    (toy preset 4; paper preset 4)"""
     traces_per_problem: int | None = None
-    """most traces built from one problem's tree"""
+    """most traces built from one problem's tree (toy preset 2; paper preset 1)"""
     direct_mix: float | None = None
-    """backtrack/rise: per trace, the chance that a correct direct solution of the same problem
-    from the same search (the rejection scheme's data) joins the SFT set, so the SFT keeps the
-    model's plain solving (0: traces only, as the paper)"""
+    """backtrack/rise: per trace, the chance that a correct direct solution of the same search (the
+    rejection scheme's data) joins the SFT set; 0: traces only, as the paper (toy preset 0; paper preset 0)"""
     search_batch: int | None = None
-    """problems searched together (progress granularity)"""
+    """problems searched together, the progress granularity (toy preset 48; paper preset 64)"""
     # SFT
     lr: float | None = None
-    """peak learning rate (AdamW)"""
+    """peak learning rate of AdamW (toy preset 1e-4; paper preset 1e-6)"""
     epochs: int | None = None
-    """passes over the traces"""
+    """passes over the traces (toy preset 3; paper preset 3)"""
     batch_size: int | None = None
-    """sequences per optimizer step, over all ranks"""
+    """sequences per optimizer step, over all ranks (toy preset 16; paper preset 256)"""
     micro_batch_size: int | None = None
-    """sequences per forward/backward on one rank"""
+    """sequences per forward/backward on one rank (toy preset 8; paper preset 4)"""
     max_length: int | None = None
-    """prompt + completion tokens; longer completions are cut"""
+    """prompt + completion tokens, longer completions are cut (toy preset 512; paper preset 4096)"""
     warmup_ratio: float | None = None
-    """fraction of optimizer steps in linear warmup"""
+    """fraction of optimizer steps in linear warmup (toy preset 0.1; paper preset 0.1)"""
     weight_decay: float | None = None
-    """AdamW weight decay"""
+    """AdamW weight decay (toy preset 0; paper preset 0)"""
     max_grad_norm: float = 1.0
     """gradient clipping (0: off)"""
     save_every: int | None = None
-    """SFT checkpoint every N optimizer steps (and at the end)"""
+    """SFT checkpoint every N optimizer steps and at the end (toy preset 20; paper preset 50)"""
     report_to: str = "none"
     """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
-    weights and optimizer state stay fp32"""
+    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 |
+    fp32; weights and optimizer state stay fp32"""
     gpu_memory_utilization: float = 0.3
     """share of GPU memory the search's vLLM engine may take (its weights and KV cache)"""
     sleep_mode: str = "auto"
@@ -213,11 +208,10 @@ class Args:
     NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
 
 
-RESUME_FREE = ("out", "resume", "search_from", "plot", "plot_out", "epochs", "save_every", "report_to", "dtype",
-               "gpu_memory_utilization", "sleep_mode", "gradient_checkpointing")
-"""Arguments a --resume may change (--epochs to train on for more epochs); any other differing
-from the SFT checkpoint's is refused (training.check_resume_args): it would change what the run
-computes."""
+RESUME_FREE = ("out", "resume", "search_from", "plot", "plot_out", "epochs", "save_every", "report_to",
+               "dtype", "gpu_memory_utilization", "sleep_mode", "gradient_checkpointing")
+"""Arguments a --resume may change (--epochs: train more epochs); any other that differs from the
+SFT checkpoint's would change what the run computes and is refused (training.check_resume_args)."""
 
 
 def resolve_args(args: Args, world: int = 1) -> Args:
@@ -229,7 +223,8 @@ def resolve_args(args: Args, world: int = 1) -> Args:
         raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
     fill = {k: v for k, v in PRESETS[preset].items() if getattr(args, k) is None}
     args = dataclasses.replace(args, preset=preset, **fill)
-    args.step_delimiter = codecs.decode(args.step_delimiter, "unicode_escape") if "\\" in args.step_delimiter else args.step_delimiter
+    if "\\" in args.step_delimiter:
+        args.step_delimiter = codecs.decode(args.step_delimiter, "unicode_escape")
     training.check_sft_args(args, world)
     for name in ("beam_width", "expansions", "rollouts", "max_depth", "max_step_tokens", "max_tokens",
                  "attempts", "traces_per_problem", "search_batch"):
@@ -271,13 +266,12 @@ class Node:
 def beam_search(sampler: sampling.Sampler, prompts: list[str], golds: list[str], args: Args, seed: int,
                 records: list | None = None) -> list[list[Node]]:
     """One tree per problem, searched together: per depth, one generate call expands every kept
-    node of every problem and one meta-prover call values every new non-terminal child. Complete
-    nodes and mu's rollouts are graded by the run's grader (utils.make_grader(args.reward); a
-    custom reward gets the problem's entry of `records`, the data file's records)."""
+    node of every problem and one meta-prover call values every new non-terminal child. Graded
+    by utils.make_grader(args.reward) (a custom reward gets the problem's entry of `records`)."""
     tok, delim = sampler.tokenizer, args.step_delimiter
     grade, records = utils.make_grader(args.reward), records or [None] * len(prompts)
-    mu = sampling.MetaProver(sampler, suffix="", m=args.rollouts, temperature=args.temperature, max_tokens=args.max_tokens,
-                    reward=args.reward)
+    mu = sampling.MetaProver(sampler, suffix="", m=args.rollouts, temperature=args.temperature,
+                             max_tokens=args.max_tokens, reward=args.reward)
     trees = [[Node(0, -1, 0, "", kept=True)] for _ in prompts]
     for tree, v in zip(trees, mu.success_rates(prompts, golds, seed=seed)):
         tree[0].value = float(v)
@@ -287,8 +281,9 @@ def beam_search(sampler: sampling.Sampler, prompts: list[str], golds: list[str],
         if not utils.any_rank(bool(todo)):
             break
         # ---- expand: b next steps per kept node, generation stops at the delimiter ----------
-        outs = sampler.generate([utils.encode(tok, prompts[i] + trees[i][nid].text) for i, nid in todo], n=args.expansions,
-                                temperature=args.temperature, max_tokens=args.max_step_tokens, stop=[delim],
+        outs = sampler.generate([utils.encode(tok, prompts[i] + trees[i][nid].text) for i, nid in todo],
+                                n=args.expansions, temperature=args.temperature,
+                                max_tokens=args.max_step_tokens, stop=[delim],
                                 seed=utils.derive_seed(seed, "expand", depth), logprobs=False)
         children: list[list[int]] = [[] for _ in prompts]
         for (i, nid), group in zip(todo, outs):
@@ -310,7 +305,8 @@ def beam_search(sampler: sampling.Sampler, prompts: list[str], golds: list[str],
                 children[i].append(node.id)
         # ---- value: M rollouts to the end from every new incomplete child --------------------
         pending = [(i, c) for i in range(len(prompts)) for c in children[i] if not trees[i][c].complete]
-        values = mu.success_rates([prompts[i] + trees[i][c].text for i, c in pending], [golds[i] for i, _ in pending],
+        values = mu.success_rates([prompts[i] + trees[i][c].text for i, c in pending],
+                                  [golds[i] for i, _ in pending],
                                   seed=utils.derive_seed(seed, "value", depth))
         for (i, c), v in zip(pending, values):
             trees[i][c].value = float(v)
@@ -327,11 +323,11 @@ def graded_attempts(sampler: sampling.Sampler, prompts: list[str], golds: list[s
                     records: list | None = None) -> list[list[dict]]:
     """--attempts plain attempts per problem (sampling.sample_attempts), graded (as beam_search's nodes)."""
     grade, records = utils.make_grader(args.reward), records or [None] * len(prompts)
-    outs = sampling.sample_attempts(sampler, prompts, args.attempts, temperature=args.temperature, max_tokens=args.max_tokens,
-                           seed=seed)
+    outs = sampling.sample_attempts(sampler, prompts, args.attempts, temperature=args.temperature,
+                                    max_tokens=args.max_tokens, seed=seed)
     return [[{"text": s.text.rstrip(), "correct": grade(s.text, g, r) == 1.0,
-              "complete": s.finish_reason == "stop" and utils.extract_boxed(s.text) is not None} for s in group]
-            for group, g, r in zip(outs, golds, records)]
+              "complete": s.finish_reason == "stop" and utils.extract_boxed(s.text) is not None}
+             for s in group] for group, g, r in zip(outs, golds, records)]
 
 
 # --------------------------------------------------------------------------------------
@@ -350,7 +346,8 @@ def best_restart(z0: str, nodes: list[Node], delim: str) -> tuple[Node, Node] | 
     leaves = [n for n in nodes if n.complete and n.correct]
     best = None
     for u in nodes:
-        if u.complete or u.value is None or not z0.startswith(u.text) or restart_prefix(z0, u.depth + 1) != u.text:
+        if (u.complete or u.value is None or not z0.startswith(u.text)
+                or restart_prefix(z0, u.depth + 1) != u.text):
             continue
         z0_step, label = first_step(z0[len(u.text):], delim), f"Step {u.depth + 1}:"
         for leaf in leaves:
@@ -372,7 +369,8 @@ def build_traces(record: dict, scheme: str, k: int, delim: str, seed: int, rewar
                                  [a["text"] for a in record["attempts"] if a["correct"]]))
     base = {"problem": record["problem"], "answer": record["answer"], "root_value": nodes[0].value}
     if scheme == "rejection":
-        return [{**base, "completion": c, "source": "search"} for c in rng.sample(correct, min(k, len(correct)))]
+        return [{**base, "completion": c, "source": "search"}
+                for c in rng.sample(correct, min(k, len(correct)))]
     wrong = list(dict.fromkeys([n.text for n in nodes if n.complete and not n.correct] +
                                [a["text"] for a in record["attempts"] if a["complete"] and not a["correct"]]))
     leaves = {n.text for n in nodes if n.complete}
@@ -395,11 +393,12 @@ def build_traces(record: dict, scheme: str, k: int, delim: str, seed: int, rewar
         completion = z0 + "\n" + utils.BACKTRACK_MARKER + "\n" + rest
         ep = split_continuation(z0, completion)
         if ep is None or utils.make_grader(reward)(ep.z2, record["answer"], record.get("record")) != 1.0:
-            continue  # not a backtrack trace once joined (a real model's last step can hold its box: no z2 line)
-        path = [(n.depth, n.value) for n in nodes if not n.complete and n.value is not None and z0.startswith(n.text)
-                and restart_prefix(z0, n.depth + 1) == n.text]
+            continue  # not a backtrack trace once joined (a real model's last step can hold its box)
+        path = [(n.depth, n.value) for n in nodes if not n.complete and n.value is not None
+                and z0.startswith(n.text) and restart_prefix(z0, n.depth + 1) == n.text]
         traces.append({**base, "z0": ep.z0, "restart_step": ep.restart_step, "z1": ep.z1, "z2": ep.z2,
-                       "completion": completion, "restart_value": u_value, "prefix_values": [v for _, v in sorted(path)],
+                       "completion": completion, "restart_value": u_value,
+                       "prefix_values": [v for _, v in sorted(path)],
                        "source": "tree" if z0 in leaves else "attempt"})
     return traces
 
@@ -411,11 +410,6 @@ def direct_mixin(record: dict, n_traces: int, mix: float, delim: str, seed: int)
     rng = random.Random(f"direct-mix {seed}")  # not the stream build_traces draws from with `seed`
     n = sum(rng.random() < mix for _ in range(n_traces))
     return [{**d, "kind": "direct"} for d in build_traces(record, "rejection", n, delim, seed)] if n else []
-
-
-# --------------------------------------------------------------------------------------
-# SFT: loss on completion tokens only (shared with star.py)
-# --------------------------------------------------------------------------------------
 
 
 # --------------------------------------------------------------------------------------
@@ -472,7 +466,8 @@ def search_need(args: Args, prompt_tokens: int) -> int:
     --max-depth steps of --max-step-tokens (and 2 per step for its delimiter), then a rollout
     or an attempt of --max-tokens (16 more: node text is re-encoded, and may take a few more
     tokens than were sampled)."""
-    return prompt_tokens + args.max_depth * (args.max_step_tokens + 2) + max(args.max_tokens, args.max_step_tokens) + 16
+    longest_tail = max(args.max_tokens, args.max_step_tokens)
+    return prompt_tokens + args.max_depth * (args.max_step_tokens + 2) + longest_tail + 16
 
 
 ENGINES: list = []
@@ -483,17 +478,20 @@ calls cleanup_dist_env_and_memory), so that SFT would run unsharded on every ran
 
 def search_engine(args: Args, model_path: str, problems: list[dict], seed: int) -> sampling.Sampler:
     """The search's vLLM engine (or transformers sampler), sized from the run's lengths, with
-    --sleep-mode; kept in ENGINES."""
+    --sleep-mode; kept in ENGINES when built here (a ready one, sampling.READY, is not)."""
     tok = utils.load_tokenizer(model_path)
-    longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction))) for p in problems)
-    sampler = sampling.Sampler(model_path, seed=seed, dtype=args.dtype, sleep_mode=args.sleep_mode,
-                               gpu_memory_utilization=args.gpu_memory_utilization,
-                               max_model_len=sampling.engine_length(model_path, search_need(args, longest)))
-    ENGINES.append(sampler)
+    longest = max(len(utils.encode(tok, utils.build_prompt(tok, p["problem"], args.instruction)))
+                  for p in problems)
+    sampler = sampling.engine(model_path, seed=seed, dtype=args.dtype, sleep_mode=args.sleep_mode,
+                              gpu_memory_utilization=args.gpu_memory_utilization,
+                              max_model_len=sampling.engine_length(model_path, search_need(args, longest)))
+    if model_path not in sampling.READY:
+        ENGINES.append(sampler)
     return sampler
 
 
-def search(args: Args, model_path: str, problems: list[dict], seed: int, sampler: sampling.Sampler) -> list[dict]:
+def search(args: Args, model_path: str, problems: list[dict], seed: int,
+           sampler: sampling.Sampler) -> list[dict]:
     """Trees and plain attempts for every problem: problems split over ranks, gathered on all."""
     from tqdm import tqdm
 
@@ -521,17 +519,18 @@ def search_summary(records: list[dict]) -> dict:
     """What the search found against the plain attempts."""
     found = np.array([any(n["correct"] for n in r["nodes"]) for r in records])
     att = np.array([[a["correct"] for a in r["attempts"]] for r in records], dtype=float)  # (N, attempts)
+    missed = att.sum(1) == 0  # (N,) problems no plain attempt solved
     return {"problems": len(records), "nodes_mean": float(np.mean([len(r["nodes"]) for r in records])),
             "search_solved": float(found.mean()), "attempt_pass@1": float(att.mean()),
             f"attempt_pass@{att.shape[1]}": float((att.sum(1) > 0).mean()),
-            "search_solved_where_attempts_missed": float(found[att.sum(1) == 0].mean()) if (att.sum(1) == 0).any() else None,
+            "search_solved_where_attempts_missed": float(found[missed].mean()) if missed.any() else None,
             "root_value_mean": float(np.mean([r["nodes"][0]["value"] for r in records]))}
 
 
-def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
-    """Search, build traces, fine-tune; returns the summary. `sampler`: a ready engine on the
-    model (tests); it is left holding the original weights, awake. An engine built here stays
-    referenced for the process's life (ENGINES) and sleeps through SFT (--sleep-mode)."""
+def main(args: Args) -> dict:
+    """Search, build traces, fine-tune; returns the summary. A ready engine on the model
+    (sampling.READY) is left holding its weights, awake. An engine built here stays referenced
+    for the process's life (ENGINES) and sleeps through SFT (--sleep-mode)."""
     if args.plot:
         plot_losses(args.plot, args.plot_out)
         return {"plot": args.plot_out}
@@ -543,17 +542,18 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         paths = toy.ensure_built()
         model_path, data_path = model_path or paths["base"], data_path or paths["train"]
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
-    if args.resume and training.has_checkpoint(os.path.join(out, "checkpoint")):  # before the search reruns
-        training.check_resume_args(os.path.join(out, "checkpoint"), args, RESUME_FREE)
+    ckpt = os.path.join(out, "checkpoint")
+    if args.resume and training.has_checkpoint(ckpt):  # before the search reruns
+        training.check_resume_args(ckpt, args, RESUME_FREE)
     problems = utils.load_problems(data_path, args.problem_field, args.answer_field, args.problems,
                                    answer_from=args.answer_from, keep_record=bool(args.reward))
     utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
-    for path in (args.search_from,) if args.search_from else ():
-        if not os.path.isfile(path):
-            raise utils.UserError(f"--search-from: no such file: {path}")
+    if args.search_from and not os.path.isfile(args.search_from):
+        raise utils.UserError(f"--search-from: no such file: {args.search_from}")
     utils.seed_everything(args.seed)
-    utils.print0(f"warmstart: scheme {args.scheme}, preset {args.preset}, model {model_path}, {len(problems)} problems, "
-                 f"B={args.beam_width} b={args.expansions} M={args.rollouts} D={args.max_depth}, world {world}")
+    utils.print0(f"warmstart: scheme {args.scheme}, preset {args.preset}, model {model_path}, "
+                 f"{len(problems)} problems, B={args.beam_width} b={args.expansions} M={args.rollouts} "
+                 f"D={args.max_depth}, world {world}")
 
     # ---- search: trees with rollout values, plain attempts ---------------------------------
     search_path = os.path.join(out, "search.jsonl")
@@ -563,7 +563,7 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         records = utils.read_records(src, ["problem", "answer", "nodes", "attempts"])
         utils.print0(f"reusing the search of {src} ({len(records)} problems)")
     else:
-        engine = sampler if sampler is not None else search_engine(args, model_path, problems, args.seed)
+        engine = search_engine(args, model_path, problems, args.seed)
         records = search(args, model_path, problems, args.seed, engine)
         if utils.is_main():
             utils.write_jsonl(search_path, records)
@@ -575,14 +575,14 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     # ---- traces ----------------------------------------------------------------------------
     traces, mixed = [], []
     for i, r in enumerate(records):
-        own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter,
-                           utils.derive_seed(args.seed, "traces", i), args.reward)
+        seed = utils.derive_seed(args.seed, "traces", i)
+        own = build_traces(r, args.scheme, args.traces_per_problem, args.step_delimiter, seed, args.reward)
         traces += own
         if args.scheme != "rejection" and args.direct_mix > 0:
-            mixed += direct_mixin(r, len(own), args.direct_mix, args.step_delimiter, utils.derive_seed(args.seed, "traces", i))
+            mixed += direct_mixin(r, len(own), args.direct_mix, args.step_delimiter, seed)
     if not traces:
-        raise utils.UserError(f"the search built no {args.scheme} trace (no problem had both a wrong and a correct "
-                              f"solution); search more problems or widen the beam")
+        raise utils.UserError(f"the search built no {args.scheme} trace (no problem had both a wrong and a "
+                              f"correct solution); search more problems or widen the beam")
     tok = utils.load_tokenizer(model_path)
     traces += mixed
     for t in traces:
@@ -590,12 +590,12 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     if utils.is_main():
         utils.write_jsonl(os.path.join(out, "traces.jsonl"), traces)
     steps = [t["restart_step"] for t in traces if "restart_step" in t]
+    values = [t["restart_value"] for t in traces if "restart_value" in t]
     summary["traces"] = {"count": len(traces) - len(mixed), "direct_mixed": len(mixed),
                          "problems": len({t["problem"] for t in traces}),
                          "from_tree": sum(t["source"] == "tree" for t in traces),
                          "restart_step_mean": float(np.mean(steps)) if steps else None,
-                         "restart_value_mean": float(np.mean([t["restart_value"] for t in traces if "restart_value" in t]))
-                         if steps else None}
+                         "restart_value_mean": float(np.mean(values)) if steps else None}
     utils.print0("traces: " + json.dumps(summary["traces"]))
 
     # ---- SFT on (prompt, trace) ------------------------------------------------------------
@@ -605,10 +605,11 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     for engine in ENGINES:  # the search engine (if any) sleeps through SFT; it stays referenced
         engine.sleep()
     summary["sft_world"] = utils.world_size()  # the trainer's ranks: FSDP2 shards over them
-    model = training.sft(model_path, [training.sft_example(t, args.z0_loss) for t in traces], args, model_dir=os.path.join(out, "model"),
-                log_path=os.path.join(out, "log.jsonl"), ckpt_path=os.path.join(out, "checkpoint"), card=card,
-                resume=args.resume, report_to=args.report_to,
-                log_extra={"scheme": args.scheme, "loss_on": sft_loss_target(args.scheme, args.z0_loss, args.direct_mix)})
+    loss_on = sft_loss_target(args.scheme, args.z0_loss, args.direct_mix)
+    model = training.sft(model_path, [training.sft_example(t, args.z0_loss) for t in traces], args,
+                         model_dir=os.path.join(out, "model"), log_path=os.path.join(out, "log.jsonl"),
+                         ckpt_path=ckpt, card=card, resume=args.resume, report_to=args.report_to,
+                         log_extra={"scheme": args.scheme, "loss_on": loss_on})
     del model
     summary["sft_seconds"] = round(time.time() - t0, 1)
     if utils.is_main():

@@ -194,6 +194,7 @@ def toy_warmstart(toy_paths, toy_sampler, tmp_path_factory):
     import warmstart
 
     out = tmp_path_factory.mktemp("warmstart")
-    summary = warmstart.main(warmstart.Args(model=toy_paths["base"], data=toy_paths["train"], out=str(out),
-                                            **WARMSTART_SMALL), sampler=toy_sampler)
+    with sampling.ready_engines({toy_paths["base"]: toy_sampler}):
+        summary = warmstart.main(warmstart.Args(model=toy_paths["base"], data=toy_paths["train"], out=str(out),
+                                                **WARMSTART_SMALL))
     return {"dir": str(out), "model": str(out / "model"), "summary": summary}

@@ -17,6 +17,7 @@ from conftest import WARMSTART_SMALL
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import sampling  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
 import warmstart  # noqa: E402
@@ -302,9 +303,10 @@ def test_search_traces_sft_and_the_warmstarted_model_backtracks(engine, toy_path
     assert all(split_backtrack(s.text) is None for g in base for s in g)  # the base never saw the marker
 
     # the other schemes reuse the same tree
-    rej = warmstart.main(warmstart.Args(model=toy_paths["base"], data=toy_paths["train"], out=str(tmp_path / "rej"),
-                                        scheme="rejection", search_from=str(out / "search.jsonl"),
-                                        **dict(SMALL, epochs=1)), sampler=engine)
+    with sampling.ready_engines({toy_paths["base"]: engine}):
+        rej = warmstart.main(warmstart.Args(model=toy_paths["base"], data=toy_paths["train"],
+                                            out=str(tmp_path / "rej"), scheme="rejection",
+                                            search_from=str(out / "search.jsonl"), **dict(SMALL, epochs=1)))
     assert rej["traces"]["count"] > 0 and json.load(open(tmp_path / "rej" / "model" / "mrt.json"))["format"] == "direct"
     assert json.loads(open(tmp_path / "rej" / "log.jsonl").readline())["loss_on"] == "whole solution"
     path = tmp_path / "fig6.png"
