@@ -23,9 +23,9 @@ Real models (one GPU; AIME-style JSONL or Parquet, chat template applied automat
     python evaluate.py --models base=meta-llama/Llama-3.1-8B-Instruct mrt=runs/grpo/mrt/model \\
         --data aime.jsonl --problem-field problem --answer-field answer --samples 32 \\
         --temperature 0.7 --max-tokens 8192 --window 2048 --out runs/eval/aime
-Several GPUs (or CPU processes): the problems are split over the ranks, one engine per rank,
-and rank 0 merges the rows and writes the same outputs as one process (each problem's samples
-are seeded by its index, so the split does not change them):
+Several GPUs (or CPU processes): the problems are split over the ranks, one engine per rank;
+rank 0 merges the rows and writes what one process would (samples are seeded by the
+problem's index, so the split does not change them):
     torchrun --nproc_per_node 8 evaluate.py --models base=... mrt=... --data aime.jsonl ...
 Under torchrun every model's engine stays up until the end (closing a vLLM engine ends
 torchrun's process group): with several models, lower --gpu-memory-utilization so that they
@@ -37,10 +37,9 @@ killed multi-model call resumes), metrics.jsonl.
 
 Decisions and departures from the paper (which does not publish its evaluation code):
 - Token accounting. The x-axis charges GENERATED tokens only, in both modes (the paper plots
-  "total tokens spent"; the prompt is not charged in parallel mode either). Linearized mode
-  re-reads up to W tokens of its own transcript each round; those context tokens are recorded
-  per sample (`context_tokens`) and as a second curve (`context_tokens` in curves.json), but
-  not charged on the x-axis.
+  "total tokens spent"; the prompt is not charged in parallel mode either). The up to W
+  transcript tokens linearized mode re-reads each round are recorded (`context_tokens`, per
+  sample and as a second curve in curves.json) but not charged on the x-axis.
 - The linearized transcript is round 1's ids, then cue + round 2's ids, then cue + round 3's,
   ... (trailing EOS dropped); the window is its last W tokens, capped so that prompt + window
   + cue + max_tokens fits the model's context (a warning says when the cap bites).
@@ -84,7 +83,8 @@ class Args:
     """runs as name=path (or a bare path); empty: runs/toy/base and every toy checkpoint that
     exists under runs/warmstart/model, runs/star/*/model, runs/grpo/*/model"""
     data: str = ""
-    """problems: .jsonl, .parquet or a hub dataset org/name[:split] (empty: the toy test split under --toy-dir)"""
+    """problems: .jsonl, .parquet or a hub dataset org/name[:split] (empty: the toy test split
+    under --toy-dir)"""
     problem_field: str = "problem"
     """name of the problem field in --data"""
     answer_field: str = "answer"
@@ -158,18 +158,14 @@ def _equal(pred: str, gold: str) -> bool:
 
 
 def cluster_answers(answers, gold, right: set | None = None) -> tuple[list[int], list[bool], int]:
-    """Group answers that the grader calls equal. Returns (cluster sizes, cluster correct
-    flags, number of unparsable answers).
-
-    `answers` are extracted answers (the content of the last box, as `utils.extract_boxed`
-    gives it); None or "" is an unparsable answer. Every answer that `utils.grade` accepts
-    against gold forms the one correct cluster (so maj@1 equals pass@1 exactly). Wrong answers
-    are grouped greedily: distinct strings in order of (count descending, string), each joins
-    the first cluster whose representative it equals under `utils.grade` in either direction
-    ("\\frac{1}{2}" and "0.5" are one answer), else it starts a cluster. The order depends only
-    on the multiset of answers, so the result never depends on sample order. With `right` (the
-    answers whose samples a custom --reward graded 1), the correct cluster is those answers
-    instead of the ones `utils.grade` accepts against gold."""
+    """Group answers that the grader calls equal: (cluster sizes, cluster correct flags, number
+    of unparsable answers). `answers` are extracted answers (utils.extract_boxed's); None or ""
+    is unparsable. The answers `utils.grade` accepts against gold form the one correct cluster
+    (so maj@1 equals pass@1 exactly); with `right` (the answers whose samples a custom --reward
+    graded 1), those answers do. Wrong answers are grouped greedily: distinct strings in order
+    of (count descending, string), each joins the first cluster whose representative it equals
+    under `utils.grade` in either direction ("\\frac{1}{2}" and "0.5" are one answer), else it
+    starts one. The result depends only on the multiset of answers, never on sample order."""
     n_none = sum(1 for a in answers if a is None or not str(a).strip())
     counts = Counter(str(a).strip() for a in answers if a is not None and str(a).strip())
     order = sorted(counts, key=lambda a: (-counts[a], a))
@@ -196,9 +192,8 @@ def majority_curve(counts, correct, n_none: int = 0) -> np.ndarray:
     """Exact expected accuracy of a majority vote over k answers drawn without replacement,
     for every k = 1..n (n = sum(counts) + n_none). Clusters are the grader-equal answer groups
     (sizes `counts`, flags `correct`); the n_none unparsable answers are drawn but never vote.
-    The cluster(s) with most votes win; a tie splits the credit evenly among the tied
-    clusters; a draw of only unparsable answers earns 0.
-
+    The cluster(s) with most votes win, a tie splits the credit evenly among the tied clusters,
+    a draw of only unparsable answers earns 0.
     For each correct cluster g and each vote count v it gets, a DP over the other clusters
     counts the s-subsets of the other answers that put no cluster above v and exactly t
     clusters at v (credit 1 / (1 + t)); it serves every k at once. Everything is counted in
@@ -213,7 +208,8 @@ def majority_curve(counts, correct, n_none: int = 0) -> np.ndarray:
     for g, (cg, ok) in enumerate(zip(counts, correct)):
         if not ok or cg == 0:
             continue
-        others = [(c, True) for j, c in enumerate(counts) if j != g and c > 0] + ([(n_none, False)] if n_none else [])
+        others = [(c, True) for j, c in enumerate(counts) if j != g and c > 0]
+        others += [(n_none, False)] if n_none else []
         S = n - cg
         for v in range(1, cg + 1):
             T = S // v  # most other clusters that can tie at v
@@ -271,7 +267,6 @@ def interp_curve(tokens, acc, budget: float) -> float | None:
 def token_efficiency(curve_a, curve_b) -> dict:
     """Tokens method A needs to reach method B's peak accuracy. Curves are (tokens, accuracy)
     pairs with tokens increasing (e.g. maj@k against tokens for k = 1..N).
-
     target = max accuracy of B; tokens_b = tokens of B's first point at that peak; tokens_a =
     the first token count where A's piecewise-linear curve reaches target (A's first point if
     it already does there; None if A never does). ratio = tokens_b / tokens_a (1.5 = "1.5x
@@ -297,10 +292,9 @@ def token_efficiency(curve_a, curve_b) -> dict:
 
 def curve_auc(tokens, acc, lo: float | None = None, hi: float | None = None) -> float:
     """Area under the piecewise-linear accuracy-tokens curve over [lo, hi] (default: the
-    curve's own range), in accuracy x tokens. To compare runs, pass a shared range, e.g.
-    lo = the largest first token count and hi = the smallest last token count among them;
-    auc / (hi - lo) is then the mean accuracy over that range. A range outside the curve
-    raises ValueError (the curve is not extrapolated)."""
+    curve's own range), in accuracy x tokens; over a range all runs share (the largest first
+    and the smallest last token count), auc / (hi - lo) is their mean accuracy there. A range
+    outside the curve raises ValueError (the curve is not extrapolated)."""
     x, y = _check_curve(tokens, acc)
     lo = x[0] if lo is None else float(lo)
     hi = x[-1] if hi is None else float(hi)
@@ -316,8 +310,7 @@ def cumulative_regret(j_values, j_star: float | None = None, running: bool = Fal
     """Cumulative regret over episodes (Def. 3.1): sum_j (J* - J_j), where J_j is the success
     rate of the meta-prover after episode j (J(mu | z_{0:j})) and J* the comparator's success
     rate: given, or by default the best J_j observed (the best the model itself reached, so the
-    regret is >= 0). Returns the total, or with running=True the list of partial sums after
-    each episode."""
+    regret is >= 0). Returns the total, or with running=True the partial sums per episode."""
     j = np.asarray(j_values, dtype=float)
     if j.ndim != 1 or len(j) == 0:
         raise ValueError("cumulative_regret needs a non-empty 1-D sequence of J values")
@@ -346,17 +339,18 @@ def graded(text: str, gold: str, reward: str = "", record: dict | None = None) -
             "backtracks": text.count(utils.BACKTRACK_MARKER)}
 
 
-def open_engine(path: str, records: list[dict], args: Args, ready=None):
-    """The run's Sampler (`ready` if given), its prompt ids, and the context length the window
-    must fit in: --max-model-len, else what the longest prompt needs (+ window + cue in
-    linearized mode), capped at the model's max_position_embeddings."""
-    tok = ready.tokenizer if ready is not None else utils.load_tokenizer(path)
+def open_engine(path: str, records: list[dict], args: Args):
+    """The run's Sampler (sampling.engine: the ready one when sampling.READY holds the path), its
+    prompt ids, and the context length the window must fit in: --max-model-len, else what the
+    longest prompt needs (+ window + cue in linearized mode), capped at max_position_embeddings."""
+    tok = sampling.READY[path].tokenizer if path in sampling.READY else utils.load_tokenizer(path)
     prompt_ids = [utils.encode(tok, utils.build_prompt(tok, r["problem"], args.instruction)) for r in records]
     cue = len(tok(CONTINUE_CUE, add_special_tokens=False)["input_ids"])
-    need = max(map(len, prompt_ids)) + args.max_tokens + (args.window + cue if "linearized" in args.modes else 0)
+    need = max(map(len, prompt_ids)) + args.max_tokens
+    need += args.window + cue if "linearized" in args.modes else 0
     max_len = args.max_model_len or sampling.engine_length(path, need)
-    sampler = ready if ready is not None else sampling.Sampler(
-        path, seed=args.seed, dtype=args.dtype, max_model_len=max_len, gpu_memory_utilization=args.gpu_memory_utilization)
+    sampler = sampling.engine(path, seed=args.seed, dtype=args.dtype, max_model_len=max_len,
+                              gpu_memory_utilization=args.gpu_memory_utilization)
     return sampler, prompt_ids, max_len
 
 
@@ -393,7 +387,8 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int, ids: 
     if min(windows) < 1:
         i = int(np.argmin(windows))
         raise utils.UserError(f"problem {ids[i]}: prompt ({len(prompt_ids[i])} tokens) + max_tokens "
-                              f"({args.max_tokens}) leave no room for a window in {max_len} tokens of context")
+                              f"({args.max_tokens}) leave no room for a window in {max_len} tokens of "
+                              f"context")
     if min(windows) < args.window:
         utils.print0(f"warning: window capped at {min(windows)} tokens by the {max_len}-token context")
     transcripts = [[] for _ in prompt_ids]  # (P, growing) sampled ids: r1, cue, r2, cue, ...
@@ -401,7 +396,8 @@ def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int, ids: 
     for r in tqdm(range(args.samples), desc="linearized rounds", disable=not utils.is_main()):
         contexts = [p if r == 0 else p + t[-w:] + cue for p, t, w in zip(prompt_ids, transcripts, windows)]
         outs = sampler.generate(contexts, n=1, temperature=args.temperature, top_p=args.top_p,
-                                max_tokens=args.max_tokens, seed=[utils.derive_seed(args.seed, "round", r, i) for i in ids])
+                                max_tokens=args.max_tokens,
+                                seed=[utils.derive_seed(args.seed, "round", r, i) for i in ids])
         for k, (i, group, rec, ctx) in enumerate(zip(ids, outs, records, contexts)):
             s = group[0]
             new = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
@@ -505,7 +501,8 @@ def markdown_table(runs: dict, comparison: dict) -> str:
                 p, m = interp_curve(c["tokens"], c["pass"], b), interp_curve(c["tokens"], c["maj"], b)
                 cells.append("-" if p is None else f"{100 * p:.1f} / {100 * m:.1f}")
             eff = comparison[mode]["maj"]["efficiency"].get(name, {}).get(ref)
-            saving = "(reference)" if name == ref else "-" if not eff or eff["saving"] is None else f"{100 * eff['saving']:+.0f}%"
+            saving = ("(reference)" if name == ref else "-" if not eff or eff["saving"] is None
+                      else f"{100 * eff['saving']:+.0f}%")
             acc = comparison[mode]["maj"]["mean_acc_shared_range"][name]
             lines.append(f"| {name} | {runs[name]['format']} | " + " | ".join(cells) + f" | {saving} | "
                          + ("-" if acc is None else f"{100 * acc:.1f}") + " |")
@@ -521,7 +518,8 @@ def plot(runs: dict, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     modes = [m for m in MODES if any(m in r["modes"] for r in runs.values())]
-    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), sharex=True, sharey=True,
+                             squeeze=False)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for ax, mode in zip(axes[0], modes):
         for i, (name, r) in enumerate(runs.items()):
@@ -571,16 +569,6 @@ def resolve_runs(args: Args) -> dict[str, str]:
     return runs
 
 
-def fingerprint(path: str) -> str:
-    """Names, sizes and modification times of a model folder's files (a retrained model at
-    the same path gets a new fingerprint, so its old samples are not reused)."""
-    h = hashlib.sha1()
-    for f in sorted(glob.glob(os.path.join(path, "*"))):
-        st = os.stat(f)
-        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
-    return h.hexdigest()[:16]
-
-
 def engines_held(runs: dict, ready: dict | None, world: int) -> int:
     """The engines a process holds at once, which share the GPU: one in a plain run (each is
     freed before the next), one per model it builds under torchrun (none is freed: closing a
@@ -588,17 +576,20 @@ def engines_held(runs: dict, ready: dict | None, world: int) -> int:
     return len({p for p in runs.values() if p not in (ready or {})}) if world > 1 else 1
 
 
-def rss_gib() -> float | None:
-    """Resident memory of this process (Linux), to check that engines are freed."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
-    except OSError:
-        return None
+def samples_meta(args: Args, path: str, mode: str, fmt: str, data_hash: str) -> dict:
+    """The settings a samples/<run>.<mode>.meta.json records: a rerun reuses the samples only
+    when they match (--reward only when given; --window in linearized mode)."""
+    keep = ("samples", "temperature", "top_p", "max_tokens", "seed", "instruction", "max_model_len", "reward")
+    meta = {"model": path, "model_fingerprint": utils.folder_fingerprint(path), "mode": mode,
+            "data": data_hash, "format": fmt,
+            **{k: v for k, v in asdict(args).items() if k in keep if k != "reward" or v}}
+    if mode == "linearized":
+        meta["window"] = args.window
+    return meta
 
 
-def main(args: Args, samplers: dict | None = None) -> dict:
-    """Evaluate every run; `samplers` may map a model path to a ready Sampler (tests). Under
+def main(args: Args) -> dict:
+    """Evaluate every run (on the ready engine of sampling.READY where it holds the model). Under
     torchrun each rank samples its share of the problems on its own engine; rank 0 merges the
     rows and writes every output (the same files as one process writes)."""
     rank, world, _ = utils.init_distributed()
@@ -615,12 +606,13 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                                   answer_from=args.answer_from, keep_record=bool(args.reward))
     utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     formats = {name: utils.model_format(path) for name, path in runs.items()}
-    data_hash = hashlib.sha1(json.dumps([[r["problem"], r["answer"]] for r in records]).encode()).hexdigest()[:16]
-    utils.print0(f"evaluate: {len(runs)} runs x {len(records)} problems x N={args.samples} ({', '.join(args.modes)}), "
-                 f"{world} rank(s)")
+    problem_list = json.dumps([[r["problem"], r["answer"]] for r in records])
+    data_hash = hashlib.sha1(problem_list.encode()).hexdigest()[:16]
+    utils.print0(f"evaluate: {len(runs)} runs x {len(records)} problems x N={args.samples} "
+                 f"({', '.join(args.modes)}), {world} rank(s)")
     mine = list(range(rank, len(records), world))  # this rank's problems (indices into records)
     logger = utils.JsonlLogger(os.path.join(args.out, "metrics.jsonl"))
-    held = engines_held(runs, samplers, world)
+    held = engines_held(runs, sampling.READY, world)
     gpu_share = utils.engine_memory_share(args.gpu_memory_utilization, held)
     if held > 1 and not args.gpu_memory_utilization:
         utils.print0(f"gpu_memory_utilization {gpu_share} per engine: {held} engines stay up side by side "
@@ -629,25 +621,21 @@ def main(args: Args, samplers: dict | None = None) -> dict:
 
     results = {}
     for name, path in runs.items():
-        args = replace(args, instruction=utils.stage_instruction(instruction, path), gpu_memory_utilization=gpu_share)
+        args = replace(args, instruction=utils.stage_instruction(instruction, path),
+                       gpu_memory_utilization=gpu_share)
         results[name] = {"path": path, "format": formats[name], "instruction": args.instruction, "modes": {}}
         sampler = None
         for mode in args.modes:
             stem = os.path.join(args.out, "samples", re.sub(r"[^\w.-]", "_", name) + "." + mode)
-            meta = {"model": path, "model_fingerprint": fingerprint(path), "mode": mode, "data": data_hash,
-                    "format": formats[name], **{k: v for k, v in asdict(args).items()
-                                                if k in ("samples", "temperature", "top_p", "max_tokens", "seed",
-                                                         "instruction", "max_model_len", "reward")
-                                                if k != "reward" or v}}
-            if mode == "linearized":
-                meta["window"] = args.window
-            if args.reuse and os.path.isfile(stem + ".meta.json") and json.load(open(stem + ".meta.json")) == meta:
+            meta = samples_meta(args, path, mode, formats[name], data_hash)
+            reuse = args.reuse and os.path.isfile(stem + ".meta.json")
+            if reuse and json.load(open(stem + ".meta.json")) == meta:
                 rows = utils.read_records(stem + ".jsonl")
                 utils.print0(f"{name} {mode}: reusing {stem}.jsonl")
             else:
                 if sampler is None:
                     had_group = sampling.group_exists()
-                    sampler, prompt_ids, max_len = open_engine(path, records, args, (samplers or {}).get(path))
+                    sampler, prompt_ids, max_len = open_engine(path, records, args)
                 utils.print0(f"{name} {mode}: sampling")
                 ids, share = [prompt_ids[i] for i in mine], [records[i] for i in mine]
                 if mode == "parallel":
@@ -657,24 +645,26 @@ def main(args: Args, samplers: dict | None = None) -> dict:
                 order = ("problem", "sample" if mode == "parallel" else "round")
                 if world > 1 and not utils.is_distributed():
                     raise RuntimeError("torchrun's process group ended before the ranks' rows were merged")
-                rows = sorted((r for part in utils.all_gather(rows) for r in part), key=lambda r: [r[k] for k in order])
+                rows = sorted((r for part in utils.all_gather(rows) for r in part),
+                              key=lambda r: [r[k] for k in order])
                 if utils.is_main():
                     utils.write_jsonl(stem + ".jsonl", [{"run": name, "mode": mode, **r} for r in rows])
                     utils.write_json(stem + ".meta.json", meta)
                 utils.barrier()
             c = curves(rows, mode, args.samples, bool(args.reward))
             results[name]["modes"][mode] = c
-            logger.log({"run": name, "mode": mode, "pass@1": c["pass"][0], f"pass@{args.samples}": c["pass"][-1],
-                        f"maj@{args.samples}": c["maj"][-1], "tokens@1": c["tokens"][0], "rss_gib": rss_gib()})
-            utils.print0(f"{name} {mode}: pass@1 {c['pass'][0]:.3f}  pass@{args.samples} {c['pass'][-1]:.3f}  "
-                         f"maj@{args.samples} {c['maj'][-1]:.3f}  tokens/trace {c['tokens'][0]:.0f}")
-        # one engine at a time: free it before the next one. Not under torchrun: closing a vLLM
-        # engine ends vLLM's process-wide state and torchrun's process group with it
-        if sampler is not None and sampler is not (samplers or {}).get(path) and world == 1:
+            n = args.samples
+            logger.log({"run": name, "mode": mode, "pass@1": c["pass"][0], f"pass@{n}": c["pass"][-1],
+                        f"maj@{n}": c["maj"][-1], "tokens@1": c["tokens"][0], "rss_gib": utils.rss_gib()})
+            utils.print0(f"{name} {mode}: pass@1 {c['pass'][0]:.3f}  pass@{n} {c['pass'][-1]:.3f}  "
+                         f"maj@{n} {c['maj'][-1]:.3f}  tokens/trace {c['tokens'][0]:.0f}")
+        # one engine at a time: free it before the next one. Not a ready engine, nor under torchrun:
+        # closing a vLLM engine ends vLLM's process-wide state and torchrun's process group with it
+        if sampler is not None and path not in sampling.READY and world == 1:
             sampling.close_engine(sampler, had_group)
         sampler = None
         gc.collect()
-        logger.log({"run": name, "rss_gib_after_free": rss_gib()})
+        logger.log({"run": name, "rss_gib_after_free": utils.rss_gib()})
 
     comparison = compare(results)
     settings = {**asdict(args), "data": data_path, "problems": len(records)}
@@ -683,8 +673,8 @@ def main(args: Args, samplers: dict | None = None) -> dict:
         utils.write_json(os.path.join(args.out, "curves.json"), report)
         with utils.atomic_path(os.path.join(args.out, "table.md")) as tmp, open(tmp, "w") as f:
             f.write(markdown_table(results, comparison) + "\n")
-        plot(results, os.path.join(args.out, "accuracy_tokens.png"),
-             f"{os.path.basename(data_path)}: {len(records)} problems, N={args.samples}, T={args.temperature}")
+        title = f"{os.path.basename(data_path)}: {len(records)} problems, N={args.samples}"
+        plot(results, os.path.join(args.out, "accuracy_tokens.png"), f"{title}, T={args.temperature}")
     utils.barrier()
     utils.print0(f"wrote {args.out}/curves.json, table.md, accuracy_tokens.png, samples/")
     return report

@@ -984,3 +984,30 @@ def barrier() -> None:
 
     if is_distributed():
         dist.barrier()
+
+
+# --------------------------------------------------------------------------------------
+# Helpers of evaluate.py: a model folder's fingerprint, this process's resident memory
+# --------------------------------------------------------------------------------------
+
+
+def folder_fingerprint(path: str) -> str:
+    """Names, sizes and modification times of a model folder's files (a retrained model at
+    the same path gets a new fingerprint, so its old samples are not reused)."""
+    import glob
+    import hashlib
+
+    h = hashlib.sha1()
+    for f in sorted(glob.glob(os.path.join(path, "*"))):
+        st = os.stat(f)
+        h.update(f"{os.path.basename(f)}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()[:16]
+
+
+def rss_gib() -> float | None:
+    """Resident memory of this process (Linux), to check that engines are freed."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        return None

@@ -13,6 +13,7 @@ from math import comb
 import pytest
 
 import evaluate
+import sampling
 import utils
 from evaluate import (Args, cluster_answers, cumulative_regret, curve_auc, maj_at_k, majority_curve, pass_at_k,
                       token_efficiency)
@@ -206,7 +207,8 @@ def test_real_run_both_modes(toy_paths, toy_sampler, tmp_path):
     W = 16
     args = Args(models=[f"base={toy_paths['base']}"], data=toy_paths["test"], problems=4, samples=3, max_tokens=96,
                 window=W, out=str(tmp_path / "eval"), seed=3)
-    report = evaluate.main(args, samplers={toy_paths["base"]: toy_sampler})
+    with sampling.ready_engines({toy_paths["base"]: toy_sampler}):
+        report = evaluate.main(args)
     out = tmp_path / "eval"
     for name in ("curves.json", "table.md", "accuracy_tokens.png", "metrics.jsonl"):
         assert (out / name).is_file(), name
@@ -246,7 +248,8 @@ def test_real_run_both_modes(toy_paths, toy_sampler, tmp_path):
         assert c["maj"][k - 1] == pytest.approx(sum(maj) / 4)
 
     # a second call with the same settings reuses the per-sample files (resume)
-    again = evaluate.main(args, samplers={toy_paths["base"]: NoSampling()})
+    with sampling.ready_engines({toy_paths["base"]: NoSampling()}):
+        again = evaluate.main(args)
     assert again["runs"] == report["runs"]
 
     # torchrun with 2 ranks: each rank samples its share of the problems on its own engine and
