@@ -144,33 +144,39 @@ def stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage]:
     out = []
     ws = d("warmstart", "backtrack")
     out.append(Stage("warmstart", py + ["warmstart.py", "--out", ws, *s, *sizes["warmstart"]],
-                     d("warmstart", "backtrack", "summary.json"), d("warmstart", "backtrack", "checkpoint", "latest")))
+                     d("warmstart", "backtrack", "summary.json"),
+                     d("warmstart", "backtrack", "checkpoint", "latest")))
     for scheme in ("rise", "rejection"):
         out.append(Stage(f"warmstart-{scheme}", py + ["warmstart.py", "--scheme", scheme, "--search-from",
-                                                      os.path.join(ws, "search.jsonl"), "--out", d("warmstart", scheme),
-                                                      *s, *sizes["warmstart"]],
+                                                      os.path.join(ws, "search.jsonl"), "--out",
+                                                      d("warmstart", scheme), *s, *sizes["warmstart"]],
                          d("warmstart", scheme, "summary.json"), after=("warmstart",)))
     for m in STAR_METHODS:
-        out.append(Stage(f"star-{m}", py + ["star.py", "--method", m, "--model", base, "--preset", "toy", "--out", d("star", m), *s,
-                                            *sizes["star"]], d("star", m, "summary.json")))
+        out.append(Stage(f"star-{m}", py + ["star.py", "--method", m, "--model", base, "--preset", "toy",
+                                            "--out", d("star", m), *s, *sizes["star"]],
+                         d("star", m, "summary.json")))
     for v in GRPO_VARIANTS:
         out.append(Stage(f"grpo-{v}", py + ["grpo.py", "--variant", v, "--model", os.path.join(ws, "model"),
                                             "--preset", "toy", "--out", d("grpo", v), *s, *sizes["grpo"]],
-                         d("grpo", v, "model", "mrt.json"), d("grpo", v, "checkpoint", "latest"), after=("warmstart",)))
+                         d("grpo", v, "model", "mrt.json"), d("grpo", v, "checkpoint", "latest"),
+                         after=("warmstart",)))
     trained = tuple(st.name for st in out)  # evaluate and infogain read every model these write
     present = lambda: existing_models(seed_dir, base)  # noqa: E731  (read when the stage runs)
-    out.append(Stage("evaluate", lambda: py + ["evaluate.py", "--models", *[f"{k}={v}" for k, v in present().items()],
-                                               "--out", d("eval"), *s, *sizes["evaluate"]], d("eval", "curves.json"),
-                     after=trained))
+    out.append(Stage("evaluate", lambda: py + ["evaluate.py", "--models",
+                                               *[f"{k}={v}" for k, v in present().items()],
+                                               "--out", d("eval"), *s, *sizes["evaluate"]],
+                     d("eval", "curves.json"), after=trained))
     backtrack = lambda: {k: v for k, v in present().items()  # noqa: E731
                          if k != "base" and k not in ("star-star", "warmstart-rejection")}
-    out.append(Stage("infogain", lambda: py + ["infogain.py", "--model", *[f"{k}={v}" for k, v in backtrack().items()],
-                                               "--out", d("infogain"), *s, *sizes["infogain"]], d("infogain", "summary.json"),
-                     after=trained))
+    out.append(Stage("infogain", lambda: py + ["infogain.py", "--model",
+                                               *[f"{k}={v}" for k, v in backtrack().items()],
+                                               "--out", d("infogain"), *s, *sizes["infogain"]],
+                     d("infogain", "summary.json"), after=trained))
     models = model_paths(seed_dir, base)
     for name in ("base", "grpo-mrt"):
-        out.append(Stage(f"r1-{name}", py + ["r1_analysis.py", "--generate", "--model", models[name], "--preset", "toy",
-                                             "--direct-model", base, "--out", d("r1", name), *s, *sizes["r1"]],
+        out.append(Stage(f"r1-{name}", py + ["r1_analysis.py", "--generate", "--model", models[name],
+                                             "--preset", "toy", "--direct-model", base, "--out",
+                                             d("r1", name), *s, *sizes["r1"]],
                          d("r1", name, "summary.json"), after=() if name == "base" else (name,)))
     return out + truth_stages(seed_dir, seed, sizes, base)
 
@@ -190,13 +196,16 @@ def truth_stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage
 
     def rollout_cmd():  # every model whose forced run sampled at least one trace, on those traces
         runs = {k: v for k, v in sampled().items()
-                if os.path.exists(d("forced", f"traces_{k}.jsonl")) and os.path.getsize(d("forced", f"traces_{k}.jsonl"))}
+                if os.path.exists(d("forced", f"traces_{k}.jsonl"))
+                and os.path.getsize(d("forced", f"traces_{k}.jsonl"))}
         return py + ["infogain.py", "--model", *[f"{k}={v}" for k, v in runs.items()],
                      "--traces", *[d("forced", f"traces_{k}.jsonl") for k in runs], "--mu-mode", "rollout",
                      "--out", d("rollout"), *s, *sizes["truth"]]
 
-    out = [Stage("truth-forced", lambda: py + ["infogain.py", "--model", *[f"{k}={v}" for k, v in sampled().items()],
-                                               "--mu-mode", "forced", "--out", d("forced"), *s, *sizes["truth"]],
+    out = [Stage("truth-forced", lambda: py + ["infogain.py", "--model",
+                                               *[f"{k}={v}" for k, v in sampled().items()],
+                                               "--mu-mode", "forced", "--out", d("forced"), *s,
+                                               *sizes["truth"]],
                  d("forced", "summary.json"), after=("warmstart",)),
            Stage("truth-rollout", rollout_cmd, d("rollout", "summary.json"), after=("truth-forced",))]
     for name, flags in TRUTH_GRPO.items():
@@ -204,7 +213,8 @@ def truth_stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage
                                                      "--out", d("grpo", name), *s, *sizes["truth_grpo"]],
                          d("grpo", name, "model", "mrt.json"), d("grpo", name, "checkpoint", "latest")))
     models = [f"base={base}"] + [f"grpo-{n}={d('grpo', n, 'model')}" for n in TRUTH_GRPO]
-    out.append(Stage("truth-eval", py + ["evaluate.py", "--models", *models, "--out", d("eval"), *s, *sizes["truth_eval"]],
+    out.append(Stage("truth-eval", py + ["evaluate.py", "--models", *models, "--out", d("eval"), *s,
+                                         *sizes["truth_eval"]],
                      d("eval", "curves.json"), after=tuple(f"truth-grpo-{n}" for n in TRUTH_GRPO)))
     return out
 
@@ -212,7 +222,8 @@ def truth_stages(seed_dir: str, seed: int, sizes: dict, base: str) -> list[Stage
 def model_paths(seed_dir: str, base: str) -> dict[str, str]:
     """Every model of one seed, by run name (evaluation order: the reference first)."""
     d = lambda *p: os.path.join(seed_dir, *p, "model")  # noqa: E731
-    return {"base": base, "warmstart": d("warmstart", "backtrack"), "warmstart-rejection": d("warmstart", "rejection"),
+    return {"base": base, "warmstart": d("warmstart", "backtrack"),
+            "warmstart-rejection": d("warmstart", "rejection"),
             **{f"star-{m}": d("star", m) for m in STAR_METHODS},
             **{f"grpo-{v}": d("grpo", v) for v in GRPO_VARIANTS}}
 
@@ -243,7 +254,8 @@ def run_stage(stage: Stage, log_dir: str, env: dict | None = None, tag: str = ""
         p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
     if p.returncode != 0:
         tail = open(log).read().splitlines()[-5:]
-        raise utils.UserError(f"stage {stage.name} failed (exit {p.returncode}); see {log}: " + " | ".join(tail)[-400:])
+        raise utils.UserError(f"stage {stage.name} failed (exit {p.returncode}); see {log}: "
+                              + " | ".join(tail)[-400:])
     if not os.path.exists(stage.done):
         raise utils.UserError(f"stage {stage.name} ended without writing {stage.done}; see {log}")
     seconds = time.time() - t0
@@ -251,7 +263,8 @@ def run_stage(stage: Stage, log_dir: str, env: dict | None = None, tag: str = ""
     return seconds
 
 
-def run_stages(plans: dict[int, list[Stage]], log_dirs: dict[int, str], jobs: int, env: dict | None = None) -> dict:
+def run_stages(plans: dict[int, list[Stage]], log_dirs: dict[int, str], jobs: int,
+               env: dict | None = None) -> dict:
     """Run every seed's stages, `jobs` at a time. A stage starts once the stages it comes
     `after` (same seed; those not in the plan count as done) have finished; among the ready
     ones, the seed with the most stages left goes first, so that the seeds progress evenly and
@@ -291,7 +304,8 @@ def run_stages(plans: dict[int, list[Stage]], log_dirs: dict[int, str], jobs: in
                     except Exception as e:  # keep the first failure; the running stages finish
                         error = error or e
         if error is None and any(left.values()):
-            raise RuntimeError(f"stages never became ready: {({s: [st.name for st in v] for s, v in left.items() if v})}")
+            raise RuntimeError("stages never became ready: "
+                               f"{({s: [st.name for st in v] for s, v in left.items() if v})}")
     finally:
         for seed, t in times.items():
             if t:
@@ -362,7 +376,8 @@ def mean_curves(per_seed: list[dict], mode: str) -> dict:
     import evaluate
 
     out = {}
-    names = [n for n in per_seed[0]["runs"] if all(mode in s["runs"].get(n, {}).get("modes", {}) for s in per_seed)]
+    names = [n for n in per_seed[0]["runs"]
+             if all(mode in s["runs"].get(n, {}).get("modes", {}) for s in per_seed)]
     for name in names:
         cs = [s["runs"][name]["modes"][mode] for s in per_seed]
         k = min(len(c["k"]) for c in cs)
@@ -389,27 +404,31 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
     os.makedirs(fig_dir, exist_ok=True)
     rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(results_md)))  # noqa: E731
     lines = ["# MRT on the embedded toy task: results", "",
-             f"Written by `python study.py{' --quick' if 'quick' in out else ''}` from the outputs under `{out}` "
-             f"(seeds {', '.join(map(str, seeds))}; {len(have)} with an evaluation). Cells are mean ± standard "
-             "deviation over seeds. Nothing here is edited by hand.", ""]
+             f"Written by `python study.py{' --quick' if 'quick' in out else ''}` from the outputs under "
+             f"`{out}` (seeds {', '.join(map(str, seeds))}; {len(have)} with an evaluation). Cells are mean "
+             "± standard deviation over seeds. Nothing here is edited by hand.", ""]
 
     # ---- accuracy at matched token budgets --------------------------------------------------
     if have:
         ev_settings = have[0]["settings"]
         lines += ["## Accuracy at matched token budgets", "",
-                  f"Toy test split, {ev_settings['problems']} problems, N = {ev_settings['samples']} traces (parallel) or "
-                  f"rounds (linearized, window {ev_settings['window']} tokens), temperature {ev_settings['temperature']}. "
-                  "Each cell: pass@k / maj@k (%) interpolated on the run's accuracy-tokens curve at that many "
-                  "generated tokens per problem (- : outside the curve).", ""]
+                  f"Toy test split, {ev_settings['problems']} problems, N = {ev_settings['samples']} "
+                  f"traces (parallel) or rounds (linearized, window {ev_settings['window']} tokens), "
+                  f"temperature {ev_settings['temperature']}. Each cell: pass@k / maj@k (%) interpolated "
+                  "on the run's accuracy-tokens curve at that many generated tokens per problem (- : "
+                  "outside the curve).", ""]
         n = ev_settings["samples"]
         lines += [f"pass@1, pass@{n} and maj@{n} (%) and generated tokens per trace (parallel mode):", "",
                   f"| run | pass@1 | pass@{n} | maj@{n} | tokens per trace |", "|---|---|---|---|---|"]
         for name in dict.fromkeys(r for e in have for r in e["runs"]):  # every run of any seed, in order
-            cs = [e["runs"][name]["modes"]["parallel"] for e in have if "parallel" in e["runs"].get(name, {}).get("modes", {})]
+            cs = [e["runs"][name]["modes"]["parallel"] for e in have
+                  if "parallel" in e["runs"].get(name, {}).get("modes", {})]
             if cs:
                 pad = [None] * (len(have) - len(cs))  # seeds without this run
-                lines.append(f"| {name} | {fmt([c['pass'][0] for c in cs] + pad)} | {fmt([c['pass'][-1] for c in cs] + pad)} | "
-                             f"{fmt([c['maj'][-1] for c in cs] + pad)} | {fmt([c['tokens'][0] for c in cs] + pad, 1, 0)} |")
+                lines.append(f"| {name} | {fmt([c['pass'][0] for c in cs] + pad)} | "
+                             f"{fmt([c['pass'][-1] for c in cs] + pad)} | "
+                             f"{fmt([c['maj'][-1] for c in cs] + pad)} | "
+                             f"{fmt([c['tokens'][0] for c in cs] + pad, 1, 0)} |")
         lines.append("")
         for mode in evaluate.MODES:
             mc = mean_curves(have, mode)
@@ -433,10 +452,11 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
 
         # ---- token efficiency -------------------------------------------------------------
         lines += ["## Token efficiency of MRT-B (maj@k)", "",
-                  "Saving = 1 - (tokens MRT-B needs to reach the baseline's peak maj@k) / (tokens the baseline "
-                  "needs for its peak); positive: MRT-B matches the baseline's best with fewer tokens (the paper "
-                  "reports about 30% against outcome-reward GRPO and 38% in the linearized setting). "
-                  "'not reached': MRT-B's curve never reaches the baseline's peak in that seed.", "",
+                  "Saving = 1 - (tokens MRT-B needs to reach the baseline's peak maj@k) / (tokens the "
+                  "baseline needs for its peak); positive: MRT-B matches the baseline's best with fewer "
+                  "tokens (the paper reports about 30% against outcome-reward GRPO and 38% in the "
+                  "linearized setting). 'not reached': MRT-B's curve never reaches the baseline's peak in "
+                  "that seed.", "",
                   "| MRT-B | baseline | parallel saving | linearized saving |", "|---|---|---|---|"]
         for mrt, bases in COMPARISONS:
             for b in bases:
@@ -451,7 +471,8 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
                         eff = evaluate.token_efficiency((ca["tokens"], ca["maj"]), (cb["tokens"], cb["maj"]))
                         vals.append(eff["saving"])
                         miss += eff["saving"] is None
-                    cell = fmt(vals, sign=True, digits=0, unit="%") if any(v is not None for v in vals) else "-"
+                    cell = (fmt(vals, sign=True, digits=0, unit="%") if any(v is not None for v in vals)
+                            else "-")
                     cells.append(cell + (f", not reached in {miss}/{len(vals)}" if miss else ""))
                 lines.append(f"| {mrt} | {b} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -467,19 +488,20 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
                 for i in range(len(sums[0]["iterations"])))
             no_model = sum(x["model_dir"] is None for x in sums)
             star_rows.append(f"| star-{m} | {per_it('kept_fraction')} | {per_it('kept_fraction_gain_pos')} | "
-                             f"{per_it('kept_fraction_gain_nonneg')} | {fmt([x['accuracy'][0] for x in sums])} | "
+                             f"{per_it('kept_fraction_gain_nonneg')} | "
+                             f"{fmt([x['accuracy'][0] for x in sums])} | "
                              f"{fmt([x['accuracy'][-1] for x in sums])} | "
                              + (f"kept nothing in {no_model}/{len(sums)} seeds: no model, no evaluation row |"
                                 if no_model else "|"))
     if star_rows:
         lines += ["## MRT-B (STaR) and baselines (Alg. 1)", "",
-                  "Fraction of training problems kept per iteration, the fraction MRT's filter keeps under each "
-                  "reading of it on the same samples (a correct continuation with gain > 0, Alg. 1, star.py's "
-                  "default; with gain >= 0, Fig. 4: with m forced answers ties are common), and held-out accuracy "
-                  "(%) in the method's own format (backtrack: the base's z0, the cue, z2 graded) before the first "
-                  "and after the last iteration.", "",
-                  "| run | kept per iteration (%) | gain > 0 would keep | gain >= 0 would keep | held-out start | "
-                  "held-out end | note |", "|---|---|---|---|---|---|---|", *star_rows, ""]
+                  "Fraction of training problems kept per iteration, the fraction MRT's filter keeps under "
+                  "each reading of it on the same samples (a correct continuation with gain > 0, Alg. 1, "
+                  "star.py's default; with gain >= 0, Fig. 4: with m forced answers ties are common), and "
+                  "held-out accuracy (%) in the method's own format (backtrack: the base's z0, the cue, z2 "
+                  "graded) before the first and after the last iteration.", "",
+                  "| run | kept per iteration (%) | gain > 0 would keep | gain >= 0 would keep | "
+                  "held-out start | held-out end | note |", "|---|---|---|---|---|---|---|", *star_rows, ""]
 
     # ---- RL training: held-out accuracy start -> end ---------------------------------------
     grpo_rows = []
@@ -489,14 +511,15 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
         paths = [os.path.join(d, "grpo", v, "metrics.jsonl") for d in seed_dirs.values()]
         ms = [utils.read_records(p, []) for p in paths if os.path.exists(p)]
         if ev:
-            grpo_rows.append(f"| grpo-{v} | {fmt([e.get('start') for e in ev])} | {fmt([e.get('end') for e in ev])} | "
+            grpo_rows.append(f"| grpo-{v} | {fmt([e.get('start') for e in ev])} | "
+                             f"{fmt([e.get('end') for e in ev])} | "
                              f"{first_last(ms, 'unparsed_share')} |")
     if grpo_rows:
         lines += ["## MRT-B (RL) and baselines: held-out accuracy during training", "",
-                  "Accuracy (%) of the revised attempt on held-out problems (each variant's own format, the same "
-                  "z0), before and after RL from the warmstart model; unparsed: the share (%) of training "
-                  "continuations that do not split into episodes (no restart line, a box on it, or no step and no "
-                  "box after it), in the first / last quarter of the steps.", "",
+                  "Accuracy (%) of the revised attempt on held-out problems (each variant's own format, the "
+                  "same z0), before and after RL from the warmstart model; unparsed: the share (%) of "
+                  "training continuations that do not split into episodes (no restart line, a box on it, or "
+                  "no step and no box after it), in the first / last quarter of the steps.", "",
                   "| run | start | end | unparsed first / last |", "|---|---|---|---|", *grpo_rows, ""]
         plot_training(seed_dirs, os.path.join(fig_dir, "fig9_rl_training.png"))
         lines += [f"![rl]({rel(os.path.join(fig_dir, 'fig9_rl_training.png'))})", ""]
@@ -507,13 +530,14 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
     if igs:
         names = list(igs[0]["models"])
         lines += ["## Information gain of the backtrack episode (Def. 5.1)", "",
-                  "J(mu | x, z0, z1) - J(mu | x, z0) with mu = the model forced to answer, m answers per context; "
-                  "mean over the model's own sampled backtrack traces.", "",
+                  "J(mu | x, z0, z1) - J(mu | x, z0) with mu = the model forced to answer, m answers per "
+                  "context; mean over the model's own sampled backtrack traces.", "",
                   "| model | traces | gain of z1 | gain, z2 correct | gain, z2 wrong | z2 accuracy |",
                   "|---|---|---|---|---|---|"]
         for n in names:
             ms = [x["models"][n] for x in igs if n in x["models"]]
-            lines.append(f"| {n} | {fmt([m['traces'] for m in ms], 1, 0)} | {fmt([m['gain_mean']['z1'] for m in ms], 1, 3, True)} | "
+            lines.append(f"| {n} | {fmt([m['traces'] for m in ms], 1, 0)} | "
+                         f"{fmt([m['gain_mean']['z1'] for m in ms], 1, 3, True)} | "
                          f"{fmt([m['backtrack_gain_mean_z2_correct'] for m in ms], 1, 3, True)} | "
                          f"{fmt([m['backtrack_gain_mean_z2_wrong'] for m in ms], 1, 3, True)} | "
                          f"{fmt([m['z2_accuracy'] for m in ms])} |")
@@ -528,33 +552,39 @@ def aggregate(out: str, seeds: list[int], results_md: str, fig_dir: str) -> str:
         sums = [load_json(os.path.join(d, "r1", name, "summary.json")) for d in seed_dirs.values()]
         ov = [x["analysis"]["overall"] for x in sums if x]
         if ov:
-            r1_rows.append(f"| {name} | {fmt([o['mean_episodes'] for o in ov], 1, 2)} | {fmt([o['maj1_first'] for o in ov])} | "
-                           f"{fmt([o['maj1_last'] for o in ov])} | {fmt([o['trace_regret_mean'] for o in ov], 1, 3)} |")
+            r1_rows.append(f"| {name} | {fmt([o['mean_episodes'] for o in ov], 1, 2)} | "
+                           f"{fmt([o['maj1_first'] for o in ov])} | {fmt([o['maj1_last'] for o in ov])} | "
+                           f"{fmt([o['trace_regret_mean'] for o in ov], 1, 3)} |")
     if r1_rows:
         lines += ["## Episodes and cumulative regret of long linearized streams (Sec. 4, Def. 3.1)", "",
-                  "r1_analysis.py on the toy: linearized streams of up to 8 rounds, split into episodes at each "
-                  "backtrack marker; [maj@1]_j is the meta-prover's accuracy after j episodes; regret per trace is "
-                  "sum_j (J* - [maj@1]_j) with J* the best value the meta-prover reached on that trace.", "",
-                  "| model | episodes per trace | [maj@1] after episode 1 | [maj@1] after the last | regret per trace |",
+                  "r1_analysis.py on the toy: linearized streams of up to 8 rounds, split into episodes at "
+                  "each backtrack marker; [maj@1]_j is the meta-prover's accuracy after j episodes; regret "
+                  "per trace is sum_j (J* - [maj@1]_j) with J* the best value the meta-prover reached on "
+                  "that trace.", "",
+                  "| model | episodes per trace | [maj@1] after episode 1 | [maj@1] after the last | "
+                  "regret per trace |",
                   "|---|---|---|---|---|", *r1_rows, ""]
         copy_figure(os.path.join(seed_dirs[seeds[0]], "r1", "grpo-mrt", "accuracy_tokens.png"),
                     os.path.join(fig_dir, "r1_grpo_mrt.png"))
 
     # ---- warmstart (Fig. 6) -------------------------------------------------------------
-    logs = [os.path.join(seed_dirs[seeds[0]], "warmstart", s, "log.jsonl") for s in ("backtrack", "rise", "rejection")]
+    logs = [os.path.join(seed_dirs[seeds[0]], "warmstart", s, "log.jsonl")
+            for s in ("backtrack", "rise", "rejection")]
     if all(os.path.exists(p) for p in logs):
         import warmstart
 
         warmstart.plot_losses(logs, os.path.join(fig_dir, "fig6_warmstart_loss.png"))
-        sums = [load_json(os.path.join(d, "warmstart", "backtrack", "summary.json")) for d in seed_dirs.values()]
+        sums = [load_json(os.path.join(d, "warmstart", "backtrack", "summary.json"))
+                for d in seed_dirs.values()]
         sums = [x for x in sums if x]
         lines += ["## Warmstart (Sec. 6.2, Fig. 6)", "",
-                  f"Beam search solved {fmt([x['search']['search_solved'] for x in sums])}% of the searched problems "
-                  f"against a single-sample pass@1 of {fmt([x['search']['attempt_pass@1'] for x in sums])}%; "
+                  f"Beam search solved {fmt([x['search']['search_solved'] for x in sums])}% of the searched "
+                  "problems against a single-sample pass@1 of "
+                  f"{fmt([x['search']['attempt_pass@1'] for x in sums])}%; "
                   f"{fmt([x['traces']['count'] for x in sums], 1, 0)} Backtrack traces per seed.", "",
-                  "The curves are not like for like: Backtrack and RISE take the loss on z1 + z2 with z0 in the "
-                  "prompt, rejection on whole solutions (warmstart.py's docstring; the legend names each curve's "
-                  "loss target for logs written since it was added).", "",
+                  "The curves are not like for like: Backtrack and RISE take the loss on z1 + z2 with z0 in "
+                  "the prompt, rejection on whole solutions (warmstart.py's docstring; the legend names "
+                  "each curve's loss target for logs written since it was added).", "",
                   f"![fig6]({rel(os.path.join(fig_dir, 'fig6_warmstart_loss.png'))}) (seed {seeds[0]})", ""]
 
     lines += paired_section(seed_dirs)
@@ -606,7 +636,8 @@ def paired_section(seed_dirs: dict) -> list[str]:
     import evaluate
 
     def end(*parts):
-        return {s: (load_json(os.path.join(d, *parts, "eval.json")) or {}).get("end") for s, d in seed_dirs.items()}
+        return {s: (load_json(os.path.join(d, *parts, "eval.json")) or {}).get("end")
+                for s, d in seed_dirs.items()}
 
     def last_quarter(key, *parts):
         out = {}
@@ -623,10 +654,12 @@ def paired_section(seed_dirs: dict) -> list[str]:
             runs = (c or {}).get("runs", {})
             if a in runs and b in runs and mode in runs[a]["modes"] and mode in runs[b]["modes"]:
                 ca, cb = runs[a]["modes"][mode], runs[b]["modes"][mode]
-                out[s] = evaluate.token_efficiency((ca["tokens"], ca["maj"]), (cb["tokens"], cb["maj"]))["saving"]
+                out[s] = evaluate.token_efficiency((ca["tokens"], ca["maj"]),
+                                                   (cb["tokens"], cb["maj"]))["saving"]
         return out
 
-    rows = [("held-out z2, RL from the warmstart (forced mu)", paired(end("grpo", "mrt"), end("grpo", "outcome")))]
+    rows = [("held-out z2, RL from the warmstart (forced mu)",
+             paired(end("grpo", "mrt"), end("grpo", "outcome")))]
     for mu in TRUTH_MU:
         name = f"mrt-{mu}"
         rows += [(f"held-out z2, RL from the base ({mu} mu)",
@@ -642,11 +675,12 @@ def paired_section(seed_dirs: dict) -> list[str]:
     if not rows:
         return []
     return ["## MRT-B against outcome-only GRPO, paired by seed", "",
-            "Each row: MRT-B minus outcome-only GRPO in the same seed (the same z0, problems and data order), in "
-            "points (%); mean ± sd over seeds, each seed's difference, and the call: 'a difference' only when "
-            "every seed's difference has the same sign and the mean exceeds twice its standard error, else 'within "
-            "the noise'. Token saving (evaluate.token_efficiency): 1 - MRT-B's tokens / outcome-only's tokens at "
-            "outcome-only's peak maj@k (a seed where MRT-B never reaches that peak has no value).", "",
+            "Each row: MRT-B minus outcome-only GRPO in the same seed (the same z0, problems and data "
+            "order), in points (%); mean ± sd over seeds, each seed's difference, and the call: 'a "
+            "difference' only when every seed's difference has the same sign and the mean exceeds twice its "
+            "standard error, else 'within the noise'. Token saving (evaluate.token_efficiency): 1 - MRT-B's "
+            "tokens / outcome-only's tokens at outcome-only's peak maj@k (a seed where MRT-B never reaches "
+            "that peak has no value).", "",
             "| comparison | MRT-B - outcome-only |", "|---|---|",
             *(f"| {k} | {paired_cell(p)} |" for k, p in rows), ""]
 
@@ -656,36 +690,43 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
     outputs that exist: the gain's discrimination per meta-prover, the RL table, the restart
     precision figure, the token-efficiency curves. [] when none exists."""
     lines = []
-    disc = {mu: [load_json(os.path.join(d, "truth", mu, "summary.json")) for d in seed_dirs.values()] for mu in TRUTH_MU}
+    disc = {mu: [load_json(os.path.join(d, "truth", mu, "summary.json")) for d in seed_dirs.values()]
+            for mu in TRUTH_MU}
     disc = {mu: [x for x in sums if x] for mu, sums in disc.items()}
     models = list(dict.fromkeys(m for sums in disc.values() for x in sums for m in x["models"]))
     rl = {}
     for name in TRUTH_GRPO:
         runs = [(load_json(os.path.join(d, "truth", "grpo", name, "eval.json")),
-                 utils.read_records(p, []) if os.path.exists(p := os.path.join(d, "truth", "grpo", name, "metrics.jsonl"))
-                 else None) for d in seed_dirs.values()]
+                 utils.read_records(p, [])
+                 if os.path.exists(p := os.path.join(d, "truth", "grpo", name, "metrics.jsonl")) else None)
+                for d in seed_dirs.values()]
         runs = [(e, m) for e, m in runs if e or m]
         if runs:
             rl[name] = runs
-    curves = [c for c in (load_json(os.path.join(d, "truth", "eval", "curves.json")) for d in seed_dirs.values()) if c]
+    curves = [c for c in (load_json(os.path.join(d, "truth", "eval", "curves.json"))
+                          for d in seed_dirs.values()) if c]
     if not (models or rl or curves):
         return lines
     lines += ["## Backtracking against ground truth", "",
-              "For every attempt z0 the toy knows the first wrong step f (toy.first_wrong_step), so it knows which "
-              "restart steps k can fix z0 (k <= f) and which cannot (k > f). Classes of a backtrack continuation: "
-              "before (k < f), at (k = f), after (k > f), z0 correct (no restart needed).", ""]
+              "For every attempt z0 the toy knows the first wrong step f (toy.first_wrong_step), so it "
+              "knows which restart steps k can fix z0 (k <= f) and which cannot (k > f). Classes of a "
+              "backtrack continuation: before (k < f), at (k = f), after (k > f), z0 correct (no restart "
+              "needed).", ""]
     if models:
-        settings = next(x["settings"] for sums in disc.values() for x in sums)  # the forced run's: it sampled the traces
-        settings = {**settings, "mu_rollout_tokens": next((x["settings"]["mu_rollout_tokens"] for x in disc["rollout"]),
-                                                          settings["mu_rollout_tokens"])}
+        # the forced run's: it sampled the traces
+        settings = next(x["settings"] for sums in disc.values() for x in sums)
+        settings = {**settings,
+                    "mu_rollout_tokens": next((x["settings"]["mu_rollout_tokens"] for x in disc["rollout"]),
+                                              settings["mu_rollout_tokens"])}
         lines += ["### Does the information gain discriminate good restarts from bad ones?", "",
                   f"Each model's own backtrack traces on {settings['problems']} held-out problems x "
-                  f"{settings['continuations']} continuations; gain = J(mu | x, z0, z1) - J(mu | x, z0) with "
-                  f"m = {settings['mu_samples']}. forced: mu answers right after the context (\"Time is up. The answer "
-                  f"is ...\", {settings['mu_max_tokens']} tokens); rollout: mu continues the context for up to "
-                  f"{settings['mu_rollout_tokens']} tokens and its last boxed answer is graded (both runs score the "
-                  "same traces). Cells: mean gain / share of positive gains (%). AUC: probability that a fixable "
-                  "restart's gain exceeds an unfixable one's (ties one half; 0.5 = no discrimination).", "",
+                  f"{settings['continuations']} continuations; gain = J(mu | x, z0, z1) - J(mu | x, z0) "
+                  f"with m = {settings['mu_samples']}. forced: mu answers right after the context (\"Time "
+                  f"is up. The answer is ...\", {settings['mu_max_tokens']} tokens); rollout: mu continues "
+                  f"the context for up to {settings['mu_rollout_tokens']} tokens and its last boxed answer "
+                  "is graded (both runs score the same traces). Cells: mean gain / share of positive gains "
+                  "(%). AUC: probability that a fixable restart's gain exceeds an unfixable one's (ties one "
+                  "half; 0.5 = no discrimination).", "",
                   "| model | meta-prover | traces | " + " | ".join(TRUTH_CLASSES) + " | AUC |",
                   "|---|---|---|" + "---|" * len(TRUTH_CLASSES) + "---|"]
         counts = []
@@ -696,30 +737,35 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
                 if not ds:
                     continue
                 cells = [f"{fmt([x['groups'][c]['gain_mean'] for x in ds], 1, 3, True)} / "
-                         f"{fmt([x['groups'][c]['positive_share'] for x in ds], digits=0)}" for c in TRUTH_CLASSES]
+                         f"{fmt([x['groups'][c]['positive_share'] for x in ds], digits=0)}"
+                         for c in TRUTH_CLASSES]
                 lines.append(f"| {m} | {mu} | {fmt([x['traces'] for x in ds], 1, 0)} | " + " | ".join(cells) +
                              f" | {fmt([x['auc'] for x in ds], 1, 3)} |")
                 if mu == TRUTH_MU[0]:
                     cell = lambda c: (f"{fmt([x['groups'][c]['n'] for x in ds], 1, 0)} "  # noqa: E731
                                       f"({fmt([x['groups'][c]['z2_accuracy'] for x in ds], digits=0)})")
                     counts.append(f"| {m} | " + " | ".join(cell(c) for c in TRUTH_CLASSES) + " |")
-        lines += ["", "Traces per class (per seed) and, in brackets, the accuracy (%) of the revised attempt z2:", "",
-                  "| model | " + " | ".join(TRUTH_CLASSES) + " |", "|---|" + "---|" * len(TRUTH_CLASSES), *counts, ""]
+        lines += ["", "Traces per class (per seed) and, in brackets, the accuracy (%) of the revised "
+                      "attempt z2:", "",
+                  "| model | " + " | ".join(TRUTH_CLASSES) + " |", "|---|" + "---|" * len(TRUTH_CLASSES),
+                  *counts, ""]
         path = os.path.join(fig_dir, "truth_gain_by_class.png")
         per_model = {m: {mu: [x["models"][m]["discrimination"] for x in disc[mu]
-                              if m in x["models"] and x["models"][m]["discrimination"]] for mu in TRUTH_MU} for m in models}
+                              if m in x["models"] and x["models"][m]["discrimination"]] for mu in TRUTH_MU}
+                     for m in models}
         per_model = {m: v for m, v in per_model.items() if any(v.values())}  # models with ground truth only
         if per_model:
             plot_gain_by_class(per_model, path)
             lines += [f"![gain by class]({rel(path)})", ""]
     if rl:
         lines += ["### Does RL with the bonus restart better than outcome-only RL?", "",
-                  "grpo.py from the toy base (not the warmstart), toy preset. Held-out: accuracy (%) of the revised "
-                  "attempt at the start and the end. Restart precision over training (training continuations after a "
-                  "wrong z0): fixable = share whose restart step can fix z0, at f = share restarting exactly at the "
-                  "first wrong step, z2 after wrong z0 = their accuracy; unparsed = share of continuations that do "
-                  "not split into episodes; first / last quarter of the steps. Tokens: mean completion tokens in the "
-                  "last quarter; mu time: the meta-prover's share of step time.", "",
+                  "grpo.py from the toy base (not the warmstart), toy preset. Held-out: accuracy (%) of the "
+                  "revised attempt at the start and the end. Restart precision over training (training "
+                  "continuations after a wrong z0): fixable = share whose restart step can fix z0, at f = "
+                  "share restarting exactly at the first wrong step, z2 after wrong z0 = their accuracy; "
+                  "unparsed = share of continuations that do not split into episodes; first / last quarter "
+                  "of the steps. Tokens: mean completion tokens in the last quarter; mu time: the "
+                  "meta-prover's share of step time.", "",
                   "| run | held-out start | held-out end | fixable first / last | at f first / last | "
                   "z2 after wrong z0 first / last | unparsed first / last | tokens | mu time |",
                   "|---|---|---|---|---|---|---|---|---|"]
@@ -728,22 +774,27 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
             ms = [m for _, m in runs if m]
             q = lambda m: max(1, len(m) // 4)  # noqa: E731
             fl = lambda key: first_last(ms, key)  # noqa: E731
-            mu = [sum(r.get("time_mu", 0.0) for r in m) / max(1e-9, sum(r["time_step"] for r in m)) for m in ms]
-            lines.append(f"| grpo-{name} | {fmt([e.get('start') for e in ev])} | {fmt([e.get('end') for e in ev])} | "
-                         f"{fl('restart_fixable')} | {fl('restart_at_first_wrong')} | {fl('z2_acc_z0_wrong')} | "
-                         f"{fl('unparsed_share')} | "
-                         f"{fmt([_mean_over(m, 'completion_len_mean', slice(-q(m), None)) for m in ms], 1, 0)} | "
-                         f"{fmt(mu, digits=0, unit='%')} |")
+            mu = [sum(r.get("time_mu", 0.0) for r in m) / max(1e-9, sum(r["time_step"] for r in m))
+                  for m in ms]
+            lines.append(
+                f"| grpo-{name} | {fmt([e.get('start') for e in ev])} | {fmt([e.get('end') for e in ev])} | "
+                f"{fl('restart_fixable')} | {fl('restart_at_first_wrong')} | {fl('z2_acc_z0_wrong')} | "
+                f"{fl('unparsed_share')} | "
+                f"{fmt([_mean_over(m, 'completion_len_mean', slice(-q(m), None)) for m in ms], 1, 0)} | "
+                f"{fmt(mu, digits=0, unit='%')} |")
         steps = {}
         for name in rl:
             paths = [os.path.join(d, "truth", "grpo", name, "samples.jsonl") for d in seed_dirs.values()]
-            logged = [sorted(utils.read_records(p, []), key=lambda r: r["step"]) for p in paths if os.path.exists(p)]
+            logged = [sorted(utils.read_records(p, []), key=lambda r: r["step"])
+                      for p in paths if os.path.exists(p)]
             steps[name] = restart_step_counts([r for rows in logged for r in rows[-max(1, len(rows) // 4):]])
-        lines += ["", "Where the continuations logged in the last quarter of the steps restart (samples.jsonl: one group "
-                  "of continuations per step; counts over all seeds; none: no restart line):", "",
+        lines += ["", "Where the continuations logged in the last quarter of the steps restart "
+                      "(samples.jsonl: one group of continuations per step; counts over all seeds; none: no "
+                      "restart line):", "",
                   "| run | " + " | ".join(f"Step {b}" if b != "none" else b for b in RESTART_BINS) + " |",
                   "|---|" + "---|" * len(RESTART_BINS),
-                  *(f"| grpo-{name} | " + " | ".join(str(c[b]) for b in RESTART_BINS) + " |" for name, c in steps.items())]
+                  *(f"| grpo-{name} | " + " | ".join(str(c[b]) for b in RESTART_BINS) + " |"
+                    for name, c in steps.items())]
         path = os.path.join(fig_dir, "truth_restart_precision.png")
         plot_restart_precision({f"grpo-{n}": [m for _, m in runs if m] for n, runs in rl.items()}, path)
         lines += ["", f"![restart precision]({rel(path)})", ""]
@@ -751,8 +802,9 @@ def truth_section(seed_dirs: dict, fig_dir: str, rel: Callable[[str], str]) -> l
         import evaluate
 
         lines += ["### Token efficiency at test time", "",
-                  f"evaluate.py on the base and the RL runs above ({curves[0]['settings']['problems']} held-out problems, "
-                  f"N = {curves[0]['settings']['samples']}); maj@k against generated tokens per problem, mean over seeds.", ""]
+                  f"evaluate.py on the base and the RL runs above ({curves[0]['settings']['problems']} "
+                  f"held-out problems, N = {curves[0]['settings']['samples']}); maj@k against generated "
+                  "tokens per problem, mean over seeds.", ""]
         for mode in evaluate.MODES:
             mc = mean_curves(curves, mode)
             if mc:
@@ -769,7 +821,8 @@ def plot_gain_by_class(disc: dict, path: str) -> None:
     plt = _pyplot()
     ncols = min(3, len(disc))
     nrows = -(-len(disc) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows + 0.4), squeeze=False, sharex=True, sharey=True)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows + 0.4), squeeze=False,
+                             sharex=True, sharey=True)
     x, w = np.arange(len(TRUTH_CLASSES)), 0.8 / len(TRUTH_MU)
     for ax, (model, per_mu) in zip(axes.flat, disc.items()):
         for i, (mu, ds) in enumerate(per_mu.items()):
@@ -797,7 +850,8 @@ def plot_gain_by_class(disc: dict, path: str) -> None:
     plt.close(fig)
 
 
-RESTART_KEYS = {"restart_fixable": "fixable restarts (share)", "restart_at_first_wrong": "restarts at f (share)",
+RESTART_KEYS = {"restart_fixable": "fixable restarts (share)",
+                "restart_at_first_wrong": "restarts at f (share)",
                 "z2_acc_z0_wrong": "z2 accuracy after a wrong z0"}
 
 
@@ -807,17 +861,20 @@ def plot_restart_precision(runs: dict, path: str, window: int = 5) -> None:
     one legend; each line the mean over seeds of a trailing moving average over `window` steps.
     `runs`: {variant: [metrics rows per seed]}."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(RESTART_KEYS), figsize=(4.2 * len(RESTART_KEYS), 3.8), sharex=True, sharey=True,
-                             squeeze=False)
+    fig, axes = plt.subplots(1, len(RESTART_KEYS), figsize=(4.2 * len(RESTART_KEYS), 3.8), sharex=True,
+                             sharey=True, squeeze=False)
     import warnings
 
-    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)  # steps where no seed has a value
+    # steps where no seed has a value
+    warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
     for ax, (key, title) in zip(axes[0], RESTART_KEYS.items()):
         for name, seeds in runs.items():
             series = []
             for rows in seeds:
-                v = np.array([r.get(key) if r.get(key) is not None else np.nan for r in rows], dtype=float)  # (steps,)
-                series.append([np.nanmean(v[max(0, i - window + 1): i + 1]) if np.isfinite(v[max(0, i - window + 1): i + 1]).any()
+                v = np.array([r.get(key) if r.get(key) is not None else np.nan for r in rows],
+                             dtype=float)  # (steps,)
+                series.append([np.nanmean(v[max(0, i - window + 1): i + 1])
+                               if np.isfinite(v[max(0, i - window + 1): i + 1]).any()
                                else np.nan for i in range(len(v))])
             if series:
                 k = min(len(x) for x in series)
