@@ -1011,3 +1011,87 @@ def rss_gib() -> float | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
     except OSError:
         return None
+
+
+# Helpers of infogain.py: models named on the command line, rows of completions, a histogram grid
+# --------------------------------------------------------------------------------------
+
+
+def model_path_ok(path: str) -> bool:
+    """Whether `path` is a local folder or reads as a hub model name ("org/name")."""
+    return os.path.isdir(path) or bool(re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path))
+
+
+def named_models(specs: Sequence[str], flag: str = "--model") -> dict[str, str]:
+    """{name: path} from name=path specs (a bare path is named by its folder); a malformed spec,
+    a name given twice or a path that is no folder and no hub name is an error."""
+    runs = {}
+    for spec in specs:
+        bare = (os.path.basename(os.path.normpath(spec)), "", spec)
+        name, _, path = spec.partition("=") if "=" in spec else bare
+        if not name or not path:
+            raise UserError(f"{flag}: expected name=path or a path, got {spec!r}")
+        if name in runs:
+            raise UserError(f"{flag}: name {name!r} given twice (use name=path)")
+        if not model_path_ok(path):
+            raise UserError(f"{flag} {name}: model path does not exist: {path}")
+        runs[name] = path
+    return runs
+
+
+def completion_rows(path: str, problem_field: str, answer_field: str, completion_field: str,
+                    answer_from: str = ""):
+    """(line, where, row, gold, finish_reason) per row of a file of sampled completions
+    (read_records; the row's fields renamed "problem", "answer", "completion"; where: file:line):
+    problem and completion must be strings, the gold comes from answer_field or from the last box
+    of answer_from (gold_answer), and an optional "finish_reason" ("stop" or "length"; default
+    "stop") says whether the sample was cut at the token limit. A row that breaks these is an error."""
+    rename = {problem_field: "problem", answer_from or answer_field: "answer", completion_field: "completion"}
+    for line, r in read_records(path, ["problem", "answer", "completion"], rename, with_lines=True):
+        where = f"{path}:{line}"
+        if not isinstance(r["completion"], str) or not isinstance(r["problem"], str):
+            raise UserError(f"{where}: fields {problem_field!r} and {completion_field!r} must be strings")
+        answer = gold_answer(r, "answer", "answer" if answer_from else "", where)  # answer_from: its box
+        reason = r.get("finish_reason", "stop")
+        if reason not in ("stop", "length"):
+            raise UserError(f"{where}: field 'finish_reason' must be 'stop' or 'length', got {reason!r}")
+        yield line, where, r, answer, reason
+
+
+def split_hist_grid(panels: dict, value: str, split: str, path: str, edges, labels: Sequence[str],
+                    xlabel: str, unit: str) -> None:
+    """A PNG of one histogram per entry of `panels` ({name: rows}, rows: dicts) of the rows' `value`
+    in a grid of up to 3 columns with shared axes and one legend: rows whose `split` is > 0 stacked
+    under labels[0], the others under labels[1], the mean (labels[2]) as a dashed line."""
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ncols = min(3, int(np.ceil(np.sqrt(len(panels)))))
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows + 0.4), squeeze=False,
+                             sharex=True, sharey=True)
+    for ax, (name, rows) in zip(axes.flat, panels.items()):
+        g = np.array([r[value] for r in rows])
+        ok = np.array([r[split] for r in rows]) > 0
+        ax.hist([g[ok], g[~ok]], bins=edges, stacked=True, label=list(labels[:2]),
+                color=["tab:green", "tab:gray"])
+        ax.axvline(g.mean(), color="k", ls="--", lw=1, label=labels[2])
+        ax.set_title(f"{name}: {len(g)} {unit}, mean {g.mean():+.3f}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(panels):
+            ax.set_visible(False)
+        elif i + ncols >= len(panels):  # the lowest panel of its column: x labels
+            ax.xaxis.set_tick_params(labelbottom=True)
+            ax.set_xlabel(xlabel, fontsize=8)
+    for row in axes:
+        row[0].set_ylabel(unit)
+    handles, legend = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, legend, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1))
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)

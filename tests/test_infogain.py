@@ -388,6 +388,24 @@ def test_cli_scores_a_traces_file(tmp_path, toy_paths):
     assert len(png) > 1000 and png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+
+def test_main_uses_a_ready_engine(tmp_path, toy_paths, toy_sampler):
+    """main builds no engine for a model path in sampling.READY: it scores with the ready one and
+    leaves it open (the session's engine still samples afterwards)."""
+    r = utils.read_records(toy_paths["test"], ["problem", "answer"])[0]
+    start, ops = _parse_problem(r["problem"])
+    lines, final = toy.solution_steps(start, ops)
+    row = {"problem": r["problem"], "answer": r["answer"],
+           "completion": toy.render_solution(lines, final) + "\n" + MARK + "\n" + toy.render_solution(lines, final)}
+    (tmp_path / "t.jsonl").write_text(json.dumps(row) + "\n")
+    args = infogain.Args(model=[f"toy={toy_paths['base']}"], traces=[str(tmp_path / "t.jsonl")], mu_samples=2,
+                         out=str(tmp_path / "out"))
+    with sampling.ready_engines({toy_paths["base"]: toy_sampler}):
+        report = infogain.main(args)
+    assert toy_paths["base"] not in sampling.READY
+    assert report["models"]["toy"]["traces"] == 1 and (tmp_path / "out" / "gains.jsonl").exists()
+    assert len(toy_sampler.generate([utils.encode(toy_sampler.tokenizer, "Step 1:")], max_tokens=2, seed=0)[0]) == 1
+
 # --------------------------------------------------------------------------------------
 # The rollout meta-prover (--mu-mode rollout) on the real toy
 # --------------------------------------------------------------------------------------

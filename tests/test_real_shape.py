@@ -202,12 +202,13 @@ def test_infogain_and_r1_engines_are_sized_from_the_run(real_model, toy_paths):
     prompts = [utils.build_prompt(tok, p["problem"]) for p in problems]
     prompt = max(prompts, key=lambda x: len(utils.encode(tok, x)))
     z0, cont = _text_of(tok, 64), _text_of(tok, 64)
-    # mu's context after the longest z1 (at most the whole continuation)
+    # mu's context after the longest z1 (at most the whole continuation); the rollout mu appends no suffix
     mu_ctx = sampling.mu_context(prompt + infogain.backtrack_cue(z0) + cont, utils.MU_SUFFIX)
     a = infogain.Args(model=[real_model], max_tokens=64, mu_max_tokens=16)
     _fits(infogain.engine_need(real_model, a, problems, []), len(utils.encode(tok, mu_ctx)) + 16)
     rollout = infogain.Args(model=[real_model], max_tokens=64, mu_mode="rollout", mu_rollout_tokens=100)
-    _fits(infogain.engine_need(real_model, rollout, problems, []), len(utils.encode(tok, mu_ctx)) + 100)
+    rollout_ctx = prompt + infogain.backtrack_cue(z0) + cont
+    _fits(infogain.engine_need(real_model, rollout, problems, []), len(utils.encode(tok, rollout_ctx)) + 100)
     # given traces: mu's longest context is the last episode's
     z0 = "Step 1: 3 + 4 = 7\nThe answer is \\boxed{7}."
     trace = {"problem": problems[0]["problem"], "episodes": infogain.split_backtrack(
