@@ -15,6 +15,9 @@ call, one sampling engine at a time) and every problem:
 
 The graded answer of any generation is the last \\boxed{} of its LAST episode: the text after
 the last backtrack marker (z2 for a backtrack trace; z0's box is never credited).
+The two samplers are sampling.run_parallel and sampling.run_linearized (r1_analysis.py samples
+its linearized traces with the same code), the grade sampling.graded; this file turns their rows
+into curves.
 
 Run (CPU, embedded default: toy test split, every toy checkpoint that exists):
     python evaluate.py
@@ -324,21 +327,6 @@ def cumulative_regret(j_values, j_star: float | None = None, running: bool = Fal
 # --------------------------------------------------------------------------------------
 
 
-def final_answer(text: str) -> str | None:
-    """Extracted answer of a generation (last box of its last episode); None if unparsable."""
-    return utils.extract_boxed(utils.last_episode(text)) or None
-
-
-def graded(text: str, gold: str, reward: str = "", record: dict | None = None) -> dict:
-    """Per-sample fields of one generation: its answer, 0/1 grade (the run's grader,
-    utils.make_grader(reward), on the last episode; a custom reward's value counts as correct
-    only when it is 1, since pass@k and maj@k need 0/1 outcomes) and the number of backtrack
-    markers it wrote."""
-    value = utils.make_grader(reward)(utils.last_episode(text), gold, record)
-    return {"answer": final_answer(text), "correct": value if not reward else float(value == 1.0),
-            "backtracks": text.count(utils.BACKTRACK_MARKER)}
-
-
 def open_engine(path: str, records: list[dict], args: Args):
     """The run's Sampler (sampling.engine: the ready one when sampling.READY holds the path), its
     prompt ids, and the context length the window must fit in: --max-model-len, else what the
@@ -352,62 +340,6 @@ def open_engine(path: str, records: list[dict], args: Args):
     sampler = sampling.engine(path, seed=args.seed, dtype=args.dtype, max_model_len=max_len,
                               gpu_memory_utilization=args.gpu_memory_utilization)
     return sampler, prompt_ids, max_len
-
-
-# --------------------------------------------------------------------------------------
-# Sampling: parallel and linearized
-# --------------------------------------------------------------------------------------
-
-
-def run_parallel(sampler, prompt_ids, records, args: Args, ids: list[int]) -> list[dict]:
-    """N independent traces per problem; one record per trace. `ids`: the problems' indices in
-    the whole data set (this rank's share under torchrun), which also seed their samples."""
-    outs = sampler.generate(prompt_ids, n=args.samples, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, use_tqdm=utils.is_main(),
-                            seed=[utils.derive_seed(args.seed, "parallel", i) for i in ids])
-    rows = []
-    for i, group, rec in zip(ids, outs, records):
-        for j, s in enumerate(group):
-            rows.append({"problem": i, "sample": j, "gold": rec["answer"],
-                         **graded(s.text, rec["answer"], args.reward, rec.get("record")),
-                         "gen_tokens": s.num_tokens, "context_tokens": s.prompt_tokens,
-                         "finish_reason": s.finish_reason, "text": s.text})
-    return rows
-
-
-def run_linearized(sampler, prompt_ids, records, args: Args, max_len: int, ids: list[int]) -> list[dict]:
-    """N sequential rounds per problem, round r+1 conditioned on the prompt, the latest W
-    transcript tokens and the continuation cue; one record per round. `ids` as run_parallel's."""
-    from tqdm import tqdm
-
-    tok = sampler.tokenizer
-    eos = tok.eos_token_id
-    cue = tok(CONTINUE_CUE, add_special_tokens=False)["input_ids"]
-    windows = [min(args.window, max_len - len(p) - len(cue) - args.max_tokens) for p in prompt_ids]
-    if min(windows) < 1:
-        i = int(np.argmin(windows))
-        raise utils.UserError(f"problem {ids[i]}: prompt ({len(prompt_ids[i])} tokens) + max_tokens "
-                              f"({args.max_tokens}) leave no room for a window in {max_len} tokens of "
-                              f"context")
-    if min(windows) < args.window:
-        utils.print0(f"warning: window capped at {min(windows)} tokens by the {max_len}-token context")
-    transcripts = [[] for _ in prompt_ids]  # (P, growing) sampled ids: r1, cue, r2, cue, ...
-    rows = []
-    for r in tqdm(range(args.samples), desc="linearized rounds", disable=not utils.is_main()):
-        contexts = [p if r == 0 else p + t[-w:] + cue for p, t, w in zip(prompt_ids, transcripts, windows)]
-        outs = sampler.generate(contexts, n=1, temperature=args.temperature, top_p=args.top_p,
-                                max_tokens=args.max_tokens,
-                                seed=[utils.derive_seed(args.seed, "round", r, i) for i in ids])
-        for k, (i, group, rec, ctx) in enumerate(zip(ids, outs, records, contexts)):
-            s = group[0]
-            new = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
-            transcripts[k] += (cue if r else []) + list(new)
-            rows.append({"problem": i, "round": r + 1, "gold": rec["answer"],
-                         **graded(s.text, rec["answer"], args.reward, rec.get("record")),
-                         "gen_tokens": s.num_tokens, "context_tokens": len(ctx),
-                         "window_tokens": len(ctx) - len(prompt_ids[k]) - (len(cue) if r else 0),
-                         "finish_reason": s.finish_reason, "text": s.text})
-    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -638,10 +570,13 @@ def main(args: Args) -> dict:
                     sampler, prompt_ids, max_len = open_engine(path, records, args)
                 utils.print0(f"{name} {mode}: sampling")
                 ids, share = [prompt_ids[i] for i in mine], [records[i] for i in mine]
+                kw = dict(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens,
+                          seed=args.seed, reward=args.reward)
                 if mode == "parallel":
-                    rows = run_parallel(sampler, ids, share, args, mine)
+                    rows = sampling.run_parallel(sampler, ids, share, mine, samples=args.samples, **kw)
                 else:
-                    rows = run_linearized(sampler, ids, share, args, max_len, mine)
+                    rows = sampling.run_linearized(sampler, ids, share, mine, rounds=args.samples, window=args.window,
+                                                   max_len=max_len, **kw)
                 order = ("problem", "sample" if mode == "parallel" else "round")
                 if world > 1 and not utils.is_distributed():
                     raise RuntimeError("torchrun's process group ended before the ranks' rows were merged")

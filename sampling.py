@@ -772,3 +772,77 @@ class MetaProver:
     def success_rates(self, contexts: list[str], golds: list[str], seed: int | None = None) -> np.ndarray:
         """(C,) estimates of J(mu | c) for each full-text context (prompt + episodes so far)."""
         return self.correct(contexts, golds, seed).mean(axis=1)
+
+
+# --------------------------------------------------------------------------------------
+# Parallel and linearized sampling (evaluate.py, r1_analysis.py; paper Sec. 7)
+# --------------------------------------------------------------------------------------
+
+
+def final_answer(text: str) -> str | None:
+    """Extracted answer of a generation (last box of its last episode); None if unparsable."""
+    return utils.extract_boxed(utils.last_episode(text)) or None
+
+
+def graded(text: str, gold: str, reward: str = "", record: dict | None = None) -> dict:
+    """Per-sample fields of one generation: its answer, 0/1 grade (the run's grader,
+    utils.make_grader(reward), on the last episode; a custom reward's value counts as correct
+    only when it is 1, since pass@k and maj@k need 0/1 outcomes) and the number of backtrack
+    markers it wrote."""
+    value = utils.make_grader(reward)(utils.last_episode(text), gold, record)
+    return {"answer": final_answer(text), "correct": value if not reward else float(value == 1.0),
+            "backtracks": text.count(utils.BACKTRACK_MARKER)}
+
+
+def run_parallel(sampler, prompt_ids, records, ids: list[int], *, samples: int, temperature: float, top_p: float,
+                 max_tokens: int, seed: int, reward: str = "") -> list[dict]:
+    """`samples` independent traces per problem (prompt_ids, with its record: "answer", and
+    "record" for a custom `reward`); one row per trace. `ids`: the problems' indices in the whole
+    data set (this rank's share under torchrun), which also seed their samples."""
+    outs = sampler.generate(prompt_ids, n=samples, temperature=temperature, top_p=top_p,
+                            max_tokens=max_tokens, use_tqdm=utils.is_main(),
+                            seed=[utils.derive_seed(seed, "parallel", i) for i in ids])
+    rows = []
+    for i, group, rec in zip(ids, outs, records):
+        for j, s in enumerate(group):
+            rows.append({"problem": i, "sample": j, "gold": rec["answer"],
+                         **graded(s.text, rec["answer"], reward, rec.get("record")),
+                         "gen_tokens": s.num_tokens, "context_tokens": s.prompt_tokens,
+                         "finish_reason": s.finish_reason, "text": s.text})
+    return rows
+
+
+def run_linearized(sampler, prompt_ids, records, ids: list[int], *, rounds: int, window: int, max_len: int,
+                   temperature: float, top_p: float, max_tokens: int, seed: int, reward: str = "") -> list[dict]:
+    """`rounds` sequential rounds per problem, round r+1 conditioned on the prompt, the latest
+    `window` transcript tokens and the continuation cue (utils.BACKTRACK_CUE), all within
+    `max_len` tokens; one row per round. `ids` and `records` as run_parallel's."""
+    from tqdm import tqdm
+
+    tok = sampler.tokenizer
+    eos = tok.eos_token_id
+    cue = tok(utils.BACKTRACK_CUE, add_special_tokens=False)["input_ids"]
+    windows = [min(window, max_len - len(p) - len(cue) - max_tokens) for p in prompt_ids]
+    if min(windows) < 1:
+        i = int(np.argmin(windows))
+        raise utils.UserError(f"problem {ids[i]}: prompt ({len(prompt_ids[i])} tokens) + max_tokens "
+                              f"({max_tokens}) leave no room for a window in {max_len} tokens of "
+                              f"context")
+    if min(windows) < window:
+        utils.print0(f"warning: window capped at {min(windows)} tokens by the {max_len}-token context")
+    transcripts = [[] for _ in prompt_ids]  # (P, growing) sampled ids: r1, cue, r2, cue, ...
+    rows = []
+    for r in tqdm(range(rounds), desc="linearized rounds", disable=not utils.is_main()):
+        contexts = [p if r == 0 else p + t[-w:] + cue for p, t, w in zip(prompt_ids, transcripts, windows)]
+        outs = sampler.generate(contexts, n=1, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
+                                seed=[utils.derive_seed(seed, "round", r, i) for i in ids])
+        for k, (i, group, rec, ctx) in enumerate(zip(ids, outs, records, contexts)):
+            s = group[0]
+            new = s.token_ids[:-1] if s.token_ids and s.token_ids[-1] == eos else s.token_ids
+            transcripts[k] += (cue if r else []) + list(new)
+            rows.append({"problem": i, "round": r + 1, "gold": rec["answer"],
+                         **graded(s.text, rec["answer"], reward, rec.get("record")),
+                         "gen_tokens": s.num_tokens, "context_tokens": len(ctx),
+                         "window_tokens": len(ctx) - len(prompt_ids[k]) - (len(cue) if r else 0),
+                         "finish_reason": s.finish_reason, "text": s.text})
+    return rows

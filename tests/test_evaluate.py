@@ -180,13 +180,13 @@ def test_graded_answer_is_the_last_episodes():
     m = utils.BACKTRACK_MARKER
     z0 = "Step 1: 2 + 3 = 5\nStep 2: 5 * 2 = 10\nThe answer is \\boxed{10}"
     fixed = z0 + "\n" + m + "\nStep 2: 5 * 2 = 11\nThe answer is \\boxed{11}"
-    assert evaluate.graded(fixed, "11") == {"answer": "11", "correct": 1.0, "backtracks": 1}
-    assert evaluate.graded(fixed, "10")["correct"] == 0.0  # z0's box is never credited
+    assert sampling.graded(fixed, "11") == {"answer": "11", "correct": 1.0, "backtracks": 1}
+    assert sampling.graded(fixed, "10")["correct"] == 0.0  # z0's box is never credited
     unfinished = z0 + "\n" + m + "\nStep 2: 5 * 2 = 11"
-    assert evaluate.graded(unfinished, "10") == {"answer": None, "correct": 0.0, "backtracks": 1}
+    assert sampling.graded(unfinished, "10") == {"answer": None, "correct": 0.0, "backtracks": 1}
     twice = fixed + "\n" + m + "\nStep 1: 2 + 3 = 5\nThe answer is \\boxed{10}"
-    assert evaluate.graded(twice, "10")["correct"] == 1.0 and evaluate.final_answer(twice) == "10"
-    assert evaluate.graded(z0, "10") == {"answer": "10", "correct": 1.0, "backtracks": 0}  # direct trace
+    assert sampling.graded(twice, "10")["correct"] == 1.0 and sampling.final_answer(twice) == "10"
+    assert sampling.graded(z0, "10") == {"answer": "10", "correct": 1.0, "backtracks": 0}  # direct trace
 
 
 # --------------------------------------------------------------------------------------

@@ -622,6 +622,58 @@ def test_the_import_graph_has_no_circle():
     assert "utils" in reach("utils")
 
 
+STAGES = ("warmstart", "star", "grpo", "infogain", "evaluate", "r1_analysis")
+"""The stage scripts; study.py drives them as commands, toy.py is the task."""
+PURE = {"infogain": {"Episodes", "split_backtrack", "split_continuation", "join_backtrack", "restart_prefix",
+                     "backtrack_cue", "episode_contexts", "information_gain", "backtrack_gain", "episode_gains"},
+        "evaluate": {"pass_at_k", "maj_at_k", "majority_curve", "cluster_answers", "cumulative_regret",
+                     "token_efficiency", "curve_auc", "interp_curve"}}
+"""What one stage may take from another: the episodes and the gain, pass@k and maj@k."""
+
+
+def stage_uses(source: str) -> dict[str, set[str]]:
+    """{stage module: the names this source takes from it}: `from stage import a, b`, and `stage.a`
+    for a module imported whole."""
+    import ast
+
+    tree, used = ast.parse(source), {}
+    whole = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module in STAGES:
+            used.setdefault(node.module, set()).update(a.name for a in node.names)
+        elif isinstance(node, ast.Import):
+            whole |= {a.asname or a.name for a in node.names if a.name in STAGES}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in whole:
+            used.setdefault(node.value.id, set()).add(node.attr)
+    return used
+
+
+def test_a_stage_takes_only_pure_functions_from_another():
+    """No shared module (utils, training, sampling, toy, toy_pretrain) imports a stage; a stage takes
+    from another stage only PURE's names (its loops, engines and CLI helpers live in sampling.py and
+    training.py), and each of those is a function or class with no sampler, model or args parameter."""
+    import inspect
+
+    graph = project_imports()
+    for shared in ("utils", "training", "sampling", "toy", "toy_pretrain"):
+        assert not graph[shared] & set(STAGES), shared
+    for stage in STAGES:
+        used = stage_uses(open(os.path.join(ROOT, stage + ".py")).read())
+        for other, names in used.items():
+            if other != stage:
+                assert names <= PURE.get(other, set()), (stage, other, sorted(names - PURE.get(other, set())))
+    for module, names in PURE.items():
+        mod = __import__(module)
+        for name in names:
+            obj = getattr(mod, name)
+            params = set(inspect.signature(obj).parameters) if inspect.isfunction(obj) else set()
+            assert not params & {"sampler", "mu", "model", "args"}, (module, name)
+    # the check can fail: a loop taken from another stage
+    assert stage_uses("import warmstart\nwarmstart.sft(p)\n") == {"warmstart": {"sft"}}
+    assert not {"sft"} <= PURE.get("warmstart", set())
+
+
 def test_bench_solution_fields_by_hand():
     """bench/solution_fields.py's field split: a token counts for the field its last character
     falls in, a field is right only if all its tokens are."""
