@@ -7,6 +7,12 @@ weights (plain or FSDP2-sharded, see training.py) into the engine in place; `upd
 frees the engine's GPU memory during an update (vLLM sleep mode, CUDA only); `engine_length`
 sizes an engine from what a run needs, never from the model's whole context; on CPU its KV
 cache is sized from the same lengths (`model_kv_cache_bytes`, unless VLLM_CPU_KVCACHE_SPACE is set).
+
+Below the sampler, what every stage shares and no stage owns: engines built or reused (`engine`,
+`READY`, `make_sampler`, `close_engine`) and sized (`trace_need`, `mu_need`); the rules for the
+attempt z0 and a sample's outcome (`sample_z0`, `sample_outcome`); the meta-prover mu that
+estimates J(mu | c) (`MetaProver`, paper Sec. 5); parallel and linearized sampling
+(`run_parallel`, `run_linearized`, paper Sec. 7). This module imports no stage.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ precision); export (`save_pretrained`: gathered to rank 0 a tensor at a time, wr
 safetensors files with an index); resumable checkpoints (`save_checkpoint` / `load_checkpoint`:
 torch.distributed.checkpoint shards, RNG states, atomic `latest`); the learning-rate schedule;
 log-probabilities of completions under the trainer model (`completion_logprobs`,
-`sampled_logprobs`: chunked, no fp32 (B, T, V) tensor). Under plain `python` the same calls
+`sampled_logprobs`: chunked, no fp32 (B, T, V) tensor). The SFT loop of warmstart.py and star.py
+(`sft`: the loss on completion tokens only, `sft_batch`, `sft_example`). Under plain `python` the same calls
 run unsharded in one process. Command line: `python training.py export --checkpoint DIR
 --base MODEL --out DIR` writes a checkpoint as a transformers folder (`export_checkpoint`).
 """
