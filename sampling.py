@@ -384,7 +384,6 @@ def engine_length(model: str, need: int) -> int:
     return int(max(1, min(need, limit)))
 
 
-
 ENGINE_SLACK = 16
 """Extra engine tokens per sequence: a context re-encoded from text (z0, z1) may take a few more
 tokens than were sampled."""
@@ -852,3 +851,45 @@ def run_linearized(sampler, prompt_ids, records, ids: list[int], *, rounds: int,
                          "window_tokens": len(ctx) - len(prompt_ids[k]) - (len(cue) if r else 0),
                          "finish_reason": s.finish_reason, "text": s.text})
     return rows
+
+
+# Helpers of star.py: the base's z0 for named splits of problems; an SFT with the engine asleep
+# --------------------------------------------------------------------------------------
+
+
+def sample_z0_splits(sampler, splits: dict[str, list[dict]], path: str, *, seed: int, temperature: float,
+                     top_p: float, max_tokens: int) -> tuple[dict, dict]:
+    """sample_z0 on each split of problems in turn ({name: problems}, seed_parts (seed, "z0", name)):
+    ({name: {id: z0}}, {name: {id: last try of a dropped problem}}). A UserError when the first
+    split (the training problems) keeps none; else rank 0 writes `path`, a JSON row per problem:
+    split, id, problem, answer, z0 (the kept attempt, or a dropped problem's last try), dropped."""
+    z0s, lost = {}, {}
+    for name, problems in splits.items():
+        z0s[name], lost[name] = sample_z0(sampler, problems, temperature=temperature, top_p=top_p,
+                                          max_tokens=max_tokens, seed_parts=(seed, "z0", name))
+    if not next(iter(z0s.values())):
+        raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at --max-tokens "
+                              f"{max_tokens} or without a box in {Z0_TRIES} tries): raise --max-tokens")
+    if utils.is_main():
+        utils.write_jsonl(path, [{"split": s, "id": p["id"], "problem": p["problem"], "answer": p["answer"],
+                                  "z0": z0s[s][p["id"]] if p["id"] in z0s[s] else lost[s][p["id"]],
+                                  "dropped": p["id"] in lost[s]} for s, ps in splits.items() for p in ps])
+    return z0s, lost
+
+
+def sft_asleep(sampler, model_path: str, examples: list[tuple[str, str]], args, *, model_dir: str, log_path: str,
+               ckpt_path: str, card: dict, log_extra: dict) -> dict:
+    """training.sft of `model_path` on (prompt, completion) examples while the engine sleeps, its
+    result synced into the engine (update_asleep); the SFT checkpoint is deleted once the model is
+    saved. Returns {sft_steps, sft_loss_first, sft_loss_last} of the SFT log on rank 0, {} elsewhere."""
+    import shutil
+
+    update_asleep(sampler, lambda: training.sft(model_path, examples, args, model_dir=model_dir, log_path=log_path,
+                                                ckpt_path=ckpt_path, card=card, log_extra=log_extra))
+    gc.collect()
+    if not utils.is_main():
+        return {}
+    if os.path.exists(ckpt_path):
+        shutil.rmtree(ckpt_path)
+    losses = [r["loss"] for r in utils.read_records(log_path, ["loss"])]
+    return {"sft_steps": len(losses), "sft_loss_first": losses[0], "sft_loss_last": losses[-1]}

@@ -9,10 +9,9 @@ function. Two shared modules sit on it, one per seam a stage script crosses:
 sampling.py (the vLLM Sampler and in-place weight sync) and training.py (the FSDP2 trainer
 model: sharded load and export, checkpoints, log-probabilities), used by the stages that
 train. toy.py (the embedded task) imports utils; toy_pretrain.py (its build) imports toy,
-sampling and utils. A stage script imports those it uses, plus the stages whose algorithm it builds on: warmstart.py, star.py and
-grpo.py import infogain.py (episodes, the meta-prover, information gain: the method's core),
-star.py imports warmstart.py (the SFT loop it reruns each iteration), r1_analysis.py imports
-evaluate.py and infogain.py (pass@k/maj@k and episode values); study.py runs them all as
+sampling and utils. A stage script imports those it uses, and from another stage only pure
+functions: warmstart.py, star.py and grpo.py take infogain.py's episodes and gain, r1_analysis.py
+evaluate.py's maj@k and regret (tests/test_toy.py checks it); study.py runs them all as
 commands. A helper that two scripts need lives in one of the three shared modules, never in a
 second copy.
 """
@@ -1095,3 +1094,64 @@ def split_hist_grid(panels: dict, value: str, split: str, path: str, edges, labe
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
+
+
+# Helpers of star.py: --resume at an iteration boundary, the statistics of an iteration
+# --------------------------------------------------------------------------------------
+
+
+def finished_iterations(out: str) -> tuple[list[dict], list[dict]]:
+    """(records, kept examples) of the iterations a run in `out` finished: the records of
+    iterations.jsonl numbered 1, 2, ... in order whose data_iter<k>.jsonl exists, and the
+    examples of those files in iteration order (the accumulated SFT data)."""
+    path = os.path.join(out, "iterations.jsonl")
+    history, examples = [], []
+    for rec in read_records(path) if os.path.isfile(path) else []:
+        data = os.path.join(out, f"data_iter{len(history) + 1}.jsonl")
+        if rec.get("iteration") != len(history) + 1 or not os.path.isfile(data):
+            break
+        history.append(rec)
+        examples += read_records(data)
+    return history, examples
+
+
+def resume_iterations(out: str, own_args: dict, free: Sequence[str] = ()) -> tuple[list[dict], list[dict]]:
+    """finished_iterations(out) of a run that --resume continues, after refusing the arguments
+    that differ from its <out>/args.json outside `free` (resume_mismatch)."""
+    history = finished_iterations(out)
+    path = os.path.join(out, "args.json")
+    diff = resume_mismatch(json.load(open(path)), own_args, free) if os.path.isfile(path) else []
+    if diff:
+        raise UserError(f"--resume: {out} was run with other arguments: {', '.join(diff)}; "
+                        f"give the run's values or a new --out", every_rank=True)
+    return history
+
+
+def iteration_stats(records: list[dict], method: str, select: Callable) -> dict:
+    """Statistics of one iteration's records (star.rollout_chunk's): kept fraction, sample
+    accuracy and (a method other than "star") the shares of continuations that parse and that
+    do not, r0, r_i, the mean gain r_i - r0 of the kept continuations vs all the others, the
+    mean restart step kept, and the fraction of problems that `select` (star.select_continuation,
+    MRT's filter) keeps under each reading: gain > 0 (Alg. 1, kept_fraction_gain_pos) and gain >= 0
+    (Fig. 4, kept_fraction_gain_nonneg), whatever filter the run used."""
+    import numpy as np
+
+    mean = lambda xs: round(float(np.mean(xs)), 4) if len(xs) else None  # noqa: E731
+    kept = [r for r in records if r["kept"] is not None]
+    samples = [s for r in records for s in r["samples"]]
+    out = {"problems": len(records), "samples": len(samples), "kept": len(kept),
+           "kept_fraction": mean([r["kept"] is not None for r in records]),
+           "sample_accuracy": mean([s["correct"] for s in samples])}
+    if method != "star":
+        reading = lambda bar: mean([select(r["r0"], [s["r"] for s in r["samples"]],  # noqa: E731
+                                           [s["correct"] for s in r["samples"]], bar) is not None
+                                    for r in records])
+        out.update({"parsed_fraction": mean([s["parsed"] for s in samples]),
+                    "unparsed_fraction": mean([not s["parsed"] for s in samples]),
+                    "kept_fraction_gain_pos": reading(None), "kept_fraction_gain_nonneg": reading(0.0),
+                    "r0_mean": mean([r["r0"] for r in records]), "r_mean": mean([s["r"] for s in samples]),
+                    "gain_kept_mean": mean([r["samples"][r["kept"]]["gain"] for r in kept]),
+                    "gain_discarded_mean": mean([s["gain"] for r in records
+                                                 for i, s in enumerate(r["samples"]) if i != r["kept"]]),
+                    "restart_step_mean": mean([r["example"]["restart_step"] for r in kept])})
+    return out

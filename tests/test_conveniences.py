@@ -324,19 +324,21 @@ def test_star_resume_after_an_iteration_equals_the_whole_run(toy_sampler, toy_pa
         assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
     try:
-        a = star.main(star.Args(out=str(whole), iterations=2, **cfg), sampler=toy_sampler)
-        star.main(star.Args(out=str(cut), iterations=1, **cfg), sampler=toy_sampler)
-        with pytest.raises(utils.UserError, match=r"--resume: .* other arguments: --lr 0\.002 \(checkpoint: 0\.001\)"):
-            star.main(star.Args(out=str(cut), iterations=2, resume=True, **dict(cfg, lr=2e-3)), sampler=toy_sampler)
-        toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))  # as a fresh process holds
-        capsys.readouterr()
-        same_as_whole(star.main(star.Args(out=str(cut), iterations=2, resume=True, **cfg), sampler=toy_sampler))
-        assert f"resumed {cut} after iteration 1" in capsys.readouterr().out
+        with sampling.ready_engines({toy_paths["base"]: toy_sampler}):
+            a = star.main(star.Args(out=str(whole), iterations=2, **cfg))
+            star.main(star.Args(out=str(cut), iterations=1, **cfg))
+            with pytest.raises(utils.UserError,
+                               match=r"--resume: .* other arguments: --lr 0\.002 \(checkpoint: 0\.001\)"):
+                star.main(star.Args(out=str(cut), iterations=2, resume=True, **dict(cfg, lr=2e-3)))
+            toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))  # as a fresh process holds
+            capsys.readouterr()
+            same_as_whole(star.main(star.Args(out=str(cut), iterations=2, resume=True, **cfg)))
+            assert f"resumed {cut} after iteration 1" in capsys.readouterr().out
 
-        lines = open(cut / "iterations.jsonl").readlines()
-        (cut / "iterations.jsonl").write_text(lines[0])
-        history, kept = star.finished_iterations(str(cut))
-        assert len(history) == 1 and len(kept) == len(open(cut / "data_iter1.jsonl").readlines())
-        same_as_whole(star.main(star.Args(out=str(cut), iterations=2, resume=True, **cfg), sampler=toy_sampler))
+            lines = open(cut / "iterations.jsonl").readlines()
+            (cut / "iterations.jsonl").write_text(lines[0])
+            history, kept = utils.finished_iterations(str(cut))
+            assert len(history) == 1 and len(kept) == len(open(cut / "data_iter1.jsonl").readlines())
+            same_as_whole(star.main(star.Args(out=str(cut), iterations=2, resume=True, **cfg)))
     finally:
         toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))

@@ -325,7 +325,8 @@ def test_star_rollout_mu_is_wired(engine, toy_paths, tmp_path, monkeypatch):
                      preset="toy", method="mrt", iterations=1, problems=16, group_size=2, mu_samples=8, max_tokens=128,
                      sample_batch=16, eval_problems=0, mu_mode="rollout", mu_rollout_tokens=128, epochs=1, batch_size=4,
                      micro_batch_size=4)
-    summary = star.main(args, sampler=engine)
+    with sampling.ready_engines({toy_paths["base"]: engine}):
+        summary = star.main(args)
     (it,) = [json.loads(x) for x in open(tmp_path / "iterations.jsonl")]
     assert summary["args"]["mu_mode"] == "rollout" and it["samples"] == 32
     records = [r for c in chunks for r in c]

@@ -104,7 +104,7 @@ def test_iteration_stats_keep_rates_of_both_readings_and_the_unparsed_share():
          "samples": [sample(0.75, 0.5, True), sample(0.25, 0.0, True)]},
         {"r0": 0.0, "kept": None, "example": None,
          "samples": [sample(0.5, 0.5, False), sample(0.0, 0.0, False, parsed=False)]}]
-    st = star.iteration_stats(records, "mrt")
+    st = utils.iteration_stats(records, "mrt", star.select_continuation)
     assert st["kept_fraction"] == round(1 / 3, 4) and st["kept_fraction_gain_pos"] == round(1 / 3, 4)
     assert st["kept_fraction_gain_nonneg"] == round(2 / 3, 4)  # the tie counts under Fig. 4's reading
     assert st["unparsed_fraction"] == round(2 / 6, 4) and st["parsed_fraction"] == round(4 / 6, 4)
@@ -243,6 +243,12 @@ def _args(toy_paths, out, **kw):
     return star.Args(**base)
 
 
+def _main(args: star.Args, engine) -> dict:
+    """star.main with `engine` as the ready engine of its base model (sampling.ready_engines)."""
+    with sampling.ready_engines({args.base or args.model: engine}):
+        return star.main(args)
+
+
 def _jsonl(path) -> list[dict]:
     return [json.loads(line) for line in open(path)]
 
@@ -252,7 +258,7 @@ def test_scripted_mrt_run_keeps_exactly_the_filtered_continuations(toy_paths, tm
 
     tok = utils.load_tokenizer(toy_paths["base"])
     fake, out = ScriptedSampler(tok), tmp_path / "mrt"
-    summary = star.main(_args(toy_paths, out), sampler=fake)
+    summary = _main(_args(toy_paths, out), fake)
     train = utils.read_records(toy_paths["train"])[:12]
 
     kept = [_jsonl(out / f"data_iter{k}.jsonl") for k in (1, 2)]
@@ -314,7 +320,7 @@ def test_scripted_min_gain_zero_keeps_ties_and_cut_z0_are_dropped(toy_paths, tmp
     train = utils.read_records(toy_paths["train"])[:12]
     test = utils.read_records(toy_paths["test"])[:4]
     fake, out = ScriptedSampler(tok, cut=[train[0]["problem"], test[0]["problem"]]), tmp_path / "mrt0"
-    summary = star.main(_args(toy_paths, out, iterations=1, epochs=1, min_gain=0.0), sampler=fake)
+    summary = _main(_args(toy_paths, out, iterations=1, epochs=1, min_gain=0.0), fake)
     assert summary["z0_dropped"] == {"train": 1, "test": 1}
     assert fake.events.count("z0") == 12 + 4 + 2 * (sampling.Z0_TRIES - 1)  # one try each, the cut ones' retries
     kept = _jsonl(out / "data_iter1.jsonl")
@@ -358,7 +364,7 @@ def test_unparsed_continuation_has_j_zero_and_mu_is_not_asked(toy_paths):
 
 def test_scripted_rise_run_keeps_the_first_correct_restart_from_step_1(toy_paths, tmp_path):
     fake, out = ScriptedSampler(utils.load_tokenizer(toy_paths["base"])), tmp_path / "rise"
-    star.main(_args(toy_paths, out, method="rise", iterations=1, epochs=1), sampler=fake)
+    _main(_args(toy_paths, out, method="rise", iterations=1, epochs=1), fake)
     kept = _jsonl(out / "data_iter1.jsonl")
     assert [e["index"] for e in kept] == [1] * 12  # every problem, its first correct sample
     for e in kept:
@@ -393,7 +399,7 @@ def test_real_mrt_run_on_the_toy_base(engine, toy_paths, tmp_path, monkeypatch):
         return chunks[-1]
 
     monkeypatch.setattr(star, "rollout_chunk", recorded)
-    summary = star.main(args, sampler=engine)
+    summary = _main(args, engine)
     z0 = {(r["split"], r["id"]): r["z0"] for r in _jsonl(out / "z0.jsonl")}
     resolved = star.resolve_args(args)
     train = utils.load_problems(toy_paths["train"], limit=resolved.problems, tokenizer=engine.tokenizer)
@@ -436,8 +442,8 @@ def test_real_star_baseline_run(engine, toy_paths, tmp_path):
     """Plain STaR on the real engine: correct direct attempts kept, SFT loss falls, the
     engine samples the second iteration from the fine-tuned model."""
     out = tmp_path / "star"
-    summary = star.main(_args(toy_paths, out, method="star", problems=24, group_size=2, max_tokens=96,
-                              eval_problems=8, epochs=3), sampler=engine)
+    summary = _main(_args(toy_paths, out, method="star", problems=24, group_size=2, max_tokens=96,
+                          eval_problems=8, epochs=3), engine)
     kept = _jsonl(out / "data_iter1.jsonl") + _jsonl(out / "data_iter2.jsonl")
     assert len(kept) >= 4 and summary["examples"] == len(kept)
     for e in kept:
