@@ -12,8 +12,8 @@ train. toy.py (the embedded task) imports utils; toy_pretrain.py (its build) imp
 sampling and utils. A stage script imports those it uses, and from another stage only pure
 functions: warmstart.py, star.py and grpo.py take infogain.py's episodes and gain, r1_analysis.py
 evaluate.py's maj@k and regret (tests/test_toy.py checks it); study.py runs them all as
-commands. A helper that two scripts need lives in one of the three shared modules, never in a
-second copy.
+commands and aggregates with evaluate.py's curve functions. A helper that two scripts need
+lives in one of the three shared modules, never in a second copy.
 """
 
 from __future__ import annotations
