@@ -101,13 +101,11 @@ from training import read_metrics, step_record  # noqa: E402
 
 
 def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
-    """G continuations per problem with their rewards, one dict per continuation, group by group:
-    ctx_ids, token_ids, sampler_logp, outcome (sampling.sample_outcome: 0 when cut at --max-tokens),
-    gain (infogain.backtrack_gain; unparsed: -J(mu | x, z0); 0 without a meta-prover), z1_tokens (the
-    sampled tokens of z1; unparsed: all, there is no z2), text, truncated, and (backtrack) episodes.
-    mu is asked once per step, after the policy's call: the P contexts x + z0 and every parsed
-    x + z0 + z1_i in one call, the engine's prefix cache holding x + z0 in whole KV blocks for all of
-    them (sampling.CPU_ENGINE_BLOCK on CPU)."""
+    """G continuations per problem, one dict per continuation, group by group: ctx_ids, token_ids,
+    sampler_logp, outcome r, gain I (0 without a meta-prover), z1_tokens (all when unparsed: no z2),
+    text, truncated, and (backtrack) episodes. mu is asked once per step, after the policy: the P
+    contexts x + z0 and every parsed x + z0 + z1_i in one call, the engine's prefix cache holding
+    x + z0 in whole KV blocks for all of them (sampling.CPU_ENGINE_BLOCK on CPU)."""
     fmt = variant_format(args.variant)
     tok = sampler.tokenizer
     tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
@@ -168,9 +166,9 @@ def combine_rewards(outcome, gain, alpha: float, num_tokens=None, length_penalty
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
-    """(B,) advantages for (B,) rewards ordered group by group: (r - mean_group) / (std + 1e-4), std
-    with Bessel's correction, per group ("group"), over the whole batch ("batch", TRL's
-    scale_rewards="batch") or no division ("none"). An all-equal group gets exactly 0 (never NaN)."""
+    """(B,) advantages of (B,) rewards, group by group: (r - mean_group) / (std + 1e-4), std (Bessel)
+    per group ("group"), over the batch ("batch", TRL's) or none ("none"). An all-equal group gets
+    exactly 0 (never NaN, never rounding noise)."""
     r = rewards.float().view(-1, group_size)  # (B/G, G)
     centered = r - r.mean(dim=1, keepdim=True)  # (B/G, G)
     if scale == "group":

@@ -474,6 +474,17 @@ def test_tokens_covering_uses_sampled_ids(toy_paths):
     assert utils.tokens_covering(tok, ids, len(text)) <= len(ids)
 
 
+def test_help_names_the_preset_values():
+    """Each flag a preset sets names both presets' values in its help, as PRESETS defines them."""
+    import re
+
+    docs = utils._field_docs(grpo.Args)
+    for name in grpo.PRESETS["toy"]:
+        for preset in ("toy", "paper"):
+            said = re.search(rf"{preset} preset ([-0-9.e]+)", docs[name])
+            assert said and float(said.group(1)) == grpo.PRESETS[preset][name], (name, preset, docs[name])
+
+
 def test_bad_arguments_are_user_errors():
     with pytest.raises(utils.UserError, match="variant"):
         grpo.resolve_args(grpo.Args(variant="ppo"), 1)
