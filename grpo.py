@@ -223,22 +223,20 @@ class Episode(NamedTuple):
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", eps_low=0.2, eps_high=0.2,
               beta=0.0, num_items=None, max_completion_length=None, sampler_logp=None, is_cap=3.0):
-    """The GRPO loss of one micro-batch with TRL's semantics, and its metrics.
-
-    logp, old_logp, ref_logp, mask: (B, T); advantages (B,) or (B, T). ratio = exp(logp -
-    old_logp); per-token loss -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A); with
-    sampler_logp, times the truncated importance weight min(exp(old_logp - sampler_logp),
-    is_cap) (TRL's vllm_importance_sampling_correction, token_truncate); plus beta times the k3
-    KL exp(ref - logp) - (ref - logp) - 1 (ref_logp None when beta is 0). Normalization:
+    """The GRPO loss of one micro-batch with TRL's semantics, and its metrics (0-d tensors on the loss's
+    device; read_metrics reads them). logp, old_logp, ref_logp, mask: (B, T); advantages (B,) or (B, T).
+    ratio = exp(logp - old_logp); per-token loss -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A);
+    with sampler_logp, times the truncated importance weight min(exp(old_logp - sampler_logp), is_cap)
+    (TRL's vllm_importance_sampling_correction, token_truncate); plus beta times the k3 KL
+    exp(ref - logp) - (ref - logp) - 1 (ref_logp None when beta is 0). Normalization:
       grpo     per-sequence token mean, then mean over the B sequences
       bnpo     token mean over this micro-batch
       dr_grpo  token sum / (B * max_completion_length)      (default: T)
-      dapo     token sum / num_items, the completion-token count of the whole generation
-               batch over all ranks and accumulation steps (default: mask.sum())
-    Accumulation, as TRL: the caller divides grpo/bnpo/dr_grpo losses by the number of
-    micro-batches; `dapo` needs no division. Across ranks whose gradients are averaged
-    (FSDP), the caller multiplies the `dapo` loss by the world size. The metrics are 0-d
-    tensors on the loss's device (`read_metrics` reads them to floats)."""
+      dapo     token sum / num_items, the completion-token count of the whole generation batch over all
+               ranks and accumulation steps (default: mask.sum())
+    Accumulation, as TRL: the caller divides grpo/bnpo/dr_grpo losses by the number of micro-batches
+    (`dapo`: no division) and, across ranks whose gradients are averaged (FSDP), multiplies the `dapo`
+    loss by the world size (micro_batch_scale)."""
     mask = mask.float()
     adv = advantages if advantages.dim() == 2 else advantages[:, None]  # (B, T) or (B, 1)
     ratio = torch.exp(logp - old_logp)  # (B, T)
@@ -577,8 +575,7 @@ class Args:
     answer_field: str = "answer"
     """field of a data record holding the gold answer"""
     instruction: str | None = None
-    """instruction in the user turn for models with a chat template (default: the one in the starting
-    model's mrt.json when this project wrote it, else the standard one)"""
+    """user-turn instruction of a chat template (default: the one in the model's mrt.json, else standard)"""
     out: str = ""
     """run folder ('' : runs/grpo/<variant>)"""
     resume: bool = False
@@ -671,8 +668,7 @@ class Args:
     """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution, NuminaMath
     style; --answer-field is then not read); empty: --answer-field as is"""
     mask_truncated: bool = False
-    """DAPO's overlong filtering: completions cut at --max-tokens add no tokens to the loss (they stay in
-    their group's reward statistics)"""
+    """DAPO's overlong filtering: completions cut at --max-tokens add no loss tokens (rewards still count)"""
 
 
 RESUME_FREE = ("out", "resume", "steps", "save_every", "report_to", "dtype", "gpu_memory_utilization",
