@@ -663,7 +663,8 @@ class Args:
     """samples per held-out problem"""
     reward: str = ""
     """custom reward module:function or path/to/file.py:function: (completion text, gold answer, problem
-    record) -> float in [0, 1], replacing the grader at every grading site, mu's included ('': utils.grade)"""
+    record) -> float in [0, 1], replacing the math-verify grader at every grading site, mu's included
+    (empty: utils.grade)"""
     answer_from: str = ""
     """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution, NuminaMath
     style; --answer-field is then not read); empty: --answer-field as is"""
