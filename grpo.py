@@ -1,94 +1,87 @@
 """grpo.py: MRT-B reinforcement learning on GRPO (paper Alg. 2), and its baselines.
 
 One step of Alg. 2, on every rank, for P problems x of the training set:
-  sample   z0 ~ pi_base(. | x)  once per problem, before any update (stored in <out>/z0.jsonl;
-           an attempt cut at --max-tokens or without a box is resampled, and a problem with
-           none usable in sampling.Z0_TRIES tries is dropped, counted and left out of the run:
-           sampling.sample_z0, prepare_z0);
-           G continuations z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER + "\\nStep") from the current
-           policy: the policy names the restart step (" k: ...") and writes the revised attempt.
-  reward   r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited),
-           0 when the continuation was cut at --max-tokens (sampling.sample_outcome);
-           I_i = J(mu | x, z0, z1_i) - J(mu | x, z0), the information gain of the backtrack
-           episode (Def. 5.1, infogain.backtrack_gain); R_i = r_i + alpha * I_i.
-  advantage  A_i = (R_i - mean_group) / (std_group + 1e-4)        (group_advantages)
-  loss     token-level clipped ratio objective, k3 KL to the reference (grpo_loss)
-  update   AdamW over micro-batches with gradient accumulation, FSDP2 across ranks
-  sync     the new weights go into the rank's vLLM engine in place (sampling.Sampler.sync_weights)
+  sample     z0 ~ pi_base(. | x) once per problem, before any update (prepare_z0, <out>/z0.jsonl: an
+             attempt cut at --max-tokens or without a box is resampled, a problem with none usable in
+             sampling.Z0_TRIES tries is dropped, counted and left out of the run); G continuations
+             z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER + "\\nStep") from the current policy, which names the
+             restart step (" k: ...") and writes the revised attempt (rollout)
+  reward     r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited), 0 when
+             cut at --max-tokens (sampling.sample_outcome); I_i = J(mu | x, z0, z1_i) - J(mu | x, z0), the
+             information gain of the backtrack episode (Def. 5.1, infogain.backtrack_gain);
+             R_i = r_i + alpha * I_i                                  (combine_rewards)
+  advantage  A_i = (R_i - mean_group) / (std_group + 1e-4)          (group_advantages)
+  loss       token-level clipped ratio objective, k3 KL to the reference (grpo_loss)
+  update     AdamW over micro-batches with gradient accumulation, FSDP2 across ranks (policy_update)
+  sync       the new weights go into the rank's vLLM engine in place (sampling.Sampler.sync_weights)
 
-Variants (flags; a variant only sets defaults, explicit flags win):
-  --variant mrt      backtrack format, alpha = 1: outcome + information-gain bonus (MRT-B)
-  --variant outcome  backtrack format, alpha = 0: outcome-only GRPO on the same format
-  --variant length   backtrack format, alpha = 0, reward r - lambda * num_tokens / max_tokens
-                     (the paper's Fig. 9 length-penalty comparison; lambda = --length-penalty, 0.1)
-  --variant direct   plain GRPO on the prompt: no z0, no backtrack, reward grade(completion)
-                     (0 when cut at --max-tokens)
+--variant (sets defaults; explicit flags win): mrt: backtrack format, alpha = 1, outcome + information-gain
+bonus (MRT-B); outcome: alpha = 0 (outcome-only GRPO, same format); length: alpha = 0, reward
+r - lambda * num_tokens / max_tokens (the paper's Fig. 9 length penalty, lambda = --length-penalty, 0.1);
+direct: plain GRPO on the prompt, no z0, no backtrack, reward grade(completion) (0 when cut).
 
-Advantage assignment (--assign): `final` gives every token of z_{1:2} the group-normalized
-combined reward R (as the paper ran); `episode` is per-episode reward-to-go (episode_advantages):
-the tokens of z1 get the group-normalized reward of z1 and all that follows it, alpha * I + r
-(- the length penalty), which is R, and the tokens of z2 the group-normalized outcome r (- the
-length penalty). With reward-to-go the two assignments have the same expected policy gradient
-(the paper's footnote on per-episode vs final rewards) up to the group normalization, which
-each applies to its own reward. The z1/z2 boundary is found on the sampled token ids (decoded
-prefixes), never by re-tokenizing text; the token that straddles the boundary counts as z1.
-A continuation that does not parse into episodes (infogain.split_continuation: no restart
-line, a restart line with a box or a second step, or no step and no box after it) has no
-backtrack episode: r = 0 and J after it = 0, so its gain is -J(mu | x, z0) (mu is not asked
-about it) and r + alpha * I = -alpha * J(mu | x, z0), never above a parsed continuation's of
-its group (whose J after is >= 0): breaking the format never pays (the length variant's
-penalty still ranks shorter continuations above longer ones). In `episode` mode all its
-tokens are z1's and get the advantage of R. metrics.jsonl logs the share of such continuations per
-step (unparsed_share).
+--assign final gives every token of z_{1:2} the group-normalized combined reward R (as the paper ran);
+`episode` is per-episode reward-to-go (episode_advantages): z1's tokens get the group-normalized reward
+of z1 and all after it, alpha * I + r (- the length penalty), which is R; z2's the group-normalized r
+(- the length penalty). With reward-to-go both have the same expected policy gradient (the paper's
+footnote on per-episode vs final rewards) up to the group normalization, each of its own reward. The
+z1/z2 boundary is found on the sampled token ids (decoded prefixes), never by re-tokenizing text; the
+token that straddles it counts as z1.
 
-Batch semantics: every rank samples --prompts-per-step problems x --group-size continuations
-per step (the generation batch, B = P * G sequences per rank), cut into micro-batches of
---micro-batch-size sequences whose gradients accumulate into --num-iterations optimizer steps
-per generation batch (old log-probs are the first pass's, taken before any update of the
-batch). `dapo` divides by the completion tokens of the whole generation batch over all ranks.
+A continuation that does not parse into episodes (infogain.split_continuation: no restart line, a
+restart line with a box or a second step, or no step and no box after it) has no backtrack episode:
+r = 0 and J after it = 0, so its gain is -J(mu | x, z0) (mu is not asked about it) and
+r + alpha * I = -alpha * J(mu | x, z0), never above a parsed continuation's of its group (J after >= 0):
+breaking the format never pays (the length penalty still ranks shorter ones above longer ones). With
+`episode` all its tokens are z1's, with the advantage of R. metrics.jsonl logs their share per step
+(unparsed_share).
+
+Batch: every rank samples --prompts-per-step problems x --group-size continuations per step (the
+generation batch, B = P * G sequences per rank), cut into micro-batches of --micro-batch-size sequences
+whose gradients accumulate into --num-iterations optimizer steps per generation batch (old log-probs are
+the first pass's, before any update of the batch). `dapo` divides by the completion tokens of the whole
+generation batch over all ranks.
 
 Run (the toy task and model are the default; the toy preset trains in a few minutes on CPU):
     python grpo.py                                   # MRT-B on the toy task, 1 process
     torchrun --nproc_per_node 2 grpo.py              # the same with 2 ranks (FSDP2, gloo)
     python grpo.py --variant outcome                 # or length / direct baselines
-    python grpo.py --mu-mode rollout --mu-rollout-tokens 128   # mu continues the trace (sampling.MetaProver)
+    python grpo.py --mu-mode rollout --mu-rollout-tokens 128   # mu continues the trace (MetaProver)
     torchrun --nproc_per_node 8 grpo.py --model runs/warmstart/model \\
         --train-data data/train.jsonl --problem-field question --answer-field solution \\
         --preset paper --gradient-checkpointing       # a real model on 8 GPUs, paper Table 2
     (several nodes: torchrun --nnodes N --node-rank R --master-addr H ... grpo.py ...)
     python grpo.py --resume                          # continue <out> from its checkpoint
 
-Outputs in <out> (default runs/grpo/<variant>): z0.jsonl (the dropped problems marked "dropped",
-with their last try), metrics.jsonl (one line per step; backtrack variants log unparsed_share;
-on toy problems also the restart precision against the ground truth, toy.restart_precision:
-restart_fixable, restart_at_first_wrong, z2_acc_z0_wrong; time_mu is mu's part of time_sample),
-samples.jsonl (one group of completions with their rewards per step), eval.json (held-out
-accuracy at the start and the end), checkpoint/ (sharded, training.save_checkpoint), model/ with mrt.json.
+Outputs in <out> (default runs/grpo/<variant>): z0.jsonl (dropped problems marked "dropped", with their
+last try), metrics.jsonl (one line per step; backtrack variants log unparsed_share; on toy problems also
+the restart precision against the ground truth, toy.restart_metrics: restart_fixable,
+restart_at_first_wrong, z2_acc_z0_wrong; time_mu is mu's part of time_sample), samples.jsonl (one group
+of completions with their rewards per step), eval.json (held-out accuracy at the start and the end),
+checkpoint/ (sharded, training.save_checkpoint), model/ with mrt.json.
 
 Where this departs from the paper / the authors' code:
-- The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward
-  added alpha times a per-prompt constant, which cancels under group normalization.
-- z0 is sampled at the start of the run with the run's own engine (the authors stored z0
-  offline); the policy and the frozen base are the same weights at that moment.
-- Defaults that Table 2 does not give (prompts per step, steps, beta = 0.04 as TRL's default
-  at the time, eps 0.2, loss `dapo`) are assumptions, documented in PRESETS.
-- Held-out accuracy is measured in the variant's own format with the same z0 source, at the
-  training temperature, so start and end compare like for like.
+- The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward added
+  alpha times a per-prompt constant, which cancels under group normalization.
+- z0 is sampled at the start of the run with the run's own engine (the authors stored z0 offline); the
+  policy and the frozen base are the same weights at that moment.
+- Defaults that Table 2 does not give (prompts per step, steps, beta = 0.04 as TRL's default at the
+  time, eps 0.2, loss `dapo`) are assumptions, documented in PRESETS.
+- Held-out accuracy is measured in the variant's own format with the same z0 source, at the training
+  temperature, so start and end compare like for like.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
 import json
 import os
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
 
-# One OpenMP thread unless told otherwise: vLLM's engine and the trainer share this process, and
-# with more threads OpenMP spin-waits make every CPU op many times slower on a shared CPU (bench/README.md;
+# One OpenMP thread unless told otherwise: vLLM's engine and the trainer share this process, and with
+# more threads OpenMP spin-waits make every CPU op many times slower on a shared CPU (bench/README.md;
 # torchrun sets the same default for several processes). Must precede `import torch`.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -100,197 +93,60 @@ import toy  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
 from infogain import backtrack_cue, backtrack_gain, split_continuation  # noqa: E402
+from training import read_metrics, step_record  # noqa: E402
 
 # --------------------------------------------------------------------------------------
-# Arguments, presets, variants
+# Alg. 2, sample: G continuations per problem, split into episodes, graded, information gain
 # --------------------------------------------------------------------------------------
 
-PRESETS = {
-    # toy: sized so that `python grpo.py` improves held-out accuracy in minutes on 2 CPU cores.
-    "toy": dict(steps=40, prompts_per_step=16, group_size=8, micro_batch_size=32, lr=2e-4,
-                warmup_ratio=0.05, weight_decay=0.0, beta=0.0, temperature=1.0,
-                max_prompt_length=256, max_tokens=128, save_every=10),
-    # paper: Table 2 (lr 1e-6 cosine, warmup 0.1, weight decay 0.01, max prompt 1500, max
-    # completion 1024, G = 4, temperature 0.9); steps, prompts per rank, micro-batch and beta
-    # are assumptions (beta 0.04 was TRL's default when the authors trained).
-    "paper": dict(steps=500, prompts_per_step=8, group_size=4, micro_batch_size=4, lr=1e-6,
-                  warmup_ratio=0.1, weight_decay=0.01, beta=0.04, temperature=0.9,
-                  max_prompt_length=1500, max_tokens=1024, save_every=50),
-}
-VARIANTS = {  # format, alpha, length penalty lambda
-    "mrt": ("backtrack", 1.0, 0.0),
-    "outcome": ("backtrack", 0.0, 0.0),
-    "length": ("backtrack", 0.0, 0.1),
-    "direct": ("direct", 0.0, 0.0),
-}
 
-
-@dataclass
-class Args:
-    variant: str = "mrt"
-    """mrt | outcome | length | direct (sets format, alpha and length penalty defaults)"""
-    preset: str = "auto"
-    """toy | paper | auto (toy when --model is empty, else paper): defaults of the None fields"""
-    model: str = ""
-    """policy to start from ('' : runs/warmstart/model if fine-tuned from this toy build, else the toy base)"""
-    train_data: str = ""
-    """training problems: .jsonl, .parquet or a hub dataset org/name[:split] ('' : the toy train split)"""
-    test_data: str = ""
-    """held-out problems for the start/end accuracy ('' : the toy test split)"""
-    problem_field: str = "problem"
-    """field of a data record holding the problem text"""
-    answer_field: str = "answer"
-    """field of a data record holding the gold answer"""
-    instruction: str | None = None
-    """instruction in the user turn for models with a chat template (default: the one in the
-    starting model's mrt.json when this project wrote it, else the standard one)"""
-    out: str = ""
-    """run folder ('' : runs/grpo/<variant>)"""
-    resume: bool = False
-    """continue from <out>/checkpoint/ (same arguments)"""
-    seed: int = 0
-    """seeds data order, sampling (per step and rank) and initialisation of everything else"""
-    # batch
-    steps: int | None = None
-    """generation batches (each gives --num-iterations optimizer steps)"""
-    prompts_per_step: int | None = None
-    """problems per step on each rank (toy preset: 16 in total, split over the ranks)"""
-    group_size: int | None = None
-    """G: continuations per problem (the GRPO group)"""
-    micro_batch_size: int | None = None
-    """sequences per forward/backward; must divide prompts_per_step * group_size"""
-    num_iterations: int = 1
-    """optimizer passes over each generation batch (mu in the GRPO paper)"""
-    # optimization
-    lr: float | None = None
-    """peak learning rate (AdamW)"""
-    lr_schedule: str = "cosine"
-    """cosine | constant, after linear warmup"""
-    warmup_ratio: float | None = None
-    """fraction of optimizer steps spent in linear warmup"""
-    weight_decay: float | None = None
-    """AdamW weight decay"""
-    max_grad_norm: float = 1.0
-    """gradient clipping (0: off)"""
-    # loss
-    loss_type: str = "dapo"
-    """grpo | bnpo | dr_grpo | dapo (see grpo_loss)"""
-    scale_rewards: str = "group"
-    """group | batch | none (see group_advantages)"""
-    eps_low: float = 0.2
-    """lower clip range of the ratio"""
-    eps_high: float = 0.2
-    """upper clip range of the ratio (DAPO uses 0.28)"""
-    beta: float | None = None
-    """k3 KL coefficient to the reference (starting) model; 0 skips the reference model"""
-    is_correction: bool = False
-    """truncated importance-sampling correction for sampler/trainer log-prob mismatch"""
-    is_cap: float = 3.0
-    """cap C of the importance weight min(exp(old_logp - sampler_logp), C)"""
-    # sampling
-    temperature: float | None = None
-    """sampling temperature (the trainer divides logits by it too)"""
-    top_p: float = 1.0
-    """nucleus sampling"""
-    max_prompt_length: int | None = None
-    """problems whose prompt is longer (tokens) are dropped"""
-    max_tokens: int | None = None
-    """max new tokens of z0 and of each continuation z_{1:2}"""
-    # reward
-    alpha: float | None = None
-    """weight of the information-gain bonus (variant default: mrt 1, others 0)"""
-    assign: str = "final"
-    """final | episode (see the module docstring)"""
-    length_penalty: float | None = None
-    """lambda of the length variant: reward r - lambda * num_tokens / max_tokens"""
-    mu_model: str = ""
-    """meta-prover model ('' : the current policy, in the same engine)"""
-    mu_suffix: str = utils.MU_SUFFIX
-    """forced suffix that makes mu answer now"""
-    mu_samples: int = 8
-    """m: mu rollouts per context for J(mu | context)"""
-    mu_max_tokens: int = 16
-    """max tokens of a mu answer"""
-    mu_mode: str = "forced"
-    """forced: mu answers right after the context and --mu-suffix; rollout: mu continues the
-    context for up to --mu-rollout-tokens, its last boxed answer graded (sampling.MetaProver)"""
-    mu_rollout_tokens: int = 128
-    """B: tokens mu writes per sample in --mu-mode rollout"""
-    # system
-    dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
-    weights and optimizer state stay fp32"""
-    gpu_memory_utilization: float = 0.3
-    """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
-    sleep_mode: str = "auto"
-    """auto | on | off: vLLM sleep mode, the engine's weights and KV cache leave the GPU during each update (auto: on with CUDA; vLLM's CPU build has none)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward"""
-    save_every: int | None = None
-    """checkpoint every N steps (and at the end)"""
-    report_to: str = "none"
-    """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
-    eval_problems: int = 128
-    """held-out problems for the start/end accuracy (0: skip)"""
-    eval_samples: int = 4
-    """samples per held-out problem"""
-    reward: str = ""
-    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
-    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
-    grading site, the meta-prover's included (empty: utils.grade)"""
-    answer_from: str = ""
-    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
-    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
-    mask_truncated: bool = False
-    """DAPO's overlong filtering: completions cut at --max-tokens add no tokens to the loss
-    (they stay in their group's reward statistics)"""
-
-
-RESUME_FREE = ("out", "resume", "steps", "save_every", "report_to", "dtype", "gpu_memory_utilization", "sleep_mode",
-               "gradient_checkpointing")
-"""Arguments a --resume may change (--steps only upwards); any other differing from the
-checkpoint's is refused (training.check_resume_args): it would change what the run computes."""
-
-
-def resolve_args(args: Args, world: int) -> Args:
-    """Fill the None fields from the preset and the variant; check and derive sizes."""
-    if args.variant not in VARIANTS:
-        raise utils.UserError(f"--variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
-    preset = args.preset if args.preset != "auto" else ("toy" if not args.model else "paper")
-    if preset not in PRESETS:
-        raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
-    values = dict(PRESETS[preset])
-    if preset == "toy":
-        values["prompts_per_step"] = max(1, values["prompts_per_step"] // world)
-    fmt, alpha, lam = VARIANTS[args.variant]
-    values.update(alpha=alpha, length_penalty=lam)
-    args = dataclasses.replace(args, preset=preset, **{k: v for k, v in values.items() if getattr(args, k) is None})
-    if fmt == "direct" and (args.alpha != 0 or args.assign != "final"):
-        raise utils.UserError("--variant direct has no episodes: it needs --alpha 0 and --assign final")
-    for name, allowed in (("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo")), ("scale_rewards", ("group", "batch", "none")),
-                          ("assign", ("final", "episode")), ("lr_schedule", ("cosine", "constant")),
-                          ("mu_mode", sampling.MU_MODES)):
-        if getattr(args, name) not in allowed:
-            raise utils.UserError(f"--{name.replace('_', '-')} must be one of {allowed}, got {getattr(args, name)!r}")
-    for name in ("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens", "mu_samples",
-                 "mu_max_tokens", "mu_rollout_tokens"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    if args.group_size < 2:
-        raise utils.UserError(f"--group-size must be at least 2 (GRPO compares continuations of one problem), got {args.group_size}")
-    B = args.prompts_per_step * args.group_size  # generation batch per rank
-    if B % args.micro_batch_size:
-        raise utils.UserError(f"--micro-batch-size {args.micro_batch_size} must divide --prompts-per-step x --group-size "
-                              f"= {args.prompts_per_step} x {args.group_size} = {B}")
-    return args
-
-
-def variant_format(variant: str) -> str:
-    return VARIANTS[variant][0]
+def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
+    """G continuations per problem, one dict per continuation, group by group: ctx_ids, token_ids,
+    sampler_logp, outcome r, gain I (0 without a meta-prover), z1_tokens (all when unparsed: no z2),
+    text, truncated, and (backtrack) episodes. mu is asked once per step, after the policy: the P
+    contexts x + z0 and every parsed x + z0 + z1_i in one call, the engine's prefix cache holding
+    x + z0 in whole KV blocks for all of them (sampling.CPU_ENGINE_BLOCK on CPU)."""
+    fmt = variant_format(args.variant)
+    tok = sampler.tokenizer
+    tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
+    ctx_ids = [utils.encode(tok, p["prompt"] + t) for p, t in zip(problems, tails)]
+    outs = sampler.generate(ctx_ids, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
+                            max_tokens=args.max_tokens, seed=seed, logprobs=True)
+    rows, before_ctx, golds_b = [], [], []
+    for gi, (p, tail, ids, group) in enumerate(zip(problems, tails, ctx_ids, outs)):
+        for s in group:
+            row = dict(problem=p, group=gi, ctx_ids=ids, token_ids=s.token_ids, sampler_logp=s.logprobs,
+                       text=s.text, num_tokens=s.num_tokens, truncated=s.finish_reason == "length", gain=0.0,
+                       z1_tokens=0)
+            ep = None
+            if fmt == "backtrack":
+                ep = row["episodes"] = split_continuation(z0s[p["id"]], tail + s.text)
+                # z1 ends where z2 begins, len(text) - len(z2) characters in; no episodes: all z1
+                row["z1_tokens"] = (utils.tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2)) if ep
+                                    else s.num_tokens)
+            graded = s.text if fmt == "direct" else (ep.z2 if ep else None)  # no episodes: r = 0
+            row["outcome"] = 0.0 if graded is None else sampling.sample_outcome(
+                graded, p["answer"], s.finish_reason, args.reward, p.get("record"))
+            rows.append(row)
+        if meta_prover is not None:
+            before_ctx.append(p["prompt"] + z0s[p["id"]])
+            golds_b.append(p["answer"])
+    if meta_prover is not None:  # I_i = J(mu | x, z0, z1_i) - J(mu | x, z0)  (Def. 5.1)
+        # an unparsed continuation has no episode z1: J after it is 0 (mu is not asked), gain -J(mu | x, z0)
+        parsed = [i for i, r in enumerate(rows) if r["episodes"]]
+        after_ctx = [rows[i]["problem"]["prompt"] + rows[i]["episodes"].z0 + rows[i]["episodes"].z1
+                     for i in parsed]
+        golds_a = [rows[i]["problem"]["answer"] for i in parsed]
+        J = meta_prover.success_rates(before_ctx + after_ctx, golds_b + golds_a,
+                                      seed=utils.derive_seed(seed, "meta-prover"))
+        after = dict(zip(parsed, J[len(problems):]))
+        for i, r in enumerate(rows):
+            r["gain"] = backtrack_gain(J[r["group"]], after.get(i))
+    return rows
 
 
 # --------------------------------------------------------------------------------------
-# Pure math: rewards, advantages, per-token assignment, loss
+# Alg. 2, reward: R = r + alpha * I - lambda * length
 # --------------------------------------------------------------------------------------
 
 
@@ -304,15 +160,20 @@ def combine_rewards(outcome, gain, alpha: float, num_tokens=None, length_penalty
     return reward
 
 
+# --------------------------------------------------------------------------------------
+# Alg. 2, advantage: group-normalized, per sequence (`final`) or per episode (`episode`)
+# --------------------------------------------------------------------------------------
+
+
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
-    """(B,) advantages for (B,) rewards ordered group by group: (r - mean_group) / (std + 1e-4),
-    std with Bessel's correction, per group ("group"), over the whole batch ("batch", TRL's
-    scale_rewards="batch") or no division ("none"). A group whose rewards are all equal gets
+    """(B,) advantages of (B,) rewards, group by group: (r - mean_group) / (std + 1e-4), std (Bessel)
+    per group ("group"), over the batch ("batch", TRL's) or none ("none"). An all-equal group gets
     exactly 0 (never NaN, never rounding noise)."""
     r = rewards.float().view(-1, group_size)  # (B/G, G)
     centered = r - r.mean(dim=1, keepdim=True)  # (B/G, G)
     if scale == "group":
-        adv = centered / ((r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centered)) + 1e-4)
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(centered)  # (B/G, 1)
+        adv = centered / (std + 1e-4)
     elif scale == "batch":
         adv = centered / ((r.std() if r.numel() > 1 else torch.zeros(())) + 1e-4)
     elif scale == "none":
@@ -323,20 +184,22 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return torch.where(equal, torch.zeros_like(adv), adv).view(-1)
 
 
-def episode_advantages(outcome, gain, num_tokens, group_size: int, *, alpha: float, length_penalty: float = 0.0,
-                       max_completion_length: int | None = None, scale: str = "group"):
-    """(adv_z1, adv_z2), each (B,), of the `episode` assignment: per-episode reward-to-go,
-    group-normalized. z1 is credited with its own reward and everything after it,
-    alpha * I + r - lambda * num_tokens / max_completion_length (= the combined reward R, so
-    adv_z1 is the `final` advantage); z2 with what follows it, r - lambda * num_tokens /
-    max_completion_length. Tensors (B,), ordered group by group."""
-    after_z1 = combine_rewards(outcome, gain, alpha, num_tokens, length_penalty, max_completion_length)  # (B,)
+def episode_advantages(outcome, gain, num_tokens, group_size: int, *, alpha: float,
+                       length_penalty: float = 0.0, max_completion_length: int | None = None,
+                       scale: str = "group"):
+    """(adv_z1, adv_z2), each (B,), group by group, of the `episode` assignment: per-episode
+    reward-to-go, group-normalized. z1 is credited with its own reward and all after it,
+    alpha * I + r - lambda * num_tokens / max_completion_length (= R: adv_z1 is the `final`
+    advantage); z2 with what follows it, r - lambda * num_tokens / max_completion_length."""
+    after_z1 = combine_rewards(outcome, gain, alpha, num_tokens, length_penalty,
+                               max_completion_length)  # (B,)
     after_z2 = combine_rewards(outcome, torch.zeros_like(gain), 0.0, num_tokens, length_penalty,
                                max_completion_length)  # (B,)
     return group_advantages(after_z1, group_size, scale), group_advantages(after_z2, group_size, scale)
 
 
-def assign_advantages(adv_z1: torch.Tensor, adv_z2: torch.Tensor, z1_tokens: torch.Tensor, T: int) -> torch.Tensor:
+def assign_advantages(adv_z1: torch.Tensor, adv_z2: torch.Tensor, z1_tokens: torch.Tensor,
+                      T: int) -> torch.Tensor:
     """Per-token advantages (B, T) of the `episode` assignment: positions t < z1_tokens[i] (the
     backtrack episode z1) get adv_z1[i], the rest (the revised attempt z2, EOS included) get
     adv_z2[i]. The `final` assignment is the (B,) advantage itself, broadcast by grpo_loss."""
@@ -344,24 +207,36 @@ def assign_advantages(adv_z1: torch.Tensor, adv_z2: torch.Tensor, z1_tokens: tor
     return torch.where(pos < z1_tokens[:, None], adv_z1[:, None], adv_z2[:, None]).float()  # (B, T)
 
 
+class Episode(NamedTuple):
+    """The `episode` assignment's pieces, each (B,): the advantage of z1's tokens, that of z2's, and
+    z1's token count."""
+
+    adv_z1: torch.Tensor
+    adv_z2: torch.Tensor
+    z1_tokens: torch.Tensor
+
+
+# --------------------------------------------------------------------------------------
+# Alg. 2, loss: token-level clipped ratio objective, k3 KL to the reference
+# --------------------------------------------------------------------------------------
+
+
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", eps_low=0.2, eps_high=0.2,
               beta=0.0, num_items=None, max_completion_length=None, sampler_logp=None, is_cap=3.0):
-    """The GRPO loss of one micro-batch with TRL's semantics, and its metrics.
-
-    logp, old_logp, ref_logp, mask: (B, T); advantages (B,) or (B, T). ratio = exp(logp -
-    old_logp); per-token loss -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A); with
-    sampler_logp, times the truncated importance weight min(exp(old_logp - sampler_logp),
-    is_cap) (TRL's vllm_importance_sampling_correction, token_truncate); plus beta times the k3
-    KL exp(ref - logp) - (ref - logp) - 1 (ref_logp None when beta is 0). Normalization:
+    """The GRPO loss of one micro-batch with TRL's semantics, and its metrics (0-d tensors on the loss's
+    device; read_metrics reads them). logp, old_logp, ref_logp, mask: (B, T); advantages (B,) or (B, T).
+    ratio = exp(logp - old_logp); per-token loss -min(ratio A, clip(ratio, 1 - eps_low, 1 + eps_high) A);
+    with sampler_logp, times the truncated importance weight min(exp(old_logp - sampler_logp), is_cap)
+    (TRL's vllm_importance_sampling_correction, token_truncate); plus beta times the k3 KL
+    exp(ref - logp) - (ref - logp) - 1 (ref_logp None when beta is 0). Normalization:
       grpo     per-sequence token mean, then mean over the B sequences
       bnpo     token mean over this micro-batch
       dr_grpo  token sum / (B * max_completion_length)      (default: T)
-      dapo     token sum / num_items, the completion-token count of the whole generation
-               batch over all ranks and accumulation steps (default: mask.sum())
-    Accumulation, as TRL: the caller divides grpo/bnpo/dr_grpo losses by the number of
-    micro-batches; `dapo` needs no division. Across ranks whose gradients are averaged
-    (FSDP), the caller multiplies the `dapo` loss by the world size. The metrics are 0-d
-    tensors on the loss's device (`read_metrics` reads them to floats)."""
+      dapo     token sum / num_items, the completion-token count of the whole generation batch over all
+               ranks and accumulation steps (default: mask.sum())
+    Accumulation, as TRL: the caller divides grpo/bnpo/dr_grpo losses by the number of micro-batches
+    (`dapo`: no division) and, across ranks whose gradients are averaged (FSDP), multiplies the `dapo`
+    loss by the world size (micro_batch_scale)."""
     mask = mask.float()
     adv = advantages if advantages.dim() == 2 else advantages[:, None]  # (B, T) or (B, 1)
     ratio = torch.exp(logp - old_logp)  # (B, T)
@@ -393,8 +268,9 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", e
         low = ((ratio < 1 - eps_low) & (adv < 0)).float()
         high = ((ratio > 1 + eps_high) & (adv > 0)).float()
         zero = mask.new_zeros(())
-        metrics = {"clip_low": mean(low), "clip_high": mean(high), "clip_region": mean(torch.maximum(low, high)),
-                   "ratio": mean(ratio), "ratio_max": (ratio * mask).max(), "tokens": mask.sum(),
+        metrics = {"clip_low": mean(low), "clip_high": mean(high),
+                   "clip_region": mean(torch.maximum(low, high)), "ratio": mean(ratio),
+                   "ratio_max": (ratio * mask).max(), "tokens": mask.sum(),
                    "kl": mean(kl) if kl is not None else zero,
                    "is_weight": mean(is_weight) if is_weight is not None else zero + 1.0}
     return loss, metrics
@@ -407,138 +283,8 @@ def overlong_mask(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     return mask * (~truncated.to(device=mask.device, dtype=torch.bool))[:, None].to(mask.dtype)  # (B, T)
 
 
-def read_metrics(metrics: list[dict]) -> list[dict]:
-    """The same dicts with every value a float: their 0-d tensors (on one device) read to the
-    host with one transfer, so a step waits for the device once, not once per value."""
-    flat = [v for m in metrics for v in m.values()]
-    device = next((v.device for v in flat if torch.is_tensor(v)), "cpu")
-    values = iter(torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in flat]).tolist()
-                  if flat else [])
-    return [{k: next(values) for k in m} for m in metrics]
-
-
 # --------------------------------------------------------------------------------------
-# Model-side helpers: log-probs of completions, token position of an episode boundary
-# --------------------------------------------------------------------------------------
-
-
-def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
-    """The fewest leading sampled tokens whose decoded text covers the first n_chars
-    characters (binary search over decoded prefixes of the ids)."""
-    if n_chars <= 0:
-        return 0
-    lo, hi = 1, len(token_ids)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(tokenizer.decode(token_ids[:mid], skip_special_tokens=True)) >= n_chars:
-            hi = mid
-        else:
-            lo = mid + 1
-    return lo
-
-
-# --------------------------------------------------------------------------------------
-# Data: problems, their order, prompts and contexts
-# --------------------------------------------------------------------------------------
-
-
-def problem_index(position: int, n: int, seed: int, gone: frozenset = frozenset()) -> int:
-    """The problem at a position of the endless data stream: a fresh permutation of the n
-    problems per epoch, the indices in `gone` left out (the others keep their order, so
-    leaving a problem out shifts the stream by one place instead of reshuffling it)."""
-    epoch, i = divmod(position, n - len(gone))
-    return int(_order(n, seed, epoch, gone)[i])
-
-
-def step_problems(train: list[dict], position: int, args: Args, rank: int, skip: frozenset = frozenset()) -> list[dict]:
-    """The P problems of one rank in the step that starts at `position` of the data stream
-    (each step takes P x world consecutive positions; rank r takes the r-th share). `skip`:
-    ids of problems left out of the stream (no usable z0, prepare_z0)."""
-    P = args.prompts_per_step
-    gone = frozenset(i for i, p in enumerate(train) if p["id"] in skip) if skip else frozenset()
-    return [train[problem_index(position + rank * P + j, len(train), args.seed, gone)] for j in range(P)]
-
-
-@functools.lru_cache(maxsize=4)
-def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.RandomState(utils.derive_seed(seed, "data order", epoch)).permutation(n)
-
-
-@functools.lru_cache(maxsize=4)
-def _order(n: int, seed: int, epoch: int, gone: frozenset) -> np.ndarray:
-    perm = _permutation(n, seed, epoch)  # (n,)
-    return perm[~np.isin(perm, list(gone))] if gone else perm
-
-
-# --------------------------------------------------------------------------------------
-# Rollouts: sample, split into episodes, grade, information gain
-# --------------------------------------------------------------------------------------
-
-
-def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
-    """G continuations per problem with their rewards. Returns one dict per continuation,
-    group by group: ctx_ids, token_ids, sampler_logp, outcome, gain, z1_tokens, text,
-    truncated, and (backtrack format) episodes. The outcome is sampling.sample_outcome (0 for
-    a sample cut at --max-tokens); the gain is infogain.backtrack_gain (an unparsed
-    continuation: -J(mu | x, z0)), 0 without a meta-prover; z1_tokens is the sampled tokens of
-    z1 (all of them for an unparsed continuation, which has no z2). mu is asked once per step,
-    after the policy's call (it grades the continuations that call samples): the P contexts
-    x + z0 and every parsed x + z0 + z1_i in one call, where the engine's prefix cache holds
-    x + z0 in whole KV blocks for all of them (sampling.CPU_ENGINE_BLOCK on CPU)."""
-    fmt = variant_format(args.variant)
-    tok = sampler.tokenizer
-    tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
-    ctx_ids = [utils.encode(tok, p["prompt"] + t) for p, t in zip(problems, tails)]
-    outs = sampler.generate(ctx_ids, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
-                            max_tokens=args.max_tokens, seed=seed, logprobs=True)
-    rows, before_ctx, golds_b = [], [], []
-    for gi, (p, tail, ids, group) in enumerate(zip(problems, tails, ctx_ids, outs)):
-        for s in group:
-            row = dict(problem=p, group=gi, ctx_ids=ids, token_ids=s.token_ids, sampler_logp=s.logprobs, text=s.text,
-                       num_tokens=s.num_tokens, truncated=s.finish_reason == "length", gain=0.0, z1_tokens=0)
-            if fmt == "direct":
-                row["outcome"] = sampling.sample_outcome(s.text, p["answer"], s.finish_reason, args.reward, p.get("record"))
-            else:
-                ep = split_continuation(z0s[p["id"]], tail + s.text)
-                row["outcome"] = (sampling.sample_outcome(ep.z2, p["answer"], s.finish_reason, args.reward, p.get("record"))
-                                  if ep else 0.0)
-                row["episodes"] = ep
-                # z1 ends where z2 begins: len(text) - len(z2) characters into the continuation; no episodes: all z1
-                row["z1_tokens"] = tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2)) if ep else s.num_tokens
-            rows.append(row)
-        if meta_prover is not None:
-            before_ctx.append(p["prompt"] + z0s[p["id"]])
-            golds_b.append(p["answer"])
-    if meta_prover is not None:  # I_i = J(mu | x, z0, z1_i) - J(mu | x, z0)  (Def. 5.1)
-        # an unparsed continuation has no episode z1: J after it is 0 (mu is not asked), gain -J(mu | x, z0)
-        parsed = [i for i, r in enumerate(rows) if r["episodes"]]
-        after_ctx = [rows[i]["problem"]["prompt"] + rows[i]["episodes"].z0 + rows[i]["episodes"].z1 for i in parsed]
-        golds_a = [rows[i]["problem"]["answer"] for i in parsed]
-        J = meta_prover.success_rates(before_ctx + after_ctx, golds_b + golds_a, seed=utils.derive_seed(seed, "meta-prover"))
-        after = dict(zip(parsed, J[len(problems):]))
-        for i, r in enumerate(rows):
-            r["gain"] = backtrack_gain(J[r["group"]], after.get(i))
-    return rows
-
-
-# --------------------------------------------------------------------------------------
-# Held-out accuracy in the variant's format
-# --------------------------------------------------------------------------------------
-
-
-def heldout_accuracy(sampler, problems, z0s, args: Args, seed: int) -> float:
-    """Mean accuracy of --eval-samples continuations per held-out problem (graded on z2 for
-    backtrack variants; a continuation cut at --max-tokens scores 0, as in training), problems
-    split over the ranks, same seed at start and end."""
-    rank, world = utils.rank(), utils.world_size()
-    eval_args = dataclasses.replace(args, group_size=args.eval_samples)
-    rows = rollout(sampler, problems[rank::world], z0s, eval_args, utils.derive_seed(seed, rank)) if problems[rank::world] else []
-    scores = [x for part in utils.all_gather([r["outcome"] for r in rows]) for x in part]
-    return float(np.mean(scores))
-
-
-# --------------------------------------------------------------------------------------
-# Training pieces: schedule, z0 store, one policy update, the metrics of a step
+# Alg. 2, update: micro-batches, gradient accumulation, --num-iterations optimizer steps (then sync)
 # --------------------------------------------------------------------------------------
 
 
@@ -548,84 +294,25 @@ def micro_batch_scale(loss_type: str, n_micro: int, world: int) -> float:
     return float(world) if loss_type == "dapo" else 1.0 / n_micro
 
 
-def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Args, reuse: bool,
-               positions: list[int], world: int) -> tuple[frozenset, list[dict], dict, dict]:
-    """z0 for every training problem the run will use (the steps that start at `positions` of
-    the data stream, every rank's share) and every held-out problem (Alg. 2: the initial
-    attempt of the frozen base). Sampled now, while the engine still holds the base weights, in
-    shares over the ranks (sampling.sample_z0: a cut or box-less attempt is resampled, then its
-    problem dropped). A dropped training problem leaves the data stream and the problems after
-    it move up, so those that newly enter the run get their z0 too (rounds until none is
-    missing); a dropped held-out problem leaves the held-out set. Everything, the dropped
-    problems included (with their last try and "dropped": true), is stored in `path`, which a
-    resumed run reuses. Returns (skip: the dropped training ids, for step_problems; the kept
-    held-out problems; {id: z0} of train; {id: z0} of test)."""
-    z0s, lost = {}, {}  # (split, id) -> z0, or the last try of a dropped problem
-    if reuse and os.path.exists(path):
-        for r in utils.read_records(path, ["split", "id", "z0"]):
-            (lost if r.get("dropped") else z0s)[(r["split"], r["id"])] = r["z0"]
-    skip = lambda: frozenset(i for s, i in lost if s == "train")  # noqa: E731
-    t0, sampled = time.time(), {"train": 0, "test": 0}
-    for rnd in itertools.count():  # a round that drops nothing covers every problem the run uses
-        if len(skip()) == len(train):
-            raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at --max-tokens "
-                                  f"{args.max_tokens} or without a box in {sampling.Z0_TRIES} tries): raise --max-tokens")
-        want = {p["id"] for pos in positions for r in range(world) for p in step_problems(train, pos, args, r, skip())}
-        todo = {"train": [p for p in train if p["id"] in want and ("train", p["id"]) not in z0s],
-                "test": [p for p in test if ("test", p["id"]) not in z0s and ("test", p["id"]) not in lost]}
-        if not (todo["train"] or todo["test"]):
-            break
-        if reuse:
-            raise utils.UserError(f"{path}: attempts missing for a resumed run (the base weights are gone)")
-        for split, probs in todo.items():
-            parts = (args.seed, "z0", split, *([rnd] if rnd else []))  # round 0 seeded as before drops existed
-            kept, dropped = sampling.sample_z0(sampler, probs, temperature=args.temperature, top_p=args.top_p,
-                                      max_tokens=args.max_tokens, seed_parts=parts)
-            z0s.update({(split, i): z for i, z in kept.items()})
-            lost.update({(split, i): z for i, z in dropped.items()})
-            sampled[split] += len(probs)
-    if sampled["train"] or sampled["test"]:
-        if utils.is_main():
-            utils.write_jsonl(path, [{"split": s, "id": i, "z0": z, "dropped": (s, i) in lost}
-                                     for (s, i), z in sorted({**z0s, **lost}.items())])
-        utils.print0(f"sampled z0 for {sampled['train']} train and {sampled['test']} held-out problems in "
-                     f"{time.time() - t0:.0f}s")
-    n_lost = {name: sum(s == name for s, _ in lost) for name in ("train", "test")}
-    if n_lost["train"] or n_lost["test"]:
-        utils.print0(f"dropped {n_lost['train']} train and {n_lost['test']} held-out problems: no usable attempt z0 "
-                     f"in {sampling.Z0_TRIES} tries (cut at --max-tokens or no box); stored in {path}")
-    split = lambda name: {i: z for (s, i), z in z0s.items() if s == name}  # noqa: E731
-    return skip(), [p for p in test if ("test", p["id"]) not in lost], split("train"), split("test")
-
-
-class Episode(NamedTuple):
-    """The `episode` assignment's per-sample pieces, each (B,): the advantage of the tokens of
-    the backtrack episode z1, that of the revised attempt z2, and z1's token count."""
-
-    adv_z1: torch.Tensor
-    adv_z2: torch.Tensor
-    z1_tokens: torch.Tensor
-
-
 def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Args, pad_id: int):
     """Loss and update on one generation batch: micro-batches with gradient accumulation,
-    --num-iterations optimizer steps; old (and reference) log-probs come from the first pass,
-    before any update of this batch. `advantages`: (B,) for the `final` assignment, or an
-    Episode. Returns the per-micro-batch metrics (first pass first) and the last gradient norm,
-    read from the device once at the end. Under FSDP2 the gradients are reduced over the ranks
-    once per optimizer step, in the backward of its last micro-batch (`training.gradient_sync`).
-    With --mask-truncated, completions cut at --max-tokens add no tokens (overlong_mask), and
-    dapo's token count leaves them out."""
+    --num-iterations optimizer steps; old (and reference) log-probs from the first pass, before any
+    update of this batch. `advantages`: (B,) for the `final` assignment, or an Episode. Returns the
+    per-micro-batch metrics (first pass first) and the last gradient norm, read from the device once.
+    Under FSDP2 the gradients are reduced over the ranks once per optimizer step, in the backward of
+    its last micro-batch (training.gradient_sync). With --mask-truncated, completions cut at
+    --max-tokens add no tokens (overlong_mask), nor to dapo's token count."""
     M, world = args.micro_batch_size, utils.world_size()
     n_micro = len(rows) // M
-    trained = [r for r in rows if not (args.mask_truncated and r["truncated"])]  # --mask-truncated drops cut ones
-    num_items = utils.all_reduce(torch.tensor(float(sum(r["num_tokens"] for r in trained))))  # dapo: the batch's tokens
+    trained = [r for r in rows if not (args.mask_truncated and r["truncated"])]
+    num_items = utils.all_reduce(torch.tensor(float(sum(r["num_tokens"] for r in trained))))  # dapo's count
     old_logp, ref_logp, stats = {}, {}, []
     for it in range(args.num_iterations):
         for k in range(n_micro):
             mb, sl = rows[k * M:(k + 1) * M], slice(k * M, (k + 1) * M)
             ctx, comp = [r["ctx_ids"] for r in mb], [r["token_ids"] for r in mb]
-            logp, mask, ent = training.completion_logprobs(model, ctx, comp, pad_id, args.temperature, with_entropy=it == 0)  # (M, T)
+            logp, mask, ent = training.completion_logprobs(model, ctx, comp, pad_id, args.temperature,
+                                                           with_entropy=it == 0)  # (M, T)
             if args.mask_truncated:  # entropy, gap and loss over the trained tokens only
                 mask = overlong_mask(mask, torch.tensor([r["truncated"] for r in mb]))  # (M, T)
             samp = training.pad_sequences([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in mb], 0,
@@ -634,17 +321,18 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
                 old_logp[k] = logp.detach()
                 if ref is not None:
                     with torch.no_grad():
-                        ref_logp[k] = training.completion_logprobs(ref, ctx, comp, pad_id, args.temperature)[0]
+                        ref_logp[k] = training.completion_logprobs(ref, ctx, comp, pad_id,
+                                                                   args.temperature)[0]  # (M, T)
             if isinstance(advantages, Episode):
-                adv = assign_advantages(advantages.adv_z1[sl], advantages.adv_z2[sl], advantages.z1_tokens[sl],
-                                        logp.shape[1])  # (M, T)
+                a = advantages
+                adv = assign_advantages(a.adv_z1[sl], a.adv_z2[sl], a.z1_tokens[sl], logp.shape[1])  # (M, T)
             else:
                 adv = advantages[sl]  # (M,): `final`, broadcast over the tokens
             loss, m = grpo_loss(logp, old_logp[k], ref_logp.get(k), adv.to(logp.device), mask,
-                                loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high, beta=args.beta,
-                                num_items=num_items, max_completion_length=args.max_tokens,
+                                loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high,
+                                beta=args.beta, num_items=num_items, max_completion_length=args.max_tokens,
                                 sampler_logp=samp if args.is_correction else None, is_cap=args.is_cap)
-            training.gradient_sync(model, k == n_micro - 1)  # FSDP2 reduces the gradients once, after the last
+            training.gradient_sync(model, k == n_micro - 1)  # FSDP2 reduces the gradients once, on the last
             (loss * micro_batch_scale(args.loss_type, n_micro, world)).backward()
             if it == 0:  # the proof that weights synced: the engine's and the trainer's log-probs agree
                 m["entropy"] = (ent * mask).sum() / mask.sum().clamp(min=1)
@@ -662,117 +350,80 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
     return stats, last["grad_norm"]
 
 
-def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], grad_norm: float, lr: float,
-                times: dict, args: Args, mu_tokens: int | None = None) -> dict:
-    """One metrics line. `rewards`: outcome, gain, reward, tokens, each (B * world,) over all
-    ranks; `stats`: this rank's per-micro-batch loss metrics (first pass first), token-weighted
-    here, then averaged over ranks; `times`: this rank's seconds, the slowest rank's reported.
-    Backtrack format: unparsed_share, the share of continuations with no episodes. With a
-    meta-prover, `mu_tokens` (the tokens it decoded on this rank this step) gives
-    mu_tokens_per_problem, summed over ranks per problem of the step."""
-    n_micro = len(rows) // args.micro_batch_size
-    first = stats[:n_micro]  # entropy and the engine/trainer gap are taken on the first pass
-
-    def wmean(key, ss):
-        return sum(s[key] * s["tokens"] for s in ss) / max(1.0, sum(s["tokens"] for s in ss))
-
-    keys = ("clip_low", "clip_high", "clip_region", "ratio", "kl", "is_weight")
-    local = {"entropy": wmean("entropy", first), "logprob_gap": wmean("logprob_gap", first),
-             **{k: wmean(k, stats) for k in keys}, "truncated": sum(r["truncated"] for r in rows),
-             "unparsed": sum("episodes" in r and r["episodes"] is None for r in rows),
-             "ratio_max": max(s["ratio_max"] for s in stats), "mu_tokens": mu_tokens or 0, **times}
-    ranks = utils.all_gather(local)
-    mean = {k: float(np.mean([r[k] for r in ranks])) for k in ("entropy", "logprob_gap", *keys)}
-    slowest = {k: max(r[k] for r in ranks) for k in times}
-    out, gain, reward, ntok = rewards["outcome"], rewards["gain"], rewards["reward"], rewards["tokens"]
-    return {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
-            "accuracy": out.mean().item(), "info_gain_mean": gain.mean().item(),
-            "zero_std_groups": (reward.view(-1, args.group_size).std(1) == 0).float().mean().item(),
-            "completion_len_mean": ntok.mean().item(), "completion_len_max": ntok.max().item(),
-            "truncated_share": sum(r["truncated"] for r in ranks) / len(ntok),
-            **({"unparsed_share": sum(r["unparsed"] for r in ranks) / len(ntok)}
-               if variant_format(args.variant) == "backtrack" else {}),
-            "entropy": mean["entropy"], "logprob_gap": mean["logprob_gap"], "clip_low": mean["clip_low"],
-            "clip_high": mean["clip_high"], "clip_region": mean["clip_region"], "kl": mean["kl"],
-            "is_weight": mean["is_weight"], "ratio_mean": mean["ratio"],
-            "ratio_max": max(r["ratio_max"] for r in ranks), "grad_norm": grad_norm, "lr": lr,
-            "loss": float(np.mean([s["loss"] for s in stats])),
-            "tokens_per_s": ntok.sum().item() / max(1e-9, slowest["time_sample"]),
-            **({"mu_tokens_per_problem": sum(r["mu_tokens"] for r in ranks) * args.group_size / len(ntok)}
-               if mu_tokens is not None else {}), **slowest}
-
-
 # --------------------------------------------------------------------------------------
 # Main: Alg. 2
 # --------------------------------------------------------------------------------------
 
 
-def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
-    """Train; returns the held-out accuracies {"start", "end"}. `sampler`: an engine already
-    built on the starting model to reuse (tests); its weights are overwritten."""
+def main(args: Args) -> dict:
+    """Train; returns the held-out accuracies {"start", "end"}. An engine on the starting model in
+    sampling.READY (tests) is used instead of a new one, with the trainer's weights synced into it."""
     rank, world, device = utils.init_distributed()
     args = resolve_args(args, world)
-    out = args.out or os.path.join("runs", "grpo", args.variant)
-    fmt = variant_format(args.variant)
+    out, fmt = args.out or os.path.join("runs", "grpo", args.variant), variant_format(args.variant)
     model_path, toy_paths = args.model, None
     if not (args.model and args.train_data and args.test_data):
         default_path, toy_paths = toy.default_model()
         model_path = model_path or default_path
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
+    ckpt_path, eval_path = os.path.join(out, "checkpoint"), os.path.join(out, "eval.json")
     if args.resume:  # refused before anything loads when the arguments change the run's meaning
-        done = training.check_resume_args(os.path.join(out, "checkpoint"), args, RESUME_FREE)["step"]
+        done = training.check_resume_args(ckpt_path, args, RESUME_FREE)["step"]
         if args.steps < done:
-            raise utils.UserError(f"--resume: --steps {args.steps} is below the checkpoint's step {done}", every_rank=True)
+            raise utils.UserError(f"--resume: --steps {args.steps} is below the checkpoint's step {done}",
+                                  every_rank=True)
     utils.seed_everything(args.seed)
-    utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world {world}, "
-                 f"{args.prompts_per_step} prompts x {args.group_size} per rank per step, {args.steps} steps")
+    utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world "
+                 f"{world}, {args.prompts_per_step} prompts x {args.group_size} per rank per step, "
+                 f"{args.steps} steps")
 
     # -- data (its prompt lengths size the engine) ------------------------------------------
-    given_engine = sampler is not None
-    tok = sampler.tokenizer if given_engine else utils.load_tokenizer(model_path)
+    tok = utils.load_tokenizer(model_path)
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
                 instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
-                too_long="raise --max-prompt-length", answer_from=args.answer_from, keep_record=bool(args.reward))
+                too_long="raise --max-prompt-length", answer_from=args.answer_from,
+                keep_record=bool(args.reward))
     utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     train = utils.load_problems(args.train_data or toy_paths["train"], **data)
     test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
+    # restart precision against the toy's ground truth, on toy problems only (the same answer on every rank)
+    on_toy = fmt == "backtrack" and any(toy.parse_problem(p["problem"]) for p in train)
 
     # -- models: policy (FSDP2 over ranks, fp32 masters), frozen reference if beta > 0 (from the
     # same read of the weights), vLLM engine(s) sized from the run's own lengths ---------------
     uses_mu = args.alpha != 0.0 or args.assign == "episode"
     longest = max(p["prompt_tokens"] for p in train + test)
-    mu_tokens = sampling.mu_need(tok, args.mu_mode, args.mu_suffix, args.mu_max_tokens, args.mu_rollout_tokens)
-    engine_kw = dict(seed=args.seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization,
-                     sleep_mode=args.sleep_mode)
-    if not given_engine:
-        need = sampling.trace_need(tok, longest, args.max_tokens, fmt == "backtrack",
-                                   mu_tokens if uses_mu and not args.mu_model else 0)
-        max_len = sampling.engine_length(model_path, need)
-        sampler = sampling.Sampler(model_path, max_model_len=max_len, **engine_kw)
-        utils.print0(f"sampler: {sampler.backend}, max_model_len {max_len} (longest prompt {longest} tokens), "
-                     f"gpu_memory_utilization {args.gpu_memory_utilization}, sleep mode {sampler.sleep_mode}")
+    mu_need = sampling.mu_need(tok, args.mu_mode, args.mu_suffix, args.mu_max_tokens, args.mu_rollout_tokens)
+    need = lambda mu: sampling.trace_need(tok, longest, args.max_tokens, fmt == "backtrack", mu)  # noqa: E731
+    engine_kw = dict(seed=args.seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization)
+    max_len = sampling.engine_length(model_path, need(mu_need if uses_mu and not args.mu_model else 0))
+    ready = model_path in sampling.READY  # it may hold other weights (and a prefix cache computed with them)
+    sampler = sampling.engine(model_path, max_model_len=max_len, sleep_mode=args.sleep_mode, **engine_kw)
+    if not ready:
+        utils.print0(f"sampler: {sampler.backend}, max_model_len {max_len} (longest prompt {longest} "
+                     f"tokens), gpu_memory_utilization {args.gpu_memory_utilization}, "
+                     f"sleep mode {sampler.sleep_mode}")
     model, ref = training.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing,
                                        reference=args.beta != 0.0)
     model.train()
-    if given_engine:  # it may hold other weights (and a prefix cache computed with them)
+    if ready:
         sampler.sync_weights(model)
     meta_prover = None
     if uses_mu:
-        mu = sampler
-        if args.mu_model:
-            need = sampling.trace_need(tok, longest, args.max_tokens, fmt == "backtrack", mu_tokens)
-            mu = sampling.Sampler(args.mu_model, max_model_len=sampling.engine_length(args.mu_model, need),
-                                  **dict(engine_kw, sleep_mode="off"))
-        meta_prover = sampling.MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens,
-                                 mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens, reward=args.reward)
+        mu = sampler if not args.mu_model else sampling.Sampler(
+            args.mu_model, max_model_len=sampling.engine_length(args.mu_model, need(mu_need)),
+            sleep_mode="off", **engine_kw)
+        meta_prover = sampling.MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples,
+                                          max_tokens=args.mu_max_tokens, mode=args.mu_mode,
+                                          rollout_tokens=args.mu_rollout_tokens, reward=args.reward)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps * args.num_iterations  # optimizer steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(int(args.warmup_ratio * total), total, args.lr_schedule))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(int(args.warmup_ratio * total), total,
+                                                                      args.lr_schedule))
 
     # -- resume ------------------------------------------------------------------------------
     P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world
     start, data_pos = 0, 0  # first step of this run, and its position in the data stream
-    ckpt_path, eval_path = os.path.join(out, "checkpoint"), os.path.join(out, "eval.json")
     if args.resume:
         extra = training.load_checkpoint(ckpt_path, model, opt, sched)
         start, data_pos = extra["step"], extra["data_position"]
@@ -785,19 +436,22 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     # -- z0 from the frozen base for every problem the run will use (Alg. 2) --------------
     train_z0, test_z0, skip = {}, {}, frozenset()
     if fmt == "backtrack":
+        positions = [position(s) for s in range(start, args.steps)]
         skip, test, train_z0, test_z0 = prepare_z0(sampler, train, test, os.path.join(out, "z0.jsonl"), args,
-                                                   args.resume, [position(s) for s in range(start, args.steps)], world)
+                                                   args.resume, positions, world)
     evals = json.load(open(eval_path)) if args.resume and os.path.exists(eval_path) else {}
     eval_seed = utils.derive_seed(args.seed, "held-out")
     if test and "start" not in evals:
         evals["start"] = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
-        utils.print0(f"held-out accuracy at start: {evals['start']:.4f} ({len(test)} problems x {args.eval_samples})")
+        utils.print0(f"held-out accuracy at start: {evals['start']:.4f} "
+                     f"({len(test)} problems x {args.eval_samples})")
         if utils.is_main():
             utils.write_json(eval_path, evals)
 
-    logger = utils.JsonlLogger(os.path.join(out, "metrics.jsonl"), resume_step=start if args.resume else None,
+    resumed = start if args.resume else None
+    logger = utils.JsonlLogger(os.path.join(out, "metrics.jsonl"), resume_step=resumed,
                                report_to=args.report_to, config=dataclasses.asdict(args))
-    sample_log = utils.JsonlLogger(os.path.join(out, "samples.jsonl"), resume_step=start if args.resume else None)
+    sample_log = utils.JsonlLogger(os.path.join(out, "samples.jsonl"), resume_step=resumed)
     from tqdm import tqdm
 
     bar = tqdm(range(start, args.steps), desc=f"grpo {args.variant}", disable=not utils.is_main(),
@@ -808,7 +462,8 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         # ---- sample: G continuations per problem from the current policy (seeded per step and rank)
         problems = step_problems(train, position(step), args, rank, skip)
         mu_seconds, mu_tokens = (meta_prover.seconds, meta_prover.tokens) if meta_prover else (0.0, 0)
-        rows = rollout(sampler, problems, train_z0, args, utils.derive_seed(args.seed, "rollout", step, rank), meta_prover)
+        rows = rollout(sampler, problems, train_z0, args, utils.derive_seed(args.seed, "rollout", step, rank),
+                       meta_prover)
         t_sample = time.time() - t_step
         t_mu = (meta_prover.seconds if meta_prover else 0.0) - mu_seconds  # mu's share of the sampling time
         mu_tokens = meta_prover.tokens - mu_tokens if meta_prover else None  # tokens mu decoded this step
@@ -819,15 +474,16 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         ntok = torch.tensor([r["num_tokens"] for r in rows], dtype=torch.float)  # (B,)
         reward = combine_rewards(outcome, gain, args.alpha, ntok, args.length_penalty, args.max_tokens)
         mine = {"outcome": outcome, "gain": gain, "reward": reward, "tokens": ntok}
-        every = {k: torch.cat([r[k] for r in utils.all_gather(mine)]) for k in mine}  # (B * world,) each, rank order
+        every = {k: torch.cat([r[k] for r in utils.all_gather(mine)]) for k in mine}  # (B * world,) each
 
         # ---- advantage: group-normalized (groups never straddle ranks; `batch` scale sees all)
         own = slice(rank * P * G, (rank + 1) * P * G)
         adv_final = group_advantages(every["reward"], G, args.scale_rewards)[own]  # (B,)
         advantages = adv_final
-        if args.assign == "episode":  # reward-to-go: z1 tokens A(alpha * I + r - penalty), z2 tokens A(r - penalty)
-            adv_z1, adv_z2 = episode_advantages(every["outcome"], every["gain"], every["tokens"], G, alpha=args.alpha,
-                                                length_penalty=args.length_penalty, max_completion_length=args.max_tokens,
+        if args.assign == "episode":  # reward-to-go: z1 tokens A(alpha * I + r - pen.), z2 tokens A(r - pen.)
+            adv_z1, adv_z2 = episode_advantages(every["outcome"], every["gain"], every["tokens"], G,
+                                                alpha=args.alpha, length_penalty=args.length_penalty,
+                                                max_completion_length=args.max_tokens,
                                                 scale=args.scale_rewards)  # (B * world,) each
             advantages = Episode(adv_z1=adv_z1[own], adv_z2=adv_z2[own],
                                  z1_tokens=torch.tensor([r["z1_tokens"] for r in rows]))  # (B,) each
@@ -840,27 +496,26 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
         t_train = time.time() - t1
 
         # ---- log, checkpoint -------------------------------------------------------------------
-        times = {"time_sample": t_sample, "time_mu": t_mu, "time_train": t_train, "time_step": time.time() - t_step}
-        rec = step_record(step + 1, every, rows, stats, grad_norm, sched.get_last_lr()[0], times, args, mu_tokens)
-        if fmt == "backtrack":  # restart precision against the toy's ground truth (toy problems only)
-            truth = [{"truth": toy.restart_truth(r["problem"]["problem"], train_z0[r["problem"]["id"]],
-                                                 r["episodes"].restart_step if r["episodes"] else None),
-                      "outcome": r["outcome"]} for r in rows]
-            prec = toy.restart_precision([x for part in utils.all_gather(truth) for x in part])
-            if prec["n"]:
-                rec.update(restart_fixable=prec["fixable"], restart_at_first_wrong=prec["at_first_wrong"],
-                           z2_acc_z0_wrong=prec["z2_acc_z0_wrong"], z0_wrong_continuations=prec["n"])
+        times = {"time_sample": t_sample, "time_mu": t_mu, "time_train": t_train,
+                 "time_step": time.time() - t_step}
+        rec = step_record(step + 1, every, rows, stats, grad_norm, sched.get_last_lr()[0], times, args,
+                          mu_tokens)
+        if on_toy:  # one collective call, made on every rank alike
+            rec.update(toy.restart_metrics(rows, train_z0))
         logger.log(rec)
-        sample_log.log({"step": step + 1, "problem": rows[0]["problem"]["problem"], "gold": rows[0]["problem"]["answer"],
-                        "z0": train_z0.get(rows[0]["problem"]["id"], ""),
+        first = rows[0]["problem"]
+        sample_log.log({"step": step + 1, "problem": first["problem"], "gold": first["answer"],
+                        "z0": train_z0.get(first["id"], ""),
                         "completions": [{"text": r["text"], "outcome": r["outcome"], "gain": r["gain"],
                                          "reward": reward[i].item(), "advantage": adv_final[i].item()}
                                         for i, r in enumerate(rows[:G])]})
-        bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}", gap=f"{rec['logprob_gap']:.1e}")
+        bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}",
+                        gap=f"{rec['logprob_gap']:.1e}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, data_position=position(step + 1),
-                                     args=dataclasses.asdict(args),
-                                     card={"stage": "grpo", "variant": args.variant, "format": fmt, "base": model_path})
+            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1,
+                                     data_position=position(step + 1), args=dataclasses.asdict(args),
+                                     card={"stage": "grpo", "variant": args.variant, "format": fmt,
+                                           "base": model_path})
 
     # -- end: held-out accuracy, final model with its card --------------------------------------
     if test:
@@ -872,10 +527,235 @@ def main(args: Args, sampler: sampling.Sampler | None = None) -> dict:
     model_dir = os.path.join(out, "model")
     training.save_pretrained(model, tok, model_dir)
     if utils.is_main():
-        utils.write_json(os.path.join(model_dir, "mrt.json"), {"stage": "grpo", "variant": args.variant, "format": fmt,
-                                                              "base": model_path, "args": dataclasses.asdict(args)})
+        utils.write_json(os.path.join(model_dir, "mrt.json"), {"stage": "grpo", "variant": args.variant,
+                                                              "format": fmt, "base": model_path,
+                                                              "args": dataclasses.asdict(args)})
     utils.barrier()
     return evals
+
+
+# --------------------------------------------------------------------------------------
+# Arguments: presets (where every preset value is defined), variants, checks
+# --------------------------------------------------------------------------------------
+
+PRESETS = {
+    # toy: sized so that `python grpo.py` improves held-out accuracy in minutes on 2 CPU cores.
+    "toy": dict(steps=40, prompts_per_step=16, group_size=8, micro_batch_size=32, lr=2e-4, warmup_ratio=0.05,
+                weight_decay=0.0, beta=0.0, temperature=1.0, max_prompt_length=256, max_tokens=128,
+                save_every=10),
+    # paper: Table 2 (lr 1e-6 cosine, warmup 0.1, weight decay 0.01, max prompt 1500, max completion 1024,
+    # G = 4, temperature 0.9); steps, prompts per rank, micro-batch and beta are assumptions (beta 0.04 was
+    # TRL's default when the authors trained).
+    "paper": dict(steps=500, prompts_per_step=8, group_size=4, micro_batch_size=4, lr=1e-6, warmup_ratio=0.1,
+                  weight_decay=0.01, beta=0.04, temperature=0.9, max_prompt_length=1500, max_tokens=1024,
+                  save_every=50),
+}
+VARIANTS = {  # format, alpha, length penalty lambda
+    "mrt": ("backtrack", 1.0, 0.0),
+    "outcome": ("backtrack", 0.0, 0.0),
+    "length": ("backtrack", 0.0, 0.1),
+    "direct": ("direct", 0.0, 0.0),
+}
+
+
+@dataclass
+class Args:
+    variant: str = "mrt"
+    """mrt | outcome | length | direct (sets format, alpha and length penalty defaults)"""
+    preset: str = "auto"
+    """toy | paper | auto (toy when --model is empty, else paper): defaults of the None fields"""
+    model: str = ""
+    """policy to start from ('' : runs/warmstart/model if fine-tuned from this toy build, else toy base)"""
+    train_data: str = ""
+    """training problems: .jsonl, .parquet or a hub dataset org/name[:split] ('' : the toy train split)"""
+    test_data: str = ""
+    """held-out problems for the start/end accuracy ('' : the toy test split)"""
+    problem_field: str = "problem"
+    """field of a data record holding the problem text"""
+    answer_field: str = "answer"
+    """field of a data record holding the gold answer"""
+    instruction: str | None = None
+    """user-turn instruction of a chat template (default: the one in the model's mrt.json, else standard)"""
+    out: str = ""
+    """run folder ('' : runs/grpo/<variant>)"""
+    resume: bool = False
+    """continue from <out>/checkpoint/ (same arguments)"""
+    seed: int = 0
+    """seeds data order, sampling (per step and rank) and initialisation of everything else"""
+    steps: int | None = None
+    """generation batches, each --num-iterations optimizer steps (toy preset 40; paper preset 500)"""
+    prompts_per_step: int | None = None
+    """problems per step on each rank (toy preset 16 in all, split over the ranks; paper preset 8)"""
+    group_size: int | None = None
+    """G: continuations per problem, the GRPO group (toy preset 8; paper preset 4)"""
+    micro_batch_size: int | None = None
+    """sequences per forward/backward; divides problems x group size (toy preset 32; paper preset 4)"""
+    num_iterations: int = 1
+    """optimizer passes over each generation batch (mu in the GRPO paper)"""
+    lr: float | None = None
+    """peak learning rate of AdamW (toy preset 2e-4; paper preset 1e-6)"""
+    lr_schedule: str = "cosine"
+    """cosine | constant, after linear warmup"""
+    warmup_ratio: float | None = None
+    """fraction of optimizer steps in linear warmup (toy preset 0.05; paper preset 0.1)"""
+    weight_decay: float | None = None
+    """AdamW weight decay (toy preset 0.0; paper preset 0.01)"""
+    max_grad_norm: float = 1.0
+    """gradient clipping (0: off)"""
+    loss_type: str = "dapo"
+    """grpo | bnpo | dr_grpo | dapo (see grpo_loss)"""
+    scale_rewards: str = "group"
+    """group | batch | none (see group_advantages)"""
+    eps_low: float = 0.2
+    """lower clip range of the ratio"""
+    eps_high: float = 0.2
+    """upper clip range of the ratio (DAPO uses 0.28)"""
+    beta: float | None = None
+    """k3 KL coefficient to the reference (starting) model, 0 skips it (toy preset 0.0; paper preset 0.04)"""
+    is_correction: bool = False
+    """truncated importance-sampling correction for sampler/trainer log-prob mismatch"""
+    is_cap: float = 3.0
+    """cap C of the importance weight min(exp(old_logp - sampler_logp), C)"""
+    temperature: float | None = None
+    """sampling temperature, the trainer divides logits by it too (toy preset 1.0; paper preset 0.9)"""
+    top_p: float = 1.0
+    """nucleus sampling"""
+    max_prompt_length: int | None = None
+    """problems whose prompt is longer (tokens) are dropped (toy preset 256; paper preset 1500)"""
+    max_tokens: int | None = None
+    """max new tokens of z0 and of each continuation z_{1:2} (toy preset 128; paper preset 1024)"""
+    alpha: float | None = None
+    """weight of the information-gain bonus (variant default: mrt 1, others 0)"""
+    assign: str = "final"
+    """final | episode (see the module docstring)"""
+    length_penalty: float | None = None
+    """lambda of the length variant (its default 0.1): reward r - lambda * num_tokens / max_tokens"""
+    mu_model: str = ""
+    """meta-prover model ('' : the current policy, in the same engine)"""
+    mu_suffix: str = utils.MU_SUFFIX
+    """forced suffix that makes mu answer now"""
+    mu_samples: int = 8
+    """m: mu rollouts per context for J(mu | context)"""
+    mu_max_tokens: int = 16
+    """max tokens of a mu answer"""
+    mu_mode: str = "forced"
+    """forced: mu answers right after the context and --mu-suffix; rollout: mu continues the context for
+    up to --mu-rollout-tokens, its last boxed answer graded (sampling.MetaProver)"""
+    mu_rollout_tokens: int = 128
+    """B: tokens mu writes per sample in --mu-mode rollout"""
+    dtype: str = "auto"
+    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
+    weights and optimizer state stay fp32"""
+    gpu_memory_utilization: float = 0.3
+    """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
+    sleep_mode: str = "auto"
+    """auto | on | off: vLLM sleep mode, the engine's weights and KV cache leave the GPU during each
+    update (auto: on with CUDA; vLLM's CPU build has none)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward"""
+    save_every: int | None = None
+    """checkpoint every N steps and at the end (toy preset 10; paper preset 50)"""
+    report_to: str = "none"
+    """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
+    eval_problems: int = 128
+    """held-out problems for the start/end accuracy (0: skip)"""
+    eval_samples: int = 4
+    """samples per held-out problem"""
+    reward: str = ""
+    """custom reward module:function or path/to/file.py:function: (completion text, gold answer, problem
+    record) -> float in [0, 1], replacing the math-verify grader at every grading site, mu's included
+    (empty: utils.grade)"""
+    answer_from: str = ""
+    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution, NuminaMath
+    style; --answer-field is then not read); empty: --answer-field as is"""
+    mask_truncated: bool = False
+    """DAPO's overlong filtering: completions cut at --max-tokens add no loss tokens (rewards still count)"""
+
+
+RESUME_FREE = ("out", "resume", "steps", "save_every", "report_to", "dtype", "gpu_memory_utilization",
+               "sleep_mode", "gradient_checkpointing")
+"""Arguments a --resume may change (--steps only upwards); any other differing from the
+checkpoint's is refused (training.check_resume_args): it would change what the run computes."""
+
+
+def resolve_args(args: Args, world: int) -> Args:
+    """Fill the None fields from the preset and the variant; check and derive sizes."""
+    if args.variant not in VARIANTS:
+        raise utils.UserError(f"--variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
+    preset = args.preset if args.preset != "auto" else ("toy" if not args.model else "paper")
+    if preset not in PRESETS:
+        raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
+    fmt, alpha, lam = VARIANTS[args.variant]
+    values = dict(PRESETS[preset], alpha=alpha, length_penalty=lam)
+    if preset == "toy":
+        values["prompts_per_step"] = max(1, values["prompts_per_step"] // world)
+    args = dataclasses.replace(args, preset=preset,
+                               **{k: v for k, v in values.items() if getattr(args, k) is None})
+    if fmt == "direct" and (args.alpha != 0 or args.assign != "final"):
+        raise utils.UserError("--variant direct has no episodes: it needs --alpha 0 and --assign final")
+    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
+    for name, allowed in (("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo")),
+                          ("scale_rewards", ("group", "batch", "none")), ("assign", ("final", "episode")),
+                          ("lr_schedule", ("cosine", "constant")), ("mu_mode", sampling.MU_MODES)):
+        if getattr(args, name) not in allowed:
+            raise utils.UserError(f"{flag(name)} must be one of {allowed}, got {getattr(args, name)!r}")
+    for name in ("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens",
+                 "mu_samples", "mu_max_tokens", "mu_rollout_tokens"):
+        if getattr(args, name) < 1:
+            raise utils.UserError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
+    if args.group_size < 2:
+        raise utils.UserError("--group-size must be at least 2 (GRPO compares continuations of one problem), "
+                              f"got {args.group_size}")
+    B = args.prompts_per_step * args.group_size  # generation batch per rank
+    if B % args.micro_batch_size:
+        raise utils.UserError(f"--micro-batch-size {args.micro_batch_size} must divide --prompts-per-step x "
+                              f"--group-size = {args.prompts_per_step} x {args.group_size} = {B}")
+    return args
+
+
+def variant_format(variant: str) -> str:
+    return VARIANTS[variant][0]
+
+
+# --------------------------------------------------------------------------------------
+# Data stream, the attempts z0, held-out accuracy
+# --------------------------------------------------------------------------------------
+
+
+def step_problems(train: list[dict], position: int, args: Args, rank: int,
+                  skip: frozenset = frozenset()) -> list[dict]:
+    """The P problems of one rank in the step that starts at `position` of the data stream (each
+    step takes P x world consecutive positions; rank r takes the r-th share, utils.problem_index).
+    `skip`: ids of problems left out of the stream (no usable z0, prepare_z0)."""
+    P = args.prompts_per_step
+    gone = frozenset(i for i, p in enumerate(train) if p["id"] in skip) if skip else frozenset()
+    return [train[utils.problem_index(position + rank * P + j, len(train), args.seed, gone)]
+            for j in range(P)]
+
+
+def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Args, reuse: bool,
+               positions: list[int], world: int) -> tuple[frozenset, list[dict], dict, dict]:
+    """z0 for every training problem the run will use (the steps that start at `positions`, every
+    rank's share) and every held-out problem (Alg. 2: the frozen base's attempt), sampled now, while
+    the engine holds the base weights (sampling.prepare_z0: drops, rounds, the stored `path`, reuse).
+    Returns (skip: the dropped training ids, for step_problems; the kept held-out problems;
+    {id: z0} of train; {id: z0} of test)."""
+    def wanted(skip: frozenset) -> set:
+        return {p["id"] for pos in positions for r in range(world)
+                for p in step_problems(train, pos, args, r, skip)}
+
+    return sampling.prepare_z0(sampler, train, test, path, wanted, reuse, temperature=args.temperature,
+                               top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
+
+
+def heldout_accuracy(sampler, problems, z0s, args: Args, seed: int) -> float:
+    """Mean accuracy of --eval-samples continuations per held-out problem (graded on z2 for
+    backtrack variants; a continuation cut at --max-tokens scores 0, as in training), problems
+    split over the ranks, same seed at start and end."""
+    rank, world = utils.rank(), utils.world_size()
+    mine, eval_args = problems[rank::world], dataclasses.replace(args, group_size=args.eval_samples)
+    rows = rollout(sampler, mine, z0s, eval_args, utils.derive_seed(seed, rank)) if mine else []
+    return float(np.mean([x for part in utils.all_gather([r["outcome"] for r in rows]) for x in part]))
 
 
 if __name__ == "__main__":

@@ -893,3 +893,57 @@ def sft_asleep(sampler, model_path: str, examples: list[tuple[str, str]], args, 
         shutil.rmtree(ckpt_path)
     losses = [r["loss"] for r in utils.read_records(log_path, ["loss"])]
     return {"sft_steps": len(losses), "sft_loss_first": losses[0], "sft_loss_last": losses[-1]}
+
+
+# Helpers of grpo.py: the attempts z0 of a run, sampled once from the base and stored
+# --------------------------------------------------------------------------------------
+
+
+def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, wanted: Callable[[frozenset], set],
+               reuse: bool, *, temperature: float, top_p: float, max_tokens: int,
+               seed: int) -> tuple[frozenset, list[dict], dict, dict]:
+    """z0 for the training problems `wanted(skip)` names (the ids a run uses once the ids in `skip` are
+    left out of its data stream) and every held-out problem, in shares over the ranks (sample_z0: a
+    cut or box-less attempt is resampled, then its problem dropped). A dropped training problem leaves
+    the stream and the problems after it move up, so those that newly enter get their z0 too (rounds
+    until none is missing); a dropped held-out problem leaves the held-out set. Everything, the
+    dropped problems included (with their last try and "dropped": true), is stored in `path`, which a
+    resumed run (`reuse`) reads back. Returns (skip: the dropped training ids; the kept held-out
+    problems; {id: z0} of train; {id: z0} of test)."""
+    z0s, lost = {}, {}  # (split, id) -> z0, or the last try of a dropped problem
+    if reuse and os.path.exists(path):
+        for r in utils.read_records(path, ["split", "id", "z0"]):
+            (lost if r.get("dropped") else z0s)[(r["split"], r["id"])] = r["z0"]
+    skip = lambda: frozenset(i for s, i in lost if s == "train")  # noqa: E731
+    t0, sampled = time.time(), {"train": 0, "test": 0}
+    for rnd in itertools.count():  # a round that drops nothing covers every problem the run uses
+        if len(skip()) == len(train):
+            raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at "
+                                  f"--max-tokens {max_tokens} or without a box in {Z0_TRIES} tries): "
+                                  "raise --max-tokens")
+        want = wanted(skip())
+        todo = {"train": [p for p in train if p["id"] in want and ("train", p["id"]) not in z0s],
+                "test": [p for p in test if ("test", p["id"]) not in z0s and ("test", p["id"]) not in lost]}
+        if not (todo["train"] or todo["test"]):
+            break
+        if reuse:
+            raise utils.UserError(f"{path}: attempts missing for a resumed run (the base weights are gone)")
+        for split, probs in todo.items():
+            parts = (seed, "z0", split, *([rnd] if rnd else []))  # round 0 seeded as before drops existed
+            kept, dropped = sample_z0(sampler, probs, temperature=temperature, top_p=top_p,
+                                      max_tokens=max_tokens, seed_parts=parts)
+            z0s.update({(split, i): z for i, z in kept.items()})
+            lost.update({(split, i): z for i, z in dropped.items()})
+            sampled[split] += len(probs)
+    if sampled["train"] or sampled["test"]:
+        if utils.is_main():
+            utils.write_jsonl(path, [{"split": s, "id": i, "z0": z, "dropped": (s, i) in lost}
+                                     for (s, i), z in sorted({**z0s, **lost}.items())])
+        utils.print0(f"sampled z0 for {sampled['train']} train and {sampled['test']} held-out problems in "
+                     f"{time.time() - t0:.0f}s")
+    n_lost = {name: sum(s == name for s, _ in lost) for name in ("train", "test")}
+    if n_lost["train"] or n_lost["test"]:
+        utils.print0(f"dropped {n_lost['train']} train and {n_lost['test']} held-out problems: no usable "
+                     f"attempt z0 in {Z0_TRIES} tries (cut at --max-tokens or no box); stored in {path}")
+    split = lambda name: {i: z for (s, i), z in z0s.items() if s == name}  # noqa: E731
+    return skip(), [p for p in test if ("test", p["id"]) not in lost], split("train"), split("test")

@@ -412,6 +412,26 @@ def default_model() -> tuple[str, dict]:
     return toy_paths["base"], toy_paths
 
 
+# --------------------------------------------------------------------------------------
+# Helpers of grpo.py: restart precision of a step's continuations against the ground truth
+# --------------------------------------------------------------------------------------
+
+
+def restart_metrics(rows: list[dict], z0s: dict) -> dict:
+    """grpo.py's metrics of one step's backtrack continuations (rollout rows, each with its problem,
+    episodes and outcome) over all ranks (a collective call: every rank makes it): restart_precision
+    of restart_truth against each row's z0 (z0s: {problem id: z0}) as restart_fixable,
+    restart_at_first_wrong, z2_acc_z0_wrong and z0_wrong_continuations; {} when no continuation
+    follows a wrong z0 of a toy problem."""
+    truth = [{"truth": restart_truth(r["problem"]["problem"], z0s[r["problem"]["id"]],
+                                     r["episodes"].restart_step if r["episodes"] else None),
+              "outcome": r["outcome"]} for r in rows]
+    prec = restart_precision([x for part in utils.all_gather(truth) for x in part])
+    if not prec["n"]:
+        return {}
+    return dict(restart_fixable=prec["fixable"], restart_at_first_wrong=prec["at_first_wrong"],
+                z2_acc_z0_wrong=prec["z2_acc_z0_wrong"], z0_wrong_continuations=prec["n"])
+
 if __name__ == "__main__":  # the build is toy_pretrain.py's, run here as its own __main__ (it imports toy)
     import runpy
 

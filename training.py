@@ -974,3 +974,61 @@ def sft_example(trace: dict, z0_loss: bool) -> tuple[str, str]:
     if z0_loss or "z0" not in trace:
         return trace["prompt"], trace["completion"]
     return trace["prompt"] + trace["z0"], trace["completion"][len(trace["z0"]):]
+
+
+# --------------------------------------------------------------------------------------
+# Helpers of grpo.py: loss metrics read to the host at once, the metrics line of a step
+# --------------------------------------------------------------------------------------
+
+
+def read_metrics(metrics: list[dict]) -> list[dict]:
+    """The same dicts with every value a float: their 0-d tensors (on one device) read to the
+    host with one transfer, so a step waits for the device once, not once per value."""
+    import torch
+
+    flat = [v for m in metrics for v in m.values()]
+    device = next((v.device for v in flat if torch.is_tensor(v)), "cpu")
+    values = iter(torch.stack([torch.as_tensor(v, device=device).float().reshape(()) for v in flat]).tolist()
+                  if flat else [])
+    return [{k: next(values) for k in m} for m in metrics]
+
+
+def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], grad_norm: float, lr: float,
+                times: dict, args, mu_tokens: int | None = None) -> dict:
+    """One metrics line of grpo.py. `rewards`: outcome, gain, reward, tokens, each (B * world,) over
+    all ranks; `stats`: this rank's per-micro-batch loss metrics (first pass first), token-weighted
+    here, then averaged over ranks; `times`: this rank's seconds, the slowest rank's reported.
+    Backtrack format (rows carry "episodes"): unparsed_share, the share of continuations with no
+    episodes. With a meta-prover, `mu_tokens` (the tokens it decoded on this rank this step) gives
+    mu_tokens_per_problem, summed over ranks per problem of the step. `args`: grpo.Args."""
+    import numpy as np
+
+    n_micro = len(rows) // args.micro_batch_size
+    first = stats[:n_micro]  # entropy and the engine/trainer gap are taken on the first pass
+
+    def wmean(key, ss):
+        return sum(s[key] * s["tokens"] for s in ss) / max(1.0, sum(s["tokens"] for s in ss))
+
+    keys = ("clip_low", "clip_high", "clip_region", "ratio", "kl", "is_weight")
+    local = {"entropy": wmean("entropy", first), "logprob_gap": wmean("logprob_gap", first),
+             **{k: wmean(k, stats) for k in keys}, "truncated": sum(r["truncated"] for r in rows),
+             "unparsed": sum("episodes" in r and r["episodes"] is None for r in rows),
+             "ratio_max": max(s["ratio_max"] for s in stats), "mu_tokens": mu_tokens or 0, **times}
+    ranks = utils.all_gather(local)
+    mean = {k: float(np.mean([r[k] for r in ranks])) for k in ("entropy", "logprob_gap", *keys)}
+    slowest = {k: max(r[k] for r in ranks) for k in times}
+    out, gain, reward, ntok = rewards["outcome"], rewards["gain"], rewards["reward"], rewards["tokens"]
+    return {"step": step, "reward_mean": reward.mean().item(), "reward_std": reward.std().item(),
+            "accuracy": out.mean().item(), "info_gain_mean": gain.mean().item(),
+            "zero_std_groups": (reward.view(-1, args.group_size).std(1) == 0).float().mean().item(),
+            "completion_len_mean": ntok.mean().item(), "completion_len_max": ntok.max().item(),
+            "truncated_share": sum(r["truncated"] for r in ranks) / len(ntok),
+            **({"unparsed_share": sum(r["unparsed"] for r in ranks) / len(ntok)} if "episodes" in rows[0] else {}),
+            "entropy": mean["entropy"], "logprob_gap": mean["logprob_gap"], "clip_low": mean["clip_low"],
+            "clip_high": mean["clip_high"], "clip_region": mean["clip_region"], "kl": mean["kl"],
+            "is_weight": mean["is_weight"], "ratio_mean": mean["ratio"],
+            "ratio_max": max(r["ratio_max"] for r in ranks), "grad_norm": grad_norm, "lr": lr,
+            "loss": float(np.mean([s["loss"] for s in stats])),
+            "tokens_per_s": ntok.sum().item() / max(1e-9, slowest["time_sample"]),
+            **({"mu_tokens_per_problem": sum(r["mu_tokens"] for r in ranks) * args.group_size / len(ntok)}
+               if mu_tokens is not None else {}), **slowest}

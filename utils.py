@@ -1155,3 +1155,45 @@ def iteration_stats(records: list[dict], method: str, select: Callable) -> dict:
                                                  for i, s in enumerate(r["samples"]) if i != r["kept"]]),
                     "restart_step_mean": mean([r["example"]["restart_step"] for r in kept])})
     return out
+
+
+# Helpers of grpo.py: the order of the endless data stream, sampled tokens covering a text
+# --------------------------------------------------------------------------------------
+
+
+def problem_index(position: int, n: int, seed: int, gone: frozenset = frozenset()) -> int:
+    """The problem at a position of the endless data stream: a fresh permutation of the n
+    problems per epoch, the indices in `gone` left out (the others keep their order, so
+    leaving a problem out shifts the stream by one place instead of reshuffling it)."""
+    epoch, i = divmod(position, n - len(gone))
+    return int(_stream_order(n, seed, epoch, gone)[i])
+
+
+@functools.lru_cache(maxsize=4)
+def _stream_permutation(n: int, seed: int, epoch: int):
+    import numpy as np
+
+    return np.random.RandomState(derive_seed(seed, "data order", epoch)).permutation(n)
+
+
+@functools.lru_cache(maxsize=4)
+def _stream_order(n: int, seed: int, epoch: int, gone: frozenset):
+    import numpy as np
+
+    perm = _stream_permutation(n, seed, epoch)  # (n,)
+    return perm[~np.isin(perm, list(gone))] if gone else perm
+
+
+def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
+    """The fewest leading sampled tokens whose decoded text covers the first n_chars
+    characters (binary search over decoded prefixes of the ids)."""
+    if n_chars <= 0:
+        return 0
+    lo, hi = 1, len(token_ids)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(token_ids[:mid], skip_special_tokens=True)) >= n_chars:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo

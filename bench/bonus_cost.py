@@ -137,6 +137,7 @@ def split(rows: list[dict], syncs: list[float]) -> list[dict]:
 
 def run_arms(a) -> None:
     import grpo
+    import sampling
 
     arms = [x for x in a.arms.split(",") if x]
     model, data = model_and_data(a)
@@ -160,10 +161,11 @@ def run_arms(a) -> None:
                     os.remove(os.path.join(args.out, name))
             syncs.clear()
             t0 = time.time()
-            grpo.main(args, sampler=sampler)
+            with sampling.ready_engines({model: sampler}):
+                grpo.main(args)
             rows = [json.loads(line) for line in open(os.path.join(args.out, "metrics.jsonl"))]
             z0[arm, rnd] = open(os.path.join(args.out, "z0.jsonl")).read()
-            parts = split(rows, syncs[1:])  # syncs[0]: the start-of-run sync of the given engine
+            parts = split(rows, syncs[1:])  # syncs[0]: the start-of-run sync of the ready engine
             print(f"\n{arm} round {rnd} ({time.time() - t0:.0f}s run):")
             print("  step  policy      mu   train    sync   other    step  mu tok/problem  I mean")
             for i, p in enumerate(parts, 1):

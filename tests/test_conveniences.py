@@ -227,7 +227,8 @@ def reward_run(toy_sampler, toy_paths, tmp_path_factory):
                      out=str(root / "out"), eval_problems=0, variant="direct", steps=2, prompts_per_step=4,
                      group_size=4, micro_batch_size=16, lr=1e-3, seed=5,
                      reward=f"{root / 'r.py'}:parity", mask_truncated=True)
-    grpo.main(args, sampler=toy_sampler)
+    with sampling.ready_engines({toy_paths["base"]: toy_sampler}):
+        grpo.main(args)
     toy_sampler.sync_weights(utils.load_model(toy_paths["base"], "auto", "cpu"))
     return {"args": args, "out": root / "out"}
 

@@ -274,7 +274,8 @@ def test_grpo_rollout_mu_logs_restart_precision(engine, toy_paths, tmp_path, mon
     args = grpo.Args(model=toy_paths["base"], train_data=toy_paths["train"], test_data=toy_paths["test"], preset="toy",
                      out=str(tmp_path), eval_problems=0, variant="mrt", mu_mode="rollout", mu_rollout_tokens=64,
                      mu_samples=2, steps=2, prompts_per_step=8, group_size=G, micro_batch_size=16)
-    grpo.main(args, sampler=engine)
+    with sampling.ready_engines({toy_paths["base"]: engine}):
+        grpo.main(args)
     rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
     assert len(rows) == 2 and len(steps) == 2 and all(len(s) == 8 * G for s in steps)
     assert all(0 < r["time_mu"] < r["time_sample"] for r in rows)

@@ -418,10 +418,10 @@ def test_data_stream_leaves_out_dropped_problems_in_order():
     """Problems without a usable z0 leave the data stream; the others keep their order, so the
     stream shifts by the dropped ones instead of being reshuffled (and nothing dropped: as before)."""
     n, seed = 10, 3
-    full = [grpo.problem_index(i, n, seed) for i in range(2 * n)]
-    assert [grpo.problem_index(i, n, seed, frozenset()) for i in range(2 * n)] == full
+    full = [utils.problem_index(i, n, seed) for i in range(2 * n)]
+    assert [utils.problem_index(i, n, seed, frozenset()) for i in range(2 * n)] == full
     gone = frozenset({2, 7})
-    kept = [grpo.problem_index(i, n, seed, gone) for i in range(2 * (n - 2))]
+    kept = [utils.problem_index(i, n, seed, gone) for i in range(2 * (n - 2))]
     assert kept == [i for i in full if i not in gone]
     train = [{"id": 100 + i} for i in range(n)]
     args = grpo.resolve_args(grpo.Args(variant="mrt", prompts_per_step=4, group_size=2, micro_batch_size=8, seed=seed), 1)
@@ -468,10 +468,21 @@ def test_tokens_covering_uses_sampled_ids(toy_paths):
     text = " 2: 48 - 17 = 31\nStep 3: 31 - 13 = 18\nThe answer is \\boxed{18}"
     ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     cut = text.index("\n")
-    n = grpo.tokens_covering(tok, ids, cut)
+    n = utils.tokens_covering(tok, ids, cut)
     assert tok.decode(ids[:n]).startswith(text[:cut]) and len(tok.decode(ids[: n - 1])) < cut
-    assert grpo.tokens_covering(tok, ids, 0) == 0
-    assert grpo.tokens_covering(tok, ids, len(text)) <= len(ids)
+    assert utils.tokens_covering(tok, ids, 0) == 0
+    assert utils.tokens_covering(tok, ids, len(text)) <= len(ids)
+
+
+def test_help_names_the_preset_values():
+    """Each flag a preset sets names both presets' values in its help, as PRESETS defines them."""
+    import re
+
+    docs = utils._field_docs(grpo.Args)
+    for name in grpo.PRESETS["toy"]:
+        for preset in ("toy", "paper"):
+            said = re.search(rf"{preset} preset ([-0-9.e]+)", docs[name])
+            assert said and float(said.group(1)) == grpo.PRESETS[preset][name], (name, preset, docs[name])
 
 
 def test_bad_arguments_are_user_errors():
@@ -585,7 +596,8 @@ def test_kill_and_resume_matches_uninterrupted_run(engine, toy_paths, toy_warmst
                model=toy_warmstart["model"])
     engine.sync_weights(utils.load_model(toy_warmstart["model"], "auto", "cpu"))  # z0 from the starting model
     whole, cut = tmp_path / "whole", tmp_path / "cut"
-    grpo.main(_args(toy_paths, whole, **cfg), sampler=engine)
+    with sampling.ready_engines({cfg["model"]: engine}):
+        grpo.main(_args(toy_paths, whole, **cfg))
 
     cmd = [sys.executable, os.path.join(ROOT, "grpo.py")] + _cli(_args(toy_paths, cut, **cfg))
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
@@ -601,7 +613,8 @@ def test_kill_and_resume_matches_uninterrupted_run(engine, toy_paths, toy_warmst
     assert not (cut / "model").exists()
 
     engine.sync_weights(utils.load_model(toy_warmstart["model"], "auto", "cpu"))  # as a fresh process would hold
-    grpo.main(_args(toy_paths, cut, resume=True, **cfg), sampler=engine)
+    with sampling.ready_engines({cfg["model"]: engine}):
+        grpo.main(_args(toy_paths, cut, resume=True, **cfg))
     a, b = _weights(whole), _weights(cut)
     start = _weights(toy_warmstart["dir"])
     assert a.keys() == b.keys()
