@@ -947,3 +947,38 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, wanted: 
                      f"attempt z0 in {Z0_TRIES} tries (cut at --max-tokens or no box); stored in {path}")
     split = lambda name: {i: z for (s, i), z in z0s.items() if s == name}  # noqa: E731
     return skip(), [p for p in test if ("test", p["id"]) not in lost], split("train"), split("test")
+
+
+# --------------------------------------------------------------------------------------
+# Helpers of r1_analysis.py: a pool of engines, one model path each
+# --------------------------------------------------------------------------------------
+
+
+class EnginePool:
+    """Engines by model path, built with `engine` (READY's are used as they are and never closed), each
+    sized from `needs` (tokens a sequence may hold, engine_length) unless max_model_len is given. One at
+    a time: asking for a new path closes the engines built here, except under torchrun, where closing a
+    vLLM engine ends vLLM's process-wide state and torchrun's process group with it: there every engine
+    stays up until close() (gpu_memory_utilization 0 splits the default share over them all)."""
+
+    def __init__(self, needs: dict, *, seed: int, dtype: str = "auto", max_model_len: int = 0,
+                 gpu_memory_utilization: float = 0.0):
+        self.needs, self.owned, self.seed, self.dtype = dict(needs), {}, seed, dtype
+        self.max_model_len = max_model_len
+        held = len(set(needs) - set(READY)) if utils.is_distributed() else 1  # engines up at once
+        self.share = utils.engine_memory_share(gpu_memory_utilization, held)
+
+    def get(self, path: str) -> Sampler:
+        if path not in self.owned and path not in READY:
+            if not utils.is_distributed():
+                self.close()
+            had_group = group_exists()
+            max_len = self.max_model_len or engine_length(path, self.needs[path])
+            self.owned[path] = (engine(path, seed=self.seed, dtype=self.dtype, max_model_len=max_len,
+                                       gpu_memory_utilization=self.share), had_group)
+        return self.owned[path][0] if path in self.owned else engine(path)
+
+    def close(self) -> None:
+        for path in list(self.owned):
+            close_engine(*self.owned.pop(path))
+        gc.collect()

@@ -1197,3 +1197,107 @@ def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
         else:
             lo = mid + 1
     return lo
+
+
+# --------------------------------------------------------------------------------------
+# Helpers of r1_analysis.py: a lazy log, PNG figures, trace files, model flags, rank merging, tables
+# --------------------------------------------------------------------------------------
+
+
+class LazyJsonlLogger:
+    """JsonlLogger that creates its file at the first record, so that bad input found while a stage's
+    first step runs (r1_analysis.py: a trace too long for the meta-prover) leaves no output."""
+
+    def __init__(self, path: str):
+        self.path, self.logger = path, None
+
+    def log(self, record: dict) -> None:
+        if self.logger is None:
+            self.logger = JsonlLogger(self.path)
+        self.logger.log(record)
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: str, dpi: int = 110) -> None:
+    """Lay a figure out, write it as a PNG (atomically), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    plt.close(fig)
+
+
+def read_traces(path: str, problem_field: str = "problem", answer_field: str = "answer",
+                trace_field: str = "trace", id_field: str = "id", answer_from: str = "",
+                limit: int = 0) -> list[dict]:
+    """Rows {id, problem, answer, trace, where} of a JSONL or Parquet file of a model's outputs (the first
+    `limit`; 0: all); errors name the file's fields. A row without `id_field` gets its line number."""
+    rows = []
+    fields = list(dict.fromkeys([problem_field, answer_from or answer_field, trace_field]))
+    for line, r in read_records(path, fields, with_lines=True):
+        where, problem, trace = f"{path}:{line}", r[problem_field], r[trace_field]
+        if not isinstance(problem, str) or not isinstance(trace, str):
+            raise UserError(f"{where}: fields {problem_field!r} and {trace_field!r} must be strings")
+        rows.append({"id": r.get(id_field, line), "problem": problem,
+                     "answer": gold_answer(r, answer_field, answer_from, where), "trace": trace,
+                     "where": where})
+    if not rows[:limit or None]:
+        raise UserError(f"{path}: no traces")
+    return rows[:limit or None]
+
+
+def gather_shares(share: dict) -> dict:
+    """Every rank's `share` (lists and counts) merged in rank order, lists concatenated and counts summed;
+    a collective, called while torchrun's process group lives."""
+    if not is_distributed():
+        raise RuntimeError("torchrun's process group ended before the ranks' results were merged")
+    parts = all_gather(share)
+    return {k: sum(p[k] for p in parts) if isinstance(v, int) else [x for p in parts for x in p[k]]
+            for k, v in share.items()}
+
+
+def check_model_flag(path: str, flag: str) -> None:
+    """A local model folder given by `flag` must exist (a bare "org/name" is left to the hub)."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"{flag}: not a model folder (no config.json): {path}")
+    elif not (re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) and not os.path.isdir(path.split("/")[0])):
+        raise UserError(f"{flag}: model path does not exist: {path}")
+
+
+def panels(n: int, cols: int, size: tuple[float, float]):
+    """(figure, its first n axes) of a grid of n panels, at most `cols` a row, each `size` inches; the
+    grid's spare axes are off."""
+    cols = min(cols, n)
+    rows = -(-n // cols)
+    fig, axes = pyplot().subplots(rows, cols, figsize=(size[0] * cols, size[1] * rows), squeeze=False)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    return fig, list(axes.flat)[:n]
+
+
+def bar_chart(heights: dict, path: str, *, xlabel: str, ylabel: str, title: str, dashed=(),
+              size: tuple[float, float] = (6, 3.8)) -> None:
+    """Bars {x: height}, dashed vertical lines at `dashed`, written as a PNG (save_png)."""
+    fig, ax = pyplot().subplots(figsize=size)
+    ax.bar(list(heights), list(heights.values()), width=0.8, color="tab:blue")
+    for x in dashed:
+        ax.axvline(x, color="k", ls="--", lw=1)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    save_png(fig, path)
+
+
+def markdown_table(header: list, rows: list) -> list[str]:
+    """The lines of a markdown table: the header, its rule, one line per row (cells as str() writes them)."""
+    return ["| " + " | ".join(map(str, header)) + " |", "|---" * len(header) + "|"] + [
+        "| " + " | ".join(map(str, row)) + " |" for row in rows]

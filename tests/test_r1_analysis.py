@@ -11,6 +11,7 @@ import pytest
 
 import evaluate
 import r1_analysis
+import sampling
 import utils
 from r1_analysis import (FIG11_PHRASES, FIG12_SUFFIX, Args, extract_thinking, group_episodes, meta_prover_prompt,
                          split_episodes)
@@ -300,7 +301,8 @@ def test_real_toy_run(toy_paths, toy_sampler, tmp_path):
     args = Args(preset="toy", generate=True, model=toy_paths["base"], direct_model=toy_paths["base"],
                 data=toy_paths["test"], problems=3, k=2, rounds=3, p=4, maj=[1, 2, 4], direct_n=4, direct_k=[1, 2, 4],
                 out=str(out), seed=1)
-    report = r1_analysis.main(args, samplers={toy_paths["base"]: toy_sampler})
+    with sampling.ready_engines({toy_paths["base"]: toy_sampler}):
+        report = r1_analysis.main(args)
     for name in ("summary.json", "table.md", "accuracy_tokens.png", "episodes_hist.png", "traces.jsonl",
                  "direct.jsonl", "generated_traces.jsonl", "metrics.jsonl"):
         assert (out / name).is_file(), name
@@ -359,9 +361,10 @@ def test_real_toy_run(toy_paths, toy_sampler, tmp_path):
     assert a["overall"]["direct"]["pass"][0] == pytest.approx(sum(r["correct"] for r in direct) / 12)
 
     # the generated traces read back with --traces: same episodes, same prefixes
-    again = r1_analysis.main(Args(traces=str(out / "generated_traces.jsonl"), model=toy_paths["base"], preset="toy",
-                                  direct_model="none", p=4, maj=[1, 2, 4], out=str(tmp_path / "again"), seed=1),
-                             samplers={toy_paths["base"]: toy_sampler})
+    with sampling.ready_engines({toy_paths["base"]: toy_sampler}):
+        again = r1_analysis.main(Args(traces=str(out / "generated_traces.jsonl"), model=toy_paths["base"],
+                                      preset="toy", direct_model="none", p=4, maj=[1, 2, 4],
+                                      out=str(tmp_path / "again"), seed=1))
     back = read_jsonl(tmp_path / "again" / "traces.jsonl")
     assert [t["episodes"] for t in back] == [t["episodes"] for t in traces]
     assert [[q["prefix_tokens"] for q in t["points"]] for t in back] == [[q["prefix_tokens"] for q in t["points"]]
@@ -395,8 +398,9 @@ def test_too_long_trace_fails_before_any_output(toy_paths, toy_sampler, tmp_path
     data.write_text(json.dumps({"problem": "Start with 1. Add 1. What is the result?", "answer": "2",
                                 "trace": long}) + "\n")
     args = Args(traces=str(data), model=toy_paths["base"], preset="toy", direct_model="none", out=str(tmp_path / "o"))
-    with pytest.raises(utils.UserError, match=r"t.jsonl:1: too long for the meta-prover"):
-        r1_analysis.main(args, samplers={toy_paths["base"]: toy_sampler})
+    with sampling.ready_engines({toy_paths["base"]: toy_sampler}):
+        with pytest.raises(utils.UserError, match=r"t.jsonl:1: too long for the meta-prover"):
+            r1_analysis.main(args)
     assert not (tmp_path / "o").exists()
 
 

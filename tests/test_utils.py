@@ -790,18 +790,19 @@ def test_engine_memory_share_splits_the_default_over_the_engines(monkeypatch):
     with pytest.raises(utils.UserError, match="gpu-memory-utilization"):
         utils.engine_memory_share(1.5, 1)
     import evaluate
-    import r1_analysis
 
     runs = {"a": "m1", "b": "m2", "c": "m1"}
     assert evaluate.engines_held(runs, None, world=1) == 1  # a plain run frees each engine first
     assert evaluate.engines_held(runs, None, world=8) == 2  # under torchrun every model's engine stays up
     assert evaluate.engines_held(runs, {"m1": object()}, world=8) == 1  # a ready engine is not built
     monkeypatch.setattr(utils, "is_distributed", lambda: True)
-    engines = r1_analysis.Engines(r1_analysis.Args(), {}, {"model": 10, "mu": 20, "direct": 30})
+    engines = sampling.EnginePool({"model": 10, "mu": 20, "direct": 30}, seed=0)  # r1_analysis.py's engines
     assert engines.share == 0.2833
-    assert r1_analysis.Engines(r1_analysis.Args(gpu_memory_utilization=0.5), {}, {"model": 10, "mu": 20}).share == 0.5
+    assert sampling.EnginePool({"model": 10, "mu": 20}, seed=0, gpu_memory_utilization=0.5).share == 0.5
+    with sampling.ready_engines({"mu": object()}):  # a ready engine is not built
+        assert sampling.EnginePool({"model": 10, "mu": 20, "direct": 30}, seed=0).share == 0.425
     monkeypatch.setattr(utils, "is_distributed", lambda: False)
-    assert r1_analysis.Engines(r1_analysis.Args(), {}, {"model": 10, "mu": 20}).share == 0.85
+    assert sampling.EnginePool({"model": 10, "mu": 20}, seed=0).share == 0.85
 
 
 def test_engine_start_hint_never_says_raise_when_the_gpu_is_full():
