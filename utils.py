@@ -1267,12 +1267,11 @@ def gather_shares(share: dict) -> dict:
 
 
 def check_model_flag(path: str, flag: str) -> None:
-    """A local model folder given by `flag` must exist (a bare "org/name" is left to the hub)."""
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, "config.json")):
-            raise UserError(f"{flag}: not a model folder (no config.json): {path}")
-    elif not (re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) and not os.path.isdir(path.split("/")[0])):
-        raise UserError(f"{flag}: model path does not exist: {path}")
+    """check_model_path, its error naming `flag`."""
+    try:
+        check_model_path(path)
+    except UserError as e:
+        raise UserError(f"{flag}: {e}") from None
 
 
 def panels(n: int, cols: int, size: tuple[float, float]):
