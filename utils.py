@@ -1197,3 +1197,23 @@ def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
         else:
             lo = mid + 1
     return lo
+
+
+def record_heldout(path: str, evals: dict, key: str, accuracy: float, note: str) -> None:
+    """evals[key] = accuracy (grpo.py: "start" or "end"), said on rank 0 with every accuracy so far
+    ("held-out accuracy: start a -> end b (note)") and written by rank 0 to `path` (eval.json)."""
+    evals[key] = accuracy
+    print0("held-out accuracy: " + " -> ".join(f"{k} {v:.4f}" for k, v in evals.items()) + f" ({note})")
+    if is_main():
+        write_json(path, evals)
+
+
+def group_sample(step: int, rows: list[dict], z0s: dict, reward, advantage) -> dict:
+    """A samples.jsonl line of grpo.py: the step; the problem of `rows` (one group of its rollout rows),
+    its gold answer and z0 ('' without); each completion's text, outcome, gain, reward and advantage
+    (`reward`, `advantage`: tensors whose first len(rows) entries are the group's)."""
+    first = rows[0]["problem"]
+    return {"step": step, "problem": first["problem"], "gold": first["answer"], "z0": z0s.get(first["id"], ""),
+            "completions": [{"text": r["text"], "outcome": r["outcome"], "gain": r["gain"],
+                             "reward": reward[i].item(), "advantage": advantage[i].item()}
+                            for i, r in enumerate(rows)]}
