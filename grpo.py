@@ -1,18 +1,19 @@
 """grpo.py: MRT-B reinforcement learning on GRPO (paper Alg. 2), and its baselines.
 
 One step of Alg. 2, on every rank, for P problems x of the training set:
-  sample     z0 ~ pi_base(. | x) once per problem, before any update (prepare_z0, <out>/z0.jsonl: an attempt
-             cut at --max-tokens or without a box is resampled, a problem with none usable in
-             sampling.Z0_TRIES tries is dropped, counted and left out of the run); G continuations
-             z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER + "\\nStep") from the current policy, which names the
-             restart step (" k: ...") and writes the revised attempt (rollout)
+  sample     z0 ~ pi_base(. | x) once per problem, before any update (prepare_z0: an attempt cut at
+             --max-tokens or without a box is resampled, a problem with none usable in sampling.Z0_TRIES
+             tries is dropped from the run); G continuations z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER +
+             "\\nStep") from the current policy, which names the restart step (" k: ...") and writes the
+             revised attempt (rollout)
   reward     r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited), 0 when cut
              at --max-tokens (sampling.sample_outcome); I_i = J(mu | x, z0, z1_i) - J(mu | x, z0), the
              information gain of the backtrack episode (Def. 5.1, infogain.backtrack_gain);
              R_i = r_i + alpha * I_i                                  (combine_rewards)
   advantage  A_i = (R_i - mean_group) / (std_group + 1e-4)          (group_advantages)
   loss       token-level clipped ratio objective, k3 KL to the reference (grpo_loss)
-  update     AdamW over micro-batches with gradient accumulation, FSDP2 across ranks (policy_update)
+  update     AdamW over micro-batches with gradient accumulation, --num-iterations optimizer steps per
+             generation batch (P x G sequences per rank), FSDP2 across ranks (policy_update)
   sync       the new weights go into the rank's vLLM engine in place (sampling.Sampler.sync_weights)
 
 --variant sets defaults (explicit flags win):
@@ -24,8 +25,6 @@ One step of Alg. 2, on every rank, for P problems x of the training set:
 and z2's tokens their own group-normalized reward-to-go (episode_advantages). A continuation that does not
 parse into episodes gets r = 0 and I = -J(mu | x, z0): breaking the format never pays (rollout; metrics.jsonl
 logs unparsed_share).
-Each rank's generation batch (P x G sequences per step) is cut into --micro-batch-size micro-batches whose
-gradients accumulate into --num-iterations optimizer steps (policy_update; `dapo`: grpo_loss).
 
 Run (the toy task and model are the default; the toy preset trains in a few minutes on CPU):
     python grpo.py                                   # MRT-B on the toy task, 1 process
@@ -40,9 +39,10 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
 
 Outputs in <out> (default runs/grpo/<variant>): z0.jsonl (dropped problems marked "dropped", with their last
 try), metrics.jsonl (one line per step; backtrack variants log unparsed_share; on toy problems also the
-restart precision against the ground truth, toy.restart_metrics; time_mu is mu's part of time_sample),
-samples.jsonl (one group of completions with their rewards per step), eval.json (held-out accuracy at the
-start and the end), checkpoint/ (sharded, training.save_checkpoint), model/ with mrt.json.
+restart precision against the ground truth, toy.restart_metrics: restart_fixable, restart_at_first_wrong,
+z2_acc_z0_wrong; time_mu is mu's part of time_sample), samples.jsonl (one group of completions with their
+rewards per step), eval.json (held-out accuracy at the start and the end), checkpoint/ (sharded,
+training.save_checkpoint), model/ with mrt.json.
 
 Where this departs from the paper / the authors' code:
 - The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward added alpha
@@ -87,17 +87,16 @@ from training import read_metrics, step_record  # noqa: E402
 
 def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     """G continuations per problem, one dict per continuation, group by group: ctx_ids, token_ids,
-    sampler_logp, outcome r, gain I (0 without a meta-prover), text, truncated, and (backtrack) episodes and
-    z1_tokens. The z1/z2 boundary is found on the sampled token ids (decoded prefixes), never by
-    re-tokenizing text; the token that straddles it counts as z1. A continuation that does not parse into
-    episodes (infogain.split_continuation: no restart line, a restart line with a box or a second step, or
-    no step and no box after it) has no backtrack episode: r = 0 and J after it = 0, so its gain is
-    -J(mu | x, z0) (mu is not asked about it) and r + alpha * I = -alpha * J(mu | x, z0), never above a
-    parsed continuation's of its group (J after >= 0): breaking the format never pays (the length penalty
-    still ranks shorter ones above longer ones). All its tokens count as z1's (with `episode`: the
-    advantage of R). mu is asked once per step, after the policy: the P contexts x + z0 and every parsed
-    x + z0 + z1_i in one call, the engine's prefix cache holding x + z0 in whole KV blocks for all of them
-    (sampling.CPU_ENGINE_BLOCK on CPU)."""
+    sampler_logp, outcome r, gain I (0 without a meta-prover), text, truncated, (backtrack) episodes and
+    z1_tokens: the z1/z2 boundary found on the sampled ids (decoded prefixes, never re-tokenized text), the
+    token that straddles it counted as z1's. A continuation that does not parse into episodes
+    (infogain.split_continuation: no restart line, a restart line with a box or a second step, or no step
+    and no box after it) has r = 0 and J after it = 0 (mu is not asked), so its gain is -J(mu | x, z0) and
+    r + alpha * I = -alpha * J(mu | x, z0), never above a parsed continuation's of its group (J after >= 0):
+    breaking the format never pays (the length penalty still ranks shorter ones above longer ones). All its
+    tokens are z1's (`episode`: the advantage of R). mu is asked once per step, after the policy: the P
+    contexts x + z0 and every parsed x + z0 + z1_i in one call, the engine's prefix cache holding x + z0 in
+    whole KV blocks for all of them (sampling.CPU_ENGINE_BLOCK on CPU)."""
     fmt, tok = variant_format(args.variant), sampler.tokenizer
     tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
     ctx_ids = [utils.encode(tok, p["prompt"] + t) for p, t in zip(problems, tails)]
@@ -106,18 +105,15 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     rows = []
     for gi, (p, tail, ids, group) in enumerate(zip(problems, tails, ctx_ids, outs)):
         for s in group:
+            ep = split_continuation(z0s[p["id"]], tail + s.text) if fmt == "backtrack" else None
+            graded = s.text if fmt == "direct" else (ep.z2 if ep else None)  # no episodes: r = 0
             row = dict(problem=p, group=gi, ctx_ids=ids, token_ids=s.token_ids, sampler_logp=s.logprobs,
                        text=s.text, num_tokens=s.num_tokens, truncated=s.finish_reason == "length", gain=0.0,
-                       z1_tokens=0)
-            ep = None
-            if fmt == "backtrack":
-                ep = row["episodes"] = split_continuation(z0s[p["id"]], tail + s.text)
-                # z1 ends where z2 begins, len(text) - len(z2) characters in; no episodes: all z1
-                row["z1_tokens"] = (utils.tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2)) if ep
-                                    else s.num_tokens)
-            graded = s.text if fmt == "direct" else (ep.z2 if ep else None)  # no episodes: r = 0
-            row["outcome"] = 0.0 if graded is None else sampling.sample_outcome(
-                graded, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                       z1_tokens=0, outcome=0.0 if graded is None else sampling.sample_outcome(
+                           graded, p["answer"], s.finish_reason, args.reward, p.get("record")))
+            if fmt == "backtrack":  # z1 ends where z2 begins, len(text) - len(z2) characters in
+                row.update(episodes=ep, z1_tokens=s.num_tokens if ep is None  # unparsed: all z1
+                           else utils.tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2)))
             rows.append(row)
     if meta_prover is not None:  # I_i = J(mu | x, z0, z1_i) - J(mu | x, z0)  (Def. 5.1)
         parsed = [i for i, r in enumerate(rows) if r["episodes"]]  # unparsed: J after is 0, mu not asked
@@ -343,10 +339,9 @@ def main(args: Args) -> dict:
     rank, world, device = utils.init_distributed()
     args = resolve_args(args, world)
     out, fmt = args.out or os.path.join("runs", "grpo", args.variant), variant_format(args.variant)
-    model_path, toy_paths = args.model, None
-    if not (args.model and args.train_data and args.test_data):
-        default_path, toy_paths = toy.default_model()
-        model_path = model_path or default_path
+    default_path, toy_paths = ((args.model, None) if args.model and args.train_data and args.test_data
+                               else toy.default_model())  # the toy's model and data where none is given
+    model_path = args.model or default_path
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
     ckpt_path, eval_path = os.path.join(out, "checkpoint"), os.path.join(out, "eval.json")
     if args.resume:  # refused before anything loads when the arguments change the run's meaning
@@ -361,13 +356,8 @@ def main(args: Args) -> dict:
 
     # -- data (its prompt lengths size the engine) ------------------------------------------
     tok = utils.load_tokenizer(model_path)
-    data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
-                instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
-                too_long="raise --max-prompt-length", answer_from=args.answer_from,
-                keep_record=bool(args.reward))
     utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
-    train = utils.load_problems(args.train_data or toy_paths["train"], **data)
-    test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
+    train, test = utils.rl_problems(args, tok, toy_paths)
     # restart precision against the toy's ground truth, on toy problems only (the same answer on every rank)
     on_toy = fmt == "backtrack" and any(toy.parse_problem(p["problem"]) for p in train)
 
@@ -583,18 +573,15 @@ class Args:
     mu_max_tokens: int = 16
     """max tokens of a mu answer"""
     mu_mode: str = "forced"
-    """forced: mu answers right after the context and --mu-suffix; rollout: mu continues the context for
-    up to --mu-rollout-tokens, its last boxed answer graded (sampling.MetaProver)"""
+    """forced: mu answers after --mu-suffix; rollout: mu continues the trace (see sampling.MetaProver)"""
     mu_rollout_tokens: int = 128
     """B: tokens mu writes per sample in --mu-mode rollout"""
     dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
-    weights and optimizer state stay fp32"""
+    """auto (bf16 on GPU, else fp16; fp32 on CPU) | bf16 | fp16 | fp32; weights and optimizer stay fp32"""
     gpu_memory_utilization: float = 0.3
     """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
     sleep_mode: str = "auto"
-    """auto | on | off: vLLM sleep mode, the engine's weights and KV cache leave the GPU during each update
-    (auto: on with CUDA; vLLM's CPU build has none)"""
+    """auto | on | off: vLLM sleep mode, the engine off the GPU during updates (auto: on with CUDA)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     save_every: int | None = None
@@ -609,8 +596,7 @@ class Args:
     """custom reward module:function or path/to/file.py:function: (completion, gold, problem record) -> float
     in [0, 1], replacing the math-verify grader at every grading site, mu's included (empty: utils.grade)"""
     answer_from: str = ""
-    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution, NuminaMath style;
-    --answer-field is then not read); empty: --answer-field as is"""
+    """solution field whose last \\boxed{} is the gold answer (NuminaMath style); empty: --answer-field"""
     mask_truncated: bool = False
     """DAPO's overlong filtering: completions cut at --max-tokens add no loss tokens (rewards still count)"""
 

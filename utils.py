@@ -1217,3 +1217,14 @@ def group_sample(step: int, rows: list[dict], z0s: dict, reward, advantage) -> d
             "completions": [{"text": r["text"], "outcome": r["outcome"], "gain": r["gain"],
                              "reward": reward[i].item(), "advantage": advantage[i].item()}
                             for i, r in enumerate(rows)]}
+
+
+def rl_problems(args, tokenizer, toy_paths: dict | None) -> tuple[list[dict], list[dict]]:
+    """The training problems and the first --eval-problems held-out problems of grpo.py (`args`), from
+    --train-data / --test-data or the toy's splits (`toy_paths`); a problem whose prompt is longer than
+    --max-prompt-length tokens is dropped (load_problems)."""
+    data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tokenizer,
+                instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
+                too_long="raise --max-prompt-length", answer_from=args.answer_from, keep_record=bool(args.reward))
+    train = load_problems(args.train_data or toy_paths["train"], **data)
+    return train, load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
