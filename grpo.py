@@ -23,8 +23,7 @@ One step of Alg. 2, on every rank, for P problems x of the training set:
   direct   plain GRPO on the prompt: no z0, no backtrack, reward grade(completion) (0 when cut)
 --assign final gives every token of z_{1:2} the group-normalized R (as the paper ran); `episode` gives z1's
 and z2's tokens their own group-normalized reward-to-go (episode_advantages). A continuation that does not
-parse into episodes gets r = 0 and I = -J(mu | x, z0): breaking the format never pays (rollout; metrics.jsonl
-logs unparsed_share).
+parse into episodes gets r = 0 and I = -J(mu | x, z0): breaking the format never pays (rollout).
 
 Run (the toy task and model are the default; the toy preset trains in a few minutes on CPU):
     python grpo.py                                   # MRT-B on the toy task, 1 process
@@ -64,9 +63,8 @@ import time
 from collections import namedtuple
 from dataclasses import dataclass
 
-# One OpenMP thread unless told otherwise: vLLM's engine and the trainer share this process, and with more
-# threads OpenMP spin-waits make every CPU op many times slower on a shared CPU (bench/README.md; torchrun
-# sets the same default for several processes). Must precede `import torch`.
+# One OpenMP thread unless told otherwise (before `import torch`): vLLM's engine and the trainer share this
+# process, and more threads' spin-waits make every CPU op many times slower on a shared CPU (bench/README.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
@@ -303,7 +301,7 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
                     with torch.no_grad():
                         ref_logp[k] = training.completion_logprobs(ref, ctx, comp, pad_id,
                                                                    args.temperature)[0]  # (M, T)
-            a = advantages  # (M,): `final`, broadcast over the tokens; (M, T): `episode`
+            a = advantages  # an Episode: (M, T) per token; else (M,), `final`, broadcast over the tokens
             adv = (assign_advantages(a.adv_z1[sl], a.adv_z2[sl], a.z1_tokens[sl], logp.shape[1])
                    if isinstance(a, Episode) else a[sl])
             loss, m = grpo_loss(logp, old_logp[k], ref_logp.get(k), adv.to(logp.device), mask,

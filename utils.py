@@ -1225,6 +1225,7 @@ def rl_problems(args, tokenizer, toy_paths: dict | None) -> tuple[list[dict], li
     --max-prompt-length tokens is dropped (load_problems)."""
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tokenizer,
                 instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
-                too_long="raise --max-prompt-length", answer_from=args.answer_from, keep_record=bool(args.reward))
+                too_long="raise --max-prompt-length", answer_from=args.answer_from,
+                keep_record=bool(args.reward))
     train = load_problems(args.train_data or toy_paths["train"], **data)
     return train, load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
