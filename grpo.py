@@ -337,6 +337,7 @@ def main(args: Args) -> dict:
     rank, world, device = utils.init_distributed()
     args = resolve_args(args, world)
     out, fmt = args.out or os.path.join("runs", "grpo", args.variant), variant_format(args.variant)
+    backtrack = fmt == "backtrack"
     default_path, toy_paths = ((args.model, None) if args.model and args.train_data and args.test_data
                                else toy.default_model())  # the toy's model and data where none is given
     model_path = args.model or default_path
@@ -357,11 +358,11 @@ def main(args: Args) -> dict:
     utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     train, test = utils.rl_problems(args, tok, toy_paths)
     # restart precision against the toy's ground truth, on toy problems only (the same answer on every rank)
-    on_toy = fmt == "backtrack" and any(toy.parse_problem(p["problem"]) for p in train)
+    on_toy = backtrack and any(toy.parse_problem(p["problem"]) for p in train)
 
     # -- models: the vLLM engine sized from the run's own lengths, the policy (FSDP2 over ranks, fp32
     # masters), a frozen reference if beta > 0 (the same read of the weights), mu (MetaProver) if used --
-    uses_mu, backtrack = args.alpha != 0.0 or args.assign == "episode", fmt == "backtrack"
+    uses_mu = args.alpha != 0.0 or args.assign == "episode"
     longest = max(p["prompt_tokens"] for p in train + test)
     ready = model_path in sampling.READY  # it may hold other weights (and a prefix cache computed with them)
     sampler = sampling.rl_engine(model_path, tok, longest, args, backtrack, uses_mu and not args.mu_model)
@@ -390,7 +391,7 @@ def main(args: Args) -> dict:
 
     # -- z0 from the frozen base for every problem the run will use (Alg. 2); held-out accuracy at start --
     train_z0, test_z0, skip = {}, {}, frozenset()
-    if fmt == "backtrack":
+    if backtrack:
         positions = [position(s) for s in range(start, args.steps)]
         skip, test, train_z0, test_z0 = prepare_z0(sampler, train, test, os.path.join(out, "z0.jsonl"), args,
                                                    args.resume, positions, world)
@@ -421,8 +422,7 @@ def main(args: Args) -> dict:
         mu_tokens = meta_prover.tokens - mu_tokens if meta_prover else None  # tokens mu decoded this step
 
         # ---- reward: R = r + alpha * I - lambda * length, gathered over ranks ---------------
-        outcome = torch.tensor([r["outcome"] for r in rows])  # (B,)
-        gain = torch.tensor([r["gain"] for r in rows])  # (B,)
+        outcome, gain = (torch.tensor([r[k] for r in rows]) for k in ("outcome", "gain"))  # (B,) each
         ntok = torch.tensor([r["num_tokens"] for r in rows], dtype=torch.float)  # (B,)
         reward = combine_rewards(outcome, gain, args.alpha, ntok, args.length_penalty, args.max_tokens)
         mine = {"outcome": outcome, "gain": gain, "reward": reward, "tokens": ntok}
