@@ -575,8 +575,8 @@ def main(args: Args) -> dict:
                 if mode == "parallel":
                     rows = sampling.run_parallel(sampler, ids, share, mine, samples=args.samples, **kw)
                 else:
-                    rows = sampling.run_linearized(sampler, ids, share, mine, rounds=args.samples, window=args.window,
-                                                   max_len=max_len, **kw)
+                    rows = sampling.run_linearized(sampler, ids, share, mine, rounds=args.samples,
+                                                   window=args.window, max_len=max_len, **kw)
                 order = ("problem", "sample" if mode == "parallel" else "round")
                 if world > 1 and not utils.is_distributed():
                     raise RuntimeError("torchrun's process group ended before the ranks' rows were merged")

@@ -1,46 +1,29 @@
 """grpo.py: MRT-B reinforcement learning on GRPO (paper Alg. 2), and its baselines.
 
 One step of Alg. 2, on every rank, for P problems x of the training set:
-  sample     z0 ~ pi_base(. | x) once per problem, before any update (prepare_z0, <out>/z0.jsonl: an
-             attempt cut at --max-tokens or without a box is resampled, a problem with none usable in
-             sampling.Z0_TRIES tries is dropped, counted and left out of the run); G continuations
-             z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER + "\\nStep") from the current policy, which names the
-             restart step (" k: ...") and writes the revised attempt (rollout)
-  reward     r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited), 0 when
-             cut at --max-tokens (sampling.sample_outcome); I_i = J(mu | x, z0, z1_i) - J(mu | x, z0), the
+  sample     z0 ~ pi_base(. | x) once per problem, before any update (prepare_z0: an attempt cut at
+             --max-tokens or without a box is resampled, a problem with none usable in sampling.Z0_TRIES
+             tries is dropped from the run); G continuations z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER +
+             "\\nStep") from the current policy, which names the restart step (" k: ...") and writes the
+             revised attempt (rollout)
+  reward     r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited), 0 when cut
+             at --max-tokens (sampling.sample_outcome); I_i = J(mu | x, z0, z1_i) - J(mu | x, z0), the
              information gain of the backtrack episode (Def. 5.1, infogain.backtrack_gain);
              R_i = r_i + alpha * I_i                                  (combine_rewards)
   advantage  A_i = (R_i - mean_group) / (std_group + 1e-4)          (group_advantages)
   loss       token-level clipped ratio objective, k3 KL to the reference (grpo_loss)
-  update     AdamW over micro-batches with gradient accumulation, FSDP2 across ranks (policy_update)
+  update     AdamW over micro-batches with gradient accumulation, --num-iterations optimizer steps per
+             generation batch (P x G sequences per rank), FSDP2 across ranks (policy_update)
   sync       the new weights go into the rank's vLLM engine in place (sampling.Sampler.sync_weights)
 
---variant (sets defaults; explicit flags win): mrt: backtrack format, alpha = 1, outcome + information-gain
-bonus (MRT-B); outcome: alpha = 0 (outcome-only GRPO, same format); length: alpha = 0, reward
-r - lambda * num_tokens / max_tokens (the paper's Fig. 9 length penalty, lambda = --length-penalty, 0.1);
-direct: plain GRPO on the prompt, no z0, no backtrack, reward grade(completion) (0 when cut).
-
---assign final gives every token of z_{1:2} the group-normalized combined reward R (as the paper ran);
-`episode` is per-episode reward-to-go (episode_advantages): z1's tokens get the group-normalized reward
-of z1 and all after it, alpha * I + r (- the length penalty), which is R; z2's the group-normalized r
-(- the length penalty). With reward-to-go both have the same expected policy gradient (the paper's
-footnote on per-episode vs final rewards) up to the group normalization, each of its own reward. The
-z1/z2 boundary is found on the sampled token ids (decoded prefixes), never by re-tokenizing text; the
-token that straddles it counts as z1.
-
-A continuation that does not parse into episodes (infogain.split_continuation: no restart line, a
-restart line with a box or a second step, or no step and no box after it) has no backtrack episode:
-r = 0 and J after it = 0, so its gain is -J(mu | x, z0) (mu is not asked about it) and
-r + alpha * I = -alpha * J(mu | x, z0), never above a parsed continuation's of its group (J after >= 0):
-breaking the format never pays (the length penalty still ranks shorter ones above longer ones). With
-`episode` all its tokens are z1's, with the advantage of R. metrics.jsonl logs their share per step
-(unparsed_share).
-
-Batch: every rank samples --prompts-per-step problems x --group-size continuations per step (the
-generation batch, B = P * G sequences per rank), cut into micro-batches of --micro-batch-size sequences
-whose gradients accumulate into --num-iterations optimizer steps per generation batch (old log-probs are
-the first pass's, before any update of the batch). `dapo` divides by the completion tokens of the whole
-generation batch over all ranks.
+--variant sets defaults (explicit flags win):
+  mrt      backtrack format, alpha = 1: outcome + information-gain bonus (MRT-B)
+  outcome  alpha = 0: outcome-only GRPO, same format
+  length   alpha = 0, reward r - lambda * num_tokens / max_tokens (Fig. 9; lambda = --length-penalty, 0.1)
+  direct   plain GRPO on the prompt: no z0, no backtrack, reward grade(completion) (0 when cut)
+--assign final gives every token of z_{1:2} the group-normalized R (as the paper ran); `episode` gives z1's
+and z2's tokens their own group-normalized reward-to-go (episode_advantages). A continuation that does not
+parse into episodes gets r = 0 and I = -J(mu | x, z0): breaking the format never pays (rollout).
 
 Run (the toy task and model are the default; the toy preset trains in a few minutes on CPU):
     python grpo.py                                   # MRT-B on the toy task, 1 process
@@ -53,20 +36,20 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
     (several nodes: torchrun --nnodes N --node-rank R --master-addr H ... grpo.py ...)
     python grpo.py --resume                          # continue <out> from its checkpoint
 
-Outputs in <out> (default runs/grpo/<variant>): z0.jsonl (dropped problems marked "dropped", with their
-last try), metrics.jsonl (one line per step; backtrack variants log unparsed_share; on toy problems also
-the restart precision against the ground truth, toy.restart_metrics: restart_fixable,
-restart_at_first_wrong, z2_acc_z0_wrong; time_mu is mu's part of time_sample), samples.jsonl (one group
-of completions with their rewards per step), eval.json (held-out accuracy at the start and the end),
-checkpoint/ (sharded, training.save_checkpoint), model/ with mrt.json.
+Outputs in <out> (default runs/grpo/<variant>): z0.jsonl (dropped problems marked "dropped", with their last
+try), metrics.jsonl (one line per step; backtrack variants log unparsed_share; on toy problems also the
+restart precision against the ground truth, toy.restart_metrics: restart_fixable, restart_at_first_wrong,
+z2_acc_z0_wrong; time_mu is mu's part of time_sample), samples.jsonl (one group of completions with their
+rewards per step), eval.json (held-out accuracy at the start and the end), checkpoint/ (sharded,
+training.save_checkpoint), model/ with mrt.json.
 
 Where this departs from the paper / the authors' code:
-- The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward added
-  alpha times a per-prompt constant, which cancels under group normalization.
+- The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward added alpha
+  times a per-prompt constant, which cancels under group normalization.
 - z0 is sampled at the start of the run with the run's own engine (the authors stored z0 offline); the
   policy and the frozen base are the same weights at that moment.
-- Defaults that Table 2 does not give (prompts per step, steps, beta = 0.04 as TRL's default at the
-  time, eps 0.2, loss `dapo`) are assumptions, documented in PRESETS.
+- Defaults that Table 2 does not give (prompts per step, steps, beta = 0.04 as TRL's default at the time,
+  eps 0.2, loss `dapo`) are assumptions, documented in PRESETS.
 - Held-out accuracy is measured in the variant's own format with the same z0 source, at the training
   temperature, so start and end compare like for like.
 """
@@ -77,16 +60,16 @@ import dataclasses
 import json
 import os
 import time
+from collections import namedtuple
 from dataclasses import dataclass
-from typing import NamedTuple
 
-# One OpenMP thread unless told otherwise: vLLM's engine and the trainer share this process, and with
-# more threads OpenMP spin-waits make every CPU op many times slower on a shared CPU (bench/README.md;
-# torchrun sets the same default for several processes). Must precede `import torch`.
+# One OpenMP thread unless told otherwise (before `import torch`): vLLM's engine and the trainer share this
+# process, and more threads' spin-waits make every CPU op many times slower on a shared CPU (bench/README.md).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 import sampling  # noqa: E402
 import toy  # noqa: E402
@@ -102,43 +85,41 @@ from training import read_metrics, step_record  # noqa: E402
 
 def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     """G continuations per problem, one dict per continuation, group by group: ctx_ids, token_ids,
-    sampler_logp, outcome r, gain I (0 without a meta-prover), z1_tokens (all when unparsed: no z2),
-    text, truncated, and (backtrack) episodes. mu is asked once per step, after the policy: the P
-    contexts x + z0 and every parsed x + z0 + z1_i in one call, the engine's prefix cache holding
-    x + z0 in whole KV blocks for all of them (sampling.CPU_ENGINE_BLOCK on CPU)."""
-    fmt = variant_format(args.variant)
-    tok = sampler.tokenizer
+    sampler_logp, outcome r, gain I (0 without a meta-prover), text, truncated, (backtrack) episodes and
+    z1_tokens: the z1/z2 boundary found on the sampled ids (decoded prefixes, never re-tokenized text), the
+    token that straddles it counted as z1's. A continuation that does not parse into episodes
+    (infogain.split_continuation: no restart line, a restart line with a box or a second step, or no step
+    and no box after it) has r = 0 and J after it = 0 (mu is not asked), so its gain is -J(mu | x, z0) and
+    r + alpha * I = -alpha * J(mu | x, z0), never above a parsed continuation's of its group (J after >= 0):
+    breaking the format never pays (the length penalty still ranks shorter ones above longer ones). All its
+    tokens are z1's (`episode`: the advantage of R). mu is asked once per step, after the policy: the P
+    contexts x + z0 and every parsed x + z0 + z1_i in one call, the engine's prefix cache holding x + z0 in
+    whole KV blocks for all of them (sampling.CPU_ENGINE_BLOCK on CPU)."""
+    fmt, tok = variant_format(args.variant), sampler.tokenizer
     tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
     ctx_ids = [utils.encode(tok, p["prompt"] + t) for p, t in zip(problems, tails)]
     outs = sampler.generate(ctx_ids, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
                             max_tokens=args.max_tokens, seed=seed, logprobs=True)
-    rows, before_ctx, golds_b = [], [], []
+    rows = []
     for gi, (p, tail, ids, group) in enumerate(zip(problems, tails, ctx_ids, outs)):
         for s in group:
+            ep = split_continuation(z0s[p["id"]], tail + s.text) if fmt == "backtrack" else None
+            graded = s.text if fmt == "direct" else (ep.z2 if ep else None)  # no episodes: r = 0
             row = dict(problem=p, group=gi, ctx_ids=ids, token_ids=s.token_ids, sampler_logp=s.logprobs,
                        text=s.text, num_tokens=s.num_tokens, truncated=s.finish_reason == "length", gain=0.0,
-                       z1_tokens=0)
-            ep = None
-            if fmt == "backtrack":
-                ep = row["episodes"] = split_continuation(z0s[p["id"]], tail + s.text)
-                # z1 ends where z2 begins, len(text) - len(z2) characters in; no episodes: all z1
-                row["z1_tokens"] = (utils.tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2)) if ep
-                                    else s.num_tokens)
-            graded = s.text if fmt == "direct" else (ep.z2 if ep else None)  # no episodes: r = 0
-            row["outcome"] = 0.0 if graded is None else sampling.sample_outcome(
-                graded, p["answer"], s.finish_reason, args.reward, p.get("record"))
+                       z1_tokens=0, outcome=0.0 if graded is None else sampling.sample_outcome(
+                           graded, p["answer"], s.finish_reason, args.reward, p.get("record")))
+            if fmt == "backtrack":  # z1 ends where z2 begins, len(text) - len(z2) characters in
+                row.update(episodes=ep, z1_tokens=s.num_tokens if ep is None  # unparsed: all z1
+                           else utils.tokens_covering(tok, s.token_ids, len(s.text) - len(ep.z2)))
             rows.append(row)
-        if meta_prover is not None:
-            before_ctx.append(p["prompt"] + z0s[p["id"]])
-            golds_b.append(p["answer"])
     if meta_prover is not None:  # I_i = J(mu | x, z0, z1_i) - J(mu | x, z0)  (Def. 5.1)
-        # an unparsed continuation has no episode z1: J after it is 0 (mu is not asked), gain -J(mu | x, z0)
-        parsed = [i for i, r in enumerate(rows) if r["episodes"]]
-        after_ctx = [rows[i]["problem"]["prompt"] + rows[i]["episodes"].z0 + rows[i]["episodes"].z1
-                     for i in parsed]
-        golds_a = [rows[i]["problem"]["answer"] for i in parsed]
-        J = meta_prover.success_rates(before_ctx + after_ctx, golds_b + golds_a,
-                                      seed=utils.derive_seed(seed, "meta-prover"))
+        parsed = [i for i, r in enumerate(rows) if r["episodes"]]  # unparsed: J after is 0, mu not asked
+        contexts = ([p["prompt"] + z0s[p["id"]] for p in problems]
+                    + [rows[i]["problem"]["prompt"] + rows[i]["episodes"].z0 + rows[i]["episodes"].z1
+                       for i in parsed])
+        golds = [p["answer"] for p in problems] + [rows[i]["problem"]["answer"] for i in parsed]
+        J = meta_prover.success_rates(contexts, golds, seed=utils.derive_seed(seed, "meta-prover"))
         after = dict(zip(parsed, J[len(problems):]))
         for i, r in enumerate(rows):
             r["gain"] = backtrack_gain(J[r["group"]], after.get(i))
@@ -187,10 +168,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 def episode_advantages(outcome, gain, num_tokens, group_size: int, *, alpha: float,
                        length_penalty: float = 0.0, max_completion_length: int | None = None,
                        scale: str = "group"):
-    """(adv_z1, adv_z2), each (B,), group by group, of the `episode` assignment: per-episode
-    reward-to-go, group-normalized. z1 is credited with its own reward and all after it,
-    alpha * I + r - lambda * num_tokens / max_completion_length (= R: adv_z1 is the `final`
-    advantage); z2 with what follows it, r - lambda * num_tokens / max_completion_length."""
+    """(adv_z1, adv_z2), each (B,), group by group, of the `episode` assignment: per-episode reward-to-go,
+    group-normalized. z1 is credited with its own reward and all after it, alpha * I + r - lambda *
+    num_tokens / max_completion_length (= R: adv_z1 is the `final` advantage, which `final` gives every
+    token of z_{1:2}, as the paper ran); z2 with what follows it, r - lambda * num_tokens /
+    max_completion_length. With reward-to-go both assignments have the same expected policy gradient
+    (the paper's footnote on per-episode vs final rewards) up to the group normalization, each of its own
+    reward."""
     after_z1 = combine_rewards(outcome, gain, alpha, num_tokens, length_penalty,
                                max_completion_length)  # (B,)
     after_z2 = combine_rewards(outcome, torch.zeros_like(gain), 0.0, num_tokens, length_penalty,
@@ -207,13 +191,8 @@ def assign_advantages(adv_z1: torch.Tensor, adv_z2: torch.Tensor, z1_tokens: tor
     return torch.where(pos < z1_tokens[:, None], adv_z1[:, None], adv_z2[:, None]).float()  # (B, T)
 
 
-class Episode(NamedTuple):
-    """The `episode` assignment's pieces, each (B,): the advantage of z1's tokens, that of z2's, and
-    z1's token count."""
-
-    adv_z1: torch.Tensor
-    adv_z2: torch.Tensor
-    z1_tokens: torch.Tensor
+Episode = namedtuple("Episode", "adv_z1 adv_z2 z1_tokens")
+"""The `episode` assignment's pieces, each (B,): the advantage of z1's tokens, that of z2's, z1's length."""
 
 
 # --------------------------------------------------------------------------------------
@@ -242,11 +221,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", e
     ratio = torch.exp(logp - old_logp)  # (B, T)
     clipped = torch.clamp(ratio, 1 - eps_low, 1 + eps_high)
     per_token = -torch.min(ratio * adv, clipped * adv)  # (B, T)
-    is_weight = None
+    is_weight = kl = None
     if sampler_logp is not None:
         is_weight = torch.clamp(torch.exp(old_logp - sampler_logp), max=is_cap).detach()  # (B, T)
         per_token = per_token * is_weight
-    kl = None
     if beta != 0.0:
         kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1  # (B, T) k3 estimator
         per_token = per_token + beta * kl
@@ -295,13 +273,13 @@ def micro_batch_scale(loss_type: str, n_micro: int, world: int) -> float:
 
 
 def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Args, pad_id: int):
-    """Loss and update on one generation batch: micro-batches with gradient accumulation,
-    --num-iterations optimizer steps; old (and reference) log-probs from the first pass, before any
-    update of this batch. `advantages`: (B,) for the `final` assignment, or an Episode. Returns the
-    per-micro-batch metrics (first pass first) and the last gradient norm, read from the device once.
-    Under FSDP2 the gradients are reduced over the ranks once per optimizer step, in the backward of
-    its last micro-batch (training.gradient_sync). With --mask-truncated, completions cut at
-    --max-tokens add no tokens (overlong_mask), nor to dapo's token count."""
+    """Loss and update on one generation batch: micro-batches with gradient accumulation, --num-iterations
+    optimizer steps; old (and reference) log-probs from the first pass, before any update of this batch.
+    `advantages`: (B,) for the `final` assignment, or an Episode. Returns the per-micro-batch metrics (first
+    pass first) and the last gradient norm, read from the device once. Under FSDP2 the gradients are reduced
+    over the ranks once per optimizer step, in the backward of its last micro-batch (training.gradient_sync).
+    With --mask-truncated, completions cut at --max-tokens add no tokens (overlong_mask), nor to dapo's
+    token count."""
     M, world = args.micro_batch_size, utils.world_size()
     n_micro = len(rows) // M
     trained = [r for r in rows if not (args.mask_truncated and r["truncated"])]
@@ -323,11 +301,9 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
                     with torch.no_grad():
                         ref_logp[k] = training.completion_logprobs(ref, ctx, comp, pad_id,
                                                                    args.temperature)[0]  # (M, T)
-            if isinstance(advantages, Episode):
-                a = advantages
-                adv = assign_advantages(a.adv_z1[sl], a.adv_z2[sl], a.z1_tokens[sl], logp.shape[1])  # (M, T)
-            else:
-                adv = advantages[sl]  # (M,): `final`, broadcast over the tokens
+            a = advantages  # an Episode: (M, T) per token; else (M,), `final`, broadcast over the tokens
+            adv = (assign_advantages(a.adv_z1[sl], a.adv_z2[sl], a.z1_tokens[sl], logp.shape[1])
+                   if isinstance(a, Episode) else a[sl])
             loss, m = grpo_loss(logp, old_logp[k], ref_logp.get(k), adv.to(logp.device), mask,
                                 loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high,
                                 beta=args.beta, num_items=num_items, max_completion_length=args.max_tokens,
@@ -361,10 +337,10 @@ def main(args: Args) -> dict:
     rank, world, device = utils.init_distributed()
     args = resolve_args(args, world)
     out, fmt = args.out or os.path.join("runs", "grpo", args.variant), variant_format(args.variant)
-    model_path, toy_paths = args.model, None
-    if not (args.model and args.train_data and args.test_data):
-        default_path, toy_paths = toy.default_model()
-        model_path = model_path or default_path
+    backtrack = fmt == "backtrack"
+    default_path, toy_paths = ((args.model, None) if args.model and args.train_data and args.test_data
+                               else toy.default_model())  # the toy's model and data where none is given
+    model_path = args.model or default_path
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model_path))
     ckpt_path, eval_path = os.path.join(out, "checkpoint"), os.path.join(out, "eval.json")
     if args.resume:  # refused before anything loads when the arguments change the run's meaning
@@ -379,43 +355,23 @@ def main(args: Args) -> dict:
 
     # -- data (its prompt lengths size the engine) ------------------------------------------
     tok = utils.load_tokenizer(model_path)
-    data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tok,
-                instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
-                too_long="raise --max-prompt-length", answer_from=args.answer_from,
-                keep_record=bool(args.reward))
     utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
-    train = utils.load_problems(args.train_data or toy_paths["train"], **data)
-    test = utils.load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
+    train, test = utils.rl_problems(args, tok, toy_paths)
     # restart precision against the toy's ground truth, on toy problems only (the same answer on every rank)
-    on_toy = fmt == "backtrack" and any(toy.parse_problem(p["problem"]) for p in train)
+    on_toy = backtrack and any(toy.parse_problem(p["problem"]) for p in train)
 
-    # -- models: policy (FSDP2 over ranks, fp32 masters), frozen reference if beta > 0 (from the
-    # same read of the weights), vLLM engine(s) sized from the run's own lengths ---------------
+    # -- models: the vLLM engine sized from the run's own lengths, the policy (FSDP2 over ranks, fp32
+    # masters), a frozen reference if beta > 0 (the same read of the weights), mu (MetaProver) if used --
     uses_mu = args.alpha != 0.0 or args.assign == "episode"
     longest = max(p["prompt_tokens"] for p in train + test)
-    mu_need = sampling.mu_need(tok, args.mu_mode, args.mu_suffix, args.mu_max_tokens, args.mu_rollout_tokens)
-    need = lambda mu: sampling.trace_need(tok, longest, args.max_tokens, fmt == "backtrack", mu)  # noqa: E731
-    engine_kw = dict(seed=args.seed, dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization)
-    max_len = sampling.engine_length(model_path, need(mu_need if uses_mu and not args.mu_model else 0))
     ready = model_path in sampling.READY  # it may hold other weights (and a prefix cache computed with them)
-    sampler = sampling.engine(model_path, max_model_len=max_len, sleep_mode=args.sleep_mode, **engine_kw)
-    if not ready:
-        utils.print0(f"sampler: {sampler.backend}, max_model_len {max_len} (longest prompt {longest} "
-                     f"tokens), gpu_memory_utilization {args.gpu_memory_utilization}, "
-                     f"sleep mode {sampler.sleep_mode}")
+    sampler = sampling.rl_engine(model_path, tok, longest, args, backtrack, uses_mu and not args.mu_model)
     model, ref = training.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing,
                                        reference=args.beta != 0.0)
     model.train()
     if ready:
         sampler.sync_weights(model)
-    meta_prover = None
-    if uses_mu:
-        mu = sampler if not args.mu_model else sampling.Sampler(
-            args.mu_model, max_model_len=sampling.engine_length(args.mu_model, need(mu_need)),
-            sleep_mode="off", **engine_kw)
-        meta_prover = sampling.MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples,
-                                          max_tokens=args.mu_max_tokens, mode=args.mu_mode,
-                                          rollout_tokens=args.mu_rollout_tokens, reward=args.reward)
+    meta_prover = sampling.rl_meta_prover(sampler, tok, longest, args, backtrack) if uses_mu else None
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = args.steps * args.num_iterations  # optimizer steps
     sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(int(args.warmup_ratio * total), total,
@@ -433,27 +389,24 @@ def main(args: Args) -> dict:
     def position(step: int) -> int:  # where a step starts in the endless data stream
         return data_pos + (step - start) * per_step
 
-    # -- z0 from the frozen base for every problem the run will use (Alg. 2) --------------
+    # -- z0 from the frozen base for every problem the run will use (Alg. 2); held-out accuracy at start --
     train_z0, test_z0, skip = {}, {}, frozenset()
-    if fmt == "backtrack":
+    if backtrack:
         positions = [position(s) for s in range(start, args.steps)]
         skip, test, train_z0, test_z0 = prepare_z0(sampler, train, test, os.path.join(out, "z0.jsonl"), args,
                                                    args.resume, positions, world)
     evals = json.load(open(eval_path)) if args.resume and os.path.exists(eval_path) else {}
     eval_seed = utils.derive_seed(args.seed, "held-out")
+    held_out = f"{len(test)} problems x {args.eval_samples}, variant {args.variant}"
     if test and "start" not in evals:
-        evals["start"] = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
-        utils.print0(f"held-out accuracy at start: {evals['start']:.4f} "
-                     f"({len(test)} problems x {args.eval_samples})")
-        if utils.is_main():
-            utils.write_json(eval_path, evals)
+        acc = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
+        utils.record_heldout(eval_path, evals, "start", acc, held_out)
 
     resumed = start if args.resume else None
     logger = utils.JsonlLogger(os.path.join(out, "metrics.jsonl"), resume_step=resumed,
                                report_to=args.report_to, config=dataclasses.asdict(args))
     sample_log = utils.JsonlLogger(os.path.join(out, "samples.jsonl"), resume_step=resumed)
-    from tqdm import tqdm
-
+    card = {"stage": "grpo", "variant": args.variant, "format": fmt, "base": model_path}
     bar = tqdm(range(start, args.steps), desc=f"grpo {args.variant}", disable=not utils.is_main(),
                initial=start, total=args.steps)
     for step in bar:
@@ -469,8 +422,7 @@ def main(args: Args) -> dict:
         mu_tokens = meta_prover.tokens - mu_tokens if meta_prover else None  # tokens mu decoded this step
 
         # ---- reward: R = r + alpha * I - lambda * length, gathered over ranks ---------------
-        outcome = torch.tensor([r["outcome"] for r in rows])  # (B,)
-        gain = torch.tensor([r["gain"] for r in rows])  # (B,)
+        outcome, gain = (torch.tensor([r[k] for r in rows]) for k in ("outcome", "gain"))  # (B,) each
         ntok = torch.tensor([r["num_tokens"] for r in rows], dtype=torch.float)  # (B,)
         reward = combine_rewards(outcome, gain, args.alpha, ntok, args.length_penalty, args.max_tokens)
         mine = {"outcome": outcome, "gain": gain, "reward": reward, "tokens": ntok}
@@ -503,34 +455,18 @@ def main(args: Args) -> dict:
         if on_toy:  # one collective call, made on every rank alike
             rec.update(toy.restart_metrics(rows, train_z0))
         logger.log(rec)
-        first = rows[0]["problem"]
-        sample_log.log({"step": step + 1, "problem": first["problem"], "gold": first["answer"],
-                        "z0": train_z0.get(first["id"], ""),
-                        "completions": [{"text": r["text"], "outcome": r["outcome"], "gain": r["gain"],
-                                         "reward": reward[i].item(), "advantage": adv_final[i].item()}
-                                        for i, r in enumerate(rows[:G])]})
+        sample_log.log(utils.group_sample(step + 1, rows[:G], train_z0, reward, adv_final))
         bar.set_postfix(reward=f"{rec['reward_mean']:.3f}", acc=f"{rec['accuracy']:.3f}",
                         gap=f"{rec['logprob_gap']:.1e}")
         if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1,
-                                     data_position=position(step + 1), args=dataclasses.asdict(args),
-                                     card={"stage": "grpo", "variant": args.variant, "format": fmt,
-                                           "base": model_path})
+            training.save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, card=card,
+                                     data_position=position(step + 1), args=dataclasses.asdict(args))
 
     # -- end: held-out accuracy, final model with its card --------------------------------------
     if test:
-        evals["end"] = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
-        utils.print0(f"held-out accuracy: start {evals['start']:.4f} -> end {evals['end']:.4f} "
-                     f"({len(test)} problems x {args.eval_samples}, variant {args.variant})")
-        if utils.is_main():
-            utils.write_json(eval_path, evals)
-    model_dir = os.path.join(out, "model")
-    training.save_pretrained(model, tok, model_dir)
-    if utils.is_main():
-        utils.write_json(os.path.join(model_dir, "mrt.json"), {"stage": "grpo", "variant": args.variant,
-                                                              "format": fmt, "base": model_path,
-                                                              "args": dataclasses.asdict(args)})
-    utils.barrier()
+        acc = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
+        utils.record_heldout(eval_path, evals, "end", acc, held_out)
+    training.save_model(model, tok, os.path.join(out, "model"), dict(card, args=dataclasses.asdict(args)))
     return evals
 
 
@@ -550,12 +486,8 @@ PRESETS = {
                   weight_decay=0.01, beta=0.04, temperature=0.9, max_prompt_length=1500, max_tokens=1024,
                   save_every=50),
 }
-VARIANTS = {  # format, alpha, length penalty lambda
-    "mrt": ("backtrack", 1.0, 0.0),
-    "outcome": ("backtrack", 0.0, 0.0),
-    "length": ("backtrack", 0.0, 0.1),
-    "direct": ("direct", 0.0, 0.0),
-}
+VARIANTS = {"mrt": ("backtrack", 1.0, 0.0), "outcome": ("backtrack", 0.0, 0.0),  # format, alpha, lambda
+            "length": ("backtrack", 0.0, 0.1), "direct": ("direct", 0.0, 0.0)}
 
 
 @dataclass
@@ -627,7 +559,7 @@ class Args:
     alpha: float | None = None
     """weight of the information-gain bonus (variant default: mrt 1, others 0)"""
     assign: str = "final"
-    """final | episode (see the module docstring)"""
+    """final | episode: advantage of every token, or per-episode reward-to-go (see episode_advantages)"""
     length_penalty: float | None = None
     """lambda of the length variant (its default 0.1): reward r - lambda * num_tokens / max_tokens"""
     mu_model: str = ""
@@ -639,18 +571,15 @@ class Args:
     mu_max_tokens: int = 16
     """max tokens of a mu answer"""
     mu_mode: str = "forced"
-    """forced: mu answers right after the context and --mu-suffix; rollout: mu continues the context for
-    up to --mu-rollout-tokens, its last boxed answer graded (sampling.MetaProver)"""
+    """forced: mu answers after --mu-suffix; rollout: mu continues the trace (see sampling.MetaProver)"""
     mu_rollout_tokens: int = 128
     """B: tokens mu writes per sample in --mu-mode rollout"""
     dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 | fp32;
-    weights and optimizer state stay fp32"""
+    """auto (bf16 on GPU, else fp16; fp32 on CPU) | bf16 | fp16 | fp32; weights and optimizer stay fp32"""
     gpu_memory_utilization: float = 0.3
     """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
     sleep_mode: str = "auto"
-    """auto | on | off: vLLM sleep mode, the engine's weights and KV cache leave the GPU during each
-    update (auto: on with CUDA; vLLM's CPU build has none)"""
+    """auto | on | off: vLLM sleep mode, the engine off the GPU during updates (auto: on with CUDA)"""
     gradient_checkpointing: bool = False
     """recompute activations in backward"""
     save_every: int | None = None
@@ -662,12 +591,10 @@ class Args:
     eval_samples: int = 4
     """samples per held-out problem"""
     reward: str = ""
-    """custom reward module:function or path/to/file.py:function: (completion text, gold answer, problem
-    record) -> float in [0, 1], replacing the math-verify grader at every grading site, mu's included
-    (empty: utils.grade)"""
+    """custom reward module:function or path/to/file.py:function: (completion, gold, problem record) -> float
+    in [0, 1], replacing the math-verify grader at every grading site, mu's included (empty: utils.grade)"""
     answer_from: str = ""
-    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution, NuminaMath
-    style; --answer-field is then not read); empty: --answer-field as is"""
+    """solution field whose last \\boxed{} is the gold answer (NuminaMath style); empty: --answer-field"""
     mask_truncated: bool = False
     """DAPO's overlong filtering: completions cut at --max-tokens add no loss tokens (rewards still count)"""
 
@@ -699,13 +626,11 @@ def resolve_args(args: Args, world: int) -> Args:
                           ("lr_schedule", ("cosine", "constant")), ("mu_mode", sampling.MU_MODES)):
         if getattr(args, name) not in allowed:
             raise utils.UserError(f"{flag(name)} must be one of {allowed}, got {getattr(args, name)!r}")
-    for name in ("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens",
-                 "mu_samples", "mu_max_tokens", "mu_rollout_tokens"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"{flag(name)} must be at least 1, got {getattr(args, name)}")
-    if args.group_size < 2:
-        raise utils.UserError("--group-size must be at least 2 (GRPO compares continuations of one problem), "
-                              f"got {args.group_size}")
+    at_least = [(name, 1, "") for name in ("steps", "prompts_per_step", "micro_batch_size", "num_iterations",
+                                           "max_tokens", "mu_samples", "mu_max_tokens", "mu_rollout_tokens")]
+    for name, least, why in at_least + [("group_size", 2, " (GRPO compares continuations of one problem)")]:
+        if getattr(args, name) < least:
+            raise utils.UserError(f"{flag(name)} must be at least {least}{why}, got {getattr(args, name)}")
     B = args.prompts_per_step * args.group_size  # generation batch per rank
     if B % args.micro_batch_size:
         raise utils.UserError(f"--micro-batch-size {args.micro_batch_size} must divide --prompts-per-step x "
@@ -724,9 +649,9 @@ def variant_format(variant: str) -> str:
 
 def step_problems(train: list[dict], position: int, args: Args, rank: int,
                   skip: frozenset = frozenset()) -> list[dict]:
-    """The P problems of one rank in the step that starts at `position` of the data stream (each
-    step takes P x world consecutive positions; rank r takes the r-th share, utils.problem_index).
-    `skip`: ids of problems left out of the stream (no usable z0, prepare_z0)."""
+    """The P problems of one rank in the step that starts at `position` of the data stream (each step takes
+    P x world consecutive positions; rank r takes the r-th share, utils.problem_index). `skip`: ids of
+    problems left out of the stream (no usable z0, prepare_z0)."""
     P = args.prompts_per_step
     gone = frozenset(i for i, p in enumerate(train) if p["id"] in skip) if skip else frozenset()
     return [train[utils.problem_index(position + rank * P + j, len(train), args.seed, gone)]
@@ -735,11 +660,9 @@ def step_problems(train: list[dict], position: int, args: Args, rank: int,
 
 def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Args, reuse: bool,
                positions: list[int], world: int) -> tuple[frozenset, list[dict], dict, dict]:
-    """z0 for every training problem the run will use (the steps that start at `positions`, every
-    rank's share) and every held-out problem (Alg. 2: the frozen base's attempt), sampled now, while
-    the engine holds the base weights (sampling.prepare_z0: drops, rounds, the stored `path`, reuse).
-    Returns (skip: the dropped training ids, for step_problems; the kept held-out problems;
-    {id: z0} of train; {id: z0} of test)."""
+    """z0 for every training problem the run will use (the steps that start at `positions`, every rank's
+    share) and every held-out problem (Alg. 2: the frozen base's attempt), sampled now, while the engine
+    holds the base weights (sampling.prepare_z0: drops, rounds, the stored `path`, reuse, what it returns)."""
     def wanted(skip: frozenset) -> set:
         return {p["id"] for pos in positions for r in range(world)
                 for p in step_problems(train, pos, args, r, skip)}
@@ -749,9 +672,9 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Ar
 
 
 def heldout_accuracy(sampler, problems, z0s, args: Args, seed: int) -> float:
-    """Mean accuracy of --eval-samples continuations per held-out problem (graded on z2 for
-    backtrack variants; a continuation cut at --max-tokens scores 0, as in training), problems
-    split over the ranks, same seed at start and end."""
+    """Mean accuracy of --eval-samples continuations per held-out problem (graded on z2 for backtrack
+    variants; a continuation cut at --max-tokens scores 0, as in training), problems split over the ranks,
+    same seed at start and end."""
     rank, world = utils.rank(), utils.world_size()
     mine, eval_args = problems[rank::world], dataclasses.replace(args, group_size=args.eval_samples)
     rows = rollout(sampler, mine, z0s, eval_args, utils.derive_seed(seed, rank)) if mine else []

@@ -949,6 +949,37 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, wanted: 
     return skip(), [p for p in test if ("test", p["id"]) not in lost], split("train"), split("test")
 
 
+def rl_need(tokenizer, longest: int, args, backtrack: bool, with_mu: bool) -> int:
+    """Tokens an RL run's engine sequence may hold (trace_need) from its longest prompt (`longest`
+    tokens), with mu's part (mu_need) when mu samples from that engine. `args`: grpo.Args."""
+    mu = mu_need(tokenizer, args.mu_mode, args.mu_suffix, args.mu_max_tokens, args.mu_rollout_tokens)
+    return trace_need(tokenizer, longest, args.max_tokens, backtrack, mu if with_mu else 0)
+
+
+def rl_engine(path: str, tokenizer, longest: int, args, backtrack: bool, with_mu: bool) -> Sampler:
+    """The policy's engine of an RL run (grpo.Args): `engine(path)` sized by rl_need; a new one is
+    described on rank 0 (READY's is not)."""
+    ready, max_len = path in READY, engine_length(path, rl_need(tokenizer, longest, args, backtrack, with_mu))
+    sampler = engine(path, max_model_len=max_len, sleep_mode=args.sleep_mode, seed=args.seed,
+                     dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization)
+    if not ready:
+        utils.print0(f"sampler: {sampler.backend}, max_model_len {max_len} (longest prompt {longest} "
+                     f"tokens), gpu_memory_utilization {args.gpu_memory_utilization}, "
+                     f"sleep mode {sampler.sleep_mode}")
+    return sampler
+
+
+def rl_meta_prover(sampler, tokenizer, longest: int, args, backtrack: bool) -> MetaProver:
+    """mu of an RL run (grpo.Args): the policy's engine `sampler`, or with --mu-model a new engine on it
+    (no sleep mode) sized by rl_need with mu's part."""
+    need = rl_need(tokenizer, longest, args, backtrack, True)
+    mu = sampler if not args.mu_model else Sampler(
+        args.mu_model, max_model_len=engine_length(args.mu_model, need), sleep_mode="off", seed=args.seed,
+        dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization)
+    return MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens,
+                      mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens, reward=args.reward)
+
+
 # --------------------------------------------------------------------------------------
 # Helpers of r1_analysis.py: a pool of engines, one model path each
 # --------------------------------------------------------------------------------------

@@ -1032,3 +1032,12 @@ def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], g
             "tokens_per_s": ntok.sum().item() / max(1e-9, slowest["time_sample"]),
             **({"mu_tokens_per_problem": sum(r["mu_tokens"] for r in ranks) * args.group_size / len(ntok)}
                if mu_tokens is not None else {}), **slowest}
+
+
+def save_model(model, tokenizer, model_dir: str, card: dict) -> None:
+    """The trained model as a transformers folder (save_pretrained) with its mrt.json `card`, written by
+    rank 0; every rank returns once both are written."""
+    save_pretrained(model, tokenizer, model_dir)
+    if utils.is_main():
+        utils.write_json(os.path.join(model_dir, "mrt.json"), card)
+    utils.barrier()

@@ -1199,6 +1199,38 @@ def tokens_covering(tokenizer, token_ids: list[int], n_chars: int) -> int:
     return lo
 
 
+def record_heldout(path: str, evals: dict, key: str, accuracy: float, note: str) -> None:
+    """evals[key] = accuracy (grpo.py: "start" or "end"), said on rank 0 with every accuracy so far
+    ("held-out accuracy: start a -> end b (note)") and written by rank 0 to `path` (eval.json)."""
+    evals[key] = accuracy
+    print0("held-out accuracy: " + " -> ".join(f"{k} {v:.4f}" for k, v in evals.items()) + f" ({note})")
+    if is_main():
+        write_json(path, evals)
+
+
+def group_sample(step: int, rows: list[dict], z0s: dict, reward, advantage) -> dict:
+    """A samples.jsonl line of grpo.py: the step; the problem of `rows` (one group of its rollout rows),
+    its gold answer and z0 ('' without); each completion's text, outcome, gain, reward and advantage
+    (`reward`, `advantage`: tensors whose first len(rows) entries are the group's)."""
+    first = rows[0]["problem"]
+    return {"step": step, "problem": first["problem"], "gold": first["answer"], "z0": z0s.get(first["id"], ""),
+            "completions": [{"text": r["text"], "outcome": r["outcome"], "gain": r["gain"],
+                             "reward": reward[i].item(), "advantage": advantage[i].item()}
+                            for i, r in enumerate(rows)]}
+
+
+def rl_problems(args, tokenizer, toy_paths: dict | None) -> tuple[list[dict], list[dict]]:
+    """The training problems and the first --eval-problems held-out problems of grpo.py (`args`), from
+    --train-data / --test-data or the toy's splits (`toy_paths`); a problem whose prompt is longer than
+    --max-prompt-length tokens is dropped (load_problems)."""
+    data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tokenizer,
+                instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
+                too_long="raise --max-prompt-length", answer_from=args.answer_from,
+                keep_record=bool(args.reward))
+    train = load_problems(args.train_data or toy_paths["train"], **data)
+    return train, load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
+
+
 # --------------------------------------------------------------------------------------
 # Helpers of r1_analysis.py: a lazy log, PNG figures, trace files, model flags, rank merging, tables
 # --------------------------------------------------------------------------------------
