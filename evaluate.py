@@ -424,9 +424,8 @@ def markdown_table(runs: dict, comparison: dict) -> str:
         have = {name: r["modes"][mode] for name, r in runs.items() if mode in r["modes"]}
         if not have:
             continue
-        budgets = budgets_for(list(have.values()))
-        lines += [f"## {mode}", "", "| run | format | " + " | ".join(f"{b:.0f} tok" for b in budgets)
-                  + f" | token saving vs {ref} (maj) | mean acc (maj) |", "|---" * (len(budgets) + 4) + "|"]
+        budgets = budgets_for(list(have.values()))  # never empty
+        rows = []
         for name, c in have.items():
             cells = []
             for b in budgets:
@@ -436,19 +435,17 @@ def markdown_table(runs: dict, comparison: dict) -> str:
             saving = ("(reference)" if name == ref else "-" if not eff or eff["saving"] is None
                       else f"{100 * eff['saving']:+.0f}%")
             acc = comparison[mode]["maj"]["mean_acc_shared_range"][name]
-            lines.append(f"| {name} | {runs[name]['format']} | " + " | ".join(cells) + f" | {saving} | "
-                         + ("-" if acc is None else f"{100 * acc:.1f}") + " |")
-        lines.append("")
+            rows.append([name, runs[name]["format"], *cells, saving,
+                         "-" if acc is None else f"{100 * acc:.1f}"])
+        head = ["run", "format", *(f"{b:.0f} tok" for b in budgets), f"token saving vs {ref} (maj)",
+                "mean acc (maj)"]
+        lines += [f"## {mode}", "", *utils.markdown_table(head, rows), ""]
     return "\n".join(lines)
 
 
 def plot(runs: dict, path: str, title: str) -> None:
     """One panel per mode, shared axes: solid pass@k, dashed maj@k, one colour per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = utils.pyplot()
     modes = [m for m in MODES if any(m in r["modes"] for r in runs.values())]
     fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 4.8), sharex=True, sharey=True,
                              squeeze=False)
@@ -466,10 +463,7 @@ def plot(runs: dict, path: str, title: str) -> None:
     axes[0][0].set_ylabel("accuracy")
     axes[0][-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.suptitle(title)
-    fig.tight_layout()
-    with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120, format="png", bbox_inches="tight")
-    plt.close(fig)
+    utils.save_png(fig, path, dpi=120, bbox_inches="tight")
 
 
 # --------------------------------------------------------------------------------------
@@ -494,7 +488,7 @@ def resolve_runs(args: Args) -> dict[str, str]:
             raise utils.UserError(f"--models: expected name=path, got {spec!r}")
         if name in runs:
             raise utils.UserError(f"--models: run name {name!r} given twice")
-        hub_name = re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) and not os.path.isdir(path.split("/")[0])
+        hub_name = utils.HUB_NAME.fullmatch(path) and not os.path.isdir(path.split("/")[0])
         if not os.path.isdir(path) and not hub_name:  # "runs/x" is a local path, "org/model" a hub name
             raise utils.UserError(f"--models {name}: model path does not exist: {path}")
         runs[name] = path
@@ -578,10 +572,9 @@ def main(args: Args) -> dict:
                     rows = sampling.run_linearized(sampler, ids, share, mine, rounds=args.samples,
                                                    window=args.window, max_len=max_len, **kw)
                 order = ("problem", "sample" if mode == "parallel" else "round")
-                if world > 1 and not utils.is_distributed():
-                    raise RuntimeError("torchrun's process group ended before the ranks' rows were merged")
-                rows = sorted((r for part in utils.all_gather(rows) for r in part),
-                              key=lambda r: [r[k] for k in order])
+                if world > 1:  # every rank's rows, in rank order
+                    rows = utils.gather_shares({"rows": rows})["rows"]
+                rows = sorted(rows, key=lambda r: [r[k] for k in order])
                 if utils.is_main():
                     utils.write_jsonl(stem + ".jsonl", [{"run": name, "mode": mode, **r} for r in rows])
                     utils.write_json(stem + ".meta.json", meta)

@@ -818,7 +818,7 @@ def plot_gain_by_class(disc: dict, path: str) -> None:
     """Mean gain of the backtrack episode per restart class, one bar per meta-prover (mean over
     seeds, one standard deviation as the error bar); one panel per model in a grid with
     shared axes and one legend. `disc`: {model: {meta-prover: [discrimination per seed]}}."""
-    plt = _pyplot()
+    plt = utils.pyplot()
     ncols = min(3, len(disc))
     nrows = -(-len(disc) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.5 * ncols, 3.2 * nrows + 0.4), squeeze=False,
@@ -844,10 +844,7 @@ def plot_gain_by_class(disc: dict, path: str) -> None:
         row[0].set_ylabel("mean gain of z1")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1))
-    with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    utils.save_png(fig, path, rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1), bbox_inches="tight")
 
 
 RESTART_KEYS = {"restart_fixable": "fixable restarts (share)",
@@ -860,7 +857,7 @@ def plot_restart_precision(runs: dict, path: str, window: int = 5) -> None:
     share at the first wrong step, z2 accuracy after a wrong z0) in one row with shared axes and
     one legend; each line the mean over seeds of a trailing moving average over `window` steps.
     `runs`: {variant: [metrics rows per seed]}."""
-    plt = _pyplot()
+    plt = utils.pyplot()
     fig, axes = plt.subplots(1, len(RESTART_KEYS), figsize=(4.2 * len(RESTART_KEYS), 3.8), sharex=True,
                              sharey=True, squeeze=False)
     import warnings
@@ -886,10 +883,7 @@ def plot_restart_precision(runs: dict, path: str, window: int = 5) -> None:
     axes[0][0].set_ylim(-0.02, 1.02)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.08, 1, 1))
-    with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    utils.save_png(fig, path, rect=(0, 0.08, 1, 1), bbox_inches="tight")
 
 
 def copy_figure(src: str, dst: str) -> None:
@@ -898,19 +892,10 @@ def copy_figure(src: str, dst: str) -> None:
             b.write(a.read())
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_mean_curves(mc: dict, mode: str, path: str, n_seeds: int) -> None:
     """Fig. 7 style: maj@k (solid) and pass@k (dotted) against tokens, mean over seeds, a band
     of one standard deviation of maj@k."""
-    plt = _pyplot()
+    plt = utils.pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, c in mc.items():
         t, m, sd = np.array(c["tokens"]), np.array(c["maj"]), np.array(c["maj_sd"])
@@ -922,16 +907,13 @@ def plot_mean_curves(mc: dict, mode: str, path: str, n_seeds: int) -> None:
     ax.set_title(f"{mode}: maj@k (solid), pass@k (dotted); mean of {n_seeds} seed(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
-    fig.tight_layout()
-    with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    utils.save_png(fig, path, bbox_inches="tight")
 
 
 def plot_training(seed_dirs: dict, path: str) -> None:
     """Fig. 9 style: training accuracy of the revised attempt and completion length per RL
     step, mean over seeds, for MRT-B and its baselines."""
-    plt = _pyplot()
+    plt = utils.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for v in GRPO_VARIANTS:
         runs = []
@@ -952,10 +934,7 @@ def plot_training(seed_dirs: dict, path: str) -> None:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    utils.save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------

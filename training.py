@@ -487,6 +487,15 @@ def save_pretrained(model, tokenizer, path: str, shard_bytes: int | None = None)
     utils.barrier()
 
 
+def save_model(model, tokenizer, model_dir: str, card: dict) -> None:
+    """The trained model as a transformers folder (save_pretrained) with its mrt.json `card`, written by
+    rank 0; every rank returns once both are written."""
+    save_pretrained(model, tokenizer, model_dir)
+    if utils.is_main():
+        utils.write_json(os.path.join(model_dir, "mrt.json"), card)
+    utils.barrier()
+
+
 def gradient_sync(model, on: bool) -> None:
     """Whether the next backward passes of an FSDP2 model reduce-scatter its gradients over the
     ranks (on) or add them up unreduced on each rank (off). In an accumulation, off for every
@@ -962,10 +971,7 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
             save_checkpoint(ckpt_path, model, opt, sched, step=step + 1, tokens=tokens_seen,
                                      args=dataclasses.asdict(args), card=card)
     model.eval()
-    save_pretrained(model, tok, model_dir)
-    if utils.is_main():
-        utils.write_json(os.path.join(model_dir, "mrt.json"), card)
-    utils.barrier()
+    save_model(model, tok, model_dir, card)
     return model
 
 
@@ -1032,12 +1038,3 @@ def step_record(step: int, rewards: dict, rows: list[dict], stats: list[dict], g
             "tokens_per_s": ntok.sum().item() / max(1e-9, slowest["time_sample"]),
             **({"mu_tokens_per_problem": sum(r["mu_tokens"] for r in ranks) * args.group_size / len(ntok)}
                if mu_tokens is not None else {}), **slowest}
-
-
-def save_model(model, tokenizer, model_dir: str, card: dict) -> None:
-    """The trained model as a transformers folder (save_pretrained) with its mrt.json `card`, written by
-    rank 0; every rank returns once both are written."""
-    save_pretrained(model, tokenizer, model_dir)
-    if utils.is_main():
-        utils.write_json(os.path.join(model_dir, "mrt.json"), card)
-    utils.barrier()

@@ -218,11 +218,15 @@ def read_records(path: str, fields: Sequence[str] = (), rename: dict[str, str] |
     return out
 
 
+HUB_NAME = re.compile(r"[\w-][\w.-]*/[\w.-]+")
+"""A model or data set name on the hub, "org/name"."""
+
+
 def hub_dataset(path: str) -> tuple[str, str] | None:
     """(name, split) when `path` names a hub dataset ("org/name[:split]"): two parts, the
     first no local folder, no data-file ending. None for anything that reads as a local path."""
     name, _, split = path.partition(":")
-    if not re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", name) or os.path.isdir(name.split("/")[0]):
+    if not HUB_NAME.fullmatch(name) or os.path.isdir(name.split("/")[0]):
         return None
     if name.endswith((".jsonl", ".json", ".parquet")):
         return None
@@ -665,7 +669,7 @@ def check_model_path(path: str) -> None:
         if not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
             raise UserError(f"{path}: not a model folder (no config.json)")
         return
-    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path) and not os.path.isdir(path.split("/")[0]):
+    if HUB_NAME.fullmatch(path) and not os.path.isdir(path.split("/")[0]):
         return
     raise UserError(f"model path does not exist: {path}")
 
@@ -963,6 +967,16 @@ def all_gather(obj) -> list:
     return out
 
 
+def gather_shares(share: dict) -> dict:
+    """Every rank's `share` (lists and counts) merged in rank order, lists concatenated and counts summed;
+    a collective, called while torchrun's process group lives."""
+    if not is_distributed():
+        raise RuntimeError("torchrun's process group ended before the ranks' results were merged")
+    parts = all_gather(share)
+    return {k: sum(p[k] for p in parts) if isinstance(v, int) else [x for p in parts for x in p[k]]
+            for k, v in share.items()}
+
+
 def any_rank(flag: bool) -> bool:
     """True when the flag is true on any rank (so that every rank loops the same number of times)."""
     return any(all_gather(bool(flag)))
@@ -983,6 +997,32 @@ def barrier() -> None:
 
     if is_distributed():
         dist.barrier()
+
+
+# --------------------------------------------------------------------------------------
+# Figures: matplotlib without a display, PNGs written atomically
+# --------------------------------------------------------------------------------------
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_png(fig, path: str, dpi: int = 110, *, rect=None, bbox_inches=None) -> None:
+    """Lay a figure out (tight_layout, within `rect` when given), write it as a PNG (atomically; bbox_inches
+    "tight" crops it to what is drawn), close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout(rect=rect)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png", bbox_inches=bbox_inches)
+    plt.close(fig)
 
 
 # --------------------------------------------------------------------------------------
@@ -1018,7 +1058,7 @@ def rss_gib() -> float | None:
 
 def model_path_ok(path: str) -> bool:
     """Whether `path` is a local folder or reads as a hub model name ("org/name")."""
-    return os.path.isdir(path) or bool(re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", path))
+    return os.path.isdir(path) or bool(HUB_NAME.fullmatch(path))
 
 
 def named_models(specs: Sequence[str], flag: str = "--model") -> dict[str, str]:
@@ -1062,12 +1102,9 @@ def split_hist_grid(panels: dict, value: str, split: str, path: str, edges, labe
     """A PNG of one histogram per entry of `panels` ({name: rows}, rows: dicts) of the rows' `value`
     in a grid of up to 3 columns with shared axes and one legend: rows whose `split` is > 0 stacked
     under labels[0], the others under labels[1], the mean (labels[2]) as a dashed line."""
-    import matplotlib
     import numpy as np
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ncols = min(3, int(np.ceil(np.sqrt(len(panels)))))
     nrows = -(-len(panels) // ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.2 * nrows + 0.4), squeeze=False,
@@ -1090,10 +1127,7 @@ def split_hist_grid(panels: dict, value: str, split: str, path: str, edges, labe
         row[0].set_ylabel(unit)
     handles, legend = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, legend, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1))
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    save_png(fig, path, rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1), bbox_inches="tight")
 
 
 # Helpers of star.py: --resume at an iteration boundary, the statistics of an iteration
@@ -1232,7 +1266,7 @@ def rl_problems(args, tokenizer, toy_paths: dict | None) -> tuple[list[dict], li
 
 
 # --------------------------------------------------------------------------------------
-# Helpers of r1_analysis.py: a lazy log, PNG figures, trace files, model flags, rank merging, tables
+# Helpers of r1_analysis.py: a lazy log, figure panels, trace files, model flags, tables
 # --------------------------------------------------------------------------------------
 
 
@@ -1247,26 +1281,6 @@ class LazyJsonlLogger:
         if self.logger is None:
             self.logger = JsonlLogger(self.path)
         self.logger.log(record)
-
-
-def pyplot():
-    """matplotlib.pyplot on the Agg backend (no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def save_png(fig, path: str, dpi: int = 110) -> None:
-    """Lay a figure out, write it as a PNG (atomically), close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
 
 
 def read_traces(path: str, problem_field: str = "problem", answer_field: str = "answer",
@@ -1286,16 +1300,6 @@ def read_traces(path: str, problem_field: str = "problem", answer_field: str = "
     if not rows[:limit or None]:
         raise UserError(f"{path}: no traces")
     return rows[:limit or None]
-
-
-def gather_shares(share: dict) -> dict:
-    """Every rank's `share` (lists and counts) merged in rank order, lists concatenated and counts summed;
-    a collective, called while torchrun's process group lives."""
-    if not is_distributed():
-        raise RuntimeError("torchrun's process group ended before the ranks' results were merged")
-    parts = all_gather(share)
-    return {k: sum(p[k] for p in parts) if isinstance(v, int) else [x for p in parts for x in p[k]]
-            for k, v in share.items()}
 
 
 def check_model_flag(path: str, flag: str) -> None:

@@ -420,18 +420,13 @@ def direct_mixin(record: dict, n_traces: int, mix: float, delim: str, seed: int)
 def plot_losses(logs: list[str], path: str) -> None:
     """One curve per SFT log (label: its scheme, else its folder, and what its loss is taken
     on when the log says), loss vs completion tokens."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     runs = {}
     for log in logs:
         recs = utils.read_records(log, ["step", "loss", "tokens"])
         label = recs[0].get("scheme") or os.path.basename(os.path.dirname(os.path.abspath(log)))
         label += f" (loss on {recs[0]['loss_on']})" if recs[0].get("loss_on") else ""
         runs[f"{label} ({log})" if label in runs else label] = recs
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = utils.pyplot().subplots(figsize=(6, 4))
     for label, recs in runs.items():
         ax.plot([r["tokens"] for r in recs], [r["loss"] for r in recs], label=label)
     ax.set_xlabel("training tokens (completion tokens seen)")
@@ -439,10 +434,7 @@ def plot_losses(logs: list[str], path: str) -> None:
     ax.set_yscale("log")
     ax.set_title("Warmstart SFT: loss vs tokens by trace scheme (Fig. 6)")
     ax.legend()
-    fig.tight_layout()
-    with utils.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    utils.save_png(fig, path)
     utils.print0(f"wrote {path}")
 
 
