@@ -81,17 +81,14 @@ CONTINUE_CUE = utils.BACKTRACK_CUE
 
 
 @dataclass
-class Args:
+class Args(utils.DataArgs):
+    """This stage's own flags; the bases add those every stage spells alike (--help lists all)."""
     models: list[str] = field(default_factory=list)
     """runs as name=path (or a bare path); empty: runs/toy/base and every toy checkpoint that
     exists under runs/warmstart/model, runs/star/*/model, runs/grpo/*/model"""
     data: str = ""
     """problems: .jsonl, .parquet or a hub dataset org/name[:split] (empty: the toy test split
     under --toy-dir)"""
-    problem_field: str = "problem"
-    """name of the problem field in --data"""
-    answer_field: str = "answer"
-    """name of the gold answer field in --data"""
     problems: int = 0
     """evaluate only the first N problems (0: all)"""
     modes: list[str] = field(default_factory=lambda: list(MODES))
@@ -111,9 +108,6 @@ class Args:
     max_model_len: int = 0
     """engine context length (0: what the longest prompt + max_tokens, plus window + cue in
     linearized mode, need, capped at the model's max_position_embeddings)"""
-    instruction: str | None = None
-    """instruction added to the user turn when the model has a chat template (default: the one
-    in each model's mrt.json when this project wrote it, else the standard one)"""
     seed: int = 0
     """sampling seed"""
     out: str = "runs/eval"
@@ -122,24 +116,13 @@ class Args:
     """toy build used when --data or --models is left empty"""
     reuse: bool = True
     """reuse per-sample files whose recorded settings match this call (resume)"""
-    dtype: str = "auto"
-    """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
     gpu_memory_utilization: float = 0.0
     """fraction of GPU memory each engine may take (0: 0.85 split over the engines this process
     holds at once: one in a plain run, which frees each before the next; under torchrun, where
     every model's engine stays up, one per model)"""
-    reward: str = ""
-    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
-    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
-    grading site, the meta-prover's included (empty: utils.grade)"""
-    answer_from: str = ""
-    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
-    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
 
 
-# --------------------------------------------------------------------------------------
-# Pure metrics: pass@k, maj@k, token efficiency, AUC, cumulative regret
-# --------------------------------------------------------------------------------------
+# ---- Pure metrics: pass@k, maj@k, token efficiency, AUC, cumulative regret -----------
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -322,9 +305,7 @@ def cumulative_regret(j_values, j_star: float | None = None, running: bool = Fal
     return [float(v) for v in partial] if running else float(partial[-1])
 
 
-# --------------------------------------------------------------------------------------
-# Traces: the graded answer, prompts
-# --------------------------------------------------------------------------------------
+# ---- Traces: the graded answer, prompts ----------------------------------------------
 
 
 def open_engine(path: str, records: list[dict], args: Args):
@@ -342,9 +323,7 @@ def open_engine(path: str, records: list[dict], args: Args):
     return sampler, prompt_ids, max_len
 
 
-# --------------------------------------------------------------------------------------
-# Curves: per-problem metrics averaged over problems, against tokens
-# --------------------------------------------------------------------------------------
+# ---- Curves: per-problem metrics averaged over problems, against tokens --------------
 
 
 def curves(rows: list[dict], mode: str, n: int, custom: bool = False) -> dict:
@@ -466,9 +445,7 @@ def plot(runs: dict, path: str, title: str) -> None:
     utils.save_png(fig, path, dpi=120, bbox_inches="tight")
 
 
-# --------------------------------------------------------------------------------------
-# Inputs and main
-# --------------------------------------------------------------------------------------
+# ---- Inputs and main -----------------------------------------------------------------
 
 
 def resolve_runs(args: Args) -> dict[str, str]:

@@ -1,11 +1,10 @@
 """grpo.py: MRT-B reinforcement learning on GRPO (paper Alg. 2), and its baselines.
 
 One step of Alg. 2, on every rank, for P problems x of the training set:
-  sample     z0 ~ pi_base(. | x) once per problem, before any update (prepare_z0: an attempt cut at
-             --max-tokens or without a box is resampled, a problem with none usable in sampling.Z0_TRIES
-             tries is dropped from the run); G continuations z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER +
-             "\\nStep") from the current policy, which names the restart step (" k: ...") and writes the
-             revised attempt (rollout)
+  sample     z0 ~ pi_base(. | x) once per problem before any update (sampling.prepare_z0: a cut or box-less
+             attempt is resampled, a problem without a usable one in Z0_TRIES tries dropped); G continuations
+             z_{1:2} ~ pi(. | x, z0, "\\n" + MARKER + "\\nStep") from the current policy, which names the
+             restart step (" k: ...") and writes the revised attempt (rollout)
   reward     r_i = grade(z2_i) on the revised attempt only (z0's box is context, never credited), 0 when cut
              at --max-tokens (sampling.sample_outcome); I_i = J(mu | x, z0, z1_i) - J(mu | x, z0), the
              information gain of the backtrack episode (Def. 5.1, infogain.backtrack_gain);
@@ -16,14 +15,12 @@ One step of Alg. 2, on every rank, for P problems x of the training set:
              generation batch (P x G sequences per rank), FSDP2 across ranks (policy_update)
   sync       the new weights go into the rank's vLLM engine in place (sampling.Sampler.sync_weights)
 
---variant sets defaults (explicit flags win):
-  mrt      backtrack format, alpha = 1: outcome + information-gain bonus (MRT-B)
-  outcome  alpha = 0: outcome-only GRPO, same format
-  length   alpha = 0, reward r - lambda * num_tokens / max_tokens (Fig. 9; lambda = --length-penalty, 0.1)
-  direct   plain GRPO on the prompt: no z0, no backtrack, reward grade(completion) (0 when cut)
---assign final gives every token of z_{1:2} the group-normalized R (as the paper ran); `episode` gives z1's
-and z2's tokens their own group-normalized reward-to-go (episode_advantages). A continuation that does not
-parse into episodes gets r = 0 and I = -J(mu | x, z0): breaking the format never pays (rollout).
+--variant sets defaults (explicit flags win): mrt (backtrack format, alpha = 1: outcome + information-gain
+bonus, MRT-B), outcome (alpha = 0), length (alpha = 0, r - lambda * num_tokens / max_tokens, Fig. 9, lambda
+0.1), direct (plain GRPO on the prompt: no z0, no backtrack, reward grade(completion)). --assign final gives
+every token of z_{1:2} the group-normalized R (as the paper ran); `episode` gives z1's and z2's tokens their
+own reward-to-go (episode_advantages). A continuation that does not parse into episodes gets r = 0 and
+I = -J(mu | x, z0): breaking the format never pays (rollout).
 
 Run (the toy task and model are the default; the toy preset trains in a few minutes on CPU):
     python grpo.py                                   # MRT-B on the toy task, 1 process
@@ -36,12 +33,10 @@ Run (the toy task and model are the default; the toy preset trains in a few minu
     (several nodes: torchrun --nnodes N --node-rank R --master-addr H ... grpo.py ...)
     python grpo.py --resume                          # continue <out> from its checkpoint
 
-Outputs in <out> (default runs/grpo/<variant>): z0.jsonl (dropped problems marked "dropped", with their last
-try), metrics.jsonl (one line per step; backtrack variants log unparsed_share; on toy problems also the
-restart precision against the ground truth, toy.restart_metrics: restart_fixable, restart_at_first_wrong,
-z2_acc_z0_wrong; time_mu is mu's part of time_sample), samples.jsonl (one group of completions with their
-rewards per step), eval.json (held-out accuracy at the start and the end), checkpoint/ (sharded,
-training.save_checkpoint), model/ with mrt.json.
+Outputs in <out> (default runs/grpo/<variant>): z0.jsonl (problems without a usable z0 marked "dropped"),
+metrics.jsonl (a line per step; on toy problems also toy.restart_metrics, the restart precision against the
+ground truth), samples.jsonl (one group per step with rewards), eval.json (held-out accuracy at start and
+end), checkpoint/ (sharded, training.save_checkpoint), model/ with mrt.json.
 
 Where this departs from the paper / the authors' code:
 - The bonus I_i varies per sample (J after z1_i minus J before); the authors' released reward added alpha
@@ -60,11 +55,8 @@ import dataclasses
 import json
 import os
 import time
-from collections import namedtuple
-from dataclasses import dataclass
 
-# One OpenMP thread unless told otherwise (before `import torch`): vLLM's engine and the trainer share this
-# process, and more threads' spin-waits make every CPU op many times slower on a shared CPU (bench/README.md).
+# One OpenMP thread unless told (before `import torch`): the engine and trainer share a CPU (bench/README.md)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
@@ -76,26 +68,19 @@ import toy  # noqa: E402
 import training  # noqa: E402
 import utils  # noqa: E402
 from infogain import backtrack_cue, backtrack_gain, split_continuation  # noqa: E402
-from training import read_metrics, step_record  # noqa: E402
 
-# --------------------------------------------------------------------------------------
-# Alg. 2, sample: G continuations per problem, split into episodes, graded, information gain
-# --------------------------------------------------------------------------------------
+# ---- Alg. 2, sample: G continuations per problem, split into episodes, graded, information gain ----
 
 
 def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     """G continuations per problem, one dict per continuation, group by group: ctx_ids, token_ids,
     sampler_logp, outcome r, gain I (0 without a meta-prover), text, truncated, (backtrack) episodes and
-    z1_tokens: the z1/z2 boundary found on the sampled ids (decoded prefixes, never re-tokenized text), the
-    token that straddles it counted as z1's. A continuation that does not parse into episodes
-    (infogain.split_continuation: no restart line, a restart line with a box or a second step, or no step
-    and no box after it) has r = 0 and J after it = 0 (mu is not asked), so its gain is -J(mu | x, z0) and
-    r + alpha * I = -alpha * J(mu | x, z0), never above a parsed continuation's of its group (J after >= 0):
-    breaking the format never pays (the length penalty still ranks shorter ones above longer ones). All its
-    tokens are z1's (`episode`: the advantage of R). mu is asked once per step, after the policy: the P
-    contexts x + z0 and every parsed x + z0 + z1_i in one call, the engine's prefix cache holding x + z0 in
-    whole KV blocks for all of them (sampling.CPU_ENGINE_BLOCK on CPU)."""
-    fmt, tok = variant_format(args.variant), sampler.tokenizer
+    z1_tokens (the z1/z2 boundary on the sampled ids, its straddling token z1's). A continuation that does
+    not parse into episodes (infogain.split_continuation) has r = 0, all tokens z1's, and J after it = 0
+    (mu not asked): I = -J(mu | x, z0), so R = -alpha * J(mu | x, z0) is never above a parsed one's of its
+    group. mu is asked once per step: the P contexts x + z0 and every parsed x + z0 + z1_i in one call,
+    sharing x + z0 in the engine's prefix cache (sampling.CPU_ENGINE_BLOCK on CPU)."""
+    fmt, tok = VARIANTS[args.variant][0], sampler.tokenizer
     tails = [backtrack_cue(z0s[p["id"]]) if fmt == "backtrack" else "" for p in problems]
     ctx_ids = [utils.encode(tok, p["prompt"] + t) for p, t in zip(problems, tails)]
     outs = sampler.generate(ctx_ids, n=args.group_size, temperature=args.temperature, top_p=args.top_p,
@@ -126,9 +111,19 @@ def rollout(sampler, problems, z0s, args: Args, seed: int, meta_prover=None):
     return rows
 
 
-# --------------------------------------------------------------------------------------
-# Alg. 2, reward: R = r + alpha * I - lambda * length
-# --------------------------------------------------------------------------------------
+def heldout_accuracy(sampler, problems, z0s, args: Args, evals: dict, key: str, path: str) -> None:
+    """evals[key] = mean accuracy of --eval-samples continuations per held-out problem (graded as in
+    training), problems split over the ranks, the same seed at start and end; said, and written to `path`."""
+    rank, world = utils.rank(), utils.world_size()
+    mine, eval_args = problems[rank::world], dataclasses.replace(args, group_size=args.eval_samples)
+    seed = utils.derive_seed(utils.derive_seed(args.seed, "held-out"), rank)
+    rows = rollout(sampler, mine, z0s, eval_args, seed) if mine else []
+    acc = float(np.mean([x for part in utils.all_gather([r["outcome"] for r in rows]) for x in part]))
+    utils.record_heldout(path, evals, key, acc, f"{len(problems)} problems x {args.eval_samples}, "
+                                                f"variant {args.variant}")
+
+
+# ---- Alg. 2, reward: R = r + alpha * I - lambda * length -----------------------------
 
 
 def combine_rewards(outcome, gain, alpha: float, num_tokens=None, length_penalty: float = 0.0,
@@ -141,9 +136,7 @@ def combine_rewards(outcome, gain, alpha: float, num_tokens=None, length_penalty
     return reward
 
 
-# --------------------------------------------------------------------------------------
-# Alg. 2, advantage: group-normalized, per sequence (`final`) or per episode (`episode`)
-# --------------------------------------------------------------------------------------
+# ---- Alg. 2, advantage: group-normalized, per sequence (`final`) or per episode (`episode`) ----
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group") -> torch.Tensor:
@@ -168,17 +161,13 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
 def episode_advantages(outcome, gain, num_tokens, group_size: int, *, alpha: float,
                        length_penalty: float = 0.0, max_completion_length: int | None = None,
                        scale: str = "group"):
-    """(adv_z1, adv_z2), each (B,), group by group, of the `episode` assignment: per-episode reward-to-go,
-    group-normalized. z1 is credited with its own reward and all after it, alpha * I + r - lambda *
-    num_tokens / max_completion_length (= R: adv_z1 is the `final` advantage, which `final` gives every
-    token of z_{1:2}, as the paper ran); z2 with what follows it, r - lambda * num_tokens /
-    max_completion_length. With reward-to-go both assignments have the same expected policy gradient
-    (the paper's footnote on per-episode vs final rewards) up to the group normalization, each of its own
-    reward."""
-    after_z1 = combine_rewards(outcome, gain, alpha, num_tokens, length_penalty,
-                               max_completion_length)  # (B,)
-    after_z2 = combine_rewards(outcome, torch.zeros_like(gain), 0.0, num_tokens, length_penalty,
-                               max_completion_length)  # (B,)
+    """(adv_z1, adv_z2), each (B,), of the `episode` assignment: per-episode reward-to-go, group-normalized.
+    z1 gets R = alpha * I + r - length penalty (the `final` advantage), z2 gets r - length penalty. Both
+    assignments have the same expected policy gradient (the paper's footnote on per-episode vs final
+    rewards) up to the group normalization."""
+    pen = (num_tokens, length_penalty, max_completion_length)  # the length penalty's arguments
+    after_z1 = combine_rewards(outcome, gain, alpha, *pen)  # (B,)
+    after_z2 = combine_rewards(outcome, torch.zeros_like(gain), 0.0, *pen)  # (B,)
     return group_advantages(after_z1, group_size, scale), group_advantages(after_z2, group_size, scale)
 
 
@@ -191,13 +180,7 @@ def assign_advantages(adv_z1: torch.Tensor, adv_z2: torch.Tensor, z1_tokens: tor
     return torch.where(pos < z1_tokens[:, None], adv_z1[:, None], adv_z2[:, None]).float()  # (B, T)
 
 
-Episode = namedtuple("Episode", "adv_z1 adv_z2 z1_tokens")
-"""The `episode` assignment's pieces, each (B,): the advantage of z1's tokens, that of z2's, z1's length."""
-
-
-# --------------------------------------------------------------------------------------
-# Alg. 2, loss: token-level clipped ratio objective, k3 KL to the reference
-# --------------------------------------------------------------------------------------
+# ---- Alg. 2, loss: token-level clipped ratio objective, k3 KL to the reference -------
 
 
 def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", eps_low=0.2, eps_high=0.2,
@@ -213,9 +196,8 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, *, loss_type="dapo", e
       dr_grpo  token sum / (B * max_completion_length)      (default: T)
       dapo     token sum / num_items, the completion-token count of the whole generation batch over all
                ranks and accumulation steps (default: mask.sum())
-    Accumulation, as TRL: the caller divides grpo/bnpo/dr_grpo losses by the number of micro-batches
-    (`dapo`: no division) and, across ranks whose gradients are averaged (FSDP), multiplies the `dapo`
-    loss by the world size (micro_batch_scale)."""
+    The caller scales each micro-batch's loss for accumulation over micro-batches and ranks
+    (micro_batch_scale)."""
     mask = mask.float()
     adv = advantages if advantages.dim() == 2 else advantages[:, None]  # (B, T) or (B, 1)
     ratio = torch.exp(logp - old_logp)  # (B, T)
@@ -261,27 +243,25 @@ def overlong_mask(mask: torch.Tensor, truncated: torch.Tensor) -> torch.Tensor:
     return mask * (~truncated.to(device=mask.device, dtype=torch.bool))[:, None].to(mask.dtype)  # (B, T)
 
 
-# --------------------------------------------------------------------------------------
-# Alg. 2, update: micro-batches, gradient accumulation, --num-iterations optimizer steps (then sync)
-# --------------------------------------------------------------------------------------
+# ---- Alg. 2, update: micro-batches, gradient accumulation, --num-iterations optimizer steps (then sync) ----
 
 
 def micro_batch_scale(loss_type: str, n_micro: int, world: int) -> float:
-    """Factor on each micro-batch's grpo_loss so that the accumulated gradient, averaged over
-    ranks (FSDP), is the gradient of the generation batch's loss (TRL's accumulation rules)."""
+    """Factor on each micro-batch's grpo_loss so that the accumulated gradient, averaged over ranks (FSDP),
+    is the generation batch's (TRL's rules): 1 / micro-batches, except `dapo` (its num_items already counts
+    every micro-batch and rank): times the world size, undoing FSDP's average."""
     return float(world) if loss_type == "dapo" else 1.0 / n_micro
 
 
 def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Args, pad_id: int):
     """Loss and update on one generation batch: micro-batches with gradient accumulation, --num-iterations
     optimizer steps; old (and reference) log-probs from the first pass, before any update of this batch.
-    `advantages`: (B,) for the `final` assignment, or an Episode. Returns the per-micro-batch metrics (first
-    pass first) and the last gradient norm, read from the device once. Under FSDP2 the gradients are reduced
-    over the ranks once per optimizer step, in the backward of its last micro-batch (training.gradient_sync).
-    With --mask-truncated, completions cut at --max-tokens add no tokens (overlong_mask), nor to dapo's
-    token count."""
-    M, world = args.micro_batch_size, utils.world_size()
-    n_micro = len(rows) // M
+    `advantages`: (B,) for the `final` assignment, or (B, 2) for `episode` (z1's and z2's; z1 is a row's
+    first z1_tokens tokens). Returns the per-micro-batch metrics (first pass first) and the last gradient
+    norm, read from the device once. Under FSDP2 the gradients are reduced over the ranks once per optimizer
+    step, in the backward of its last micro-batch (training.gradient_sync). With --mask-truncated, cut
+    completions add no tokens (overlong_mask), nor to dapo's token count."""
+    M, world, n_micro = args.micro_batch_size, utils.world_size(), len(rows) // args.micro_batch_size
     trained = [r for r in rows if not (args.mask_truncated and r["truncated"])]
     num_items = utils.all_reduce(torch.tensor(float(sum(r["num_tokens"] for r in trained))))  # dapo's count
     old_logp, ref_logp, stats = {}, {}, []
@@ -295,16 +275,15 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
                 mask = overlong_mask(mask, torch.tensor([r["truncated"] for r in mb]))  # (M, T)
             samp = training.pad_sequences([r["sampler_logp"] or [0.0] * r["num_tokens"] for r in mb], 0,
                                           dtype=torch.float)[0].to(logp.device)  # (M, T)
-            if it == 0:
+            if it == 0:  # the old and reference log-probs: the first pass's, before any update of this batch
                 old_logp[k] = logp.detach()
-                if ref is not None:
-                    with torch.no_grad():
-                        ref_logp[k] = training.completion_logprobs(ref, ctx, comp, pad_id,
-                                                                   args.temperature)[0]  # (M, T)
-            a = advantages  # an Episode: (M, T) per token; else (M,), `final`, broadcast over the tokens
-            adv = (assign_advantages(a.adv_z1[sl], a.adv_z2[sl], a.z1_tokens[sl], logp.shape[1])
-                   if isinstance(a, Episode) else a[sl])
-            loss, m = grpo_loss(logp, old_logp[k], ref_logp.get(k), adv.to(logp.device), mask,
+                with torch.no_grad():
+                    ref_logp[k] = None if ref is None else training.completion_logprobs(
+                        ref, ctx, comp, pad_id, args.temperature)[0]  # (M, T)
+            a = advantages[sl]  # (M,) `final`, broadcast over the tokens; (M, 2) `episode`: (M, T) per token
+            adv = a if a.dim() == 1 else assign_advantages(a[:, 0], a[:, 1], torch.tensor(
+                [r["z1_tokens"] for r in mb]), logp.shape[1])
+            loss, m = grpo_loss(logp, old_logp[k], ref_logp[k], adv.to(logp.device), mask,
                                 loss_type=args.loss_type, eps_low=args.eps_low, eps_high=args.eps_high,
                                 beta=args.beta, num_items=num_items, max_completion_length=args.max_tokens,
                                 sampler_logp=samp if args.is_correction else None, is_cap=args.is_cap)
@@ -315,20 +294,14 @@ def policy_update(model, ref, opt, sched, rows: list[dict], advantages, args: Ar
                 m["logprob_gap"] = ((samp - logp.detach()).abs() * mask).sum()  # / tokens, once read
             m["loss"] = loss.detach()
             stats.append(m)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-    *stats, last = read_metrics([*stats, {"grad_norm": grad_norm}])  # one host read per generation batch
+        grad_norm = training.optimizer_step(model, opt, sched, args.max_grad_norm)
+    *stats, last = training.read_metrics([*stats, {"grad_norm": grad_norm}])  # one host read per batch
     for m in stats[:n_micro]:
         m["logprob_gap"] /= max(1.0, m["tokens"])
     return stats, last["grad_norm"]
 
 
-# --------------------------------------------------------------------------------------
-# Main: Alg. 2
-# --------------------------------------------------------------------------------------
+# ---- Main: Alg. 2 --------------------------------------------------------------------
 
 
 def main(args: Args) -> dict:
@@ -336,7 +309,7 @@ def main(args: Args) -> dict:
     sampling.READY (tests) is used instead of a new one, with the trainer's weights synced into it."""
     rank, world, device = utils.init_distributed()
     args = resolve_args(args, world)
-    out, fmt = args.out or os.path.join("runs", "grpo", args.variant), variant_format(args.variant)
+    out, fmt = args.out or os.path.join("runs", "grpo", args.variant), VARIANTS[args.variant][0]
     backtrack = fmt == "backtrack"
     default_path, toy_paths = ((args.model, None) if args.model and args.train_data and args.test_data
                                else toy.default_model())  # the toy's model and data where none is given
@@ -349,19 +322,16 @@ def main(args: Args) -> dict:
             raise utils.UserError(f"--resume: --steps {args.steps} is below the checkpoint's step {done}",
                                   every_rank=True)
     utils.seed_everything(args.seed)
-    utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, world "
-                 f"{world}, {args.prompts_per_step} prompts x {args.group_size} per rank per step, "
+    utils.print0(f"grpo: variant {args.variant} ({fmt}), preset {args.preset}, model {model_path}, "
+                 f"world {world}, {args.prompts_per_step} prompts x {args.group_size} per rank per step, "
                  f"{args.steps} steps")
 
     # -- data (its prompt lengths size the engine) ------------------------------------------
     tok = utils.load_tokenizer(model_path)
-    utils.make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
-    train, test = utils.rl_problems(args, tok, toy_paths)
-    # restart precision against the toy's ground truth, on toy problems only (the same answer on every rank)
-    on_toy = backtrack and any(toy.parse_problem(p["problem"]) for p in train)
+    train, test = utils.rl_problems(args, tok, toy_paths)  # a bad --reward fails here, before any model loads
+    on_toy = backtrack and any(toy.parse_problem(p["problem"]) for p in train)  # restart precision, toy only
 
-    # -- models: the vLLM engine sized from the run's own lengths, the policy (FSDP2 over ranks, fp32
-    # masters), a frozen reference if beta > 0 (the same read of the weights), mu (MetaProver) if used --
+    # -- models: vLLM engine sized from the run's lengths, policy (FSDP2, fp32 masters), reference, mu --
     uses_mu = args.alpha != 0.0 or args.assign == "episode"
     longest = max(p["prompt_tokens"] for p in train + test)
     ready = model_path in sampling.READY  # it may hold other weights (and a prefix cache computed with them)
@@ -369,13 +339,8 @@ def main(args: Args) -> dict:
     model, ref = training.load_trainer(model_path, args.dtype, device, args.gradient_checkpointing,
                                        reference=args.beta != 0.0)
     model.train()
-    if ready:
-        sampler.sync_weights(model)
     meta_prover = sampling.rl_meta_prover(sampler, tok, longest, args, backtrack) if uses_mu else None
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    total = args.steps * args.num_iterations  # optimizer steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, training.lr_lambda(int(args.warmup_ratio * total), total,
-                                                                      args.lr_schedule))
+    opt, sched = training.adamw(model, args, args.steps * args.num_iterations)  # per optimizer step
 
     # -- resume ------------------------------------------------------------------------------
     P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world
@@ -383,24 +348,22 @@ def main(args: Args) -> dict:
     if args.resume:
         extra = training.load_checkpoint(ckpt_path, model, opt, sched)
         start, data_pos = extra["step"], extra["data_position"]
-        sampler.sync_weights(model)  # the engine must sample from the restored weights
         utils.print0(f"resumed from {ckpt_path} at step {start}")
+    if ready or args.resume:  # the engine samples from the trainer's (restored) weights
+        sampler.sync_weights(model)
 
     def position(step: int) -> int:  # where a step starts in the endless data stream
         return data_pos + (step - start) * per_step
 
     # -- z0 from the frozen base for every problem the run will use (Alg. 2); held-out accuracy at start --
     train_z0, test_z0, skip = {}, {}, frozenset()
-    if backtrack:
-        positions = [position(s) for s in range(start, args.steps)]
-        skip, test, train_z0, test_z0 = prepare_z0(sampler, train, test, os.path.join(out, "z0.jsonl"), args,
-                                                   args.resume, positions, world)
+    if backtrack:  # every rank's problems of every step from `start` on, and the held-out ones
+        skip, test, train_z0, test_z0 = sampling.prepare_z0(
+            sampler, train, test, os.path.join(out, "z0.jsonl"), args, args.resume,
+            [position(s) for s in range(start, args.steps)], world)
     evals = json.load(open(eval_path)) if args.resume and os.path.exists(eval_path) else {}
-    eval_seed = utils.derive_seed(args.seed, "held-out")
-    held_out = f"{len(test)} problems x {args.eval_samples}, variant {args.variant}"
     if test and "start" not in evals:
-        acc = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
-        utils.record_heldout(eval_path, evals, "start", acc, held_out)
+        heldout_accuracy(sampler, test, test_z0, args, evals, "start", eval_path)
 
     resumed = start if args.resume else None
     logger = utils.JsonlLogger(os.path.join(out, "metrics.jsonl"), resume_step=resumed,
@@ -413,13 +376,11 @@ def main(args: Args) -> dict:
         t_step = time.time()
 
         # ---- sample: G continuations per problem from the current policy (seeded per step and rank)
-        problems = step_problems(train, position(step), args, rank, skip)
-        mu_seconds, mu_tokens = (meta_prover.seconds, meta_prover.tokens) if meta_prover else (0.0, 0)
+        problems = utils.step_problems(train, position(step), args, rank, skip)
         rows = rollout(sampler, problems, train_z0, args, utils.derive_seed(args.seed, "rollout", step, rank),
                        meta_prover)
         t_sample = time.time() - t_step
-        t_mu = (meta_prover.seconds if meta_prover else 0.0) - mu_seconds  # mu's share of the sampling time
-        mu_tokens = meta_prover.tokens - mu_tokens if meta_prover else None  # tokens mu decoded this step
+        t_mu, mu_tokens = meta_prover.lap() if meta_prover else (0.0, None)  # mu's share of this step
 
         # ---- reward: R = r + alpha * I - lambda * length, gathered over ranks ---------------
         outcome, gain = (torch.tensor([r[k] for r in rows]) for k in ("outcome", "gain"))  # (B,) each
@@ -430,28 +391,24 @@ def main(args: Args) -> dict:
 
         # ---- advantage: group-normalized (groups never straddle ranks; `batch` scale sees all)
         own = slice(rank * P * G, (rank + 1) * P * G)
-        adv_final = group_advantages(every["reward"], G, args.scale_rewards)[own]  # (B,)
-        advantages = adv_final
+        advantages = adv_final = group_advantages(every["reward"], G, args.scale_rewards)[own]  # (B,)
         if args.assign == "episode":  # reward-to-go: z1 tokens A(alpha * I + r - pen.), z2 tokens A(r - pen.)
             adv_z1, adv_z2 = episode_advantages(every["outcome"], every["gain"], every["tokens"], G,
                                                 alpha=args.alpha, length_penalty=args.length_penalty,
                                                 max_completion_length=args.max_tokens,
                                                 scale=args.scale_rewards)  # (B * world,) each
-            advantages = Episode(adv_z1=adv_z1[own], adv_z2=adv_z2[own],
-                                 z1_tokens=torch.tensor([r["z1_tokens"] for r in rows]))  # (B,) each
+            advantages = torch.stack([adv_z1[own], adv_z2[own]], dim=1)  # (B, 2)
 
-        # ---- loss and update (engine asleep with --sleep-mode), then sync: the engine samples
-        # the next batch from the new weights
+        # ---- loss and update (engine asleep with --sleep-mode), then sync: the next batch's weights
         t1 = time.time()
         stats, grad_norm = sampling.update_asleep(sampler, lambda: policy_update(
             model, ref, opt, sched, rows, advantages, args, tok.pad_token_id), model)
         t_train = time.time() - t1
 
         # ---- log, checkpoint -------------------------------------------------------------------
-        times = {"time_sample": t_sample, "time_mu": t_mu, "time_train": t_train,
-                 "time_step": time.time() - t_step}
-        rec = step_record(step + 1, every, rows, stats, grad_norm, sched.get_last_lr()[0], times, args,
-                          mu_tokens)
+        times = dict(time_sample=t_sample, time_mu=t_mu, time_train=t_train, time_step=time.time() - t_step)
+        rec = training.step_record(step + 1, every, rows, stats, grad_norm, sched.get_last_lr()[0], times,
+                                   args, mu_tokens)
         if on_toy:  # one collective call, made on every rank alike
             rec.update(toy.restart_metrics(rows, train_z0))
         logger.log(rec)
@@ -464,24 +421,19 @@ def main(args: Args) -> dict:
 
     # -- end: held-out accuracy, final model with its card --------------------------------------
     if test:
-        acc = heldout_accuracy(sampler, test, test_z0, args, eval_seed)
-        utils.record_heldout(eval_path, evals, "end", acc, held_out)
+        heldout_accuracy(sampler, test, test_z0, args, evals, "end", eval_path)
     training.save_model(model, tok, os.path.join(out, "model"), dict(card, args=dataclasses.asdict(args)))
     return evals
 
 
-# --------------------------------------------------------------------------------------
-# Arguments: presets (where every preset value is defined), variants, checks
-# --------------------------------------------------------------------------------------
+# ---- Arguments: presets (where every preset value is defined), variants, checks ------
 
 PRESETS = {
     # toy: sized so that `python grpo.py` improves held-out accuracy in minutes on 2 CPU cores.
     "toy": dict(steps=40, prompts_per_step=16, group_size=8, micro_batch_size=32, lr=2e-4, warmup_ratio=0.05,
                 weight_decay=0.0, beta=0.0, temperature=1.0, max_prompt_length=256, max_tokens=128,
                 save_every=10),
-    # paper: Table 2 (lr 1e-6 cosine, warmup 0.1, weight decay 0.01, max prompt 1500, max completion 1024,
-    # G = 4, temperature 0.9); steps, prompts per rank, micro-batch and beta are assumptions (beta 0.04 was
-    # TRL's default when the authors trained).
+    # paper: Table 2; steps, prompts per rank, micro-batch and beta (TRL's default then) are assumptions
     "paper": dict(steps=500, prompts_per_step=8, group_size=4, micro_batch_size=4, lr=1e-6, warmup_ratio=0.1,
                   weight_decay=0.01, beta=0.04, temperature=0.9, max_prompt_length=1500, max_tokens=1024,
                   save_every=50),
@@ -490,8 +442,9 @@ VARIANTS = {"mrt": ("backtrack", 1.0, 0.0), "outcome": ("backtrack", 0.0, 0.0), 
             "length": ("backtrack", 0.0, 0.1), "direct": ("direct", 0.0, 0.0)}
 
 
-@dataclass
-class Args:
+@dataclasses.dataclass
+class Args(utils.DataArgs, training.TrainerArgs, sampling.MuArgs):
+    """This stage's own flags; the bases add those every stage spells alike (--help lists all)."""
     variant: str = "mrt"
     """mrt | outcome | length | direct (sets format, alpha and length penalty defaults)"""
     preset: str = "auto"
@@ -502,12 +455,6 @@ class Args:
     """training problems: .jsonl, .parquet or a hub dataset org/name[:split] ('' : the toy train split)"""
     test_data: str = ""
     """held-out problems for the start/end accuracy ('' : the toy test split)"""
-    problem_field: str = "problem"
-    """field of a data record holding the problem text"""
-    answer_field: str = "answer"
-    """field of a data record holding the gold answer"""
-    instruction: str | None = None
-    """user-turn instruction of a chat template (default: the one in the model's mrt.json, else standard)"""
     out: str = ""
     """run folder ('' : runs/grpo/<variant>)"""
     resume: bool = False
@@ -532,8 +479,6 @@ class Args:
     """fraction of optimizer steps in linear warmup (toy preset 0.05; paper preset 0.1)"""
     weight_decay: float | None = None
     """AdamW weight decay (toy preset 0.0; paper preset 0.01)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping (0: off)"""
     loss_type: str = "dapo"
     """grpo | bnpo | dr_grpo | dapo (see grpo_loss)"""
     scale_rewards: str = "group"
@@ -562,56 +507,23 @@ class Args:
     """final | episode: advantage of every token, or per-episode reward-to-go (see episode_advantages)"""
     length_penalty: float | None = None
     """lambda of the length variant (its default 0.1): reward r - lambda * num_tokens / max_tokens"""
-    mu_model: str = ""
-    """meta-prover model ('' : the current policy, in the same engine)"""
-    mu_suffix: str = utils.MU_SUFFIX
-    """forced suffix that makes mu answer now"""
-    mu_samples: int = 8
-    """m: mu rollouts per context for J(mu | context)"""
-    mu_max_tokens: int = 16
-    """max tokens of a mu answer"""
-    mu_mode: str = "forced"
-    """forced: mu answers after --mu-suffix; rollout: mu continues the trace (see sampling.MetaProver)"""
-    mu_rollout_tokens: int = 128
-    """B: tokens mu writes per sample in --mu-mode rollout"""
-    dtype: str = "auto"
-    """auto (bf16 on GPU, else fp16; fp32 on CPU) | bf16 | fp16 | fp32; weights and optimizer stay fp32"""
-    gpu_memory_utilization: float = 0.3
-    """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
-    sleep_mode: str = "auto"
-    """auto | on | off: vLLM sleep mode, the engine off the GPU during updates (auto: on with CUDA)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward"""
     save_every: int | None = None
     """checkpoint every N steps and at the end (toy preset 10; paper preset 50)"""
-    report_to: str = "none"
-    """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
     eval_problems: int = 128
     """held-out problems for the start/end accuracy (0: skip)"""
     eval_samples: int = 4
     """samples per held-out problem"""
-    reward: str = ""
-    """custom reward module:function or path/to/file.py:function: (completion, gold, problem record) -> float
-    in [0, 1], replacing the math-verify grader at every grading site, mu's included (empty: utils.grade)"""
-    answer_from: str = ""
-    """solution field whose last \\boxed{} is the gold answer (NuminaMath style); empty: --answer-field"""
     mask_truncated: bool = False
     """DAPO's overlong filtering: completions cut at --max-tokens add no loss tokens (rewards still count)"""
 
 
-RESUME_FREE = ("out", "resume", "steps", "save_every", "report_to", "dtype", "gpu_memory_utilization",
-               "sleep_mode", "gradient_checkpointing")
-"""Arguments a --resume may change (--steps only upwards); any other differing from the
-checkpoint's is refused (training.check_resume_args): it would change what the run computes."""
+RESUME_FREE = training.RESUME_FREE + ("steps",)  # --steps only upwards (main)
 
 
 def resolve_args(args: Args, world: int) -> Args:
     """Fill the None fields from the preset and the variant; check and derive sizes."""
-    if args.variant not in VARIANTS:
-        raise utils.UserError(f"--variant must be one of {sorted(VARIANTS)}, got {args.variant!r}")
+    utils.check_flags(args, choices={"variant": VARIANTS, "preset": ("toy", "paper", "auto")})
     preset = args.preset if args.preset != "auto" else ("toy" if not args.model else "paper")
-    if preset not in PRESETS:
-        raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
     fmt, alpha, lam = VARIANTS[args.variant]
     values = dict(PRESETS[preset], alpha=alpha, length_penalty=lam)
     if preset == "toy":
@@ -620,65 +532,18 @@ def resolve_args(args: Args, world: int) -> Args:
                                **{k: v for k, v in values.items() if getattr(args, k) is None})
     if fmt == "direct" and (args.alpha != 0 or args.assign != "final"):
         raise utils.UserError("--variant direct has no episodes: it needs --alpha 0 and --assign final")
-    flag = lambda name: "--" + name.replace("_", "-")  # noqa: E731
-    for name, allowed in (("loss_type", ("grpo", "bnpo", "dr_grpo", "dapo")),
-                          ("scale_rewards", ("group", "batch", "none")), ("assign", ("final", "episode")),
-                          ("lr_schedule", ("cosine", "constant")), ("mu_mode", sampling.MU_MODES)):
-        if getattr(args, name) not in allowed:
-            raise utils.UserError(f"{flag(name)} must be one of {allowed}, got {getattr(args, name)!r}")
-    at_least = [(name, 1, "") for name in ("steps", "prompts_per_step", "micro_batch_size", "num_iterations",
-                                           "max_tokens", "mu_samples", "mu_max_tokens", "mu_rollout_tokens")]
-    for name, least, why in at_least + [("group_size", 2, " (GRPO compares continuations of one problem)")]:
-        if getattr(args, name) < least:
-            raise utils.UserError(f"{flag(name)} must be at least {least}{why}, got {getattr(args, name)}")
+    at_least = dict.fromkeys(("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens",
+                              "mu_samples", "mu_max_tokens", "mu_rollout_tokens"), 1)
+    choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"), "scale_rewards": ("group", "batch", "none"),
+               "assign": ("final", "episode"), "lr_schedule": ("cosine", "constant"),
+               "mu_mode": sampling.MU_MODES}
+    utils.check_flags(args, choices, at_least | {"group_size": 2},
+                      why={"group_size": " (GRPO compares continuations of one problem)"})
     B = args.prompts_per_step * args.group_size  # generation batch per rank
     if B % args.micro_batch_size:
         raise utils.UserError(f"--micro-batch-size {args.micro_batch_size} must divide --prompts-per-step x "
                               f"--group-size = {args.prompts_per_step} x {args.group_size} = {B}")
     return args
-
-
-def variant_format(variant: str) -> str:
-    return VARIANTS[variant][0]
-
-
-# --------------------------------------------------------------------------------------
-# Data stream, the attempts z0, held-out accuracy
-# --------------------------------------------------------------------------------------
-
-
-def step_problems(train: list[dict], position: int, args: Args, rank: int,
-                  skip: frozenset = frozenset()) -> list[dict]:
-    """The P problems of one rank in the step that starts at `position` of the data stream (each step takes
-    P x world consecutive positions; rank r takes the r-th share, utils.problem_index). `skip`: ids of
-    problems left out of the stream (no usable z0, prepare_z0)."""
-    P = args.prompts_per_step
-    gone = frozenset(i for i, p in enumerate(train) if p["id"] in skip) if skip else frozenset()
-    return [train[utils.problem_index(position + rank * P + j, len(train), args.seed, gone)]
-            for j in range(P)]
-
-
-def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args: Args, reuse: bool,
-               positions: list[int], world: int) -> tuple[frozenset, list[dict], dict, dict]:
-    """z0 for every training problem the run will use (the steps that start at `positions`, every rank's
-    share) and every held-out problem (Alg. 2: the frozen base's attempt), sampled now, while the engine
-    holds the base weights (sampling.prepare_z0: drops, rounds, the stored `path`, reuse, what it returns)."""
-    def wanted(skip: frozenset) -> set:
-        return {p["id"] for pos in positions for r in range(world)
-                for p in step_problems(train, pos, args, r, skip)}
-
-    return sampling.prepare_z0(sampler, train, test, path, wanted, reuse, temperature=args.temperature,
-                               top_p=args.top_p, max_tokens=args.max_tokens, seed=args.seed)
-
-
-def heldout_accuracy(sampler, problems, z0s, args: Args, seed: int) -> float:
-    """Mean accuracy of --eval-samples continuations per held-out problem (graded on z2 for backtrack
-    variants; a continuation cut at --max-tokens scores 0, as in training), problems split over the ranks,
-    same seed at start and end."""
-    rank, world = utils.rank(), utils.world_size()
-    mine, eval_args = problems[rank::world], dataclasses.replace(args, group_size=args.eval_samples)
-    rows = rollout(sampler, mine, z0s, eval_args, utils.derive_seed(seed, rank)) if mine else []
-    return float(np.mean([x for part in utils.all_gather([r["outcome"] for r in rows]) for x in part]))
 
 
 if __name__ == "__main__":

@@ -77,9 +77,7 @@ import sampling
 import toy
 import utils
 
-# --------------------------------------------------------------------------------------
-# Episodes of an MRT-B trace (trace format: brief / paper Fig. 4, 10)
-# --------------------------------------------------------------------------------------
+# ---- Episodes of an MRT-B trace (trace format: brief / paper Fig. 4, 10) -------------
 
 
 @dataclass
@@ -147,9 +145,7 @@ def episode_contexts(prompt: str, ep: Episodes) -> list[str]:
     return [prompt, prompt + ep.z0, prompt + ep.z0 + ep.z1, prompt + ep.z0 + ep.z1 + ep.z2]
 
 
-# --------------------------------------------------------------------------------------
-# Information gain (Def. 5.1) and J at the episode prefixes (mu: sampling.MetaProver)
-# --------------------------------------------------------------------------------------
+# ---- Information gain (Def. 5.1) and J at the episode prefixes (mu: sampling.MetaProver) ----
 
 
 def information_gain(j_after, j_before):
@@ -189,37 +185,18 @@ def trace_values(mu: sampling.MetaProver, prompts: list[str], episodes: list[Epi
     return mu.success_rates(contexts, [g for g in golds for _ in range(4)], seed).reshape(len(episodes), 4)
 
 
-# --------------------------------------------------------------------------------------
-# Command line: traces (read or sampled) -> J values -> gains, histogram, summary
-# --------------------------------------------------------------------------------------
+# ---- Command line: traces (read or sampled) -> J values -> gains, histogram, summary ----
 
 
 @dataclass
-class Args:
+class Args(utils.DataArgs, sampling.MuArgs):
+    """This stage's own flags; the bases add those every stage spells alike (--help lists all)."""
     model: list[str] = field(default_factory=list)
     """models as name=path or a bare path, e.g. --model a=P b=Q (plotted side by side); empty: the toy base"""
     traces: list[str] = field(default_factory=list)
     """JSONL/Parquet of backtrack traces, one per --model or one for all; empty: sample them on --data"""
     out: str = "runs/infogain"
     """output folder"""
-    mu_model: str = ""
-    """meta-prover model (empty: each --model is its own meta-prover)"""
-    mu_suffix: str = utils.MU_SUFFIX
-    """text after the context that steers mu to answer now (answer prefix or instruction; bash: $'...')"""
-    mu_samples: int = 8
-    """m: mu's sampled answers per context"""
-    mu_temperature: float = 1.0
-    """mu's sampling temperature"""
-    mu_max_tokens: int = 16
-    """mu's answer length limit (raise it for an instruction suffix or an empty one)"""
-    mu_mode: str = "forced"
-    """forced: mu answers after --mu-suffix; rollout: mu writes --mu-rollout-tokens on, its last box graded"""
-    mu_rollout_tokens: int = 128
-    """B: tokens mu writes per sample in --mu-mode rollout"""
-    problem_field: str = "problem"
-    """field of the problem text in --traces / --data"""
-    answer_field: str = "answer"
-    """field of the gold answer in --traces / --data"""
     completion_field: str = "completion"
     """field of the backtrack completion (z0 + z1 + z2) in --traces"""
     id_field: str = "id"
@@ -236,8 +213,6 @@ class Args:
     """sampling temperature of sampled traces"""
     max_tokens: int = 160
     """token limit of z0 and of the continuation when sampling traces"""
-    instruction: str | None = None
-    """user-turn instruction of chat models (default: each model's mrt.json one, else the standard one)"""
     toy_dir: str = toy.DEFAULT_DIR
     """toy build used when --model is empty"""
     seed: int = 0
@@ -246,14 +221,6 @@ class Args:
     """traces per meta-prover call (progress granularity)"""
     max_model_len: int = 0
     """engine context length (0: what this run needs, engine_need; never the model's whole context)"""
-    dtype: str = "auto"
-    """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
-    reward: str = ""
-    """custom reward, module:function or file.py:function: (completion, gold answer, problem record) ->
-    float in [0, 1], replacing the grader at every grading site, mu's included (empty: utils.grade)"""
-    answer_from: str = ""
-    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution, NuminaMath
-    style; --answer-field is then not read); empty: --answer-field as is"""
 
 
 def longest_mu_context(tokenizer, row: dict, instruction: str, suffix: str) -> int:

@@ -80,9 +80,7 @@ FIG12_SUFFIX = ("Time is up.\n\nGiven the time I've spent and the approaches I'v
                 "**Step-by-Step Explanation and Answer:**\n\n1. **")
 """The meta-prover's forced text after a thinking prefix (paper Fig. 12)."""
 
-# --------------------------------------------------------------------------------------
-# Episodes (paper App. D, Fig. 11)
-# --------------------------------------------------------------------------------------
+# ---- Episodes (paper App. D, Fig. 11) ------------------------------------------------
 
 
 def extract_thinking(trace: str) -> tuple[bool, str]:
@@ -152,9 +150,7 @@ def meta_prover_prompt(tokenizer, problem: str, prefix: str, suffix: str = FIG12
     return head + (prefix + sep if prefix.strip() else "") + suffix
 
 
-# --------------------------------------------------------------------------------------
-# Pure metrics: [maj@p]_j tables, bins, curves, regret, the direct baseline
-# --------------------------------------------------------------------------------------
+# ---- Pure metrics: [maj@p]_j tables, bins, curves, regret, the direct baseline -------
 
 
 def maj_values(answers, gold, ps, right: set | None = None) -> dict[int, float]:
@@ -218,9 +214,7 @@ def direct_curve(correct_counts, gen_tokens, n: int, ks) -> dict:
             "pass": [float(np.mean([evaluate.pass_at_k(n, int(c), k) for c in correct_counts])) for k in ks]}
 
 
-# --------------------------------------------------------------------------------------
-# Command line, engine sizes
-# --------------------------------------------------------------------------------------
+# ---- Command line, engine sizes ------------------------------------------------------
 
 TOY_DEFAULTS = dict(problems=32, max_tokens=96, rounds=8, window=1024, delimiter="\n", group_size=1,
                     mu_suffix=utils.MU_SUFFIX, mu_max_tokens=8, direct_max_tokens=96)
@@ -231,7 +225,8 @@ REAL_DEFAULTS = dict(problems=0, max_tokens=8192, rounds=1, window=2048, delimit
 
 
 @dataclass
-class Args:
+class Args(utils.DataArgs):
+    """This stage's own flags; the bases add those every stage spells alike (--help lists all)."""
     preset: str = "auto"
     """defaults of the settings left unset: toy or paper; auto: toy when --model is empty, else paper"""
     traces: str = ""
@@ -246,10 +241,6 @@ class Args:
     """model of the pass@k baseline (empty: the toy base with the toy preset, else none; 'none': none)"""
     data: str = ""
     """problems for --generate (empty: the toy test split)"""
-    problem_field: str = "problem"
-    """field of the problem in --traces / --data"""
-    answer_field: str = "answer"
-    """field of the gold answer in --traces / --data"""
     trace_field: str = "trace"
     """field of the model's output (with its <think> block) in --traces"""
     id_field: str = "id"
@@ -301,8 +292,6 @@ class Args:
     """token limit of a direct sample (toy preset 96; paper preset: --max-tokens)"""
     j_star: float | None = None
     """comparator success rate J* of the regret (default: the best [maj@p]_j observed per bin)"""
-    instruction: str | None = None
-    """user-turn instruction of chat models (default: --model's mrt.json one if this project wrote it)"""
     batch: int = 64
     """traces per meta-prover call (progress granularity)"""
     seed: int = 0
@@ -313,15 +302,8 @@ class Args:
     """toy build used by the embedded default (built if missing)"""
     max_model_len: int = 0
     """engine context length (0: what this run needs, engine_needs; never the model's whole context)"""
-    dtype: str = "auto"
-    """engine dtype (auto: bf16 on GPU, fp32 on CPU)"""
     gpu_memory_utilization: float = 0.0
     """GPU memory fraction per engine (0: 0.85 over the engines up at once: 1; under torchrun, 1 per model)"""
-    reward: str = ""
-    """custom reward (module:function, file.py:function): (completion, gold, record) -> [0, 1] at every
-    grading site, the meta-prover's included (empty: utils.grade, math-verify)"""
-    answer_from: str = ""
-    """field of a worked solution whose last \\boxed{} is the gold answer, read instead of --answer-field"""
 
 
 def resolve(args: Args) -> tuple[Args, bool]:
@@ -390,9 +372,7 @@ def engine_needs(args: Args, problems: list[dict] | None, split: list[dict] | No
     return {path: n + sampling.ENGINE_SLACK for path, n in needs.items()}
 
 
-# --------------------------------------------------------------------------------------
-# Stems, episodes, the meta-prover's answers, the direct baseline
-# --------------------------------------------------------------------------------------
+# ---- Stems, episodes, the meta-prover's answers, the direct baseline -----------------
 
 
 def sample_traces(sampler, problems: list[dict], args: Args, logger) -> list[dict]:
@@ -516,9 +496,7 @@ def run_direct(sampler, problems: list[dict], args: Args, logger) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "text"} for r in rows]
 
 
-# --------------------------------------------------------------------------------------
-# Analysis, outputs, main
-# --------------------------------------------------------------------------------------
+# ---- Analysis, outputs, main ---------------------------------------------------------
 
 
 def analyse(scored: list[dict], direct_rows: list[dict] | None, problems: list[str], args: Args) -> dict:

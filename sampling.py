@@ -11,7 +11,7 @@ cache is sized from the same lengths (`model_kv_cache_bytes`, unless VLLM_CPU_KV
 Below the sampler, what every stage shares and no stage owns: engines built or reused (`engine`,
 `READY`, `make_sampler`, `close_engine`) and sized (`trace_need`, `mu_need`); the rules for the
 attempt z0 and a sample's outcome (`sample_z0`, `sample_outcome`); the meta-prover mu that
-estimates J(mu | c) (`MetaProver`, paper Sec. 5); parallel and linearized sampling
+estimates J(mu | c) (`MetaProver`, its flags `MuArgs`, paper Sec. 5); parallel and linearized sampling
 (`run_parallel`, `run_linearized`, paper Sec. 7). This module imports no stage.
 """
 
@@ -453,9 +453,7 @@ def model_kv_cache_bytes(model: str, max_model_len: int | None, dtype: str, max_
                               block_size)
 
 
-# --------------------------------------------------------------------------------------
-# Engines: built here or reused, freed, sized from the run's lengths
-# --------------------------------------------------------------------------------------
+# ---- Engines: built here or reused, freed, sized from the run's lengths --------------
 
 
 READY: dict = {}
@@ -518,9 +516,7 @@ def close_engine(sampler, had_group: bool) -> None:
         cleanup_dist_env_and_memory()
 
 
-# --------------------------------------------------------------------------------------
-# Attempts z0 and outcomes: the rules every stage shares
-# --------------------------------------------------------------------------------------
+# ---- Attempts z0 and outcomes: the rules every stage shares --------------------------
 
 
 def sample_attempts(sampler, prompts: list[str], n: int = 1, *, temperature: float, top_p: float = 1.0,
@@ -586,9 +582,7 @@ def sample_outcome(text: str | None, gold: str, finish_reason: str, reward: str 
     return 0.0 if finish_reason == "length" or text is None else utils.make_grader(reward)(text, gold, record)
 
 
-# --------------------------------------------------------------------------------------
-# The meta-prover mu and J(mu | c) (MRT paper Sec. 5)
-# --------------------------------------------------------------------------------------
+# ---- The meta-prover mu and J(mu | c) (MRT paper Sec. 5) -----------------------------
 
 
 def mu_context(context: str, suffix: str) -> str:
@@ -612,6 +606,27 @@ def grade_cached(text: str, gold: str) -> float:
 
 
 MU_MODES = ("forced", "rollout")
+
+
+@dataclass
+class MuArgs:
+    """Flags of the meta-prover mu (MetaProver), shared by the stages that estimate J(mu | context)."""
+
+    mu_model: str = ""
+    """meta-prover model (empty: the model being trained or measured is its own mu, in the same engine)"""
+    mu_suffix: str = utils.MU_SUFFIX
+    """forced suffix after the context that makes mu answer now (answer prefix or instruction; bash: $'...')"""
+    mu_samples: int = 8
+    """m: mu's sampled answers per context for J(mu | context)"""
+    mu_temperature: float = 1.0
+    """mu's sampling temperature"""
+    mu_max_tokens: int = 16
+    """max tokens of a mu answer (raise it for an instruction suffix or an empty one)"""
+    mu_mode: str = "forced"
+    """forced: mu answers after the context + --mu-suffix; rollout: mu writes --mu-rollout-tokens on, its
+    last box graded (MetaProver)"""
+    mu_rollout_tokens: int = 128
+    """B: tokens mu writes per sample in --mu-mode rollout"""
 
 
 BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -702,8 +717,15 @@ class MetaProver:
         """the answer is the box the suffix opens (first_box)"""
         self.stop_at_box = stop_at_box and self.boxed
         self.seconds, self.tokens = 0.0, 0
+        """time spent in success_rates and tokens decoded, since the engine was given to mu"""
+        self._lapped = (0.0, 0)
         self.reward = utils.make_grader(reward) if reward else None
         """the custom reward's grade(text, gold, record), None for the math-verify grader"""
+
+    def lap(self) -> tuple[float, int]:
+        """(seconds, tokens) of mu since the last lap (or since it was made): grpo.py's per-step share."""
+        (s0, t0), self._lapped = self._lapped, (self.seconds, self.tokens)
+        return self.seconds - s0, self.tokens - t0
 
     def answers(self, contexts: list[str], seed: int | None = None) -> list[list[str]]:
         """(C, m) texts mu's answers are graded on: suffix + completion (forced) or the last
@@ -779,9 +801,7 @@ class MetaProver:
         return self.correct(contexts, golds, seed).mean(axis=1)
 
 
-# --------------------------------------------------------------------------------------
-# Parallel and linearized sampling (evaluate.py, r1_analysis.py; paper Sec. 7)
-# --------------------------------------------------------------------------------------
+# ---- Parallel and linearized sampling (evaluate.py, r1_analysis.py; paper Sec. 7) ----
 
 
 def final_answer(text: str) -> str | None:
@@ -853,8 +873,7 @@ def run_linearized(sampler, prompt_ids, records, ids: list[int], *, rounds: int,
     return rows
 
 
-# Helpers of star.py: the base's z0 for named splits of problems; an SFT with the engine asleep
-# --------------------------------------------------------------------------------------
+# ---- Helpers of star.py: the base's z0 for named splits of problems; an SFT with the engine asleep ----
 
 
 def sample_z0_splits(sampler, splits: dict[str, list[dict]], path: str, *, seed: int, temperature: float,
@@ -895,21 +914,25 @@ def sft_asleep(sampler, model_path: str, examples: list[tuple[str, str]], args, 
     return {"sft_steps": len(losses), "sft_loss_first": losses[0], "sft_loss_last": losses[-1]}
 
 
-# Helpers of grpo.py: the attempts z0 of a run, sampled once from the base and stored
-# --------------------------------------------------------------------------------------
+# ---- Helpers of grpo.py: the attempts z0 of a run, sampled once from the base and stored ----
 
 
-def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, wanted: Callable[[frozenset], set],
-               reuse: bool, *, temperature: float, top_p: float, max_tokens: int,
-               seed: int) -> tuple[frozenset, list[dict], dict, dict]:
-    """z0 for the training problems `wanted(skip)` names (the ids a run uses once the ids in `skip` are
-    left out of its data stream) and every held-out problem, in shares over the ranks (sample_z0: a
-    cut or box-less attempt is resampled, then its problem dropped). A dropped training problem leaves
-    the stream and the problems after it move up, so those that newly enter get their z0 too (rounds
-    until none is missing); a dropped held-out problem leaves the held-out set. Everything, the
-    dropped problems included (with their last try and "dropped": true), is stored in `path`, which a
-    resumed run (`reuse`) reads back. Returns (skip: the dropped training ids; the kept held-out
-    problems; {id: z0} of train; {id: z0} of test)."""
+def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args, reuse: bool,
+               positions: list[int], world: int) -> tuple[frozenset, list[dict], dict, dict]:
+    """z0 (Alg. 2: the frozen base's attempt, sampled while the engine holds the base weights) for every
+    training problem of the grpo.py steps that start at `positions`, every rank's share (utils.step_problems),
+    and every held-out problem, in shares over the ranks (sample_z0: a cut or box-less attempt is resampled,
+    then its problem dropped). A dropped training problem leaves the stream and the problems after it move
+    up, so those that newly enter get their z0 too (rounds until none is missing); a dropped held-out
+    problem leaves the held-out set. Everything, the dropped problems included (with their last try and
+    "dropped": true), is stored in `path`, which a resumed run (`reuse`) reads back. Returns (skip: the
+    dropped training ids; the kept held-out problems; {id: z0} of train; {id: z0} of test)."""
+    temperature, top_p, max_tokens, seed = args.temperature, args.top_p, args.max_tokens, args.seed
+
+    def wanted(skip: frozenset) -> set:
+        return {p["id"] for pos in positions for r in range(world)
+                for p in utils.step_problems(train, pos, args, r, skip)}
+
     z0s, lost = {}, {}  # (split, id) -> z0, or the last try of a dropped problem
     if reuse and os.path.exists(path):
         for r in utils.read_records(path, ["split", "id", "z0"]):
@@ -976,13 +999,12 @@ def rl_meta_prover(sampler, tokenizer, longest: int, args, backtrack: bool) -> M
     mu = sampler if not args.mu_model else Sampler(
         args.mu_model, max_model_len=engine_length(args.mu_model, need), sleep_mode="off", seed=args.seed,
         dtype=args.dtype, gpu_memory_utilization=args.gpu_memory_utilization)
-    return MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, max_tokens=args.mu_max_tokens,
-                      mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens, reward=args.reward)
+    return MetaProver(mu, suffix=args.mu_suffix, m=args.mu_samples, temperature=args.mu_temperature,
+                      max_tokens=args.mu_max_tokens, mode=args.mu_mode, rollout_tokens=args.mu_rollout_tokens,
+                      reward=args.reward)
 
 
-# --------------------------------------------------------------------------------------
-# Helpers of r1_analysis.py: a pool of engines, one model path each
-# --------------------------------------------------------------------------------------
+# ---- Helpers of r1_analysis.py: a pool of engines, one model path each ---------------
 
 
 class EnginePool:

@@ -91,7 +91,8 @@ PRESETS = {  # toy: `python star.py` in a few minutes on 2 CPU cores; paper: Tab
 
 
 @dataclasses.dataclass
-class Args:
+class Args(utils.DataArgs, training.TrainerArgs, sampling.MuArgs):
+    """This stage's own flags; the bases add those every stage spells alike (--help lists all)."""
     method: str = "mrt"
     """mrt | star | rise (MRT-B STaR, plain STaR, RISE-style restart from step 1)"""
     preset: str = "auto"
@@ -104,12 +105,6 @@ class Args:
     """training problems: .jsonl, .parquet or a hub dataset org/name[:split] ('': the toy train split)"""
     test_data: str = ""
     """held-out problems for the accuracy before/after each iteration ('': the toy test split)"""
-    problem_field: str = "problem"
-    """field of a data record holding the problem text"""
-    answer_field: str = "answer"
-    """field of a data record holding the gold answer"""
-    instruction: str | None = None
-    """user-turn instruction of chat-template models (default: the model's mrt.json's, else the standard)"""
     out: str = ""
     """run folder ('': runs/star/<method>)"""
     seed: int = 0
@@ -128,20 +123,8 @@ class Args:
     """nucleus sampling"""
     sample_batch: int | None = None
     """problems per generate call on one rank, progress granularity (toy preset 48; paper preset 256)"""
-    mu_model: str = ""
-    """meta-prover model ('': the current model, in the same engine)"""
-    mu_suffix: str = utils.MU_SUFFIX
-    """forced suffix that makes mu answer now"""
     mu_samples: int | None = None
     """m: mu answers per context for J(mu | context) (toy preset 8; paper preset 8)"""
-    mu_max_tokens: int = 16
-    """max tokens of a mu answer"""
-    mu_mode: str = "forced"
-    """forced: mu answers after the context + --mu-suffix; rollout: writes B tokens, its last box graded"""
-    mu_rollout_tokens: int = 128
-    """B: tokens mu writes per sample in --mu-mode rollout"""
-    mu_temperature: float = 1.0
-    """mu's sampling temperature"""
     min_gain: float | None = None
     """mrt's filter: keep a correct continuation with gain r_i - r0 >= MIN_GAIN
     (unset, the default: gain > 0, Alg. 1; 0: gain >= 0, Fig. 4's reading)"""
@@ -163,29 +146,12 @@ class Args:
     """fraction of optimizer steps in linear warmup (toy preset 0.1; paper preset 0.1)"""
     weight_decay: float | None = None
     """AdamW weight decay (toy preset 0.0; paper preset 0.0)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping (0: off)"""
     save_every: int | None = None
     """SFT checkpoint every N optimizer steps; 0: only at the end of each SFT (toy preset 0; paper 0)"""
-    report_to: str = "none"
-    """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
-    dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp16 without bf16, fp32 on CPU) | bf16 | fp16 | fp32; weights fp32"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward"""
     z0_loss: bool = False
     """also train on the attempt z0; default: z0 is in the prompt, loss on z_{1:2} only"""
     max_model_len: int = 0
     """engine context length (0: longest prompt + z0 + continuation + mu's answer, capped at positions)"""
-    gpu_memory_utilization: float = 0.3
-    """share of GPU memory the vLLM engine may take (its weights and KV cache)"""
-    sleep_mode: str = "auto"
-    """auto | on | off: vLLM sleep mode, the engine off the GPU during each SFT (auto: on with CUDA)"""
-    reward: str = ""
-    """custom reward, module:function or path/to/file.py:function: (completion text, gold answer,
-    problem record) -> float in [0, 1], at every grading site, mu's included ('': utils.grade)"""
-    answer_from: str = ""
-    """field whose last \\boxed{} is the gold answer, e.g. a worked solution ('': --answer-field as is)"""
     resume: bool = False
     """continue the run in --out after its last finished iteration (same arguments; --iterations may rise)"""
 
@@ -219,13 +185,10 @@ def resolve_args(args: Args, world: int = 1) -> Args:
 
 
 # what --resume may change (--iterations may rise); others unlike <out>/args.json change the run: refused
-RESUME_FREE = ("out", "resume", "iterations", "save_every", "report_to", "dtype", "gpu_memory_utilization",
-               "sleep_mode", "gradient_checkpointing", "max_model_len")
+RESUME_FREE = training.RESUME_FREE + ("iterations", "max_model_len")
 
 
-# --------------------------------------------------------------------------------------
-# Alg. 1, filter: which of a problem's G continuations (or attempts) is kept
-# --------------------------------------------------------------------------------------
+# ---- Alg. 1, filter: which of a problem's G continuations (or attempts) is kept ------
 def select_continuation(r0: float, rewards, correct, min_gain: float | None = None) -> int | None:
     """MRT's filter (Alg. 1, Fig. 4): the index of the highest r_i among the continuations whose z2
     is correct (never an incorrect one, however high its r_i) and whose gain passes: r_i > r0 if
@@ -257,9 +220,7 @@ def parse_continuation(method: str, z0: str, text: str, finish_reason: str, gold
     return {"completion": completion, "episodes": ep, "correct": ok}
 
 
-# --------------------------------------------------------------------------------------
-# Alg. 1, sample -> reward -> filter on the current model; held-out accuracy
-# --------------------------------------------------------------------------------------
+# ---- Alg. 1, sample -> reward -> filter on the current model; held-out accuracy ------
 def rollout_chunk(sampler, mu: sampling.MetaProver | None, problems: list[dict], z0s: dict, args: Args,
                   seed: int) -> list[dict]:
     """One record per problem: its G samples (text, parsed, correct, r_i), r0 and the kept
@@ -355,9 +316,7 @@ def heldout_accuracy(sampler, problems: list[dict], z0s: dict, args: Args, seed:
     return float(np.mean([x for part in utils.all_gather(scores) for x in part]))
 
 
-# --------------------------------------------------------------------------------------
-# Main: Alg. 1
-# --------------------------------------------------------------------------------------
+# ---- Main: Alg. 1 --------------------------------------------------------------------
 def main(args: Args) -> dict:
     """Run the iterations; returns the summary. A ready engine of the base (sampling.READY) gets
     the base weights first and is left holding the last fine-tuned model."""

@@ -49,9 +49,7 @@ SHIPPED_DIR = os.path.join(HERE, "assets", "toy")
 BUILD_FILE = os.path.join(HERE, "toy_pretrain.py")
 """The build's own code: run as a command (it imports this module, never the reverse)."""
 
-# --------------------------------------------------------------------------------------
-# The task
-# --------------------------------------------------------------------------------------
+# ---- The task ------------------------------------------------------------------------
 
 OP_WORDS = {"+": "Add", "-": "Subtract", "*": "Multiply by"}
 MAX_VALUE, MAX_ARG = 49, 9  # the default task's range: values 0-49, + and - arguments 1-9
@@ -115,9 +113,7 @@ def make_splits(seed: int, n_train: int, n_test: int, max_value: int = MAX_VALUE
     return problems[n_test:], problems[:n_test]
 
 
-# --------------------------------------------------------------------------------------
-# Ground truth of attempts and restarts (pure: used by infogain.py, grpo.py and study.py)
-# --------------------------------------------------------------------------------------
+# ---- Ground truth of attempts and restarts (pure: used by infogain.py, grpo.py and study.py) ----
 
 _PROBLEM = re.compile(r"Start with (\d+)\.((?: (?:Add|Subtract|Multiply by) \d+\.)+) What is the result\?")
 _OP = re.compile(r" (Add|Subtract|Multiply by) (\d+)\.")
@@ -207,9 +203,7 @@ def restart_precision(items: list[dict]) -> dict:
             "z2_acc_z0_wrong": share([float(x["outcome"]) for x in wrong])}
 
 
-# --------------------------------------------------------------------------------------
-# The build: its arguments, fingerprint and folders
-# --------------------------------------------------------------------------------------
+# ---- The build: its arguments, fingerprint and folders -------------------------------
 
 
 @dataclass
@@ -412,9 +406,7 @@ def default_model() -> tuple[str, dict]:
     return toy_paths["base"], toy_paths
 
 
-# --------------------------------------------------------------------------------------
-# Helpers of grpo.py: restart precision of a step's continuations against the ground truth
-# --------------------------------------------------------------------------------------
+# ---- Helpers of grpo.py: restart precision of a step's continuations against the ground truth ----
 
 
 def restart_metrics(rows: list[dict], z0s: dict) -> dict:

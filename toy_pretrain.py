@@ -68,9 +68,7 @@ SCHEDULE = dict(warmup=0.05, min_lr=0.1, muon_lr=0.02)
 times the peak; Muon's peak learning rate."""
 
 
-# --------------------------------------------------------------------------------------
-# Tokenizer and model
-# --------------------------------------------------------------------------------------
+# ---- Tokenizer and model -------------------------------------------------------------
 
 
 def toy_tokenizer(train: list[dict]):
@@ -131,9 +129,7 @@ def make_model(tokenizer, preset: dict, max_positions: int = 2048):
     return LlamaForCausalLM(config)
 
 
-# --------------------------------------------------------------------------------------
-# Pretraining documents: (prompt, completion) with loss on the completion only
-# --------------------------------------------------------------------------------------
+# ---- Pretraining documents: (prompt, completion) with loss on the completion only ----
 
 
 RETRY_LINES = ("Let me solve it again.", "Let me check this again.", "Let's start over.",
@@ -262,9 +258,7 @@ def encode_batch(tokenizer, problems: list[dict], rng: random.Random, slip: floa
     return collate(encode_documents(tokenizer, docs), pack, tokenizer.pad_token_id)
 
 
-# --------------------------------------------------------------------------------------
-# Pretraining
-# --------------------------------------------------------------------------------------
+# ---- Pretraining ---------------------------------------------------------------------
 
 
 def recipe(args: toy.Args) -> dict:

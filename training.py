@@ -1,14 +1,15 @@
 """training.py: the trainer's model under FSDP2, shared by warmstart.py, star.py and grpo.py.
 
-Sections: the model (`load_trainer`: fp32 master weights sharded with `fully_shard` per decoder
-layer, read from disk once by rank 0 and scattered row by row; `shard_model`; mixed
-precision); export (`save_pretrained`: gathered to rank 0 a tensor at a time, written as
-safetensors files with an index); resumable checkpoints (`save_checkpoint` / `load_checkpoint`:
-torch.distributed.checkpoint shards, RNG states, atomic `latest`); the learning-rate schedule;
+Sections: the trainer stages' shared flags (`TrainerArgs`, `RESUME_FREE`), optimizer (`adamw`,
+`optimizer_step`) and learning-rate schedule; the model (`load_trainer`: fp32 master weights sharded
+with `fully_shard` per decoder layer, read from disk once by rank 0 and scattered row by row;
+`shard_model`; mixed precision); export (`save_pretrained`: gathered to rank 0 a tensor at a time,
+written as safetensors files with an index); resumable checkpoints (`save_checkpoint` /
+`load_checkpoint`: torch.distributed.checkpoint shards, RNG states, atomic `latest`);
 log-probabilities of completions under the trainer model (`completion_logprobs`,
 `sampled_logprobs`: chunked, no fp32 (B, T, V) tensor). The SFT loop of warmstart.py and star.py
-(`sft`: the loss on completion tokens only, `sft_batch`, `sft_example`). Under plain `python` the same calls
-run unsharded in one process. Command line: `python training.py export --checkpoint DIR
+(`sft`: the loss on completion tokens only, `sft_batch`, `sft_example`). Under plain `python` the
+same calls run unsharded in one process. Command line: `python training.py export --checkpoint DIR
 --base MODEL --out DIR` writes a checkpoint as a transformers folder (`export_checkpoint`).
 """
 
@@ -33,6 +34,23 @@ if TYPE_CHECKING:
     import torch
 
 
+@dataclasses.dataclass
+class TrainerArgs:
+    """Flags of the stages that train (warmstart.py, star.py, grpo.py) beside a vLLM engine."""
+
+    max_grad_norm: float = 1.0
+    """gradient clipping (0: off)"""
+    gradient_checkpointing: bool = False
+    """recompute activations in backward"""
+    gpu_memory_utilization: float = 0.3
+    """share of GPU memory the stage's vLLM engine may take (its weights and KV cache)"""
+    sleep_mode: str = "auto"
+    """auto | on | off: vLLM sleep mode, the engine's weights and KV cache off the GPU while the trainer
+    updates (auto: on with CUDA; vLLM's CPU build has none)"""
+    report_to: str = "none"
+    """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
+
+
 def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
     """LambdaLR factor: linear warmup over `warmup` steps, then cosine to 0 at `total`
     (or constant 1 with schedule="constant")."""
@@ -45,6 +63,37 @@ def lr_lambda(warmup: int, total: int, schedule: str = "cosine"):
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
     return f
+
+
+RESUME_FREE = ("out", "resume", "save_every", "report_to", "dtype", "gpu_memory_utilization", "sleep_mode",
+               "gradient_checkpointing")
+"""Flags a trainer stage's --resume may change (output, logging, memory: not what the run computes); a stage
+adds its own (grpo.py --steps, star.py --iterations, ...). Any other flag that differs from the
+checkpoint's is refused (check_resume_args)."""
+
+
+def adamw(model, args, total: int):
+    """(optimizer, scheduler) of a trainer stage: AdamW at args.lr with args.weight_decay, and a LambdaLR of
+    linear warmup over args.warmup_ratio of the `total` optimizer steps, then args.lr_schedule (cosine for
+    arguments without one, as the SFT stages')."""
+    import torch
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    schedule = lr_lambda(int(args.warmup_ratio * total), total, getattr(args, "lr_schedule", "cosine"))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def optimizer_step(model, opt, sched, max_grad_norm: float):
+    """Clip the gradients to max_grad_norm (0: no clipping), step the optimizer and the schedule, zero the
+    gradients. Returns the norm before clipping as a plain tensor (an FSDP2 DTensor made whole), on the
+    device: the caller reads it when it reads its other metrics."""
+    import torch
+
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm or float("inf"))
+    opt.step()
+    sched.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
 
 
 def decoder_layers(model):
@@ -791,9 +840,7 @@ def completion_logprobs(model, ctx_ids, comp_ids, pad_id: int, temperature: floa
     return logp, comp_mask.to(device).float(), entropy
 
 
-# --------------------------------------------------------------------------------------
-# Export of a sharded checkpoint: `python training.py export --checkpoint DIR --base MODEL --out DIR`
-# --------------------------------------------------------------------------------------
+# ---- Export of a sharded checkpoint: `python training.py export` ------------------------
 
 
 @dataclasses.dataclass
@@ -851,9 +898,7 @@ if __name__ == "__main__":
     utils.run_main(main)
 
 
-# --------------------------------------------------------------------------------------
-# SFT: loss on completion tokens only (warmstart.py, star.py)
-# --------------------------------------------------------------------------------------
+# ---- SFT: loss on completion tokens only (warmstart.py, star.py) ---------------------
 
 
 def check_sft_args(args, world: int) -> None:
@@ -926,8 +971,7 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
     B, M = args.batch_size, args.micro_batch_size
     per_rank, steps_per_epoch = B // world, math.ceil(len(data) / B)
     total = steps_per_epoch * args.epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(int(args.warmup_ratio * total), total))
+    opt, sched = adamw(model, args, total)
     start, tokens_seen = 0, 0
     if resume and has_checkpoint(ckpt_path):
         extra = load_checkpoint(ckpt_path, model, opt, sched)
@@ -957,12 +1001,8 @@ def sft(model_path: str, examples: list[tuple[str, str]], args, *, model_dir: st
             (nll / n_items * world).backward()
             nll_local = nll_local + nll.detach().double()  # as the float sum was; read once per step, below
         nll_local = float(nll_local)
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm or float("inf"))
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
+        gn = optimizer_step(model, opt, sched, args.max_grad_norm)
         tokens_seen += int(n_items.item())
-        gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
         rec = {"step": step + 1, "epoch": step // steps_per_epoch, "loss": sum(utils.all_gather(nll_local)) / n_items.item(),
                "tokens": tokens_seen, "lr": sched.get_last_lr()[0], "grad_norm": float(gn), **(log_extra or {})}
         logger.log(rec)
@@ -982,9 +1022,7 @@ def sft_example(trace: dict, z0_loss: bool) -> tuple[str, str]:
     return trace["prompt"] + trace["z0"], trace["completion"][len(trace["z0"]):]
 
 
-# --------------------------------------------------------------------------------------
-# Helpers of grpo.py: loss metrics read to the host at once, the metrics line of a step
-# --------------------------------------------------------------------------------------
+# ---- Helpers of grpo.py: loss metrics read to the host at once, the metrics line of a step ----
 
 
 def read_metrics(metrics: list[dict]) -> list[dict]:

@@ -1,6 +1,7 @@
 """utils.py: the small shared module of mrt: what every script needs.
 
-Sections: constants and prompts; command line and errors; data I/O (records, problems,
+Sections: constants and prompts; command line and errors (`DataArgs`: the flags every stage shares;
+`parse_args`, `check_flags`); data I/O (records, problems,
 atomic writes, metrics logs); answer grading; model and tokenizer loading; the process group
 (torchrun ranks, rank-0 printing, gathering objects, seeds).
 
@@ -41,9 +42,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# --------------------------------------------------------------------------------------
-# Constants and prompts
-# --------------------------------------------------------------------------------------
+# ---- Constants and prompts -----------------------------------------------------------
 
 BACKTRACK_MARKER = "Wait, this seems off. Let's try something else."
 """Opens the backtrack episode z1 of MRT-B (paper Sec. 6.1, Fig. 4)."""
@@ -73,9 +72,7 @@ def build_prompt(tokenizer, problem: str, instruction: str | None = DEFAULT_INST
     return f"Problem: {problem}\nSolution:\n"
 
 
-# --------------------------------------------------------------------------------------
-# Command line and errors
-# --------------------------------------------------------------------------------------
+# ---- Command line and errors ---------------------------------------------------------
 
 
 class UserError(Exception):
@@ -88,15 +85,61 @@ class UserError(Exception):
         self.every_rank = every_rank
 
 
+@dataclasses.dataclass
+class DataArgs:
+    """Flags of every stage: how a data record is read and graded, the prompt's instruction, the
+    compute dtype. A stage's `Args` lists its own flags and names the groups it inherits (this one;
+    training.TrainerArgs, sampling.MuArgs): one spelling and one help text per flag everywhere."""
+
+    problem_field: str = "problem"
+    """field of a data record holding the problem text"""
+    answer_field: str = "answer"
+    """field of a data record holding the gold answer"""
+    answer_from: str = ""
+    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution, NuminaMath style;
+    --answer-field is then not read); empty: --answer-field as is"""
+    instruction: str | None = None
+    """user-turn instruction of a chat-template model (default: the one in the model's mrt.json when this
+    project wrote it, else the standard one)"""
+    reward: str = ""
+    """custom reward, module:function or path/to/file.py:function: (completion text, gold answer, problem
+    record) -> float in [0, 1], replacing the math-verify grader at every grading site, the meta-prover's
+    included (empty: utils.grade)"""
+    dtype: str = "auto"
+    """compute dtype of the model and its vLLM engine: auto (bf16 on a GPU with bf16, else fp16; fp32 on
+    CPU) | bf16 | fp16 | fp32; a trainer's weights and optimizer state stay fp32"""
+
+
+def check_flags(args, choices: dict | None = None, at_least: dict | None = None, why: dict | None = None):
+    """A one-line UserError for the first field of `args` whose value is not in `choices[name]` ("--loss-type
+    must be one of (...), got 'sum'") or is below `at_least[name]` ("--steps must be at least 1, got 0", with
+    `why[name]` after the bound)."""
+    flag, why = (lambda name: "--" + name.replace("_", "-")), why or {}
+    for name, allowed in (choices or {}).items():
+        if getattr(args, name) not in allowed:
+            raise UserError(f"{flag(name)} must be one of {tuple(allowed)}, got {getattr(args, name)!r}")
+    for name, least in (at_least or {}).items():
+        if getattr(args, name) < least:
+            raise UserError(f"{flag(name)} must be at least {least}{why.get(name, '')}, got {getattr(args, name)}")
+
+
 def _field_docs(cls) -> dict[str, str]:
-    """Attribute docstrings of a dataclass (the string literal under each field)."""
+    """Attribute docstrings of a dataclass (the string literal under each field), its bases' included
+    (a field a class declares again takes that class's)."""
     docs = {}
-    with contextlib.suppress(OSError, TypeError, SyntaxError):
-        body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
-        for node, nxt in zip(body, body[1:]):
-            if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-                docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    for klass in reversed(cls.__mro__[:-1]):
+        with contextlib.suppress(OSError, TypeError, SyntaxError):
+            body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+            for node, nxt in zip(body, body[1:]):
+                if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                        and isinstance(nxt.value, ast.Constant)):
+                    docs[node.target.id] = " ".join(str(nxt.value.value).split())
     return docs
+
+
+def _declared_by(cls, name: str) -> int:
+    """Position in cls's MRO of the first class that declares the field `name` (0: cls itself)."""
+    return next(i for i, k in enumerate(cls.__mro__) if name in k.__dict__.get("__annotations__", {}))
 
 
 def parse_args(cls, argv: Sequence[str] | None = None):
@@ -104,7 +147,8 @@ def parse_args(cls, argv: Sequence[str] | None = None):
     `HfArgumentParser` (argparse: `--flag-name` or `--flag_name`; bools take `--flag`,
     `--flag false` or `--no-flag`; errors are argparse's one `error:` line). The help texts
     are the attribute docstrings under each field, as cleanrl writes them: HfArgumentParser
-    reads help only from field metadata, so the fields are handed to it with that metadata."""
+    reads help only from field metadata, so the fields are handed to it with that metadata. `--help` lists
+    the stage's own flags first, then the inherited groups (DataArgs, ...)."""
     import typing
 
     from transformers import HfArgumentParser
@@ -112,7 +156,7 @@ def parse_args(cls, argv: Sequence[str] | None = None):
     docs, hints = _field_docs(cls), typing.get_type_hints(cls)
     spec = [(f.name, hints[f.name], dataclasses.field(default=f.default, default_factory=f.default_factory,
                                                       metadata={"help": docs.get(f.name, "").replace("%", "%%")}))
-            for f in dataclasses.fields(cls)]
+            for f in sorted(dataclasses.fields(cls), key=lambda f: _declared_by(cls, f.name))]
     parser = HfArgumentParser(dataclasses.make_dataclass(cls.__name__, spec),
                               description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
     return cls(**vars(parser.parse_args(argv)))
@@ -165,9 +209,7 @@ def resume_mismatch(saved: dict, current: dict, free: Sequence[str] = ()) -> lis
             if k not in free and k in saved and saved[k] != v]
 
 
-# --------------------------------------------------------------------------------------
-# Data I/O: validated reading, atomic writing
-# --------------------------------------------------------------------------------------
+# ---- Data I/O: validated reading, atomic writing -------------------------------------
 
 
 def read_records(path: str, fields: Sequence[str] = (), rename: dict[str, str] | None = None,
@@ -465,9 +507,7 @@ def _step_of(line: str) -> int | None:
         return None
 
 
-# --------------------------------------------------------------------------------------
-# Answer extraction and grading
-# --------------------------------------------------------------------------------------
+# ---- Answer extraction and grading ---------------------------------------------------
 
 
 def extract_boxed(text: str | None) -> str | None:
@@ -657,9 +697,7 @@ def _warn_gold(gold: str) -> None:
         print(f"warning: gold answer {gold!r} does not parse; never rewarded", file=sys.stderr)
 
 
-# --------------------------------------------------------------------------------------
-# Model and tokenizer loading
-# --------------------------------------------------------------------------------------
+# ---- Model and tokenizer loading -----------------------------------------------------
 
 
 def check_model_path(path: str) -> None:
@@ -750,9 +788,7 @@ def engine_memory_share(given: float, engines: int, total: float = GPU_MEMORY_SH
     return given if given > 0 else round(total / max(1, engines), 4)
 
 
-# --------------------------------------------------------------------------------------
-# Distributed training helpers
-# --------------------------------------------------------------------------------------
+# ---- Distributed training helpers ----------------------------------------------------
 
 
 def usable_cores() -> int:
@@ -999,9 +1035,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-# --------------------------------------------------------------------------------------
-# Figures: matplotlib without a display, PNGs written atomically
-# --------------------------------------------------------------------------------------
+# ---- Figures: matplotlib without a display, PNGs written atomically ------------------
 
 
 def pyplot():
@@ -1025,9 +1059,7 @@ def save_png(fig, path: str, dpi: int = 110, *, rect=None, bbox_inches=None) -> 
     plt.close(fig)
 
 
-# --------------------------------------------------------------------------------------
-# Helpers of evaluate.py: a model folder's fingerprint, this process's resident memory
-# --------------------------------------------------------------------------------------
+# ---- Helpers of evaluate.py: a model folder's fingerprint, this process's resident memory ----
 
 
 def folder_fingerprint(path: str) -> str:
@@ -1052,8 +1084,7 @@ def rss_gib() -> float | None:
         return None
 
 
-# Helpers of infogain.py: models named on the command line, rows of completions, a histogram grid
-# --------------------------------------------------------------------------------------
+# ---- Helpers of infogain.py: models named on the command line, rows of completions, a histogram grid ----
 
 
 def model_path_ok(path: str) -> bool:
@@ -1130,8 +1161,7 @@ def split_hist_grid(panels: dict, value: str, split: str, path: str, edges, labe
     save_png(fig, path, rect=(0, 0.4 / (3.2 * nrows + 0.4), 1, 1), bbox_inches="tight")
 
 
-# Helpers of star.py: --resume at an iteration boundary, the statistics of an iteration
-# --------------------------------------------------------------------------------------
+# ---- Helpers of star.py: --resume at an iteration boundary, the statistics of an iteration ----
 
 
 def finished_iterations(out: str) -> tuple[list[dict], list[dict]]:
@@ -1191,8 +1221,7 @@ def iteration_stats(records: list[dict], method: str, select: Callable) -> dict:
     return out
 
 
-# Helpers of grpo.py: the order of the endless data stream, sampled tokens covering a text
-# --------------------------------------------------------------------------------------
+# ---- Helpers of grpo.py: the order of the endless data stream, sampled tokens covering a text ----
 
 
 def problem_index(position: int, n: int, seed: int, gone: frozenset = frozenset()) -> int:
@@ -1201,6 +1230,16 @@ def problem_index(position: int, n: int, seed: int, gone: frozenset = frozenset(
     leaving a problem out shifts the stream by one place instead of reshuffling it)."""
     epoch, i = divmod(position, n - len(gone))
     return int(_stream_order(n, seed, epoch, gone)[i])
+
+
+def step_problems(train: list[dict], position: int, args, rank: int,
+                  skip: frozenset = frozenset()) -> list[dict]:
+    """The args.prompts_per_step problems of one rank in the grpo.py step that starts at `position` of the
+    data stream (each step takes P x world consecutive positions; rank r takes the r-th share, problem_index).
+    `skip`: ids of problems left out of the stream (no usable z0, sampling.prepare_z0)."""
+    P = args.prompts_per_step
+    gone = frozenset(i for i, p in enumerate(train) if p["id"] in skip) if skip else frozenset()
+    return [train[problem_index(position + rank * P + j, len(train), args.seed, gone)] for j in range(P)]
 
 
 @functools.lru_cache(maxsize=4)
@@ -1256,18 +1295,17 @@ def group_sample(step: int, rows: list[dict], z0s: dict, reward, advantage) -> d
 def rl_problems(args, tokenizer, toy_paths: dict | None) -> tuple[list[dict], list[dict]]:
     """The training problems and the first --eval-problems held-out problems of grpo.py (`args`), from
     --train-data / --test-data or the toy's splits (`toy_paths`); a problem whose prompt is longer than
-    --max-prompt-length tokens is dropped (load_problems)."""
+    --max-prompt-length tokens is dropped (load_problems). A --reward that cannot be imported fails first."""
     data = dict(problem_field=args.problem_field, answer_field=args.answer_field, tokenizer=tokenizer,
                 instruction=args.instruction, max_prompt_tokens=args.max_prompt_length,
                 too_long="raise --max-prompt-length", answer_from=args.answer_from,
                 keep_record=bool(args.reward))
+    make_grader(args.reward)  # a --reward that cannot be imported fails here, before any model loads
     train = load_problems(args.train_data or toy_paths["train"], **data)
     return train, load_problems(args.test_data or toy_paths["test"], **data)[: args.eval_problems]
 
 
-# --------------------------------------------------------------------------------------
-# Helpers of r1_analysis.py: a lazy log, figure panels, trace files, model flags, tables
-# --------------------------------------------------------------------------------------
+# ---- Helpers of r1_analysis.py: a lazy log, figure panels, trace files, model flags, tables ----
 
 
 class LazyJsonlLogger:

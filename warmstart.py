@@ -109,7 +109,8 @@ PRESETS = {
 
 
 @dataclass
-class Args:
+class Args(utils.DataArgs, training.TrainerArgs):
+    """This stage's own flags; the bases add those every stage spells alike (--help lists all)."""
     scheme: str = "backtrack"
     """backtrack | rise | rejection: how traces are built from the search (Fig. 6)"""
     preset: str = "auto"
@@ -118,13 +119,6 @@ class Args:
     """model to search with and fine-tune ('' : the toy base, built if missing)"""
     data: str = ""
     """training problems: .jsonl, .parquet or a hub dataset org/name[:split] ('' : the toy train split)"""
-    problem_field: str = "problem"
-    """field of a data record holding the problem text"""
-    answer_field: str = "answer"
-    """field of a data record holding the gold answer"""
-    instruction: str | None = None
-    """instruction in the user turn for models with a chat template (ask for "Step k:" labels;
-    default: the one in the model's mrt.json when this project wrote it, else the standard one)"""
     out: str = ""
     """run folder ('' : runs/warmstart for backtrack, runs/warmstart-<scheme> otherwise)"""
     search_from: str = ""
@@ -181,37 +175,13 @@ class Args:
     """fraction of optimizer steps in linear warmup (toy preset 0.1; paper preset 0.1)"""
     weight_decay: float | None = None
     """AdamW weight decay (toy preset 0; paper preset 0)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping (0: off)"""
     save_every: int | None = None
     """SFT checkpoint every N optimizer steps and at the end (toy preset 20; paper preset 50)"""
-    report_to: str = "none"
-    """live metrics besides the JSONL files: none | tensorboard | wandb | trackio (optional packages)"""
-    dtype: str = "auto"
-    """compute dtype: auto (bf16 on GPU, fp16 on one without bf16, fp32 on CPU) | bf16 | fp16 |
-    fp32; weights and optimizer state stay fp32"""
-    gpu_memory_utilization: float = 0.3
-    """share of GPU memory the search's vLLM engine may take (its weights and KV cache)"""
-    sleep_mode: str = "auto"
-    """auto | on | off: vLLM sleep mode, the search engine's weights and KV cache leave the GPU
-    during SFT (auto: on with CUDA; vLLM's CPU build has none)"""
-    gradient_checkpointing: bool = False
-    """recompute activations in backward"""
     z0_loss: bool = False
     """also train on the (wrong) attempt z0; default: z0 is context, loss on z1 + z2 only"""
-    reward: str = ""
-    """custom reward, module:function or path/to/file.py:function: a callable (completion text,
-    gold answer, problem record) -> float in [0, 1] that replaces the math-verify grader at every
-    grading site, the meta-prover's included (empty: utils.grade)"""
-    answer_from: str = ""
-    """field of a worked solution whose last \\boxed{} is the gold answer (e.g. solution,
-    NuminaMath style; --answer-field is then not read); empty: --answer-field as is"""
 
 
-RESUME_FREE = ("out", "resume", "search_from", "plot", "plot_out", "epochs", "save_every", "report_to",
-               "dtype", "gpu_memory_utilization", "sleep_mode", "gradient_checkpointing")
-"""Arguments a --resume may change (--epochs: train more epochs); any other that differs from the
-SFT checkpoint's would change what the run computes and is refused (training.check_resume_args)."""
+RESUME_FREE = training.RESUME_FREE + ("search_from", "plot", "plot_out", "epochs")  # --epochs: train more
 
 
 def resolve_args(args: Args, world: int = 1) -> Args:
@@ -237,9 +207,7 @@ def resolve_args(args: Args, world: int = 1) -> Args:
     return args
 
 
-# --------------------------------------------------------------------------------------
-# Beam search with rollout value estimates (Sec. 6.2: no PRM, values from the 0/1 outcome)
-# --------------------------------------------------------------------------------------
+# ---- Beam search with rollout value estimates (Sec. 6.2: no PRM, values from the 0/1 outcome) ----
 
 
 @dataclass
@@ -330,9 +298,7 @@ def graded_attempts(sampler: sampling.Sampler, prompts: list[str], golds: list[s
              for s in group] for group, g, r in zip(outs, golds, records)]
 
 
-# --------------------------------------------------------------------------------------
-# Traces from the tree: Backtrack, RISE, rejection (pure functions of the search record)
-# --------------------------------------------------------------------------------------
+# ---- Traces from the tree: Backtrack, RISE, rejection (pure functions of the search record) ----
 
 
 def first_step(text: str, delim: str) -> str:
@@ -412,9 +378,7 @@ def direct_mixin(record: dict, n_traces: int, mix: float, delim: str, seed: int)
     return [{**d, "kind": "direct"} for d in build_traces(record, "rejection", n, delim, seed)] if n else []
 
 
-# --------------------------------------------------------------------------------------
-# Fig. 6: training loss against tokens for the three schemes
-# --------------------------------------------------------------------------------------
+# ---- Fig. 6: training loss against tokens for the three schemes ----------------------
 
 
 def plot_losses(logs: list[str], path: str) -> None:
@@ -438,9 +402,7 @@ def plot_losses(logs: list[str], path: str) -> None:
     utils.print0(f"wrote {path}")
 
 
-# --------------------------------------------------------------------------------------
-# Main: search -> traces -> SFT
-# --------------------------------------------------------------------------------------
+# ---- Main: search -> traces -> SFT ---------------------------------------------------
 
 
 def sft_loss_target(scheme: str, z0_loss: bool, direct_mix: float = 0.0) -> str:

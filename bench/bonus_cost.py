@@ -208,7 +208,7 @@ def run_levers(a) -> None:
     args = dataclasses.replace(args, instruction=utils.stage_instruction(args.instruction, model))
     train = utils.load_problems(data["train"], tokenizer=sampler.tokenizer, instruction=args.instruction,
                                 max_prompt_tokens=args.max_prompt_length, too_long="raise --max-prompt-length")
-    problems = grpo.step_problems(train, 0, args, 0)
+    problems = utils.step_problems(train, 0, args, 0)
     z0s, _ = sampling.sample_z0(sampler, problems, temperature=args.temperature, max_tokens=args.max_tokens,
                                 seed_parts=(a.seed, "z0", "train"))
     problems = [p for p in problems if p["id"] in z0s]

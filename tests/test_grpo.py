@@ -425,7 +425,7 @@ def test_data_stream_leaves_out_dropped_problems_in_order():
     assert kept == [i for i in full if i not in gone]
     train = [{"id": 100 + i} for i in range(n)]
     args = grpo.resolve_args(grpo.Args(variant="mrt", prompts_per_step=4, group_size=2, micro_batch_size=8, seed=seed), 1)
-    ids = [p["id"] for pos in (0, 4) for p in grpo.step_problems(train, pos, args, 0, skip=frozenset({102, 107}))]
+    ids = [p["id"] for pos in (0, 4) for p in utils.step_problems(train, pos, args, 0, skip=frozenset({102, 107}))]
     assert ids == [100 + i for i in kept[:8]]
 
 
@@ -443,24 +443,24 @@ def test_prepare_z0_resamples_drops_and_resumes(toy_paths, tmp_path):
     script = {p["prompt"]: [done(p["id"])] * 4 for p in train + test}
     args = grpo.resolve_args(grpo.Args(variant="mrt", prompts_per_step=2, group_size=2, micro_batch_size=4, steps=2), 1)
     positions = [0, 2]
-    first = {p["id"] for pos in positions for p in grpo.step_problems(train, pos, args, 0)}
+    first = {p["id"] for pos in positions for p in utils.step_problems(train, pos, args, 0)}
     bad, late = sorted(first)[:2]
     script[train[bad]["prompt"]] = [("Step 1: no end", "length")] * 4  # always cut: dropped
     script[train[late]["prompt"]] = [("Step 1: no box", "stop"), done(late)]  # box-less once, then usable
     script[test[1]["prompt"]] = [("Step 1", "length")] * 4
     path = str(tmp_path / "z0.jsonl")
     sampler = AttemptScript(tok, script)
-    skip, kept_test, train_z0, test_z0 = grpo.prepare_z0(sampler, train, test, path, args, False, positions, 1)
+    skip, kept_test, train_z0, test_z0 = sampling.prepare_z0(sampler, train, test, path, args, False, positions, 1)
     assert skip == {bad} and [p["id"] for p in kept_test] == [0] and test_z0 == {0: done(0)[0]}
-    used = {p["id"] for pos in positions for p in grpo.step_problems(train, pos, args, 0, skip)}
+    used = {p["id"] for pos in positions for p in utils.step_problems(train, pos, args, 0, skip)}
     assert len(used) == 4 and bad not in used and set(train_z0) == used
     assert train_z0[late] == done(late)[0] and all(train_z0[i] == done(i)[0] for i in used)
     rows = utils.read_records(path, ["split", "id", "z0", "dropped"])
     assert sorted((r["split"], r["id"]) for r in rows if r["dropped"]) == [("test", 1), ("train", bad)]
-    again = grpo.prepare_z0(AttemptScript(tok, {}), train, test, path, args, True, positions, 1)  # no sampling
+    again = sampling.prepare_z0(AttemptScript(tok, {}), train, test, path, args, True, positions, 1)  # no sampling
     assert again == (skip, kept_test, train_z0, test_z0)
     with pytest.raises(utils.UserError, match="attempts missing"):
-        grpo.prepare_z0(AttemptScript(tok, {}), train, test, path, args, True, [0, 2, 4, 6], 1)
+        sampling.prepare_z0(AttemptScript(tok, {}), train, test, path, args, True, [0, 2, 4, 6], 1)
 
 
 def test_tokens_covering_uses_sampled_ids(toy_paths):

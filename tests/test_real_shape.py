@@ -159,7 +159,7 @@ def test_engine_sizes_come_from_the_run(real_model):
 
     def grpo_need(a, mu_in_engine: bool) -> int:  # as grpo.main sizes its engine
         mu = sampling.mu_need(tok, a.mu_mode, a.mu_suffix, a.mu_max_tokens, a.mu_rollout_tokens)
-        return sampling.trace_need(tok, P, a.max_tokens, grpo.variant_format(a.variant) == "backtrack",
+        return sampling.trace_need(tok, P, a.max_tokens, grpo.VARIANTS[a.variant][0] == "backtrack",
                                    mu if mu_in_engine else 0)
 
     tok = utils.load_tokenizer(real_model)

@@ -503,6 +503,44 @@ def test_parse_args_help_from_field_docstrings(capsys):
         assert text in out
 
 
+@dataclass
+class Shared:
+    width: int = 4
+    """width of the shared group"""
+    depth: int = 2
+    """depth of the shared group"""
+
+
+@dataclass
+class Stage(Shared):
+    steps: int = 1
+    """steps of this stage"""
+    depth: int | None = None
+    """depth, redeclared by the stage"""
+
+
+def test_parse_args_inherited_group_after_own_flags(capsys):
+    """A stage's own flags come first in --help, then its bases' with their docstrings; a field the stage
+    declares again keeps its inherited position in the dataclass but takes the stage's default and help."""
+    assert utils.parse_args(Stage, ["--width", "8"]) == Stage(width=8)
+    with pytest.raises(SystemExit):
+        utils.parse_args(Stage, ["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    own, redeclared, inherited = (out.index(t) for t in ("steps of this stage (default: 1)",
+                                                         "depth, redeclared by the stage (default: None)",
+                                                         "width of the shared group (default: 4)"))
+    assert own < inherited and redeclared < inherited and "depth of the shared group" not in out
+
+
+def test_check_flags_names_the_flag():
+    a = Stage(width=0, depth=3)
+    utils.check_flags(a, choices={"depth": (2, 3)}, at_least={"steps": 1})
+    with pytest.raises(utils.UserError, match=r"^--depth must be one of \(1, 2\), got 3$"):
+        utils.check_flags(a, choices={"depth": (1, 2)})
+    with pytest.raises(utils.UserError, match=r"^--width must be at least 1 \(a reason\), got 0$"):
+        utils.check_flags(a, at_least={"steps": 1, "width": 1}, why={"width": " (a reason)"})
+
+
 def test_parse_args_class_defined_in_a_function(capsys):
     @dataclass
     class Local:
