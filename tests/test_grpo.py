@@ -397,10 +397,10 @@ def test_step_record_logs_the_unparsed_share():
                 is_weight=1.0, tokens=5.0, ratio_max=1.0, loss=0.1)
     rewards = {k: torch.tensor([1.0, 0.0, 0.0, 1.0]) for k in ("outcome", "gain", "reward", "tokens")}
     times = {"time_sample": 1.0, "time_train": 1.0, "time_step": 2.0}
-    rec = grpo.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args)
+    rec = training.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args)
     assert rec["unparsed_share"] == 0.5
     direct = grpo.resolve_args(grpo.Args(variant="direct", prompts_per_step=2, group_size=2, micro_batch_size=2), 1)
-    rec = grpo.step_record(1, rewards, [{"truncated": False}] * 4, [stat, stat], 0.5, 1e-4, times, direct)
+    rec = training.step_record(1, rewards, [{"truncated": False}] * 4, [stat, stat], 0.5, 1e-4, times, direct)
     assert "unparsed_share" not in rec  # no episodes in the direct format
 
 
@@ -700,5 +700,5 @@ def test_step_record_logs_mu_tokens_per_problem():
                 is_weight=1.0, tokens=5.0, ratio_max=1.0, loss=0.1)
     rewards = {k: torch.tensor([1.0, 0.0, 0.0, 1.0]) for k in ("outcome", "gain", "reward", "tokens")}
     times = {"time_sample": 1.0, "time_mu": 0.5, "time_train": 1.0, "time_step": 2.0}
-    assert grpo.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args, 90)["mu_tokens_per_problem"] == 45
-    assert "mu_tokens_per_problem" not in grpo.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args)
+    assert training.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args, 90)["mu_tokens_per_problem"] == 45
+    assert "mu_tokens_per_problem" not in training.step_record(1, rewards, rows, [stat, stat], 0.5, 1e-4, times, args)

@@ -168,7 +168,7 @@ def test_grpo_loss_metrics_are_device_tensors_equal_to_the_old_reads():
         _, m = grpo.grpo_loss(logp, old, ref, adv, mask, **kw)
         assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in m.values())  # nothing read to the host
         want = old_grpo_loss_metrics(logp, old, ref, adv, mask, **kw)
-        (got,) = grpo.read_metrics([m])
+        (got,) = training.read_metrics([m])
         assert got == want  # exactly: the same fp32 values, read at once
         assert 0 < want["clip_low"] < 1 and 0 < want["clip_high"] < 1 and want["tokens"] == 19.0
 
