@@ -532,11 +532,10 @@ def resolve_args(args: Args, world: int) -> Args:
                                **{k: v for k, v in values.items() if getattr(args, k) is None})
     if fmt == "direct" and (args.alpha != 0 or args.assign != "final"):
         raise utils.UserError("--variant direct has no episodes: it needs --alpha 0 and --assign final")
-    at_least = dict.fromkeys(("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens",
-                              "mu_samples", "mu_max_tokens", "mu_rollout_tokens"), 1)
+    sampling.check_mu_args(args)
+    at_least = dict.fromkeys(("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens"), 1)
     choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"), "scale_rewards": ("group", "batch", "none"),
-               "assign": ("final", "episode"), "lr_schedule": ("cosine", "constant"),
-               "mu_mode": sampling.MU_MODES}
+               "assign": ("final", "episode"), "lr_schedule": ("cosine", "constant")}
     utils.check_flags(args, choices, at_least | {"group_size": 2},
                       why={"group_size": " (GRPO compares continuations of one problem)"})
     B = args.prompts_per_step * args.group_size  # generation batch per rank

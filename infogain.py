@@ -395,12 +395,9 @@ def summarize(scored: list[dict], skipped: int) -> dict:
 
 def main(args: Args) -> dict:
     """Score every model's traces (read, or sampled from it); engines come from sampling.engine."""
-    if min(args.mu_samples, args.mu_max_tokens, args.batch, args.continuations, args.mu_rollout_tokens) < 1 \
-            or args.problems < 0:
-        raise utils.UserError("--mu-samples, --mu-max-tokens, --mu-rollout-tokens, --batch and "
-                              "--continuations must be >= 1, --problems >= 0")
-    if args.mu_mode not in sampling.MU_MODES:
-        raise utils.UserError(f"--mu-mode must be one of {sampling.MU_MODES}, got {args.mu_mode!r}")
+    sampling.check_mu_args(args)
+    if min(args.batch, args.continuations) < 1 or args.problems < 0:
+        raise utils.UserError("--batch and --continuations must be >= 1, --problems >= 0")
     runs = utils.named_models(args.model) if args.model else {"base": toy.ensure_built(args.toy_dir)["base"]}
     if args.traces and len(args.traces) not in (1, len(runs)):
         raise utils.UserError(f"--traces: give one file or one per model ({len(runs)}), "

@@ -629,6 +629,12 @@ class MuArgs:
     """B: tokens mu writes per sample in --mu-mode rollout"""
 
 
+def check_mu_args(args: MuArgs) -> None:
+    """One-line UserError for a --mu-* value a MetaProver would refuse (a stage checks before any engine)."""
+    utils.check_flags(args, {"mu_mode": MU_MODES},
+                      dict.fromkeys(("mu_samples", "mu_max_tokens", "mu_rollout_tokens"), 1))
+
+
 BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
 
 

@@ -166,15 +166,13 @@ def resolve_args(args: Args, world: int = 1) -> Args:
     args = dataclasses.replace(args, preset=preset, **{k: v for k, v in PRESETS[preset].items()
                                                         if getattr(args, k) is None})
     training.check_sft_args(args, world)
-    for least, names in ((1, ("iterations", "group_size", "max_tokens", "sample_batch", "mu_samples",
-                              "mu_max_tokens", "mu_rollout_tokens", "eval_samples")),
+    sampling.check_mu_args(args)
+    for least, names in ((1, ("iterations", "group_size", "max_tokens", "sample_batch", "eval_samples")),
                          (0, ("problems", "eval_problems", "max_model_len", "save_every"))):
         for name in (n for n in names if getattr(args, n) < least):
             raise utils.UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
     if not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise utils.UserError("--temperature must be > 0 and 0 < --top-p <= 1")
-    if args.mu_mode not in sampling.MU_MODES:
-        raise utils.UserError(f"--mu-mode must be one of {sampling.MU_MODES}, got {args.mu_mode!r}")
     if args.min_gain is not None and not -1.0 <= args.min_gain <= 1.0:
         raise utils.UserError(f"--min-gain must be in [-1, 1] (a gain is a difference of two success rates), "
                               f"got {args.min_gain}")
