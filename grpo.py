@@ -533,7 +533,8 @@ def resolve_args(args: Args, world: int) -> Args:
     if fmt == "direct" and (args.alpha != 0 or args.assign != "final"):
         raise utils.UserError("--variant direct has no episodes: it needs --alpha 0 and --assign final")
     sampling.check_mu_args(args)
-    at_least = dict.fromkeys(("steps", "prompts_per_step", "micro_batch_size", "num_iterations", "max_tokens"), 1)
+    at_least = dict.fromkeys(("steps", "prompts_per_step", "micro_batch_size", "num_iterations",
+                              "max_tokens"), 1)
     choices = {"loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"), "scale_rewards": ("group", "batch", "none"),
                "assign": ("final", "episode"), "lr_schedule": ("cosine", "constant")}
     utils.check_flags(args, choices, at_least | {"group_size": 2},
