@@ -62,8 +62,8 @@ def make_problem(rng: random.Random, max_value: int = MAX_VALUE, max_arg: int = 
     value = rng.randint(2, max_value * 60 // 99)
     start, ops = value, []
     for _ in range(n_ops):
-        choices = [op for op, ok in (("+", value < max_value), ("-", value > 0),
-                                     ("*", 1 <= value <= max_value // 2)) if ok]
+        choices = [op for op, ok in (("+", value < max_value), ("-", value > 0), ("*", 1 <= value <= max_value // 2))
+                   if ok]
         op = rng.choice(choices)
         if op == "*":
             arg = rng.randint(2, min(5, max_value // value))
@@ -82,8 +82,7 @@ def apply_op(value: int, op: str, arg: int) -> int:
     return value + arg if op == "+" else value - arg if op == "-" else value * arg
 
 
-def solution_steps(start: int, ops: list, rng: random.Random | None = None, slip: float = 0.0,
-                   first: int = 1):
+def solution_steps(start: int, ops: list, rng: random.Random | None = None, slip: float = 0.0, first: int = 1):
     """Step lines (numbered from `first`) and final value. With rng and slip > 0, each result is
     wrong with probability slip (off by a small amount or by ten), and later steps use the wrong value."""
     value, lines = start, []
@@ -187,10 +186,8 @@ def restart_truth(problem: str, z0: str, k: int | None) -> dict | None:
     start, ops = parsed
     f = first_wrong_step(z0, start, ops)
     if k is None:
-        return {"first_wrong": f, "class": "z0-correct" if f is None else "none",
-                "can_fix": None if f is None else False}
-    return {"first_wrong": f, "class": restart_class(f, k, len(ops)),
-            "can_fix": restart_can_fix(f, k, len(ops))}
+        return {"first_wrong": f, "class": "z0-correct" if f is None else "none", "can_fix": None if f is None else False}
+    return {"first_wrong": f, "class": restart_class(f, k, len(ops)), "can_fix": restart_can_fix(f, k, len(ops))}
 
 
 def restart_precision(items: list[dict]) -> dict:
@@ -353,8 +350,7 @@ def build_splits(model_dir: str, seed: int = Args.seed) -> tuple[list[dict], lis
     folder without one (a later stage's model) the default problems of `seed`.
     bench/restart_steps.py and bench/solution_fields.py draw from them."""
     path = os.path.join(model_dir, "build.json")
-    report = {**dataclasses.asdict(Args(seed=seed)),
-              **(json.load(open(path)) if os.path.exists(path) else {})}
+    report = {**dataclasses.asdict(Args(seed=seed)), **(json.load(open(path)) if os.path.exists(path) else {})}
     return make_splits(*(report[k] for k in ("seed", "n_train", "n_test", "max_value", "max_arg")))
 
 
