@@ -340,7 +340,7 @@ def main(args: Args) -> dict:
                                        reference=args.beta != 0.0)
     model.train()
     meta_prover = sampling.rl_meta_prover(sampler, tok, longest, args, backtrack) if uses_mu else None
-    opt, sched = training.adamw(model, args, args.steps * args.num_iterations)  # per optimizer step
+    opt, sched = training.adamw(model, args, args.steps * args.num_iterations, args.lr_schedule)
 
     # -- resume ------------------------------------------------------------------------------
     P, G, per_step = args.prompts_per_step, args.group_size, args.prompts_per_step * world

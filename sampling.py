@@ -933,8 +933,6 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args, re
     problem leaves the held-out set. Everything, the dropped problems included (with their last try and
     "dropped": true), is stored in `path`, which a resumed run (`reuse`) reads back. Returns (skip: the
     dropped training ids; the kept held-out problems; {id: z0} of train; {id: z0} of test)."""
-    temperature, top_p, max_tokens, seed = args.temperature, args.top_p, args.max_tokens, args.seed
-
     def wanted(skip: frozenset) -> set:
         return {p["id"] for pos in positions for r in range(world)
                 for p in utils.step_problems(train, pos, args, r, skip)}
@@ -948,7 +946,7 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args, re
     for rnd in itertools.count():  # a round that drops nothing covers every problem the run uses
         if len(skip()) == len(train):
             raise utils.UserError(f"no training problem has a usable attempt z0 (every one cut at "
-                                  f"--max-tokens {max_tokens} or without a box in {Z0_TRIES} tries): "
+                                  f"--max-tokens {args.max_tokens} or without a box in {Z0_TRIES} tries): "
                                   "raise --max-tokens")
         want = wanted(skip())
         todo = {"train": [p for p in train if p["id"] in want and ("train", p["id"]) not in z0s],
@@ -958,9 +956,9 @@ def prepare_z0(sampler, train: list[dict], test: list[dict], path: str, args, re
         if reuse:
             raise utils.UserError(f"{path}: attempts missing for a resumed run (the base weights are gone)")
         for split, probs in todo.items():
-            parts = (seed, "z0", split, *([rnd] if rnd else []))  # round 0 seeded as before drops existed
-            kept, dropped = sample_z0(sampler, probs, temperature=temperature, top_p=top_p,
-                                      max_tokens=max_tokens, seed_parts=parts)
+            parts = (args.seed, "z0", split, *([rnd] if rnd else []))  # round 0 seeded as before drops existed
+            kept, dropped = sample_z0(sampler, probs, temperature=args.temperature, top_p=args.top_p,
+                                      max_tokens=args.max_tokens, seed_parts=parts)
             z0s.update({(split, i): z for i, z in kept.items()})
             lost.update({(split, i): z for i, z in dropped.items()})
             sampled[split] += len(probs)

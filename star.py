@@ -158,19 +158,15 @@ class Args(utils.DataArgs, training.TrainerArgs, sampling.MuArgs):
 
 def resolve_args(args: Args, world: int = 1) -> Args:
     """Fill the None fields from the preset, check them, derive sizes."""
-    if args.method not in METHODS:
-        raise utils.UserError(f"--method must be one of {sorted(METHODS)}, got {args.method!r}")
+    utils.check_flags(args, {"method": sorted(METHODS), "preset": ("toy", "paper", "auto")})
     preset = args.preset if args.preset != "auto" else ("toy" if not args.model else "paper")
-    if preset not in PRESETS:
-        raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
     args = dataclasses.replace(args, preset=preset, **{k: v for k, v in PRESETS[preset].items()
                                                         if getattr(args, k) is None})
     training.check_sft_args(args, world)
     sampling.check_mu_args(args)
-    for least, names in ((1, ("iterations", "group_size", "max_tokens", "sample_batch", "eval_samples")),
-                         (0, ("problems", "eval_problems", "max_model_len", "save_every"))):
-        for name in (n for n in names if getattr(args, n) < least):
-            raise utils.UserError(f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}")
+    utils.check_flags(args, at_least=dict.fromkeys(("iterations", "group_size", "max_tokens", "sample_batch",
+                                                    "eval_samples"), 1)
+                      | dict.fromkeys(("problems", "eval_problems", "max_model_len", "save_every"), 0))
     if not (args.temperature > 0 and 0 < args.top_p <= 1):
         raise utils.UserError("--temperature must be > 0 and 0 < --top-p <= 1")
     if args.min_gain is not None and not -1.0 <= args.min_gain <= 1.0:

@@ -72,14 +72,13 @@ adds its own (grpo.py --steps, star.py --iterations, ...). Any other flag that d
 checkpoint's is refused (check_resume_args)."""
 
 
-def adamw(model, args, total: int):
+def adamw(model, args, total: int, schedule: str = "cosine"):
     """(optimizer, scheduler) of a trainer stage: AdamW at args.lr with args.weight_decay, and a LambdaLR of
-    linear warmup over args.warmup_ratio of the `total` optimizer steps, then args.lr_schedule (cosine for
-    arguments without one, as the SFT stages')."""
+    linear warmup over args.warmup_ratio of the `total` optimizer steps, then `schedule` (lr_lambda)."""
     import torch
 
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
-    schedule = lr_lambda(int(args.warmup_ratio * total), total, getattr(args, "lr_schedule", "cosine"))
+    schedule = lr_lambda(int(args.warmup_ratio * total), total, schedule)
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 

@@ -186,20 +186,16 @@ RESUME_FREE = training.RESUME_FREE + ("search_from", "plot", "plot_out", "epochs
 
 def resolve_args(args: Args, world: int = 1) -> Args:
     """Fill the None fields from the preset, check them, derive sizes."""
-    if args.scheme not in SCHEMES:
-        raise utils.UserError(f"--scheme must be one of {sorted(SCHEMES)}, got {args.scheme!r}")
+    utils.check_flags(args, {"scheme": sorted(SCHEMES), "preset": ("toy", "paper", "auto")})
     preset = args.preset if args.preset != "auto" else ("toy" if not args.model else "paper")
-    if preset not in PRESETS:
-        raise utils.UserError(f"--preset must be toy, paper or auto, got {args.preset!r}")
     fill = {k: v for k, v in PRESETS[preset].items() if getattr(args, k) is None}
     args = dataclasses.replace(args, preset=preset, **fill)
     if "\\" in args.step_delimiter:
         args.step_delimiter = codecs.decode(args.step_delimiter, "unicode_escape")
     training.check_sft_args(args, world)
-    for name in ("beam_width", "expansions", "rollouts", "max_depth", "max_step_tokens", "max_tokens",
-                 "attempts", "traces_per_problem", "search_batch"):
-        if getattr(args, name) < 1:
-            raise utils.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    utils.check_flags(args, at_least=dict.fromkeys(("beam_width", "expansions", "rollouts", "max_depth",
+                                                    "max_step_tokens", "max_tokens", "attempts",
+                                                    "traces_per_problem", "search_batch"), 1))
     if not 0 <= args.direct_mix <= 1:
         raise utils.UserError(f"--direct-mix must be in [0, 1], got {args.direct_mix}")
     if args.problems < 0 or not args.step_delimiter:
